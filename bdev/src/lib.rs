@@ -1,0 +1,50 @@
+//! # ferroblk-bdev
+//!
+//! The block device layer of ferroblk and the engine that drives it.
+//!
+//! ## Architecture (read this first)
+//! - [`reactor`]: thread-per-core reactors. Each pinned thread runs its [`reactor::Poller`]s to
+//!   completion and takes work only as messages; it spins while busy and sleeps in
+//!   `io_uring_enter` when idle.
+//! - [`uring`]: one io_uring per thread, shared by every file channel and the reactor's own
+//!   wake-ups on that thread.
+//! - [`bdev`]: the API. [`Bdev`] is the control plane (name, geometry, resize, listeners), shared
+//!   by all reactors; [`Channel`] is the data plane, one per reactor per bdev, owned by that
+//!   reactor and never shared. A request ([`IoRequest`]) owns its scatter-gather buffers
+//!   ([`SgList`]) until its completion ([`IoCompletion`]) hands them back. A full channel hands
+//!   the request back (back-pressure) instead of queueing or allocating.
+//! - Base bdevs: [`malloc`] (RAM, and `null`), [`file`] (regular file or block device over
+//!   io_uring). Stacked bdevs: [`inject`] (`error`, `delay`); a stacked channel owns its base's
+//!   channel.
+//! - [`spec`]: declarations (config file and RPC share them); [`registry`]: the daemon's bdevs by
+//!   name; [`sync`]: blocking I/O for the control plane and tests.
+//! - `conformance` (feature `conformance`): the checks every bdev passes.
+//!
+//! Flow of one request: a front (vhost queue, NVMe queue, perf job) running as a poller on
+//! reactor R calls `Channel::submit` on R's channel of the bdev; the layer validates it and
+//! passes it down the stack; the base completes it (at once for RAM, through R's io_uring for a
+//! file); the front's next `Channel::poll` returns the completion with its status.
+
+pub mod bdev;
+pub mod buf;
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
+pub mod error;
+pub mod file;
+pub mod inject;
+pub mod malloc;
+pub mod reactor;
+pub mod registry;
+pub mod spec;
+pub mod sync;
+pub mod types;
+pub mod uring;
+
+pub use bdev::{
+    Bdev, BdevEvent, BdevInfo, BdevStats, Channel, ChannelOps, IoCompletion, IoRequest, Wake,
+};
+pub use buf::{AlignedBuf, IoSeg, SgList};
+pub use error::BdevError;
+pub use registry::BdevRegistry;
+pub use spec::{BdevSpec, ByteSize};
+pub use types::{BlockSize, Caps, Geometry, IoStatus, IoType};

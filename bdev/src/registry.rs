@@ -1,0 +1,178 @@
+//! The set of bdevs of a daemon, by name: creation from declarations, lookup, deletion (refused
+//! while another bdev or an export uses it), resize.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use crate::bdev::Bdev;
+use crate::error::BdevError;
+use crate::spec::{BdevSpec, SpecError, creation_order};
+
+struct Entry {
+    bdev: Arc<dyn Bdev>,
+    spec: BdevSpec,
+    claims: Vec<String>,
+}
+
+/// The daemon's bdevs.
+#[derive(Default)]
+pub struct BdevRegistry {
+    entries: Mutex<BTreeMap<String, Entry>>,
+}
+
+impl BdevRegistry {
+    /// An empty registry.
+    pub fn new() -> BdevRegistry {
+        BdevRegistry::default()
+    }
+
+    /// Creates every declared bdev, bases first. On error nothing of the list is kept.
+    pub fn create_all(&self, specs: &[BdevSpec]) -> Result<(), SpecError> {
+        let order = {
+            let e = self.entries.lock().expect("registry lock");
+            creation_order(specs, &|n| e.contains_key(n))?
+        };
+        let mut created: Vec<String> = Vec::new();
+        for i in order {
+            if let Err(error) = self.create(specs[i].clone()) {
+                for name in created.iter().rev() {
+                    let _ = self.delete(name);
+                }
+                return Err(SpecError { index: i, error });
+            }
+            created.push(specs[i].name().to_string());
+        }
+        Ok(())
+    }
+
+    /// Creates one bdev; its base, if any, must exist.
+    pub fn create(&self, spec: BdevSpec) -> Result<Arc<dyn Bdev>, BdevError> {
+        spec.validate()?;
+        let name = spec.name().to_string();
+        let base =
+            {
+                let e = self.entries.lock().expect("registry lock");
+                if e.contains_key(&name) {
+                    return Err(BdevError::Exists(name));
+                }
+                match spec.base() {
+                    Some(b) => Some(e.get(b).map(|x| x.bdev.clone()).ok_or_else(|| {
+                        BdevError::invalid("base", format!("no bdev named '{b}'"))
+                    })?),
+                    None => None,
+                }
+            };
+        // Opening files may block: done without holding the lock.
+        let bdev = spec.build(base)?;
+        let mut e = self.entries.lock().expect("registry lock");
+        if e.contains_key(&name) {
+            return Err(BdevError::Exists(name));
+        }
+        tracing::info!(bdev = %name, kind = spec.kind(), blocks = bdev.info().block_count(),
+            block_size = bdev.info().block_size().bytes(), "bdev created");
+        e.insert(
+            name,
+            Entry {
+                bdev: bdev.clone(),
+                spec,
+                claims: Vec::new(),
+            },
+        );
+        Ok(bdev)
+    }
+
+    /// The bdev named `name`.
+    pub fn get(&self, name: &str) -> Option<Arc<dyn Bdev>> {
+        self.entries
+            .lock()
+            .expect("registry lock")
+            .get(name)
+            .map(|e| e.bdev.clone())
+    }
+
+    /// Every bdev with its declaration and its users, by name.
+    pub fn list(&self) -> Vec<(Arc<dyn Bdev>, BdevSpec, Vec<String>)> {
+        let e = self.entries.lock().expect("registry lock");
+        e.values()
+            .map(|x| {
+                let mut users = x.claims.clone();
+                users.extend(
+                    e.values()
+                        .filter(|o| o.spec.base() == Some(x.spec.name()))
+                        .map(|o| format!("bdev {}", o.spec.name())),
+                );
+                (x.bdev.clone(), x.spec.clone(), users)
+            })
+            .collect()
+    }
+
+    /// Marks `name` as used by `user` (an export); deletion is refused until released.
+    pub fn claim(&self, name: &str, user: &str) -> Result<Arc<dyn Bdev>, BdevError> {
+        let mut e = self.entries.lock().expect("registry lock");
+        let x = e
+            .get_mut(name)
+            .ok_or_else(|| BdevError::NotFound(name.into()))?;
+        x.claims.push(user.to_string());
+        Ok(x.bdev.clone())
+    }
+
+    /// Drops a claim made by [`BdevRegistry::claim`].
+    pub fn release(&self, name: &str, user: &str) {
+        if let Some(x) = self.entries.lock().expect("registry lock").get_mut(name)
+            && let Some(i) = x.claims.iter().position(|c| c == user)
+        {
+            x.claims.remove(i);
+        }
+    }
+
+    /// Deletes a bdev no one uses.
+    pub fn delete(&self, name: &str) -> Result<(), BdevError> {
+        let mut e = self.entries.lock().expect("registry lock");
+        let x = e
+            .get(name)
+            .ok_or_else(|| BdevError::NotFound(name.into()))?;
+        let mut users = x.claims.clone();
+        users.extend(
+            e.values()
+                .filter(|o| o.spec.base() == Some(name))
+                .map(|o| format!("bdev {}", o.spec.name())),
+        );
+        if x.bdev.info().open_channels() > 0 && users.is_empty() {
+            users.push(format!("{} open channel(s)", x.bdev.info().open_channels()));
+        }
+        if !users.is_empty() {
+            return Err(BdevError::InUse {
+                name: name.into(),
+                users: users.join(", "),
+            });
+        }
+        e.remove(name);
+        tracing::info!(bdev = %name, "bdev deleted");
+        Ok(())
+    }
+
+    /// Resizes a bdev to `size` bytes (a multiple of its block size).
+    pub fn resize(&self, name: &str, size: u64) -> Result<(), BdevError> {
+        let b = self
+            .get(name)
+            .ok_or_else(|| BdevError::NotFound(name.into()))?;
+        let bs = u64::from(b.info().block_size().bytes());
+        if size == 0 || size % bs != 0 {
+            return Err(BdevError::invalid(
+                "size",
+                format!("{size} bytes is not a positive multiple of block_size {bs}"),
+            ));
+        }
+        b.resize(size / bs)
+    }
+
+    /// Every bdev, bases after the bdevs stacked on them (the order to flush and close them).
+    pub fn top_down(&self) -> Vec<Arc<dyn Bdev>> {
+        let list = self.list();
+        let specs: Vec<BdevSpec> = list.iter().map(|(_, s, _)| s.clone()).collect();
+        match creation_order(&specs, &|_| false) {
+            Ok(order) => order.iter().rev().map(|&i| list[i].0.clone()).collect(),
+            Err(_) => list.into_iter().map(|(b, _, _)| b).collect(),
+        }
+    }
+}

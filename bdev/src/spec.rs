@@ -1,0 +1,449 @@
+//! Declarations of bdevs: one serde struct per kind, shared by the config file and the RPC, so
+//! a field means the same thing everywhere. Unknown fields are rejected.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::bdev::Bdev;
+use crate::error::BdevError;
+use crate::file::{DirectMode, FileBdev, FileOptions};
+use crate::inject::{DelayBdev, Delays, ErrorBdev, ErrorRule};
+use crate::malloc::{MallocBdev, NullBdev};
+use crate::types::{BlockSize, parse_size};
+
+/// A size in bytes, written as an integer or a string with a binary unit (`"1GiB"`, `"512K"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<ByteSize, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a size in bytes: an integer or a string such as \"1GiB\"")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ByteSize, E> {
+                u64::try_from(v)
+                    .map(ByteSize)
+                    .map_err(|_| E::custom("a size cannot be negative"))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                parse_size(v).map(ByteSize).ok_or_else(|| {
+                    E::custom(format!(
+                        "'{v}' is not a size (use bytes or a unit: B, KiB, MiB, GiB, TiB)"
+                    ))
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+fn default_block_size() -> u32 {
+    4096
+}
+
+/// Declaration of one bdev; `kind` selects the variant.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum BdevSpec {
+    /// A RAM bdev.
+    Malloc(MallocSpec),
+    /// A bdev that discards writes and returns reads untouched (benchmarks).
+    Null(NullSpec),
+    /// A regular file or block device.
+    File(FileSpec),
+    /// Fails chosen operations of its base.
+    Error(ErrorSpec),
+    /// Delays completions of its base.
+    Delay(DelaySpec),
+}
+
+/// `kind = "malloc"`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MallocSpec {
+    /// Unique name.
+    pub name: String,
+    /// Size in bytes.
+    pub size: ByteSize,
+    /// 512 or 4096 (default 4096).
+    #[serde(default = "default_block_size")]
+    pub block_size: u32,
+    /// Largest size a resize may grow it to (default: 4 × size); only address space is reserved.
+    #[serde(default)]
+    pub max_size: Option<ByteSize>,
+}
+
+/// `kind = "null"`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NullSpec {
+    /// Unique name.
+    pub name: String,
+    /// Size in bytes.
+    pub size: ByteSize,
+    /// 512 or 4096 (default 4096).
+    #[serde(default = "default_block_size")]
+    pub block_size: u32,
+}
+
+/// `kind = "file"`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSpec {
+    /// Unique name.
+    pub name: String,
+    /// Regular file or block device; relative paths resolve against the working directory.
+    pub path: std::path::PathBuf,
+    /// Size in bytes: needed to create the file, checked against an existing one.
+    #[serde(default)]
+    pub size: Option<ByteSize>,
+    /// 512 or 4096 (default 4096).
+    #[serde(default = "default_block_size")]
+    pub block_size: u32,
+    /// Create the file (and its directory) if missing (default false).
+    #[serde(default)]
+    pub create: bool,
+    /// `auto` (default), `always` or `never`.
+    #[serde(default)]
+    pub direct: DirectMode,
+    /// Open read-only (default false).
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// `kind = "error"`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorSpec {
+    /// Unique name.
+    pub name: String,
+    /// The bdev it stacks on.
+    pub base: String,
+    /// A rule armed from the start (default: none; arm one with `bdev_error_inject`).
+    #[serde(default)]
+    pub inject: Option<ErrorRule>,
+}
+
+/// `kind = "delay"`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DelaySpec {
+    /// Unique name.
+    pub name: String,
+    /// The bdev it stacks on.
+    pub base: String,
+    /// Microseconds added to reads.
+    #[serde(default)]
+    pub read_us: u64,
+    /// Microseconds added to writes.
+    #[serde(default)]
+    pub write_us: u64,
+    /// Microseconds added to flush, unmap and write-zeroes.
+    #[serde(default)]
+    pub other_us: u64,
+}
+
+fn block_size(bytes: u32) -> Result<BlockSize, BdevError> {
+    BlockSize::new(bytes).ok_or_else(|| {
+        BdevError::invalid(
+            "block_size",
+            format!("{bytes} is not supported (512 or 4096)"),
+        )
+    })
+}
+
+fn blocks(size: ByteSize, bs: BlockSize) -> Result<u64, BdevError> {
+    let b = u64::from(bs.bytes());
+    if size.0 == 0 || size.0 % b != 0 {
+        return Err(BdevError::invalid(
+            "size",
+            format!(
+                "{} bytes is not a positive multiple of block_size {b}",
+                size.0
+            ),
+        ));
+    }
+    Ok(size.0 / b)
+}
+
+impl BdevSpec {
+    /// The bdev's name.
+    pub fn name(&self) -> &str {
+        match self {
+            BdevSpec::Malloc(s) => &s.name,
+            BdevSpec::Null(s) => &s.name,
+            BdevSpec::File(s) => &s.name,
+            BdevSpec::Error(s) => &s.name,
+            BdevSpec::Delay(s) => &s.name,
+        }
+    }
+
+    /// The kind name.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BdevSpec::Malloc(_) => "malloc",
+            BdevSpec::Null(_) => "null",
+            BdevSpec::File(_) => "file",
+            BdevSpec::Error(_) => "error",
+            BdevSpec::Delay(_) => "delay",
+        }
+    }
+
+    /// The base it stacks on, for stacked kinds.
+    pub fn base(&self) -> Option<&str> {
+        match self {
+            BdevSpec::Error(s) => Some(&s.base),
+            BdevSpec::Delay(s) => Some(&s.base),
+            _ => None,
+        }
+    }
+
+    /// Checks the values that need no other bdev (names, sizes, block sizes, rules).
+    pub fn validate(&self) -> Result<(), BdevError> {
+        let name = self.name();
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+        {
+            return Err(BdevError::invalid(
+                "name",
+                format!("'{name}' must be 1-64 characters of A-Z a-z 0-9 - _ . :"),
+            ));
+        }
+        match self {
+            BdevSpec::Malloc(s) => {
+                let bs = block_size(s.block_size)?;
+                blocks(s.size, bs)?;
+                if let Some(m) = s.max_size {
+                    blocks(m, bs).map_err(|_| {
+                        BdevError::invalid("max_size", "must be a multiple of block_size")
+                    })?;
+                    if m < s.size {
+                        return Err(BdevError::invalid("max_size", "is smaller than size"));
+                    }
+                }
+            }
+            BdevSpec::Null(s) => {
+                blocks(s.size, block_size(s.block_size)?)?;
+            }
+            BdevSpec::File(s) => {
+                let bs = block_size(s.block_size)?;
+                if let Some(size) = s.size {
+                    blocks(size, bs)?;
+                }
+                if s.path.as_os_str().is_empty() {
+                    return Err(BdevError::invalid("path", "is empty"));
+                }
+            }
+            BdevSpec::Error(s) => {
+                if let Some(r) = &s.inject {
+                    r.validate("inject")?;
+                }
+            }
+            BdevSpec::Delay(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Creates the bdev; `base` is the already created base of a stacked kind.
+    pub fn build(&self, base: Option<Arc<dyn Bdev>>) -> Result<Arc<dyn Bdev>, BdevError> {
+        self.validate()?;
+        let need_base = || {
+            base.clone()
+                .ok_or_else(|| BdevError::invalid("base", "the base bdev is missing"))
+        };
+        Ok(match self {
+            BdevSpec::Malloc(s) => {
+                let bs = block_size(s.block_size)?;
+                let n = blocks(s.size, bs)?;
+                let max = match s.max_size {
+                    Some(m) => blocks(m, bs)?,
+                    None => n.saturating_mul(4),
+                };
+                Arc::new(MallocBdev::new(&s.name, bs, n, max)?)
+            }
+            BdevSpec::Null(s) => {
+                let bs = block_size(s.block_size)?;
+                Arc::new(NullBdev::new(&s.name, bs, blocks(s.size, bs)?)?)
+            }
+            BdevSpec::File(s) => Arc::new(FileBdev::open(
+                &s.name,
+                &FileOptions {
+                    path: s.path.clone(),
+                    block_size: block_size(s.block_size)?,
+                    size: s.size.map(|b| b.0),
+                    create: s.create,
+                    direct: s.direct,
+                    read_only: s.read_only,
+                },
+            )?),
+            BdevSpec::Error(s) => {
+                Arc::new(ErrorBdev::new(&s.name, need_base()?, s.inject.clone())?)
+            }
+            BdevSpec::Delay(s) => Arc::new(DelayBdev::new(
+                &s.name,
+                need_base()?,
+                Delays {
+                    read: Duration::from_micros(s.read_us),
+                    write: Duration::from_micros(s.write_us),
+                    other: Duration::from_micros(s.other_us),
+                },
+            )),
+        })
+    }
+}
+
+/// A problem found in a list of declarations: the index of the offending entry and the error.
+#[derive(Debug)]
+pub struct SpecError {
+    /// Index into the list.
+    pub index: usize,
+    /// What is wrong; `field()` names the field.
+    pub error: BdevError,
+}
+
+/// Checks a list of declarations as a whole (unique names, bases that exist, no cycles) and
+/// returns the order to create them in: every base before the bdevs stacked on it.
+/// `existing` names bdevs that exist already and may serve as bases.
+pub fn creation_order(
+    specs: &[BdevSpec],
+    existing: &dyn Fn(&str) -> bool,
+) -> Result<Vec<usize>, SpecError> {
+    let mut by_name = std::collections::HashMap::new();
+    for (i, s) in specs.iter().enumerate() {
+        s.validate()
+            .map_err(|error| SpecError { index: i, error })?;
+        if by_name.insert(s.name(), i).is_some() || existing(s.name()) {
+            return Err(SpecError {
+                index: i,
+                error: BdevError::invalid("name", format!("'{}' is declared twice", s.name())),
+            });
+        }
+    }
+    for (i, s) in specs.iter().enumerate() {
+        if let Some(b) = s.base()
+            && !by_name.contains_key(b)
+            && !existing(b)
+        {
+            return Err(SpecError {
+                index: i,
+                error: BdevError::invalid("base", format!("no bdev named '{b}'")),
+            });
+        }
+    }
+    // Depth-first topological sort; a grey node met again is a cycle.
+    let mut state = vec![0u8; specs.len()];
+    let mut order = Vec::with_capacity(specs.len());
+    for start in 0..specs.len() {
+        let mut path = Vec::new();
+        let mut cur = start;
+        loop {
+            if state[cur] == 2 {
+                break;
+            }
+            if state[cur] == 1 {
+                let names: Vec<&str> = path.iter().map(|&i: &usize| specs[i].name()).collect();
+                return Err(SpecError {
+                    index: cur,
+                    error: BdevError::invalid(
+                        "base",
+                        format!(
+                            "stacking cycle: {} -> {}",
+                            names.join(" -> "),
+                            specs[cur].name()
+                        ),
+                    ),
+                });
+            }
+            state[cur] = 1;
+            path.push(cur);
+            match specs[cur].base().and_then(|b| by_name.get(b)) {
+                Some(&next) => cur = next,
+                None => break,
+            }
+        }
+        for &i in path.iter().rev() {
+            if state[i] == 1 {
+                state[i] = 2;
+                order.push(i);
+            }
+        }
+    }
+    Ok(order)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn specs(toml_text: &str) -> Vec<BdevSpec> {
+        #[derive(Deserialize)]
+        struct W {
+            bdev: Vec<BdevSpec>,
+        }
+        toml::from_str::<W>(toml_text).unwrap().bdev
+    }
+
+    #[test]
+    fn sizes_parse_from_numbers_and_strings() {
+        let s = specs(
+            "[[bdev]]\nkind = \"malloc\"\nname = \"m\"\nsize = \"1MiB\"\n\
+             [[bdev]]\nkind = \"null\"\nname = \"n\"\nsize = 8192\nblock_size = 512\n",
+        );
+        assert_eq!(s[0].name(), "m");
+        assert!(matches!(&s[0], BdevSpec::Malloc(m) if m.size == ByteSize(1 << 20)));
+        assert!(matches!(&s[1], BdevSpec::Null(n) if n.block_size == 512));
+    }
+
+    #[test]
+    fn order_puts_bases_first_and_finds_cycles() {
+        let s = specs(
+            "[[bdev]]\nkind = \"error\"\nname = \"e\"\nbase = \"d\"\n\
+             [[bdev]]\nkind = \"delay\"\nname = \"d\"\nbase = \"m\"\n\
+             [[bdev]]\nkind = \"malloc\"\nname = \"m\"\nsize = 4096\n",
+        );
+        let order = creation_order(&s, &|_| false).unwrap();
+        let names: Vec<_> = order.iter().map(|&i| s[i].name()).collect();
+        assert_eq!(names, ["m", "d", "e"]);
+
+        let cyc = specs(
+            "[[bdev]]\nkind = \"error\"\nname = \"a\"\nbase = \"b\"\n\
+             [[bdev]]\nkind = \"delay\"\nname = \"b\"\nbase = \"a\"\n",
+        );
+        let e = creation_order(&cyc, &|_| false).unwrap_err();
+        assert!(e.error.to_string().contains("cycle"), "{}", e.error);
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        let s = specs("[[bdev]]\nkind = \"malloc\"\nname = \"m\"\nsize = 1000\n");
+        let e = creation_order(&s, &|_| false).unwrap_err();
+        assert_eq!(e.error.field(), Some("size"));
+        let s = specs("[[bdev]]\nkind = \"null\"\nname = \"n\"\nsize = 4096\nblock_size = 1024\n");
+        assert_eq!(
+            creation_order(&s, &|_| false).unwrap_err().error.field(),
+            Some("block_size")
+        );
+        let s = specs("[[bdev]]\nkind = \"error\"\nname = \"e\"\nbase = \"nope\"\n");
+        assert_eq!(
+            creation_order(&s, &|_| false).unwrap_err().error.field(),
+            Some("base")
+        );
+    }
+}

@@ -1,0 +1,252 @@
+//! One io_uring per thread, shared by every user on that thread (as SPDK's uring bdev does):
+//! the file bdev channels of a reactor and the reactor's own wake-ups.
+//!
+//! Each user registers as a *client* and gets a token; a submission's `user_data` is
+//! `token << 32 | slot`. Whoever reaps the completion queue routes each completion to its
+//! client's queue, which the client drains in its own `poll`. Everything here is single-threaded
+//! (`Rc`, `RefCell`): no lock, no atomic on the hot path.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::time::Duration;
+
+use io_uring::{IoUring, squeue, types};
+
+use crate::error::BdevError;
+
+/// Submission queue entries of a thread's ring.
+const SQ_ENTRIES: u32 = 1024;
+
+struct Client {
+    cqes: VecDeque<(u32, i32, u32)>,
+    live: bool,
+}
+
+struct RingInner {
+    ring: RefCell<IoUring>,
+    clients: RefCell<Vec<Client>>,
+    unsubmitted: Cell<u32>,
+    routed: Cell<usize>,
+    in_flight: Cell<usize>,
+}
+
+thread_local! {
+    static CURRENT: RefCell<Option<Rc<RingInner>>> = const { RefCell::new(None) };
+}
+
+/// The calling thread's io_uring.
+#[derive(Clone)]
+pub struct ThreadRing {
+    inner: Rc<RingInner>,
+}
+
+impl ThreadRing {
+    /// The ring of the calling thread, created on first use.
+    pub fn current() -> Result<ThreadRing, BdevError> {
+        CURRENT.with(|c| {
+            let mut c = c.borrow_mut();
+            if let Some(inner) = &*c {
+                return Ok(ThreadRing {
+                    inner: inner.clone(),
+                });
+            }
+            let ring = IoUring::builder()
+                .setup_cqsize(SQ_ENTRIES * 4)
+                .build(SQ_ENTRIES)
+                .map_err(BdevError::Uring)?;
+            let inner = Rc::new(RingInner {
+                ring: RefCell::new(ring),
+                clients: RefCell::new(Vec::new()),
+                unsubmitted: Cell::new(0),
+                routed: Cell::new(0),
+                in_flight: Cell::new(0),
+            });
+            *c = Some(inner.clone());
+            Ok(ThreadRing { inner })
+        })
+    }
+
+    /// Registers a client whose completions queue up to `capacity` entries without allocating.
+    pub fn register(&self, capacity: usize) -> RingClient {
+        let mut clients = self.inner.clients.borrow_mut();
+        let client = Client {
+            cqes: VecDeque::with_capacity(capacity),
+            live: true,
+        };
+        let token = match clients.iter().position(|c| !c.live) {
+            Some(i) => {
+                clients[i] = client;
+                i
+            }
+            None => {
+                clients.push(client);
+                clients.len() - 1
+            }
+        };
+        RingClient {
+            ring: self.clone(),
+            token: token as u32,
+        }
+    }
+
+    /// Passes pushed submissions to the kernel, if any (one system call per batch).
+    pub fn flush(&self) {
+        if self.inner.unsubmitted.get() > 0 {
+            let r = self.inner.ring.borrow().submit();
+            match r {
+                Ok(n) => {
+                    let left = self.inner.unsubmitted.get().saturating_sub(n as u32);
+                    self.inner.unsubmitted.set(left);
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => tracing::error!(error = %e, "io_uring submit failed"),
+            }
+        }
+    }
+
+    /// Routes every completion in the queue to its client; returns how many.
+    pub fn reap(&self) -> usize {
+        let mut ring = self.inner.ring.borrow_mut();
+        let mut clients = self.inner.clients.borrow_mut();
+        let mut n = 0;
+        for cqe in ring.completion() {
+            let ud = cqe.user_data();
+            let token = (ud >> 32) as usize;
+            if let Some(c) = clients.get_mut(token)
+                && c.live
+            {
+                c.cqes.push_back((ud as u32, cqe.result(), cqe.flags()));
+                n += 1;
+            }
+        }
+        self.inner.routed.set(self.inner.routed.get() + n);
+        n
+    }
+
+    /// Completions routed to clients and not yet taken by them. A reactor must not sleep while
+    /// this is non-zero.
+    pub fn routed_pending(&self) -> usize {
+        self.inner.routed.get()
+    }
+
+    /// Operations submitted to the kernel and not yet reaped.
+    pub fn in_flight(&self) -> usize {
+        self.inner.in_flight.get()
+    }
+
+    /// Submits pending entries and sleeps until at least one completion arrives or `timeout`
+    /// passes; then routes completions.
+    pub fn wait(&self, timeout: Option<Duration>) {
+        {
+            let ring = self.inner.ring.borrow();
+            let submitter = ring.submitter();
+            let r = match timeout {
+                Some(t) => {
+                    let ts = types::Timespec::from(t);
+                    let args = types::SubmitArgs::new().timespec(&ts);
+                    submitter.submit_with_args(1, &args)
+                }
+                None => submitter.submit_and_wait(1),
+            };
+            match r {
+                Ok(_) => self.inner.unsubmitted.set(0),
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR)) => {
+                    self.inner.unsubmitted.set(0)
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+                Err(e) => tracing::error!(error = %e, "io_uring wait failed"),
+            }
+        }
+        self.reap();
+    }
+}
+
+/// One user's access to its thread's ring.
+pub struct RingClient {
+    ring: ThreadRing,
+    token: u32,
+}
+
+impl RingClient {
+    /// The shared ring.
+    pub fn ring(&self) -> &ThreadRing {
+        &self.ring
+    }
+
+    /// Queues `sqe` with `slot` in its user data; flushes the queue once if it is full. Returns
+    /// false when the ring stays full (the caller hands its request back).
+    ///
+    /// # Safety
+    /// Every buffer, iovec array and file descriptor the entry refers to must stay valid until
+    /// its completion is taken from [`RingClient::take`].
+    pub unsafe fn push(&self, sqe: squeue::Entry, slot: u32) -> bool {
+        let sqe = sqe.user_data(u64::from(self.token) << 32 | u64::from(slot));
+        for attempt in 0..2 {
+            {
+                let mut ring = self.ring.inner.ring.borrow_mut();
+                // SAFETY: the caller keeps every resource of the entry alive until completion.
+                if unsafe { ring.submission().push(&sqe) }.is_ok() {
+                    drop(ring);
+                    let i = &self.ring.inner;
+                    i.unsubmitted.set(i.unsubmitted.get() + 1);
+                    i.in_flight.set(i.in_flight.get() + 1);
+                    return true;
+                }
+            }
+            if attempt == 0 {
+                self.ring.flush();
+            }
+        }
+        false
+    }
+
+    /// Takes this client's routed completions, calling `f(slot, result, flags)` for each.
+    pub fn take(&self, mut f: impl FnMut(u32, i32, u32)) -> usize {
+        let i = &self.ring.inner;
+        // Take the queue out to run `f` without holding the borrow (f may push new entries).
+        let mut q = std::mem::take(&mut i.clients.borrow_mut()[self.token as usize].cqes);
+        let n = q.len();
+        for (slot, res, flags) in q.drain(..) {
+            f(slot, res, flags);
+        }
+        let mut clients = i.clients.borrow_mut();
+        let c = &mut clients[self.token as usize];
+        // Completions routed while `f` ran stay queued, after the ones just taken.
+        q.append(&mut c.cqes);
+        c.cqes = q;
+        drop(clients);
+        i.routed.set(i.routed.get() - n);
+        i.in_flight.set(i.in_flight.get().saturating_sub(n));
+        n
+    }
+
+    /// Whether completions are waiting for this client.
+    pub fn has_completions(&self) -> bool {
+        !self.ring.inner.clients.borrow()[self.token as usize]
+            .cqes
+            .is_empty()
+    }
+
+    /// Flushes submissions, routes completions and takes this client's (a channel's `poll`).
+    pub fn poll(&self, f: impl FnMut(u32, i32, u32)) -> usize {
+        self.ring.flush();
+        self.ring.reap();
+        self.take(f)
+    }
+}
+
+impl Drop for RingClient {
+    fn drop(&mut self) {
+        let mut clients = self.ring.inner.clients.borrow_mut();
+        let c = &mut clients[self.token as usize];
+        let left = c.cqes.len();
+        c.cqes.clear();
+        c.live = false;
+        drop(clients);
+        let i = &self.ring.inner;
+        i.routed.set(i.routed.get() - left);
+    }
+}
