@@ -1,1 +1,194 @@
-fn main() {}
+//! `ferroblk`: the daemon (`serve`), its control client (`rpc`), the benchmark (`perf`) and a
+//! configuration checker (`check-config`).
+
+mod config;
+mod daemon;
+mod perf;
+mod rpc;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use ferroblk_bdev::BdevRegistry;
+use ferroblk_bdev::reactor::{ReactorConfig, Reactors};
+
+/// ferroblk: a storage offload target (vhost-user-blk, NVMe-oF) over a per-core bdev chain.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the daemon with a configuration file.
+    Serve {
+        /// The TOML configuration (see configs/).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Call a JSON-RPC method of a running daemon and print its result.
+    Rpc {
+        /// The daemon's control socket.
+        #[arg(long, short, default_value = "run/ferroblk.sock")]
+        socket: PathBuf,
+        /// Method name (bdev_list, bdev_create, bdev_delete, bdev_resize, bdev_error_inject,
+        /// reactor_list, daemon_status, daemon_shutdown).
+        method: String,
+        /// Parameters: one JSON object, or key=value pairs.
+        params: Vec<String>,
+    },
+    /// Benchmarks.
+    Perf {
+        #[command(subcommand)]
+        what: PerfCmd,
+    },
+    /// Load a configuration file and report the first problem, without starting anything.
+    CheckConfig {
+        /// The TOML configuration.
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum PerfCmd {
+    /// Drive a bdev chain of a configuration directly from the reactors (like SPDK bdevperf).
+    Bdev {
+        /// The TOML configuration declaring the bdevs.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The bdev to drive (default: the last one declared, the top of the chain).
+        #[arg(long)]
+        bdev: Option<String>,
+        /// Requests in flight per reactor.
+        #[arg(long, default_value_t = 128)]
+        qd: usize,
+        /// Bytes per request (a multiple of the block size; K/M suffixes accepted).
+        #[arg(long, default_value = "4096")]
+        bs: String,
+        /// Access pattern.
+        #[arg(long, value_enum, default_value_t = perf::Pattern::Randread)]
+        rw: perf::Pattern,
+        /// Read percentage for randrw / rw.
+        #[arg(long, default_value_t = 70, value_parser = clap::value_parser!(u32).range(0..=100))]
+        mix: u32,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 10.0)]
+        time: f64,
+        /// Reactor CPUs (comma-separated), overriding the configuration's [reactors].
+        #[arg(long, value_delimiter = ',')]
+        cpus: Option<Vec<usize>>,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ferroblk: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Serve { config } => {
+            daemon::serve(&config)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Rpc {
+            socket,
+            method,
+            params,
+        } => {
+            let params = rpc::params_from_args(&params)?;
+            match rpc::call(&socket, &method, params)? {
+                Ok(v) => {
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("error: {}", serde_json::to_string_pretty(&e)?);
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        Cmd::CheckConfig { config } => {
+            let c = config::Config::load(&config)?;
+            println!("{}: ok ({} bdevs)", config.display(), c.bdev.len());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Perf {
+            what:
+                PerfCmd::Bdev {
+                    config,
+                    bdev,
+                    qd,
+                    bs,
+                    rw,
+                    mix,
+                    time,
+                    cpus,
+                    json,
+                },
+        } => {
+            let cfg = config::Config::load(&config)?;
+            let mut rc: ReactorConfig = cfg
+                .reactors
+                .to_reactor_config()
+                .map_err(|(p, m)| anyhow::anyhow!("{}: {p}: {m}", config.display()))?;
+            if let Some(cpus) = cpus {
+                rc.cpus = cpus.into_iter().map(Some).collect();
+            }
+            let io_size = ferroblk_bdev::types::parse_size(&bs)
+                .ok_or_else(|| anyhow::anyhow!("--bs {bs} is not a size"))?
+                as usize;
+            if qd == 0 {
+                anyhow::bail!("--qd must be at least 1");
+            }
+            if !(time > 0.0 && time < 86_400.0) {
+                anyhow::bail!("--time must be between 0 and 86400 seconds");
+            }
+            let name = match bdev {
+                Some(b) => b,
+                None => cfg
+                    .bdev
+                    .last()
+                    .map(|s| s.name().to_string())
+                    .ok_or_else(|| anyhow::anyhow!("{} declares no bdev", config.display()))?,
+            };
+            let registry = BdevRegistry::new();
+            registry
+                .create_all(&cfg.bdev)
+                .map_err(|e| anyhow::anyhow!("bdev[{}]: {}", e.index, e.error))?;
+            let reactors = Reactors::start(&rc)?;
+            let spec = perf::JobSpec {
+                qd,
+                io_size,
+                pattern: rw,
+                mix,
+                time: Duration::from_secs_f64(time),
+            };
+            let result = perf::run(&registry, &reactors, &name, &spec);
+            reactors.shutdown(Duration::from_secs(10));
+            let result = result?;
+            perf::report(&name, &spec, &result, json);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

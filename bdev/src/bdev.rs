@@ -557,6 +557,15 @@ pub trait Bdev: Send + Sync {
     fn describe(&self) -> serde_json::Value {
         serde_json::Value::Null
     }
+
+    /// A kind-specific control operation over the RPC (`error_inject` for the error bdev, key
+    /// operations for encryption bdevs). Unknown operations are unsupported.
+    fn control(&self, op: &str, params: serde_json::Value) -> Result<serde_json::Value, BdevError> {
+        let _ = params;
+        Err(BdevError::Unsupported {
+            what: format!("'{op}' on a {} bdev", self.info().kind()),
+        })
+    }
 }
 
 impl dyn Bdev {

@@ -204,6 +204,26 @@ impl Bdev for ErrorBdev {
         vec![self.base.clone()]
     }
 
+    fn control(&self, op: &str, params: serde_json::Value) -> Result<serde_json::Value, BdevError> {
+        match op {
+            "error_inject" => {
+                let rule: Option<ErrorRule> = if params.is_null() {
+                    None
+                } else {
+                    Some(
+                        serde_json::from_value(params)
+                            .map_err(|e| BdevError::invalid("rule", e.to_string()))?,
+                    )
+                };
+                self.inject(rule)?;
+                Ok(self.describe())
+            }
+            _ => Err(BdevError::Unsupported {
+                what: format!("'{op}' on an error bdev (it has: error_inject)"),
+            }),
+        }
+    }
+
     fn describe(&self) -> serde_json::Value {
         serde_json::json!({
             "rule": *self.rule.lock().expect("rule lock"),

@@ -1,0 +1,305 @@
+//! The daemon's configuration file (TOML). Every table rejects unknown fields; every error names
+//! the field's path (`bdev[1].size`, `reactors.cpus[0]`).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ferroblk_bdev::reactor::ReactorConfig;
+use ferroblk_bdev::spec::{BdevSpec, creation_order};
+use serde::Deserialize;
+
+/// A configuration that failed to load: where, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {path}: {message}")]
+pub struct ConfigError {
+    /// The configuration file.
+    pub file: String,
+    /// Path of the offending field (`bdev[0].size`), or `(file)` for the file as a whole.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// The whole file.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Reactor threads.
+    #[serde(default)]
+    pub reactors: ReactorsConfig,
+    /// The JSON-RPC control socket.
+    #[serde(default)]
+    pub rpc: RpcConfig,
+    /// Block devices, in any order (bases are created first).
+    #[serde(default)]
+    pub bdev: Vec<BdevSpec>,
+}
+
+/// `[reactors]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReactorsConfig {
+    /// CPUs to pin one reactor each to. Default: one reactor per CPU the process may use.
+    #[serde(default)]
+    pub cpus: Option<Vec<usize>>,
+    /// Number of unpinned reactors (instead of `cpus`).
+    #[serde(default)]
+    pub count: Option<usize>,
+    /// Microseconds a reactor keeps polling after its last work before it sleeps.
+    #[serde(default = "default_idle_poll_us")]
+    pub idle_poll_us: u64,
+}
+
+fn default_idle_poll_us() -> u64 {
+    50
+}
+
+impl Default for ReactorsConfig {
+    fn default() -> Self {
+        ReactorsConfig {
+            cpus: None,
+            count: None,
+            idle_poll_us: default_idle_poll_us(),
+        }
+    }
+}
+
+/// `[rpc]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RpcConfig {
+    /// Unix socket path (mode 0600); relative paths resolve against the working directory.
+    #[serde(default = "default_rpc_socket")]
+    pub socket: PathBuf,
+}
+
+/// Where the control socket lives unless configured.
+pub fn default_rpc_socket() -> PathBuf {
+    PathBuf::from("run/ferroblk.sock")
+}
+
+impl Default for RpcConfig {
+    fn default() -> Self {
+        RpcConfig {
+            socket: default_rpc_socket(),
+        }
+    }
+}
+
+/// CPUs this process may run on.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: a zeroed cpu_set_t is valid; sched_getaffinity writes at most its size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect()
+    }
+}
+
+impl ReactorsConfig {
+    /// The reactor layout, checked against the CPUs this process may use.
+    pub fn to_reactor_config(&self) -> Result<ReactorConfig, (String, String)> {
+        let allowed = allowed_cpus();
+        let cpus = match (&self.cpus, self.count) {
+            (Some(_), Some(_)) => {
+                return Err((
+                    "reactors.count".into(),
+                    "give either cpus or count, not both".into(),
+                ));
+            }
+            (Some(list), None) => {
+                if list.is_empty() {
+                    return Err(("reactors.cpus".into(), "is empty".into()));
+                }
+                for (i, c) in list.iter().enumerate() {
+                    if !allowed.contains(c) {
+                        return Err((
+                            format!("reactors.cpus[{i}]"),
+                            format!("CPU {c} is not available to this process (have {allowed:?})"),
+                        ));
+                    }
+                    if list[..i].contains(c) {
+                        return Err((
+                            format!("reactors.cpus[{i}]"),
+                            format!("CPU {c} listed twice"),
+                        ));
+                    }
+                }
+                list.iter().map(|&c| Some(c)).collect()
+            }
+            (None, Some(n)) => {
+                if n == 0 || n > 1024 {
+                    return Err(("reactors.count".into(), format!("{n} is not in 1..=1024")));
+                }
+                vec![None; n]
+            }
+            (None, None) => allowed.iter().map(|&c| Some(c)).collect(),
+        };
+        if self.idle_poll_us > 1_000_000 {
+            return Err((
+                "reactors.idle_poll_us".into(),
+                "more than one second of idle polling is never useful".into(),
+            ));
+        }
+        Ok(ReactorConfig {
+            cpus,
+            idle_poll: Duration::from_micros(self.idle_poll_us),
+        })
+    }
+}
+
+impl Config {
+    /// Reads, parses and checks a configuration file.
+    pub fn load(file: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|e| ConfigError {
+            file: file.display().to_string(),
+            path: "(file)".into(),
+            message: e.to_string(),
+        })?;
+        Config::parse(&text, &file.display().to_string())
+    }
+
+    /// Parses and checks configuration text; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let err = |path: String, message: String| ConfigError {
+            file: file.to_string(),
+            path,
+            message,
+        };
+        let de = toml::Deserializer::new(text);
+        let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let mut message = inner.message().to_string();
+            if let Some(span) = inner.span() {
+                let line = text[..span.start].lines().count().max(1);
+                message = format!("{message} (line {line})");
+            }
+            err(if path == "." { "(file)".into() } else { path }, message)
+        })?;
+        cfg.reactors
+            .to_reactor_config()
+            .map_err(|(p, m)| err(p, m))?;
+        creation_order(&cfg.bdev, &|_| false).map_err(|e| {
+            let field = e.error.field().unwrap_or("").to_string();
+            let message = match &e.error {
+                ferroblk_bdev::BdevError::Invalid { reason, .. } => reason.clone(),
+                other => other.to_string(),
+            };
+            let path = if field.is_empty() {
+                format!("bdev[{}]", e.index)
+            } else {
+                format!("bdev[{}].{field}", e.index)
+            };
+            err(path, message)
+        })?;
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_err(text: &str) -> ConfigError {
+        Config::parse(text, "t.toml").expect_err("config should be refused")
+    }
+
+    #[test]
+    fn empty_config_is_valid() {
+        let c = Config::parse("", "t.toml").unwrap();
+        assert!(c.bdev.is_empty());
+        assert_eq!(c.rpc.socket, PathBuf::from("run/ferroblk.sock"));
+    }
+
+    #[test]
+    fn unknown_top_level_field_is_refused() {
+        let e = parse_err("[reactor]\ncount = 1\n");
+        assert!(e.message.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn unknown_bdev_field_names_its_path() {
+        let e = parse_err(
+            "[[bdev]]\nkind = \"malloc\"\nname = \"m\"\nsize = 4096\n\
+             [[bdev]]\nkind = \"null\"\nname = \"n\"\nsize = 4096\nsizee = 1\n",
+        );
+        assert!(e.path.starts_with("bdev[1]"), "{e}");
+        assert!(e.message.contains("sizee"), "{e}");
+    }
+
+    #[test]
+    fn unknown_kind_is_refused() {
+        let e = parse_err("[[bdev]]\nkind = \"floppy\"\nname = \"m\"\n");
+        assert!(e.path.starts_with("bdev[0]"), "{e}");
+        assert!(e.message.contains("floppy"), "{e}");
+    }
+
+    #[test]
+    fn missing_base_names_the_field() {
+        let e = parse_err("[[bdev]]\nkind = \"error\"\nname = \"e\"\nbase = \"ghost\"\n");
+        assert_eq!(e.path, "bdev[0].base");
+        assert!(e.message.contains("ghost"));
+    }
+
+    #[test]
+    fn cycles_are_refused() {
+        let e = parse_err(
+            "[[bdev]]\nkind = \"error\"\nname = \"a\"\nbase = \"b\"\n\
+             [[bdev]]\nkind = \"delay\"\nname = \"b\"\nbase = \"a\"\n",
+        );
+        assert!(e.path.ends_with(".base"), "{e}");
+        assert!(e.message.contains("cycle"), "{e}");
+    }
+
+    #[test]
+    fn size_not_a_multiple_of_block_size_is_refused() {
+        let e = parse_err("[[bdev]]\nkind = \"malloc\"\nname = \"m\"\nsize = \"1000\"\n");
+        assert_eq!(e.path, "bdev[0].size");
+        let e = parse_err("[[bdev]]\nkind = \"malloc\"\nname = \"m\"\nsize = \"ten\"\n");
+        assert!(e.path.starts_with("bdev[0]"), "{e}");
+    }
+
+    #[test]
+    fn bad_block_size_and_duplicate_names_are_refused() {
+        let e = parse_err(
+            "[[bdev]]\nkind = \"malloc\"\nname = \"m\"\nsize = 8192\nblock_size = 2048\n",
+        );
+        assert_eq!(e.path, "bdev[0].block_size");
+        let e = parse_err(
+            "[[bdev]]\nkind = \"malloc\"\nname = \"m\"\nsize = 8192\n\
+             [[bdev]]\nkind = \"null\"\nname = \"m\"\nsize = 8192\n",
+        );
+        assert_eq!(e.path, "bdev[1].name");
+    }
+
+    #[test]
+    fn reactor_layout_is_checked() {
+        let e = parse_err("[reactors]\ncpus = [0, 0]\n");
+        assert_eq!(e.path, "reactors.cpus[1]");
+        let e = parse_err("[reactors]\ncpus = [9999]\n");
+        assert_eq!(e.path, "reactors.cpus[0]");
+        let e = parse_err("[reactors]\ncount = 0\n");
+        assert_eq!(e.path, "reactors.count");
+        let e = parse_err("[reactors]\ncount = -1\n");
+        assert!(e.path.starts_with("reactors.count"), "{e}");
+    }
+
+    #[test]
+    fn shipped_example_configs_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let p = entry.unwrap().path();
+            if p.extension().is_some_and(|e| e == "toml") {
+                Config::load(&p).unwrap_or_else(|e| panic!("{e}"));
+                n += 1;
+            }
+        }
+        assert!(n >= 2, "configs/ holds the examples");
+    }
+}

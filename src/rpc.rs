@@ -1,0 +1,429 @@
+//! The JSON-RPC 2.0 control plane: one request or response per line over a Unix socket of mode
+//! 0600. Methods are grouped by object (`bdev_create`, `bdev_list`, `reactor_list`, ...); every
+//! error carries a code and, for invalid parameters, the offending field in `data.field`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use ferroblk_bdev::{BdevError, BdevSpec, ByteSize};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::daemon::DaemonState;
+
+/// Longest request line accepted; a longer one closes the connection.
+const MAX_LINE: u64 = 1 << 20;
+
+/// JSON-RPC 2.0 error codes (the standard ones, then ferroblk's).
+pub mod code {
+    /// The line is not JSON.
+    pub const PARSE_ERROR: i64 = -32700;
+    /// Not a JSON-RPC 2.0 request object.
+    pub const INVALID_REQUEST: i64 = -32600;
+    /// No such method.
+    pub const METHOD_NOT_FOUND: i64 = -32601;
+    /// Parameters missing, unknown or invalid (`data.field` names the field).
+    pub const INVALID_PARAMS: i64 = -32602;
+    /// No object with that name.
+    pub const NOT_FOUND: i64 = -32001;
+    /// An object with that name exists.
+    pub const EXISTS: i64 = -32002;
+    /// The object is in use.
+    pub const IN_USE: i64 = -32003;
+    /// The operation is not supported by this object.
+    pub const UNSUPPORTED: i64 = -32004;
+    /// The operating system refused (files, devices).
+    pub const SYSTEM: i64 = -32005;
+}
+
+/// A method's failure.
+#[derive(Debug)]
+pub struct RpcError {
+    /// JSON-RPC error code.
+    pub code: i64,
+    /// Human-readable message.
+    pub message: String,
+    /// The offending parameter, if one.
+    pub field: Option<String>,
+}
+
+impl RpcError {
+    fn params(field: impl Into<String>, message: impl Into<String>) -> RpcError {
+        RpcError {
+            code: code::INVALID_PARAMS,
+            message: message.into(),
+            field: Some(field.into()),
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        let mut e = json!({ "code": self.code, "message": self.message });
+        if let Some(f) = &self.field {
+            e["data"] = json!({ "field": f });
+        }
+        e
+    }
+}
+
+impl From<BdevError> for RpcError {
+    fn from(e: BdevError) -> RpcError {
+        let code = match &e {
+            BdevError::Invalid { .. } => code::INVALID_PARAMS,
+            BdevError::NotFound(_) => code::NOT_FOUND,
+            BdevError::Exists(_) => code::EXISTS,
+            BdevError::InUse { .. } => code::IN_USE,
+            BdevError::Unsupported { .. } => code::UNSUPPORTED,
+            BdevError::Io { .. } | BdevError::Uring(_) => code::SYSTEM,
+        };
+        let mut message = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            message = format!("{message}: {s}");
+            src = s.source();
+        }
+        RpcError {
+            code,
+            message,
+            field: e.field().map(str::to_string),
+        }
+    }
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(params: Value) -> Result<T, RpcError> {
+    let params = if params.is_null() { json!({}) } else { params };
+    serde_path_to_error::deserialize(params).map_err(|e| {
+        let path = e.path().to_string();
+        RpcError::params(
+            if path == "." { "params".into() } else { path },
+            e.into_inner().to_string(),
+        )
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NameParam {
+    name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    #[serde(default)]
+    name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResizeParams {
+    name: String,
+    size: ByteSize,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ControlParams {
+    name: String,
+    #[serde(default)]
+    rule: Value,
+}
+
+/// Runs one method.
+pub fn dispatch(state: &DaemonState, method: &str, params: Value) -> Result<Value, RpcError> {
+    let reg = &state.registry;
+    match method {
+        "bdev_list" => {
+            let p: ListParams = parse(params)?;
+            if let Some(n) = &p.name
+                && reg.get(n).is_none()
+            {
+                return Err(BdevError::NotFound(n.clone()).into());
+            }
+            let list: Vec<Value> = reg
+                .list()
+                .into_iter()
+                .filter(|(b, _, _)| p.name.as_deref().is_none_or(|n| b.info().name() == n))
+                .map(|(b, spec, users)| {
+                    let i = b.info();
+                    let g = i.geometry();
+                    json!({
+                        "name": i.name(),
+                        "kind": i.kind(),
+                        "block_size": g.block_size.bytes(),
+                        "block_count": g.block_count,
+                        "size": g.size_bytes(),
+                        "caps": g.caps.names(),
+                        "read_only": i.is_read_only(),
+                        "open_channels": i.open_channels(),
+                        "users": users,
+                        "spec": spec,
+                        "details": b.describe(),
+                        "stats": i.stats().to_json(),
+                    })
+                })
+                .collect();
+            Ok(Value::Array(list))
+        }
+        "bdev_create" => {
+            let spec: BdevSpec = parse(params)?;
+            let b = reg.create(spec)?;
+            Ok(json!({ "name": b.info().name(), "size": b.info().geometry().size_bytes() }))
+        }
+        "bdev_delete" => {
+            let p: NameParam = parse(params)?;
+            reg.delete(&p.name)?;
+            Ok(json!(true))
+        }
+        "bdev_resize" => {
+            let p: ResizeParams = parse(params)?;
+            reg.resize(&p.name, p.size.0)?;
+            let b = reg
+                .get(&p.name)
+                .ok_or_else(|| BdevError::NotFound(p.name.clone()))?;
+            Ok(json!({ "name": p.name, "size": b.info().geometry().size_bytes() }))
+        }
+        "bdev_error_inject" => {
+            let p: ControlParams = parse(params)?;
+            let b = reg
+                .get(&p.name)
+                .ok_or_else(|| BdevError::NotFound(p.name.clone()))?;
+            Ok(b.control("error_inject", p.rule)?)
+        }
+        "reactor_list" => Ok(Value::Array(
+            state
+                .reactors
+                .iter()
+                .map(|h| {
+                    let s = h.stats();
+                    json!({
+                        "id": h.id(),
+                        "cpu": h.cpu(),
+                        "pollers": s.pollers.load(Ordering::Relaxed),
+                        "busy_turns": s.busy_turns.load(Ordering::Relaxed),
+                        "sleeps": s.sleeps.load(Ordering::Relaxed),
+                    })
+                })
+                .collect(),
+        )),
+        "daemon_status" => Ok(json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "pid": std::process::id(),
+            "uptime_s": state.started.elapsed().as_secs_f64(),
+            "config": state.config_path,
+            "reactors": state.reactors.len(),
+            "bdevs": reg.list().len(),
+        })),
+        "daemon_shutdown" => {
+            state.request_shutdown();
+            Ok(json!(true))
+        }
+        _ => Err(RpcError {
+            code: code::METHOD_NOT_FOUND,
+            message: format!("no method '{method}'"),
+            field: None,
+        }),
+    }
+}
+
+/// Answers one request line.
+pub fn handle_line(state: &DaemonState, line: &str) -> Value {
+    let req: Value = match serde_json::from_str(line) {
+        Ok(v) => v,
+        Err(e) => {
+            return json!({ "jsonrpc": "2.0", "id": null,
+                "error": { "code": code::PARSE_ERROR, "message": format!("not JSON: {e}") } });
+        }
+    };
+    let id = req.get("id").cloned().unwrap_or(Value::Null);
+    let method = req.get("method").and_then(Value::as_str);
+    if req.get("jsonrpc").and_then(Value::as_str) != Some("2.0") || method.is_none() {
+        return json!({ "jsonrpc": "2.0", "id": id, "error": {
+            "code": code::INVALID_REQUEST,
+            "message": "expected {\"jsonrpc\": \"2.0\", \"method\": ..., \"params\": ..., \"id\": ...}" } });
+    }
+    let method = method.unwrap_or_default();
+    let params = req.get("params").cloned().unwrap_or(Value::Null);
+    match dispatch(state, method, params) {
+        Ok(result) => json!({ "jsonrpc": "2.0", "id": id, "result": result }),
+        Err(e) => {
+            tracing::info!(method, code = e.code, error = %e.message, "rpc failed");
+            json!({ "jsonrpc": "2.0", "id": id, "error": e.to_json() })
+        }
+    }
+}
+
+/// The listening control socket.
+pub struct RpcServer {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Binds `path` with mode 0600 (bound under a temporary name, restricted, then renamed into
+/// place, so the socket is never reachable with wider permissions). A stale socket left by a
+/// dead daemon is replaced; a live one is an error.
+fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir)?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("{} is served by a running daemon", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let l = UnixListener::bind(&tmp)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::rename(&tmp, path)?;
+    Ok(l)
+}
+
+impl RpcServer {
+    /// Starts serving `path`.
+    pub fn start(path: &Path, state: Arc<DaemonState>) -> std::io::Result<RpcServer> {
+        let listener = bind_private(path)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("rpc".into())
+            .spawn(move || accept_loop(listener, state, stop2))?;
+        Ok(RpcServer {
+            path: path.to_path_buf(),
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for RpcServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        // Wake the blocking accept so the thread sees the flag.
+        let _ = UnixStream::connect(&self.path);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn accept_loop(listener: UnixListener, state: Arc<DaemonState>, stop: Arc<AtomicBool>) {
+    loop {
+        let accepted = listener.accept();
+        if stop.load(Ordering::Acquire) {
+            return;
+        }
+        match accepted {
+            Ok((stream, _)) => {
+                let state = state.clone();
+                let _ = std::thread::Builder::new()
+                    .name("rpc-conn".into())
+                    .spawn(move || serve_conn(stream, &state));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "rpc accept failed");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+fn serve_conn(stream: UnixStream, state: &DaemonState) {
+    let _ = stream.set_nonblocking(false);
+    let Ok(mut out) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut line = String::new();
+        match (&mut reader).take(MAX_LINE).read_line(&mut line) {
+            Ok(0) => return,
+            Ok(_) if !line.ends_with('\n') && line.len() as u64 >= MAX_LINE => {
+                let e = json!({ "jsonrpc": "2.0", "id": null, "error": {
+                    "code": code::INVALID_REQUEST, "message": "request longer than 1 MiB" } });
+                let _ = writeln!(out, "{e}");
+                return;
+            }
+            Ok(_) => {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let resp = handle_line(state, line.trim());
+                if writeln!(out, "{resp}").is_err() {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// Sends one request and returns its `result`, or the error object as `Err`.
+pub fn call(socket: &Path, method: &str, params: Value) -> anyhow::Result<Result<Value, Value>> {
+    let mut s = UnixStream::connect(socket)
+        .map_err(|e| anyhow::anyhow!("cannot reach the daemon at {}: {e}", socket.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let req = json!({ "jsonrpc": "2.0", "id": 1, "method": method, "params": params });
+    writeln!(s, "{req}")?;
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line)?;
+    let resp: Value = serde_json::from_str(&line)
+        .map_err(|e| anyhow::anyhow!("bad response from the daemon: {e}"))?;
+    if let Some(err) = resp.get("error") {
+        return Ok(Err(err.clone()));
+    }
+    Ok(Ok(resp.get("result").cloned().unwrap_or(Value::Null)))
+}
+
+/// Builds `params` from command-line words: one JSON document, or `key=value` pairs (values
+/// parsed as JSON where they are valid JSON, as strings otherwise).
+pub fn params_from_args(args: &[String]) -> anyhow::Result<Value> {
+    match args {
+        [] => Ok(Value::Null),
+        [one] if one.trim_start().starts_with(['{', '[']) => Ok(serde_json::from_str(one)?),
+        pairs => {
+            let mut m = serde_json::Map::new();
+            for p in pairs {
+                let (k, v) = p
+                    .split_once('=')
+                    .ok_or_else(|| anyhow::anyhow!("'{p}' is not key=value or a JSON object"))?;
+                let v = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_string()));
+                m.insert(k.to_string(), v);
+            }
+            Ok(Value::Object(m))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_from_words() {
+        let p =
+            params_from_args(&["name=m".into(), "size=4096".into(), "x=\"1GiB\"".into()]).unwrap();
+        assert_eq!(p, json!({"name": "m", "size": 4096, "x": "1GiB"}));
+        let p = params_from_args(&["{\"name\": \"a\"}".into()]).unwrap();
+        assert_eq!(p, json!({"name": "a"}));
+        assert!(params_from_args(&["oops".into()]).is_err());
+    }
+}
