@@ -60,7 +60,7 @@ enum PerfCmd {
         /// The TOML configuration declaring the bdevs.
         #[arg(long, short)]
         config: PathBuf,
-        /// The bdev to drive (default: the last one declared, the top of the chain).
+        /// The bdev to drive (default: the top of the configuration's only chain).
         #[arg(long)]
         bdev: Option<String>,
         /// Requests in flight per reactor.
@@ -166,11 +166,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let name = match bdev {
                 Some(b) => b,
-                None => cfg
-                    .bdev
-                    .last()
-                    .map(|s| s.name().to_string())
-                    .ok_or_else(|| anyhow::anyhow!("{} declares no bdev", config.display()))?,
+                None => {
+                    let tops: Vec<&str> = cfg
+                        .bdev
+                        .iter()
+                        .map(|s| s.name())
+                        .filter(|n| !cfg.bdev.iter().any(|s| s.base() == Some(*n)))
+                        .collect();
+                    match tops[..] {
+                        [one] => one.to_string(),
+                        [] => anyhow::bail!("{} declares no bdev", config.display()),
+                        _ => anyhow::bail!(
+                            "several chains ({}): choose one with --bdev",
+                            tops.join(", ")
+                        ),
+                    }
+                }
             };
             let registry = BdevRegistry::new();
             registry

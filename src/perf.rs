@@ -63,7 +63,8 @@ pub struct JobSpec {
     pub time: Duration,
 }
 
-const BUCKETS: usize = 1024;
+/// Exact values below 16, then 16 sub-buckets for each power of two from 2^4 to 2^63.
+const BUCKETS: usize = 16 + 60 * 16;
 
 /// Log-linear histogram: exact below 16, then 16 sub-buckets per power of two (≤ 6.25% error).
 #[derive(Clone)]
@@ -99,6 +100,9 @@ impl Histogram {
             return i as u64;
         }
         let h = i / 16 + 3;
+        if h > 63 {
+            return u64::MAX;
+        }
         let sub = (i % 16) as u64;
         (1u64 << h) | (sub << (h - 4))
     }
@@ -460,29 +464,17 @@ pub fn run(
     })
 }
 
-fn fmt_row(
-    label: &str,
-    cpu: &str,
-    ios: u64,
-    bytes: u64,
-    secs: f64,
-    hist: &Histogram,
-    nspt: f64,
-    cpu_ns: u64,
-) -> String {
-    let iops = ios as f64 / secs;
+fn fmt_row(label: &str, cpu: &str, j: &JobResult) -> String {
+    let secs = j.elapsed.as_secs_f64();
+    let us = |ticks: f64| ticks * j.ns_per_tick / 1000.0;
     format!(
         "{label:<8} {cpu:>4} {:>12.0} {:>10.1} {:>9.2} {:>9.2} {:>9.2} {:>10.0}",
-        iops,
-        bytes as f64 / secs / (1 << 20) as f64,
-        hist.mean() * nspt / 1000.0,
-        hist.quantile(0.99) * nspt / 1000.0,
-        hist.quantile(0.999) * nspt / 1000.0,
-        if ios > 0 {
-            cpu_ns as f64 / ios as f64
-        } else {
-            0.0
-        },
+        j.ios as f64 / secs,
+        j.bytes as f64 / secs / (1 << 20) as f64,
+        us(j.hist.mean()),
+        us(j.hist.quantile(0.99)),
+        us(j.hist.quantile(0.999)),
+        j.cpu_ns as f64 / j.ios.max(1) as f64,
     )
 }
 
@@ -544,24 +536,20 @@ pub fn report(bdev: &str, spec: &JobSpec, r: &RunResult, json: bool) {
     );
     for j in &r.jobs {
         let cpu = j.cpu.map_or("-".to_string(), |c| c.to_string());
-        println!(
-            "{}",
-            fmt_row(
-                &j.reactor.to_string(),
-                &cpu,
-                j.ios,
-                j.bytes,
-                j.elapsed.as_secs_f64(),
-                &j.hist,
-                j.ns_per_tick,
-                j.cpu_ns
-            )
-        );
+        println!("{}", fmt_row(&j.reactor.to_string(), &cpu, j));
     }
-    println!(
-        "{}",
-        fmt_row("total", "", ios, bytes, secs, &total, nspt, cpu_ns)
-    );
+    let all = JobResult {
+        reactor: 0,
+        cpu: None,
+        ios,
+        errors,
+        bytes,
+        elapsed: Duration::from_secs_f64(secs),
+        cpu_ns,
+        hist: total,
+        ns_per_tick: nspt,
+    };
+    println!("{}", fmt_row("total", "", &all));
     println!(
         "errors: {errors}   process CPU: {:.2} s over {:.2} s wall = {:.0} ns per I/O (reactors + kernel workers)",
         r.process_cpu_ns as f64 / 1e9,

@@ -169,8 +169,8 @@ impl SgList {
         let segs: Vec<IoSeg> = lens
             .iter()
             .map(|&len| {
-                // SAFETY: `off + len <= buf.len()` was asserted above.
                 let s = IoSeg {
+                    // SAFETY: `off + len <= buf.len()` was asserted above.
                     base: unsafe { base.add(off) },
                     len,
                 };

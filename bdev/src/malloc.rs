@@ -146,13 +146,17 @@ impl ChannelOps for MallocChannel {
     fn submit(&mut self, mut io: IoRequest) -> Result<(), IoRequest> {
         let off = (io.offset_blocks << self.shift) as usize;
         let len = (u64::from(io.num_blocks) << self.shift) as usize;
-        // SAFETY (all three arms): the layer checked `off + len` against the block count, which
-        // never exceeds the reserved mapping, and that the buffers hold exactly `len` bytes.
+        let base = self.region.base;
+        // The layer checked `off + len` against the block count, which never exceeds the
+        // reserved mapping, and that the buffers hold exactly `len` bytes.
         match io.io_type {
-            IoType::Read => unsafe { io.bufs.copy_from_raw(self.region.base.add(off), len) },
-            IoType::Write => unsafe { io.bufs.copy_to_raw(self.region.base.add(off), len) },
+            // SAFETY: `base + off .. + len` lies inside the mapping (see above).
+            IoType::Read => unsafe { io.bufs.copy_from_raw(base.add(off), len) },
+            // SAFETY: as above.
+            IoType::Write => unsafe { io.bufs.copy_to_raw(base.add(off), len) },
+            // SAFETY: as above.
             IoType::Unmap | IoType::WriteZeroes => unsafe {
-                std::ptr::write_bytes(self.region.base.add(off), 0, len)
+                std::ptr::write_bytes(base.add(off), 0, len)
             },
             IoType::Flush => {}
         }

@@ -1,0 +1,426 @@
+//! The daemon as a user runs it: `ferroblk serve` as a child process, its control socket, its
+//! signals, and `ferroblk rpc` / `perf` / `check-config`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ferroblk");
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+    dir: Option<tempfile::TempDir>,
+}
+
+impl Daemon {
+    /// Starts `ferroblk serve` in a fresh working directory with `config` written there.
+    fn start(config: &str) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ferroblk.toml"), config).unwrap();
+        Daemon::start_in(dir, "ferroblk.toml", "run/ferroblk.sock")
+    }
+
+    fn start_in(dir: tempfile::TempDir, config: &str, socket: &str) -> Daemon {
+        let child = Command::new(BIN)
+            .args(["serve", "--config", config])
+            .current_dir(dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let socket = dir.path().join(socket);
+        let mut d = Daemon {
+            child,
+            socket,
+            dir: Some(dir),
+        };
+        let t = Instant::now();
+        while UnixStream::connect(&d.socket).is_err() {
+            if let Some(st) = d.child.try_wait().unwrap() {
+                let out = d.child.wait_with_output_now();
+                panic!("daemon exited with {st}: {out}");
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "daemon did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    fn call(&self, method: &str, params: Value) -> Result<Value, Value> {
+        let mut s = UnixStream::connect(&self.socket).unwrap();
+        let req = json!({"jsonrpc": "2.0", "id": 7, "method": method, "params": params});
+        writeln!(s, "{req}").unwrap();
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line).unwrap();
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["jsonrpc"], "2.0");
+        assert_eq!(v["id"], 7);
+        match v.get("error") {
+            Some(e) => Err(e.clone()),
+            None => Ok(v["result"].clone()),
+        }
+    }
+
+    fn raw(&self, line: &str) -> Value {
+        let mut s = UnixStream::connect(&self.socket).unwrap();
+        writeln!(s, "{line}").unwrap();
+        let mut out = String::new();
+        BufReader::new(&s).read_line(&mut out).unwrap();
+        serde_json::from_str(&out).unwrap()
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.as_ref().unwrap().path()
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill with a valid pid and signal number has no memory effects.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Waits for exit; returns (success, stdout + stderr).
+    fn wait(mut self) -> (bool, String, tempfile::TempDir) {
+        let t = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                let out = self.child.wait_with_output_now();
+                return (st.success(), out, self.dir.take().unwrap());
+            }
+            if t.elapsed() > Duration::from_secs(30) {
+                let _ = self.child.kill();
+                panic!("daemon did not stop within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+trait OutputNow {
+    fn wait_with_output_now(&mut self) -> String;
+}
+
+impl OutputNow for Child {
+    fn wait_with_output_now(&mut self) -> String {
+        use std::io::Read;
+        let mut s = String::new();
+        if let Some(o) = self.stdout.as_mut() {
+            let _ = o.read_to_string(&mut s);
+        }
+        if let Some(e) = self.stderr.as_mut() {
+            let _ = e.read_to_string(&mut s);
+        }
+        s
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const BASIC: &str = r#"
+[reactors]
+count = 2
+[[bdev]]
+name = "disk"
+kind = "file"
+path = "data/disk.img"
+size = "16MiB"
+create = true
+[[bdev]]
+name = "err"
+kind = "error"
+base = "disk"
+"#;
+
+fn code(e: &Value) -> i64 {
+    e["code"].as_i64().unwrap()
+}
+
+#[test]
+fn rpc_round_trips_and_errors() {
+    let d = Daemon::start(BASIC);
+    let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "control socket must be private");
+
+    let st = d.call("daemon_status", Value::Null).unwrap();
+    assert_eq!(st["reactors"], 2);
+    assert_eq!(st["bdevs"], 2);
+
+    let list = d.call("bdev_list", Value::Null).unwrap();
+    let names: Vec<_> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].clone())
+        .collect();
+    assert_eq!(names, [json!("disk"), json!("err")]);
+    assert_eq!(list[0]["size"], 16 << 20);
+    assert_eq!(list[0]["users"], json!(["bdev err"]));
+    assert!(
+        list[0]["caps"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("persistent"))
+    );
+
+    // Create, duplicate, bad field, bad value.
+    let r = d
+        .call(
+            "bdev_create",
+            json!({"kind": "malloc", "name": "ram", "size": "8MiB"}),
+        )
+        .unwrap();
+    assert_eq!(r["size"], 8 << 20);
+    let e = d
+        .call(
+            "bdev_create",
+            json!({"kind": "malloc", "name": "ram", "size": "8MiB"}),
+        )
+        .unwrap_err();
+    assert_eq!(code(&e), -32002, "{e}");
+    let e = d
+        .call(
+            "bdev_create",
+            json!({"kind": "malloc", "name": "x", "size": 4096, "colour": 1}),
+        )
+        .unwrap_err();
+    assert_eq!(code(&e), -32602, "{e}");
+    assert!(e["message"].as_str().unwrap().contains("colour"), "{e}");
+    let e = d
+        .call(
+            "bdev_create",
+            json!({"kind": "malloc", "name": "x", "size": 1000}),
+        )
+        .unwrap_err();
+    assert_eq!(e["data"]["field"], "size", "{e}");
+    let e = d
+        .call(
+            "bdev_create",
+            json!({"kind": "delay", "name": "x", "base": "nope"}),
+        )
+        .unwrap_err();
+    assert_eq!(e["data"]["field"], "base", "{e}");
+
+    // Resize: grows the file; a shrink is refused.
+    let r = d
+        .call("bdev_resize", json!({"name": "disk", "size": "32MiB"}))
+        .unwrap();
+    assert_eq!(r["size"], 32 << 20);
+    let img = d.path().join("data/disk.img");
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), 32 << 20);
+    let l = d.call("bdev_list", json!({"name": "err"})).unwrap();
+    assert_eq!(l[0]["size"], 32 << 20, "stacked bdev follows its base");
+    assert!(
+        d.call("bdev_resize", json!({"name": "disk", "size": "8MiB"}))
+            .is_err()
+    );
+
+    // Error injection on the error bdev; refused on others.
+    let r = d
+        .call(
+            "bdev_error_inject",
+            json!({"name": "err", "rule": {"ops": ["read"], "count": 1}}),
+        )
+        .unwrap();
+    assert_eq!(r["rule"]["ops"], json!(["read"]));
+    let e = d
+        .call(
+            "bdev_error_inject",
+            json!({"name": "disk", "rule": {"ops": ["read"]}}),
+        )
+        .unwrap_err();
+    assert_eq!(code(&e), -32004, "{e}");
+    let e = d
+        .call(
+            "bdev_error_inject",
+            json!({"name": "err", "rule": {"ops": ["smash"]}}),
+        )
+        .unwrap_err();
+    assert_eq!(e["data"]["field"], "inject.ops[0]", "{e}");
+
+    // Delete: a base in use is refused, then works bottom-up.
+    let e = d.call("bdev_delete", json!({"name": "disk"})).unwrap_err();
+    assert_eq!(code(&e), -32003, "{e}");
+    d.call("bdev_delete", json!({"name": "err"})).unwrap();
+    d.call("bdev_delete", json!({"name": "disk"})).unwrap();
+    let e = d.call("bdev_delete", json!({"name": "disk"})).unwrap_err();
+    assert_eq!(code(&e), -32001, "{e}");
+
+    // Protocol errors.
+    assert_eq!(code(&d.raw("this is not json")["error"]), -32700);
+    assert_eq!(code(&d.raw(r#"{"method": "bdev_list"}"#)["error"]), -32600);
+    assert_eq!(
+        code(&d.call("no_such_method", Value::Null).unwrap_err()),
+        -32601
+    );
+
+    let reactors = d.call("reactor_list", Value::Null).unwrap();
+    assert_eq!(reactors.as_array().unwrap().len(), 2);
+
+    // The command-line client speaks the same protocol.
+    let out = Command::new(BIN)
+        .args(["rpc", "--socket"])
+        .arg(&d.socket)
+        .args(["bdev_list", "name=ram"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["kind"], "malloc");
+    let out = Command::new(BIN)
+        .args(["rpc", "--socket"])
+        .arg(&d.socket)
+        .args(["bdev_delete", "name=ghost"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ghost"));
+
+    d.signal(libc::SIGTERM);
+    let socket = d.socket.clone();
+    let (ok, out, _dir) = d.wait();
+    assert!(ok, "clean exit on SIGTERM: {out}");
+    assert!(out.contains("shutting down"), "{out}");
+    assert!(!socket.exists(), "socket removed at exit");
+}
+
+#[test]
+fn quickstart_creates_its_volume_and_stops_on_sigint() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        repo().join("configs/quickstart.toml"),
+        dir.path().join("quickstart.toml"),
+    )
+    .unwrap();
+    let d = Daemon::start_in(dir, "quickstart.toml", "run/ferroblk.sock");
+    let img = d.path().join("data/quickstart.img");
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), 1 << 30);
+    let list = d.call("bdev_list", Value::Null).unwrap();
+    assert_eq!(list[0]["name"], "vol0");
+    // A second daemon on the same socket is refused, and the first keeps running.
+    let second = Command::new(BIN)
+        .args(["serve", "--config", "quickstart.toml"])
+        .current_dir(d.path())
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    assert!(String::from_utf8_lossy(&second.stderr).contains("running daemon"));
+    assert!(d.call("daemon_status", Value::Null).is_ok());
+
+    d.signal(libc::SIGINT);
+    let (ok, out, dir) = d.wait();
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("flushed"),
+        "shutdown flushes the volume: {out}"
+    );
+    assert!(
+        out.contains("ferroblk rpc"),
+        "banner tells how to control it: {out}"
+    );
+
+    // Restart on the existing file: same size, no re-creation.
+    let d = Daemon::start_in(dir, "quickstart.toml", "run/ferroblk.sock");
+    assert_eq!(
+        d.call("bdev_list", Value::Null).unwrap()[0]["size"],
+        1u64 << 30
+    );
+    d.call("daemon_shutdown", Value::Null).unwrap();
+    let (ok, out, _) = d.wait();
+    assert!(ok, "{out}");
+}
+
+#[test]
+fn bad_configs_fail_at_load_with_the_field_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "[[bdev]]\nkind = \"malloc\"\nname = \"m\"\nsize = 4096\nbogus = 1\n",
+            "bdev[0]",
+        ),
+        (
+            "[[bdev]]\nkind = \"error\"\nname = \"e\"\nbase = \"m\"\n",
+            "bdev[0].base",
+        ),
+        (
+            "[[bdev]]\nkind = \"file\"\nname = \"f\"\npath = \"nothere/x.img\"\n",
+            "bdev[0].path",
+        ),
+        ("[reactors]\ncpus = [4096]\n", "reactors.cpus[0]"),
+    ];
+    for (i, (text, path)) in cases.iter().enumerate() {
+        let f = dir.path().join(format!("c{i}.toml"));
+        std::fs::write(&f, text).unwrap();
+        let out = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&f)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "case {i} must fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(path), "case {i}: expected {path} in: {err}");
+        assert!(!dir.path().join("run/ferroblk.sock").exists());
+    }
+    // check-config reports the same without starting anything.
+    let out = Command::new(BIN)
+        .args(["check-config"])
+        .arg(dir.path().join("c1.toml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bdev[0].base"));
+}
+
+#[test]
+fn perf_bdev_drives_a_chain_and_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Path::new(&repo()).join("configs/chain-malloc-error-delay.toml");
+    let out = Command::new(BIN)
+        .args(["perf", "bdev", "--config"])
+        .arg(&cfg)
+        .args([
+            "--qd", "8", "--bs", "4K", "--rw", "randrw", "--time", "0.5", "--json",
+        ])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["bdev"], "slow0");
+    assert!(v["ios"].as_u64().unwrap() > 0);
+    assert_eq!(v["errors"], 0);
+    assert_eq!(v["reactors"].as_array().unwrap().len(), 2);
+    // The delay bdev adds 100-200 µs, so no request can have been faster than 100 µs.
+    assert!(v["mean_us"].as_f64().unwrap() >= 100.0, "{v}");
+
+    let out = Command::new(BIN)
+        .args(["perf", "bdev", "--config"])
+        .arg(&cfg)
+        .args(["--bs", "1000", "--time", "0.1"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("block size"));
+}
