@@ -387,7 +387,7 @@ impl BdevInfoBuilder {
         self
     }
 
-    /// Largest transfer in blocks (default: 1 MiB worth).
+    /// Largest transfer in blocks (default: 16 MiB worth).
     pub fn max_transfer_blocks(mut self, blocks: u32) -> Self {
         self.info.max_transfer_blocks = blocks;
         self
@@ -427,7 +427,7 @@ impl BdevInfo {
                 block_size,
                 block_count: AtomicU64::new(block_count),
                 buf_align: 1,
-                max_transfer_blocks: (1 << 20) >> block_size.shift(),
+                max_transfer_blocks: (16 << 20) >> block_size.shift(),
                 max_segments: 256,
                 caps,
                 read_only: AtomicU64::new(0),

@@ -21,6 +21,9 @@ const SQ_ENTRIES: u32 = 1024;
 struct Client {
     cqes: VecDeque<(u32, i32, u32)>,
     live: bool,
+    /// Bumped each time the entry is reused, so a late completion for a dropped client (a
+    /// multishot poll still armed) is never routed to its successor.
+    generation: u16,
 }
 
 struct RingInner {
@@ -70,23 +73,28 @@ impl ThreadRing {
     /// Registers a client whose completions queue up to `capacity` entries without allocating.
     pub fn register(&self, capacity: usize) -> RingClient {
         let mut clients = self.inner.clients.borrow_mut();
-        let client = Client {
-            cqes: VecDeque::with_capacity(capacity),
-            live: true,
-        };
-        let token = match clients.iter().position(|c| !c.live) {
+        let index = match clients.iter().position(|c| !c.live) {
             Some(i) => {
-                clients[i] = client;
+                let c = &mut clients[i];
+                c.cqes = VecDeque::with_capacity(capacity);
+                c.live = true;
+                c.generation = c.generation.wrapping_add(1);
                 i
             }
             None => {
-                clients.push(client);
+                clients.push(Client {
+                    cqes: VecDeque::with_capacity(capacity),
+                    live: true,
+                    generation: 0,
+                });
                 clients.len() - 1
             }
         };
+        assert!(index < 1 << 16, "too many io_uring clients on one thread");
         RingClient {
             ring: self.clone(),
-            token: token as u32,
+            token: u32::from(clients[index].generation) << 16 | index as u32,
+            index,
         }
     }
 
@@ -114,9 +122,10 @@ impl ThreadRing {
         let mut n = 0;
         for cqe in ring.completion() {
             let ud = cqe.user_data();
-            let token = (ud >> 32) as usize;
-            if let Some(c) = clients.get_mut(token)
+            let token = (ud >> 32) as u32;
+            if let Some(c) = clients.get_mut((token & 0xffff) as usize)
                 && c.live
+                && c.generation == (token >> 16) as u16
             {
                 c.cqes.push_back((ud as u32, cqe.result(), cqe.flags()));
                 n += 1;
@@ -168,6 +177,7 @@ impl ThreadRing {
 pub struct RingClient {
     ring: ThreadRing,
     token: u32,
+    index: usize,
 }
 
 impl RingClient {
@@ -207,13 +217,13 @@ impl RingClient {
     pub fn take(&self, mut f: impl FnMut(u32, i32, u32)) -> usize {
         let i = &self.ring.inner;
         // Take the queue out to run `f` without holding the borrow (f may push new entries).
-        let mut q = std::mem::take(&mut i.clients.borrow_mut()[self.token as usize].cqes);
+        let mut q = std::mem::take(&mut i.clients.borrow_mut()[self.index].cqes);
         let n = q.len();
         for (slot, res, flags) in q.drain(..) {
             f(slot, res, flags);
         }
         let mut clients = i.clients.borrow_mut();
-        let c = &mut clients[self.token as usize];
+        let c = &mut clients[self.index];
         // Completions routed while `f` ran stay queued, after the ones just taken.
         q.append(&mut c.cqes);
         c.cqes = q;
@@ -225,9 +235,7 @@ impl RingClient {
 
     /// Whether completions are waiting for this client.
     pub fn has_completions(&self) -> bool {
-        !self.ring.inner.clients.borrow()[self.token as usize]
-            .cqes
-            .is_empty()
+        !self.ring.inner.clients.borrow()[self.index].cqes.is_empty()
     }
 
     /// Flushes submissions, routes completions and takes this client's (a channel's `poll`).
@@ -241,7 +249,7 @@ impl RingClient {
 impl Drop for RingClient {
     fn drop(&mut self) {
         let mut clients = self.ring.inner.clients.borrow_mut();
-        let c = &mut clients[self.token as usize];
+        let c = &mut clients[self.index];
         let left = c.cqes.len();
         c.cqes.clear();
         c.live = false;

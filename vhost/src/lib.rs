@@ -1,9 +1,32 @@
 //! # ferroblk-vhost
 //!
-//! The vhost-user-blk front: VMs attach ferroblk volumes as virtio-blk disks (virtio 1.2 §5.2).
+//! The vhost-user-blk front: VMs (QEMU, cloud-hypervisor) attach ferroblk volumes as virtio-blk
+//! disks (virtio 1.2 §5.2), served straight from guest memory.
 //!
-//! ## Architecture
-//! Nothing is implemented here yet: the vhost-user issue adds the backend. Each virtqueue will be
-//! a poller on one `ferroblk_bdev` reactor, submitting guest buffers as scatter-gather lists to that
-//! reactor's bdev channel. This crate never imports `ferroblk-target`; both fronts speak only to
-//! `ferroblk-bdev`.
+//! ## Architecture (read this first)
+//! - [`device`]: one [`VhostExport`] per Unix socket. Its control thread accepts one front-end
+//!   at a time and speaks the vhost-user protocol ([`protocol`]): features, memory table,
+//!   vrings, config space, inflight region, back-end channel. It owns the connection state.
+//! - [`queue`]: each started virtqueue is a [`queue::VqPoller`] on reactor `queue % reactors`,
+//!   with its own channel of the bdev. It pops chains, validates them, submits one bdev request
+//!   per virtio request with the guest's buffers as the scatter-gather list (no copy), and
+//!   completes them on the used ring.
+//! - [`virtq`]: the split ring, hardened against hostile drivers; [`memory`]: the guest memory
+//!   map with bounds-checked translation; [`inflight`]: INFLIGHT_SHMFD tracking so a restarted
+//!   daemon resubmits what its predecessor had in flight.
+//!
+//! Why not the `vhost` / `vhost-user-backend` crates: the back-end crate runs its own worker
+//! threads (against the reactor model) and does not track inflight I/O, and the `vhost` crate's
+//! back-end channel cannot send `CONFIG_CHANGE_MSG`, which a live resize needs. The protocol
+//! subset a block back-end needs is small; it lives in [`protocol`].
+//!
+//! This crate never imports `ferroblk-target`; both fronts speak only to `ferroblk-bdev`.
+
+pub mod device;
+pub mod inflight;
+pub mod memory;
+pub mod protocol;
+pub mod queue;
+pub mod virtq;
+
+pub use device::{ExportError, VhostExport, VhostSpec};

@@ -1,0 +1,792 @@
+//! A vhost-user-blk export: one Unix socket, one front-end at a time, any number of queues
+//! spread over the reactors.
+//!
+//! The control thread of the export owns the connection and speaks the vhost-user protocol;
+//! each started virtqueue becomes a [`VqPoller`] on reactor `queue % reactors`. Stopping a queue
+//! (GET_VRING_BASE, disable, disconnect, shutdown) drains its in-flight requests before the
+//! queue state is handed back. A resize of the bdev reaches the front-end as a
+//! `CONFIG_CHANGE_MSG` on the back-end channel, and the guest sees its disk grow.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use ferroblk_bdev::reactor::{PollerId, ReactorHandle};
+use ferroblk_bdev::{Bdev, Caps};
+use serde::{Deserialize, Serialize};
+
+use crate::inflight::{self, InflightRegion};
+use crate::memory::{GuestMemory, RegionDesc};
+use crate::protocol::{self, Message, ProtocolError, backend_req, pf, req};
+use crate::queue::{BlkParams, ID_BYTES, QueueCtl, VqPoller};
+use crate::virtq::{RingAddrs, SplitQueue};
+
+/// virtio feature bits (virtio 1.2 §5.2.3, §6).
+#[allow(missing_docs)]
+pub mod vf {
+    pub const BLK_SIZE_MAX: u64 = 1 << 1;
+    pub const BLK_SEG_MAX: u64 = 1 << 2;
+    pub const BLK_RO: u64 = 1 << 5;
+    pub const BLK_BLK_SIZE: u64 = 1 << 6;
+    pub const BLK_FLUSH: u64 = 1 << 9;
+    pub const BLK_TOPOLOGY: u64 = 1 << 10;
+    pub const BLK_CONFIG_WCE: u64 = 1 << 11;
+    pub const BLK_MQ: u64 = 1 << 12;
+    pub const BLK_DISCARD: u64 = 1 << 13;
+    pub const BLK_WRITE_ZEROES: u64 = 1 << 14;
+    pub const RING_INDIRECT_DESC: u64 = 1 << 28;
+    pub const RING_EVENT_IDX: u64 = 1 << 29;
+    pub const VERSION_1: u64 = 1 << 32;
+}
+
+/// Protocol features this back-end offers.
+pub const PROTOCOL_FEATURES: u64 =
+    pf::MQ | pf::REPLY_ACK | pf::BACKEND_REQ | pf::CONFIG | pf::INFLIGHT_SHMFD | pf::RESET_DEVICE;
+
+/// Declaration of a vhost-user-blk export (`[[vhost]]` in the config, `vhost_add` params).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VhostSpec {
+    /// Unix socket the front-end (QEMU, cloud-hypervisor) connects to; mode 0600.
+    pub socket: PathBuf,
+    /// The bdev exported.
+    pub bdev: String,
+    /// Number of virtqueues (default 1), served round-robin by the reactors.
+    #[serde(default = "one")]
+    pub num_queues: u16,
+    /// Export read-only (VIRTIO_BLK_F_RO).
+    #[serde(default)]
+    pub read_only: bool,
+    /// Serial number for GET_ID (at most 20 bytes; default: the bdev name).
+    #[serde(default)]
+    pub serial: Option<String>,
+}
+
+fn one() -> u16 {
+    1
+}
+
+impl VhostSpec {
+    /// Checks values that need nothing else; errors name the field.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if self.num_queues == 0 || self.num_queues > 64 {
+            return Err((
+                "num_queues".into(),
+                format!("{} is not in 1..=64", self.num_queues),
+            ));
+        }
+        if let Some(s) = &self.serial
+            && (s.len() > ID_BYTES || !s.is_ascii())
+        {
+            return Err(("serial".into(), "at most 20 ASCII characters".into()));
+        }
+        if self.socket.as_os_str().is_empty() {
+            return Err(("socket".into(), "is empty".into()));
+        }
+        Ok(())
+    }
+}
+
+/// An export's failure to start.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// The socket could not be bound.
+    #[error("cannot listen on {path}")]
+    Bind {
+        /// The socket path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A setting is invalid.
+    #[error("{field}: {reason}")]
+    Invalid {
+        /// The field.
+        field: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+struct Shared {
+    stop: AtomicBool,
+    conn: Mutex<Option<UnixStream>>,
+    backend: Mutex<Option<UnixStream>>,
+    /// The front-end negotiated CONFIG and REPLY_ACK (for the back-end channel).
+    config_ok: AtomicBool,
+    backend_ack: AtomicBool,
+    writeback: Arc<AtomicBool>,
+}
+
+/// A running export.
+pub struct VhostExport {
+    spec: VhostSpec,
+    path: PathBuf,
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+    bdev: Arc<dyn Bdev>,
+    subscription: u64,
+}
+
+/// Binds `path` with mode 0600 (bound under a temporary name, restricted, renamed into place).
+/// A stale socket is replaced; one served by a live process is an error.
+pub fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir)?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("{} is served by a running process", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let l = UnixListener::bind(&tmp)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::rename(&tmp, path)?;
+    Ok(l)
+}
+
+impl VhostExport {
+    /// Starts serving `bdev` on `spec.socket` with the given reactors.
+    pub fn start(
+        spec: VhostSpec,
+        bdev: Arc<dyn Bdev>,
+        reactors: Vec<ReactorHandle>,
+    ) -> Result<VhostExport, ExportError> {
+        spec.validate()
+            .map_err(|(field, reason)| ExportError::Invalid { field, reason })?;
+        if reactors.is_empty() {
+            return Err(ExportError::Invalid {
+                field: "reactors".into(),
+                reason: "no reactor to serve the queues".into(),
+            });
+        }
+        let listener = bind_private(&spec.socket).map_err(|source| ExportError::Bind {
+            path: spec.socket.clone(),
+            source,
+        })?;
+        let shared = Arc::new(Shared {
+            stop: AtomicBool::new(false),
+            conn: Mutex::new(None),
+            backend: Mutex::new(None),
+            config_ok: AtomicBool::new(false),
+            backend_ack: AtomicBool::new(false),
+            writeback: Arc::new(AtomicBool::new(
+                bdev.info().caps().contains(Caps::VOLATILE_CACHE),
+            )),
+        });
+        let subscription = {
+            let shared = shared.clone();
+            let name = spec.socket.display().to_string();
+            bdev.info()
+                .subscribe(move |_| notify_config_change(&shared, &name))
+        };
+        let thread = {
+            let shared = shared.clone();
+            let spec = spec.clone();
+            let bdev = bdev.clone();
+            std::thread::Builder::new()
+                .name("vhost-ctl".into())
+                .spawn(move || accept_loop(listener, spec, bdev, reactors, shared))
+                .map_err(|source| ExportError::Bind {
+                    path: PathBuf::from("(thread)"),
+                    source,
+                })?
+        };
+        tracing::info!(socket = %spec.socket.display(), bdev = %spec.bdev,
+            queues = spec.num_queues, "vhost-user-blk export listening");
+        Ok(VhostExport {
+            path: spec.socket.clone(),
+            spec,
+            shared,
+            thread: Some(thread),
+            bdev,
+            subscription,
+        })
+    }
+
+    /// The declaration.
+    pub fn spec(&self) -> &VhostSpec {
+        &self.spec
+    }
+
+    /// Whether a front-end is connected.
+    pub fn connected(&self) -> bool {
+        self.shared.conn.lock().expect("conn lock").is_some()
+    }
+}
+
+impl Drop for VhostExport {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        if let Some(c) = self.shared.conn.lock().expect("conn lock").as_ref() {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+        let _ = UnixStream::connect(&self.path);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.bdev.info().unsubscribe(self.subscription);
+        let _ = std::fs::remove_file(&self.path);
+        tracing::info!(socket = %self.path.display(), "vhost-user-blk export stopped");
+    }
+}
+
+fn notify_config_change(shared: &Shared, name: &str) {
+    if !shared.config_ok.load(Ordering::Acquire) {
+        return;
+    }
+    if let Some(s) = shared.backend.lock().expect("backend lock").as_ref() {
+        // Sent without NEED_REPLY: the front-end re-reads the config space on its own time.
+        if let Err(e) = protocol::send(s, backend_req::CONFIG_CHANGE_MSG, 0, &[], &[]) {
+            tracing::warn!(socket = name, error = %e, "cannot notify the front-end of a config change");
+        } else {
+            tracing::info!(socket = name, "config change sent to the front-end");
+        }
+    }
+}
+
+fn accept_loop(
+    listener: UnixListener,
+    spec: VhostSpec,
+    bdev: Arc<dyn Bdev>,
+    reactors: Vec<ReactorHandle>,
+    shared: Arc<Shared>,
+) {
+    loop {
+        let accepted = listener.accept();
+        if shared.stop.load(Ordering::Acquire) {
+            return;
+        }
+        let stream = match accepted {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "vhost-user accept failed");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        match stream.try_clone() {
+            Ok(c) => *shared.conn.lock().expect("conn lock") = Some(c),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot use the vhost-user connection");
+                continue;
+            }
+        }
+        tracing::info!(socket = %spec.socket.display(), "front-end connected");
+        let mut conn = Conn::new(&spec, &bdev, &reactors, &shared, stream);
+        let why = conn.run();
+        conn.stop_all();
+        *shared.conn.lock().expect("conn lock") = None;
+        *shared.backend.lock().expect("backend lock") = None;
+        shared.config_ok.store(false, Ordering::Release);
+        match why {
+            ProtocolError::Closed => {
+                tracing::info!(socket = %spec.socket.display(), "front-end disconnected")
+            }
+            e => tracing::warn!(socket = %spec.socket.display(), error = %e,
+                "front-end connection closed on error"),
+        }
+    }
+}
+
+struct Running {
+    reactor: usize,
+    poller: PollerId,
+    ctl: Arc<QueueCtl>,
+}
+
+#[derive(Default)]
+struct Vring {
+    num: u16,
+    addrs: Option<RingAddrs>,
+    base: u16,
+    kick: Option<OwnedFd>,
+    call: Option<OwnedFd>,
+    enabled: bool,
+    running: Option<Running>,
+}
+
+struct Conn<'a> {
+    spec: &'a VhostSpec,
+    bdev: &'a Arc<dyn Bdev>,
+    reactors: &'a [ReactorHandle],
+    shared: &'a Shared,
+    sock: UnixStream,
+    features: u64,
+    protocol: u64,
+    mem: Arc<GuestMemory>,
+    vrings: Vec<Vring>,
+    inflight: Option<Arc<InflightRegion>>,
+}
+
+impl<'a> Conn<'a> {
+    fn new(
+        spec: &'a VhostSpec,
+        bdev: &'a Arc<dyn Bdev>,
+        reactors: &'a [ReactorHandle],
+        shared: &'a Shared,
+        sock: UnixStream,
+    ) -> Conn<'a> {
+        Conn {
+            spec,
+            bdev,
+            reactors,
+            shared,
+            sock,
+            features: 0,
+            protocol: 0,
+            mem: Arc::new(GuestMemory::empty()),
+            vrings: (0..spec.num_queues).map(|_| Vring::default()).collect(),
+            inflight: None,
+        }
+    }
+
+    fn offered_features(&self) -> u64 {
+        let caps = self.bdev.info().caps();
+        let mut f = vf::VERSION_1
+            | vf::BLK_SIZE_MAX
+            | vf::BLK_SEG_MAX
+            | vf::BLK_BLK_SIZE
+            | vf::BLK_TOPOLOGY
+            | vf::BLK_MQ
+            | vf::RING_EVENT_IDX
+            | vf::RING_INDIRECT_DESC
+            | protocol::F_PROTOCOL_FEATURES;
+        if caps.contains(Caps::FLUSH) {
+            f |= vf::BLK_FLUSH;
+            if caps.contains(Caps::VOLATILE_CACHE) {
+                f |= vf::BLK_CONFIG_WCE;
+            }
+        }
+        if caps.contains(Caps::UNMAP) {
+            f |= vf::BLK_DISCARD;
+        }
+        if caps.contains(Caps::WRITE_ZEROES) {
+            f |= vf::BLK_WRITE_ZEROES;
+        }
+        if self.read_only() {
+            f |= vf::BLK_RO;
+        }
+        f
+    }
+
+    fn read_only(&self) -> bool {
+        self.spec.read_only || self.bdev.info().is_read_only()
+    }
+
+    fn seg_max(&self) -> u32 {
+        self.bdev.info().geometry().max_segments.min(126)
+    }
+
+    /// The virtio-blk configuration space (virtio 1.2 §5.2.4).
+    fn config_space(&self) -> [u8; 64] {
+        let g = self.bdev.info().geometry();
+        let bs = g.block_size.bytes();
+        let mut c = [0u8; 64];
+        let put32 = |c: &mut [u8; 64], off: usize, v: u32| {
+            c[off..off + 4].copy_from_slice(&v.to_le_bytes())
+        };
+        c[0..8].copy_from_slice(&(g.size_bytes() / 512).to_le_bytes());
+        let seg_max = self.seg_max();
+        let max_bytes = u64::from(g.max_transfer_blocks) * u64::from(bs);
+        let size_max = ((max_bytes / u64::from(seg_max)).min(1 << 20) as u32) & !4095;
+        put32(&mut c, 8, size_max.max(4096));
+        put32(&mut c, 12, seg_max);
+        put32(&mut c, 20, bs);
+        c[24] = 0; // physical_block_exp
+        c[25] = 0; // alignment_offset
+        c[26..28].copy_from_slice(&1u16.to_le_bytes()); // min_io_size, in logical blocks
+        put32(&mut c, 28, 0); // opt_io_size
+        c[32] = u8::from(self.shared.writeback.load(Ordering::Relaxed));
+        c[34..36].copy_from_slice(&self.spec.num_queues.to_le_bytes());
+        let max_sectors = ((1u64 << 30) / 512) as u32;
+        put32(&mut c, 36, max_sectors); // max_discard_sectors
+        put32(&mut c, 40, 1); // max_discard_seg
+        put32(&mut c, 44, bs / 512); // discard_sector_alignment
+        put32(&mut c, 48, max_sectors); // max_write_zeroes_sectors
+        put32(&mut c, 52, 1); // max_write_zeroes_seg
+        c[56] = u8::from(g.caps.contains(Caps::UNMAP_READS_ZEROES));
+        c
+    }
+
+    fn params(&self) -> BlkParams {
+        let mut serial = [0u8; ID_BYTES];
+        let s = self.spec.serial.as_deref().unwrap_or(&self.spec.bdev);
+        let n = s.len().min(ID_BYTES);
+        serial[..n].copy_from_slice(&s.as_bytes()[..n]);
+        BlkParams {
+            block_shift: self.bdev.info().block_size().shift(),
+            serial,
+            max_segments: self.seg_max() as usize,
+            unmap_zeroes: self.bdev.info().caps().contains(Caps::UNMAP_READS_ZEROES),
+            writeback: self.shared.writeback.clone(),
+            volatile_cache: self.bdev.info().caps().contains(Caps::VOLATILE_CACHE),
+        }
+    }
+
+    fn run(&mut self) -> ProtocolError {
+        loop {
+            let m = match protocol::recv(&self.sock) {
+                Ok(m) => m,
+                Err(e) => return e,
+            };
+            if let Err(e) = self.handle(m) {
+                return e;
+            }
+        }
+    }
+
+    fn ack(&self, m: &Message, ok: bool) -> Result<(), ProtocolError> {
+        if m.need_reply() && self.protocol & pf::REPLY_ACK != 0 {
+            protocol::reply(&self.sock, m, &u64::from(!ok).to_le_bytes())?;
+        }
+        Ok(())
+    }
+
+    fn vring_index(&self, m: &Message, i: u32) -> Result<usize, ProtocolError> {
+        if (i as usize) < self.vrings.len() {
+            Ok(i as usize)
+        } else {
+            Err(m.bad(format!(
+                "queue {i} out of range ({} queues)",
+                self.vrings.len()
+            )))
+        }
+    }
+
+    fn handle(&mut self, mut m: Message) -> Result<(), ProtocolError> {
+        tracing::debug!(request = m.request, "vhost-user message");
+        match m.request {
+            req::GET_FEATURES => {
+                protocol::reply(&self.sock, &m, &self.offered_features().to_le_bytes())?;
+            }
+            req::SET_FEATURES => {
+                let f = m.u64_at(0)?;
+                if f & !self.offered_features() != 0 {
+                    return Err(m.bad(format!("features {f:#x} were not offered")));
+                }
+                self.features = f;
+                self.ack(&m, true)?;
+            }
+            req::GET_PROTOCOL_FEATURES => {
+                protocol::reply(&self.sock, &m, &PROTOCOL_FEATURES.to_le_bytes())?;
+            }
+            req::SET_PROTOCOL_FEATURES => {
+                let f = m.u64_at(0)?;
+                if f & !PROTOCOL_FEATURES != 0 {
+                    return Err(m.bad(format!("protocol features {f:#x} were not offered")));
+                }
+                self.protocol = f;
+                self.shared
+                    .config_ok
+                    .store(f & pf::CONFIG != 0, Ordering::Release);
+                self.shared
+                    .backend_ack
+                    .store(f & pf::REPLY_ACK != 0, Ordering::Release);
+                self.ack(&m, true)?;
+            }
+            req::SET_OWNER => self.ack(&m, true)?,
+            req::RESET_OWNER | req::RESET_DEVICE => {
+                self.stop_all();
+                for v in &mut self.vrings {
+                    *v = Vring::default();
+                }
+                self.features = 0;
+                self.ack(&m, true)?;
+            }
+            req::GET_QUEUE_NUM => {
+                protocol::reply(
+                    &self.sock,
+                    &m,
+                    &u64::from(self.spec.num_queues).to_le_bytes(),
+                )?;
+            }
+            req::SET_MEM_TABLE => {
+                let n = m.u32_at(0)? as usize;
+                if n == 0 || n > protocol::MAX_MEM_REGIONS {
+                    return Err(m.bad(format!("{n} memory regions")));
+                }
+                m.expect_len(8 + 32 * n)?;
+                let descs: Vec<RegionDesc> = (0..n)
+                    .map(|i| {
+                        let o = 8 + 32 * i;
+                        Ok(RegionDesc {
+                            guest_phys_addr: m.u64_at(o)?,
+                            memory_size: m.u64_at(o + 8)?,
+                            user_addr: m.u64_at(o + 16)?,
+                            mmap_offset: m.u64_at(o + 24)?,
+                        })
+                    })
+                    .collect::<Result<_, ProtocolError>>()?;
+                let fds = std::mem::take(&mut m.fds);
+                let mem = GuestMemory::new(&descs, &fds).map_err(|e| m.bad(e))?;
+                // Queues running on the old table are drained and restarted on the new one.
+                let running: Vec<usize> = (0..self.vrings.len())
+                    .filter(|&i| self.vrings[i].running.is_some())
+                    .collect();
+                for &i in &running {
+                    self.stop_ring(i);
+                }
+                self.mem = Arc::new(mem);
+                for &i in &running {
+                    self.try_start(i);
+                }
+                self.ack(&m, true)?;
+            }
+            req::SET_VRING_NUM => {
+                let i = self.vring_index(&m, m.u32_at(0)?)?;
+                let num = m.u32_at(4)?;
+                if num == 0 || num > 32768 || !num.is_power_of_two() {
+                    return Err(m.bad(format!("queue size {num}")));
+                }
+                self.vrings[i].num = num as u16;
+                self.ack(&m, true)?;
+            }
+            req::SET_VRING_ADDR => {
+                m.expect_len(40)?;
+                let i = self.vring_index(&m, m.u32_at(0)?)?;
+                self.vrings[i].addrs = Some(RingAddrs {
+                    desc: m.u64_at(8)?,
+                    used: m.u64_at(16)?,
+                    avail: m.u64_at(24)?,
+                });
+                self.ack(&m, true)?;
+            }
+            req::SET_VRING_BASE => {
+                let i = self.vring_index(&m, m.u32_at(0)?)?;
+                let base = m.u32_at(4)?;
+                if base > 0xffff {
+                    return Err(m.bad(format!("vring base {base}")));
+                }
+                self.vrings[i].base = base as u16;
+                self.ack(&m, true)?;
+            }
+            req::GET_VRING_BASE => {
+                let idx = m.u32_at(0)?;
+                let i = self.vring_index(&m, idx)?;
+                self.stop_ring(i);
+                // GET_VRING_BASE stops the ring: it restarts only after a new kick fd.
+                self.vrings[i].kick = None;
+                let mut p = [0u8; 8];
+                p[0..4].copy_from_slice(&idx.to_le_bytes());
+                p[4..8].copy_from_slice(&u32::from(self.vrings[i].base).to_le_bytes());
+                protocol::reply(&self.sock, &m, &p)?;
+            }
+            req::SET_VRING_KICK | req::SET_VRING_CALL | req::SET_VRING_ERR => {
+                let v = m.u64_at(0)?;
+                let i = self.vring_index(&m, (v & 0xff) as u32)?;
+                let fd = if v & 0x100 != 0 {
+                    None
+                } else {
+                    Some(m.take_fd()?)
+                };
+                match m.request {
+                    req::SET_VRING_KICK => {
+                        self.stop_ring(i);
+                        self.vrings[i].kick = fd;
+                        self.try_start(i);
+                    }
+                    req::SET_VRING_CALL => {
+                        let was = self.vrings[i].running.is_some();
+                        self.stop_ring(i);
+                        self.vrings[i].call = fd;
+                        if was {
+                            self.try_start(i);
+                        }
+                    }
+                    _ => {}
+                }
+                self.ack(&m, true)?;
+            }
+            req::SET_VRING_ENABLE => {
+                let i = self.vring_index(&m, m.u32_at(0)?)?;
+                let enable = m.u32_at(4)? != 0;
+                self.vrings[i].enabled = enable;
+                if enable {
+                    self.try_start(i);
+                } else {
+                    self.stop_ring(i);
+                }
+                self.ack(&m, true)?;
+            }
+            req::SET_BACKEND_REQ_FD => {
+                let fd = m.take_fd()?;
+                *self.shared.backend.lock().expect("backend lock") = Some(UnixStream::from(fd));
+                self.ack(&m, true)?;
+            }
+            req::GET_CONFIG => {
+                let off = m.u32_at(0)? as usize;
+                let size = m.u32_at(4)? as usize;
+                if m.payload.len() != 12 + size || off + size > 256 {
+                    return Err(m.bad(format!("config read of {size} bytes at {off}")));
+                }
+                let space = self.config_space();
+                let mut out = m.payload.clone();
+                for (k, b) in out[12..].iter_mut().enumerate() {
+                    *b = space.get(off + k).copied().unwrap_or(0);
+                }
+                protocol::reply(&self.sock, &m, &out)?;
+            }
+            req::SET_CONFIG => {
+                let off = m.u32_at(0)? as usize;
+                let size = m.u32_at(4)? as usize;
+                if m.payload.len() != 12 + size || off + size > 256 {
+                    return Err(m.bad(format!("config write of {size} bytes at {off}")));
+                }
+                // Only `writeback` (offset 32) is writable, with CONFIG_WCE.
+                let ok = if off <= 32 && off + size > 32 && self.features & vf::BLK_CONFIG_WCE != 0
+                {
+                    let wb = m.payload[12 + 32 - off] != 0;
+                    self.shared.writeback.store(wb, Ordering::Release);
+                    tracing::info!(writeback = wb, "guest set the cache mode");
+                    true
+                } else {
+                    false
+                };
+                self.ack(&m, ok)?;
+            }
+            req::GET_INFLIGHT_FD => {
+                m.expect_len(24)?;
+                let nq = u16::from_le_bytes(m.payload[16..18].try_into().expect("2 bytes"));
+                let qs = u16::from_le_bytes(m.payload[18..20].try_into().expect("2 bytes"));
+                if nq == 0 || nq > self.spec.num_queues || qs == 0 || qs > 32768 {
+                    return Err(m.bad(format!("inflight region for {nq} queues of {qs}")));
+                }
+                let (fd, size) = inflight::create(nq, qs).map_err(ProtocolError::Io)?;
+                let region = InflightRegion::map(&fd, 0, size, nq, qs).map_err(|e| m.bad(e))?;
+                self.inflight = Some(region);
+                let mut p = [0u8; 24];
+                p[0..8].copy_from_slice(&size.to_le_bytes());
+                p[16..18].copy_from_slice(&nq.to_le_bytes());
+                p[18..20].copy_from_slice(&qs.to_le_bytes());
+                protocol::send(
+                    &self.sock,
+                    m.request,
+                    protocol::FLAG_REPLY,
+                    &p,
+                    &[fd.as_raw_fd()],
+                )?;
+            }
+            req::SET_INFLIGHT_FD => {
+                m.expect_len(24)?;
+                let size = m.u64_at(0)?;
+                let off = m.u64_at(8)?;
+                let nq = u16::from_le_bytes(m.payload[16..18].try_into().expect("2 bytes"));
+                let qs = u16::from_le_bytes(m.payload[18..20].try_into().expect("2 bytes"));
+                let fd = m.take_fd()?;
+                let region = InflightRegion::map(&fd, off, size, nq, qs).map_err(|e| m.bad(e))?;
+                self.inflight = Some(region);
+                self.ack(&m, true)?;
+            }
+            other => {
+                tracing::warn!(request = other, "unsupported vhost-user request");
+                if m.need_reply() {
+                    protocol::reply(&self.sock, &m, &1u64.to_le_bytes())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts ring `i` if everything it needs is there.
+    fn try_start(&mut self, i: usize) {
+        let protocol_features = self.features & protocol::F_PROTOCOL_FEATURES != 0;
+        let v = &self.vrings[i];
+        if v.running.is_some()
+            || v.kick.is_none()
+            || v.num == 0
+            || v.addrs.is_none()
+            || self.mem.is_empty()
+            || (protocol_features && !v.enabled)
+        {
+            return;
+        }
+        let event_idx = self.features & vf::RING_EVENT_IDX != 0;
+        let indirect = self.features & vf::RING_INDIRECT_DESC != 0;
+        let mut q = match SplitQueue::new(
+            &self.mem,
+            v.num,
+            v.addrs.expect("checked"),
+            event_idx,
+            indirect,
+        ) {
+            Ok(q) => q,
+            Err(e) => {
+                tracing::error!(queue = i, error = %e, "cannot start virtqueue");
+                return;
+            }
+        };
+        q.last_avail = v.base;
+        q.used_idx = q.guest_used_idx();
+        let dup = |f: &Option<OwnedFd>| f.as_ref().and_then(|f| f.try_clone().ok());
+        let (Some(kick), call) = (dup(&v.kick), dup(&v.call)) else {
+            return;
+        };
+        let inflight = self
+            .inflight
+            .as_ref()
+            .and_then(|r| r.queue(i as u16, v.num));
+        let ctl = Arc::new(QueueCtl::default());
+        let reactor = i % self.reactors.len();
+        let bdev = self.bdev.clone();
+        let mem = self.mem.clone();
+        let params = self.params();
+        let ctl2 = ctl.clone();
+        let index = i as u16;
+        let r = self.reactors[reactor].call(move |core| {
+            let ch = bdev.open_channel().map_err(|e| e.to_string())?;
+            let p = VqPoller::new(index, q, mem, ch, kick, call, inflight, ctl2, params)?;
+            Ok::<_, String>(core.add_poller(Box::new(p)))
+        });
+        match r {
+            Some(Ok(poller)) => {
+                tracing::info!(queue = i, reactor, "virtqueue started");
+                self.vrings[i].running = Some(Running {
+                    reactor,
+                    poller,
+                    ctl,
+                });
+            }
+            Some(Err(e)) => tracing::error!(queue = i, error = %e, "cannot start virtqueue"),
+            None => tracing::error!(queue = i, "reactor gone; cannot start virtqueue"),
+        }
+    }
+
+    /// Stops ring `i`, draining its in-flight requests; its base becomes the next index.
+    fn stop_ring(&mut self, i: usize) {
+        let Some(run) = self.vrings[i].running.take() else {
+            return;
+        };
+        let rx = run.ctl.request_stop();
+        let h = &self.reactors[run.reactor];
+        // Wake the reactor so the poller sees the request even if it sleeps.
+        h.send(|_| {});
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(last_avail) => self.vrings[i].base = last_avail,
+            Err(_) => tracing::error!(queue = i, "virtqueue did not drain within 60 s"),
+        }
+        let id = run.poller;
+        h.call(move |core| drop(core.remove_poller(id)));
+        tracing::info!(queue = i, "virtqueue stopped");
+    }
+
+    fn stop_all(&mut self) {
+        for i in 0..self.vrings.len() {
+            self.stop_ring(i);
+        }
+    }
+}

@@ -1,0 +1,895 @@
+//! One virtio-blk virtqueue served by one reactor (virtio 1.2 §5.2.6).
+//!
+//! The poller takes available chains, validates them, turns each into one bdev request whose
+//! buffers are the guest's own memory (no copy), submits it to the reactor's channel, and on
+//! completion writes the status byte, publishes the used entry and signals the guest unless it
+//! asked not to be. Bad requests complete with `VIRTIO_BLK_S_IOERR` or `VIRTIO_BLK_S_UNSUPP`; a
+//! driver that breaks the ring itself gets its queue stopped (the device needs a reset), and
+//! nothing else is affected.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+
+use ferroblk_bdev::reactor::Poller;
+use ferroblk_bdev::uring::{RingClient, ThreadRing};
+use ferroblk_bdev::{Channel, IoCompletion, IoRequest, IoSeg, IoStatus, IoType, SgList, Wake};
+use io_uring::{opcode, types};
+
+use crate::inflight::InflightQueue;
+use crate::memory::GuestMemory;
+use crate::virtq::{Buf, QueueError, SplitQueue};
+
+/// `VIRTIO_BLK_T_IN`.
+pub const T_IN: u32 = 0;
+/// `VIRTIO_BLK_T_OUT`.
+pub const T_OUT: u32 = 1;
+/// `VIRTIO_BLK_T_FLUSH`.
+pub const T_FLUSH: u32 = 4;
+/// `VIRTIO_BLK_T_GET_ID`.
+pub const T_GET_ID: u32 = 8;
+/// `VIRTIO_BLK_T_DISCARD`.
+pub const T_DISCARD: u32 = 11;
+/// `VIRTIO_BLK_T_WRITE_ZEROES`.
+pub const T_WRITE_ZEROES: u32 = 13;
+/// `VIRTIO_BLK_S_OK`.
+pub const S_OK: u8 = 0;
+/// `VIRTIO_BLK_S_IOERR`.
+pub const S_IOERR: u8 = 1;
+/// `VIRTIO_BLK_S_UNSUPP`.
+pub const S_UNSUPP: u8 = 2;
+/// `VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP`.
+pub const WZ_FLAG_UNMAP: u32 = 1;
+/// Length of the GET_ID answer.
+pub const ID_BYTES: usize = 20;
+
+/// Maps a bdev status to the virtio-blk status byte (the one place this happens).
+pub fn to_virtio_status(s: IoStatus) -> u8 {
+    match s {
+        IoStatus::Success => S_OK,
+        IoStatus::Unsupported => S_UNSUPP,
+        _ => S_IOERR,
+    }
+}
+
+/// What the queue needs to know about the disk.
+#[derive(Clone, Debug)]
+pub struct BlkParams {
+    /// log2 of the bdev's block size.
+    pub block_shift: u32,
+    /// Serial number answered to GET_ID (zero-padded).
+    pub serial: [u8; ID_BYTES],
+    /// Most data segments per request.
+    pub max_segments: usize,
+    /// Write-zeroes with the unmap flag may deallocate (unmapped blocks read as zeroes).
+    pub unmap_zeroes: bool,
+    /// The guest's cache mode (CONFIG_WCE): when false, each write is made durable (a flush
+    /// follows it) before it completes.
+    pub writeback: Arc<AtomicBool>,
+    /// The bdev has a volatile cache (so write-through needs the flush).
+    pub volatile_cache: bool,
+}
+
+/// Shared between the control thread and the queue's poller.
+#[derive(Default)]
+pub struct QueueCtl {
+    stop: AtomicBool,
+    result: Mutex<Option<mpsc::SyncSender<u16>>>,
+    /// Set when the driver broke the ring.
+    pub broken: AtomicBool,
+}
+
+impl QueueCtl {
+    /// Asks the poller to stop taking requests; once everything in flight has completed it
+    /// sends its `last_avail` index on the returned channel.
+    pub fn request_stop(&self) -> mpsc::Receiver<u16> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        *self.result.lock().expect("ctl lock") = Some(tx);
+        self.stop.store(true, Ordering::Release);
+        rx
+    }
+}
+
+struct Slot {
+    active: bool,
+    /// A write in write-through mode: flush before completing.
+    flush_after: bool,
+    status: *mut u8,
+    written: u32,
+    segs: Vec<IoSeg>,
+}
+
+/// Result of looking at one chain.
+enum Parsed {
+    Submit(IoRequest),
+    Done(u8),
+}
+
+/// The poller of one virtqueue.
+pub struct VqPoller {
+    q: SplitQueue,
+    mem: Arc<GuestMemory>,
+    ch: Channel,
+    kick: OwnedFd,
+    call: Option<OwnedFd>,
+    kick_client: RingClient,
+    slots: Vec<Slot>,
+    chain: Vec<Buf>,
+    done: Vec<IoCompletion>,
+    inflight: Option<InflightQueue>,
+    resubmit: VecDeque<u16>,
+    pending: Option<IoRequest>,
+    ctl: Arc<QueueCtl>,
+    params: BlkParams,
+    finished: bool,
+    to_notify: bool,
+    index: u16,
+}
+
+impl VqPoller {
+    /// Creates the poller on the calling reactor: opens `ch` beforehand, arms the kick fd,
+    /// and prepares inflight recovery.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        index: u16,
+        mut q: SplitQueue,
+        mem: Arc<GuestMemory>,
+        ch: Channel,
+        kick: OwnedFd,
+        call: Option<OwnedFd>,
+        mut inflight: Option<InflightQueue>,
+        ctl: Arc<QueueCtl>,
+        params: BlkParams,
+    ) -> Result<VqPoller, String> {
+        let ring = ThreadRing::current().map_err(|e| e.to_string())?;
+        let kick_client = ring.register(16);
+        let size = q.size();
+        let mut resubmit = VecDeque::new();
+        if let Some(inf) = inflight.as_mut() {
+            let used = q.guest_used_idx();
+            let heads = inf.recover(used);
+            q.used_idx = used;
+            // Every head taken is either on the used ring or still marked: continue after them.
+            q.last_avail = used.wrapping_add(heads.len() as u16);
+            if !heads.is_empty() {
+                tracing::info!(
+                    queue = index,
+                    count = heads.len(),
+                    "resubmitting inflight requests"
+                );
+            }
+            resubmit.extend(heads);
+        }
+        let slots = (0..size)
+            .map(|_| Slot {
+                active: false,
+                flush_after: false,
+                status: std::ptr::null_mut(),
+                written: 0,
+                segs: Vec::with_capacity(params.max_segments.min(1024)),
+            })
+            .collect();
+        let p = VqPoller {
+            q,
+            mem,
+            ch,
+            kick,
+            call,
+            kick_client,
+            slots,
+            chain: Vec::with_capacity(size as usize),
+            done: Vec::with_capacity(size as usize),
+            inflight,
+            resubmit,
+            pending: None,
+            ctl,
+            params,
+            finished: false,
+            to_notify: false,
+            index,
+        };
+        p.arm_kick();
+        Ok(p)
+    }
+
+    /// The queue's `last_avail` index.
+    pub fn last_avail(&self) -> u16 {
+        self.q.last_avail
+    }
+
+    fn arm_kick(&self) {
+        let sqe = opcode::PollAdd::new(types::Fd(self.kick.as_raw_fd()), libc::POLLIN as u32)
+            .multi(true)
+            .build();
+        // SAFETY: the kick eventfd is owned by this poller and outlives the poll; a late
+        // completion after drop is discarded by the ring's client generation check.
+        if !unsafe { self.kick_client.push(sqe, 0) } {
+            tracing::error!(queue = self.index, "cannot arm the kick eventfd poll");
+        }
+        self.kick_client.ring().flush();
+    }
+
+    fn drain_kicks(&mut self) -> usize {
+        let mut rearm = false;
+        let n = self.kick_client.take(|_, _, flags| {
+            if !io_uring::cqueue::more(flags) {
+                rearm = true;
+            }
+        });
+        if n > 0 {
+            let mut v = 0u64;
+            // SAFETY: reads 8 bytes into a live u64 from a non-blocking eventfd.
+            unsafe { libc::read(self.kick.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        }
+        if rearm {
+            self.arm_kick();
+        }
+        n
+    }
+
+    fn signal(&mut self) {
+        if self.to_notify {
+            self.to_notify = false;
+            if self.q.needs_notification()
+                && let Some(c) = &self.call
+            {
+                let one = 1u64;
+                // SAFETY: writes 8 bytes from a live u64 to the call eventfd.
+                unsafe { libc::write(c.as_raw_fd(), (&one as *const u64).cast(), 8) };
+            }
+        }
+    }
+
+    fn break_queue(&mut self, e: QueueError) {
+        if !self.ctl.broken.swap(true, Ordering::AcqRel) {
+            tracing::error!(queue = self.index, error = %e, "virtqueue broken by the driver; it needs a reset");
+        }
+    }
+
+    /// Completes `head` with `status`.
+    #[inline]
+    fn complete(&mut self, head: u16, status: u8) {
+        let slot = &mut self.slots[head as usize];
+        if !slot.active {
+            return;
+        }
+        slot.active = false;
+        // SAFETY: `status` was validated as a writable byte of guest memory, mapped by `mem`.
+        unsafe { std::ptr::write_volatile(slot.status, status) };
+        let written = if status == S_OK { slot.written } else { 1 };
+        if let Some(inf) = self.inflight.as_mut() {
+            inf.begin_complete(head);
+        }
+        self.q.push_used(head, written);
+        if let Some(inf) = self.inflight.as_mut() {
+            inf.end_complete(head, self.q.used_idx);
+        }
+        self.to_notify = true;
+    }
+
+    /// Copies `dst.len()` readable bytes of the chain starting at byte `off`; false if the
+    /// readable part is shorter or a buffer is outside guest memory.
+    fn copy_readable(chain: &[Buf], mut off: usize, dst: &mut [u8]) -> bool {
+        let mut done = 0;
+        for b in chain.iter().take_while(|b| !b.write) {
+            let len = b.len as usize;
+            if off >= len {
+                off -= len;
+                continue;
+            }
+            if b.host.is_null() {
+                return false;
+            }
+            let n = (len - off).min(dst.len() - done);
+            // SAFETY: `b.host..+len` is mapped guest memory (checked non-null by translation);
+            // `off + n <= len`.
+            unsafe { std::ptr::copy(b.host.add(off), dst.as_mut_ptr().add(done), n) };
+            done += n;
+            off = 0;
+            if done == dst.len() {
+                return true;
+            }
+        }
+        done == dst.len()
+    }
+
+    /// Turns the chain at `head` into a request.
+    fn parse(&mut self, head: u16) -> Result<Parsed, QueueError> {
+        self.q.read_chain(&self.mem, head, &mut self.chain)?;
+        let chain = &self.chain;
+        let last = match chain.last() {
+            Some(b) if b.write && b.len >= 1 && !b.host.is_null() => *b,
+            _ => {
+                return Err(QueueError::Driver(format!(
+                    "chain {head} has no writable status byte"
+                )));
+            }
+        };
+        let slot = &mut self.slots[head as usize];
+        if slot.active {
+            return Err(QueueError::Driver(format!(
+                "chain {head} is already in flight"
+            )));
+        }
+        // SAFETY: `last.host..+len` is mapped; `len >= 1`.
+        slot.status = unsafe { last.host.add(last.len as usize - 1) };
+        slot.active = true;
+        slot.written = 1;
+        slot.segs.clear();
+        let n_read = chain.iter().take_while(|b| !b.write).count();
+        if chain[n_read..].iter().any(|b| !b.write) {
+            return Ok(Parsed::Done(S_IOERR));
+        }
+        let mut hdr = [0u8; 16];
+        if !Self::copy_readable(chain, 0, &mut hdr) {
+            return Ok(Parsed::Done(S_IOERR));
+        }
+        let rtype = u32::from_le_bytes(hdr[0..4].try_into().expect("4 bytes"));
+        let sector = u64::from_le_bytes(hdr[8..16].try_into().expect("8 bytes"));
+        let shift = self.params.block_shift;
+        let readable: u64 = chain[..n_read].iter().map(|b| u64::from(b.len)).sum();
+        let to_blocks = |sector: u64, bytes: u64| -> Option<(u64, u32)> {
+            let byte_off = sector.checked_mul(512)?;
+            let mask = (1u64 << shift) - 1;
+            if byte_off & mask != 0 || bytes & mask != 0 || bytes == 0 {
+                return None;
+            }
+            Some((byte_off >> shift, u32::try_from(bytes >> shift).ok()?))
+        };
+        let status_or = |ok: Option<(u64, u32)>| ok.ok_or(());
+        Ok(match rtype {
+            T_IN | T_OUT | T_GET_ID => {
+                let write_data = rtype == T_OUT;
+                // Data: readable bytes after the header (OUT), or writable bytes before the
+                // status byte (IN, GET_ID).
+                let mut skip = if write_data { 16u64 } else { 0 };
+                let mut total = 0u64;
+                let bufs: &[Buf] = if write_data {
+                    &chain[..n_read]
+                } else {
+                    &chain[n_read..]
+                };
+                let nb = bufs.len();
+                for (i, b) in bufs.iter().enumerate() {
+                    let mut len = u64::from(b.len);
+                    if !write_data && i == nb - 1 {
+                        len -= 1; // the status byte
+                    }
+                    if skip >= len {
+                        skip -= len;
+                        continue;
+                    }
+                    if b.host.is_null() {
+                        return Ok(Parsed::Done(S_IOERR));
+                    }
+                    slot.segs.push(IoSeg {
+                        // SAFETY: `skip < len <= b.len`, inside the mapped buffer.
+                        base: unsafe { b.host.add(skip as usize) },
+                        len: (len - skip) as usize,
+                    });
+                    total += len - skip;
+                    skip = 0;
+                }
+                if rtype == T_GET_ID {
+                    let n = (total as usize).min(ID_BYTES);
+                    let mut left = n;
+                    let mut from = 0;
+                    for s in &slot.segs {
+                        let k = s.len.min(left);
+                        // SAFETY: `s` is a mapped, device-writable guest segment of `s.len` bytes.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                self.params.serial[from..].as_ptr(),
+                                s.base,
+                                k,
+                            )
+                        };
+                        left -= k;
+                        from += k;
+                        if left == 0 {
+                            break;
+                        }
+                    }
+                    slot.written = n as u32 + 1;
+                    return Ok(Parsed::Done(if n > 0 { S_OK } else { S_IOERR }));
+                }
+                if slot.segs.len() > self.params.max_segments {
+                    return Ok(Parsed::Done(S_IOERR));
+                }
+                let Ok((off, nblocks)) = status_or(to_blocks(sector, total)) else {
+                    return Ok(Parsed::Done(S_IOERR));
+                };
+                if !write_data {
+                    slot.written = total as u32 + 1;
+                }
+                let bufs = if slot.segs.len() <= ferroblk_bdev::buf::INLINE_SEGS {
+                    // SAFETY: every segment is mapped guest memory kept alive by `self.mem`
+                    // until the request completes (the poller drains before it is dropped).
+                    unsafe { SgList::from_raw(&slot.segs) }
+                } else {
+                    // SAFETY: as above.
+                    unsafe { SgList::from_raw_vec(std::mem::take(&mut slot.segs)) }
+                };
+                let t = if write_data {
+                    IoType::Write
+                } else {
+                    IoType::Read
+                };
+                slot.flush_after = write_data
+                    && self.params.volatile_cache
+                    && !self.params.writeback.load(Ordering::Relaxed);
+                Parsed::Submit(IoRequest {
+                    io_type: t,
+                    offset_blocks: off,
+                    num_blocks: nblocks,
+                    bufs,
+                    tag: u64::from(head),
+                })
+            }
+            T_FLUSH => Parsed::Submit(IoRequest::no_data(IoType::Flush, 0, 0, u64::from(head))),
+            T_DISCARD | T_WRITE_ZEROES => {
+                // One 16-byte segment {le64 sector, le32 num_sectors, le32 flags}; the device
+                // advertises max_discard_seg = max_write_zeroes_seg = 1.
+                if readable != 32 {
+                    return Ok(Parsed::Done(S_IOERR));
+                }
+                let mut seg = [0u8; 16];
+                if !Self::copy_readable(chain, 16, &mut seg) {
+                    return Ok(Parsed::Done(S_IOERR));
+                }
+                let s_sector = u64::from_le_bytes(seg[0..8].try_into().expect("8 bytes"));
+                let s_count = u32::from_le_bytes(seg[8..12].try_into().expect("4 bytes"));
+                let flags = u32::from_le_bytes(seg[12..16].try_into().expect("4 bytes"));
+                let t = if rtype == T_DISCARD {
+                    if flags != 0 {
+                        return Ok(Parsed::Done(S_UNSUPP));
+                    }
+                    IoType::Unmap
+                } else {
+                    if flags & !WZ_FLAG_UNMAP != 0 {
+                        return Ok(Parsed::Done(S_UNSUPP));
+                    }
+                    if flags & WZ_FLAG_UNMAP != 0 && self.params.unmap_zeroes {
+                        IoType::Unmap
+                    } else {
+                        IoType::WriteZeroes
+                    }
+                };
+                let Ok((off, nblocks)) = status_or(to_blocks(s_sector, u64::from(s_count) * 512))
+                else {
+                    return Ok(Parsed::Done(S_IOERR));
+                };
+                Parsed::Submit(IoRequest::no_data(t, off, nblocks, u64::from(head)))
+            }
+            _ => Parsed::Done(S_UNSUPP),
+        })
+    }
+
+    /// Takes one head through parse and submit. Returns false if the channel is full (the
+    /// request is kept in `pending`).
+    fn start(&mut self, head: u16) -> bool {
+        if let Some(inf) = self.inflight.as_mut() {
+            inf.mark(head);
+        }
+        match self.parse(head) {
+            Err(e) => {
+                self.slots[head as usize].active = false;
+                self.break_queue(e);
+                true
+            }
+            Ok(Parsed::Done(status)) => {
+                self.complete(head, status);
+                true
+            }
+            Ok(Parsed::Submit(io)) => self.submit(io),
+        }
+    }
+
+    fn submit(&mut self, io: IoRequest) -> bool {
+        match self.ch.submit(io) {
+            Ok(()) => true,
+            Err(io) => {
+                self.pending = Some(io);
+                false
+            }
+        }
+    }
+
+    fn reap(&mut self) -> usize {
+        let n = self.ch.poll(&mut self.done);
+        if n > 0 {
+            let mut done = std::mem::take(&mut self.done);
+            for c in done.drain(..) {
+                let head = c.tag as u16;
+                if c.bufs.segments().len() > ferroblk_bdev::buf::INLINE_SEGS {
+                    self.slots[head as usize].segs = c.bufs.into_vec();
+                }
+                let slot = &mut self.slots[head as usize];
+                if slot.flush_after && c.status.is_ok() {
+                    slot.flush_after = false;
+                    let flush = IoRequest::no_data(IoType::Flush, 0, 0, u64::from(head));
+                    if let Err(io) = self.ch.submit(flush) {
+                        self.pending = Some(io);
+                    }
+                    continue;
+                }
+                slot.flush_after = false;
+                self.complete(head, to_virtio_status(c.status));
+            }
+            self.done = done;
+        }
+        n
+    }
+}
+
+impl Poller for VqPoller {
+    fn poll(&mut self) -> usize {
+        if self.finished {
+            return 0;
+        }
+        let mut work = self.drain_kicks();
+        let stopping = self.ctl.stop.load(Ordering::Acquire);
+        let broken = self.ctl.broken.load(Ordering::Relaxed);
+        if let Some(io) = self.pending.take()
+            && self.submit(io)
+        {
+            work += 1;
+        }
+        if self.pending.is_none() && !broken {
+            while let Some(h) = self.resubmit.pop_front() {
+                work += 1;
+                if !self.start(h) {
+                    break;
+                }
+            }
+        }
+        if self.pending.is_none() && !stopping && !broken {
+            let budget = self.ch.depth().saturating_sub(self.ch.in_flight());
+            for _ in 0..budget {
+                match self.q.pop_head() {
+                    Ok(Some(h)) => {
+                        work += 1;
+                        if !self.start(h) {
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.break_queue(e);
+                        break;
+                    }
+                }
+            }
+        }
+        work += self.reap();
+        self.signal();
+        if work == 0
+            && !stopping
+            && !broken
+            && self.pending.is_none()
+            && self.q.enable_notification()
+        {
+            work = 1;
+        }
+        if stopping && self.ch.in_flight() == 0 && (self.pending.is_none() || broken) {
+            self.finished = true;
+            if let Some(tx) = self.ctl.result.lock().expect("ctl lock").take() {
+                let _ = tx.send(self.q.last_avail);
+            }
+        }
+        work
+    }
+
+    fn wake(&self) -> Wake {
+        if self.finished {
+            Wake::Event
+        } else if self.pending.is_some() || !self.resubmit.is_empty() {
+            Wake::Immediate
+        } else {
+            self.ch.wake()
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        if self.finished {
+            0
+        } else {
+            self.ch.in_flight()
+        }
+    }
+
+    fn stop(&mut self) {
+        self.ctl.stop.store(true, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtq::testing::Driver;
+    use crate::virtq::{DESC_F_NEXT, DESC_F_WRITE};
+    use ferroblk_bdev::malloc::MallocBdev;
+    use ferroblk_bdev::{Bdev, BlockSize};
+    use std::os::fd::FromRawFd;
+
+    fn eventfd() -> OwnedFd {
+        // SAFETY: eventfd has no memory preconditions; checked below.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: a new descriptor nothing else owns.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    }
+
+    struct Rig {
+        d: Driver,
+        p: VqPoller,
+        bdev: Arc<dyn Bdev>,
+        call: OwnedFd,
+        ctl: Arc<QueueCtl>,
+        next_desc: u16,
+    }
+
+    fn rig(bs: BlockSize) -> Rig {
+        let d = Driver::new(16);
+        let bdev: Arc<dyn Bdev> =
+            Arc::new(MallocBdev::new("m", bs, 1 << 20 >> bs.shift(), 0).unwrap());
+        let q = SplitQueue::new(&d.mem, 16, d.addrs, true, true).unwrap();
+        let call = eventfd();
+        let ctl = Arc::new(QueueCtl::default());
+        let mut serial = [0u8; ID_BYTES];
+        serial[..6].copy_from_slice(b"SER123");
+        let p = VqPoller::new(
+            0,
+            q,
+            d.mem.clone(),
+            bdev.open_channel().unwrap(),
+            eventfd(),
+            Some(call.try_clone().unwrap()),
+            None,
+            ctl.clone(),
+            BlkParams {
+                block_shift: bs.shift(),
+                serial,
+                max_segments: 16,
+                unmap_zeroes: true,
+                writeback: Arc::new(AtomicBool::new(true)),
+                volatile_cache: false,
+            },
+        )
+        .unwrap();
+        Rig {
+            d,
+            p,
+            bdev,
+            call,
+            ctl,
+            next_desc: 0,
+        }
+    }
+
+    impl Rig {
+        /// Builds a chain of (addr, len, writable) buffers, publishes it, runs the poller until
+        /// it completes; returns (status byte, used len).
+        fn request(&mut self, bufs: &[(u64, u32, bool)]) -> Option<(u8, u32)> {
+            let head = self.next_desc;
+            for (k, &(addr, len, w)) in bufs.iter().enumerate() {
+                let i = (head + k as u16) % 16;
+                let last = k + 1 == bufs.len();
+                let flags = if w { DESC_F_WRITE } else { 0 } | if last { 0 } else { DESC_F_NEXT };
+                self.d
+                    .set_desc(self.d.addrs.desc, i, addr, len, flags, (i + 1) % 16);
+            }
+            self.next_desc = (head + bufs.len() as u16) % 16;
+            let (before, _, _) = self.d.used(0);
+            self.d.publish(head);
+            for _ in 0..1000 {
+                self.p.poll();
+                let (idx, id, len) = self.d.used(before);
+                if idx != before {
+                    assert_eq!(id, u32::from(head));
+                    let &(saddr, slen, _) = bufs.last().unwrap();
+                    let st = self.d.read(saddr + u64::from(slen) - 1, 1)[0];
+                    return Some((st, len));
+                }
+            }
+            None
+        }
+
+        fn header(&mut self, t: u32, sector: u64) -> u64 {
+            let a = self.d.alloc(16);
+            let mut h = [0u8; 16];
+            h[0..4].copy_from_slice(&t.to_le_bytes());
+            h[8..16].copy_from_slice(&sector.to_le_bytes());
+            self.d.write(a, &h);
+            a
+        }
+    }
+
+    #[test]
+    fn write_read_flush_and_get_id_round_trip() {
+        let mut r = rig(BlockSize::B512);
+        let data: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
+        let buf = r.d.alloc(4096);
+        r.d.write(buf, &data);
+        let st = r.d.alloc(1);
+        let h = r.header(T_OUT, 8);
+        // Data split in two descriptors.
+        assert_eq!(
+            r.request(&[
+                (h, 16, false),
+                (buf, 1000, false),
+                (buf + 1000, 3096, false),
+                (st, 1, true)
+            ]),
+            Some((S_OK, 1))
+        );
+        let out = r.d.alloc(4096);
+        let h = r.header(T_IN, 8);
+        assert_eq!(
+            r.request(&[(h, 16, false), (out, 4096, true), (st, 1, true)]),
+            Some((S_OK, 4097))
+        );
+        assert_eq!(r.d.read(out, 4096), data);
+        let h = r.header(T_FLUSH, 0);
+        assert_eq!(r.request(&[(h, 16, false), (st, 1, true)]), Some((S_OK, 1)));
+        let id = r.d.alloc(20);
+        let h = r.header(T_GET_ID, 0);
+        assert_eq!(
+            r.request(&[(h, 16, false), (id, 20, true), (st, 1, true)]),
+            Some((S_OK, 21))
+        );
+        assert_eq!(&r.d.read(id, 6), b"SER123");
+        // The guest was signalled.
+        let mut v = 0u64;
+        // SAFETY: reads 8 bytes into a live u64.
+        assert_eq!(
+            unsafe { libc::read(r.call.as_raw_fd(), (&mut v as *mut u64).cast(), 8) },
+            8
+        );
+        assert!(r.bdev.info().stats().ops[0] >= 1);
+    }
+
+    #[test]
+    fn bad_requests_complete_with_an_error_status() {
+        let mut r = rig(BlockSize::B4096);
+        let st = r.d.alloc(1);
+        let buf = r.d.alloc(8192);
+        // Unknown type.
+        let h = r.header(99, 0);
+        assert_eq!(
+            r.request(&[(h, 16, false), (st, 1, true)]),
+            Some((S_UNSUPP, 1))
+        );
+        // Header too short.
+        let h = r.header(T_IN, 0);
+        assert_eq!(
+            r.request(&[(h, 8, false), (st, 1, true)]).unwrap().0,
+            S_IOERR
+        );
+        // Data buffer outside guest memory.
+        let h = r.header(T_IN, 0);
+        assert_eq!(
+            r.request(&[
+                (h, 16, false),
+                (0xdead_0000_0000, 4096, true),
+                (st, 1, true)
+            ])
+            .unwrap()
+            .0,
+            S_IOERR
+        );
+        // A readable buffer after a writable one.
+        let h = r.header(T_OUT, 0);
+        assert_eq!(
+            r.request(&[
+                (h, 16, false),
+                (buf, 4096, true),
+                (buf, 4096, false),
+                (st, 1, true)
+            ])
+            .unwrap()
+            .0,
+            S_IOERR
+        );
+        // Sector not aligned to the 4 KiB block; length not a block multiple.
+        let h = r.header(T_IN, 1);
+        assert_eq!(
+            r.request(&[(h, 16, false), (buf, 4096, true), (st, 1, true)])
+                .unwrap()
+                .0,
+            S_IOERR
+        );
+        let h = r.header(T_IN, 0);
+        assert_eq!(
+            r.request(&[(h, 16, false), (buf, 512, true), (st, 1, true)])
+                .unwrap()
+                .0,
+            S_IOERR
+        );
+        // Beyond the end of the disk, and a sector number that overflows.
+        let h = r.header(T_IN, (1 << 20) / 512);
+        assert_eq!(
+            r.request(&[(h, 16, false), (buf, 4096, true), (st, 1, true)])
+                .unwrap()
+                .0,
+            S_IOERR
+        );
+        let h = r.header(T_IN, u64::MAX - 7);
+        assert_eq!(
+            r.request(&[(h, 16, false), (buf, 4096, true), (st, 1, true)])
+                .unwrap()
+                .0,
+            S_IOERR
+        );
+        // Discard with flags is unsupported; write-zeroes zeroes.
+        let seg = r.d.alloc(16);
+        let mut s = [0u8; 16];
+        s[0..8].copy_from_slice(&8u64.to_le_bytes());
+        s[8..12].copy_from_slice(&8u32.to_le_bytes());
+        s[12..16].copy_from_slice(&1u32.to_le_bytes());
+        r.d.write(seg, &s);
+        let h = r.header(T_DISCARD, 0);
+        assert_eq!(
+            r.request(&[(h, 16, false), (seg, 16, false), (st, 1, true)])
+                .unwrap()
+                .0,
+            S_UNSUPP
+        );
+        r.d.write(buf, &[0xAB; 4096]);
+        let h = r.header(T_OUT, 8);
+        assert_eq!(
+            r.request(&[(h, 16, false), (buf, 4096, false), (st, 1, true)])
+                .unwrap()
+                .0,
+            S_OK
+        );
+        let h = r.header(T_WRITE_ZEROES, 0);
+        assert_eq!(
+            r.request(&[(h, 16, false), (seg, 16, false), (st, 1, true)])
+                .unwrap()
+                .0,
+            S_OK
+        );
+        let h = r.header(T_IN, 8);
+        assert_eq!(
+            r.request(&[(h, 16, false), (buf, 4096, true), (st, 1, true)])
+                .unwrap()
+                .0,
+            S_OK
+        );
+        assert!(r.d.read(buf, 4096).iter().all(|&b| b == 0));
+        // Still healthy.
+        assert!(!r.ctl.broken.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn a_chain_without_status_byte_breaks_only_this_queue() {
+        let mut r = rig(BlockSize::B512);
+        let h = r.header(T_IN, 0);
+        let buf = r.d.alloc(512);
+        // Last descriptor is readable: no place for the status.
+        assert_eq!(r.request(&[(h, 16, false), (buf, 512, false)]), None);
+        assert!(r.ctl.broken.load(Ordering::Relaxed));
+        // A second queue on the same bdev keeps working.
+        let mut other = rig(BlockSize::B512);
+        let st = other.d.alloc(1);
+        let h = other.header(T_FLUSH, 0);
+        assert_eq!(
+            other.request(&[(h, 16, false), (st, 1, true)]),
+            Some((S_OK, 1))
+        );
+    }
+
+    #[test]
+    fn stop_drains_and_reports_last_avail() {
+        let mut r = rig(BlockSize::B512);
+        let st = r.d.alloc(1);
+        let h = r.header(T_FLUSH, 0);
+        r.request(&[(h, 16, false), (st, 1, true)]).unwrap();
+        let rx = r.ctl.request_stop();
+        r.p.poll();
+        assert_eq!(rx.try_recv(), Ok(1));
+        assert_eq!(r.p.in_flight(), 0);
+    }
+}
