@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use ferroblk_bdev::reactor::ReactorConfig;
 use ferroblk_bdev::spec::{BdevSpec, creation_order};
+use ferroblk_vhost::VhostSpec;
 use serde::Deserialize;
 
 /// A configuration that failed to load: where, and why.
@@ -33,6 +34,9 @@ pub struct Config {
     /// Block devices, in any order (bases are created first).
     #[serde(default)]
     pub bdev: Vec<BdevSpec>,
+    /// vhost-user-blk exports.
+    #[serde(default)]
+    pub vhost: Vec<VhostSpec>,
 }
 
 /// `[reactors]`.
@@ -197,6 +201,22 @@ impl Config {
             };
             err(path, message)
         })?;
+        for (i, v) in cfg.vhost.iter().enumerate() {
+            v.validate()
+                .map_err(|(f, m)| err(format!("vhost[{i}].{f}"), m))?;
+            if !cfg.bdev.iter().any(|b| b.name() == v.bdev) {
+                return Err(err(
+                    format!("vhost[{i}].bdev"),
+                    format!("no bdev named '{}'", v.bdev),
+                ));
+            }
+            if cfg.vhost[..i].iter().any(|o| o.socket == v.socket) {
+                return Err(err(
+                    format!("vhost[{i}].socket"),
+                    format!("{} is used by another export", v.socket.display()),
+                ));
+            }
+        }
         Ok(cfg)
     }
 }
@@ -287,6 +307,28 @@ mod tests {
         assert_eq!(e.path, "reactors.count");
         let e = parse_err("[reactors]\ncount = -1\n");
         assert!(e.path.starts_with("reactors.count"), "{e}");
+    }
+
+    #[test]
+    fn vhost_exports_are_checked() {
+        let base = "[[bdev]]\nkind = \"null\"\nname = \"n\"\nsize = 4096\n";
+        let e = parse_err(&format!(
+            "{base}[[vhost]]\nsocket = \"a.sock\"\nbdev = \"x\"\n"
+        ));
+        assert_eq!(e.path, "vhost[0].bdev");
+        let e = parse_err(&format!(
+            "{base}[[vhost]]\nsocket = \"a.sock\"\nbdev = \"n\"\nnum_queues = 0\n"
+        ));
+        assert_eq!(e.path, "vhost[0].num_queues");
+        let e = parse_err(&format!(
+            "{base}[[vhost]]\nsocket = \"a.sock\"\nbdev = \"n\"\n\
+             [[vhost]]\nsocket = \"a.sock\"\nbdev = \"n\"\n"
+        ));
+        assert_eq!(e.path, "vhost[1].socket");
+        let e = parse_err(&format!(
+            "{base}[[vhost]]\nsocket = \"a.sock\"\nbdev = \"n\"\nqueues = 2\n"
+        ));
+        assert!(e.path.starts_with("vhost[0]"), "{e}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `ferroblk serve`: starts the reactors, creates the configured bdevs, serves the control
 //! socket, and on SIGINT/SIGTERM (or `daemon_shutdown`) drains I/O, flushes every bdev and exits.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
@@ -9,6 +10,7 @@ use anyhow::Context;
 use ferroblk_bdev::reactor::{ReactorHandle, Reactors};
 use ferroblk_bdev::sync::SyncChannel;
 use ferroblk_bdev::{BdevRegistry, Caps, IoStatus};
+use ferroblk_vhost::{VhostExport, VhostSpec};
 
 use crate::config::Config;
 use crate::rpc::RpcServer;
@@ -23,10 +25,62 @@ pub struct DaemonState {
     pub started: Instant,
     /// The configuration file.
     pub config_path: PathBuf,
+    /// vhost-user-blk exports by socket path.
+    pub vhost: Mutex<BTreeMap<PathBuf, VhostExport>>,
     shutdown: Mutex<Option<mpsc::Sender<&'static str>>>,
 }
 
 impl DaemonState {
+    /// Starts a vhost-user-blk export of an existing bdev.
+    pub fn add_vhost(&self, spec: VhostSpec) -> Result<(), crate::rpc::RpcError> {
+        use crate::rpc::RpcError;
+        spec.validate().map_err(|(f, m)| RpcError::field(f, m))?;
+        let mut exports = self.vhost.lock().expect("vhost lock");
+        if exports.contains_key(&spec.socket) {
+            return Err(RpcError::exists(format!(
+                "an export on {} exists already",
+                spec.socket.display()
+            )));
+        }
+        let user = format!("vhost {}", spec.socket.display());
+        let bdev = self
+            .registry
+            .claim(&spec.bdev, &user)
+            .map_err(|e| match e {
+                ferroblk_bdev::BdevError::NotFound(n) => {
+                    RpcError::field("bdev", format!("no bdev named '{n}'"))
+                }
+                e => e.into(),
+            })?;
+        match VhostExport::start(spec.clone(), bdev, self.reactors.clone()) {
+            Ok(x) => {
+                exports.insert(spec.socket.clone(), x);
+                Ok(())
+            }
+            Err(e) => {
+                self.registry.release(&spec.bdev, &user);
+                Err(RpcError::system(format!("{e}: {}", error_chain(&e))))
+            }
+        }
+    }
+
+    /// Stops an export (draining its queues) and releases its bdev.
+    pub fn remove_vhost(&self, socket: &Path) -> Result<(), crate::rpc::RpcError> {
+        let x = self
+            .vhost
+            .lock()
+            .expect("vhost lock")
+            .remove(socket)
+            .ok_or_else(|| {
+                crate::rpc::RpcError::not_found(format!("no export on {}", socket.display()))
+            })?;
+        let bdev = x.spec().bdev.clone();
+        drop(x);
+        self.registry
+            .release(&bdev, &format!("vhost {}", socket.display()));
+        Ok(())
+    }
+
     /// Asks the daemon to shut down cleanly.
     pub fn request_shutdown(&self) {
         if let Some(tx) = &*self.shutdown.lock().expect("shutdown lock") {
@@ -82,19 +136,37 @@ pub fn serve(config_path: &Path) -> anyhow::Result<()> {
         reactors: reactors.handles().to_vec(),
         started: Instant::now(),
         config_path: config_path.to_path_buf(),
+        vhost: Mutex::new(BTreeMap::new()),
         shutdown: Mutex::new(Some(tx)),
     });
+    for (i, v) in cfg.vhost.iter().enumerate() {
+        state
+            .add_vhost(v.clone())
+            .map_err(|e| anyhow::anyhow!("{}: vhost[{i}]: {}", config_path.display(), e.message))?;
+    }
     let rpc = RpcServer::start(&cfg.rpc.socket, state.clone())
         .with_context(|| format!("binding the RPC socket {}", cfg.rpc.socket.display()))?;
     print_banner(&cfg, &registry, rpc.path());
     let why = rx.recv().unwrap_or("control channel closed");
     tracing::info!(reason = why, "shutting down");
     drop(rpc);
+    // Exports first: each drains its queues on the still-running reactors.
+    std::mem::take(&mut *state.vhost.lock().expect("vhost lock"));
     reactors.shutdown(DRAIN);
     flush_all(&registry);
     state.shutdown.lock().expect("shutdown lock").take();
     tracing::info!("stopped");
     Ok(())
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut parts = Vec::new();
+    let mut src = e.source();
+    while let Some(s) = src {
+        parts.push(s.to_string());
+        src = s.source();
+    }
+    parts.join(": ")
 }
 
 /// Flushes every bdev that keeps data, stacked ones before their bases.
@@ -131,11 +203,31 @@ fn print_banner(cfg: &Config, registry: &BdevRegistry, socket: &Path) {
             g.block_size
         );
     }
-    let _ = cfg;
-    println!(
-        "  exports: none yet. vhost-user-blk ([[vhost]]) and NVMe/TCP ([[subsystem]]) exports"
-    );
-    println!("           are not built in this version; volumes are reachable over the RPC only.");
+    if cfg.vhost.is_empty() {
+        println!("  vhost-user-blk: no export configured ([[vhost]] or `ferroblk rpc vhost_add`)");
+    }
+    for v in &cfg.vhost {
+        let sock = std::fs::canonicalize(&v.socket).unwrap_or_else(|_| v.socket.clone());
+        println!(
+            "  vhost-user-blk {} -> bdev {} ({} queues). Attach a VM with:",
+            v.socket.display(),
+            v.bdev,
+            v.num_queues
+        );
+        println!("    qemu-system-x86_64 ... \\");
+        println!(
+            "      -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \\"
+        );
+        println!(
+            "      -chardev socket,id=vhost0,path={},reconnect=1 \\",
+            sock.display()
+        );
+        println!(
+            "      -device vhost-user-blk-pci,chardev=vhost0,num-queues={}",
+            v.num_queues
+        );
+    }
+    println!("  NVMe/TCP: not built yet");
     println!(
         "  control: ferroblk rpc --socket {} bdev_list",
         socket.display()

@@ -4,6 +4,7 @@
 mod config;
 mod daemon;
 mod perf;
+mod perf_vhost;
 mod rpc;
 
 use std::path::PathBuf;
@@ -85,6 +86,8 @@ enum PerfCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Drive any vhost-user-blk backend through its Unix socket with a polling libblkio client.
+    Vhost(perf_vhost::VhostArgs),
 }
 
 fn main() -> ExitCode {
@@ -131,6 +134,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::CheckConfig { config } => {
             let c = config::Config::load(&config)?;
             println!("{}: ok ({} bdevs)", config.display(), c.bdev.len());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Perf {
+            what: PerfCmd::Vhost(a),
+        } => {
+            perf_vhost::run(&a)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Perf {

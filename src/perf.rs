@@ -31,7 +31,7 @@ pub enum Pattern {
 }
 
 impl Pattern {
-    fn random(self) -> bool {
+    pub(crate) fn random(self) -> bool {
         matches!(
             self,
             Pattern::Randread | Pattern::Randwrite | Pattern::Randrw
@@ -39,7 +39,7 @@ impl Pattern {
     }
 
     /// Percentage of reads.
-    fn read_pct(self, mix: u32) -> u32 {
+    pub(crate) fn read_pct(self, mix: u32) -> u32 {
         match self {
             Pattern::Randread | Pattern::Read => 100,
             Pattern::Randwrite | Pattern::Write => 0,
@@ -154,7 +154,7 @@ impl Histogram {
 
 /// A cheap monotonic tick source: the TSC on x86_64, the clock elsewhere.
 #[inline]
-fn ticks() -> u64 {
+pub(crate) fn ticks() -> u64 {
     #[cfg(target_arch = "x86_64")]
     {
         // SAFETY: RDTSC has no preconditions and exists on every x86_64 CPU.
@@ -168,7 +168,7 @@ fn ticks() -> u64 {
     }
 }
 
-fn thread_cpu_ns() -> u64 {
+pub(crate) fn thread_cpu_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -178,7 +178,7 @@ fn thread_cpu_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-fn process_cpu_ns() -> u64 {
+pub(crate) fn process_cpu_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -464,7 +464,7 @@ pub fn run(
     })
 }
 
-fn fmt_row(label: &str, cpu: &str, j: &JobResult) -> String {
+pub(crate) fn fmt_row(label: &str, cpu: &str, j: &JobResult) -> String {
     let secs = j.elapsed.as_secs_f64();
     let us = |ticks: f64| ticks * j.ns_per_tick / 1000.0;
     format!(

@@ -54,6 +54,38 @@ pub struct RpcError {
 }
 
 impl RpcError {
+    /// Invalid parameter `field`.
+    pub fn field(field: impl Into<String>, message: impl Into<String>) -> RpcError {
+        RpcError::params(field, message)
+    }
+
+    /// Something with that name exists.
+    pub fn exists(message: impl Into<String>) -> RpcError {
+        RpcError {
+            code: code::EXISTS,
+            message: message.into(),
+            field: None,
+        }
+    }
+
+    /// Nothing with that name.
+    pub fn not_found(message: impl Into<String>) -> RpcError {
+        RpcError {
+            code: code::NOT_FOUND,
+            message: message.into(),
+            field: None,
+        }
+    }
+
+    /// The operating system refused.
+    pub fn system(message: impl Into<String>) -> RpcError {
+        RpcError {
+            code: code::SYSTEM,
+            message: message.into(),
+            field: None,
+        }
+    }
+
     fn params(field: impl Into<String>, message: impl Into<String>) -> RpcError {
         RpcError {
             code: code::INVALID_PARAMS,
@@ -195,6 +227,35 @@ pub fn dispatch(state: &DaemonState, method: &str, params: Value) -> Result<Valu
                 .ok_or_else(|| BdevError::NotFound(p.name.clone()))?;
             Ok(b.control("error_inject", p.rule)?)
         }
+        "vhost_add" => {
+            let spec: ferroblk_vhost::VhostSpec = parse(params)?;
+            let socket = spec.socket.clone();
+            state.add_vhost(spec)?;
+            Ok(json!({ "socket": socket }))
+        }
+        "vhost_remove" => {
+            #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct P {
+                socket: PathBuf,
+            }
+            let p: P = parse(params)?;
+            state.remove_vhost(&p.socket)?;
+            Ok(json!(true))
+        }
+        "vhost_list" => Ok(Value::Array(
+            state
+                .vhost
+                .lock()
+                .expect("vhost lock")
+                .values()
+                .map(|x| {
+                    let mut v = serde_json::to_value(x.spec()).unwrap_or(Value::Null);
+                    v["connected"] = json!(x.connected());
+                    v
+                })
+                .collect(),
+        )),
         "reactor_list" => Ok(Value::Array(
             state
                 .reactors

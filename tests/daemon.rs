@@ -320,7 +320,11 @@ fn quickstart_creates_its_volume_and_stops_on_sigint() {
         .output()
         .unwrap();
     assert!(!second.status.success());
-    assert!(String::from_utf8_lossy(&second.stderr).contains("running daemon"));
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("in use by another"),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
     assert!(d.call("daemon_status", Value::Null).is_ok());
 
     d.signal(libc::SIGINT);

@@ -133,6 +133,24 @@ impl FileBdev {
             tracing::info!(path = %o.path.display(), size, "created backing file");
         }
         let buffered = open(&o.path, o.read_only, 0).map_err(|e| io_err("open", &o.path, e))?;
+        // Two daemons (or two bdevs) writing one image corrupt it: take an exclusive advisory
+        // lock, shared when read-only.
+        let mode = if o.read_only {
+            libc::LOCK_SH
+        } else {
+            libc::LOCK_EX
+        };
+        // SAFETY: flock on a descriptor this function owns.
+        if unsafe { libc::flock(buffered.as_raw_fd(), mode | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(BdevError::invalid(
+                "path",
+                format!(
+                    "{} is in use by another bdev or process ({e})",
+                    o.path.display()
+                ),
+            ));
+        }
         let meta = buffered
             .metadata()
             .map_err(|e| io_err("stat", &o.path, e))?;
@@ -624,6 +642,19 @@ mod tests {
         o.size = None;
         let f = FileBdev::open("f", &o).unwrap();
         assert_eq!(f.info().block_count(), 2);
+    }
+
+    #[test]
+    fn an_image_in_use_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.img");
+        let first = FileBdev::open("a", &opts(&path, BlockSize::B4096, DirectMode::Auto)).unwrap();
+        let e = FileBdev::open("b", &opts(&path, BlockSize::B4096, DirectMode::Auto))
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("in use"), "{e}");
+        drop(first);
+        assert!(FileBdev::open("b", &opts(&path, BlockSize::B4096, DirectMode::Auto)).is_ok());
     }
 
     #[test]

@@ -1,10 +1,53 @@
 //! # ferroblk-crypto
 //!
-//! Encryption bdevs that stack on any ferroblk bdev: AES-256-XTS (length-preserving, dm-crypt
-//! compatible) and AES-256-GCM (authenticated, tags in a metadata region), plus per-volume key
-//! handling (key files, keys over the RPC, zeroized on drop, never logged).
+//! Encryption bdevs that stack on any ferroblk bdev: AES-256-XTS (length-preserving, on-disk
+//! compatible with dm-crypt's `aes-xts-plain64`) and AES-256-GCM (authenticated, nonces and tags
+//! in a metadata region), plus per-volume key handling.
 //!
-//! ## Architecture
-//! Nothing is implemented here yet: the transforms issue adds the `crypt` bdev kinds. They will
-//! follow the stacked-bdev pattern of `ferroblk_bdev` (see its `inject` module): a channel that owns
-//! its base's channel and encrypts writes into its own buffers, never the caller's.
+//! ## Architecture (read this first)
+//! What flows in: requests on the encryption bdev's [`Channel`](ferroblk_bdev::Channel), in
+//! plaintext. What flows out: requests on the base bdev's channel, in ciphertext. Both bdevs
+//! follow the stacked-bdev pattern of `ferroblk_bdev::inject`: the bdev ([`XtsBdev`],
+//! [`GcmBdev`]) is the shared control plane; each reactor opens its own channel, which owns its
+//! base's channel.
+//!
+//! - [`key`]: [`Key`] (32 or 64 bytes, zeroized on drop, `Debug` redacted) from a key file (hex
+//!   or raw, mode 0600 or stricter) or hex; [`KeyHex`] carries `key_hex` through serde.
+//! - [`xts`]: [`XtsCipher`] (one data unit per logical block: tweaks of a batch computed first,
+//!   XOR, AES-NI multi-block `encrypt_blocks`, XOR) and [`XtsBdev`]. The module documentation
+//!   states the dm-crypt convention and the `dmsetup` table line that opens a ferroblk volume.
+//! - [`gcm`]: [`GcmBdev`]: on-disk layout (header with key check value, data, metadata region at
+//!   the end), per-block nonce and tag, LBA and volume id as AAD, metadata read-modify-write
+//!   under striped locks shared by all channels.
+//! - `common`: per-channel state that both use: the buffer pool (allocated when the channel
+//!   opens: [`SMALL_BUFS`](common::SMALL_BUFS) × 16 KiB and [`LARGE_BUFS`](common::LARGE_BUFS) ×
+//!   128 KiB, no allocation per request), the request slot table, per-block access to a
+//!   scatter-gather list (in place, or through a one-block bounce buffer for a block that
+//!   straddles segments).
+//! - [`spec`]: the declarations [`XtsSpec`] and [`GcmSpec`] (`deny_unknown_fields`) that the
+//!   daemon's config and RPC use; [`error`]: [`CryptoError`].
+//!
+//! Rules both channels keep:
+//! - A write is encrypted into a pool buffer, never in the caller's buffer; a read is decrypted
+//!   in place in the caller's buffer after the base completes.
+//! - A request that finds no pool buffer or slot is handed back (back-pressure); a base request
+//!   the base refuses after its request was accepted waits in a retry queue of the channel.
+//! - Keys never appear in `Debug`, errors or logs; the ciphers keep their round keys only, and
+//!   those are zeroized on drop too.
+//!
+//! Which to use: XTS when the volume must open with dm-crypt, or when capacity must be the
+//! base's exactly; GCM when tampering must be detected (0.8% of the base goes to metadata, and a
+//! write costs a metadata read-modify-write).
+
+pub mod common;
+pub mod error;
+pub mod gcm;
+pub mod key;
+pub mod spec;
+pub mod xts;
+
+pub use error::CryptoError;
+pub use gcm::{GcmBdev, GcmLayout};
+pub use key::{Key, KeyError, KeyHex};
+pub use spec::{GcmSpec, XtsSpec};
+pub use xts::{XtsBdev, XtsCipher};

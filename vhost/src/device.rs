@@ -45,8 +45,13 @@ pub mod vf {
 }
 
 /// Protocol features this back-end offers.
-pub const PROTOCOL_FEATURES: u64 =
-    pf::MQ | pf::REPLY_ACK | pf::BACKEND_REQ | pf::CONFIG | pf::INFLIGHT_SHMFD | pf::RESET_DEVICE;
+pub const PROTOCOL_FEATURES: u64 = pf::MQ
+    | pf::REPLY_ACK
+    | pf::BACKEND_REQ
+    | pf::CONFIG
+    | pf::INFLIGHT_SHMFD
+    | pf::RESET_DEVICE
+    | pf::CONFIGURE_MEM_SLOTS;
 
 /// Declaration of a vhost-user-blk export (`[[vhost]]` in the config, `vhost_add` params).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -534,18 +539,40 @@ impl<'a> Conn<'a> {
                     .collect::<Result<_, ProtocolError>>()?;
                 let fds = std::mem::take(&mut m.fds);
                 let mem = GuestMemory::new(&descs, &fds).map_err(|e| m.bad(e))?;
-                // Queues running on the old table are drained and restarted on the new one.
-                let running: Vec<usize> = (0..self.vrings.len())
-                    .filter(|&i| self.vrings[i].running.is_some())
-                    .collect();
-                for &i in &running {
-                    self.stop_ring(i);
-                }
-                self.mem = Arc::new(mem);
-                for &i in &running {
-                    self.try_start(i);
-                }
+                self.swap_memory(mem);
                 self.ack(&m, true)?;
+            }
+            req::GET_MAX_MEM_SLOTS => {
+                protocol::reply(
+                    &self.sock,
+                    &m,
+                    &(crate::memory::MAX_REGIONS as u64).to_le_bytes(),
+                )?;
+            }
+            req::ADD_MEM_REG | req::REM_MEM_REG => {
+                m.expect_len(40)?;
+                let d = RegionDesc {
+                    guest_phys_addr: m.u64_at(8)?,
+                    memory_size: m.u64_at(16)?,
+                    user_addr: m.u64_at(24)?,
+                    mmap_offset: m.u64_at(32)?,
+                };
+                let mem = if m.request == req::ADD_MEM_REG {
+                    let fd = m.take_fd()?;
+                    self.mem.with_region(&d, &fd)
+                } else {
+                    self.mem.without_region(d.guest_phys_addr, d.memory_size)
+                };
+                match mem {
+                    Ok(mem) => {
+                        self.swap_memory(mem);
+                        self.ack(&m, true)?;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "memory region change refused");
+                        self.ack(&m, false)?;
+                    }
+                }
             }
             req::SET_VRING_NUM => {
                 let i = self.vring_index(&m, m.u32_at(0)?)?;
@@ -700,6 +727,20 @@ impl<'a> Conn<'a> {
             }
         }
         Ok(())
+    }
+
+    /// Replaces the memory table; queues running on the old one are drained and restarted.
+    fn swap_memory(&mut self, mem: GuestMemory) {
+        let running: Vec<usize> = (0..self.vrings.len())
+            .filter(|&i| self.vrings[i].running.is_some())
+            .collect();
+        for &i in &running {
+            self.stop_ring(i);
+        }
+        self.mem = Arc::new(mem);
+        for &i in &running {
+            self.try_start(i);
+        }
     }
 
     /// Starts ring `i` if everything it needs is there.

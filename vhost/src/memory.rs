@@ -6,7 +6,7 @@
 
 use std::os::fd::{AsRawFd, OwnedFd};
 
-/// One mapped region.
+/// One mapped region (shared by successive memory tables when regions are added or removed).
 #[derive(Debug)]
 struct Region {
     gpa: u64,
@@ -15,6 +15,61 @@ struct Region {
     host: *mut u8,
     map_base: *mut u8,
     map_len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory owned by the region until drop.
+unsafe impl Send for Region {}
+// SAFETY: as above; the region is immutable after construction.
+unsafe impl Sync for Region {}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: `map_base..map_base+map_len` was mapped in `map_region` and is unmapped once.
+        unsafe { libc::munmap(self.map_base.cast(), self.map_len) };
+    }
+}
+
+fn map_region(d: &RegionDesc, fd: &OwnedFd) -> Result<Region, String> {
+    if d.memory_size == 0 {
+        return Err("empty memory region".into());
+    }
+    if d.guest_phys_addr.checked_add(d.memory_size).is_none()
+        || d.user_addr.checked_add(d.memory_size).is_none()
+    {
+        return Err("memory region wraps around".into());
+    }
+    // mmap needs a page-aligned offset: map from the page boundary below it.
+    let page = 4096u64;
+    let skew = d.mmap_offset % page;
+    let map_len = usize::try_from(d.memory_size + skew).map_err(|_| "region too large")?;
+    // SAFETY: a fresh shared mapping of the front-end's descriptor; the result is checked. The
+    // kernel validates the offset and length against the file.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            map_len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_NORESERVE,
+            fd.as_raw_fd(),
+            (d.mmap_offset - skew) as libc::off_t,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(format!(
+            "cannot map guest memory region: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let map_base = p.cast::<u8>();
+    Ok(Region {
+        gpa: d.guest_phys_addr,
+        size: d.memory_size,
+        uva: d.user_addr,
+        // SAFETY: `skew < map_len`, inside the mapping.
+        host: unsafe { map_base.add(skew as usize) },
+        map_base,
+        map_len,
+    })
 }
 
 /// A region as the front-end describes it.
@@ -30,26 +85,14 @@ pub struct RegionDesc {
     pub mmap_offset: u64,
 }
 
-/// The mapped guest memory.
-#[derive(Debug)]
+/// The mapped guest memory: an immutable table of regions.
+#[derive(Debug, Clone)]
 pub struct GuestMemory {
-    regions: Vec<Region>,
+    regions: Vec<std::sync::Arc<Region>>,
 }
 
-// SAFETY: the mappings are plain shared memory owned by this value until drop; the raw
-// pointers are only dereferenced through bounds-checked translations.
-unsafe impl Send for GuestMemory {}
-// SAFETY: as above; the value itself is immutable after construction.
-unsafe impl Sync for GuestMemory {}
-
-impl Drop for GuestMemory {
-    fn drop(&mut self) {
-        for r in &self.regions {
-            // SAFETY: `map_base..map_base+map_len` was mapped in `new` and is unmapped once.
-            unsafe { libc::munmap(r.map_base.cast(), r.map_len) };
-        }
-    }
-}
+/// Most regions a table may hold (`GET_MAX_MEM_SLOTS`).
+pub const MAX_REGIONS: usize = 32;
 
 impl GuestMemory {
     /// An empty memory (before `SET_MEM_TABLE`).
@@ -70,59 +113,39 @@ impl GuestMemory {
         }
         let mut mem = GuestMemory::empty();
         for (d, fd) in descs.iter().zip(fds) {
-            if d.memory_size == 0 {
-                return Err("empty memory region".into());
-            }
-            let overlaps = |a: u64, b: u64, c: u64, e: u64| a < e && c < b;
-            for r in &mem.regions {
-                if overlaps(
-                    d.guest_phys_addr,
-                    d.guest_phys_addr.saturating_add(d.memory_size),
-                    r.gpa,
-                    r.gpa + r.size,
-                ) {
-                    return Err("overlapping memory regions".into());
-                }
-            }
-            if d.guest_phys_addr.checked_add(d.memory_size).is_none()
-                || d.user_addr.checked_add(d.memory_size).is_none()
-            {
-                return Err("memory region wraps around".into());
-            }
-            // mmap needs a page-aligned offset: map from the page boundary below it.
-            let page = 4096u64;
-            let skew = d.mmap_offset % page;
-            let map_len = usize::try_from(d.memory_size + skew).map_err(|_| "region too large")?;
-            // SAFETY: a fresh shared mapping of the front-end's descriptor; the result is
-            // checked. The kernel validates the offset and length against the file.
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    map_len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_SHARED | libc::MAP_NORESERVE,
-                    fd.as_raw_fd(),
-                    (d.mmap_offset - skew) as libc::off_t,
-                )
-            };
-            if p == libc::MAP_FAILED {
-                return Err(format!(
-                    "cannot map guest memory region: {}",
-                    std::io::Error::last_os_error()
-                ));
-            }
-            let map_base = p.cast::<u8>();
-            mem.regions.push(Region {
-                gpa: d.guest_phys_addr,
-                size: d.memory_size,
-                uva: d.user_addr,
-                // SAFETY: `skew < map_len`, inside the mapping.
-                host: unsafe { map_base.add(skew as usize) },
-                map_base,
-                map_len,
-            });
+            mem = mem.with_region(d, fd)?;
         }
         Ok(mem)
+    }
+
+    /// This table plus one more region (`ADD_MEM_REG`).
+    pub fn with_region(&self, d: &RegionDesc, fd: &OwnedFd) -> Result<GuestMemory, String> {
+        if self.regions.len() >= MAX_REGIONS {
+            return Err(format!("more than {MAX_REGIONS} memory regions"));
+        }
+        let end = d.guest_phys_addr.saturating_add(d.memory_size);
+        if self
+            .regions
+            .iter()
+            .any(|r| d.guest_phys_addr < r.gpa + r.size && r.gpa < end)
+        {
+            return Err("overlapping memory regions".into());
+        }
+        let r = map_region(d, fd)?;
+        let mut regions = self.regions.clone();
+        regions.push(std::sync::Arc::new(r));
+        Ok(GuestMemory { regions })
+    }
+
+    /// This table without the region at `gpa` of `size` bytes (`REM_MEM_REG`).
+    pub fn without_region(&self, gpa: u64, size: u64) -> Result<GuestMemory, String> {
+        let mut regions = self.regions.clone();
+        let before = regions.len();
+        regions.retain(|r| !(r.gpa == gpa && r.size == size));
+        if regions.len() == before {
+            return Err(format!("no memory region at {gpa:#x} of {size} bytes"));
+        }
+        Ok(GuestMemory { regions })
     }
 
     /// Host address of guest physical range `gpa..gpa+len`, if it lies inside one region.
@@ -224,5 +247,32 @@ mod tests {
             ..d
         };
         assert!(GuestMemory::new(&[empty], &[memfd("a", 4096).unwrap()]).is_err());
+    }
+
+    #[test]
+    fn regions_are_added_and_removed() {
+        let d = RegionDesc {
+            guest_phys_addr: 0,
+            memory_size: 4096,
+            user_addr: 0,
+            mmap_offset: 0,
+        };
+        let m = GuestMemory::empty()
+            .with_region(&d, &memfd("a", 4096).unwrap())
+            .unwrap();
+        let d2 = RegionDesc {
+            guest_phys_addr: 8192,
+            user_addr: 8192,
+            ..d
+        };
+        let m2 = m.with_region(&d2, &memfd("b", 4096).unwrap()).unwrap();
+        assert!(m2.gpa_to_host(8192, 8).is_some());
+        assert!(m2.with_region(&d2, &memfd("c", 4096).unwrap()).is_err());
+        let m3 = m2.without_region(0, 4096).unwrap();
+        assert!(m3.gpa_to_host(0, 8).is_none());
+        assert!(m3.gpa_to_host(8192, 8).is_some());
+        assert!(m3.without_region(0, 4096).is_err());
+        // The first table still works: mappings are shared, not moved.
+        assert!(m.gpa_to_host(0, 8).is_some());
     }
 }

@@ -50,6 +50,8 @@ pub mod req {
     pub const SET_INFLIGHT_FD: u32 = 32;
     pub const RESET_DEVICE: u32 = 34;
     pub const GET_MAX_MEM_SLOTS: u32 = 36;
+    pub const ADD_MEM_REG: u32 = 37;
+    pub const REM_MEM_REG: u32 = 38;
 }
 
 /// Back-end requests sent on the back-end channel.
@@ -67,6 +69,7 @@ pub mod pf {
     pub const CONFIG: u64 = 1 << 9;
     pub const INFLIGHT_SHMFD: u64 = 1 << 12;
     pub const RESET_DEVICE: u64 = 1 << 13;
+    pub const CONFIGURE_MEM_SLOTS: u64 = 1 << 15;
 }
 
 /// `VHOST_USER_F_PROTOCOL_FEATURES`, a virtio feature bit owned by vhost-user.

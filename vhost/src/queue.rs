@@ -743,10 +743,8 @@ mod tests {
         // The guest was signalled.
         let mut v = 0u64;
         // SAFETY: reads 8 bytes into a live u64.
-        assert_eq!(
-            unsafe { libc::read(r.call.as_raw_fd(), (&mut v as *mut u64).cast(), 8) },
-            8
-        );
+        let n = unsafe { libc::read(r.call.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        assert_eq!(n, 8);
         assert!(r.bdev.info().stats().ops[0] >= 1);
     }
 

@@ -1,0 +1,452 @@
+use ferroblk_bdev::conformance;
+use ferroblk_bdev::file::{DirectMode, FileBdev, FileOptions};
+use ferroblk_bdev::malloc::MallocBdev;
+
+use super::*;
+
+fn malloc(bs: BlockSize, blocks: u64) -> Arc<dyn Bdev> {
+    Arc::new(MallocBdev::new("m", bs, blocks, blocks).unwrap())
+}
+
+fn key() -> Key {
+    Key::from_hex(&"6a09e667bb67ae853c6ef372a54ff53a".repeat(2)).unwrap()
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn block_data(lba: u64, bs: usize, generation: u8) -> Vec<u8> {
+    let mut v = vec![0u8; bs];
+    conformance::pattern(&mut v, lba, bs, u64::from(generation));
+    v
+}
+
+/// Writes every data block of `g` in 32-block requests.
+fn fill(ch: &mut SyncChannel, blocks: u64, bs: usize, generation: u8) {
+    let mut lba = 0;
+    while lba < blocks {
+        let n = (blocks - lba).min(32);
+        let data: Vec<u8> = (lba..lba + n)
+            .flat_map(|l| block_data(l, bs, generation))
+            .collect();
+        assert_eq!(ch.write(lba, &data), IoStatus::Success, "fill at {lba}");
+        lba += n;
+    }
+}
+
+/// Flips one bit of byte `offset` of base block `lba`.
+fn flip(raw: &mut SyncChannel, lba: u64, offset: usize) {
+    let (st, mut b) = raw.read(lba, 1);
+    assert_eq!(st, IoStatus::Success);
+    b[offset] ^= 0x10;
+    assert_eq!(raw.write(lba, &b), IoStatus::Success);
+}
+
+#[test]
+fn layout_is_the_largest_that_fits() {
+    for bs in [BlockSize::B512, BlockSize::B4096] {
+        for base in [
+            2u64,
+            3,
+            4,
+            17,
+            18,
+            129,
+            130,
+            131,
+            1000,
+            2048,
+            1 << 20,
+            (1 << 40) + 5,
+        ] {
+            let Some(l) = GcmLayout::for_base(bs, base) else {
+                assert!(base < 3, "{base} blocks of {bs} should fit a volume");
+                continue;
+            };
+            assert!(l.base_blocks() <= base, "{bs}/{base}: {l:?} does not fit");
+            assert_eq!(l.md_blocks, l.data_blocks.div_ceil(l.entries_per_block));
+            let bigger = GcmLayout::with_data_blocks(bs, l.data_blocks + 1);
+            assert!(
+                bigger.base_blocks() > base,
+                "{bs}/{base}: {l:?} is not maximal"
+            );
+        }
+    }
+}
+
+#[test]
+fn gcm_passes_conformance_over_malloc_4k_and_512() {
+    conformance::run(
+        &|| Arc::new(GcmBdev::open("g4k", malloc(BlockSize::B4096, 1100), key()).unwrap()),
+        false,
+    );
+    conformance::run(
+        &|| Arc::new(GcmBdev::open("g512", malloc(BlockSize::B512, 4400), key()).unwrap()),
+        false,
+    );
+}
+
+#[test]
+fn gcm_passes_conformance_over_file_with_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    for (i, bs) in [BlockSize::B4096, BlockSize::B512].into_iter().enumerate() {
+        let o = FileOptions {
+            path: dir.path().join(format!("g{i}.img")),
+            block_size: bs,
+            size: Some(4 << 20),
+            create: true,
+            direct: DirectMode::Auto,
+            read_only: false,
+        };
+        conformance::run(
+            &|| {
+                let base: Arc<dyn Bdev> = Arc::new(FileBdev::open("f", &o).unwrap());
+                Arc::new(GcmBdev::open("gf", base, key()).unwrap())
+            },
+            true,
+        );
+    }
+}
+
+#[test]
+fn exposes_the_data_region_and_reads_never_written_blocks_as_zeroes() {
+    let g = GcmBdev::open("g", malloc(BlockSize::B4096, 1000), key()).unwrap();
+    let l = g.layout();
+    assert_eq!((l.data_start, l.entries_per_block), (1, 128));
+    assert_eq!(g.info().block_count(), l.data_blocks);
+    assert!(l.data_blocks >= 990 && l.base_blocks() <= 1000, "{l:?}");
+    let mut ch = SyncChannel::new(g.open_channel().unwrap());
+    let (st, data) = ch.read(l.data_blocks - 8, 8);
+    assert_eq!(st, IoStatus::Success);
+    assert!(data.iter().all(|&b| b == 0));
+}
+
+#[test]
+fn ciphertext_at_rest_does_not_contain_the_plaintext() {
+    let base = malloc(BlockSize::B4096, 256);
+    let g = GcmBdev::open("g", base.clone(), key()).unwrap();
+    let mut ch = SyncChannel::new(g.open_channel().unwrap());
+    let plain: Vec<u8> = b"ferroblk secret!"
+        .iter()
+        .copied()
+        .cycle()
+        .take(4 * 4096)
+        .collect();
+    assert_eq!(ch.write(10, &plain), IoStatus::Success);
+    let mut raw = SyncChannel::new(base.open_channel().unwrap());
+    let (_, at_rest) = raw.read(0, 256);
+    for (i, blk) in at_rest.chunks_exact(16).enumerate() {
+        assert_ne!(
+            blk,
+            b"ferroblk secret!",
+            "plaintext at base byte {}",
+            i * 16
+        );
+    }
+    // The same plaintext in two blocks gives different ciphertexts (fresh nonces).
+    assert_eq!(ch.write(20, &plain[..4096]), IoStatus::Success);
+    assert_eq!(ch.write(21, &plain[..4096]), IoStatus::Success);
+    let (_, two) = raw.read(l_data(&g, 20), 2);
+    assert_ne!(two[..4096], two[4096..]);
+    assert!(ch.read(10, 4).1 == plain);
+}
+
+fn l_data(g: &GcmBdev, lba: u64) -> u64 {
+    g.layout().data_start + lba
+}
+
+#[test]
+fn tampering_with_100_random_blocks_is_always_detected() {
+    let base = malloc(BlockSize::B4096, 2048);
+    let g = GcmBdev::open("g", base.clone(), key()).unwrap();
+    let l = g.layout();
+    let bs = 4096;
+    let mut ch = SyncChannel::new(g.open_channel().unwrap());
+    let mut raw = SyncChannel::new(base.open_channel().unwrap());
+    // Every block written except the last 64, which stay never-written.
+    let written = l.data_blocks - 64;
+    fill(&mut ch, written, bs, 1);
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let mut chosen = std::collections::BTreeSet::new();
+    while chosen.len() < 100 {
+        chosen.insert(rng.below(l.data_blocks));
+    }
+    let mut in_data = 0;
+    for &lba in &chosen {
+        if rng.next() & 1 == 0 {
+            flip(&mut raw, l.data_start + lba, rng.below(bs as u64) as usize);
+            in_data += 1;
+        } else {
+            let (md, off) = l.entry_of(lba);
+            flip(
+                &mut raw,
+                l.md_start + md,
+                off + rng.below(ENTRY_BYTES as u64) as usize,
+            );
+        }
+    }
+    assert!(
+        in_data > 20 && in_data < 80,
+        "both kinds of tampering are exercised"
+    );
+    let mut detected = 0;
+    for &lba in &chosen {
+        let (st, data) = ch.read(lba, 1);
+        if st == IoStatus::IntegrityError {
+            detected += 1;
+        }
+        assert!(
+            data.iter().all(|&b| b == 0),
+            "lba {lba}: a failed read returned data"
+        );
+    }
+    assert_eq!(detected, 100, "tampered blocks detected out of 100");
+    assert_eq!(g.integrity_errors(), 100);
+    // A multi-block read over a tampered block fails whole, and returns nothing.
+    let &t = chosen.iter().find(|&&b| b > 4 && b < written).unwrap();
+    let (st, data) = ch.read(t - 2, 4);
+    assert_eq!(st, IoStatus::IntegrityError);
+    assert!(data.iter().all(|&b| b == 0));
+    // Untouched blocks still read back.
+    for lba in (0..written).filter(|b| !chosen.contains(b)).step_by(37) {
+        let (st, data) = ch.read(lba, 1);
+        assert_eq!(st, IoStatus::Success, "lba {lba}");
+        assert!(data == block_data(lba, bs, 1), "lba {lba}");
+    }
+}
+
+#[test]
+fn moved_ciphertext_is_detected() {
+    let base = malloc(BlockSize::B4096, 512);
+    let g = GcmBdev::open("g", base.clone(), key()).unwrap();
+    let l = g.layout();
+    let mut ch = SyncChannel::new(g.open_channel().unwrap());
+    let mut raw = SyncChannel::new(base.open_channel().unwrap());
+    fill(&mut ch, 300, 4096, 1);
+    // Copy block 5's ciphertext and entry over block 200 (another metadata block).
+    let (_, data5) = raw.read(l.data_start + 5, 1);
+    assert_eq!(raw.write(l.data_start + 200, &data5), IoStatus::Success);
+    let (md5, off5) = l.entry_of(5);
+    let (md200, off200) = l.entry_of(200);
+    let (_, m5) = raw.read(l.md_start + md5, 1);
+    let (_, mut m200) = raw.read(l.md_start + md200, 1);
+    m200[off200..off200 + ENTRY_BYTES].copy_from_slice(&m5[off5..off5 + ENTRY_BYTES]);
+    assert_eq!(raw.write(l.md_start + md200, &m200), IoStatus::Success);
+    assert_eq!(ch.read(200, 1).0, IoStatus::IntegrityError);
+    assert_eq!(ch.read(5, 1).0, IoStatus::Success);
+}
+
+#[test]
+fn blocks_moved_between_volumes_with_the_same_key_are_detected() {
+    let (a, b) = (malloc(BlockSize::B4096, 256), malloc(BlockSize::B4096, 256));
+    let ga = GcmBdev::open("a", a.clone(), key()).unwrap();
+    let gb = GcmBdev::open("b", b.clone(), key()).unwrap();
+    let l = ga.layout();
+    SyncChannel::new(ga.open_channel().unwrap()).write(3, &block_data(3, 4096, 1));
+    let mut ra = SyncChannel::new(a.open_channel().unwrap());
+    let mut rb = SyncChannel::new(b.open_channel().unwrap());
+    for lba in [l.data_start + 3, l.md_start] {
+        let (_, d) = ra.read(lba, 1);
+        assert_eq!(rb.write(lba, &d), IoStatus::Success);
+    }
+    let mut chb = SyncChannel::new(gb.open_channel().unwrap());
+    assert_eq!(chb.read(3, 1).0, IoStatus::IntegrityError);
+}
+
+#[test]
+fn wrong_key_fails_at_open_without_showing_a_key() {
+    let base = malloc(BlockSize::B4096, 128);
+    let g = GcmBdev::open("g", base.clone(), key()).unwrap();
+    SyncChannel::new(g.open_channel().unwrap()).write(0, &[9u8; 4096]);
+    drop(g);
+    let wrong_hex = "c0ffee00".repeat(8);
+    let e = GcmBdev::open("g", base.clone(), Key::from_hex(&wrong_hex).unwrap())
+        .err()
+        .unwrap();
+    assert!(matches!(e, CryptoError::WrongKey { .. }), "{e}");
+    let msg = format!("{e} / {e:?}");
+    assert!(msg.contains("wrong key"), "{msg}");
+    assert!(
+        !msg.contains("c0ffee00") && !msg.contains("6a09e667"),
+        "{msg}"
+    );
+    let g = GcmBdev::open("g", base, key()).unwrap();
+    let (st, data) = SyncChannel::new(g.open_channel().unwrap()).read(0, 1);
+    assert_eq!(st, IoStatus::Success);
+    assert!(data.iter().all(|&b| b == 9));
+    let e = GcmBdev::open(
+        "g",
+        malloc(BlockSize::B4096, 128),
+        Key::generate(64).unwrap(),
+    )
+    .err()
+    .unwrap();
+    assert!(matches!(e, CryptoError::Key { .. }), "{e}");
+}
+
+#[test]
+fn foreign_data_and_corrupted_headers_are_refused() {
+    let base = malloc(BlockSize::B4096, 128);
+    let mut raw = SyncChannel::new(base.open_channel().unwrap());
+    assert_eq!(raw.write(0, &[0x55; 4096]), IoStatus::Success);
+    let e = GcmBdev::open("g", base.clone(), key()).err().unwrap();
+    assert!(e.to_string().contains("refusing to format"), "{e}");
+    assert!(
+        raw.read(0, 1).1.iter().all(|&b| b == 0x55),
+        "base untouched"
+    );
+
+    let base = malloc(BlockSize::B4096, 128);
+    drop(GcmBdev::open("g", base.clone(), key()).unwrap());
+    let mut raw = SyncChannel::new(base.open_channel().unwrap());
+    flip(&mut raw, 0, 20);
+    let e = GcmBdev::open("g", base.clone(), key()).err().unwrap();
+    assert!(e.to_string().contains("corrupted"), "{e}");
+    assert_eq!(BdevError::from(e).field(), Some("base"));
+
+    let tiny = malloc(BlockSize::B4096, 2);
+    assert!(GcmBdev::open("g", tiny, key()).is_err());
+}
+
+#[test]
+fn callers_write_buffer_is_unchanged() {
+    let g = GcmBdev::open("g", malloc(BlockSize::B512, 512), key()).unwrap();
+    let mut ch = SyncChannel::new(g.open_channel().unwrap());
+    let data: Vec<u8> = (0..8 * 512).map(|i| (i * 13 % 253) as u8).collect();
+    let mut buf = AlignedBuf::new(data.len());
+    buf.as_mut_slice().copy_from_slice(&data);
+    let c = ch.run(IoRequest::write(
+        30,
+        8,
+        SgList::from_buf_split(buf, &[700, 3000, 396]),
+        0,
+    ));
+    assert_eq!(c.status, IoStatus::Success);
+    assert!(c.bufs.into_buf().unwrap().as_slice() == &data[..]);
+    // And a read into odd segments decrypts across them.
+    let c = ch.run(IoRequest::read(
+        30,
+        8,
+        SgList::from_buf_split(AlignedBuf::new(data.len()), &[1000, 96, 3000]),
+        0,
+    ));
+    assert_eq!(c.status, IoStatus::Success);
+    assert!(c.bufs.into_buf().unwrap().as_slice() == &data[..]);
+}
+
+#[test]
+fn unmap_and_write_zeroes_read_as_zeroes_and_keep_neighbours() {
+    let g = GcmBdev::open("g", malloc(BlockSize::B512, 8192), key()).unwrap();
+    let n = g.info().block_count();
+    let mut ch = SyncChannel::new(g.open_channel().unwrap());
+    fill(&mut ch, n, 512, 2);
+    // Ranges that start and end inside metadata blocks, and one spanning many chunks.
+    assert_eq!(ch.unmap(7, 50), IoStatus::Success);
+    assert_eq!(ch.write_zeroes(100, 7000), IoStatus::Success);
+    for (lba, zero) in [
+        (6, false),
+        (7, true),
+        (56, true),
+        (57, false),
+        (99, false),
+        (100, true),
+        (7099, true),
+        (7100, false),
+    ] {
+        let (st, d) = ch.read(lba, 1);
+        assert_eq!(st, IoStatus::Success, "lba {lba}");
+        if zero {
+            assert!(d.iter().all(|&b| b == 0), "lba {lba} not zero");
+        } else {
+            assert!(d == block_data(lba, 512, 2), "lba {lba} disturbed");
+        }
+    }
+    // Zeroed blocks take new writes again.
+    assert_eq!(ch.write(8, &block_data(8, 512, 3)), IoStatus::Success);
+    assert!(ch.read(8, 1).1 == block_data(8, 512, 3));
+}
+
+/// Two channels write neighbouring blocks that share metadata blocks, all at once: the
+/// read-modify-writes of the shared metadata must not lose each other's entries.
+#[test]
+fn channels_writing_blocks_that_share_metadata_lose_nothing() {
+    for base in [malloc(BlockSize::B4096, 600), {
+        let dir = tempfile::tempdir().unwrap();
+        let o = FileOptions {
+            path: dir.path().join("g.img"),
+            block_size: BlockSize::B4096,
+            size: Some(600 * 4096),
+            create: true,
+            direct: DirectMode::Auto,
+            read_only: false,
+        };
+        let b: Arc<dyn Bdev> = Arc::new(FileBdev::open("f", &o).unwrap());
+        // The file stays open through the descriptor; the directory may go.
+        std::mem::forget(dir);
+        b
+    }] {
+        let g = GcmBdev::open("g", base, key()).unwrap();
+        let mut chans = [g.open_channel().unwrap(), g.open_channel().unwrap()];
+        let blocks = 512u64;
+        let mut next = [0u64, 1u64];
+        let mut done = Vec::new();
+        let mut finished = 0;
+        while finished < blocks {
+            for (i, ch) in chans.iter_mut().enumerate() {
+                while next[i] < blocks {
+                    let lba = next[i];
+                    let mut b = AlignedBuf::new(4096);
+                    b.as_mut_slice().copy_from_slice(&block_data(lba, 4096, 4));
+                    match ch.submit(IoRequest::write(lba, 1, SgList::from_buf(b), lba)) {
+                        Ok(()) => next[i] += 2,
+                        Err(_) => break,
+                    }
+                }
+                ch.poll(&mut done);
+            }
+            for c in done.drain(..) {
+                assert_eq!(c.status, IoStatus::Success, "write of {}", c.tag);
+                finished += 1;
+            }
+            if let Ok(r) = ferroblk_bdev::uring::ThreadRing::current() {
+                r.flush();
+            }
+        }
+        let mut ch = SyncChannel::new(g.open_channel().unwrap());
+        for lba in 0..blocks {
+            let (st, d) = ch.read(lba, 1);
+            assert_eq!(st, IoStatus::Success, "lba {lba}");
+            assert!(d == block_data(lba, 4096, 4), "lba {lba}");
+        }
+    }
+}
+
+/// End-to-end throughput of the GCM bdev over a RAM base, one thread. Run with
+/// `cargo test --release -p ferroblk-crypto -- --ignored --nocapture gcm_bdev_throughput`.
+#[test]
+#[ignore = "benchmark: run in release with --ignored --nocapture"]
+fn gcm_bdev_throughput_over_malloc() {
+    let g = GcmBdev::open("g", malloc(BlockSize::B4096, 16640), key()).unwrap();
+    for (blocks, qd) in [(1u32, 32usize), (32, 8)] {
+        for t in [IoType::Write, IoType::Read] {
+            let gbs = crate::common::throughput(&g, t, blocks, qd, 1.0);
+            println!(
+                "crypt_gcm over malloc: {} KiB {} qd {qd}: {gbs:.2} GB/s",
+                blocks * 4,
+                t.name()
+            );
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! Declarations of the encryption bdevs, one serde struct per kind, for the daemon's config file
+//! and RPC (which add them to their list of kinds as `kind = "crypt_xts"` and
+//! `kind = "crypt_gcm"`). Unknown fields are rejected.
+//!
+//! ```toml
+//! [[bdev]]
+//! kind = "crypt_xts"
+//! name = "secret"
+//! base = "nvme0"
+//! key_file = "/etc/ferroblk/keys/secret.key"   # or: key_hex = "<128 hex digits>"
+//! ```
+//!
+//! `key_hex` is for the RPC; a config file should name a `key_file`. The hex is never printed
+//! (`Debug` redacts it) and never serialized back (it serializes as `"<redacted>"`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use ferroblk_bdev::{Bdev, BdevError};
+use serde::{Deserialize, Serialize};
+
+use crate::gcm::GcmBdev;
+use crate::key::{Key, KeyHex};
+use crate::xts::XtsBdev;
+
+/// Where a declaration's key comes from.
+fn load_key(key_file: &Option<PathBuf>, key_hex: &Option<KeyHex>) -> Result<Key, BdevError> {
+    match (key_file, key_hex) {
+        (Some(path), None) => {
+            Key::from_file(path).map_err(|e| BdevError::invalid("key_file", e.to_string()))
+        }
+        (None, Some(hex)) => hex
+            .key()
+            .map_err(|e| BdevError::invalid("key_hex", e.to_string())),
+        _ => Err(BdevError::invalid(
+            "key_file",
+            "give exactly one of key_file and key_hex",
+        )),
+    }
+}
+
+fn check_one_key(key_file: &Option<PathBuf>, key_hex: &Option<KeyHex>) -> Result<(), BdevError> {
+    if key_file.is_some() == key_hex.is_some() {
+        return Err(BdevError::invalid(
+            "key_file",
+            "give exactly one of key_file and key_hex",
+        ));
+    }
+    Ok(())
+}
+
+/// `kind = "crypt_xts"`: AES-256-XTS on `base`, dm-crypt `aes-xts-plain64` compatible.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XtsSpec {
+    /// Unique name.
+    pub name: String,
+    /// The bdev it stacks on.
+    pub base: String,
+    /// File holding the 64-byte key, as 128 hex digits or raw bytes (mode 0600 or stricter).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// The key as 128 hex digits (data key, then tweak key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_hex: Option<KeyHex>,
+}
+
+impl XtsSpec {
+    /// Checks what needs no file or bdev: exactly one key source.
+    pub fn validate(&self) -> Result<(), BdevError> {
+        check_one_key(&self.key_file, &self.key_hex)
+    }
+
+    /// Loads the key and stacks the bdev on `base`.
+    pub fn build(&self, base: Arc<dyn Bdev>) -> Result<Arc<dyn Bdev>, BdevError> {
+        let key = load_key(&self.key_file, &self.key_hex)?;
+        Ok(Arc::new(XtsBdev::new(&self.name, base, key)?))
+    }
+}
+
+/// `kind = "crypt_gcm"`: AES-256-GCM on `base`, formatted on first open of a zeroed base.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GcmSpec {
+    /// Unique name.
+    pub name: String,
+    /// The bdev it stacks on.
+    pub base: String,
+    /// File holding the 32-byte key, as 64 hex digits or raw bytes (mode 0600 or stricter).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// The key as 64 hex digits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_hex: Option<KeyHex>,
+}
+
+impl GcmSpec {
+    /// Checks what needs no file or bdev: exactly one key source.
+    pub fn validate(&self) -> Result<(), BdevError> {
+        check_one_key(&self.key_file, &self.key_hex)
+    }
+
+    /// Loads the key and opens (or formats) the volume on `base`.
+    pub fn build(&self, base: Arc<dyn Bdev>) -> Result<Arc<dyn Bdev>, BdevError> {
+        let key = load_key(&self.key_file, &self.key_hex)?;
+        Ok(Arc::new(GcmBdev::open(&self.name, base, key)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferroblk_bdev::BlockSize;
+    use ferroblk_bdev::malloc::MallocBdev;
+
+    const HEX128: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\
+                          202122232425262728292a2b2c2d2e2f303132333435363738393a3b3c3d3e3f";
+
+    fn malloc() -> Arc<dyn Bdev> {
+        Arc::new(MallocBdev::new("m", BlockSize::B4096, 256, 256).unwrap())
+    }
+
+    #[test]
+    fn xts_spec_parses_builds_and_hides_the_key() {
+        let s: XtsSpec = toml::from_str(&format!(
+            "name = \"x\"\nbase = \"m\"\nkey_hex = \"{HEX128}\"\n"
+        ))
+        .unwrap();
+        s.validate().unwrap();
+        let dbg = format!("{s:?}");
+        assert!(!dbg.contains(&HEX128[..32]), "{dbg}");
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(!json.contains(&HEX128[..32]), "{json}");
+        let b = s.build(malloc()).unwrap();
+        assert_eq!(b.info().kind(), crate::xts::KIND);
+    }
+
+    #[test]
+    fn unknown_fields_and_two_key_sources_are_refused() {
+        let e = toml::from_str::<GcmSpec>("name = \"g\"\nbase = \"m\"\nkey = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field"), "{e}");
+        let both: GcmSpec = toml::from_str(&format!(
+            "name = \"g\"\nbase = \"m\"\nkey_file = \"/k\"\nkey_hex = \"{}\"\n",
+            &HEX128[..64]
+        ))
+        .unwrap();
+        assert_eq!(both.validate().unwrap_err().field(), Some("key_file"));
+        let none: GcmSpec = toml::from_str("name = \"g\"\nbase = \"m\"\n").unwrap();
+        assert!(none.validate().is_err());
+    }
+
+    #[test]
+    fn bad_key_errors_name_the_field_without_the_key() {
+        let s: GcmSpec = toml::from_str(&format!(
+            "name = \"g\"\nbase = \"m\"\nkey_hex = \"{HEX128}\"\n"
+        ))
+        .unwrap();
+        let e = s.build(malloc()).err().unwrap();
+        assert_eq!(e.field(), Some("key"), "{e}");
+        assert!(!e.to_string().contains(&HEX128[..16]), "{e}");
+    }
+}

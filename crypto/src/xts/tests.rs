@@ -1,0 +1,367 @@
+use std::time::{Duration, Instant};
+
+use ferroblk_bdev::conformance;
+use ferroblk_bdev::file::{DirectMode, FileBdev, FileOptions};
+use ferroblk_bdev::malloc::MallocBdev;
+use ferroblk_bdev::sync::SyncChannel;
+use ferroblk_bdev::{AlignedBuf, BlockSize};
+
+use super::*;
+
+pub(crate) fn unhex(s: &str) -> Vec<u8> {
+    let s: Vec<u8> = s.bytes().filter(|c| !c.is_ascii_whitespace()).collect();
+    s.chunks_exact(2)
+        .map(|p| u8::from_str_radix(std::str::from_utf8(p).unwrap(), 16).unwrap())
+        .collect()
+}
+
+/// The key of `testdata/xts_openssl.txt`: bytes 0x00..0x3f.
+fn vector_key() -> Key {
+    Key::from_bytes(&(0..64u8).collect::<Vec<_>>()).unwrap()
+}
+
+fn vector_plaintext(bs: usize, lba: u64) -> Vec<u8> {
+    (0..bs)
+        .map(|i| ((i as u64 * 31 + lba) % 256) as u8)
+        .collect()
+}
+
+struct Vector {
+    bs: usize,
+    lba: u64,
+    iv: u64,
+    ct: Vec<u8>,
+}
+
+/// Vectors produced by OpenSSL (see the file's header for how), not by this code.
+fn openssl_vectors() -> Vec<Vector> {
+    include_str!("../testdata/xts_openssl.txt")
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Vector {
+                bs: f[0].parse().unwrap(),
+                lba: f[1].parse().unwrap(),
+                iv: f[2].parse().unwrap(),
+                ct: unhex(f[3]),
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn ieee1619_vector_10_aes256_512_byte_unit() {
+    // IEEE 1619-2007 Annex B, vector 10: XTS-AES-256, data unit sequence number 0xff,
+    // 512-byte data unit 00 01 .. ff 00 01 .. ff.
+    let key = Key::from_hex(
+        "2718281828459045235360287471352662497757247093699959574966967627\
+         3141592653589793238462643383279502884197169399375105820974944592",
+    )
+    .unwrap();
+    let expected = unhex(
+        "1c3b3a102f770386e4836c99e370cf9bea00803f5e482357a4ae12d414a3e63b\
+         5d31e276f8fe4a8d66b317f9ac683f44680a86ac35adfc3345befecb4bb188fd\
+         5776926c49a3095eb108fd1098baec70aaa66999a72a82f27d848b21d4a741b0\
+         c5cd4d5fff9dac89aeba122961d03a757123e9870f8acf1000020887891429ca\
+         2a3e7a7d7df7b10355165c8b9a6d0a7de8b062c4500dc4cd120c0f7418dae3d0\
+         b5781c34803fa75421c790dfe1de1834f280d7667b327f6c8cd7557e12ac3a0f\
+         93ec05c52e0493ef31a12d3d9260f79a289d6a379bc70c50841473d1a8cc81ec\
+         583e9645e07b8d9670655ba5bbcfecc6dc3966380ad8fecb17b6ba02469a020a\
+         84e18e8f84252070c13e9f1f289be54fbc481457778f616015e1327a02b140f1\
+         505eb309326d68378f8374595c849d84f4c333ec4423885143cb47bd71c5edae\
+         9be69a2ffeceb1bec9de244fbe15992b11b77c040f12bd8f6a975a44a0f90c29\
+         a9abc3d4d893927284c58754cce294529f8614dcd2aba991925fedc4ae74ffac\
+         6e333b93eb4aff0479da9a410e4450e0dd7ae4c6e2910900575da401fc07059f\
+         645e8b7e9bfdef33943054ff84011493c27b3429eaedb4ed5376441a77ed4385\
+         1ad77f16f541dfd269d50d6a5f14fb0aab1cbb4c1550be97f7ab4066193c4caa\
+         773dad38014bd2092fa755c824bb5e54c4f36ffda9fcea70b9c6e693e148c151",
+    );
+    let plaintext: Vec<u8> = (0..512).map(|i| i as u8).collect();
+    let x = XtsCipher::new(&key).unwrap();
+    let mut buf = plaintext.clone();
+    x.encrypt_unit(0xff, &mut buf);
+    assert!(buf == expected, "IEEE 1619 vector 10 ciphertext mismatch");
+    x.decrypt_unit(0xff, &mut buf);
+    assert_eq!(buf, plaintext);
+}
+
+#[test]
+fn matches_openssl_aes_xts_plain64_vectors() {
+    let x = XtsCipher::new(&vector_key()).unwrap();
+    let vectors = openssl_vectors();
+    assert_eq!(vectors.len(), 5);
+    for v in vectors {
+        let shift = v.bs.trailing_zeros();
+        assert_eq!(iv_of(v.lba, shift), v.iv, "IV convention at lba {}", v.lba);
+        let pt = vector_plaintext(v.bs, v.lba);
+        let mut buf = pt.clone();
+        x.encrypt_unit(v.iv, &mut buf);
+        assert!(buf == v.ct, "bs {} lba {}: ciphertext differs", v.bs, v.lba);
+        x.decrypt_unit(v.iv, &mut buf);
+        assert!(buf == pt, "bs {} lba {}: round trip", v.bs, v.lba);
+    }
+}
+
+#[test]
+fn portable_and_sse2_transforms_agree() {
+    let x = XtsCipher::new(&Key::generate(64).unwrap()).unwrap();
+    for (len, iv) in [
+        (512, 0u64),
+        (4096, 1),
+        (4096, u64::MAX),
+        (16, 7),
+        (528, 1 << 40),
+    ] {
+        let data: Vec<u8> = (0..len).map(|i| (i * 131 % 256) as u8).collect();
+        let (mut a, mut b) = (data.clone(), data.clone());
+        x.encrypt_unit(iv, &mut a);
+        x.unit_portable::<true>(iv, &mut b);
+        assert!(a == b, "encrypt len {len} iv {iv}");
+        x.unit_portable::<false>(iv, &mut b);
+        assert!(b == data, "portable decrypt len {len} iv {iv}");
+        x.decrypt_unit(iv, &mut a);
+        assert!(a == data, "decrypt len {len} iv {iv}");
+    }
+}
+
+fn malloc(bs: BlockSize, blocks: u64) -> Arc<dyn Bdev> {
+    Arc::new(MallocBdev::new("m", bs, blocks, blocks).unwrap())
+}
+
+#[test]
+fn writes_through_the_bdev_leave_openssl_ciphertext_on_the_base() {
+    for v in openssl_vectors().into_iter().filter(|v| v.lba < 1 << 20) {
+        let bs = BlockSize::new(v.bs as u32).unwrap();
+        let base = malloc(bs, v.lba + 4);
+        let x = XtsBdev::new("x", base.clone(), vector_key()).unwrap();
+        let mut ch = SyncChannel::new(x.open_channel().unwrap());
+        assert_eq!(
+            ch.write(v.lba, &vector_plaintext(v.bs, v.lba)),
+            IoStatus::Success
+        );
+        let mut raw = SyncChannel::new(base.open_channel().unwrap());
+        let (st, at_rest) = raw.read(v.lba, 1);
+        assert_eq!(st, IoStatus::Success);
+        assert!(
+            at_rest == v.ct,
+            "bs {} lba {}: base does not hold the dm-crypt ciphertext",
+            v.bs,
+            v.lba
+        );
+    }
+}
+
+#[test]
+fn xts_passes_conformance_over_malloc_4k_and_512() {
+    conformance::run(
+        &|| {
+            Arc::new(
+                XtsBdev::new(
+                    "x4k",
+                    malloc(BlockSize::B4096, 1024),
+                    Key::generate(64).unwrap(),
+                )
+                .unwrap(),
+            )
+        },
+        false,
+    );
+    conformance::run(
+        &|| {
+            Arc::new(
+                XtsBdev::new(
+                    "x512",
+                    malloc(BlockSize::B512, 4096),
+                    Key::generate(64).unwrap(),
+                )
+                .unwrap(),
+            )
+        },
+        false,
+    );
+}
+
+#[test]
+fn xts_passes_conformance_over_file_with_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = Key::generate(64).unwrap();
+    for (i, bs) in [BlockSize::B4096, BlockSize::B512].into_iter().enumerate() {
+        let o = FileOptions {
+            path: dir.path().join(format!("x{i}.img")),
+            block_size: bs,
+            size: Some(4 << 20),
+            create: true,
+            direct: DirectMode::Auto,
+            read_only: false,
+        };
+        conformance::run(
+            &|| {
+                let base: Arc<dyn Bdev> = Arc::new(FileBdev::open("f", &o).unwrap());
+                Arc::new(XtsBdev::new("xf", base, key.clone()).unwrap())
+            },
+            true,
+        );
+    }
+}
+
+#[test]
+fn ciphertext_at_rest_does_not_contain_the_plaintext() {
+    let base = malloc(BlockSize::B4096, 64);
+    let x = XtsBdev::new("x", base.clone(), Key::generate(64).unwrap()).unwrap();
+    let mut ch = SyncChannel::new(x.open_channel().unwrap());
+    // A highly repetitive plaintext: ECB-like leaks would show as repeated 16-byte blocks.
+    let plain: Vec<u8> = b"ferroblk secret!"
+        .iter()
+        .copied()
+        .cycle()
+        .take(8 * 4096)
+        .collect();
+    assert_eq!(ch.write(8, &plain), IoStatus::Success);
+    let (_, raw) = SyncChannel::new(base.open_channel().unwrap()).read(8, 8);
+    for (i, blk) in raw.chunks_exact(16).enumerate() {
+        assert_ne!(blk, b"ferroblk secret!", "plaintext at byte {}", i * 16);
+    }
+    let mut seen = std::collections::HashSet::new();
+    for blk in raw.chunks_exact(16) {
+        assert!(seen.insert(blk.to_vec()), "repeated ciphertext block");
+    }
+    let (_, back) = ch.read(8, 8);
+    assert!(back == plain);
+}
+
+#[test]
+fn callers_write_buffer_is_unchanged() {
+    let x = XtsBdev::new(
+        "x",
+        malloc(BlockSize::B4096, 64),
+        Key::generate(64).unwrap(),
+    )
+    .unwrap();
+    let mut ch = SyncChannel::new(x.open_channel().unwrap());
+    let data: Vec<u8> = (0..3 * 4096).map(|i| (i * 7 % 251) as u8).collect();
+    let mut buf = AlignedBuf::new(data.len());
+    buf.as_mut_slice().copy_from_slice(&data);
+    // Split in odd segments too, so the copy path with straddling blocks runs.
+    let c = ch.run(IoRequest::write(
+        5,
+        3,
+        SgList::from_buf_split(buf, &[100, 5000, 7188]),
+        0,
+    ));
+    assert_eq!(c.status, IoStatus::Success);
+    assert!(c.bufs.into_buf().unwrap().as_slice() == &data[..]);
+    assert!(ch.read(5, 3).1 == data);
+}
+
+#[test]
+fn write_zeroes_reads_zeroes_and_unmap_passes_through() {
+    let base = malloc(BlockSize::B4096, 256);
+    let x = XtsBdev::new("x", base.clone(), Key::generate(64).unwrap()).unwrap();
+    assert!(!x.info().caps().contains(Caps::UNMAP_READS_ZEROES));
+    let mut ch = SyncChannel::new(x.open_channel().unwrap());
+    for lba in (0..256).step_by(32) {
+        assert_eq!(ch.write(lba, &vec![0xee; 32 * 4096]), IoStatus::Success);
+    }
+    // Larger than one chunk and than the chunks one request keeps in flight.
+    assert_eq!(ch.write_zeroes(1, 200), IoStatus::Success);
+    let back: Vec<u8> = (0..256)
+        .step_by(32)
+        .flat_map(|lba| ch.read(lba, 32).1)
+        .collect();
+    assert!(back[..4096].iter().all(|&b| b == 0xee));
+    assert!(back[4096..201 * 4096].iter().all(|&b| b == 0));
+    assert!(back[201 * 4096..].iter().all(|&b| b == 0xee));
+    // The zeroes were encrypted: the base holds no zero block there.
+    let mut raw = SyncChannel::new(base.open_channel().unwrap());
+    assert!(raw.read(1, 1).1.iter().any(|&b| b != 0));
+    // Unmap reaches the base (malloc zeroes it); the XTS bdev decrypts those zeroes.
+    assert_eq!(ch.unmap(210, 2), IoStatus::Success);
+    assert!(raw.read(210, 2).1.iter().all(|&b| b == 0));
+    assert!(ch.read(210, 1).1.iter().any(|&b| b != 0));
+}
+
+#[test]
+fn bad_keys_are_refused_without_showing_the_key() {
+    let hex32 = "5f1d2a9c".repeat(8);
+    let e = XtsBdev::new(
+        "x",
+        malloc(BlockSize::B4096, 8),
+        Key::from_hex(&hex32).unwrap(),
+    )
+    .err()
+    .unwrap();
+    assert_eq!(e.field(), Some("key"));
+    assert!(e.to_string().contains("64"), "{e}");
+    assert!(!e.to_string().contains("5f1d2a9c"), "{e}");
+    let same = Key::from_hex(&"ab".repeat(64)).unwrap();
+    let e = XtsBdev::new("x", malloc(BlockSize::B4096, 8), same)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("equal"), "{e}");
+}
+
+#[test]
+fn follows_base_resize_and_reports_the_dm_crypt_table() {
+    let base: Arc<dyn Bdev> = Arc::new(MallocBdev::new("m", BlockSize::B4096, 16, 64).unwrap());
+    let x = XtsBdev::new("x", base.clone(), Key::generate(64).unwrap()).unwrap();
+    base.resize(32).unwrap();
+    assert_eq!(x.info().block_count(), 32);
+    assert_eq!(
+        x.dm_crypt_table(),
+        "0 256 crypt aes-xts-plain64 <hexkey> 0 <device> 0 1 sector_size:4096"
+    );
+}
+
+/// Throughput of the XTS transform on 4 KiB units, single thread. Run with
+/// `cargo test --release -p ferroblk-crypto -- --ignored --nocapture xts_throughput`.
+#[test]
+#[ignore = "benchmark: run in release with --ignored --nocapture"]
+fn xts_throughput_4k_units() {
+    let x = XtsCipher::new(&Key::generate(64).unwrap()).unwrap();
+    let mut buf = vec![0x5au8; 64 * 4096];
+    for (name, enc) in [("encrypt", true), ("decrypt", false)] {
+        let mut best = 0f64;
+        for _ in 0..5 {
+            let t = Instant::now();
+            let mut bytes = 0u64;
+            let mut iv = 0u64;
+            while t.elapsed() < Duration::from_millis(400) {
+                for unit in buf.chunks_exact_mut(4096) {
+                    if enc {
+                        x.encrypt_unit(iv, unit);
+                    } else {
+                        x.decrypt_unit(iv, unit);
+                    }
+                    iv += 8;
+                    bytes += 4096;
+                }
+            }
+            best = best.max(bytes as f64 / t.elapsed().as_secs_f64() / 1e9);
+        }
+        println!("aes-256-xts {name} 4096-byte units: {best:.2} GB/s (best of 5 × 0.4 s)");
+    }
+}
+
+/// End-to-end throughput of the XTS bdev over a RAM base (copy + encrypt for writes, decrypt in
+/// place for reads), one thread. Run like `xts_throughput_4k_units`.
+#[test]
+#[ignore = "benchmark: run in release with --ignored --nocapture"]
+fn xts_bdev_throughput_over_malloc() {
+    let x = XtsBdev::new(
+        "x",
+        malloc(BlockSize::B4096, 16384),
+        Key::generate(64).unwrap(),
+    )
+    .unwrap();
+    for (blocks, qd) in [(1u32, 32usize), (32, 8)] {
+        for t in [IoType::Write, IoType::Read] {
+            let gbs = crate::common::throughput(&x, t, blocks, qd, 1.0);
+            println!(
+                "crypt_xts over malloc: {} KiB {} qd {qd}: {gbs:.2} GB/s",
+                blocks * 4,
+                t.name()
+            );
+        }
+    }
+}

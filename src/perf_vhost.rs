@@ -1,0 +1,472 @@
+//! `ferroblk perf vhost`: a benchmark client that drives any vhost-user-blk backend (ours,
+//! qemu-storage-daemon, SPDK, ...) through its Unix socket, with libblkio's Rust core as the
+//! virtio-blk driver.
+//!
+//! One thread per virtqueue, each keeping `qd` requests in flight on its own `Blkioq`. The data
+//! buffers are carved out of one memory region allocated with `Blkio::alloc_mem_region` (a memfd,
+//! so it can be shared) and handed to the backend with `Blkio::map_mem_region` (vhost-user
+//! `ADD_MEM_REG`); a buffer belongs to one request slot for the whole run, so nothing is
+//! allocated per I/O. By default the client polls the used ring (`do_io` with
+//! `min_completions = 0` in a busy loop, like SPDK's bdevperf), so it does not measure its own
+//! wake-ups; `--wait` sleeps on the queue's completion eventfd instead (`min_completions = 1`).
+//! Patterns, latency histogram and report follow `perf bdev` (see `perf.rs`).
+
+use std::mem::MaybeUninit;
+use std::path::PathBuf;
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use blkio::{Blkio, Blkioq, Completion, ReqFlags};
+
+use crate::perf::{
+    Histogram, JobResult, JobSpec, Pattern, RunResult, fmt_row, process_cpu_ns, thread_cpu_ns,
+    ticks,
+};
+
+/// libblkio's driver for a vhost-user-blk backend reached through a Unix socket.
+const DRIVER: &str = "virtio-blk-vhost-user";
+
+/// Descriptors one virtio-blk request takes in the split ring (header, data, status): libblkio's
+/// virtio driver does not use indirect descriptors.
+const DESCS_PER_REQ: usize = 3;
+
+/// The virtqueue size libblkio uses unless told otherwise.
+const DEFAULT_QUEUE_SIZE: usize = 256;
+
+/// Options of `ferroblk perf vhost`.
+#[derive(clap::Args, Debug)]
+pub struct VhostArgs {
+    /// The backend's vhost-user-blk Unix socket.
+    #[arg(long)]
+    pub socket: PathBuf,
+    /// Virtqueues to use, one client thread each (default: one per --cpus entry, else 1).
+    #[arg(long)]
+    pub queues: Option<usize>,
+    /// Requests in flight per queue.
+    #[arg(long, default_value_t = 32)]
+    pub qd: usize,
+    /// Bytes per request (a multiple of the device's block size; K/M suffixes accepted).
+    #[arg(long, default_value = "4096")]
+    pub bs: String,
+    /// Access pattern.
+    #[arg(long, value_enum, default_value_t = Pattern::Randread)]
+    pub rw: Pattern,
+    /// Read percentage for randrw / rw.
+    #[arg(long, default_value_t = 70, value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub mix: u32,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 10.0)]
+    pub time: f64,
+    /// CPUs to pin the queue threads to (comma-separated; queue i runs on entry i mod len).
+    #[arg(long, value_delimiter = ',')]
+    pub cpus: Option<Vec<usize>>,
+    /// Sleep on the completion eventfd instead of polling (measures wake-up latency too).
+    #[arg(long)]
+    pub wait: bool,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What the device told us after `connect`.
+#[derive(Clone, Debug)]
+struct DeviceInfo {
+    capacity: u64,
+    block_size: usize,
+    queue_size: usize,
+    max_queues: usize,
+}
+
+/// One queue thread's parameters.
+struct QueueJob<'a> {
+    index: usize,
+    cpu: Option<usize>,
+    queue: Blkioq,
+    /// Start of this queue's `qd * io_size` bytes inside the mapped memory region.
+    bufs: *mut u8,
+    spec: &'a JobSpec,
+    ios_in_dev: u64,
+    wait: bool,
+    start: &'a Barrier,
+}
+
+// SAFETY: `bufs` points into the memory region that `run` keeps allocated and mapped until every
+// queue thread has been joined, and no two jobs' buffer ranges overlap.
+unsafe impl Send for QueueJob<'_> {}
+
+/// Runs the benchmark described by `a` and prints its report.
+pub fn run(a: &VhostArgs) -> anyhow::Result<()> {
+    let io_size = ferroblk_bdev::types::parse_size(&a.bs)
+        .ok_or_else(|| anyhow::anyhow!("--bs {} is not a size", a.bs))? as usize;
+    if a.qd == 0 {
+        bail!("--qd must be at least 1");
+    }
+    if !(a.time > 0.0 && a.time < 86_400.0) {
+        bail!("--time must be between 0 and 86400 seconds");
+    }
+    let cpus = a.cpus.clone().unwrap_or_default();
+    if let Some(&c) = cpus.iter().find(|&&c| c >= libc::CPU_SETSIZE as usize) {
+        bail!("--cpus {c} is out of range");
+    }
+    let nq = a.queues.unwrap_or(cpus.len().max(1));
+    if nq == 0 {
+        bail!("--queues must be at least 1");
+    }
+    let spec = JobSpec {
+        qd: a.qd,
+        io_size,
+        pattern: a.rw,
+        mix: a.mix,
+        time: Duration::from_secs_f64(a.time),
+    };
+    let socket = a
+        .socket
+        .to_str()
+        .ok_or_else(|| anyhow::anyhow!("--socket must be valid UTF-8"))?;
+
+    let be = |what: &'static str| move |e: blkio::Error| anyhow::anyhow!("blkio {what}: {e}");
+    let mut b = Blkio::new(DRIVER).map_err(be("new"))?;
+    b.set_str("path", socket).map_err(be("set path"))?;
+    if spec.pattern.read_pct(spec.mix) == 100 {
+        // A read-only job also works against a read-only export (qsd's default `writable=off`).
+        b.set_bool("read-only", true).map_err(be("set read-only"))?;
+    }
+    b.connect()
+        .map_err(be("connect"))
+        .with_context(|| format!("vhost-user socket {}", a.socket.display()))?;
+    let dev = DeviceInfo {
+        capacity: b.get_u64("capacity").map_err(be("capacity"))?,
+        block_size: b
+            .get_i32("request-alignment")
+            .map_err(be("request-alignment"))? as usize,
+        queue_size: DEFAULT_QUEUE_SIZE.max((a.qd * DESCS_PER_REQ).next_power_of_two()),
+        max_queues: b.get_i32("max-queues").map_err(be("max-queues"))? as usize,
+    };
+    if io_size == 0 || io_size % dev.block_size != 0 {
+        bail!(
+            "--bs {io_size} is not a multiple of the device's block size {}",
+            dev.block_size
+        );
+    }
+    let max_transfer = b.get_i32("max-transfer").map_err(be("max-transfer"))?;
+    let max_seg = b
+        .get_i32("max-segment-len")
+        .map_err(be("max-segment-len"))?;
+    for (name, limit) in [("max-transfer", max_transfer), ("max-segment-len", max_seg)] {
+        if limit > 0 && io_size > limit as usize {
+            bail!("--bs {io_size} exceeds the device's {name} {limit}");
+        }
+    }
+    let ios_in_dev = dev.capacity / io_size as u64;
+    if ios_in_dev == 0 {
+        bail!("--bs {io_size} is larger than the device");
+    }
+    if nq > dev.max_queues {
+        bail!(
+            "--queues {nq} exceeds the {} queue(s) the backend offers",
+            dev.max_queues
+        );
+    }
+    b.set_i32("num-queues", nq as i32)
+        .map_err(be("set num-queues"))?;
+    b.set_i32("queue-size", dev.queue_size as i32)
+        .map_err(be("set queue-size"))?;
+    let queues = match b.start() {
+        Ok(o) => o.queues,
+        Err(e) if e.errno() == blkio::Errno::ROFS => bail!(
+            "the export is read-only: a job with writes needs a writable one \
+             (qemu-storage-daemon: writable=on)"
+        ),
+        Err(e) => return Err(be("start")(e)),
+    };
+
+    // One shared region for every queue's buffers: one ADD_MEM_REG message, one fd for the
+    // backend to map. Its size is rounded up to the region alignment and to whole pages.
+    let align = (b
+        .get_u64("mem-region-alignment")
+        .map_err(be("mem-region-alignment"))? as usize)
+        .max(4096);
+    let per_queue = a.qd * io_size;
+    let len = (nq * per_queue).div_ceil(align) * align;
+    let region = b.alloc_mem_region(len).map_err(be("alloc_mem_region"))?;
+    // SAFETY: alloc_mem_region returned a fresh read-write mapping of `len` bytes at `addr` that
+    // nothing else references yet; it stays mapped until `b` is dropped at the end of `run`.
+    let mem = unsafe { std::slice::from_raw_parts_mut(region.addr as *mut u8, region.len) };
+    // Non-zero write data, the same pattern as `perf bdev` (each buffer holds 0, 1, ..., 255, ...).
+    for chunk in mem.chunks_mut(io_size) {
+        chunk.iter_mut().enumerate().for_each(|(i, x)| *x = i as u8);
+    }
+    b.map_mem_region(&region).map_err(be("map_mem_region"))?;
+
+    let start = Barrier::new(nq);
+    let cpu0 = process_cpu_ns();
+    let t0 = Instant::now();
+    let results: Vec<anyhow::Result<JobResult>> = std::thread::scope(|s| {
+        let handles: Vec<_> = queues
+            .into_iter()
+            .enumerate()
+            .map(|(index, queue)| {
+                let job = QueueJob {
+                    index,
+                    cpu: (!cpus.is_empty()).then(|| cpus[index % cpus.len()]),
+                    queue,
+                    bufs: region.addr.wrapping_add(index * per_queue) as *mut u8,
+                    spec: &spec,
+                    ios_in_dev,
+                    wait: a.wait,
+                    start: &start,
+                };
+                std::thread::Builder::new()
+                    .name(format!("perf-vhost-{index}"))
+                    .spawn_scoped(s, move || run_queue(job))
+                    .expect("spawn a queue thread")
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a queue thread panicked")))
+            })
+            .collect()
+    });
+    let r = RunResult {
+        jobs: results.into_iter().collect::<anyhow::Result<_>>()?,
+        process_cpu_ns: process_cpu_ns() - cpu0,
+        wall: t0.elapsed(),
+    };
+    // Every queue was dropped with its thread; `b` (the connection, the rings and the region)
+    // goes last.
+    b.unmap_mem_region(&region);
+    report(a, &dev, &spec, &r);
+    Ok(())
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {
+    // SAFETY: `set` is a zeroed, properly sized cpu_set_t on the stack (cpu < CPU_SETSIZE was
+    // checked by `run`); CPU_SET and sched_setaffinity read and write only it.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// xorshift64*.
+#[inline]
+fn next_rand(x: &mut u64) -> u64 {
+    *x ^= *x >> 12;
+    *x ^= *x << 25;
+    *x ^= *x >> 27;
+    x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+}
+
+/// One queue's loop: `qd` slots, each with its own buffer, resubmitted as soon as it completes
+/// until the deadline, then drained.
+fn run_queue(mut j: QueueJob<'_>) -> anyhow::Result<JobResult> {
+    let pinned = j.cpu.map_or(Ok(()), pin_to_cpu);
+    // Every thread reaches the barrier, even one that failed, so that none waits forever.
+    j.start.wait();
+    if let (Err(e), Some(cpu)) = (pinned, j.cpu) {
+        return Err(anyhow::Error::new(e).context(format!("pin queue {} to CPU {cpu}", j.index)));
+    }
+    let spec = j.spec;
+    let qd = spec.qd;
+    let io_size = spec.io_size;
+    let read_pct = spec.pattern.read_pct(spec.mix);
+    let random = spec.pattern.random();
+    let mut rng = 0x9E37_79B9_7F4A_7C15 ^ (j.index as u64 + 1);
+    let mut seq = (j.index as u64) * (j.ios_in_dev / 16 + 1);
+    let mut started_at = vec![0u64; qd];
+    let mut completions: Vec<MaybeUninit<Completion>> = std::iter::repeat_with(MaybeUninit::uninit)
+        .take(qd)
+        .collect();
+    let mut hist = Histogram::default();
+    let (mut ios, mut errors, mut in_flight) = (0u64, 0u64, 0usize);
+    let mut first_error: Option<i32> = None;
+
+    // Queues one request for `slot`; the notification goes out with the next `do_io`.
+    let mut submit = |q: &mut Blkioq, slot: usize, started_at: &mut [u64]| {
+        let r = next_rand(&mut rng);
+        let idx = if random {
+            (r >> 16) % j.ios_in_dev
+        } else {
+            seq = (seq + 1) % j.ios_in_dev;
+            seq
+        };
+        let read = read_pct == 100 || (read_pct > 0 && (r % 100) < u64::from(read_pct));
+        let off = idx * io_size as u64;
+        // The slot's buffer: inside this queue's part of the mapped region (see `QueueJob`).
+        let buf = j.bufs.wrapping_add(slot * io_size);
+        started_at[slot] = ticks();
+        if read {
+            q.read(off, buf, io_size, slot, ReqFlags::empty());
+        } else {
+            q.write(off, buf, io_size, slot, ReqFlags::empty());
+        }
+    };
+
+    let start = Instant::now();
+    let start_tick = ticks();
+    let start_cpu = thread_cpu_ns();
+    let deadline = start + spec.time;
+    for slot in 0..qd {
+        submit(&mut j.queue, slot, &mut started_at);
+    }
+    in_flight += qd;
+    let mut stopping = false;
+    while in_flight > 0 {
+        let min = usize::from(j.wait);
+        let n = j
+            .queue
+            .do_io(&mut completions, min, None, None)
+            .map_err(|e| anyhow::anyhow!("queue {}: do_io: {e}", j.index))?;
+        if n > 0 {
+            let now = ticks();
+            for c in &completions[..n] {
+                // SAFETY: do_io initialised the first `n` entries of `completions`.
+                let c = unsafe { c.assume_init_ref() };
+                let slot = c.user_data;
+                hist.record(now.wrapping_sub(started_at[slot]));
+                ios += 1;
+                if c.ret != 0 {
+                    errors += 1;
+                    first_error.get_or_insert(c.ret);
+                }
+                if stopping {
+                    in_flight -= 1;
+                } else {
+                    submit(&mut j.queue, slot, &mut started_at);
+                }
+            }
+        }
+        if !stopping && Instant::now() >= deadline {
+            stopping = true;
+        }
+    }
+    let elapsed = start.elapsed();
+    let end_tick = ticks();
+    let cpu_ns = thread_cpu_ns() - start_cpu;
+    if let Some(e) = first_error {
+        tracing::warn!(
+            queue = j.index,
+            errors,
+            first = %std::io::Error::from_raw_os_error(-e),
+            "requests failed"
+        );
+    }
+    Ok(JobResult {
+        reactor: j.index,
+        cpu: j.cpu,
+        ios,
+        errors,
+        bytes: ios * io_size as u64,
+        elapsed,
+        cpu_ns,
+        hist,
+        ns_per_tick: elapsed.as_nanos() as f64 / (end_tick - start_tick).max(1) as f64,
+    })
+}
+
+/// Prints the result as a table, or JSON with the keys of `perf bdev` where they apply.
+fn report(a: &VhostArgs, dev: &DeviceInfo, spec: &JobSpec, r: &RunResult) {
+    let mut total = Histogram::default();
+    let (mut ios, mut bytes, mut errors, mut cpu_ns) = (0, 0, 0, 0);
+    let mut secs = 0f64;
+    let mut nspt = 0f64;
+    for j in &r.jobs {
+        total.merge(&j.hist);
+        ios += j.ios;
+        bytes += j.bytes;
+        errors += j.errors;
+        cpu_ns += j.cpu_ns;
+        secs = secs.max(j.elapsed.as_secs_f64());
+        nspt += j.ns_per_tick / r.jobs.len() as f64;
+    }
+    let mode = if a.wait { "wait" } else { "poll" };
+    if a.json {
+        let per: Vec<_> = r
+            .jobs
+            .iter()
+            .map(|j| {
+                serde_json::json!({
+                    "queue": j.reactor, "cpu": j.cpu, "ios": j.ios, "errors": j.errors,
+                    "iops": j.ios as f64 / j.elapsed.as_secs_f64(),
+                    "mean_us": j.hist.mean() * j.ns_per_tick / 1000.0,
+                    "p99_us": j.hist.quantile(0.99) * j.ns_per_tick / 1000.0,
+                    "cpu_ns_per_io": j.cpu_ns as f64 / j.ios.max(1) as f64,
+                })
+            })
+            .collect();
+        let v = serde_json::json!({
+            "socket": a.socket, "mode": mode, "job": spec,
+            "device": {
+                "capacity": dev.capacity, "block_size": dev.block_size,
+                "queue_size": dev.queue_size, "max_queues": dev.max_queues,
+            },
+            "ios": ios, "errors": errors,
+            "iops": ios as f64 / secs,
+            "mib_s": bytes as f64 / secs / (1 << 20) as f64,
+            "mean_us": total.mean() * nspt / 1000.0,
+            "p99_us": total.quantile(0.99) * nspt / 1000.0,
+            "p999_us": total.quantile(0.999) * nspt / 1000.0,
+            "client_cpu_ns_per_io": cpu_ns as f64 / ios.max(1) as f64,
+            "process_cpu_ns_per_io": r.process_cpu_ns as f64 / ios.max(1) as f64,
+            "queues": per,
+        });
+        println!("{v}");
+        return;
+    }
+    println!(
+        "perf vhost socket={} mode={mode} pattern={:?} bs={} qd={} mix={} time={}s queues={}",
+        a.socket.display(),
+        spec.pattern,
+        spec.io_size,
+        spec.qd,
+        spec.pattern.read_pct(spec.mix),
+        spec.time.as_secs_f64(),
+        r.jobs.len()
+    );
+    println!(
+        "device: {} bytes, block size {}, virtqueue size {}, backend offers {} queue(s)",
+        dev.capacity, dev.block_size, dev.queue_size, dev.max_queues
+    );
+    println!(
+        "{:<8} {:>4} {:>12} {:>10} {:>9} {:>9} {:>9} {:>10}",
+        "queue", "cpu", "IOPS", "MiB/s", "mean_us", "p99_us", "p99.9_us", "cpu_ns/io"
+    );
+    for j in &r.jobs {
+        let cpu = j.cpu.map_or("-".to_string(), |c| c.to_string());
+        println!("{}", fmt_row(&j.reactor.to_string(), &cpu, j));
+    }
+    let all = JobResult {
+        reactor: 0,
+        cpu: None,
+        ios,
+        errors,
+        bytes,
+        elapsed: Duration::from_secs_f64(secs),
+        cpu_ns,
+        hist: total,
+        ns_per_tick: nspt,
+    };
+    println!("{}", fmt_row("total", "", &all));
+    println!(
+        "errors: {errors}   process CPU: {:.2} s over {:.2} s wall = {:.0} ns per I/O (client{})",
+        r.process_cpu_ns as f64 / 1e9,
+        r.wall.as_secs_f64(),
+        r.process_cpu_ns as f64 / ios.max(1) as f64,
+        if a.wait {
+            ""
+        } else {
+            ": polling, so one busy core per queue"
+        }
+    );
+}

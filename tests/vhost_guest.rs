@@ -1,0 +1,250 @@
+//! A real Linux guest (QEMU, software emulation) attaches a ferroblk volume over
+//! vhost-user-blk and uses it with the kernel's virtio-blk driver: fio write+verify on two
+//! queues, discard and write-zeroes, GET_ID, data landing in the backing file, a live resize
+//! over the RPC, and `kill -9` of the daemon under fio with a restart (inflight resubmission).
+//!
+//! One guest boot runs every check; the guest tells the host when to resize and when to kill
+//! through a TCP connection to the host's loopback (10.0.2.2 from the guest).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::lab::{Lab, vhost_user_blk_args};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ferroblk");
+
+fn config(dir: &Path) -> String {
+    format!(
+        r#"
+[reactors]
+count = 2
+[rpc]
+socket = "{dir}/rpc.sock"
+[[bdev]]
+name = "disk"
+kind = "file"
+path = "{dir}/disk.img"
+# Writes take 5 ms, so requests are always in flight in the daemon when it is killed.
+[[bdev]]
+name = "slow"
+kind = "delay"
+base = "disk"
+write_us = 5000
+[[vhost]]
+socket = "{dir}/vhost.sock"
+bdev = "slow"
+num_queues = 2
+serial = "ferroblk-guest-test"
+"#,
+        dir = dir.display()
+    )
+}
+
+fn start_daemon(dir: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("daemon.log"))
+        .unwrap();
+    let child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(dir.join("ferroblk.toml"))
+        .current_dir(dir)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while std::os::unix::net::UnixStream::connect(dir.join("rpc.sock")).is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "daemon did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+fn rpc(dir: &Path, method: &str, params: &str) -> String {
+    let out = Command::new(BIN)
+        .args(["rpc", "--socket"])
+        .arg(dir.join("rpc.sock"))
+        .arg(method)
+        .arg(params)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "rpc {method}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+const GUEST: &str = r#"#!/bin/bash
+set -euxo pipefail
+PORT=__PORT__
+say() {
+  exec 3<>/dev/tcp/10.0.2.2/$PORT
+  echo "$1" >&3
+  read -r -t 300 reply <&3
+  exec 3>&-
+  echo "host answered: $reply"
+}
+dev=/dev/vda
+# Two virtqueues, 4 KiB logical blocks, the serial from GET_ID.
+test "$(ls /sys/block/vda/mq | wc -l)" -eq 2
+test "$(cat /sys/block/vda/queue/logical_block_size)" -eq 4096
+test "$(cat /sys/block/vda/serial)" = ferroblk-guest-test
+test "$(cat /sys/block/vda/size)" -eq $((256 << 20 >> 9))
+
+# fio random writes then verified reads, two jobs (one per queue's CPU).
+fio --name=verify --filename=$dev --ioengine=libaio --direct=1 --rw=randwrite --bs=4k \
+    --iodepth=16 --numjobs=2 --size=8M --offset_increment=8M --verify=crc32c --verify_fatal=1 \
+    --group_reporting
+# Larger, multi-segment requests.
+fio --name=big --filename=$dev --ioengine=libaio --direct=1 --rw=write --bs=256k \
+    --iodepth=4 --size=8M --offset=16M --verify=crc32c --verify_fatal=1
+
+# Discard and write-zeroes read back as zeroes.
+dd if=/dev/urandom of=$dev bs=1M count=2 seek=40 oflag=direct status=none
+blkdiscard -o $((40 << 20)) -l $((1 << 20)) $dev
+dd if=$dev bs=1M skip=40 count=1 iflag=direct status=none | cmp -n $((1 << 20)) - /dev/zero
+blkdiscard -z -o $((41 << 20)) -l $((1 << 20)) $dev
+dd if=$dev bs=1M skip=41 count=1 iflag=direct status=none | cmp -n $((1 << 20)) - /dev/zero
+
+# Known data for the host to find in the backing file.
+head -c 4M /dev/urandom > /tmp/pattern
+dd if=/tmp/pattern of=$dev bs=1M seek=48 oflag=direct conv=fsync status=none
+echo "GUEST-SHA=$(sha256sum /tmp/pattern | cut -d' ' -f1)"
+
+# Live resize over the RPC: the guest sees the new size without a reboot.
+say resize
+for i in $(seq 120); do
+  [ "$(cat /sys/block/vda/size)" -eq $((512 << 20 >> 9)) ] && break
+  sleep 1
+done
+test "$(cat /sys/block/vda/size)" -eq $((512 << 20 >> 9))
+dd if=/tmp/pattern of=$dev bs=1M seek=500 oflag=direct conv=fsync status=none
+dd if=$dev bs=1M skip=500 count=4 iflag=direct status=none | cmp -n $((4 << 20)) - /tmp/pattern
+
+# kill -9 of the daemon while fio writes with verification; it is restarted and the guest's
+# in-flight requests are resubmitted: fio must finish without an error.
+say kill
+fio --name=crash --filename=$dev --ioengine=libaio --direct=1 --rw=randwrite --bs=4k \
+    --iodepth=16 --size=16M --offset=64M --verify=crc32c --verify_fatal=1
+say done
+echo GUEST-ALL-OK
+"#;
+
+#[test]
+fn linux_guest_uses_a_vhost_user_blk_disk() {
+    let lab = match Lab::prepare() {
+        Ok(l) => l,
+        Err(e) => panic!("the guest lab could not be prepared: {e:#}"),
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir: PathBuf = tmp.path().to_path_buf();
+    std::fs::write(dir.join("ferroblk.toml"), config(&dir)).unwrap();
+    let img = std::fs::File::create(dir.join("disk.img")).unwrap();
+    img.set_len(256 << 20).unwrap();
+    drop(img);
+    let daemon = Arc::new(Mutex::new(start_daemon(&dir)));
+
+    // The guest's requests: "resize", "kill", "done".
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let events = Arc::new(Mutex::new(Vec::<String>::new()));
+    let host = {
+        let dir = dir.clone();
+        let daemon = daemon.clone();
+        let events = events.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut s) = stream else { continue };
+                let mut line = String::new();
+                if BufReader::new(&s).read_line(&mut line).is_err() {
+                    continue;
+                }
+                let what = line.trim().to_string();
+                events.lock().unwrap().push(what.clone());
+                match what.as_str() {
+                    "resize" => {
+                        rpc(&dir, "bdev_resize", r#"{"name": "disk", "size": "512MiB"}"#);
+                        let _ = writeln!(s, "resized");
+                    }
+                    "kill" => {
+                        let _ = writeln!(s, "killing soon");
+                        drop(s);
+                        // Let fio get going, then kill -9 and restart on the same socket.
+                        std::thread::sleep(Duration::from_millis(1500));
+                        let mut d = daemon.lock().unwrap();
+                        d.kill().unwrap();
+                        d.wait().unwrap();
+                        std::thread::sleep(Duration::from_millis(300));
+                        *d = start_daemon(&dir);
+                    }
+                    "done" => {
+                        let _ = writeln!(s, "bye");
+                        return;
+                    }
+                    _ => {
+                        let _ = writeln!(s, "unknown");
+                    }
+                }
+            }
+        })
+    };
+
+    let script = GUEST.replace("__PORT__", &port.to_string());
+    let args = vhost_user_blk_args("disk0", &dir.join("vhost.sock"), 2);
+    let out = lab.run(&script, &args, Duration::from_secs(900)).unwrap();
+    let log = std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
+    assert!(
+        out.success() && out.output.contains("GUEST-ALL-OK"),
+        "guest checks failed (status {}):\n{}\n--- daemon log ---\n{log}",
+        out.status,
+        out.output
+    );
+    host.join().unwrap();
+    assert_eq!(*events.lock().unwrap(), ["resize", "kill", "done"]);
+    // QEMU reconnected to the restarted daemon, which resubmitted what the killed one had in
+    // flight (fio keeps 16 writes in flight during its write phase).
+    assert_eq!(log.matches("front-end connected").count(), 2, "{log}");
+    assert!(log.contains("resubmitting inflight requests"), "{log}");
+
+    // The data the guest wrote is in the backing file.
+    let sha = out
+        .output
+        .lines()
+        .find_map(|l| l.split("GUEST-SHA=").nth(1))
+        .expect("guest printed its checksum")
+        .trim()
+        .to_string();
+    let host_sha = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "dd if={}/disk.img bs=1M skip=48 count=4 status=none | sha256sum | cut -d' ' -f1",
+            dir.display()
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&host_sha.stdout).trim(), sha);
+    assert_eq!(
+        std::fs::metadata(dir.join("disk.img")).unwrap().len(),
+        512 << 20
+    );
+
+    let mut d = daemon.lock().unwrap();
+    // SAFETY: kill with a valid pid and signal has no memory effects.
+    unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
+    let st = d.wait().unwrap();
+    assert!(st.success(), "daemon exits cleanly after the guest is gone");
+    let _ = Stdio::null();
+}
