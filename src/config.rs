@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ferroblk_bdev::reactor::ReactorConfig;
-use ferroblk_bdev::spec::{BdevSpec, creation_order};
+use ferroblk_bdev::spec::{BdevDecl, creation_order};
+
+use crate::decl::Decl;
 use ferroblk_vhost::VhostSpec;
 use serde::Deserialize;
 
@@ -33,7 +35,7 @@ pub struct Config {
     pub rpc: RpcConfig,
     /// Block devices, in any order (bases are created first).
     #[serde(default)]
-    pub bdev: Vec<BdevSpec>,
+    pub bdev: Vec<Decl>,
     /// vhost-user-blk exports.
     #[serde(default)]
     pub vhost: Vec<VhostSpec>,

@@ -3,6 +3,7 @@
 
 mod config;
 mod daemon;
+mod decl;
 mod perf;
 mod perf_vhost;
 mod rpc;
@@ -14,6 +15,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use ferroblk_bdev::BdevRegistry;
 use ferroblk_bdev::reactor::{ReactorConfig, Reactors};
+use ferroblk_bdev::spec::BdevDecl;
 
 /// ferroblk: a storage offload target (vhost-user-blk, NVMe-oF) over a per-core bdev chain.
 #[derive(Parser)]

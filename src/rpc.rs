@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use ferroblk_bdev::{BdevError, BdevSpec, ByteSize};
+use ferroblk_bdev::spec::BdevDecl;
+use ferroblk_bdev::{BdevError, ByteSize};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -194,7 +195,7 @@ pub fn dispatch(state: &DaemonState, method: &str, params: Value) -> Result<Valu
                         "read_only": i.is_read_only(),
                         "open_channels": i.open_channels(),
                         "users": users,
-                        "spec": spec,
+                        "spec": spec.to_json(),
                         "details": b.describe(),
                         "stats": i.stats().to_json(),
                     })
@@ -203,8 +204,8 @@ pub fn dispatch(state: &DaemonState, method: &str, params: Value) -> Result<Valu
             Ok(Value::Array(list))
         }
         "bdev_create" => {
-            let spec: BdevSpec = parse(params)?;
-            let b = reg.create(spec)?;
+            let spec: crate::decl::Decl = parse(params)?;
+            let b = reg.create(Arc::new(spec))?;
             Ok(json!({ "name": b.info().name(), "size": b.info().geometry().size_bytes() }))
         }
         "bdev_delete" => {

@@ -6,11 +6,14 @@ use std::sync::{Arc, Mutex};
 
 use crate::bdev::Bdev;
 use crate::error::BdevError;
-use crate::spec::{BdevSpec, SpecError, creation_order};
+use crate::spec::{BdevDecl, SpecError, creation_order};
+
+/// A shared declaration.
+pub type Decl = Arc<dyn BdevDecl>;
 
 struct Entry {
     bdev: Arc<dyn Bdev>,
-    spec: BdevSpec,
+    spec: Decl,
     claims: Vec<String>,
 }
 
@@ -27,14 +30,14 @@ impl BdevRegistry {
     }
 
     /// Creates every declared bdev, bases first. On error nothing of the list is kept.
-    pub fn create_all(&self, specs: &[BdevSpec]) -> Result<(), SpecError> {
+    pub fn create_all<D: BdevDecl + Clone + 'static>(&self, specs: &[D]) -> Result<(), SpecError> {
         let order = {
             let e = self.entries.lock().expect("registry lock");
             creation_order(specs, &|n| e.contains_key(n))?
         };
         let mut created: Vec<String> = Vec::new();
         for i in order {
-            if let Err(error) = self.create(specs[i].clone()) {
+            if let Err(error) = self.create(Arc::new(specs[i].clone())) {
                 for name in created.iter().rev() {
                     let _ = self.delete(name);
                 }
@@ -46,7 +49,7 @@ impl BdevRegistry {
     }
 
     /// Creates one bdev; its base, if any, must exist.
-    pub fn create(&self, spec: BdevSpec) -> Result<Arc<dyn Bdev>, BdevError> {
+    pub fn create(&self, spec: Decl) -> Result<Arc<dyn Bdev>, BdevError> {
         spec.validate()?;
         let name = spec.name().to_string();
         let base =
@@ -91,7 +94,7 @@ impl BdevRegistry {
     }
 
     /// Every bdev with its declaration and its users, by name.
-    pub fn list(&self) -> Vec<(Arc<dyn Bdev>, BdevSpec, Vec<String>)> {
+    pub fn list(&self) -> Vec<(Arc<dyn Bdev>, Decl, Vec<String>)> {
         let e = self.entries.lock().expect("registry lock");
         e.values()
             .map(|x| {
@@ -169,7 +172,7 @@ impl BdevRegistry {
     /// Every bdev, bases after the bdevs stacked on them (the order to flush and close them).
     pub fn top_down(&self) -> Vec<Arc<dyn Bdev>> {
         let list = self.list();
-        let specs: Vec<BdevSpec> = list.iter().map(|(_, s, _)| s.clone()).collect();
+        let specs: Vec<Decl> = list.iter().map(|(_, s, _)| s.clone()).collect();
         match creation_order(&specs, &|_| false) {
             Ok(order) => order.iter().rev().map(|&i| list[i].0.clone()).collect(),
             Err(_) => list.into_iter().map(|(b, _, _)| b).collect(),

@@ -180,6 +180,82 @@ fn blocks(size: ByteSize, bs: BlockSize) -> Result<u64, BdevError> {
     Ok(size.0 / b)
 }
 
+/// A declaration of one bdev of any kind. The registry and the config loader need only this,
+/// so crates that add kinds (encryption, ...) declare them with their own structs and the
+/// daemon composes one enum over all of them.
+pub trait BdevDecl: Send + Sync + std::fmt::Debug {
+    /// The bdev's name.
+    fn name(&self) -> &str;
+    /// The kind name (`malloc`, `crypt_xts`, ...).
+    fn kind(&self) -> &str;
+    /// The base it stacks on, for stacked kinds.
+    fn base(&self) -> Option<&str>;
+    /// Checks what needs no other bdev; errors name the field.
+    fn validate(&self) -> Result<(), BdevError>;
+    /// Creates the bdev on its (already created) base.
+    fn build(&self, base: Option<Arc<dyn Bdev>>) -> Result<Arc<dyn Bdev>, BdevError>;
+    /// The declaration as JSON for `bdev_list`, with secrets redacted.
+    fn to_json(&self) -> serde_json::Value;
+}
+
+impl BdevDecl for BdevSpec {
+    fn name(&self) -> &str {
+        BdevSpec::name(self)
+    }
+    fn kind(&self) -> &str {
+        BdevSpec::kind(self)
+    }
+    fn base(&self) -> Option<&str> {
+        BdevSpec::base(self)
+    }
+    fn validate(&self) -> Result<(), BdevError> {
+        BdevSpec::validate(self)
+    }
+    fn build(&self, base: Option<Arc<dyn Bdev>>) -> Result<Arc<dyn Bdev>, BdevError> {
+        BdevSpec::build(self, base)
+    }
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+impl<T: BdevDecl + ?Sized> BdevDecl for Arc<T> {
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+    fn kind(&self) -> &str {
+        (**self).kind()
+    }
+    fn base(&self) -> Option<&str> {
+        (**self).base()
+    }
+    fn validate(&self) -> Result<(), BdevError> {
+        (**self).validate()
+    }
+    fn build(&self, base: Option<Arc<dyn Bdev>>) -> Result<Arc<dyn Bdev>, BdevError> {
+        (**self).build(base)
+    }
+    fn to_json(&self) -> serde_json::Value {
+        (**self).to_json()
+    }
+}
+
+/// Checks a bdev name: 1-64 characters of `A-Z a-z 0-9 - _ . :`.
+pub fn validate_name(name: &str) -> Result<(), BdevError> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+    {
+        return Err(BdevError::invalid(
+            "name",
+            format!("'{name}' must be 1-64 characters of A-Z a-z 0-9 - _ . :"),
+        ));
+    }
+    Ok(())
+}
+
 impl BdevSpec {
     /// The bdev's name.
     pub fn name(&self) -> &str {
@@ -214,18 +290,7 @@ impl BdevSpec {
 
     /// Checks the values that need no other bdev (names, sizes, block sizes, rules).
     pub fn validate(&self) -> Result<(), BdevError> {
-        let name = self.name();
-        if name.is_empty()
-            || name.len() > 64
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
-        {
-            return Err(BdevError::invalid(
-                "name",
-                format!("'{name}' must be 1-64 characters of A-Z a-z 0-9 - _ . :"),
-            ));
-        }
+        validate_name(self.name())?;
         match self {
             BdevSpec::Malloc(s) => {
                 let bs = block_size(s.block_size)?;
@@ -321,8 +386,8 @@ pub struct SpecError {
 /// Checks a list of declarations as a whole (unique names, bases that exist, no cycles) and
 /// returns the order to create them in: every base before the bdevs stacked on it.
 /// `existing` names bdevs that exist already and may serve as bases.
-pub fn creation_order(
-    specs: &[BdevSpec],
+pub fn creation_order<D: BdevDecl>(
+    specs: &[D],
     existing: &dyn Fn(&str) -> bool,
 ) -> Result<Vec<usize>, SpecError> {
     let mut by_name = std::collections::HashMap::new();
