@@ -182,8 +182,19 @@ fn linux_guest_uses_a_vhost_user_blk_disk() {
                     "kill" => {
                         let _ = writeln!(s, "killing soon");
                         drop(s);
-                        // Let fio get going, then kill -9 and restart on the same socket.
-                        std::thread::sleep(Duration::from_millis(1500));
+                        // Kill once fio is well into its write phase: the daemon then has
+                        // writes in flight (each is held 5 ms by the delay bdev).
+                        let writes = |dir: &Path| -> u64 {
+                            let v: serde_json::Value =
+                                serde_json::from_str(&rpc(dir, "bdev_list", r#"{"name": "slow"}"#))
+                                    .unwrap();
+                            v[0]["stats"]["ops"]["write"].as_u64().unwrap()
+                        };
+                        let start = writes(&dir);
+                        let t = Instant::now();
+                        while writes(&dir) < start + 500 && t.elapsed() < Duration::from_secs(120) {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
                         let mut d = daemon.lock().unwrap();
                         d.kill().unwrap();
                         d.wait().unwrap();
