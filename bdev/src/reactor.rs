@@ -39,6 +39,13 @@ pub trait Poller {
 
     /// Asks the poller to start no new work (shutdown); it keeps completing what is in flight.
     fn stop(&mut self) {}
+
+    /// Called just before the reactor sleeps: re-arm whatever notification the poller turned
+    /// off while it was being polled (a virtqueue's kicks), then look once more. Returns true
+    /// if work turned up, which cancels the sleep.
+    fn prepare_sleep(&mut self) -> bool {
+        false
+    }
 }
 
 /// Identifies a poller on its reactor.
@@ -379,6 +386,14 @@ fn run(
             Wake::Event => None,
             Wake::At(t) => Some(t.saturating_duration_since(now)),
         };
+        let mut late_work = false;
+        for (_, p) in core.pollers.iter_mut() {
+            late_work |= p.prepare_sleep();
+        }
+        if late_work {
+            idle_since = None;
+            continue;
+        }
         stats.sleeps.fetch_add(1, Ordering::Relaxed);
         drain_eventfd(fd);
         // A message sent after the drain above writes the eventfd again, which completes the

@@ -124,6 +124,8 @@ pub struct VqPoller {
     params: BlkParams,
     finished: bool,
     to_notify: bool,
+    /// Whether the driver has been asked to kick (only while the reactor sleeps).
+    kicks_enabled: bool,
     index: u16,
 }
 
@@ -187,6 +189,7 @@ impl VqPoller {
             params,
             finished: false,
             to_notify: false,
+            kicks_enabled: true,
             index,
         };
         p.arm_kick();
@@ -529,6 +532,11 @@ impl Poller for VqPoller {
             return 0;
         }
         let mut work = self.drain_kicks();
+        if self.kicks_enabled {
+            // While the reactor polls, the driver need not kick.
+            self.kicks_enabled = false;
+            self.q.disable_notification();
+        }
         let stopping = self.ctl.stop.load(Ordering::Acquire);
         let broken = self.ctl.broken.load(Ordering::Relaxed);
         if let Some(io) = self.pending.take()
@@ -564,14 +572,6 @@ impl Poller for VqPoller {
         }
         work += self.reap();
         self.signal();
-        if work == 0
-            && !stopping
-            && !broken
-            && self.pending.is_none()
-            && self.q.enable_notification()
-        {
-            work = 1;
-        }
         if stopping && self.ch.in_flight() == 0 && (self.pending.is_none() || broken) {
             self.finished = true;
             if let Some(tx) = self.ctl.result.lock().expect("ctl lock").take() {
@@ -601,6 +601,14 @@ impl Poller for VqPoller {
 
     fn stop(&mut self) {
         self.ctl.stop.store(true, Ordering::Release);
+    }
+
+    fn prepare_sleep(&mut self) -> bool {
+        if self.finished || self.ctl.broken.load(Ordering::Relaxed) {
+            return false;
+        }
+        self.kicks_enabled = true;
+        self.q.enable_notification()
     }
 }
 

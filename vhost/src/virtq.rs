@@ -321,8 +321,9 @@ impl SplitQueue {
         }
     }
 
-    /// With EVENT_IDX, asks the driver to kick for the next entry after what was taken; then
-    /// re-checks so an entry added meanwhile is not missed. Returns whether entries are pending.
+    /// Asks the driver to kick for the next entry after what was taken (EVENT_IDX
+    /// `avail_event`, else clearing `VIRTQ_USED_F_NO_NOTIFY`); then re-checks so an entry added
+    /// meanwhile is not missed. Returns whether entries are pending.
     pub fn enable_notification(&mut self) -> bool {
         if self.event_idx {
             // SAFETY: `avail_event` follows the used ring's entries (offset 4 + 8 * size).
@@ -330,9 +331,28 @@ impl SplitQueue {
                 unsafe { self.used.add(4 + 8 * self.size as usize) },
                 self.last_avail,
             );
+        } else {
+            // SAFETY: offset 0 of the used ring (flags).
+            wr16(self.used, 0);
         }
         fence(Ordering::SeqCst);
         self.pending() != 0
+    }
+
+    /// Tells the driver not to kick while the device polls the ring: `VIRTQ_USED_F_NO_NOTIFY`,
+    /// or with EVENT_IDX an `avail_event` the driver has already passed (it kicks again only
+    /// after a full wrap of the 16-bit index).
+    pub fn disable_notification(&mut self) {
+        if self.event_idx {
+            // SAFETY: as in `enable_notification`.
+            wr16(
+                unsafe { self.used.add(4 + 8 * self.size as usize) },
+                self.last_avail.wrapping_sub(1),
+            );
+        } else {
+            // SAFETY: offset 0 of the used ring (flags).
+            wr16(self.used, 1);
+        }
     }
 }
 
