@@ -8,6 +8,7 @@ use ferroblk_bdev::reactor::ReactorConfig;
 use ferroblk_bdev::spec::{BdevDecl, creation_order};
 
 use crate::decl::Decl;
+use ferroblk_target::subsystem::{ListenerSpec, SubsystemSpec};
 use ferroblk_vhost::VhostSpec;
 use serde::Deserialize;
 
@@ -39,6 +40,12 @@ pub struct Config {
     /// vhost-user-blk exports.
     #[serde(default)]
     pub vhost: Vec<VhostSpec>,
+    /// NVMe-oF subsystems.
+    #[serde(default)]
+    pub subsystem: Vec<SubsystemSpec>,
+    /// NVMe/TCP listeners (every subsystem and the discovery service on each).
+    #[serde(default)]
+    pub listener: Vec<ListenerSpec>,
 }
 
 /// `[reactors]`.
@@ -219,6 +226,35 @@ impl Config {
                 ));
             }
         }
+        for (i, s) in cfg.subsystem.iter().enumerate() {
+            s.validate()
+                .map_err(|(f, m)| err(format!("subsystem[{i}].{f}"), m))?;
+            if cfg.subsystem[..i].iter().any(|o| o.nqn == s.nqn) {
+                return Err(err(
+                    format!("subsystem[{i}].nqn"),
+                    format!("{} is declared twice", s.nqn),
+                ));
+            }
+            for (j, n) in s.namespace.iter().enumerate() {
+                if !cfg.bdev.iter().any(|b| b.name() == n.bdev) {
+                    return Err(err(
+                        format!("subsystem[{i}].namespace[{j}].bdev"),
+                        format!("no bdev named '{}'", n.bdev),
+                    ));
+                }
+            }
+        }
+        for (i, l) in cfg.listener.iter().enumerate() {
+            if l.addr.parse::<std::net::IpAddr>().is_err() {
+                return Err(err(
+                    format!("listener[{i}].addr"),
+                    format!("'{}' is not an IP address", l.addr),
+                ));
+            }
+            if cfg.listener[..i].iter().any(|o| o == l) {
+                return Err(err(format!("listener[{i}]"), "declared twice".into()));
+            }
+        }
         Ok(cfg)
     }
 }
@@ -331,6 +367,25 @@ mod tests {
             "{base}[[vhost]]\nsocket = \"a.sock\"\nbdev = \"n\"\nqueues = 2\n"
         ));
         assert!(e.path.starts_with("vhost[0]"), "{e}");
+    }
+
+    #[test]
+    fn nvmf_sections_are_checked() {
+        let base = "[[bdev]]\nkind = \"null\"\nname = \"n\"\nsize = 4096\n";
+        let e = parse_err(&format!(
+            "{base}[[subsystem]]\nnqn = \"nqn.2026-11.io.x:a\"\n[[subsystem.namespace]]\nnsid = 1\nbdev = \"zz\"\n"
+        ));
+        assert_eq!(e.path, "subsystem[0].namespace[0].bdev");
+        let e = parse_err(&format!("{base}[[subsystem]]\nnqn = \"bad\"\n"));
+        assert_eq!(e.path, "subsystem[0].nqn");
+        let e = parse_err(&format!(
+            "{base}[[listener]]\naddr = \"nowhere\"\nport = 4420\n"
+        ));
+        assert_eq!(e.path, "listener[0].addr");
+        let e = parse_err(&format!(
+            "{base}[[listener]]\naddr = \"127.0.0.1\"\nport = 70000\n"
+        ));
+        assert!(e.path.starts_with("listener[0]"), "{e}");
     }
 
     #[test]

@@ -10,6 +10,8 @@ use anyhow::Context;
 use ferroblk_bdev::reactor::{ReactorHandle, Reactors};
 use ferroblk_bdev::sync::SyncChannel;
 use ferroblk_bdev::{BdevRegistry, Caps, IoStatus};
+use ferroblk_target::subsystem::{ListenerSpec, SubsystemSpec, Target, parse_uuid};
+use ferroblk_target::transport::tcp::listener::Listener;
 use ferroblk_vhost::{VhostExport, VhostSpec};
 
 use crate::config::Config;
@@ -27,6 +29,10 @@ pub struct DaemonState {
     pub config_path: PathBuf,
     /// vhost-user-blk exports by socket path.
     pub vhost: Mutex<BTreeMap<PathBuf, VhostExport>>,
+    /// The NVMe-oF target: subsystems, namespaces, hosts.
+    pub target: Arc<Target>,
+    /// NVMe/TCP listeners.
+    pub listeners: Mutex<Vec<Listener>>,
     shutdown: Mutex<Option<mpsc::Sender<&'static str>>>,
 }
 
@@ -78,6 +84,92 @@ impl DaemonState {
         drop(x);
         self.registry
             .release(&bdev, &format!("vhost {}", socket.display()));
+        Ok(())
+    }
+
+    /// Adds an NVMe-oF subsystem with its namespaces.
+    pub fn add_subsystem(&self, spec: &SubsystemSpec) -> Result<(), crate::rpc::RpcError> {
+        use crate::rpc::RpcError;
+        spec.validate().map_err(|(f, m)| RpcError::field(f, m))?;
+        for (j, n) in spec.namespace.iter().enumerate() {
+            if self.registry.get(&n.bdev).is_none() {
+                return Err(RpcError::field(
+                    format!("namespace[{j}].bdev"),
+                    format!("no bdev named '{}'", n.bdev),
+                ));
+            }
+        }
+        let s = self.target.add_subsystem(spec).map_err(RpcError::exists)?;
+        for n in &spec.namespace {
+            if let Err(e) = self.add_namespace(&s.nqn, n.nsid, &n.bdev, n.uuid.as_deref()) {
+                self.remove_subsystem(&spec.nqn).ok();
+                return Err(e);
+            }
+        }
+        tracing::info!(nqn = %spec.nqn, namespaces = spec.namespace.len(), "NVMe-oF subsystem added");
+        Ok(())
+    }
+
+    /// Removes a subsystem, disconnecting its hosts and releasing its bdevs.
+    pub fn remove_subsystem(&self, nqn: &str) -> Result<(), crate::rpc::RpcError> {
+        let s = self
+            .target
+            .remove_subsystem(nqn)
+            .ok_or_else(|| crate::rpc::RpcError::not_found(format!("no subsystem {nqn}")))?;
+        for ns in s.namespaces() {
+            s.remove_namespace(ns.nsid);
+            self.registry
+                .release(ns.bdev.info().name(), &format!("nvmf {nqn} ns {}", ns.nsid));
+        }
+        Ok(())
+    }
+
+    /// Adds namespace `nsid` backed by `bdev` to subsystem `nqn`.
+    pub fn add_namespace(
+        &self,
+        nqn: &str,
+        nsid: u32,
+        bdev: &str,
+        uuid: Option<&str>,
+    ) -> Result<(), crate::rpc::RpcError> {
+        use crate::rpc::RpcError;
+        let s = self
+            .target
+            .subsystem(nqn)
+            .filter(|s| !s.discovery)
+            .ok_or_else(|| RpcError::not_found(format!("no subsystem {nqn}")))?;
+        let uuid = match uuid {
+            Some(u) => Some(parse_uuid(u).ok_or_else(|| RpcError::field("uuid", "not a UUID"))?),
+            None => None,
+        };
+        let user = format!("nvmf {nqn} ns {nsid}");
+        let b = self.registry.claim(bdev, &user).map_err(|e| match e {
+            ferroblk_bdev::BdevError::NotFound(n) => {
+                RpcError::field("bdev", format!("no bdev named '{n}'"))
+            }
+            e => e.into(),
+        })?;
+        if let Err(e) = s.add_namespace(nsid, b, uuid) {
+            self.registry.release(bdev, &user);
+            return Err(RpcError::field("nsid", e));
+        }
+        Ok(())
+    }
+
+    /// Starts an NVMe/TCP listener.
+    pub fn add_listener(&self, spec: ListenerSpec) -> Result<(), crate::rpc::RpcError> {
+        let mut ls = self.listeners.lock().expect("listeners lock");
+        if ls.iter().any(|l| *l.spec() == spec) {
+            return Err(crate::rpc::RpcError::exists(format!(
+                "listener {}:{} exists",
+                spec.addr, spec.port
+            )));
+        }
+        let l = Listener::start(spec.clone(), self.target.clone(), self.reactors.clone()).map_err(
+            |e| crate::rpc::RpcError::system(format!("listen on {}:{}: {e}", spec.addr, spec.port)),
+        )?;
+        self.target.add_listener(spec);
+        ls.push(l);
         Ok(())
     }
 
@@ -137,8 +229,20 @@ pub fn serve(config_path: &Path) -> anyhow::Result<()> {
         started: Instant::now(),
         config_path: config_path.to_path_buf(),
         vhost: Mutex::new(BTreeMap::new()),
+        target: Arc::new(Target::new()),
+        listeners: Mutex::new(Vec::new()),
         shutdown: Mutex::new(Some(tx)),
     });
+    for (i, s) in cfg.subsystem.iter().enumerate() {
+        state.add_subsystem(s).map_err(|e| {
+            anyhow::anyhow!("{}: subsystem[{i}]: {}", config_path.display(), e.message)
+        })?;
+    }
+    for (i, l) in cfg.listener.iter().enumerate() {
+        state.add_listener(l.clone()).map_err(|e| {
+            anyhow::anyhow!("{}: listener[{i}]: {}", config_path.display(), e.message)
+        })?;
+    }
     for (i, v) in cfg.vhost.iter().enumerate() {
         state
             .add_vhost(v.clone())
@@ -150,8 +254,10 @@ pub fn serve(config_path: &Path) -> anyhow::Result<()> {
     let why = rx.recv().unwrap_or("control channel closed");
     tracing::info!(reason = why, "shutting down");
     drop(rpc);
-    // Exports first: each drains its queues on the still-running reactors.
+    // Exports first: each drains its queues on the still-running reactors. NVMe/TCP
+    // connections drain when the reactors stop them.
     std::mem::take(&mut *state.vhost.lock().expect("vhost lock"));
+    std::mem::take(&mut *state.listeners.lock().expect("listeners lock"));
     reactors.shutdown(DRAIN);
     flush_all(&registry);
     state.shutdown.lock().expect("shutdown lock").take();
@@ -227,7 +333,22 @@ fn print_banner(cfg: &Config, registry: &BdevRegistry, socket: &Path) {
             v.num_queues
         );
     }
-    println!("  NVMe/TCP: not built yet");
+    if cfg.listener.is_empty() || cfg.subsystem.is_empty() {
+        println!("  NVMe/TCP: no subsystem or listener configured ([[subsystem]], [[listener]])");
+    }
+    for l in &cfg.listener {
+        println!(
+            "  NVMe/TCP listener {}:{} (discovery and I/O). From a Linux host:",
+            l.addr, l.port
+        );
+        println!("    nvme discover -t tcp -a {} -s {}", l.addr, l.port);
+        for s in &cfg.subsystem {
+            println!(
+                "    nvme connect -t tcp -a {} -s {} -n {}",
+                l.addr, l.port, s.nqn
+            );
+        }
+    }
     println!(
         "  control: ferroblk rpc --socket {} bdev_list",
         socket.display()

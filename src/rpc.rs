@@ -257,6 +257,110 @@ pub fn dispatch(state: &DaemonState, method: &str, params: Value) -> Result<Valu
                 })
                 .collect(),
         )),
+        "nvmf_subsystem_list" => Ok(Value::Array(
+            state
+                .target
+                .subsystems()
+                .iter()
+                .map(|s| {
+                    let (any, hosts) = s.hosts();
+                    json!({
+                        "nqn": s.nqn,
+                        "serial": s.serial,
+                        "model": s.model,
+                        "allow_any_host": any,
+                        "hosts": hosts,
+                        "namespaces": s.namespaces().iter().map(|n| json!({
+                            "nsid": n.nsid,
+                            "bdev": n.bdev.info().name(),
+                            "size": n.bdev.info().geometry().size_bytes(),
+                        })).collect::<Vec<_>>(),
+                        "controllers": s.controllers().iter().map(|c| json!({
+                            "cntlid": c.cntlid, "host": c.hostnqn,
+                        })).collect::<Vec<_>>(),
+                    })
+                })
+                .collect(),
+        )),
+        "nvmf_subsystem_add" => {
+            let spec: ferroblk_target::subsystem::SubsystemSpec = parse(params)?;
+            state.add_subsystem(&spec)?;
+            Ok(json!({ "nqn": spec.nqn }))
+        }
+        "nvmf_subsystem_remove" => {
+            #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct P {
+                nqn: String,
+            }
+            let p: P = parse(params)?;
+            state.remove_subsystem(&p.nqn)?;
+            Ok(json!(true))
+        }
+        "nvmf_ns_add" => {
+            #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct P {
+                nqn: String,
+                nsid: u32,
+                bdev: String,
+                #[serde(default)]
+                uuid: Option<String>,
+            }
+            let p: P = parse(params)?;
+            state.add_namespace(&p.nqn, p.nsid, &p.bdev, p.uuid.as_deref())?;
+            Ok(json!(true))
+        }
+        "nvmf_ns_remove" => {
+            #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct P {
+                nqn: String,
+                nsid: u32,
+            }
+            let p: P = parse(params)?;
+            let s = state
+                .target
+                .subsystem(&p.nqn)
+                .ok_or_else(|| RpcError::not_found(format!("no subsystem {}", p.nqn)))?;
+            let b = s
+                .remove_namespace(p.nsid)
+                .ok_or_else(|| RpcError::not_found(format!("no namespace {}", p.nsid)))?;
+            reg.release(b.info().name(), &format!("nvmf {} ns {}", p.nqn, p.nsid));
+            Ok(json!(true))
+        }
+        "nvmf_host_add" | "nvmf_host_remove" => {
+            #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct P {
+                nqn: String,
+                host: String,
+            }
+            let p: P = parse(params)?;
+            let s = state
+                .target
+                .subsystem(&p.nqn)
+                .filter(|s| !s.discovery)
+                .ok_or_else(|| RpcError::not_found(format!("no subsystem {}", p.nqn)))?;
+            if method == "nvmf_host_add" {
+                if !p.host.starts_with("nqn.") {
+                    return Err(RpcError::field("host", "not an NQN"));
+                }
+                s.add_host(&p.host);
+            } else if !s.remove_host(&p.host) {
+                return Err(RpcError::not_found(format!(
+                    "host {} is not allowed",
+                    p.host
+                )));
+            }
+            state.target.discovery_changed();
+            Ok(json!(true))
+        }
+        "nvmf_listener_add" => {
+            let spec: ferroblk_target::subsystem::ListenerSpec = parse(params)?;
+            state.add_listener(spec)?;
+            Ok(json!(true))
+        }
         "reactor_list" => Ok(Value::Array(
             state
                 .reactors

@@ -9,6 +9,8 @@ cd "$(dirname "$0")/.."
 need=()
 command -v losetup >/dev/null || need+=(mount)
 command -v cc >/dev/null || need+=(gcc)
+command -v qemu-storage-daemon >/dev/null || need+=(qemu-system-common)
+command -v fio >/dev/null || need+=(fio)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -157,6 +157,20 @@ impl SgList {
         l
     }
 
+    /// A one-segment list over the first `len` bytes of an owned buffer (a pooled buffer larger
+    /// than the request); [`SgList::into_buf`] gives the whole buffer back.
+    pub fn from_buf_prefix(mut buf: AlignedBuf, len: usize) -> SgList {
+        assert!(len <= buf.len(), "prefix longer than the buffer");
+        let seg = IoSeg {
+            base: buf.as_mut_ptr(),
+            len,
+        };
+        let mut l = SgList::empty();
+        l.push_inline(seg);
+        l.owner = Some(buf);
+        l
+    }
+
     /// A list over an owned buffer split into segments of the given lengths (the rest of the
     /// buffer, if any, is left out). For tests of scatter-gather paths.
     pub fn from_buf_split(mut buf: AlignedBuf, lens: &[usize]) -> SgList {

@@ -46,6 +46,12 @@ pub trait Poller {
     fn prepare_sleep(&mut self) -> bool {
         false
     }
+
+    /// Whether the poller has finished for good (a closed connection); the reactor then drops
+    /// it.
+    fn is_done(&self) -> bool {
+        false
+    }
 }
 
 /// Identifies a poller on its reactor.
@@ -352,8 +358,16 @@ fn run(
             m(&mut core);
             work += 1;
         }
+        let mut any_done = false;
         for (_, p) in core.pollers.iter_mut() {
             work += p.poll();
+            any_done |= p.is_done();
+        }
+        if any_done {
+            core.pollers.retain(|(_, p)| !p.is_done());
+            stats
+                .pollers
+                .store(core.pollers.len() as u64, Ordering::Relaxed);
         }
         ring.flush();
         if core.stopping {

@@ -38,6 +38,7 @@
 //! This crate never imports `ferroblk-vhost`; both fronts speak only to `ferroblk-bdev`.
 
 pub mod spec;
+pub mod subsystem;
 pub mod transport;
 
 pub use spec::{Cqe, Sqe, Status};

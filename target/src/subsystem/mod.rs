@@ -1,0 +1,700 @@
+//! Subsystems, namespaces, the host allow-list, controllers and the discovery service
+//! (NVMe-oF 1.1 §3, §5).
+//!
+//! A [`Target`] holds the subsystems and the listeners. A [`Controller`] is created by an admin
+//! queue's Connect (dynamic controller model) and lives as long as that queue; its I/O queues
+//! join it by CNTLID. Controller state that changes at run time (CC/CSTS, features, AER slots,
+//! pending events) is behind atomics or small locks touched only by admin commands and control
+//! operations, never by I/O.
+
+pub mod admin;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use ferroblk_bdev::reactor::ReactorHandle;
+use ferroblk_bdev::{Bdev, BdevEvent};
+use serde::{Deserialize, Serialize};
+
+use crate::spec::command::AsyncEvent;
+use crate::spec::fabrics::DISCOVERY_NQN;
+
+/// Declaration of a subsystem (`[[subsystem]]`, `nvmf_subsystem_add`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubsystemSpec {
+    /// NVMe Qualified Name (`nqn.YYYY-MM.reverse.domain:name`).
+    pub nqn: String,
+    /// Serial number (20 ASCII characters at most; default derived from the NQN).
+    #[serde(default)]
+    pub serial: Option<String>,
+    /// Model number (40 ASCII characters at most).
+    #[serde(default = "default_model")]
+    pub model: String,
+    /// Any host may connect (demo use only); otherwise only `hosts`.
+    #[serde(default)]
+    pub allow_any_host: bool,
+    /// Host NQNs allowed to connect.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Namespaces.
+    #[serde(default)]
+    pub namespace: Vec<NamespaceSpec>,
+}
+
+fn default_model() -> String {
+    "ferroblk".into()
+}
+
+/// Declaration of a namespace (`[[subsystem.namespace]]`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceSpec {
+    /// Namespace ID (1..=1024).
+    pub nsid: u32,
+    /// The bdev behind it.
+    pub bdev: String,
+    /// UUID (`xxxxxxxx-xxxx-...`); default derived from the subsystem NQN and NSID, so it is
+    /// stable across restarts. The NGUID is derived the same way.
+    #[serde(default)]
+    pub uuid: Option<String>,
+}
+
+/// Declaration of a TCP listener (`[[listener]]`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerSpec {
+    /// IP address to listen on.
+    pub addr: String,
+    /// TCP port (4420 for I/O, 8009 for discovery by convention; every listener serves both).
+    pub port: u16,
+}
+
+/// Most namespaces per subsystem.
+pub const MAX_NSID: u32 = 1024;
+
+fn valid_nqn(nqn: &str) -> bool {
+    (nqn.starts_with("nqn.") || nqn.starts_with("nqn-"))
+        && nqn.len() <= 223
+        && nqn.is_ascii()
+        && !nqn.contains(char::is_whitespace)
+}
+
+impl SubsystemSpec {
+    /// Checks values that need no bdev; errors name the field.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if !valid_nqn(&self.nqn) || self.nqn == DISCOVERY_NQN {
+            return Err(("nqn".into(), format!("'{}' is not a usable NQN", self.nqn)));
+        }
+        if let Some(s) = &self.serial
+            && (s.len() > 20 || !s.is_ascii())
+        {
+            return Err(("serial".into(), "at most 20 ASCII characters".into()));
+        }
+        if self.model.len() > 40 || !self.model.is_ascii() {
+            return Err(("model".into(), "at most 40 ASCII characters".into()));
+        }
+        for (i, h) in self.hosts.iter().enumerate() {
+            if !valid_nqn(h) {
+                return Err((format!("hosts[{i}]"), format!("'{h}' is not an NQN")));
+            }
+        }
+        for (i, n) in self.namespace.iter().enumerate() {
+            if n.nsid == 0 || n.nsid > MAX_NSID {
+                return Err((
+                    format!("namespace[{i}].nsid"),
+                    format!("{} is not in 1..={MAX_NSID}", n.nsid),
+                ));
+            }
+            if self.namespace[..i].iter().any(|o| o.nsid == n.nsid) {
+                return Err((
+                    format!("namespace[{i}].nsid"),
+                    format!("{} is used twice", n.nsid),
+                ));
+            }
+            if let Some(u) = &n.uuid
+                && parse_uuid(u).is_none()
+            {
+                return Err((
+                    format!("namespace[{i}].uuid"),
+                    format!("'{u}' is not a UUID"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`.
+pub fn parse_uuid(s: &str) -> Option<[u8; 16]> {
+    let hex: String = s.chars().filter(|c| *c != '-').collect();
+    if hex.len() != 32 || s.len() != 36 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+fn fnv1a(data: &[u8], seed: u64) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed;
+    for &b in data {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// A stable 16-byte identifier derived from `parts`.
+pub fn derive_id(parts: &str, salt: u64) -> [u8; 16] {
+    let a = fnv1a(parts.as_bytes(), salt);
+    let b = fnv1a(parts.as_bytes(), salt ^ 0x9E37_79B9_7F4A_7C15);
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&a.to_be_bytes());
+    out[8..].copy_from_slice(&b.to_be_bytes());
+    // RFC 4122 version 4 / variant bits so it reads as a UUID.
+    out[6] = (out[6] & 0x0f) | 0x40;
+    out[8] = (out[8] & 0x3f) | 0x80;
+    out
+}
+
+/// A namespace: an NSID mapped to a bdev.
+pub struct Namespace {
+    /// Namespace ID.
+    pub nsid: u32,
+    /// The bdev.
+    pub bdev: Arc<dyn Bdev>,
+    /// Namespace Globally Unique Identifier.
+    pub nguid: [u8; 16],
+    /// UUID.
+    pub uuid: [u8; 16],
+    subscription: u64,
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        self.bdev.info().unsubscribe(self.subscription);
+    }
+}
+
+/// An NVM subsystem, or the discovery subsystem.
+pub struct Subsystem {
+    /// NQN.
+    pub nqn: String,
+    /// Serial number.
+    pub serial: String,
+    /// Model number.
+    pub model: String,
+    /// Whether this is the discovery subsystem.
+    pub discovery: bool,
+    allow_any_host: AtomicBool,
+    hosts: RwLock<Vec<String>>,
+    namespaces: RwLock<BTreeMap<u32, Arc<Namespace>>>,
+    ns_generation: AtomicU64,
+    controllers: Mutex<HashMap<u16, Arc<Controller>>>,
+    next_cntlid: AtomicU16,
+}
+
+impl Subsystem {
+    fn new(nqn: &str, serial: &str, model: &str, discovery: bool) -> Subsystem {
+        Subsystem {
+            nqn: nqn.into(),
+            serial: serial.into(),
+            model: model.into(),
+            discovery,
+            allow_any_host: AtomicBool::new(discovery),
+            hosts: RwLock::new(Vec::new()),
+            namespaces: RwLock::new(BTreeMap::new()),
+            ns_generation: AtomicU64::new(1),
+            controllers: Mutex::new(HashMap::new()),
+            next_cntlid: AtomicU16::new(1),
+        }
+    }
+
+    /// Whether `hostnqn` may connect.
+    pub fn host_allowed(&self, hostnqn: &str) -> bool {
+        self.allow_any_host.load(Ordering::Acquire)
+            || self
+                .hosts
+                .read()
+                .expect("hosts lock")
+                .iter()
+                .any(|h| h == hostnqn)
+    }
+
+    /// Allows `hostnqn`.
+    pub fn add_host(&self, hostnqn: &str) {
+        let mut h = self.hosts.write().expect("hosts lock");
+        if !h.iter().any(|x| x == hostnqn) {
+            h.push(hostnqn.into());
+        }
+    }
+
+    /// Disallows `hostnqn` (its connected controllers are not torn down).
+    pub fn remove_host(&self, hostnqn: &str) -> bool {
+        let mut h = self.hosts.write().expect("hosts lock");
+        let before = h.len();
+        h.retain(|x| x != hostnqn);
+        h.len() != before
+    }
+
+    /// The allowed hosts and whether any host is allowed.
+    pub fn hosts(&self) -> (bool, Vec<String>) {
+        (
+            self.allow_any_host.load(Ordering::Acquire),
+            self.hosts.read().expect("hosts lock").clone(),
+        )
+    }
+
+    /// The namespace `nsid`.
+    pub fn namespace(&self, nsid: u32) -> Option<Arc<Namespace>> {
+        self.namespaces.read().expect("ns lock").get(&nsid).cloned()
+    }
+
+    /// Every namespace, by NSID.
+    pub fn namespaces(&self) -> Vec<Arc<Namespace>> {
+        self.namespaces
+            .read()
+            .expect("ns lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Bumped whenever a namespace is added or removed (I/O queues refresh their tables).
+    pub fn ns_generation(&self) -> u64 {
+        self.ns_generation.load(Ordering::Acquire)
+    }
+
+    /// Adds namespace `nsid` on `bdev`.
+    pub fn add_namespace(
+        self: &Arc<Self>,
+        nsid: u32,
+        bdev: Arc<dyn Bdev>,
+        uuid: Option<[u8; 16]>,
+    ) -> Result<(), String> {
+        if nsid == 0 || nsid > MAX_NSID {
+            return Err(format!("nsid {nsid} is not in 1..={MAX_NSID}"));
+        }
+        let mut map = self.namespaces.write().expect("ns lock");
+        if map.contains_key(&nsid) {
+            return Err(format!("nsid {nsid} exists already"));
+        }
+        let weak = Arc::downgrade(self);
+        let subscription = bdev.info().subscribe(move |ev| {
+            if let (Some(s), BdevEvent::Resized { .. }) = (weak.upgrade(), ev) {
+                s.notify_ns_changed(nsid);
+            }
+        });
+        let id = format!("{}|{nsid}", self.nqn);
+        map.insert(
+            nsid,
+            Arc::new(Namespace {
+                nsid,
+                bdev,
+                nguid: derive_id(&id, 1),
+                uuid: uuid.unwrap_or_else(|| derive_id(&id, 2)),
+                subscription,
+            }),
+        );
+        drop(map);
+        self.ns_generation.fetch_add(1, Ordering::AcqRel);
+        self.notify_ns_changed(nsid);
+        Ok(())
+    }
+
+    /// Removes namespace `nsid`; returns its bdev.
+    pub fn remove_namespace(&self, nsid: u32) -> Option<Arc<dyn Bdev>> {
+        let ns = self.namespaces.write().expect("ns lock").remove(&nsid)?;
+        self.ns_generation.fetch_add(1, Ordering::AcqRel);
+        self.notify_ns_changed(nsid);
+        Some(ns.bdev.clone())
+    }
+
+    /// Tells every controller that namespace `nsid` changed (Namespace Attribute Changed).
+    pub fn notify_ns_changed(&self, nsid: u32) {
+        for c in self.controllers.lock().expect("ctrl lock").values() {
+            c.ns_changed(nsid);
+        }
+    }
+
+    /// Controllers connected now.
+    pub fn controllers(&self) -> Vec<Arc<Controller>> {
+        self.controllers
+            .lock()
+            .expect("ctrl lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Creates a controller for an admin queue.
+    pub fn create_controller(
+        self: &Arc<Self>,
+        hostnqn: &str,
+        hostid: [u8; 16],
+        kato_ms: u32,
+        admin_reactor: ReactorHandle,
+    ) -> Result<Arc<Controller>, &'static str> {
+        let mut ctrls = self.controllers.lock().expect("ctrl lock");
+        if ctrls.len() >= 1024 {
+            return Err("too many controllers");
+        }
+        let mut cntlid = self.next_cntlid.fetch_add(1, Ordering::Relaxed);
+        for _ in 0..0xffef {
+            if (1..=0xffef).contains(&cntlid) && !ctrls.contains_key(&cntlid) {
+                break;
+            }
+            cntlid = self.next_cntlid.fetch_add(1, Ordering::Relaxed);
+        }
+        let c = Arc::new(Controller {
+            cntlid,
+            subsystem: self.clone(),
+            hostnqn: hostnqn.into(),
+            hostid,
+            kato_ms: AtomicU32::new(kato_ms),
+            last_keep_alive: Mutex::new(Instant::now()),
+            cc: AtomicU32::new(0),
+            csts: AtomicU32::new(0),
+            io_queues: AtomicU16::new(DEFAULT_IO_QUEUES),
+            aen_config: AtomicU32::new(0),
+            vwc_enabled: AtomicBool::new(true),
+            dead: AtomicBool::new(false),
+            events: Mutex::new(VecDeque::new()),
+            changed_ns: Mutex::new(Vec::new()),
+            admin_reactor,
+        });
+        ctrls.insert(cntlid, c.clone());
+        tracing::info!(subsystem = %self.nqn, cntlid, host = hostnqn, "controller created");
+        Ok(c)
+    }
+
+    /// The controller `cntlid`.
+    pub fn controller(&self, cntlid: u16) -> Option<Arc<Controller>> {
+        self.controllers
+            .lock()
+            .expect("ctrl lock")
+            .get(&cntlid)
+            .cloned()
+    }
+
+    /// Removes a controller (its admin queue ended).
+    pub fn remove_controller(&self, cntlid: u16) {
+        if let Some(c) = self.controllers.lock().expect("ctrl lock").remove(&cntlid) {
+            c.dead.store(true, Ordering::Release);
+            tracing::info!(subsystem = %self.nqn, cntlid, "controller removed");
+        }
+    }
+}
+
+/// I/O queues a controller gets unless Set Features Number of Queues asks otherwise.
+pub const DEFAULT_IO_QUEUES: u16 = 64;
+/// Most I/O queues per controller.
+pub const MAX_IO_QUEUES: u16 = 128;
+
+/// A controller (NVMe-oF dynamic controller model).
+pub struct Controller {
+    /// Controller ID.
+    pub cntlid: u16,
+    /// Its subsystem.
+    pub subsystem: Arc<Subsystem>,
+    /// The host's NQN.
+    pub hostnqn: String,
+    /// The host identifier.
+    pub hostid: [u8; 16],
+    /// Keep Alive Timeout in ms (0: disabled).
+    pub kato_ms: AtomicU32,
+    /// When the last Keep Alive (or admin command) arrived.
+    pub last_keep_alive: Mutex<Instant>,
+    /// Controller Configuration.
+    pub cc: AtomicU32,
+    /// Controller Status.
+    pub csts: AtomicU32,
+    /// I/O queues allocated (Set Features Number of Queues).
+    pub io_queues: AtomicU16,
+    /// Asynchronous Event Configuration.
+    pub aen_config: AtomicU32,
+    /// Volatile Write Cache enable (Set Features 06h).
+    pub vwc_enabled: AtomicBool,
+    /// Set when the controller is torn down; its queues close.
+    pub dead: AtomicBool,
+    events: Mutex<VecDeque<AsyncEvent>>,
+    changed_ns: Mutex<Vec<u32>>,
+    admin_reactor: ReactorHandle,
+}
+
+impl Controller {
+    /// Records a namespace change: a Changed Namespace List entry and, if enabled, an
+    /// asynchronous event; wakes the admin queue's reactor to deliver it.
+    pub fn ns_changed(&self, nsid: u32) {
+        {
+            let mut l = self.changed_ns.lock().expect("changed lock");
+            if !l.contains(&nsid) {
+                if l.len() >= 1024 {
+                    // Overflow: the log's first entry becomes FFFFFFFFh.
+                    l.clear();
+                    l.push(u32::MAX);
+                } else {
+                    l.push(nsid);
+                }
+            }
+        }
+        if self.aen_config.load(Ordering::Acquire)
+            & crate::spec::features::AsyncEventConfig::NAMESPACE_ATTRIBUTE_NOTICES
+            != 0
+        {
+            let ev = AsyncEvent {
+                event_type: crate::spec::command::async_event_type::NOTICE,
+                info: crate::spec::command::async_event_notice::NAMESPACE_ATTRIBUTE_CHANGED,
+                log_page: crate::spec::log::LogPageId::ChangedNamespaceList as u8,
+            };
+            let mut q = self.events.lock().expect("events lock");
+            if !q.contains(&ev) {
+                q.push_back(ev);
+            }
+        }
+        self.admin_reactor.send(|_| {});
+    }
+
+    /// Takes the next pending asynchronous event.
+    pub fn take_event(&self) -> Option<AsyncEvent> {
+        self.events.lock().expect("events lock").pop_front()
+    }
+
+    /// Whether events are pending.
+    pub fn has_events(&self) -> bool {
+        !self.events.lock().expect("events lock").is_empty()
+    }
+
+    /// Takes (and clears) the Changed Namespace List.
+    pub fn take_changed_ns(&self) -> Vec<u32> {
+        std::mem::take(&mut *self.changed_ns.lock().expect("changed lock"))
+    }
+
+    /// Restarts the keep-alive timer.
+    pub fn keep_alive(&self) {
+        *self.last_keep_alive.lock().expect("ka lock") = Instant::now();
+    }
+
+    /// When the keep-alive timer expires, if it runs.
+    pub fn keep_alive_deadline(&self) -> Option<Instant> {
+        let kato = self.kato_ms.load(Ordering::Relaxed);
+        if kato == 0 {
+            return None;
+        }
+        // Hosts send Keep Alive at KATO/2; allow the full KATO plus a margin for a busy host.
+        let last = *self.last_keep_alive.lock().expect("ka lock");
+        Some(last + std::time::Duration::from_millis(u64::from(kato) + u64::from(kato) / 2))
+    }
+}
+
+/// Everything the NVMe-oF front serves.
+pub struct Target {
+    subsystems: RwLock<BTreeMap<String, Arc<Subsystem>>>,
+    discovery: Arc<Subsystem>,
+    listeners: RwLock<Vec<ListenerSpec>>,
+    genctr: AtomicU64,
+}
+
+impl Default for Target {
+    fn default() -> Self {
+        Target::new()
+    }
+}
+
+impl Target {
+    /// An empty target with its discovery subsystem.
+    pub fn new() -> Target {
+        Target {
+            subsystems: RwLock::new(BTreeMap::new()),
+            discovery: Arc::new(Subsystem::new(
+                DISCOVERY_NQN,
+                "ferroblk-discovery",
+                "ferroblk",
+                true,
+            )),
+            listeners: RwLock::new(Vec::new()),
+            genctr: AtomicU64::new(1),
+        }
+    }
+
+    /// The subsystem named `nqn` (the discovery NQN gives the discovery subsystem).
+    pub fn subsystem(&self, nqn: &str) -> Option<Arc<Subsystem>> {
+        if nqn == DISCOVERY_NQN {
+            return Some(self.discovery.clone());
+        }
+        self.subsystems
+            .read()
+            .expect("subsys lock")
+            .get(nqn)
+            .cloned()
+    }
+
+    /// Every NVM subsystem.
+    pub fn subsystems(&self) -> Vec<Arc<Subsystem>> {
+        self.subsystems
+            .read()
+            .expect("subsys lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Adds a subsystem (namespaces are added separately).
+    pub fn add_subsystem(&self, spec: &SubsystemSpec) -> Result<Arc<Subsystem>, String> {
+        spec.validate().map_err(|(f, m)| format!("{f}: {m}"))?;
+        let mut m = self.subsystems.write().expect("subsys lock");
+        if m.contains_key(&spec.nqn) {
+            return Err(format!("subsystem {} exists already", spec.nqn));
+        }
+        let serial = spec.serial.clone().unwrap_or_else(|| {
+            let id = derive_id(&spec.nqn, 3);
+            id[..10].iter().map(|b| format!("{b:02X}")).collect()
+        });
+        let s = Arc::new(Subsystem::new(&spec.nqn, &serial, &spec.model, false));
+        s.allow_any_host
+            .store(spec.allow_any_host, Ordering::Release);
+        for h in &spec.hosts {
+            s.add_host(h);
+        }
+        m.insert(spec.nqn.clone(), s.clone());
+        drop(m);
+        self.discovery_changed();
+        Ok(s)
+    }
+
+    /// Removes a subsystem; its controllers are torn down.
+    pub fn remove_subsystem(&self, nqn: &str) -> Option<Arc<Subsystem>> {
+        let s = self.subsystems.write().expect("subsys lock").remove(nqn)?;
+        for c in s.controllers() {
+            s.remove_controller(c.cntlid);
+        }
+        self.discovery_changed();
+        Some(s)
+    }
+
+    /// Records a listener for the discovery log.
+    pub fn add_listener(&self, l: ListenerSpec) {
+        self.listeners.write().expect("listener lock").push(l);
+        self.discovery_changed();
+    }
+
+    /// Forgets a listener.
+    pub fn remove_listener(&self, l: &ListenerSpec) {
+        self.listeners
+            .write()
+            .expect("listener lock")
+            .retain(|x| x != l);
+        self.discovery_changed();
+    }
+
+    /// The listeners.
+    pub fn listeners(&self) -> Vec<ListenerSpec> {
+        self.listeners.read().expect("listener lock").clone()
+    }
+
+    /// The discovery log generation counter.
+    pub fn genctr(&self) -> u64 {
+        self.genctr.load(Ordering::Acquire)
+    }
+
+    /// The discovery log changed: bump the counter and tell discovery controllers that asked.
+    pub fn discovery_changed(&self) {
+        self.genctr.fetch_add(1, Ordering::AcqRel);
+        for c in self.discovery.controllers() {
+            if c.aen_config.load(Ordering::Acquire)
+                & crate::spec::features::AsyncEventConfig::DISCOVERY_LOG_CHANGE_NOTICES
+                != 0
+            {
+                let ev = AsyncEvent {
+                    event_type: crate::spec::command::async_event_type::NOTICE,
+                    info: crate::spec::command::async_event_notice::DISCOVERY_LOG_PAGE_CHANGE,
+                    log_page: crate::spec::log::LogPageId::Discovery as u8,
+                };
+                c.events.lock().expect("events lock").push_back(ev);
+                c.admin_reactor.send(|_| {});
+            }
+        }
+    }
+
+    /// The discovery log entries `hostnqn` may see: each subsystem it is allowed into, on each
+    /// listener.
+    pub fn discovery_entries(&self, hostnqn: &str) -> Vec<crate::spec::log::DiscoveryLogEntry> {
+        use crate::spec::log::{DiscoveryLogEntry, adrfam, subtype, tcp_sectype, treq, trtype};
+        let mut out = Vec::new();
+        for (portid, l) in self.listeners().iter().enumerate() {
+            let v6 = l.addr.contains(':');
+            for s in self.subsystems() {
+                if !s.host_allowed(hostnqn) {
+                    continue;
+                }
+                let mut tsas = [0u8; 256];
+                tsas[0] = tcp_sectype::NONE;
+                out.push(DiscoveryLogEntry {
+                    trtype: trtype::TCP,
+                    adrfam: if v6 { adrfam::IPV6 } else { adrfam::IPV4 },
+                    subtype: subtype::NVME,
+                    treq: treq::SECURE_CHANNEL_NOT_REQUIRED,
+                    portid: portid as u16,
+                    cntlid: crate::spec::log::CNTLID_DYNAMIC,
+                    asqsz: 32,
+                    eflags: 0,
+                    trsvcid: l.port.to_string(),
+                    subnqn: s.nqn.clone(),
+                    traddr: l.addr.clone(),
+                    tsas,
+                });
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_are_checked() {
+        let mut s = SubsystemSpec {
+            nqn: "nqn.2026-11.io.ferroblk:t".into(),
+            serial: None,
+            model: "m".into(),
+            allow_any_host: false,
+            hosts: vec!["nqn.2014-08.org.nvmexpress:uuid:1".into()],
+            namespace: vec![NamespaceSpec {
+                nsid: 1,
+                bdev: "b".into(),
+                uuid: None,
+            }],
+        };
+        assert!(s.validate().is_ok());
+        s.namespace.push(NamespaceSpec {
+            nsid: 1,
+            bdev: "c".into(),
+            uuid: None,
+        });
+        assert_eq!(s.validate().unwrap_err().0, "namespace[1].nsid");
+        s.namespace.pop();
+        s.hosts.push("not an nqn".into());
+        assert_eq!(s.validate().unwrap_err().0, "hosts[1]");
+        s.hosts.pop();
+        s.nqn = DISCOVERY_NQN.into();
+        assert_eq!(s.validate().unwrap_err().0, "nqn");
+    }
+
+    #[test]
+    fn derived_ids_are_stable_and_distinct() {
+        assert_eq!(derive_id("a|1", 1), derive_id("a|1", 1));
+        assert_ne!(derive_id("a|1", 1), derive_id("a|2", 1));
+        assert_eq!(
+            parse_uuid("01234567-89ab-cdef-0123-456789abcdef").unwrap()[0..2],
+            [0x01, 0x23]
+        );
+        assert!(parse_uuid("nope").is_none());
+    }
+}

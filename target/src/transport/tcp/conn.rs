@@ -1,0 +1,1142 @@
+//! One NVMe/TCP connection = one NVMe queue, served by one reactor (NVMe/TCP transport 1.0 §3).
+//!
+//! The poller reads the socket when io_uring reports it readable, decodes PDUs with
+//! [`PduDecoder`], turns commands into bdev requests on its own channels, and writes responses
+//! (C2HData, R2T, CapsuleResp) into a send buffer flushed without blocking. Any protocol
+//! violation the codec reports ends the connection with a C2HTermReq; command-level errors
+//! complete the command with an NVMe status. Nothing a host sends can stop other connections.
+
+use std::collections::VecDeque;
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use ferroblk_bdev::reactor::{Poller, ReactorHandle};
+use ferroblk_bdev::uring::{RingClient, ThreadRing};
+use ferroblk_bdev::{AlignedBuf, Caps, Channel, IoCompletion, IoRequest, IoType, SgList, Wake};
+use io_uring::{opcode, types};
+
+use super::pdu::{
+    C2hData, Decoded, IcResp, MAX_HEADER_LEN, Negotiated, PduDecoder, PduEncoder, PduError,
+    PduHeader, R2t, Role,
+};
+use crate::spec::command::{
+    AdminOpcode, DatasetManagement, DsmRange, IoOpcode, ReadWrite, SglDescriptor, Sqe, WriteZeroes,
+    sgl_subtype, sgl_type,
+};
+use crate::spec::fabrics::{ConnectCommand, ConnectData, ConnectResponse, FabricsType};
+use crate::spec::{Cqe, Status, to_nvme_status};
+use crate::subsystem::admin::{
+    self, AER_SLOTS, AdminOutcome, IN_CAPSULE_DATA, MDTS, QUEUE_ENTRIES,
+};
+use crate::subsystem::{Controller, Namespace, Target};
+
+/// Most data bytes per H2CData PDU the target accepts (MAXH2CDATA).
+pub const MAX_H2C_DATA: u32 = 128 * 1024;
+const MAX_TRANSFER: usize = 4096 << MDTS;
+const RX_CAPACITY: usize = 256 * 1024;
+const POLL_READ: u32 = 0;
+const POLL_WRITE: u32 = 1;
+
+/// A bounded free list of aligned buffers by power-of-two size class (4 KiB .. 1 MiB).
+struct BufPool {
+    classes: Vec<Vec<AlignedBuf>>,
+}
+
+impl BufPool {
+    fn new() -> BufPool {
+        BufPool {
+            classes: (0..=8).map(|_| Vec::new()).collect(),
+        }
+    }
+
+    fn class(len: usize) -> usize {
+        (len.max(4096).next_power_of_two().trailing_zeros() - 12) as usize
+    }
+
+    fn get(&mut self, len: usize) -> AlignedBuf {
+        let c = Self::class(len);
+        self.classes[c]
+            .pop()
+            .unwrap_or_else(|| AlignedBuf::new(4096 << c))
+    }
+
+    fn put(&mut self, b: AlignedBuf) {
+        let c = Self::class(b.len());
+        if c < self.classes.len() && self.classes[c].len() < 256 && b.len() == 4096 << c {
+            self.classes[c].push(b);
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SlotState {
+    Free,
+    /// R2T sent; H2CData expected.
+    AwaitData,
+    /// Bdev requests in flight.
+    Exec,
+}
+
+struct Slot {
+    state: SlotState,
+    cid: u16,
+    sqe: Sqe,
+    /// Command data (host-to-controller, or read into for controller-to-host).
+    buf: Option<AlignedBuf>,
+    /// Data length of the command.
+    len: usize,
+    /// H2C bytes received so far.
+    got: usize,
+    /// Bdev requests still in flight.
+    pending: u32,
+    /// First error status seen.
+    status: Status,
+    /// Data the host sent with a Compare, kept to check against the read.
+    compare: Option<AlignedBuf>,
+}
+
+struct NsChan {
+    ns: Arc<Namespace>,
+    ch: Channel,
+}
+
+struct Queue {
+    qid: u16,
+    ctrl: Arc<Controller>,
+    ns: Vec<Option<NsChan>>,
+    ns_gen: u64,
+}
+
+/// The poller of one connection.
+pub struct TcpConn {
+    target: Arc<Target>,
+    reactor: ReactorHandle,
+    sock: TcpStream,
+    client: RingClient,
+    readable: bool,
+    write_armed: bool,
+    rx: Vec<u8>,
+    tx: Vec<u8>,
+    tx_off: usize,
+    decoder: PduDecoder,
+    encoder: PduEncoder,
+    established: bool,
+    queue: Option<Queue>,
+    slots: Vec<Slot>,
+    done: Vec<IoCompletion>,
+    retry: VecDeque<(u32, IoRequest)>,
+    pool: BufPool,
+    sqhd: u16,
+    sqsize: u16,
+    flow_control: bool,
+    aers: Vec<u16>,
+    closing: bool,
+    finished: bool,
+    peer: String,
+    conns: Arc<AtomicUsize>,
+    scratch: [u8; MAX_HEADER_LEN],
+}
+
+impl TcpConn {
+    /// Takes over an accepted connection on the calling reactor.
+    pub fn new(
+        target: Arc<Target>,
+        reactor: ReactorHandle,
+        sock: TcpStream,
+        conns: Arc<AtomicUsize>,
+    ) -> std::io::Result<TcpConn> {
+        sock.set_nonblocking(true)?;
+        sock.set_nodelay(true)?;
+        let peer = sock
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "?".into());
+        let ring = ThreadRing::current().map_err(std::io::Error::other)?;
+        let client = ring.register(16);
+        let c = TcpConn {
+            target,
+            reactor,
+            sock,
+            client,
+            readable: true,
+            write_armed: false,
+            rx: Vec::with_capacity(RX_CAPACITY),
+            tx: Vec::with_capacity(64 * 1024),
+            tx_off: 0,
+            decoder: PduDecoder::controller(IN_CAPSULE_DATA),
+            encoder: PduEncoder::new(Role::Controller),
+            established: false,
+            queue: None,
+            slots: Vec::new(),
+            done: Vec::with_capacity(QUEUE_ENTRIES as usize),
+            retry: VecDeque::new(),
+            pool: BufPool::new(),
+            sqhd: 0,
+            sqsize: QUEUE_ENTRIES,
+            flow_control: true,
+            aers: Vec::new(),
+            closing: false,
+            finished: false,
+            peer,
+            conns,
+            scratch: [0; MAX_HEADER_LEN],
+        };
+        c.arm(POLL_READ, (libc::POLLIN | libc::POLLRDHUP) as u32, true);
+        Ok(c)
+    }
+
+    fn arm(&self, slot: u32, events: u32, multi: bool) {
+        let sqe = opcode::PollAdd::new(types::Fd(self.sock.as_raw_fd()), events)
+            .multi(multi)
+            .build();
+        // SAFETY: a poll on the connection's socket, which this poller owns; a late completion
+        // after the poller is gone is discarded by the client generation check.
+        unsafe { self.client.push(sqe, slot) };
+        self.client.ring().flush();
+    }
+
+    fn close(&mut self, why: &str) {
+        if !self.closing {
+            tracing::info!(peer = %self.peer, reason = why, "NVMe/TCP connection closing");
+            self.closing = true;
+            if let Some(q) = &self.queue
+                && q.qid == 0
+            {
+                q.ctrl.subsystem.remove_controller(q.ctrl.cntlid);
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- sending
+
+    fn push_header(&mut self, n: usize) {
+        self.tx.extend_from_slice(&self.scratch[..n]);
+    }
+
+    fn send_cqe(&mut self, mut cqe: Cqe) {
+        cqe.sqhd = if self.flow_control { self.sqhd } else { 0xffff };
+        cqe.sqid = self.queue.as_ref().map_or(0, |q| q.qid);
+        let n = self.encoder.capsule_resp(&cqe, &mut self.scratch);
+        self.push_header(n);
+    }
+
+    fn send_data(&mut self, cid: u16, data: &[u8]) {
+        let mut off = 0;
+        while off < data.len() {
+            let chunk = (data.len() - off).min(MAX_H2C_DATA as usize);
+            let last = off + chunk == data.len();
+            let h = C2hData {
+                cccid: cid,
+                datao: off as u32,
+                datal: chunk as u32,
+                last,
+                success: false,
+            };
+            let pdo = self.encoder.c2h_data(&h, &mut self.scratch);
+            self.push_header(pdo);
+            let part = &data[off..off + chunk];
+            self.tx.extend_from_slice(part);
+            if self.negotiated().is_some_and(|n| n.ddgst) {
+                let d = super::pdu::DataDigest::of(&[part]);
+                self.tx.extend_from_slice(&d.to_le_bytes());
+            }
+            off += chunk;
+        }
+    }
+
+    fn negotiated(&self) -> Option<Negotiated> {
+        self.decoder.negotiated().copied()
+    }
+
+    fn flush_tx(&mut self) -> usize {
+        let mut sent = 0;
+        while self.tx_off < self.tx.len() {
+            let buf = &self.tx[self.tx_off..];
+            // SAFETY: sends from a live buffer of `buf.len()` bytes on our socket.
+            let n = unsafe {
+                libc::send(
+                    self.sock.as_raw_fd(),
+                    buf.as_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                match e.kind() {
+                    std::io::ErrorKind::WouldBlock => {
+                        if !self.write_armed {
+                            self.write_armed = true;
+                            self.arm(POLL_WRITE, libc::POLLOUT as u32, false);
+                        }
+                    }
+                    std::io::ErrorKind::Interrupted => continue,
+                    _ => {
+                        self.close("send failed");
+                        self.tx.clear();
+                        self.tx_off = 0;
+                    }
+                }
+                break;
+            }
+            self.tx_off += n as usize;
+            sent += n as usize;
+        }
+        if self.tx_off == self.tx.len() {
+            self.tx.clear();
+            self.tx_off = 0;
+        }
+        sent
+    }
+
+    // ---------------------------------------------------------------- receiving
+
+    fn read_socket(&mut self) -> usize {
+        let mut total = 0;
+        while self.readable && !self.closing {
+            if self.rx.len() == self.rx.capacity() {
+                break; // full: the parser must consume first
+            }
+            let len = self.rx.len();
+            let spare = self.rx.capacity() - len;
+            // SAFETY: receives into the vector's spare capacity, then sets the length to what
+            // the kernel wrote.
+            let n = unsafe {
+                libc::recv(
+                    self.sock.as_raw_fd(),
+                    self.rx.as_mut_ptr().add(len).cast(),
+                    spare,
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                match e.kind() {
+                    std::io::ErrorKind::WouldBlock => self.readable = false,
+                    std::io::ErrorKind::Interrupted => continue,
+                    _ => self.close("receive failed"),
+                }
+                break;
+            }
+            if n == 0 {
+                self.close("host closed the connection");
+                break;
+            }
+            // SAFETY: the kernel initialised `n` bytes after `len`.
+            unsafe { self.rx.set_len(len + n as usize) };
+            total += n as usize;
+        }
+        total
+    }
+
+    fn parse(&mut self) -> usize {
+        let mut pos = 0;
+        let mut handled = 0;
+        while !self.closing {
+            let r = self.decoder.decode(&self.rx[pos..]);
+            match r {
+                Ok(Decoded::NeedMore(_)) => break,
+                Ok(Decoded::Ready(l)) => {
+                    let data = (pos + l.data.start)..(pos + l.data.end);
+                    let plen = l.plen;
+                    self.handle_pdu(l.header, data);
+                    pos += plen;
+                    handled += 1;
+                }
+                Err(PduError::DataDigest(l)) => {
+                    // Not fatal: the command fails with Transient Transport Error.
+                    let cid = match l.header {
+                        PduHeader::CapsuleCmd(c) => Some(c.sqe.cid()),
+                        PduHeader::H2cData(h) => Some(h.cccid),
+                        _ => None,
+                    };
+                    tracing::warn!(peer = %self.peer, "data digest mismatch");
+                    if let Some(cid) = cid {
+                        if let Some(i) = self.find_slot(cid) {
+                            self.free_slot(i);
+                        }
+                        self.advance_sqhd();
+                        self.send_cqe(Cqe::new(cid, Status::TRANSIENT_TRANSPORT_ERROR));
+                    }
+                    pos += l.plen;
+                }
+                Err(PduError::Fatal(f)) => {
+                    tracing::warn!(peer = %self.peer, fes = %f.fes, fei = f.fei, "fatal NVMe/TCP error");
+                    let mut out = [0u8; MAX_HEADER_LEN];
+                    let n = self.encoder.term_req_for(&f, &self.rx[pos..], &mut out);
+                    self.tx.extend_from_slice(&out[..n]);
+                    self.close("fatal protocol error");
+                    break;
+                }
+                Err(PduError::Close) => {
+                    self.close("malformed termination request");
+                    break;
+                }
+            }
+        }
+        if pos > 0 {
+            self.rx.drain(..pos);
+        }
+        handled
+    }
+
+    fn fatal(&mut self, fes: super::pdu::Fes, fei: u32) {
+        let mut out = [0u8; MAX_HEADER_LEN];
+        let n = self.encoder.term_req(fes, fei, &[], &mut out);
+        self.tx.extend_from_slice(&out[..n]);
+        self.close("fatal protocol error");
+    }
+
+    fn handle_pdu(&mut self, h: PduHeader, data: std::ops::Range<usize>) {
+        match h {
+            PduHeader::IcReq(req) => {
+                let resp = IcResp {
+                    pfv: 0,
+                    cpda: 0,
+                    hdgst: req.hdgst,
+                    ddgst: req.ddgst,
+                    maxh2cdata: MAX_H2C_DATA,
+                };
+                let n = self.encoder.ic_resp(&resp, &mut self.scratch);
+                self.push_header(n);
+                let neg = Negotiated::from_exchange(&req, &resp);
+                self.decoder.establish(neg);
+                self.encoder = PduEncoder::established(Role::Controller, &neg);
+                self.established = true;
+            }
+            PduHeader::H2cTermReq(t) => {
+                tracing::info!(peer = %self.peer, fes = %t.fes, "host terminated the connection");
+                self.close("H2CTermReq");
+            }
+            PduHeader::CapsuleCmd(c) => {
+                let icd = data.len();
+                let mut buf = None;
+                if icd > 0 {
+                    let mut b = self.pool.get(icd);
+                    b.as_mut_slice()[..icd].copy_from_slice(&self.rx[data]);
+                    buf = Some(b);
+                }
+                self.on_command(c.sqe, buf, icd);
+            }
+            PduHeader::H2cData(d) => {
+                let i = d.ttag as usize;
+                let ok = self
+                    .slots
+                    .get(i)
+                    .is_some_and(|s| s.state == SlotState::AwaitData && s.cid == d.cccid);
+                if !ok {
+                    // An H2CData for no outstanding R2T (§3.6.2.8).
+                    self.fatal(super::pdu::Fes::PDU_SEQUENCE_ERROR, 0);
+                    return;
+                }
+                let s = &mut self.slots[i];
+                let (o, l) = (d.datao as usize, d.datal as usize);
+                if o != s.got || o + l > s.len {
+                    self.fatal(super::pdu::Fes::DATA_TRANSFER_OUT_OF_RANGE, 0);
+                    return;
+                }
+                let buf = s.buf.as_mut().expect("R2T slot has a buffer");
+                buf.as_mut_slice()[o..o + l].copy_from_slice(&self.rx[data]);
+                s.got += l;
+                if s.got == s.len {
+                    if !d.last {
+                        self.fatal(super::pdu::Fes::PDU_SEQUENCE_ERROR, 0);
+                        return;
+                    }
+                    s.state = SlotState::Exec;
+                    self.execute(i);
+                }
+            }
+            // PDUs only a host receives: the decoder already refuses them for a controller.
+            _ => self.fatal(super::pdu::Fes::INVALID_HEADER_FIELD, 0),
+        }
+    }
+
+    // ---------------------------------------------------------------- commands
+
+    fn advance_sqhd(&mut self) {
+        self.sqhd = (self.sqhd + 1) % self.sqsize.max(1);
+    }
+
+    fn find_slot(&self, cid: u16) -> Option<usize> {
+        self.slots
+            .iter()
+            .position(|s| s.state != SlotState::Free && s.cid == cid)
+    }
+
+    fn free_slot(&mut self, i: usize) {
+        let s = &mut self.slots[i];
+        s.state = SlotState::Free;
+        if let Some(b) = s.buf.take() {
+            self.pool.put(b);
+        }
+        if let Some(b) = s.compare.take() {
+            self.pool.put(b);
+        }
+    }
+
+    fn alloc_slot(&mut self, cid: u16, sqe: Sqe) -> usize {
+        let i = match self.slots.iter().position(|s| s.state == SlotState::Free) {
+            Some(i) => i,
+            None => {
+                self.slots.push(Slot {
+                    state: SlotState::Free,
+                    cid: 0,
+                    sqe,
+                    buf: None,
+                    len: 0,
+                    got: 0,
+                    pending: 0,
+                    status: Status::SUCCESS,
+                    compare: None,
+                });
+                self.slots.len() - 1
+            }
+        };
+        let s = &mut self.slots[i];
+        s.state = SlotState::Exec;
+        s.cid = cid;
+        s.sqe = sqe;
+        s.len = 0;
+        s.got = 0;
+        s.pending = 0;
+        s.status = Status::SUCCESS;
+        i
+    }
+
+    /// Length of host-to-controller data the command carries, if any.
+    fn data_in_len(&self, sqe: &Sqe) -> usize {
+        let opc = sqe.opc();
+        let io = self.queue.as_ref().is_some_and(|q| q.qid != 0);
+        if opc == AdminOpcode::Fabrics as u8 {
+            return if sqe.fctype() == FabricsType::Connect as u8 {
+                1024
+            } else {
+                0
+            };
+        }
+        if !io {
+            return 0;
+        }
+        match IoOpcode::from_u8(opc) {
+            Some(IoOpcode::Write | IoOpcode::Compare) => {
+                let rw = ReadWrite::from_sqe(sqe);
+                let bs = self.block_size(rw.nsid).unwrap_or(512);
+                rw.nlb as usize * bs
+            }
+            Some(IoOpcode::DatasetManagement) => DatasetManagement::from_sqe(sqe).data_len(),
+            _ => 0,
+        }
+    }
+
+    fn block_size(&self, nsid: u32) -> Option<usize> {
+        let q = self.queue.as_ref()?;
+        let n = q.ns.get(nsid as usize)?.as_ref()?;
+        Some(n.ns.bdev.info().block_size().bytes() as usize)
+    }
+
+    fn on_command(&mut self, sqe: Sqe, icd: Option<AlignedBuf>, icd_len: usize) {
+        let cid = sqe.cid();
+        self.advance_sqhd();
+        if self.find_slot(cid).is_some() {
+            if let Some(b) = icd {
+                self.pool.put(b);
+            }
+            self.send_cqe(Cqe::new(cid, Status::COMMAND_ID_CONFLICT));
+            return;
+        }
+        let is_connect =
+            sqe.opc() == AdminOpcode::Fabrics as u8 && sqe.fctype() == FabricsType::Connect as u8;
+        if self.queue.is_none() != is_connect {
+            // Nothing but Connect before Connect, and no second Connect.
+            if let Some(b) = icd {
+                self.pool.put(b);
+            }
+            self.send_cqe(Cqe::new(cid, Status::COMMAND_SEQUENCE_ERROR));
+            return;
+        }
+        let want = self.data_in_len(&sqe);
+        let i = self.alloc_slot(cid, sqe);
+        let sgl: SglDescriptor = sqe.sgl1();
+        if want == 0 {
+            if let Some(b) = icd {
+                self.pool.put(b);
+            }
+            self.execute(i);
+            return;
+        }
+        if want > MAX_TRANSFER || sgl.length as usize != want {
+            if let Some(b) = icd {
+                self.pool.put(b);
+            }
+            self.free_slot(i);
+            self.send_cqe(Cqe::new(cid, Status::DATA_SGL_LENGTH_INVALID));
+            return;
+        }
+        self.slots[i].len = want;
+        if icd_len > 0 {
+            // In-capsule data: SGL Data Block with an offset address (NVMe/TCP §3.3.3.1).
+            if sgl.sgl_type != sgl_type::DATA_BLOCK
+                || sgl.subtype != sgl_subtype::OFFSET
+                || icd_len != want
+                || sgl.address != 0
+            {
+                if let Some(b) = icd {
+                    self.pool.put(b);
+                }
+                self.free_slot(i);
+                self.send_cqe(Cqe::new(cid, Status::SGL_DESCRIPTOR_TYPE_INVALID));
+                return;
+            }
+            self.slots[i].buf = icd;
+            self.slots[i].got = want;
+            self.execute(i);
+            return;
+        }
+        if sgl.sgl_type != sgl_type::TRANSPORT_DATA_BLOCK {
+            self.free_slot(i);
+            self.send_cqe(Cqe::new(cid, Status::SGL_DESCRIPTOR_TYPE_INVALID));
+            return;
+        }
+        // Ask for the data (one R2T for the whole transfer; the host splits it in H2CData PDUs
+        // of at most MAXH2CDATA).
+        self.slots[i].buf = Some(self.pool.get(want));
+        self.slots[i].state = SlotState::AwaitData;
+        let r = R2t {
+            cccid: cid,
+            ttag: i as u16,
+            r2to: 0,
+            r2tl: want as u32,
+        };
+        let n = self.encoder.r2t(&r, &mut self.scratch);
+        self.push_header(n);
+    }
+
+    fn complete_slot(&mut self, i: usize, status: Status, dw0: u32, dw1: u32) {
+        let cid = self.slots[i].cid;
+        self.free_slot(i);
+        self.send_cqe(Cqe {
+            dw0,
+            dw1,
+            sqhd: 0,
+            sqid: 0,
+            cid,
+            status,
+            phase: false,
+        });
+    }
+
+    fn execute(&mut self, i: usize) {
+        let sqe = self.slots[i].sqe;
+        let opc = sqe.opc();
+        if opc == AdminOpcode::Fabrics as u8 {
+            return self.fabrics(i, sqe);
+        }
+        let Some(q) = &self.queue else {
+            return self.complete_slot(i, Status::COMMAND_SEQUENCE_ERROR, 0, 0);
+        };
+        if q.qid == 0 {
+            let ctrl = q.ctrl.clone();
+            let cc_en = crate::spec::fabrics::Cc::from_u32(ctrl.cc.load(Ordering::Acquire)).en;
+            if !cc_en && opc != AdminOpcode::KeepAlive as u8 {
+                return self.complete_slot(i, Status::COMMAND_SEQUENCE_ERROR, 0, 0);
+            }
+            match admin::execute(&ctrl, &self.target, &sqe) {
+                AdminOutcome::Done {
+                    status,
+                    dw0,
+                    dw1,
+                    data,
+                } => {
+                    if let Some(d) = data
+                        && status.is_success()
+                    {
+                        let n = d.len().min(sqe.sgl1().length as usize);
+                        if n > 0 {
+                            self.send_data(sqe.cid(), &d[..n]);
+                        }
+                    }
+                    self.complete_slot(i, status, dw0, dw1);
+                }
+                AdminOutcome::Aer => {
+                    let cid = sqe.cid();
+                    self.free_slot(i);
+                    if self.aers.len() >= AER_SLOTS {
+                        self.send_cqe(Cqe::new(cid, Status::ASYNC_EVENT_REQUEST_LIMIT_EXCEEDED));
+                    } else {
+                        self.aers.push(cid);
+                    }
+                }
+            }
+            return;
+        }
+        self.io_command(i, sqe);
+    }
+
+    fn fabrics(&mut self, i: usize, sqe: Sqe) {
+        let ft = sqe.fctype();
+        match FabricsType::from_u8(ft) {
+            Some(FabricsType::Connect) => self.connect(i, sqe),
+            Some(FabricsType::PropertyGet | FabricsType::PropertySet)
+                if self.queue.as_ref().is_some_and(|q| q.qid == 0) =>
+            {
+                let ctrl = self.queue.as_ref().expect("admin queue").ctrl.clone();
+                let out = if ft == FabricsType::PropertyGet as u8 {
+                    admin::property_get(&ctrl, &sqe)
+                } else {
+                    admin::property_set(&ctrl, &sqe)
+                };
+                if let AdminOutcome::Done {
+                    status, dw0, dw1, ..
+                } = out
+                {
+                    self.complete_slot(i, status, dw0, dw1);
+                }
+            }
+            Some(FabricsType::Disconnect) => {
+                self.complete_slot(i, Status::SUCCESS, 0, 0);
+                self.close("Disconnect");
+            }
+            _ => self.complete_slot(i, Status::INVALID_FIELD, 0, 0),
+        }
+    }
+
+    fn connect(&mut self, i: usize, sqe: Sqe) {
+        let cmd = ConnectCommand::from_sqe(&sqe);
+        let reject = |ipo: u16, in_data: bool| ConnectResponse::InvalidParameters { in_data, ipo };
+        let data = self.slots[i]
+            .buf
+            .as_ref()
+            .map(|b| b.as_slice()[..1024].to_vec());
+        let Some(data) = data else {
+            return self.complete_slot(i, Status::DATA_SGL_LENGTH_INVALID, 0, 0);
+        };
+        let cd = match ConnectData::parse(&data) {
+            Ok(cd) => cd,
+            Err(e) => {
+                let r = reject(e.ipo().unwrap_or(0), true);
+                let c = r.to_cqe(sqe.cid());
+                return self.complete_slot(i, c.status, c.dw0, 0);
+            }
+        };
+        if cmd.recfmt != 0 {
+            let c = Cqe::new(sqe.cid(), Status::CONNECT_INCOMPATIBLE_FORMAT);
+            return self.complete_slot(i, c.status, 0, 0);
+        }
+        let Some(subsys) = self.target.subsystem(&cd.subnqn) else {
+            tracing::info!(peer = %self.peer, subnqn = %cd.subnqn, "connect to an unknown subsystem");
+            let c = reject(256, true).to_cqe(sqe.cid());
+            return self.complete_slot(i, c.status, c.dw0, 0);
+        };
+        if !subsys.host_allowed(&cd.hostnqn) {
+            tracing::warn!(peer = %self.peer, host = %cd.hostnqn, subnqn = %cd.subnqn,
+                "host not on the allow-list");
+            return self.complete_slot(i, Status::CONNECT_INVALID_HOST, 0, 0);
+        }
+        let entries = u32::from(cmd.sqsize) + 1;
+        if cmd.sqsize == 0 || entries > u32::from(QUEUE_ENTRIES) {
+            let c = reject(ConnectCommand::OFFSET_SQSIZE, false).to_cqe(sqe.cid());
+            return self.complete_slot(i, c.status, c.dw0, 0);
+        }
+        self.sqsize = entries as u16;
+        self.flow_control = cmd.cattr & crate::spec::fabrics::CATTR_DISABLE_SQ_FLOW_CONTROL == 0;
+        let ctrl = if cmd.qid == 0 {
+            match subsys.create_controller(&cd.hostnqn, cd.hostid, cmd.kato, self.reactor.clone()) {
+                Ok(c) => c,
+                Err(_) => return self.complete_slot(i, Status::CONNECT_CONTROLLER_BUSY, 0, 0),
+            }
+        } else {
+            let Some(c) = subsys.controller(cd.cntlid) else {
+                let c = reject(16, true).to_cqe(sqe.cid());
+                return self.complete_slot(i, c.status, c.dw0, 0);
+            };
+            if c.hostnqn != cd.hostnqn || c.dead.load(Ordering::Acquire) {
+                let c = reject(512, true).to_cqe(sqe.cid());
+                return self.complete_slot(i, c.status, c.dw0, 0);
+            }
+            if cmd.qid > c.io_queues.load(Ordering::Acquire) || subsys.discovery {
+                let c = reject(ConnectCommand::OFFSET_QID, false).to_cqe(sqe.cid());
+                return self.complete_slot(i, c.status, c.dw0, 0);
+            }
+            c
+        };
+        let cntlid = ctrl.cntlid;
+        self.queue = Some(Queue {
+            qid: cmd.qid,
+            ctrl,
+            ns: Vec::new(),
+            ns_gen: 0,
+        });
+        self.refresh_namespaces();
+        tracing::info!(peer = %self.peer, subnqn = %cd.subnqn, host = %cd.hostnqn,
+            qid = cmd.qid, cntlid, "NVMe/TCP queue connected");
+        let c = ConnectResponse::Success { cntlid, authreq: 0 }.to_cqe(sqe.cid());
+        self.complete_slot(i, c.status, c.dw0, 0);
+    }
+
+    /// Opens this reactor's channels for the subsystem's namespaces (I/O queues only).
+    fn refresh_namespaces(&mut self) {
+        let Some(q) = self.queue.as_mut() else { return };
+        if q.qid == 0 {
+            return;
+        }
+        let g = q.ctrl.subsystem.ns_generation();
+        if g == q.ns_gen {
+            return;
+        }
+        q.ns_gen = g;
+        let list = q.ctrl.subsystem.namespaces();
+        let max = list.iter().map(|n| n.nsid as usize).max().unwrap_or(0);
+        if q.ns.len() <= max {
+            q.ns.resize_with(max + 1, || None);
+        }
+        for (nsid, slot) in q.ns.iter_mut().enumerate() {
+            let want = list.iter().find(|n| n.nsid as usize == nsid);
+            let keep = match (slot.as_ref(), want) {
+                (Some(have), Some(w)) => Arc::ptr_eq(&have.ns, w),
+                (None, None) => true,
+                _ => false,
+            };
+            if keep {
+                continue;
+            }
+            // A removed namespace's channel stays until its requests complete.
+            if slot.as_ref().is_some_and(|s| s.ch.in_flight() > 0) {
+                q.ns_gen = 0;
+                continue;
+            }
+            *slot = match want {
+                Some(w) => match w.bdev.open_channel() {
+                    Ok(ch) => Some(NsChan { ns: w.clone(), ch }),
+                    Err(e) => {
+                        tracing::error!(nsid, error = %e, "cannot open namespace channel");
+                        None
+                    }
+                },
+                None => None,
+            };
+        }
+    }
+
+    fn submit(&mut self, nsid: u32, io: IoRequest) {
+        let q = self.queue.as_mut().expect("I/O queue");
+        let ch = &mut q.ns[nsid as usize].as_mut().expect("namespace checked").ch;
+        if let Err(io) = ch.submit(io) {
+            self.retry.push_back((nsid, io));
+        }
+    }
+
+    fn io_command(&mut self, i: usize, sqe: Sqe) {
+        let nsid = sqe.nsid();
+        let opc = IoOpcode::from_u8(sqe.opc());
+        let q = self.queue.as_ref().expect("I/O queue");
+        let ns_ok = |n: u32| q.ns.get(n as usize).is_some_and(|x| x.is_some());
+        if opc == Some(IoOpcode::Flush) && nsid == 0xffff_ffff {
+            // Flush every namespace.
+            let all: Vec<u32> = (0..q.ns.len() as u32).filter(|&n| ns_ok(n)).collect();
+            if all.is_empty() {
+                return self.complete_slot(i, Status::SUCCESS, 0, 0);
+            }
+            self.slots[i].pending = all.len() as u32;
+            for n in all {
+                self.submit(n, IoRequest::no_data(IoType::Flush, 0, 0, i as u64));
+            }
+            return;
+        }
+        if !ns_ok(nsid) {
+            return self.complete_slot(i, Status::INVALID_NAMESPACE, 0, 0);
+        }
+        let bs = self.block_size(nsid).expect("namespace checked");
+        let caps = q.ns[nsid as usize]
+            .as_ref()
+            .expect("checked")
+            .ns
+            .bdev
+            .info()
+            .caps();
+        let tag = i as u64;
+        match opc {
+            Some(IoOpcode::Read | IoOpcode::Compare) => {
+                let rw = ReadWrite::from_sqe(&sqe);
+                let len = rw.nlb as usize * bs;
+                if len > MAX_TRANSFER {
+                    return self.complete_slot(i, Status::INVALID_FIELD, 0, 0);
+                }
+                if opc == Some(IoOpcode::Read) && sqe.sgl1().length as usize != len {
+                    return self.complete_slot(i, Status::DATA_SGL_LENGTH_INVALID, 0, 0);
+                }
+                if opc == Some(IoOpcode::Compare) {
+                    self.slots[i].compare = self.slots[i].buf.take();
+                }
+                let buf = self.pool.get(len);
+                self.slots[i].len = len;
+                self.slots[i].pending = 1;
+                let io = IoRequest::read(rw.slba, rw.nlb, SgList::from_buf_prefix(buf, len), tag);
+                self.submit(nsid, io);
+            }
+            Some(IoOpcode::Write) => {
+                let rw = ReadWrite::from_sqe(&sqe);
+                let len = self.slots[i].len;
+                let Some(buf) = self.slots[i].buf.take() else {
+                    return self.complete_slot(i, Status::DATA_TRANSFER_ERROR, 0, 0);
+                };
+                self.slots[i].pending = 1;
+                let io = IoRequest::write(rw.slba, rw.nlb, SgList::from_buf_prefix(buf, len), tag);
+                self.submit(nsid, io);
+                if rw.fua {
+                    // Force Unit Access: the write is durable before it completes.
+                    self.slots[i].pending += 1;
+                    self.submit(nsid, IoRequest::no_data(IoType::Flush, 0, 0, tag));
+                }
+            }
+            Some(IoOpcode::Flush) => {
+                self.slots[i].pending = 1;
+                self.submit(nsid, IoRequest::no_data(IoType::Flush, 0, 0, tag));
+            }
+            Some(IoOpcode::WriteZeroes) => {
+                let wz = WriteZeroes::from_sqe(&sqe);
+                let t = if wz.deac && caps.contains(Caps::UNMAP_READS_ZEROES) {
+                    IoType::Unmap
+                } else {
+                    IoType::WriteZeroes
+                };
+                self.slots[i].pending = 1;
+                self.submit(nsid, IoRequest::no_data(t, wz.slba, wz.nlb, tag));
+            }
+            Some(IoOpcode::DatasetManagement) => {
+                let dsm = DatasetManagement::from_sqe(&sqe);
+                if !dsm.ad {
+                    return self.complete_slot(i, Status::SUCCESS, 0, 0);
+                }
+                let Some(buf) = self.slots[i].buf.as_ref() else {
+                    return self.complete_slot(i, Status::DATA_TRANSFER_ERROR, 0, 0);
+                };
+                let parsed: Option<Vec<(u64, u32)>> =
+                    DsmRange::parse_list(buf.as_slice(), dsm.nr as usize)
+                        .map(|it| it.filter(|r| r.nlb > 0).map(|r| (r.slba, r.nlb)).collect());
+                let Some(ranges) = parsed else {
+                    return self.complete_slot(i, Status::INVALID_FIELD, 0, 0);
+                };
+                if ranges.is_empty() {
+                    return self.complete_slot(i, Status::SUCCESS, 0, 0);
+                }
+                self.slots[i].pending = ranges.len() as u32;
+                for (slba, nlb) in ranges {
+                    self.submit(nsid, IoRequest::no_data(IoType::Unmap, slba, nlb, tag));
+                }
+            }
+            _ => self.complete_slot(i, Status::INVALID_OPCODE, 0, 0),
+        }
+    }
+
+    fn on_completion(&mut self, c: IoCompletion, io_type_hint: IoType) {
+        let i = c.tag as usize;
+        let s = &mut self.slots[i];
+        if s.state != SlotState::Exec {
+            return;
+        }
+        s.pending -= 1;
+        if !c.status.is_ok() && s.status.is_success() {
+            s.status = to_nvme_status(c.status, io_type_hint);
+        }
+        if let Some(b) = c.bufs.into_buf() {
+            s.buf = Some(b);
+        }
+        if s.pending > 0 {
+            return;
+        }
+        let status = s.status;
+        let opc = IoOpcode::from_u8(s.sqe.opc());
+        let cid = s.cid;
+        if status.is_success() && opc == Some(IoOpcode::Read) {
+            let len = s.len;
+            let buf = s.buf.take().expect("read buffer");
+            self.send_data(cid, &buf.as_slice()[..len]);
+            self.pool.put(buf);
+        } else if status.is_success() && opc == Some(IoOpcode::Compare) {
+            let len = s.len;
+            let same = match (&s.buf, &s.compare) {
+                (Some(a), Some(b)) => a.as_slice()[..len] == b.as_slice()[..len],
+                _ => false,
+            };
+            if !same {
+                return self.complete_slot(i, Status::COMPARE_FAILURE, 0, 0);
+            }
+        }
+        self.complete_slot(i, status, 0, 0);
+    }
+
+    fn reap(&mut self) -> usize {
+        let mut n = 0;
+        let Some(q) = self.queue.as_mut() else {
+            return 0;
+        };
+        let mut done = std::mem::take(&mut self.done);
+        for ns in q.ns.iter_mut().flatten() {
+            n += ns.ch.poll(&mut done);
+        }
+        for c in done.drain(..) {
+            let hint =
+                IoOpcode::from_u8(self.slots[c.tag as usize].sqe.opc()).map_or(IoType::Read, |o| {
+                    match o {
+                        IoOpcode::Write | IoOpcode::WriteZeroes | IoOpcode::DatasetManagement => {
+                            IoType::Write
+                        }
+                        _ => IoType::Read,
+                    }
+                });
+            self.on_completion(c, hint);
+        }
+        self.done = done;
+        n
+    }
+
+    fn deliver_events(&mut self) {
+        let Some(q) = &self.queue else { return };
+        if q.qid != 0 || self.aers.is_empty() {
+            return;
+        }
+        let ctrl = q.ctrl.clone();
+        while !self.aers.is_empty() {
+            let Some(ev) = ctrl.take_event() else { break };
+            let cid = self.aers.remove(0);
+            self.send_cqe(Cqe::with_dw0(cid, Status::SUCCESS, ev.to_dw0()));
+        }
+    }
+
+    fn in_flight_io(&self) -> usize {
+        self.queue.as_ref().map_or(0, |q| {
+            q.ns.iter()
+                .flatten()
+                .map(|n| n.ch.in_flight())
+                .sum::<usize>()
+        }) + self.retry.len()
+    }
+}
+
+impl Poller for TcpConn {
+    fn poll(&mut self) -> usize {
+        if self.finished {
+            return 0;
+        }
+        let mut work = 0;
+        let mut rearm = false;
+        let mut readable = false;
+        let mut writable = false;
+        self.client.take(|slot, _res, flags| match slot {
+            POLL_READ => {
+                readable = true;
+                if !io_uring::cqueue::more(flags) {
+                    rearm = true;
+                }
+            }
+            _ => writable = true,
+        });
+        if rearm && !self.closing {
+            self.arm(POLL_READ, (libc::POLLIN | libc::POLLRDHUP) as u32, true);
+        }
+        if writable {
+            self.write_armed = false;
+        }
+        // A readiness report means: read until the socket says EAGAIN.
+        if readable {
+            self.readable = true;
+        }
+        if let Some(q) = &self.queue
+            && q.ctrl.dead.load(Ordering::Acquire)
+            && !self.closing
+        {
+            self.close("controller torn down");
+        }
+        if let Some(q) = &self.queue
+            && q.qid == 0
+            && let Some(deadline) = q.ctrl.keep_alive_deadline()
+            && Instant::now() > deadline
+        {
+            tracing::warn!(peer = %self.peer, cntlid = q.ctrl.cntlid, "keep-alive timeout");
+            self.close("keep-alive timeout");
+        }
+        self.refresh_namespaces();
+        while let Some((nsid, io)) = self.retry.pop_front() {
+            let q = self.queue.as_mut().expect("I/O queue");
+            let ch = &mut q.ns[nsid as usize].as_mut().expect("namespace").ch;
+            if let Err(io) = ch.submit(io) {
+                self.retry.push_front((nsid, io));
+                break;
+            }
+            work += 1;
+        }
+        if !self.closing {
+            work += self.read_socket();
+            work += self.parse();
+        }
+        work += self.reap();
+        self.deliver_events();
+        if !self.tx.is_empty() && !self.write_armed {
+            work += self.flush_tx().min(1);
+        }
+        if self.closing && self.in_flight_io() == 0 {
+            let _ = self.flush_tx();
+            let _ = self.sock.shutdown(std::net::Shutdown::Both);
+            self.finished = true;
+        }
+        work
+    }
+
+    fn wake(&self) -> Wake {
+        if self.finished {
+            return Wake::Event;
+        }
+        let mut w = Wake::Event;
+        if let Some(q) = &self.queue {
+            for n in q.ns.iter().flatten() {
+                w = w.min(n.ch.wake());
+            }
+            if q.qid == 0
+                && let Some(d) = q.ctrl.keep_alive_deadline()
+            {
+                w = w.min(Wake::At(d));
+            }
+            if q.qid == 0 && !self.aers.is_empty() && q.ctrl.has_events() {
+                w = Wake::Immediate;
+            }
+        }
+        if !self.retry.is_empty() || (self.closing && self.in_flight_io() == 0) {
+            w = Wake::Immediate;
+        }
+        if !self.tx.is_empty() && !self.write_armed {
+            w = Wake::Immediate;
+        }
+        w
+    }
+
+    fn in_flight(&self) -> usize {
+        if self.finished {
+            0
+        } else {
+            self.in_flight_io()
+        }
+    }
+
+    fn stop(&mut self) {
+        self.close("shutdown");
+    }
+
+    fn is_done(&self) -> bool {
+        self.finished
+    }
+}
+
+impl Drop for TcpConn {
+    fn drop(&mut self) {
+        if let Some(q) = &self.queue
+            && q.qid == 0
+        {
+            q.ctrl.subsystem.remove_controller(q.ctrl.cntlid);
+        }
+        self.conns.fetch_sub(1, Ordering::AcqRel);
+    }
+}
