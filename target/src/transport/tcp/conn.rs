@@ -558,9 +558,18 @@ impl TcpConn {
             self.send_cqe(Cqe::new(cid, Status::COMMAND_SEQUENCE_ERROR));
             return;
         }
-        let want = self.data_in_len(&sqe);
+        let mut want = self.data_in_len(&sqe);
         let i = self.alloc_slot(cid, sqe);
         let sgl: SglDescriptor = sqe.sgl1();
+        // Dataset Management may describe a larger buffer than its NR ranges need (Linux sends
+        // a whole page of ranges): take the buffer and use the first NR ranges.
+        if self.queue.as_ref().is_some_and(|q| q.qid != 0)
+            && IoOpcode::from_u8(sqe.opc()) == Some(IoOpcode::DatasetManagement)
+            && (sgl.length as usize) >= want
+            && (sgl.length as usize) <= 256 * DsmRange::LEN
+        {
+            want = sgl.length as usize;
+        }
         if want == 0 {
             if let Some(b) = icd {
                 self.pool.put(b);
@@ -569,6 +578,8 @@ impl TcpConn {
             return;
         }
         if want > MAX_TRANSFER || sgl.length as usize != want {
+            tracing::debug!(peer = %self.peer, opc = sqe.opc(), want, sgl_len = sgl.length, icd_len,
+                "data length does not match the command");
             if let Some(b) = icd {
                 self.pool.put(b);
             }

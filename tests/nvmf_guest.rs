@@ -1,0 +1,269 @@
+//! The Linux kernel's NVMe/TCP host (nvme-cli, nvme-tcp, fio) against ferroblk's target, in a
+//! QEMU guest that reaches the host's loopback at 10.0.2.2: discovery, connect with several I/O
+//! queues with and without digests, identify, fio write+verify, discard, the host allow-list, a
+//! live resize seen through an asynchronous event, and a `kill -9` + restart of the daemon
+//! under fio that the host rides through by reconnecting.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::lab::Lab;
+
+const BIN: &str = env!("CARGO_BIN_EXE_ferroblk");
+const NQN: &str = "nqn.2026-11.io.ferroblk:guest";
+const PRIVATE: &str = "nqn.2026-11.io.ferroblk:private";
+const ALLOWED_HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:11111111-2222-3333-4444-555555555555";
+
+fn config(dir: &Path, port: u16, disc: u16) -> String {
+    format!(
+        r#"
+[reactors]
+count = 2
+[rpc]
+socket = "{dir}/rpc.sock"
+[[bdev]]
+name = "disk"
+kind = "file"
+path = "{dir}/disk.img"
+[[bdev]]
+name = "ram"
+kind = "malloc"
+size = "64MiB"
+[[subsystem]]
+nqn = "{NQN}"
+allow_any_host = true
+[[subsystem.namespace]]
+nsid = 1
+bdev = "disk"
+[[subsystem]]
+nqn = "{PRIVATE}"
+hosts = ["{ALLOWED_HOST}"]
+[[subsystem.namespace]]
+nsid = 1
+bdev = "ram"
+[[listener]]
+addr = "127.0.0.1"
+port = {port}
+[[listener]]
+addr = "127.0.0.1"
+port = {disc}
+"#,
+        dir = dir.display()
+    )
+}
+
+fn start_daemon(dir: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("daemon.log"))
+        .unwrap();
+    let child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(dir.join("ferroblk.toml"))
+        .current_dir(dir)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while std::os::unix::net::UnixStream::connect(dir.join("rpc.sock")).is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "daemon did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+fn rpc(dir: &Path, method: &str, params: &str) -> String {
+    let out = Command::new(BIN)
+        .args(["rpc", "--socket"])
+        .arg(dir.join("rpc.sock"))
+        .arg(method)
+        .arg(params)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "rpc {method}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A free loopback TCP port.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+const GUEST: &str = r#"#!/bin/bash
+set -euxo pipefail
+HP=__HOSTPORT__; P=__PORT__; D=__DISC__; NQN=__NQN__; PRIV=__PRIV__; OK_HOST=__OKHOST__
+say() {
+  exec 3<>/dev/tcp/10.0.2.2/$HP
+  echo "$1" >&3
+  read -r -t 300 reply <&3
+  exec 3>&-
+  echo "host answered: $reply"
+}
+wait_dev() { for i in $(seq 100); do [ -b "$1" ] && return 0; sleep 0.1; done; return 1; }
+
+# Discovery on the discovery port lists the open subsystem, not the private one.
+nvme discover -t tcp -a 10.0.2.2 -s $D | tee /tmp/disc
+grep -q "$NQN" /tmp/disc
+! grep -q "$PRIV" /tmp/disc
+# The allowed host sees the private subsystem too.
+nvme discover -t tcp -a 10.0.2.2 -s $D --hostnqn=$OK_HOST | grep -q "$PRIV"
+
+# Connect with two I/O queues, no digests.
+nvme connect -t tcp -a 10.0.2.2 -s $P -n $NQN -i 2 --reconnect-delay=1 --ctrl-loss-tmo=120
+wait_dev /dev/nvme0n1
+nvme list
+nvme id-ctrl /dev/nvme0 | tee /tmp/idctrl
+grep -q "subnqn *: $NQN" /tmp/idctrl
+nvme id-ns /dev/nvme0n1 | grep -q "nsze *: 0x10000"
+test "$(ls /sys/class/nvme/nvme0 | grep -c '^nvme0c\|^nvme0n' || true)" -ge 1
+fio --name=verify --filename=/dev/nvme0n1 --ioengine=libaio --direct=1 --rw=randwrite --bs=4k \
+    --iodepth=16 --numjobs=2 --size=8M --offset_increment=8M --verify=crc32c --verify_fatal=1 \
+    --group_reporting
+fio --name=big --filename=/dev/nvme0n1 --ioengine=libaio --direct=1 --rw=write --bs=256k \
+    --iodepth=4 --size=8M --offset=16M --verify=crc32c --verify_fatal=1
+dd if=/dev/urandom of=/dev/nvme0n1 bs=1M count=2 seek=40 oflag=direct status=none
+blkdiscard -o $((40 << 20)) -l $((1 << 20)) /dev/nvme0n1
+dd if=/dev/nvme0n1 bs=1M skip=40 count=1 iflag=direct status=none | cmp -n $((1 << 20)) - /dev/zero
+
+# Live resize: an asynchronous event makes the host re-read the namespace.
+say resize
+for i in $(seq 120); do
+  [ "$(cat /sys/block/nvme0n1/size)" -eq $((512 << 20 >> 9)) ] && break
+  sleep 1
+done
+test "$(cat /sys/block/nvme0n1/size)" -eq $((512 << 20 >> 9))
+
+# kill -9 of the daemon under fio; it restarts and the host reconnects.
+say kill
+fio --name=crash --filename=/dev/nvme0n1 --ioengine=libaio --direct=1 --rw=randwrite --bs=4k \
+    --iodepth=16 --size=32M --offset=64M --verify=crc32c --verify_fatal=1
+nvme disconnect -n $NQN
+
+# Header and data digests.
+nvme connect -t tcp -a 10.0.2.2 -s $P -n $NQN -i 2 --hdr-digest --data-digest
+wait_dev /dev/nvme0n1
+fio --name=digest --filename=/dev/nvme0n1 --ioengine=libaio --direct=1 --rw=randwrite --bs=64k \
+    --iodepth=8 --size=16M --verify=crc32c --verify_fatal=1
+nvme disconnect -n $NQN
+
+# The allow-list: a host not on it is refused; the listed one gets in.
+if nvme connect -t tcp -a 10.0.2.2 -s $P -n $PRIV --hostnqn=nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-00000000dead; then
+  echo "a host not on the allow-list connected"; exit 1
+fi
+nvme connect -t tcp -a 10.0.2.2 -s $P -n $PRIV --hostnqn=$OK_HOST
+nvme disconnect -n $PRIV
+say done
+echo GUEST-ALL-OK
+"#;
+
+#[test]
+fn linux_host_uses_ferroblk_over_nvme_tcp() {
+    let lab =
+        Lab::prepare().unwrap_or_else(|e| panic!("the guest lab could not be prepared: {e:#}"));
+    let tmp = tempfile::tempdir().unwrap();
+    let dir: PathBuf = tmp.path().to_path_buf();
+    let (port, disc) = (free_port(), free_port());
+    std::fs::write(dir.join("ferroblk.toml"), config(&dir, port, disc)).unwrap();
+    std::fs::File::create(dir.join("disk.img"))
+        .unwrap()
+        .set_len(256 << 20)
+        .unwrap();
+    let daemon = Arc::new(Mutex::new(start_daemon(&dir)));
+
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let host_port = listener.local_addr().unwrap().port();
+    let events = Arc::new(Mutex::new(Vec::<String>::new()));
+    let host = {
+        let dir = dir.clone();
+        let daemon = daemon.clone();
+        let events = events.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut s) = stream else { continue };
+                let mut line = String::new();
+                if BufReader::new(&s).read_line(&mut line).is_err() {
+                    continue;
+                }
+                let what = line.trim().to_string();
+                events.lock().unwrap().push(what.clone());
+                match what.as_str() {
+                    "resize" => {
+                        rpc(&dir, "bdev_resize", r#"{"name": "disk", "size": "512MiB"}"#);
+                        let _ = writeln!(s, "resized");
+                    }
+                    "kill" => {
+                        let _ = writeln!(s, "killing soon");
+                        drop(s);
+                        // Wait until fio's writes flow, then kill -9 and restart.
+                        let writes = |dir: &Path| -> u64 {
+                            let v: serde_json::Value =
+                                serde_json::from_str(&rpc(dir, "bdev_list", r#"{"name": "disk"}"#))
+                                    .unwrap();
+                            v[0]["stats"]["ops"]["write"].as_u64().unwrap()
+                        };
+                        let start = writes(&dir);
+                        let t = Instant::now();
+                        while writes(&dir) < start + 300 && t.elapsed() < Duration::from_secs(120) {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                        let mut d = daemon.lock().unwrap();
+                        d.kill().unwrap();
+                        d.wait().unwrap();
+                        std::thread::sleep(Duration::from_millis(500));
+                        *d = start_daemon(&dir);
+                    }
+                    "done" => {
+                        let _ = writeln!(s, "bye");
+                        return;
+                    }
+                    _ => {
+                        let _ = writeln!(s, "unknown");
+                    }
+                }
+            }
+        })
+    };
+
+    let script = GUEST
+        .replace("__HOSTPORT__", &host_port.to_string())
+        .replace("__PORT__", &port.to_string())
+        .replace("__DISC__", &disc.to_string())
+        .replace("__NQN__", NQN)
+        .replace("__PRIV__", PRIVATE)
+        .replace("__OKHOST__", ALLOWED_HOST);
+    let out = lab.run(&script, &[], Duration::from_secs(900)).unwrap();
+    let log = std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
+    assert!(
+        out.success() && out.output.contains("GUEST-ALL-OK"),
+        "guest checks failed (status {}):\n{}\n--- daemon log ---\n{log}",
+        out.status,
+        out.output
+    );
+    host.join().unwrap();
+    assert_eq!(*events.lock().unwrap(), ["resize", "kill", "done"]);
+    assert!(log.contains("host not on the allow-list"), "{log}");
+
+    let mut d = daemon.lock().unwrap();
+    // SAFETY: kill with a valid pid and signal has no memory effects.
+    unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
+    assert!(d.wait().unwrap().success(), "daemon exits cleanly");
+}
