@@ -104,7 +104,7 @@ fn open(sock: &Path, nq: i32, read_only: bool) -> Dev {
 }
 
 impl Dev {
-    fn buf(&self, off: usize, len: usize) -> &mut [u8] {
+    fn buf(&mut self, off: usize, len: usize) -> &mut [u8] {
         assert!(off + len <= self.len);
         // SAFETY: inside the mapped region; tests use disjoint ranges per request.
         unsafe { std::slice::from_raw_parts_mut(self.mem.add(off), len) }
@@ -224,7 +224,7 @@ fn every_virtio_blk_operation_through_libblkio() {
         "an exported bdev cannot be deleted: {out}"
     );
     let mut r = open(&ro, 1, true);
-    assert_eq!(r.b.get_bool("read-only").unwrap(), true);
+    assert!(r.b.get_bool("read-only").unwrap());
     let p = r.mem;
     r.queues[0].read(0, p, 4096, 0, ReqFlags::empty());
     assert_eq!(r.wait(0, 1), [0]);
