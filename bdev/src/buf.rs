@@ -20,7 +20,7 @@ pub struct IoSeg {
 }
 
 /// Segments held inside a [`SgList`] without a heap allocation.
-pub const INLINE_SEGS: usize = 8;
+pub const INLINE_SEGS: usize = 2;
 
 /// A heap buffer with a chosen alignment (4096 by default, as O_DIRECT needs), zero-filled at
 /// allocation.

@@ -2,7 +2,6 @@
 //! bdev may grow to (untouched pages cost nothing), so a resize never moves data under the
 //! reactors' channels.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 
 use crate::bdev::{Bdev, BdevInfo, Channel, ChannelOps, IoCompletion, IoRequest, Wake};
@@ -98,7 +97,7 @@ impl Bdev for MallocBdev {
         let ops = MallocChannel {
             region: self.region.clone(),
             shift: self.info.block_size().shift(),
-            done: VecDeque::with_capacity(MEM_CHANNEL_DEPTH),
+            done: Vec::with_capacity(MEM_CHANNEL_DEPTH),
         };
         Ok(Channel::new(
             self.info.clone(),
@@ -139,7 +138,7 @@ impl Bdev for MallocBdev {
 struct MallocChannel {
     region: Arc<Region>,
     shift: u32,
-    done: VecDeque<IoCompletion>,
+    done: Vec<IoCompletion>,
 }
 
 impl ChannelOps for MallocChannel {
@@ -160,13 +159,14 @@ impl ChannelOps for MallocChannel {
             },
             IoType::Flush => {}
         }
-        self.done.push_back(io.complete(IoStatus::Success));
+        self.done.push(io.complete(IoStatus::Success));
         Ok(())
     }
 
     fn poll(&mut self, done: &mut Vec<IoCompletion>) -> usize {
+        // Completions are in submission order: one bulk move keeps it.
         let n = self.done.len();
-        done.extend(self.done.drain(..));
+        done.append(&mut self.done);
         n
     }
 
@@ -207,7 +207,7 @@ impl Bdev for NullBdev {
 
     fn open_channel(&self) -> Result<Channel, BdevError> {
         let ops = NullChannel {
-            done: VecDeque::with_capacity(MEM_CHANNEL_DEPTH),
+            done: Vec::with_capacity(MEM_CHANNEL_DEPTH),
         };
         Ok(Channel::new(
             self.info.clone(),
@@ -226,20 +226,21 @@ impl Bdev for NullBdev {
 }
 
 struct NullChannel {
-    done: VecDeque<IoCompletion>,
+    done: Vec<IoCompletion>,
 }
 
 impl ChannelOps for NullChannel {
     #[inline]
     fn submit(&mut self, io: IoRequest) -> Result<(), IoRequest> {
-        self.done.push_back(io.complete(IoStatus::Success));
+        self.done.push(io.complete(IoStatus::Success));
         Ok(())
     }
 
     #[inline]
     fn poll(&mut self, done: &mut Vec<IoCompletion>) -> usize {
+        // Completions are in submission order: one bulk move keeps it.
         let n = self.done.len();
-        done.extend(self.done.drain(..));
+        done.append(&mut self.done);
         n
     }
 

@@ -274,6 +274,19 @@ impl VqPoller {
     /// Copies `dst.len()` readable bytes of the chain starting at byte `off`; false if the
     /// readable part is shorter or a buffer is outside guest memory.
     fn copy_readable(chain: &[Buf], mut off: usize, dst: &mut [u8]) -> bool {
+        // Fast path: the header (or segment) lies in the first buffer, as Linux lays it out.
+        if let Some(b) = chain.first()
+            && !b.write
+            && !b.host.is_null()
+            && dst.len() == 16
+            && off + 16 <= b.len as usize
+        {
+            // SAFETY: `off + 16 <= b.len`, inside the mapped, readable guest buffer; an
+            // unaligned read copies the bytes once.
+            let v: [u8; 16] = unsafe { std::ptr::read_unaligned(b.host.add(off).cast()) };
+            dst.copy_from_slice(&v);
+            return true;
+        }
         let mut done = 0;
         for b in chain.iter().take_while(|b| !b.write) {
             let len = b.len as usize;
