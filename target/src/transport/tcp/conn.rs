@@ -843,6 +843,19 @@ impl TcpConn {
     fn io_command(&mut self, i: usize, sqe: Sqe) {
         let nsid = sqe.nsid();
         let opc = IoOpcode::from_u8(sqe.opc());
+        if !matches!(
+            opc,
+            Some(
+                IoOpcode::Read
+                    | IoOpcode::Write
+                    | IoOpcode::Flush
+                    | IoOpcode::WriteZeroes
+                    | IoOpcode::DatasetManagement
+                    | IoOpcode::Compare
+            )
+        ) {
+            return self.complete_slot(i, Status::INVALID_OPCODE, 0, 0);
+        }
         let q = self.queue.as_ref().expect("I/O queue");
         let ns_ok = |n: u32| q.ns.get(n as usize).is_some_and(|x| x.is_some());
         if opc == Some(IoOpcode::Flush) && nsid == 0xffff_ffff {

@@ -62,6 +62,11 @@ impl Listener {
         &self.spec
     }
 
+    /// The bound address (the real port when the spec asked for port 0).
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+
     /// Connections open now.
     pub fn connections(&self) -> usize {
         self.conns.load(Ordering::Acquire)

@@ -1,0 +1,343 @@
+//! Hostile hosts against a live target on loopback: each bad connection gets the spec's answer
+//! (a C2HTermReq and close, or an NVMe status), and a well-behaved host keeps working
+//! throughout. Also the connection limit: a host opening more connections than a listener takes.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferroblk_bdev::BlockSize;
+use ferroblk_bdev::malloc::MallocBdev;
+use ferroblk_bdev::reactor::{ReactorConfig, Reactors};
+use ferroblk_target::spec::command::{AdminOpcode, IoOpcode, ReadWrite, SglDescriptor, Sqe};
+use ferroblk_target::spec::fabrics::{ConnectCommand, ConnectData, PropertySet};
+use ferroblk_target::spec::{Cqe, Status};
+use ferroblk_target::subsystem::{ListenerSpec, SubsystemSpec, Target};
+use ferroblk_target::transport::tcp::listener::{Listener, MAX_CONNECTIONS};
+use ferroblk_target::transport::tcp::pdu::{
+    DataDigest, Decoded, Fes, IcReq, IcResp, Negotiated, PduDecoder, PduEncoder, PduHeader, Role,
+};
+
+const NQN: &str = "nqn.2026-11.io.ferroblk:hostile";
+const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee";
+
+struct Rig {
+    _reactors: Reactors,
+    _listener: Listener,
+    addr: SocketAddr,
+}
+
+fn rig() -> Rig {
+    let reactors = Reactors::start(&ReactorConfig {
+        cpus: vec![None],
+        idle_poll: Duration::from_micros(50),
+    })
+    .unwrap();
+    let target = Arc::new(Target::new());
+    let s = target
+        .add_subsystem(&SubsystemSpec {
+            nqn: NQN.into(),
+            serial: None,
+            model: "t".into(),
+            allow_any_host: true,
+            hosts: vec![],
+            namespace: vec![],
+        })
+        .unwrap();
+    s.add_namespace(
+        1,
+        Arc::new(MallocBdev::new("m", BlockSize::B4096, 256, 256).unwrap()),
+        None,
+    )
+    .unwrap();
+    let spec = ListenerSpec {
+        addr: "127.0.0.1".into(),
+        port: 0,
+    };
+    let listener = Listener::start(spec, target.clone(), reactors.handles().to_vec()).unwrap();
+    let addr = listener.local_addr();
+    Rig {
+        _reactors: reactors,
+        _listener: listener,
+        addr,
+    }
+}
+
+/// A minimal host built on the codec.
+struct Host {
+    s: TcpStream,
+    dec: PduDecoder,
+    enc: PduEncoder,
+    rx: Vec<u8>,
+    ddgst: bool,
+}
+
+impl Host {
+    fn new(addr: SocketAddr) -> Host {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Host {
+            s,
+            dec: PduDecoder::host(1 << 20),
+            enc: PduEncoder::new(Role::Host),
+            rx: Vec::new(),
+            ddgst: false,
+        }
+    }
+
+    fn send(&mut self, b: &[u8]) {
+        self.s.write_all(b).unwrap();
+    }
+
+    /// The next PDU, or None when the target closed the connection.
+    fn recv(&mut self) -> Option<(PduHeader, Vec<u8>)> {
+        loop {
+            if let Ok(Decoded::Ready(l)) = self.dec.decode(&self.rx) {
+                let data = self.rx[l.data.clone()].to_vec();
+                self.rx.drain(..l.plen);
+                return Some((l.header, data));
+            }
+            let mut buf = [0u8; 65536];
+            match self.s.read(&mut buf) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.rx.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+
+    fn ic(&mut self, hdgst: bool, ddgst: bool) {
+        let req = IcReq {
+            pfv: 0,
+            hpda: 0,
+            hdgst,
+            ddgst,
+            maxr2t: 0,
+        };
+        let mut out = [0u8; 256];
+        let n = self.enc.ic_req(&req, &mut out);
+        self.send(&out[..n]);
+        let Some((PduHeader::IcResp(resp), _)) = self.recv() else {
+            panic!("no ICResp");
+        };
+        let n = Negotiated::from_exchange(&req, &IcResp { ..resp });
+        self.dec.establish(n);
+        self.enc = PduEncoder::established(Role::Host, &n);
+        self.ddgst = n.ddgst;
+    }
+
+    fn command(&mut self, sqe: &Sqe, data: &[u8]) -> (Cqe, Vec<u8>) {
+        let mut out = [0u8; 256];
+        let n = self.enc.capsule_cmd(sqe, data.len() as u32, &mut out);
+        let mut pdu = out[..n].to_vec();
+        pdu.extend_from_slice(data);
+        if self.ddgst && !data.is_empty() {
+            pdu.extend_from_slice(&DataDigest::of(&[data]).to_le_bytes());
+        }
+        self.send(&pdu);
+        let mut got = Vec::new();
+        loop {
+            match self.recv() {
+                Some((PduHeader::C2hData(_), d)) => got.extend(d),
+                Some((PduHeader::CapsuleResp(r), _)) => return (r.cqe, got),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    fn connect(&mut self, qid: u16, cntlid: u16) -> Cqe {
+        let cd = ConnectData {
+            hostid: [7; 16],
+            cntlid,
+            subnqn: NQN.into(),
+            hostnqn: HOST.into(),
+        };
+        let cmd = ConnectCommand {
+            recfmt: 0,
+            qid,
+            sqsize: 31,
+            cattr: 0,
+            kato: 0,
+            sgl1: SglDescriptor::in_capsule(0, 1024),
+        };
+        self.command(&cmd.to_sqe(1), &cd.to_bytes()).0
+    }
+
+    /// Expects a C2HTermReq with `fes`, then the connection closing.
+    fn expect_term(&mut self, fes: Fes) {
+        match self.recv() {
+            Some((PduHeader::C2hTermReq(t), _)) => assert_eq!(t.fes, fes),
+            other => panic!("expected C2HTermReq {fes}, got {other:?}"),
+        }
+        assert!(
+            self.recv().is_none(),
+            "connection closed after the termination request"
+        );
+    }
+}
+
+/// A well-behaved host: admin + one I/O queue, a write and a read-back.
+fn good_host_round_trip(addr: SocketAddr, pattern: u8) {
+    let mut a = Host::new(addr);
+    a.ic(false, false);
+    let c = a.connect(0, 0xffff);
+    assert!(c.status.is_success(), "{:?}", c.status);
+    let cntlid = c.dw0 as u16;
+    // Enable the controller (CC.EN = 1).
+    let mut ps = Sqe::new(AdminOpcode::Fabrics as u8, 2);
+    ps.set_fctype(0);
+    ps.set_cdw(11, 0x14);
+    ps.set_cdw(12, 0x0046_0001);
+    assert!(a.command(&ps, &[]).0.status.is_success());
+    let mut q = Host::new(addr);
+    q.ic(true, true);
+    assert!(q.connect(1, cntlid).status.is_success());
+    let data = vec![pattern; 4096];
+    let rw = ReadWrite {
+        nsid: 1,
+        slba: 7,
+        nlb: 1,
+        ..Default::default()
+    };
+    let w = rw.to_sqe(IoOpcode::Write, 3, &SglDescriptor::in_capsule(0, 4096));
+    assert!(q.command(&w, &data).0.status.is_success());
+    let r = rw.to_sqe(
+        IoOpcode::Read,
+        4,
+        &SglDescriptor::transport_data_block(4096),
+    );
+    let (c, back) = q.command(&r, &[]);
+    assert!(c.status.is_success());
+    assert_eq!(back, data);
+}
+
+#[test]
+fn hostile_hosts_get_the_spec_answer_and_others_keep_working() {
+    let r = rig();
+    good_host_round_trip(r.addr, 1);
+
+    // Unknown PDU type.
+    let mut h = Host::new(r.addr);
+    h.send(&[0x7f, 0, 8, 0, 8, 0, 0, 0]);
+    h.expect_term(Fes::INVALID_HEADER_FIELD);
+
+    // A command before the connection is initialised (no ICReq).
+    let mut h = Host::new(r.addr);
+    let mut out = [0u8; 256];
+    let n = h.enc.capsule_cmd(&Sqe::new(6, 1), 0, &mut out);
+    h.send(&out[..n]);
+    h.expect_term(Fes::PDU_SEQUENCE_ERROR);
+
+    // PLEN smaller than the header.
+    let mut h = Host::new(r.addr);
+    h.ic(false, false);
+    let mut bad = [0u8; 72];
+    bad[0] = 4; // CapsuleCmd
+    bad[2] = 72;
+    bad[4..8].copy_from_slice(&16u32.to_le_bytes());
+    h.send(&bad);
+    h.expect_term(Fes::INVALID_HEADER_FIELD);
+
+    // Header digest mismatch.
+    let mut h = Host::new(r.addr);
+    h.ic(true, false);
+    let n = h.enc.capsule_cmd(&Sqe::new(6, 1), 0, &mut out);
+    out[n - 1] ^= 0xff;
+    h.send(&out[..n]);
+    h.expect_term(Fes::HEADER_DIGEST_ERROR);
+
+    // Oversized in-capsule data.
+    let mut h = Host::new(r.addr);
+    h.ic(false, false);
+    let big = vec![0u8; 64 * 1024];
+    let n = h
+        .enc
+        .capsule_cmd(&Sqe::new(1, 1), big.len() as u32, &mut out);
+    let mut pdu = out[..n].to_vec();
+    pdu.extend_from_slice(&big);
+    h.send(&pdu);
+    h.expect_term(Fes::DATA_TRANSFER_LIMIT_EXCEEDED);
+
+    // Truncated PDU, then the host goes away.
+    let mut h = Host::new(r.addr);
+    h.ic(false, false);
+    let n = h.enc.capsule_cmd(&Sqe::new(6, 1), 0, &mut out);
+    h.send(&out[..n / 2]);
+    drop(h);
+
+    // Commands before Connect, unknown opcodes, bad SGL lengths, unknown namespaces: statuses.
+    let mut h = Host::new(r.addr);
+    h.ic(false, false);
+    let (c, _) = h.command(&Sqe::new(AdminOpcode::Identify as u8, 9), &[]);
+    assert_eq!(c.status, Status::COMMAND_SEQUENCE_ERROR);
+    let mut a = Host::new(r.addr);
+    a.ic(false, false);
+    let cntlid = a.connect(0, 0xffff).dw0 as u16;
+    let mut q = Host::new(r.addr);
+    q.ic(false, false);
+    assert!(q.connect(1, cntlid).status.is_success());
+    let (c, _) = q.command(&Sqe::new(0x7e, 10), &[]);
+    assert_eq!(c.status, Status::INVALID_OPCODE);
+    let rw = ReadWrite {
+        nsid: 1,
+        slba: 0,
+        nlb: 2,
+        ..Default::default()
+    };
+    let w = rw.to_sqe(IoOpcode::Write, 11, &SglDescriptor::in_capsule(0, 4096));
+    let (c, _) = q.command(&w, &[0u8; 4096]);
+    assert_eq!(c.status, Status::DATA_SGL_LENGTH_INVALID);
+    let mut rw9 = rw;
+    rw9.nsid = 9;
+    let rd = rw9.to_sqe(
+        IoOpcode::Read,
+        12,
+        &SglDescriptor::transport_data_block(8192),
+    );
+    assert_eq!(q.command(&rd, &[]).0.status, Status::INVALID_NAMESPACE);
+    let far = ReadWrite {
+        nsid: 1,
+        slba: 10_000,
+        nlb: 1,
+        ..Default::default()
+    };
+    let rd = far.to_sqe(
+        IoOpcode::Read,
+        13,
+        &SglDescriptor::transport_data_block(4096),
+    );
+    assert_eq!(q.command(&rd, &[]).0.status, Status::LBA_OUT_OF_RANGE);
+    // An I/O queue for a controller that does not exist.
+    let mut q2 = Host::new(r.addr);
+    q2.ic(false, false);
+    assert!(!q2.connect(1, 999).status.is_success());
+
+    good_host_round_trip(r.addr, 2);
+}
+
+#[test]
+fn a_host_opening_too_many_connections_is_bounded() {
+    let r = rig();
+    let mut held = Vec::new();
+    for _ in 0..MAX_CONNECTIONS + 50 {
+        if let Ok(s) = TcpStream::connect(r.addr) {
+            held.push(s);
+        }
+    }
+    // Connections beyond the limit are closed at once by the target.
+    let mut closed = 0;
+    for s in held.iter_mut().rev().take(50) {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut b = [0u8; 1];
+        if matches!(s.read(&mut b), Ok(0)) {
+            closed += 1;
+        }
+    }
+    assert!(
+        closed >= 40,
+        "only {closed} of the excess connections were closed"
+    );
+    drop(held);
+    std::thread::sleep(Duration::from_millis(500));
+    good_host_round_trip(r.addr, 3);
+}
