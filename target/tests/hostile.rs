@@ -184,10 +184,12 @@ fn good_host_round_trip(addr: SocketAddr, pattern: u8) {
     assert!(c.status.is_success(), "{:?}", c.status);
     let cntlid = c.dw0 as u16;
     // Enable the controller (CC.EN = 1).
-    let mut ps = Sqe::new(AdminOpcode::Fabrics as u8, 2);
-    ps.set_fctype(0);
-    ps.set_cdw(11, 0x14);
-    ps.set_cdw(12, 0x0046_0001);
+    let ps = PropertySet {
+        attrib: 2,
+        ofst: 0x14,
+        value: 0x0046_0001,
+    }
+    .to_sqe(2);
     assert!(a.command(&ps, &[]).0.status.is_success());
     let mut q = Host::new(addr);
     q.ic(true, true);
