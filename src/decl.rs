@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use ferroblk_bdev::spec::{BdevDecl, DelaySpec, ErrorSpec, FileSpec, MallocSpec, NullSpec};
+use ferroblk_bdev::spec::{
+    BdevDecl, CompressSpec, CrcSpec, DelaySpec, ErrorSpec, FileSpec, MallocSpec, NullSpec,
+};
 use ferroblk_bdev::{Bdev, BdevError, BdevSpec};
 use ferroblk_crypto::spec::{GcmSpec, XtsSpec};
 use serde::{Deserialize, Serialize};
@@ -23,6 +25,10 @@ pub enum Decl {
     Error(ErrorSpec),
     /// Delays completions of its base.
     Delay(DelaySpec),
+    /// A CRC32C per block of its base, verified on read.
+    Crc(CrcSpec),
+    /// Compresses chunks of a logical space into a smaller base.
+    Compress(CompressSpec),
     /// AES-256-XTS encryption, dm-crypt `aes-xts-plain64` compatible.
     CryptXts(XtsSpec),
     /// AES-256-GCM authenticated encryption.
@@ -38,6 +44,8 @@ impl Decl {
             Decl::File(s) => BdevSpec::File(s.clone()),
             Decl::Error(s) => BdevSpec::Error(s.clone()),
             Decl::Delay(s) => BdevSpec::Delay(s.clone()),
+            Decl::Crc(s) => BdevSpec::Crc(s.clone()),
+            Decl::Compress(s) => BdevSpec::Compress(s.clone()),
             _ => return None,
         })
     }
@@ -51,6 +59,8 @@ impl BdevDecl for Decl {
             Decl::File(s) => &s.name,
             Decl::Error(s) => &s.name,
             Decl::Delay(s) => &s.name,
+            Decl::Crc(s) => &s.name,
+            Decl::Compress(s) => &s.name,
             Decl::CryptXts(s) => &s.name,
             Decl::CryptGcm(s) => &s.name,
         }
@@ -71,6 +81,8 @@ impl BdevDecl for Decl {
         match self {
             Decl::Error(s) => Some(&s.base),
             Decl::Delay(s) => Some(&s.base),
+            Decl::Crc(s) => Some(&s.base),
+            Decl::Compress(s) => Some(&s.base),
             Decl::CryptXts(s) => Some(&s.base),
             Decl::CryptGcm(s) => Some(&s.base),
             _ => None,
@@ -131,5 +143,36 @@ mod tests {
         let reg = ferroblk_bdev::BdevRegistry::new();
         reg.create_all(&w.bdev).unwrap();
         assert_eq!(reg.get("x").unwrap().info().kind(), "crypt_xts");
+    }
+
+    #[test]
+    fn crc_and_compress_are_declarable() {
+        #[derive(Deserialize)]
+        struct W {
+            bdev: Vec<Decl>,
+        }
+        let w: W = toml::from_str(
+            "[[bdev]]\nkind = \"malloc\"\nname = \"m\"\nsize = \"4MiB\"\n\
+             [[bdev]]\nkind = \"compress\"\nname = \"z\"\nbase = \"m\"\nsize = \"16MiB\"\n\
+             [[bdev]]\nkind = \"crc\"\nname = \"c\"\nbase = \"z\"\n",
+        )
+        .unwrap();
+        assert_eq!(w.bdev[1].kind(), "compress");
+        assert_eq!(w.bdev[2].kind(), "crc");
+        assert_eq!(w.bdev[2].base(), Some("z"));
+        assert_eq!(w.bdev[1].to_json()["algorithm"], "lz4");
+        let reg = ferroblk_bdev::BdevRegistry::new();
+        reg.create_all(&w.bdev).unwrap();
+        assert_eq!(reg.get("c").unwrap().info().kind(), "crc");
+        assert_eq!(reg.get("z").unwrap().info().block_count(), 4096);
+        let bad: W = toml::from_str(
+            "[[bdev]]\nkind = \"compress\"\nname = \"z\"\nbase = \"m\"\nsize = 4096\n\
+             chunk_size = 3000\n",
+        )
+        .unwrap();
+        assert_eq!(
+            bad.bdev[0].validate().unwrap_err().field(),
+            Some("chunk_size")
+        );
     }
 }

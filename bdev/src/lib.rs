@@ -27,8 +27,10 @@
 
 pub mod bdev;
 pub mod buf;
+pub mod compress;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
+pub mod crc;
 pub mod error;
 pub mod file;
 pub mod inject;

@@ -7,6 +7,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::bdev::Bdev;
+use crate::compress::{Algorithm, CompressBdev, CompressOptions, DEFAULT_CHUNK_SIZE};
+use crate::crc::{CrcBdev, Format};
 use crate::error::BdevError;
 use crate::file::{DirectMode, FileBdev, FileOptions};
 use crate::inject::{DelayBdev, Delays, ErrorBdev, ErrorRule};
@@ -69,6 +71,10 @@ pub enum BdevSpec {
     Error(ErrorSpec),
     /// Delays completions of its base.
     Delay(DelaySpec),
+    /// A CRC32C per block of its base, verified on read.
+    Crc(CrcSpec),
+    /// Compresses chunks of a logical space into a smaller base.
+    Compress(CompressSpec),
 }
 
 /// `kind = "malloc"`.
@@ -155,6 +161,75 @@ pub struct DelaySpec {
     /// Microseconds added to flush, unmap and write-zeroes.
     #[serde(default)]
     pub other_us: u64,
+}
+
+/// `kind = "crc"`: a CRC32C per block of `base`, kept at its end (the crc bdev is about 0.1%
+/// smaller); formatted on first open of a base whose block 0 is zero.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CrcSpec {
+    /// Unique name.
+    pub name: String,
+    /// The bdev it stacks on.
+    pub base: String,
+    /// `if_zero` (default): format only a base whose block 0 is zero; `if_unformatted`: also
+    /// one whose block 0 has no crc magic (a base that does not read zeroes when new, such as
+    /// `crypt_xts` on a new file).
+    #[serde(default)]
+    pub format: Format,
+}
+
+fn default_chunk_size() -> ByteSize {
+    ByteSize(u64::from(DEFAULT_CHUNK_SIZE))
+}
+
+/// `kind = "compress"`: a logical space of `size` bytes whose chunks are compressed into
+/// `base`; formatted on first open of a base whose block 0 is zero.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompressSpec {
+    /// Unique name.
+    pub name: String,
+    /// The bdev it stacks on.
+    pub base: String,
+    /// Logical size in bytes (a multiple of `chunk_size`; may exceed the base's).
+    pub size: ByteSize,
+    /// Unit of compression: a power of two from 4 KiB to 64 KiB (default 16 KiB).
+    #[serde(default = "default_chunk_size")]
+    pub chunk_size: ByteSize,
+    /// `lz4` (default) or `zstd`, for chunks written from now on.
+    #[serde(default)]
+    pub algorithm: Algorithm,
+    /// zstd level, 1-22 (default 3); only with `algorithm = "zstd"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zstd_level: Option<i32>,
+    /// `if_zero` (default) or `if_unformatted`, as for `crc`.
+    #[serde(default)]
+    pub format: Format,
+}
+
+impl CompressSpec {
+    /// The bdev's options; errors name the field.
+    pub fn options(&self) -> Result<CompressOptions, BdevError> {
+        let chunk_size = u32::try_from(self.chunk_size.0).map_err(|_| {
+            BdevError::invalid("chunk_size", "is not a power of two from 4 KiB to 64 KiB")
+        })?;
+        if self.zstd_level.is_some() && self.algorithm != Algorithm::Zstd {
+            return Err(BdevError::invalid(
+                "zstd_level",
+                "is only for algorithm = \"zstd\"",
+            ));
+        }
+        let mut o = CompressOptions::new(self.size.0);
+        o.chunk_size = chunk_size;
+        o.algorithm = self.algorithm;
+        if let Some(l) = self.zstd_level {
+            o.zstd_level = l;
+        }
+        o.format = self.format;
+        o.validate(None)?;
+        Ok(o)
+    }
 }
 
 fn block_size(bytes: u32) -> Result<BlockSize, BdevError> {
@@ -265,6 +340,8 @@ impl BdevSpec {
             BdevSpec::File(s) => &s.name,
             BdevSpec::Error(s) => &s.name,
             BdevSpec::Delay(s) => &s.name,
+            BdevSpec::Crc(s) => &s.name,
+            BdevSpec::Compress(s) => &s.name,
         }
     }
 
@@ -276,6 +353,8 @@ impl BdevSpec {
             BdevSpec::File(_) => "file",
             BdevSpec::Error(_) => "error",
             BdevSpec::Delay(_) => "delay",
+            BdevSpec::Crc(_) => crate::crc::KIND,
+            BdevSpec::Compress(_) => crate::compress::KIND,
         }
     }
 
@@ -284,6 +363,8 @@ impl BdevSpec {
         match self {
             BdevSpec::Error(s) => Some(&s.base),
             BdevSpec::Delay(s) => Some(&s.base),
+            BdevSpec::Crc(s) => Some(&s.base),
+            BdevSpec::Compress(s) => Some(&s.base),
             _ => None,
         }
     }
@@ -321,7 +402,10 @@ impl BdevSpec {
                     r.validate("inject")?;
                 }
             }
-            BdevSpec::Delay(_) => {}
+            BdevSpec::Delay(_) | BdevSpec::Crc(_) => {}
+            BdevSpec::Compress(s) => {
+                s.options()?;
+            }
         }
         Ok(())
     }
@@ -370,6 +454,10 @@ impl BdevSpec {
                     other: Duration::from_micros(s.other_us),
                 },
             )),
+            BdevSpec::Crc(s) => Arc::new(CrcBdev::open_with(&s.name, need_base()?, s.format)?),
+            BdevSpec::Compress(s) => {
+                Arc::new(CompressBdev::open(&s.name, need_base()?, &s.options()?)?)
+            }
         })
     }
 }
@@ -493,6 +581,82 @@ mod tests {
         );
         let e = creation_order(&cyc, &|_| false).unwrap_err();
         assert!(e.error.to_string().contains("cycle"), "{}", e.error);
+    }
+
+    #[test]
+    fn crc_and_compress_parse_validate_and_build() {
+        let s = specs(
+            "[[bdev]]\nkind = \"crc\"\nname = \"c\"\nbase = \"z\"\n\
+             [[bdev]]\nkind = \"compress\"\nname = \"z\"\nbase = \"m\"\nsize = \"8MiB\"\n\
+             algorithm = \"zstd\"\nzstd_level = 5\nchunk_size = \"32KiB\"\n\
+             [[bdev]]\nkind = \"malloc\"\nname = \"m\"\nsize = \"4MiB\"\n",
+        );
+        let order = creation_order(&s, &|_| false).unwrap();
+        let names: Vec<_> = order.iter().map(|&i| s[i].name()).collect();
+        assert_eq!(names, ["m", "z", "c"]);
+        let reg = crate::BdevRegistry::new();
+        reg.create_all(&s).unwrap();
+        let c = reg.get("c").unwrap();
+        assert_eq!(c.info().kind(), "crc");
+        assert_eq!(reg.get("z").unwrap().info().block_count(), 2048);
+        assert_eq!(reg.get("z").unwrap().describe()["algorithm"], "zstd");
+        let json = serde_json::to_value(&s[1]).unwrap();
+        assert_eq!(json["kind"], "compress");
+        assert_eq!(json["chunk_size"], 32768);
+    }
+
+    #[test]
+    fn compress_values_name_their_field() {
+        let bad = |extra: &str| {
+            let s = specs(&format!(
+                "[[bdev]]\nkind = \"compress\"\nname = \"z\"\nbase = \"m\"\n{extra}\n\
+                 [[bdev]]\nkind = \"malloc\"\nname = \"m\"\nsize = \"4MiB\"\n"
+            ));
+            creation_order(&s, &|_| false)
+                .unwrap_err()
+                .error
+                .field()
+                .map(str::to_string)
+        };
+        assert_eq!(bad("size = \"1000KiB\""), Some("size".into()));
+        assert_eq!(
+            bad("size = \"1MiB\"\nchunk_size = \"24KiB\""),
+            Some("chunk_size".into())
+        );
+        assert_eq!(
+            bad("size = \"1MiB\"\nchunk_size = \"128KiB\""),
+            Some("chunk_size".into())
+        );
+        assert_eq!(
+            bad("size = \"1MiB\"\nzstd_level = 3"),
+            Some("zstd_level".into())
+        );
+        assert_eq!(
+            bad("size = \"1MiB\"\nalgorithm = \"zstd\"\nzstd_level = 40"),
+            Some("zstd_level".into())
+        );
+        #[derive(Deserialize, Debug)]
+        #[allow(dead_code)]
+        struct W {
+            bdev: Vec<BdevSpec>,
+        }
+        let e = toml::from_str::<W>(
+            "[[bdev]]\nkind = \"compress\"\nname = \"z\"\nbase = \"m\"\nsize = 4096\nlevel = 1\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("unknown field"), "{e}");
+        let e = toml::from_str::<W>(
+            "[[bdev]]\nkind = \"compress\"\nname = \"z\"\nbase = \"m\"\nsize = 4096\nalgorithm = \"lzma\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("lzma"), "{e}");
+        let e =
+            toml::from_str::<W>("[[bdev]]\nkind = \"crc\"\nname = \"c\"\nbase = \"m\"\nx = 1\n")
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("unknown field"), "{e}");
     }
 
     #[test]
