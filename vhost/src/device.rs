@@ -321,6 +321,7 @@ struct Vring {
     base: u16,
     kick: Option<OwnedFd>,
     call: Option<OwnedFd>,
+    err: Option<OwnedFd>,
     enabled: bool,
     running: Option<Running>,
 }
@@ -635,7 +636,7 @@ impl<'a> Conn<'a> {
                             self.try_start(i);
                         }
                     }
-                    _ => {}
+                    _ => self.vrings[i].err = fd,
                 }
                 self.ack(&m, true)?;
             }
@@ -782,6 +783,7 @@ impl<'a> Conn<'a> {
             .as_ref()
             .and_then(|r| r.queue(i as u16, v.num));
         let ctl = Arc::new(QueueCtl::default());
+        *ctl.err_fd.lock().expect("ctl lock") = dup(&v.err);
         let reactor = i % self.reactors.len();
         let bdev = self.bdev.clone();
         let mem = self.mem.clone();

@@ -78,6 +78,8 @@ pub struct QueueCtl {
     result: Mutex<Option<mpsc::SyncSender<u16>>>,
     /// Set when the driver broke the ring.
     pub broken: AtomicBool,
+    /// The front-end's vring error eventfd (SET_VRING_ERR), signalled when the ring breaks.
+    pub err_fd: Mutex<Option<OwnedFd>>,
 }
 
 impl QueueCtl {
@@ -247,6 +249,13 @@ impl VqPoller {
     fn break_queue(&mut self, e: QueueError) {
         if !self.ctl.broken.swap(true, Ordering::AcqRel) {
             tracing::error!(queue = self.index, error = %e, "virtqueue broken by the driver; it needs a reset");
+            // Tell the front-end (vhost-user's vring error notification); the device stays
+            // stopped until it is reset, and every other queue and disk carries on.
+            if let Some(fd) = &*self.ctl.err_fd.lock().expect("ctl lock") {
+                let one = 1u64;
+                // SAFETY: writes 8 bytes from a live u64 to the error eventfd.
+                unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+            }
         }
     }
 
@@ -885,11 +894,18 @@ mod tests {
     #[test]
     fn a_chain_without_status_byte_breaks_only_this_queue() {
         let mut r = rig(BlockSize::B512);
+        let err = eventfd();
+        *r.ctl.err_fd.lock().unwrap() = Some(err.try_clone().unwrap());
         let h = r.header(T_IN, 0);
         let buf = r.d.alloc(512);
         // Last descriptor is readable: no place for the status.
         assert_eq!(r.request(&[(h, 16, false), (buf, 512, false)]), None);
         assert!(r.ctl.broken.load(Ordering::Relaxed));
+        // The front-end was told through its vring error eventfd.
+        let mut v = 0u64;
+        // SAFETY: reads 8 bytes into a live u64.
+        let n = unsafe { libc::read(err.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        assert_eq!(n, 8);
         // A second queue on the same bdev keeps working.
         let mut other = rig(BlockSize::B512);
         let st = other.d.alloc(1);
