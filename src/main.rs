@@ -5,6 +5,7 @@ mod config;
 mod daemon;
 mod decl;
 mod perf;
+mod perf_nvmf;
 mod perf_vhost;
 mod rpc;
 
@@ -90,6 +91,9 @@ enum PerfCmd {
     },
     /// Drive any vhost-user-blk backend through its Unix socket with a polling libblkio client.
     Vhost(perf_vhost::VhostArgs),
+    /// Drive any NVMe/TCP controller (ours, Linux nvmet, SPDK) with ferroblk's initiator: one
+    /// connection and one thread per I/O queue.
+    Nvmf(perf_nvmf::NvmfArgs),
 }
 
 fn main() -> ExitCode {
@@ -142,6 +146,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             what: PerfCmd::Vhost(a),
         } => {
             perf_vhost::run(&a)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Perf {
+            what: PerfCmd::Nvmf(a),
+        } => {
+            perf_nvmf::run(&a)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Perf {

@@ -19,24 +19,23 @@
 //!   that write PDU headers into a caller's buffer so payloads leave by writev without copies.
 //!   The codec serves both roles; the initiator reuses it.
 //!
-//! Still to come (nothing below exists yet):
-//! - the NVMe/TCP connection state machine in `transport/tcp/`: one connection is one NVMe
-//!   queue driven by one `ferroblk_bdev` reactor (assigned at accept). It owns the receive
-//!   buffer and the [`transport::tcp::pdu::PduDecoder`], answers ICReq, keeps per-command
-//!   slots (in-capsule data and H2CData received into pooled buffers, R2T scheduling within
-//!   MAXR2T, C2HData segmentation honoring HPDA, CapsuleResp or C2HData SUCCESS), checks
-//!   what the codec cannot (TTAG/CCCID/DATAO against the outstanding R2T → PDU Sequence Error or
-//!   Data Transfer Out of Range) and turns commands into bdev requests. A `Transport` trait
-//!   lets RDMA join later.
-//! - `subsystem/`: subsystems, namespaces (bdev + NSID + NGUID), the host ACL, controllers
-//!   (CC/CSTS, features, AER slots, keep-alive timer) living with the admin queue's reactor,
-//!   the discovery subsystem and its log, and the admin command handlers built on [`spec`].
-//!   I/O queues read namespace maps as snapshots updated by message.
-//! - `initiator/`: the host side (connect, admin and I/O queues) over the same codec, shared by
-//!   the perf tool and a remote bdev.
+//! - [`subsystem`]: subsystems, namespaces (bdev + NSID + stable NGUID/UUID), the host
+//!   allow-list, controllers (CC/CSTS, features, AER slots, keep-alive) and the discovery
+//!   subsystem and its log; [`subsystem::admin`] runs the admin commands.
+//! - [`transport::tcp::conn`]: one connection = one NVMe queue, a poller on one reactor:
+//!   ICReq/ICResp, command slots, in-capsule data and R2T/H2CData, C2HData, CapsuleResp,
+//!   keep-alive, C2HTermReq on fatal errors; [`transport::tcp::listener`] hands connections to
+//!   reactors round-robin and bounds their number.
+//! - [`initiator`]: the host side over the same codec (connect, admin, I/O queues with a
+//!   non-blocking submit/poll API), used by `ferroblk perf nvmf` and the tests; later the
+//!   remote-volume bdev.
+//!
+//! Not yet: a `Transport` trait (RDMA), zero-copy receive into pooled buffers (data is copied
+//! once between the socket buffers and the request buffers).
 //!
 //! This crate never imports `ferroblk-vhost`; both fronts speak only to `ferroblk-bdev`.
 
+pub mod initiator;
 pub mod spec;
 pub mod subsystem;
 pub mod transport;

@@ -13,6 +13,9 @@ LAB_DIR=${FERROBLK_LAB_DIR:-/var/tmp/ferroblk-lab}
 TIMEOUT=${FERROBLK_LAB_TIMEOUT:-600}    # seconds before QEMU is killed
 MEM=${FERROBLK_LAB_MEM:-1G}
 SMP=${FERROBLK_LAB_SMP:-2}
+# Extra options of the guest's user-mode network (comma-separated QEMU -netdev user options),
+# e.g. hostfwd=tcp:127.0.0.1:14420-:4420 to reach a guest service from the host's loopback.
+NETDEV_EXTRA=${FERROBLK_LAB_NETDEV_EXTRA:-}
 SELF=$(readlink -f "${BASH_SOURCE[0]}")
 
 PACKAGES=(qemu-system-x86 busybox-static cpio kmod xz-utils zstd fio nvme-cli
@@ -206,7 +209,7 @@ run() {
         -append "console=ttyS0 panic=-1 quiet loglevel=4 lab.script=$rd/script ${FERROBLK_LAB_APPEND:-}" \
         -display none -monitor none -serial "file:$rd/console" -no-reboot \
         -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
-        -netdev user,id=n0 -device virtio-net-pci,netdev=n0,romfile= \
+        -netdev "user,id=n0${NETDEV_EXTRA:+,$NETDEV_EXTRA}" -device virtio-net-pci,netdev=n0,romfile= \
         "$@" </dev/null &
     local qpid=$!
     # shellcheck disable=SC2064

@@ -1,0 +1,480 @@
+//! `ferroblk perf nvmf`: a load generator for any NVMe/TCP controller (ours, Linux nvmet, SPDK
+//! ...) built on the initiator of `ferroblk_target::initiator`.
+//!
+//! The admin queue connects, enables and identifies the controller and asks for `--queues` I/O
+//! queues (Set Features Number of Queues); then one thread per I/O queue (pinned with
+//! `--cpus`) keeps `--qd` commands in flight on its own connection. Each command slot owns one
+//! buffer allocated before the run; the buffer moves into the queue at submit and comes back
+//! with the completion, so nothing is allocated per I/O. By default a thread spins on
+//! `IoQueue::poll` (a non-blocking socket, like SPDK's perf); `--wait` sleeps in `poll(2)`
+//! when nothing arrived. Patterns, latency histogram, table and JSON keys follow `perf bdev`
+//! (`perf.rs`); `reactor_cpu_ns_per_io` is the queue threads' CPU time per I/O here.
+
+use std::net::SocketAddr;
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use ferroblk_target::initiator::{
+    Completion, ConnectOptions, Controller, IoCommand, IoQueue, IoQueueOptions, MAX_DEPTH,
+};
+
+use crate::perf::{
+    Histogram, JobResult, JobSpec, Pattern, RunResult, fmt_row, process_cpu_ns, thread_cpu_ns,
+    ticks,
+};
+
+/// Options of `ferroblk perf nvmf`.
+#[derive(clap::Args, Debug)]
+pub struct NvmfArgs {
+    /// The controller's NVMe/TCP address (IP:port).
+    #[arg(long)]
+    pub addr: SocketAddr,
+    /// The subsystem NQN.
+    #[arg(long)]
+    pub nqn: String,
+    /// Namespace to drive (default: the first active one).
+    #[arg(long)]
+    pub nsid: Option<u32>,
+    /// This host's NQN (default: derived from a random host identifier).
+    #[arg(long)]
+    pub hostnqn: Option<String>,
+    /// I/O queues, one connection and one thread each (default: one per --cpus entry, else 1).
+    #[arg(long)]
+    pub queues: Option<usize>,
+    /// Commands in flight per queue.
+    #[arg(long, default_value_t = 32)]
+    pub qd: usize,
+    /// Bytes per command (a multiple of the namespace's block size; K/M suffixes accepted).
+    #[arg(long, default_value = "4096")]
+    pub bs: String,
+    /// Access pattern.
+    #[arg(long, value_enum, default_value_t = Pattern::Randread)]
+    pub rw: Pattern,
+    /// Read percentage for randrw / rw.
+    #[arg(long, default_value_t = 70, value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub mix: u32,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 10.0)]
+    pub time: f64,
+    /// CPUs to pin the queue threads to (comma-separated; queue i runs on entry i mod len).
+    #[arg(long, value_delimiter = ',')]
+    pub cpus: Option<Vec<usize>>,
+    /// Ask for header digests (CRC32C over each PDU header).
+    #[arg(long)]
+    pub hdr_digest: bool,
+    /// Ask for data digests (CRC32C over each PDU's data).
+    #[arg(long)]
+    pub data_digest: bool,
+    /// Sleep in poll(2) when nothing arrived instead of spinning.
+    #[arg(long)]
+    pub wait: bool,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What the controller told us.
+#[derive(Clone, Debug)]
+struct TargetInfo {
+    nsid: u32,
+    block_size: usize,
+    blocks: u64,
+    model: String,
+    digests: (bool, bool),
+    in_capsule: usize,
+    maxh2cdata: u32,
+}
+
+/// One queue thread's parameters.
+struct QueueJob<'a> {
+    index: usize,
+    cpu: Option<usize>,
+    queue: &'a mut IoQueue,
+    spec: &'a JobSpec,
+    nsid: u32,
+    blocks_per_io: u32,
+    ios_in_dev: u64,
+    wait: bool,
+    start: &'a Barrier,
+}
+
+/// Runs the benchmark described by `a` and prints its report.
+pub fn run(a: &NvmfArgs) -> anyhow::Result<()> {
+    let io_size = ferroblk_bdev::types::parse_size(&a.bs)
+        .ok_or_else(|| anyhow::anyhow!("--bs {} is not a size", a.bs))? as usize;
+    if a.qd == 0 || a.qd >= usize::from(MAX_DEPTH) {
+        bail!("--qd must be between 1 and {}", MAX_DEPTH - 1);
+    }
+    if !(a.time > 0.0 && a.time < 86_400.0) {
+        bail!("--time must be between 0 and 86400 seconds");
+    }
+    let cpus = a.cpus.clone().unwrap_or_default();
+    if let Some(&c) = cpus.iter().find(|&&c| c >= libc::CPU_SETSIZE as usize) {
+        bail!("--cpus {c} is out of range");
+    }
+    let nq = a.queues.unwrap_or(cpus.len().max(1));
+    if nq == 0 || nq > 1024 {
+        bail!("--queues must be between 1 and 1024");
+    }
+    let spec = JobSpec {
+        qd: a.qd,
+        io_size,
+        pattern: a.rw,
+        mix: a.mix,
+        time: Duration::from_secs_f64(a.time),
+    };
+
+    let mut opts = ConnectOptions::new(a.addr, a.nqn.clone());
+    if let Some(h) = &a.hostnqn {
+        opts.hostnqn = h.clone();
+    }
+    opts.hdr_digest = a.hdr_digest;
+    opts.data_digest = a.data_digest;
+    let ctrl = Controller::connect(&opts)
+        .with_context(|| format!("connect to {} at {}", a.nqn, a.addr))?;
+    let nsid = match a.nsid {
+        Some(n) => n,
+        None => *ctrl
+            .active_namespaces()
+            .context("active namespace list")?
+            .first()
+            .ok_or_else(|| anyhow::anyhow!("{} has no namespace", a.nqn))?,
+    };
+    let ns = ctrl
+        .namespace(nsid)
+        .with_context(|| format!("identify namespace {nsid}"))?;
+    let bs = ns.block_size as usize;
+    if io_size == 0 || io_size % bs != 0 {
+        bail!("--bs {io_size} is not a multiple of the namespace's block size {bs}");
+    }
+    if io_size / bs > 65536 {
+        bail!("--bs {io_size} is more than 65536 blocks");
+    }
+    if let Some(mdts) = ctrl.max_data_transfer() {
+        if io_size > mdts {
+            bail!("--bs {io_size} exceeds the controller's maximum transfer (MDTS) {mdts}");
+        }
+    }
+    let ios_in_dev = ns.blocks * bs as u64 / io_size as u64;
+    if ios_in_dev == 0 {
+        bail!("--bs {io_size} is larger than the namespace");
+    }
+    if a.qd > usize::from(ctrl.cap().mqes) {
+        bail!(
+            "--qd {} exceeds the controller's queue size (CAP.MQES {})",
+            a.qd,
+            ctrl.cap().mqes
+        );
+    }
+    let (nsq, ncq) = ctrl
+        .set_number_of_queues(nq as u16)
+        .context("Set Features Number of Queues")?;
+    if (nsq.min(ncq) as usize) < nq {
+        bail!("--queues {nq}: the controller allows {}", nsq.min(ncq));
+    }
+    let qopts = IoQueueOptions {
+        depth: a.qd as u16,
+        max_data: io_size,
+        disable_sq_flow_control: false,
+    };
+    let mut queues: Vec<IoQueue> = (1..=nq as u16)
+        .map(|qid| {
+            ctrl.connect_io_queue(qid, &qopts)
+                .with_context(|| format!("connect I/O queue {qid}"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let info = TargetInfo {
+        nsid,
+        block_size: bs,
+        blocks: ns.blocks,
+        model: ctrl.identify().mn.clone(),
+        digests: queues[0].digests(),
+        in_capsule: queues[0].max_in_capsule(),
+        maxh2cdata: queues[0].max_h2c_data(),
+    };
+
+    let start = Barrier::new(nq);
+    let cpu0 = process_cpu_ns();
+    let t0 = Instant::now();
+    let results: Vec<anyhow::Result<JobResult>> = std::thread::scope(|s| {
+        let handles: Vec<_> = queues
+            .iter_mut()
+            .enumerate()
+            .map(|(index, queue)| {
+                let job = QueueJob {
+                    index,
+                    cpu: (!cpus.is_empty()).then(|| cpus[index % cpus.len()]),
+                    queue,
+                    spec: &spec,
+                    nsid,
+                    blocks_per_io: (io_size / bs) as u32,
+                    ios_in_dev,
+                    wait: a.wait,
+                    start: &start,
+                };
+                std::thread::Builder::new()
+                    .name(format!("perf-nvmf-{index}"))
+                    .spawn_scoped(s, move || run_queue(job))
+                    .expect("spawn a queue thread")
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a queue thread panicked")))
+            })
+            .collect()
+    });
+    let r = RunResult {
+        jobs: results.into_iter().collect::<anyhow::Result<_>>()?,
+        process_cpu_ns: process_cpu_ns() - cpu0,
+        wall: t0.elapsed(),
+    };
+    for q in queues {
+        if let Err(e) = q.disconnect() {
+            tracing::warn!(error = %e, "I/O queue disconnect");
+        }
+    }
+    if let Err(e) = ctrl.shutdown() {
+        tracing::warn!(error = %e, "controller shutdown");
+    }
+    report(a, &info, &spec, &r);
+    Ok(())
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {
+    // SAFETY: `set` is a zeroed, properly sized cpu_set_t on the stack (cpu < CPU_SETSIZE was
+    // checked by `run`); CPU_SET and sched_setaffinity read and write only it.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// xorshift64*.
+#[inline]
+fn next_rand(x: &mut u64) -> u64 {
+    *x ^= *x >> 12;
+    *x ^= *x << 25;
+    *x ^= *x >> 27;
+    x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+}
+
+/// One queue's loop: `qd` slots, each with its own buffer, resubmitted as soon as it completes
+/// until the deadline, then drained.
+fn run_queue(j: QueueJob<'_>) -> anyhow::Result<JobResult> {
+    let pinned = j.cpu.map_or(Ok(()), pin_to_cpu);
+    // Every thread reaches the barrier, even one that failed, so that none waits forever.
+    j.start.wait();
+    if let (Err(e), Some(cpu)) = (pinned, j.cpu) {
+        return Err(anyhow::Error::new(e).context(format!("pin queue {} to CPU {cpu}", j.index)));
+    }
+    let spec = j.spec;
+    let qd = spec.qd;
+    let read_pct = spec.pattern.read_pct(spec.mix);
+    let random = spec.pattern.random();
+    let mut rng = 0x9E37_79B9_7F4A_7C15 ^ (j.index as u64 + 1);
+    let mut seq = (j.index as u64) * (j.ios_in_dev / 16 + 1);
+    let mut started_at = vec![0u64; qd];
+    let mut done: Vec<Completion> = Vec::with_capacity(qd);
+    let mut hist = Histogram::default();
+    let (mut ios, mut errors, mut in_flight) = (0u64, 0u64, 0usize);
+    let mut first_error = None;
+    let q = j.queue;
+
+    // Queues one command for `slot` with its buffer; it goes out with the next `poll`.
+    let mut submit = |q: &mut IoQueue, slot: usize, buf: Vec<u8>, started_at: &mut [u64]| {
+        let r = next_rand(&mut rng);
+        let idx = if random {
+            (r >> 16) % j.ios_in_dev
+        } else {
+            seq = (seq + 1) % j.ios_in_dev;
+            seq
+        };
+        let read = read_pct == 100 || (read_pct > 0 && (r % 100) < u64::from(read_pct));
+        let slba = idx * u64::from(j.blocks_per_io);
+        let cmd = if read {
+            IoCommand::Read {
+                nsid: j.nsid,
+                slba,
+                nlb: j.blocks_per_io,
+            }
+        } else {
+            IoCommand::Write {
+                nsid: j.nsid,
+                slba,
+                nlb: j.blocks_per_io,
+                fua: false,
+            }
+        };
+        started_at[slot] = ticks();
+        q.submit(cmd, buf, slot as u64)
+            .map_err(|r| anyhow::anyhow!("queue {}: submit: {}", j.index, r.reason))
+    };
+
+    // Non-zero write data, the same pattern as `perf bdev`.
+    let bufs: Vec<Vec<u8>> = (0..qd)
+        .map(|_| (0..spec.io_size).map(|i| i as u8).collect())
+        .collect();
+    let start = Instant::now();
+    let start_tick = ticks();
+    let start_cpu = thread_cpu_ns();
+    let deadline = start + spec.time;
+    for (slot, buf) in bufs.into_iter().enumerate() {
+        submit(q, slot, buf, &mut started_at)?;
+    }
+    in_flight += qd;
+    let mut stopping = false;
+    while in_flight > 0 {
+        let n = q
+            .poll(&mut done)
+            .map_err(|e| anyhow::anyhow!("queue {}: {e}", j.index))?;
+        if n > 0 {
+            let now = ticks();
+            for c in done.drain(..) {
+                let slot = c.tag as usize;
+                hist.record(now.wrapping_sub(started_at[slot]));
+                ios += 1;
+                if !c.status().is_success() {
+                    errors += 1;
+                    first_error.get_or_insert(c.status());
+                }
+                if stopping {
+                    in_flight -= 1;
+                } else {
+                    submit(q, slot, c.buf, &mut started_at)?;
+                }
+            }
+        } else if j.wait {
+            q.wait(Some(Duration::from_millis(10)))
+                .map_err(|e| anyhow::anyhow!("queue {}: {e}", j.index))?;
+        }
+        if !stopping && Instant::now() >= deadline {
+            stopping = true;
+        }
+    }
+    let elapsed = start.elapsed();
+    let end_tick = ticks();
+    let cpu_ns = thread_cpu_ns() - start_cpu;
+    if let Some(s) = first_error {
+        tracing::warn!(queue = j.index, errors, first = %s, "commands failed");
+    }
+    Ok(JobResult {
+        reactor: j.index,
+        cpu: j.cpu,
+        ios,
+        errors,
+        bytes: ios * spec.io_size as u64,
+        elapsed,
+        cpu_ns,
+        hist,
+        ns_per_tick: elapsed.as_nanos() as f64 / (end_tick - start_tick).max(1) as f64,
+    })
+}
+
+/// Prints the result as a table, or JSON with the keys of `perf bdev`.
+fn report(a: &NvmfArgs, t: &TargetInfo, spec: &JobSpec, r: &RunResult) {
+    let mut total = Histogram::default();
+    let (mut ios, mut bytes, mut errors, mut cpu_ns) = (0, 0, 0, 0);
+    let mut secs = 0f64;
+    let mut nspt = 0f64;
+    for j in &r.jobs {
+        total.merge(&j.hist);
+        ios += j.ios;
+        bytes += j.bytes;
+        errors += j.errors;
+        cpu_ns += j.cpu_ns;
+        secs = secs.max(j.elapsed.as_secs_f64());
+        nspt += j.ns_per_tick / r.jobs.len() as f64;
+    }
+    let mode = if a.wait { "wait" } else { "poll" };
+    let name = format!("nvmf:{}/{}/{}", a.addr, a.nqn, t.nsid);
+    if a.json {
+        let per: Vec<_> = r
+            .jobs
+            .iter()
+            .map(|j| {
+                serde_json::json!({
+                    "reactor": j.reactor, "cpu": j.cpu, "ios": j.ios, "errors": j.errors,
+                    "iops": j.ios as f64 / j.elapsed.as_secs_f64(),
+                    "mean_us": j.hist.mean() * j.ns_per_tick / 1000.0,
+                    "p99_us": j.hist.quantile(0.99) * j.ns_per_tick / 1000.0,
+                    "cpu_ns_per_io": j.cpu_ns as f64 / j.ios.max(1) as f64,
+                })
+            })
+            .collect();
+        let v = serde_json::json!({
+            "bdev": name, "job": spec, "ios": ios, "errors": errors,
+            "iops": ios as f64 / secs,
+            "mib_s": bytes as f64 / secs / (1 << 20) as f64,
+            "mean_us": total.mean() * nspt / 1000.0,
+            "p99_us": total.quantile(0.99) * nspt / 1000.0,
+            "p999_us": total.quantile(0.999) * nspt / 1000.0,
+            "reactor_cpu_ns_per_io": cpu_ns as f64 / ios.max(1) as f64,
+            "process_cpu_ns_per_io": r.process_cpu_ns as f64 / ios.max(1) as f64,
+            "reactors": per,
+            "mode": mode,
+            "target": {
+                "addr": a.addr.to_string(), "nqn": a.nqn, "nsid": t.nsid, "model": t.model,
+                "block_size": t.block_size, "blocks": t.blocks,
+                "hdr_digest": t.digests.0, "data_digest": t.digests.1,
+                "in_capsule": t.in_capsule, "maxh2cdata": t.maxh2cdata,
+            },
+        });
+        println!("{v}");
+        return;
+    }
+    println!(
+        "perf nvmf {name} mode={mode} pattern={:?} bs={} qd={} mix={} time={}s queues={}",
+        spec.pattern,
+        spec.io_size,
+        spec.qd,
+        spec.pattern.read_pct(spec.mix),
+        spec.time.as_secs_f64(),
+        r.jobs.len()
+    );
+    println!(
+        "target: '{}', {} blocks of {} bytes, digests hdr={} data={}, in-capsule up to {} bytes, MAXH2CDATA {}",
+        t.model, t.blocks, t.block_size, t.digests.0, t.digests.1, t.in_capsule, t.maxh2cdata
+    );
+    println!(
+        "{:<8} {:>4} {:>12} {:>10} {:>9} {:>9} {:>9} {:>10}",
+        "queue", "cpu", "IOPS", "MiB/s", "mean_us", "p99_us", "p99.9_us", "cpu_ns/io"
+    );
+    for j in &r.jobs {
+        let cpu = j.cpu.map_or("-".to_string(), |c| c.to_string());
+        println!("{}", fmt_row(&j.reactor.to_string(), &cpu, j));
+    }
+    let all = JobResult {
+        reactor: 0,
+        cpu: None,
+        ios,
+        errors,
+        bytes,
+        elapsed: Duration::from_secs_f64(secs),
+        cpu_ns,
+        hist: total,
+        ns_per_tick: nspt,
+    };
+    println!("{}", fmt_row("total", "", &all));
+    println!(
+        "errors: {errors}   process CPU: {:.2} s over {:.2} s wall = {:.0} ns per I/O (initiator{})",
+        r.process_cpu_ns as f64 / 1e9,
+        r.wall.as_secs_f64(),
+        r.process_cpu_ns as f64 / ios.max(1) as f64,
+        if a.wait {
+            ""
+        } else {
+            ": polling, so one busy core per queue"
+        }
+    );
+}
