@@ -72,6 +72,10 @@ pub struct NvmfArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Instead of a job: connect the queues, keep them idle (keep-alive only) for this many
+    /// seconds, disconnect (to measure what connected but idle queues cost the target).
+    #[arg(long)]
+    pub hold: Option<f64>,
 }
 
 /// What the controller told us.
@@ -184,6 +188,13 @@ pub fn run(a: &NvmfArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("connect I/O queue {qid}"))
         })
         .collect::<anyhow::Result<_>>()?;
+    if let Some(hold) = a.hold {
+        eprintln!("holding {nq} idle I/O queues (plus the admin queue) connected for {hold} s");
+        std::thread::sleep(Duration::from_secs_f64(hold.clamp(0.0, 86_400.0)));
+        drop(queues);
+        println!("held {nq} idle I/O queues for {hold} s");
+        return Ok(());
+    }
     let info = TargetInfo {
         nsid,
         block_size: bs,

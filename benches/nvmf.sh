@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# NVMe/TCP target figures on loopback: ferroblk serving a null namespace from one reactor pinned
+# to CPU 0, driven by `ferroblk perf nvmf` on CPU 1. Each job runs `runs` times; the target's CPU
+# time per I/O comes from /proc/PID/stat (utime+stime) around each run. Prints every run and the
+# medians. The initiator sleeps in poll(2) (--wait) unless POLL=1: a busy initiator on the other
+# core of a 2-core machine competes with the target.
+#   usage: benches/nvmf.sh [runs=3] [seconds=5]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+runs=${1:-3}; secs=${2:-5}
+bin=$(realpath out/release/ferroblk 2>/dev/null || true)
+[ -x "$bin" ] || { cargo build --release; bin=$(realpath out/release/ferroblk); }
+work=$(mktemp -d /var/tmp/ferroblk-nvmf.XXXX)
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+cat > "$work/t.toml" <<TOML
+[reactors]
+cpus = [0]
+[rpc]
+socket = "$work/rpc.sock"
+[[bdev]]
+name = "null0"
+kind = "null"
+size = "64GiB"
+[[subsystem]]
+nqn = "nqn.2026-11.io.ferroblk:bench"
+allow_any_host = true
+[[subsystem.namespace]]
+nsid = 1
+bdev = "null0"
+[[listener]]
+addr = "127.0.0.1"
+port = $port
+TOML
+"$bin" serve --config "$work/t.toml" >"$work/t.log" 2>&1 &
+pid=$!
+trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$work"' EXIT
+for _ in $(seq 200); do [ -S "$work/rpc.sock" ] && break; sleep 0.05; done
+hz=$(getconf CLK_TCK)
+mode=--wait; [ "${POLL:-0}" = 1 ] && mode=
+job() { # name qd bs rw
+  local vals=() ; local cpus=() ; local lat=()
+  for i in $(seq "$runs"); do
+    t0=$(awk '{print $14+$15}' /proc/$pid/stat)
+    j=$("$bin" perf nvmf --addr 127.0.0.1:$port --nqn nqn.2026-11.io.ferroblk:bench --cpus 1 \
+          --qd "$2" --bs "$3" --rw "$4" --time "$secs" $mode --json 2>/dev/null)
+    t1=$(awk '{print $14+$15}' /proc/$pid/stat)
+    read -r iops mib mean ios < <(echo "$j" | python3 -c 'import json,sys; j=json.load(sys.stdin); print(round(j["iops"]), round(j["mib_s"]), round(j["mean_us"],2), j["ios"])')
+    cpu=$(python3 -c "print(round(($t1-$t0)/$hz*1e9/max($ios,1)))")
+    echo "$1 run $i: $iops IOPS, $mib MiB/s, mean $mean us, target CPU $cpu ns/IO"
+    vals+=("$iops"); cpus+=("$cpu"); lat+=("$mean")
+  done
+  python3 - "$1" "${vals[*]}" "${cpus[*]}" "${lat[*]}" <<'PY'
+import statistics as s, sys
+n = sys.argv[1]; v, c, l = ([float(x) for x in a.split()] for a in sys.argv[2:5])
+print(f"median {n}: {s.median(v):.0f} IOPS, mean {s.median(l):.2f} us, target CPU {s.median(c):.0f} ns/IO")
+PY
+}
+job "4k-randread-qd1" 1 4096 randread
+job "4k-randread-qd32" 32 4096 randread
+job "4k-randread-qd127" 127 4096 randread
+job "4k-randwrite-qd32" 32 4096 randwrite
+job "128k-read-qd16" 16 128K read
