@@ -54,9 +54,19 @@ impl ThreadRing {
                     inner: inner.clone(),
                 });
             }
+            // COOP_TASKRUN: the kernel does not interrupt the thread to post completions that
+            // need task work (socket polls); TASKRUN_FLAG tells us when such work waits, so
+            // `reap` enters the kernel only then. Older kernels get the plain ring.
             let ring = IoUring::builder()
                 .setup_cqsize(SQ_ENTRIES * 4)
+                .setup_coop_taskrun()
+                .setup_taskrun_flag()
                 .build(SQ_ENTRIES)
+                .or_else(|_| {
+                    IoUring::builder()
+                        .setup_cqsize(SQ_ENTRIES * 4)
+                        .build(SQ_ENTRIES)
+                })
                 .map_err(BdevError::Uring)?;
             let inner = Rc::new(RingInner {
                 ring: RefCell::new(ring),
@@ -118,6 +128,10 @@ impl ThreadRing {
     /// Routes every completion in the queue to its client; returns how many.
     pub fn reap(&self) -> usize {
         let mut ring = self.inner.ring.borrow_mut();
+        if ring.submission().taskrun() {
+            // Completions wait on task work: one system call runs it.
+            let _ = ring.submitter().submit();
+        }
         let mut clients = self.inner.clients.borrow_mut();
         let mut n = 0;
         for cqe in ring.completion() {

@@ -138,7 +138,6 @@ pub struct TcpConn {
     peer: String,
     conns: Arc<AtomicUsize>,
     scratch: [u8; MAX_HEADER_LEN],
-    last_busy: Instant,
 }
 
 impl TcpConn {
@@ -184,7 +183,6 @@ impl TcpConn {
             peer,
             conns,
             scratch: [0; MAX_HEADER_LEN],
-            last_busy: Instant::now(),
         };
         c.arm(POLL_READ, (libc::POLLIN | libc::POLLRDHUP) as u32, true);
         Ok(c)
@@ -1067,11 +1065,8 @@ impl Poller for TcpConn {
         if writable {
             self.write_armed = false;
         }
-        // A readiness report means: read until the socket says EAGAIN. While the connection
-        // was busy a moment ago, also try without waiting for the report: the report goes
-        // through io_uring task work, which a spinning reactor only runs when it next enters
-        // the kernel.
-        if readable || self.last_busy.elapsed() < std::time::Duration::from_micros(100) {
+        // A readiness report means: read until the socket says EAGAIN.
+        if readable {
             self.readable = true;
         }
         if let Some(q) = &self.queue
@@ -1099,11 +1094,7 @@ impl Poller for TcpConn {
             work += 1;
         }
         if !self.closing {
-            let got = self.read_socket();
-            if got > 0 {
-                self.last_busy = Instant::now();
-            }
-            work += got;
+            work += self.read_socket();
             work += self.parse();
         }
         work += self.reap();
