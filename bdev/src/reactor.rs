@@ -344,8 +344,6 @@ fn run(
     let stats = core.stats.clone();
     loop {
         let mut work = 0usize;
-        // Route whatever completed (socket and eventfd polls, file I/O) to its client.
-        ring.reap();
         // Inbox wake-ups: re-arm the multishot poll if the kernel ended it.
         let mut rearm = false;
         inbox.take(|_, _, flags| {

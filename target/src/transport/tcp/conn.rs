@@ -1050,6 +1050,9 @@ impl Poller for TcpConn {
         let mut rearm = false;
         let mut readable = false;
         let mut writable = false;
+        // Route socket readiness now (running pending task work if the ring says some waits):
+        // a spinning reactor would otherwise see it only when it next enters the kernel.
+        self.client.ring().reap();
         self.client.take(|slot, _res, flags| match slot {
             POLL_READ => {
                 readable = true;
