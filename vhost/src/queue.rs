@@ -234,6 +234,7 @@ impl VqPoller {
     }
 
     fn signal(&mut self) {
+        self.q.publish_used();
         if self.to_notify {
             self.to_notify = false;
             if self.q.needs_notification()
@@ -270,12 +271,16 @@ impl VqPoller {
         // SAFETY: `status` was validated as a writable byte of guest memory, mapped by `mem`.
         unsafe { std::ptr::write_volatile(slot.status, status) };
         let written = if status == S_OK { slot.written } else { 1 };
-        if let Some(inf) = self.inflight.as_mut() {
-            inf.begin_complete(head);
-        }
-        self.q.push_used(head, written);
-        if let Some(inf) = self.inflight.as_mut() {
-            inf.end_complete(head, self.q.used_idx);
+        match self.inflight.as_mut() {
+            // With inflight tracking each completion is published on its own (the recovery
+            // protocol follows `used.idx` one head at a time).
+            Some(inf) => {
+                inf.begin_complete(head);
+                self.q.push_used(head, written);
+                inf.end_complete(head, self.q.used_idx);
+            }
+            // Otherwise completions are published in batches (see `signal`).
+            None => self.q.push_used_deferred(head, written),
         }
         self.to_notify = true;
     }

@@ -65,6 +65,11 @@ pub struct SplitQueue {
     pub used_idx: u16,
     signalled_used: u16,
     signalled_valid: bool,
+    /// `avail.idx` as last read: entries up to it are taken without touching the (contended)
+    /// index line again.
+    avail_cache: u16,
+    /// Used entries written but not yet published in `used.idx`.
+    unpublished: bool,
     event_idx: bool,
     indirect: bool,
 }
@@ -156,6 +161,8 @@ impl SplitQueue {
             used_idx: 0,
             signalled_used: 0,
             signalled_valid: false,
+            avail_cache: 0,
+            unpublished: false,
             event_idx,
             indirect,
         })
@@ -190,8 +197,14 @@ impl SplitQueue {
     /// Takes the next available chain head, if any.
     #[inline]
     pub fn pop_head(&mut self) -> Result<Option<u16>, QueueError> {
-        let avail = self.avail_idx();
-        let pending = avail.wrapping_sub(self.last_avail);
+        let mut avail = self.avail_cache;
+        let mut pending = avail.wrapping_sub(self.last_avail);
+        if pending == 0 || pending > self.size {
+            // Nothing cached (or `last_avail` was moved): read the driver's index.
+            avail = self.avail_idx();
+            self.avail_cache = avail;
+            pending = avail.wrapping_sub(self.last_avail);
+        }
         if pending == 0 {
             return Ok(None);
         }
@@ -286,6 +299,14 @@ impl SplitQueue {
     /// Puts `head` on the used ring with `len` bytes written, and publishes it.
     #[inline]
     pub fn push_used(&mut self, head: u16, len: u32) {
+        self.push_used_deferred(head, len);
+        self.publish_used();
+    }
+
+    /// Writes the used entry for `head` without publishing it: a batch of completions is made
+    /// visible with one [`SplitQueue::publish_used`] (one index update for the driver to read).
+    #[inline]
+    pub fn push_used_deferred(&mut self, head: u16, len: u32) {
         let slot = (self.used_idx % self.size) as usize;
         // SAFETY: entry `slot < size` of the used ring (offset 4 + 8 * slot), validated in `new`.
         unsafe {
@@ -293,9 +314,18 @@ impl SplitQueue {
             wr32(self.used.add(8 + 8 * slot), len);
         }
         self.used_idx = self.used_idx.wrapping_add(1);
-        fence(Ordering::Release);
-        // SAFETY: offset 2 of the used ring.
-        wr16(unsafe { self.used.add(2) }, self.used_idx);
+        self.unpublished = true;
+    }
+
+    /// Publishes the used entries written so far (`used.idx`, after a release fence).
+    #[inline]
+    pub fn publish_used(&mut self) {
+        if self.unpublished {
+            self.unpublished = false;
+            fence(Ordering::Release);
+            // SAFETY: offset 2 of the used ring.
+            wr16(unsafe { self.used.add(2) }, self.used_idx);
+        }
     }
 
     /// Whether the driver wants an interrupt for what was published since the last one
