@@ -464,7 +464,7 @@ pub fn run(
     })
 }
 
-pub(crate) fn fmt_row(label: &str, cpu: &str, j: &JobResult) -> String {
+fn fmt_row(label: &str, cpu: &str, j: &JobResult) -> String {
     let secs = j.elapsed.as_secs_f64();
     let us = |ticks: f64| ticks * j.ns_per_tick / 1000.0;
     format!(
@@ -478,47 +478,108 @@ pub(crate) fn fmt_row(label: &str, cpu: &str, j: &JobResult) -> String {
     )
 }
 
-/// Prints the result as a table, or JSON.
-pub fn report(bdev: &str, spec: &JobSpec, r: &RunResult, json: bool) {
-    let mut total = Histogram::default();
-    let (mut ios, mut bytes, mut errors, mut cpu_ns) = (0, 0, 0, 0);
-    let mut secs = 0f64;
-    let mut nspt = 0f64;
-    for j in &r.jobs {
-        total.merge(&j.hist);
-        ios += j.ios;
-        bytes += j.bytes;
-        errors += j.errors;
-        cpu_ns += j.cpu_ns;
-        secs = secs.max(j.elapsed.as_secs_f64());
-        nspt += j.ns_per_tick / r.jobs.len() as f64;
+impl RunResult {
+    /// Every job summed into one row: counters added, latency histograms merged, the longest
+    /// window, the mean tick length.
+    pub(crate) fn total(&self) -> JobResult {
+        let mut t = JobResult {
+            reactor: 0,
+            cpu: None,
+            ios: 0,
+            errors: 0,
+            bytes: 0,
+            elapsed: Duration::ZERO,
+            cpu_ns: 0,
+            hist: Histogram::default(),
+            ns_per_tick: 0.0,
+        };
+        for j in &self.jobs {
+            t.hist.merge(&j.hist);
+            t.ios += j.ios;
+            t.bytes += j.bytes;
+            t.errors += j.errors;
+            t.cpu_ns += j.cpu_ns;
+            t.elapsed = t.elapsed.max(j.elapsed);
+            t.ns_per_tick += j.ns_per_tick / self.jobs.len() as f64;
+        }
+        t
     }
-    if json {
-        let per: Vec<_> = r
-            .jobs
+
+    /// One JSON object per job; `key` names the job's index (`reactor`, `queue`).
+    pub(crate) fn json_rows(&self, key: &str) -> Vec<serde_json::Value> {
+        self.jobs
             .iter()
             .map(|j| {
-                serde_json::json!({
-                    "reactor": j.reactor, "cpu": j.cpu, "ios": j.ios, "errors": j.errors,
+                let mut v = serde_json::json!({
+                    "cpu": j.cpu, "ios": j.ios, "errors": j.errors,
                     "iops": j.ios as f64 / j.elapsed.as_secs_f64(),
                     "mean_us": j.hist.mean() * j.ns_per_tick / 1000.0,
                     "p99_us": j.hist.quantile(0.99) * j.ns_per_tick / 1000.0,
                     "cpu_ns_per_io": j.cpu_ns as f64 / j.ios.max(1) as f64,
-                })
+                });
+                v[key] = j.reactor.into();
+                v
             })
-            .collect();
-        let v = serde_json::json!({
-            "bdev": bdev, "job": spec, "ios": ios, "errors": errors,
-            "iops": ios as f64 / secs,
-            "mib_s": bytes as f64 / secs / (1 << 20) as f64,
-            "mean_us": total.mean() * nspt / 1000.0,
-            "p99_us": total.quantile(0.99) * nspt / 1000.0,
-            "p999_us": total.quantile(0.999) * nspt / 1000.0,
-            "reactor_cpu_ns_per_io": cpu_ns as f64 / ios.max(1) as f64,
-            "process_cpu_ns_per_io": r.process_cpu_ns as f64 / ios.max(1) as f64,
-            "reactors": per,
-        });
-        println!("{v}");
+            .collect()
+    }
+
+    /// The keys every perf command's JSON shares: ios, errors, iops, mib_s, mean/p99/p99.9 latency,
+    /// `<cpu_key>` (CPU of the job threads per I/O) and the process CPU per I/O.
+    pub(crate) fn json_summary(&self, cpu_key: &str) -> serde_json::Map<String, serde_json::Value> {
+        let t = self.total();
+        let secs = t.elapsed.as_secs_f64();
+        let us = |ticks: f64| ticks * t.ns_per_tick / 1000.0;
+        let per_io = |ns: u64| ns as f64 / t.ios.max(1) as f64;
+        let mut m = serde_json::Map::new();
+        m.insert("ios".into(), t.ios.into());
+        m.insert("errors".into(), t.errors.into());
+        m.insert("iops".into(), (t.ios as f64 / secs).into());
+        m.insert(
+            "mib_s".into(),
+            (t.bytes as f64 / secs / (1 << 20) as f64).into(),
+        );
+        m.insert("mean_us".into(), us(t.hist.mean()).into());
+        m.insert("p99_us".into(), us(t.hist.quantile(0.99)).into());
+        m.insert("p999_us".into(), us(t.hist.quantile(0.999)).into());
+        m.insert(cpu_key.into(), per_io(t.cpu_ns).into());
+        m.insert(
+            "process_cpu_ns_per_io".into(),
+            per_io(self.process_cpu_ns).into(),
+        );
+        m
+    }
+
+    /// Prints the table (a row per job, first column `label`, then the total) and the process
+    /// CPU line; `who` says whose CPU that is.
+    pub(crate) fn print_table(&self, label: &str, who: &str) {
+        println!(
+            "{label:<8} {:>4} {:>12} {:>10} {:>9} {:>9} {:>9} {:>10}",
+            "cpu", "IOPS", "MiB/s", "mean_us", "p99_us", "p99.9_us", "cpu_ns/io"
+        );
+        for j in &self.jobs {
+            let cpu = j.cpu.map_or("-".to_string(), |c| c.to_string());
+            println!("{}", fmt_row(&j.reactor.to_string(), &cpu, j));
+        }
+        let t = self.total();
+        println!("{}", fmt_row("total", "", &t));
+        println!(
+            "errors: {}   process CPU: {:.2} s over {:.2} s wall = {:.0} ns per I/O ({who})",
+            t.errors,
+            self.process_cpu_ns as f64 / 1e9,
+            self.wall.as_secs_f64(),
+            self.process_cpu_ns as f64 / t.ios.max(1) as f64
+        );
+    }
+}
+
+/// Prints the result as a table, or JSON.
+pub fn report(bdev: &str, spec: &JobSpec, r: &RunResult, json: bool) {
+    if json {
+        let mut v = r.json_summary("reactor_cpu_ns_per_io");
+        v.insert("bdev".into(), bdev.into());
+        v.insert("job".into(), serde_json::json!(spec));
+        v.insert("reactors".into(), r.json_rows("reactor").into());
+        println!("{}", serde_json::Value::Object(v));
         return;
     }
     println!(
@@ -530,32 +591,7 @@ pub fn report(bdev: &str, spec: &JobSpec, r: &RunResult, json: bool) {
         spec.time.as_secs_f64(),
         r.jobs.len()
     );
-    println!(
-        "{:<8} {:>4} {:>12} {:>10} {:>9} {:>9} {:>9} {:>10}",
-        "reactor", "cpu", "IOPS", "MiB/s", "mean_us", "p99_us", "p99.9_us", "cpu_ns/io"
-    );
-    for j in &r.jobs {
-        let cpu = j.cpu.map_or("-".to_string(), |c| c.to_string());
-        println!("{}", fmt_row(&j.reactor.to_string(), &cpu, j));
-    }
-    let all = JobResult {
-        reactor: 0,
-        cpu: None,
-        ios,
-        errors,
-        bytes,
-        elapsed: Duration::from_secs_f64(secs),
-        cpu_ns,
-        hist: total,
-        ns_per_tick: nspt,
-    };
-    println!("{}", fmt_row("total", "", &all));
-    println!(
-        "errors: {errors}   process CPU: {:.2} s over {:.2} s wall = {:.0} ns per I/O (reactors + kernel workers)",
-        r.process_cpu_ns as f64 / 1e9,
-        r.wall.as_secs_f64(),
-        r.process_cpu_ns as f64 / ios.max(1) as f64
-    );
+    r.print_table("reactor", "reactors + kernel workers");
 }
 
 #[cfg(test)]

@@ -20,8 +20,7 @@ use ferroblk_target::initiator::{
 };
 
 use crate::perf::{
-    Histogram, JobResult, JobSpec, Pattern, RunResult, fmt_row, process_cpu_ns, thread_cpu_ns,
-    ticks,
+    Histogram, JobResult, JobSpec, Pattern, RunResult, process_cpu_ns, thread_cpu_ns, ticks,
 };
 
 /// Options of `ferroblk perf nvmf`.
@@ -394,54 +393,24 @@ fn run_queue(j: QueueJob<'_>) -> anyhow::Result<JobResult> {
 
 /// Prints the result as a table, or JSON with the keys of `perf bdev`.
 fn report(a: &NvmfArgs, t: &TargetInfo, spec: &JobSpec, r: &RunResult) {
-    let mut total = Histogram::default();
-    let (mut ios, mut bytes, mut errors, mut cpu_ns) = (0, 0, 0, 0);
-    let mut secs = 0f64;
-    let mut nspt = 0f64;
-    for j in &r.jobs {
-        total.merge(&j.hist);
-        ios += j.ios;
-        bytes += j.bytes;
-        errors += j.errors;
-        cpu_ns += j.cpu_ns;
-        secs = secs.max(j.elapsed.as_secs_f64());
-        nspt += j.ns_per_tick / r.jobs.len() as f64;
-    }
     let mode = if a.wait { "wait" } else { "poll" };
     let name = format!("nvmf:{}/{}/{}", a.addr, a.nqn, t.nsid);
     if a.json {
-        let per: Vec<_> = r
-            .jobs
-            .iter()
-            .map(|j| {
-                serde_json::json!({
-                    "reactor": j.reactor, "cpu": j.cpu, "ios": j.ios, "errors": j.errors,
-                    "iops": j.ios as f64 / j.elapsed.as_secs_f64(),
-                    "mean_us": j.hist.mean() * j.ns_per_tick / 1000.0,
-                    "p99_us": j.hist.quantile(0.99) * j.ns_per_tick / 1000.0,
-                    "cpu_ns_per_io": j.cpu_ns as f64 / j.ios.max(1) as f64,
-                })
-            })
-            .collect();
-        let v = serde_json::json!({
-            "bdev": name, "job": spec, "ios": ios, "errors": errors,
-            "iops": ios as f64 / secs,
-            "mib_s": bytes as f64 / secs / (1 << 20) as f64,
-            "mean_us": total.mean() * nspt / 1000.0,
-            "p99_us": total.quantile(0.99) * nspt / 1000.0,
-            "p999_us": total.quantile(0.999) * nspt / 1000.0,
-            "reactor_cpu_ns_per_io": cpu_ns as f64 / ios.max(1) as f64,
-            "process_cpu_ns_per_io": r.process_cpu_ns as f64 / ios.max(1) as f64,
-            "reactors": per,
-            "mode": mode,
-            "target": {
+        let mut v = r.json_summary("reactor_cpu_ns_per_io");
+        v.insert("bdev".into(), name.into());
+        v.insert("job".into(), serde_json::json!(spec));
+        v.insert("reactors".into(), r.json_rows("reactor").into());
+        v.insert("mode".into(), mode.into());
+        v.insert(
+            "target".into(),
+            serde_json::json!({
                 "addr": a.addr.to_string(), "nqn": a.nqn, "nsid": t.nsid, "model": t.model,
                 "block_size": t.block_size, "blocks": t.blocks,
                 "hdr_digest": t.digests.0, "data_digest": t.digests.1,
                 "in_capsule": t.in_capsule, "maxh2cdata": t.maxh2cdata,
-            },
-        });
-        println!("{v}");
+            }),
+        );
+        println!("{}", serde_json::Value::Object(v));
         return;
     }
     println!(
@@ -457,35 +426,10 @@ fn report(a: &NvmfArgs, t: &TargetInfo, spec: &JobSpec, r: &RunResult) {
         "target: '{}', {} blocks of {} bytes, digests hdr={} data={}, in-capsule up to {} bytes, MAXH2CDATA {}",
         t.model, t.blocks, t.block_size, t.digests.0, t.digests.1, t.in_capsule, t.maxh2cdata
     );
-    println!(
-        "{:<8} {:>4} {:>12} {:>10} {:>9} {:>9} {:>9} {:>10}",
-        "queue", "cpu", "IOPS", "MiB/s", "mean_us", "p99_us", "p99.9_us", "cpu_ns/io"
-    );
-    for j in &r.jobs {
-        let cpu = j.cpu.map_or("-".to_string(), |c| c.to_string());
-        println!("{}", fmt_row(&j.reactor.to_string(), &cpu, j));
-    }
-    let all = JobResult {
-        reactor: 0,
-        cpu: None,
-        ios,
-        errors,
-        bytes,
-        elapsed: Duration::from_secs_f64(secs),
-        cpu_ns,
-        hist: total,
-        ns_per_tick: nspt,
+    let who = if a.wait {
+        "initiator"
+    } else {
+        "initiator: polling, so one busy core per queue"
     };
-    println!("{}", fmt_row("total", "", &all));
-    println!(
-        "errors: {errors}   process CPU: {:.2} s over {:.2} s wall = {:.0} ns per I/O (initiator{})",
-        r.process_cpu_ns as f64 / 1e9,
-        r.wall.as_secs_f64(),
-        r.process_cpu_ns as f64 / ios.max(1) as f64,
-        if a.wait {
-            ""
-        } else {
-            ": polling, so one busy core per queue"
-        }
-    );
+    r.print_table("queue", who);
 }
