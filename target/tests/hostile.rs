@@ -314,6 +314,47 @@ fn hostile_hosts_get_the_spec_answer_and_others_keep_working() {
     q2.ic(false, false);
     assert!(!q2.connect(1, 999).status.is_success());
 
+    // A host ignoring SQ flow control: writes that wait for data (R2T) pile up beyond the
+    // queue's 32 entries; the connection ends instead of the target growing without bound.
+    let mut q3 = Host::new(r.addr);
+    q3.ic(false, false);
+    let mut a3 = Host::new(r.addr);
+    a3.ic(false, false);
+    let cntlid = a3.connect(0, 0xffff).dw0 as u16;
+    assert!(q3.connect(1, cntlid).status.is_success());
+    let w = ReadWrite {
+        nsid: 1,
+        slba: 0,
+        nlb: 1,
+        ..Default::default()
+    };
+    let mut flood = Vec::new();
+    for cid in 100..140u16 {
+        let sqe = w.to_sqe(
+            IoOpcode::Write,
+            cid,
+            &SglDescriptor::transport_data_block(4096),
+        );
+        let n = q3.enc.capsule_cmd(&sqe, 0, &mut out);
+        flood.extend_from_slice(&out[..n]);
+    }
+    q3.send(&flood);
+    let mut r2ts = 0;
+    loop {
+        match q3.recv() {
+            Some((PduHeader::R2t(_), _)) => r2ts += 1,
+            Some((PduHeader::C2hTermReq(t), _)) => {
+                assert_eq!(t.fes, Fes::PDU_SEQUENCE_ERROR);
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        r2ts, 32,
+        "one R2T per queue entry, then the connection ends"
+    );
+
     good_host_round_trip(r.addr, 2);
 }
 

@@ -772,7 +772,7 @@ impl<'a> Conn<'a> {
                 return;
             }
         };
-        q.last_avail = v.base;
+        q.set_last_avail(v.base);
         q.used_idx = q.guest_used_idx();
         let dup = |f: &Option<OwnedFd>| f.as_ref().and_then(|f| f.try_clone().ok());
         let (Some(kick), call) = (dup(&v.kick), dup(&v.call)) else {
@@ -820,7 +820,15 @@ impl<'a> Conn<'a> {
         h.send(|_| {});
         match rx.recv_timeout(Duration::from_secs(60)) {
             Ok(last_avail) => self.vrings[i].base = last_avail,
-            Err(_) => tracing::error!(queue = i, "virtqueue did not drain within 60 s"),
+            Err(_) => {
+                // Requests are stuck below (a dead device): leave the poller, and with it the
+                // guest memory mapping the kernel may still write into, on its reactor.
+                tracing::error!(
+                    queue = i,
+                    "virtqueue did not drain within 60 s; left in place"
+                );
+                return;
+            }
         }
         let id = run.poller;
         h.call(move |core| drop(core.remove_poller(id)));

@@ -111,8 +111,10 @@ enum Parsed {
 /// The poller of one virtqueue.
 pub struct VqPoller {
     q: SplitQueue,
-    mem: Arc<GuestMemory>,
+    /// Declared before `mem`: fields drop in order, and the channel waits for the kernel's
+    /// I/O into guest memory before the memory may be unmapped.
     ch: Channel,
+    mem: Arc<GuestMemory>,
     kick: OwnedFd,
     call: Option<OwnedFd>,
     kick_client: RingClient,
@@ -121,7 +123,8 @@ pub struct VqPoller {
     done: Vec<IoCompletion>,
     inflight: Option<InflightQueue>,
     resubmit: VecDeque<u16>,
-    pending: Option<IoRequest>,
+    /// Requests the channel handed back (full), retried first, in order.
+    pending: VecDeque<IoRequest>,
     ctl: Arc<QueueCtl>,
     params: BlkParams,
     finished: bool,
@@ -155,7 +158,7 @@ impl VqPoller {
             let heads = inf.recover(used);
             q.used_idx = used;
             // Every head taken is either on the used ring or still marked: continue after them.
-            q.last_avail = used.wrapping_add(heads.len() as u16);
+            q.set_last_avail(used.wrapping_add(heads.len() as u16));
             if !heads.is_empty() {
                 tracing::info!(
                     queue = index,
@@ -186,7 +189,7 @@ impl VqPoller {
             done: Vec::with_capacity(size as usize),
             inflight,
             resubmit,
-            pending: None,
+            pending: VecDeque::new(),
             ctl,
             params,
             finished: false,
@@ -200,7 +203,7 @@ impl VqPoller {
 
     /// The queue's `last_avail` index.
     pub fn last_avail(&self) -> u16 {
-        self.q.last_avail
+        self.q.last_avail()
     }
 
     fn arm_kick(&self) {
@@ -520,7 +523,7 @@ impl VqPoller {
         match self.ch.submit(io) {
             Ok(()) => true,
             Err(io) => {
-                self.pending = Some(io);
+                self.pending.push_back(io);
                 false
             }
         }
@@ -540,7 +543,7 @@ impl VqPoller {
                     slot.flush_after = false;
                     let flush = IoRequest::no_data(IoType::Flush, 0, 0, u64::from(head));
                     if let Err(io) = self.ch.submit(flush) {
-                        self.pending = Some(io);
+                        self.pending.push_back(io);
                     }
                     continue;
                 }
@@ -566,12 +569,16 @@ impl Poller for VqPoller {
         }
         let stopping = self.ctl.stop.load(Ordering::Acquire);
         let broken = self.ctl.broken.load(Ordering::Relaxed);
-        if let Some(io) = self.pending.take()
-            && self.submit(io)
-        {
-            work += 1;
+        while let Some(io) = self.pending.pop_front() {
+            match self.ch.submit(io) {
+                Ok(()) => work += 1,
+                Err(io) => {
+                    self.pending.push_front(io);
+                    break;
+                }
+            }
         }
-        if self.pending.is_none() && !broken {
+        if self.pending.is_empty() && !broken {
             while let Some(h) = self.resubmit.pop_front() {
                 work += 1;
                 if !self.start(h) {
@@ -579,7 +586,7 @@ impl Poller for VqPoller {
                 }
             }
         }
-        if self.pending.is_none() && !stopping && !broken {
+        if self.pending.is_empty() && !stopping && !broken {
             let budget = self.ch.depth().saturating_sub(self.ch.in_flight());
             for _ in 0..budget {
                 match self.q.pop_head() {
@@ -599,10 +606,10 @@ impl Poller for VqPoller {
         }
         work += self.reap();
         self.signal();
-        if stopping && self.ch.in_flight() == 0 && (self.pending.is_none() || broken) {
+        if stopping && self.ch.in_flight() == 0 && (self.pending.is_empty() || broken) {
             self.finished = true;
             if let Some(tx) = self.ctl.result.lock().expect("ctl lock").take() {
-                let _ = tx.send(self.q.last_avail);
+                let _ = tx.send(self.q.last_avail());
             }
         }
         work
@@ -611,7 +618,7 @@ impl Poller for VqPoller {
     fn wake(&self) -> Wake {
         if self.finished {
             Wake::Event
-        } else if self.pending.is_some() || !self.resubmit.is_empty() {
+        } else if !self.pending.is_empty() || !self.resubmit.is_empty() {
             Wake::Immediate
         } else {
             self.ch.wake()

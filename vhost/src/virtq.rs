@@ -59,8 +59,8 @@ pub struct SplitQueue {
     desc: *mut u8,
     avail: *mut u8,
     used: *mut u8,
-    /// Next available-ring entry to take.
-    pub last_avail: u16,
+    /// Next available-ring entry to take (set with [`SplitQueue::set_last_avail`]).
+    last_avail: u16,
     /// Our copy of `used.idx`.
     pub used_idx: u16,
     signalled_used: u16,
@@ -168,6 +168,18 @@ impl SplitQueue {
         })
     }
 
+    /// The next available-ring entry to take.
+    pub fn last_avail(&self) -> u16 {
+        self.last_avail
+    }
+
+    /// Moves the next entry to take (queue start, inflight recovery); forgets the cached
+    /// `avail.idx` so the next pop reads the driver's index.
+    pub fn set_last_avail(&mut self, v: u16) {
+        self.last_avail = v;
+        self.avail_cache = v;
+    }
+
     /// Queue size.
     pub fn size(&self) -> u16 {
         self.size
@@ -271,7 +283,9 @@ impl SplitQueue {
                 let t = mem.gpa_to_host(d.addr, u64::from(d.len)).ok_or_else(|| {
                     QueueError::Driver("indirect table outside guest memory".into())
                 })?;
-                if (t as usize) % 2 != 0 {
+                if (t as usize) % 16 != 0 {
+                    // Descriptor tables are 16-byte aligned (virtio 1.2 §2.7); the fields are
+                    // read as aligned words.
                     return Err(QueueError::Driver("misaligned indirect table".into()));
                 }
                 table = t;
@@ -592,6 +606,21 @@ mod tests {
         d.set_avail_idx(1);
         d.write(d.addrs.avail + 4, &77u16.to_le_bytes());
         assert!(q2.pop_head().is_err());
+    }
+
+    #[test]
+    fn a_moved_last_avail_never_uses_a_stale_cached_index() {
+        let mut d = Driver::new(8);
+        let mut q = queue(&d);
+        d.set_avail_idx(65535);
+        q.set_last_avail(65535);
+        assert_eq!(q.pending(), 0);
+        assert_eq!(q.pop_head().unwrap(), None, "nothing was made available");
+        d.set_desc(d.addrs.desc, 0, d.heap, 16, 0, 0);
+        d.write(d.addrs.avail + 4 + 2 * (65535 % 8), &0u16.to_le_bytes());
+        d.set_avail_idx(0);
+        assert_eq!(q.pop_head().unwrap(), Some(0));
+        assert_eq!(q.last_avail(), 0);
     }
 
     #[test]

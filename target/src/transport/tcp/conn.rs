@@ -37,6 +37,8 @@ use crate::subsystem::{Controller, Namespace, Target};
 pub const MAX_H2C_DATA: u32 = 128 * 1024;
 const MAX_TRANSFER: usize = 4096 << MDTS;
 const RX_CAPACITY: usize = 256 * 1024;
+/// Pending response bytes above which the connection stops reading new commands.
+const TX_HIGH_WATER: usize = 8 << 20;
 const POLL_READ: u32 = 0;
 const POLL_WRITE: u32 = 1;
 
@@ -96,6 +98,8 @@ struct Slot {
     status: Status,
     /// Data the host sent with a Compare, kept to check against the read.
     compare: Option<AlignedBuf>,
+    /// A FUA write: flush this namespace after the write completes.
+    flush_nsid: Option<u32>,
 }
 
 struct NsChan {
@@ -354,12 +358,24 @@ impl TcpConn {
                         _ => None,
                     };
                     tracing::warn!(peer = %self.peer, "data digest mismatch");
-                    if let Some(cid) = cid {
-                        if let Some(i) = self.find_slot(cid) {
-                            self.free_slot(i);
+                    match l.header {
+                        // A new command: it never started; existing slots are not touched.
+                        PduHeader::CapsuleCmd(_) => {
+                            if let Some(cid) = cid {
+                                self.advance_sqhd();
+                                self.send_cqe(Cqe::new(cid, Status::TRANSIENT_TRANSPORT_ERROR));
+                            }
                         }
-                        self.advance_sqhd();
-                        self.send_cqe(Cqe::new(cid, Status::TRANSIENT_TRANSPORT_ERROR));
+                        // Data for an R2T: fail that command, only if it is the one waiting.
+                        PduHeader::H2cData(h) => {
+                            let i = h.ttag as usize;
+                            if self.slots.get(i).is_some_and(|s| {
+                                s.state == SlotState::AwaitData && s.cid == h.cccid
+                            }) {
+                                self.complete_slot(i, Status::TRANSIENT_TRANSPORT_ERROR, 0, 0);
+                            }
+                        }
+                        _ => {}
                     }
                     pos += l.plen;
                 }
@@ -492,6 +508,7 @@ impl TcpConn {
                     pending: 0,
                     status: Status::SUCCESS,
                     compare: None,
+                    flush_nsid: None,
                 });
                 self.slots.len() - 1
             }
@@ -504,6 +521,7 @@ impl TcpConn {
         s.got = 0;
         s.pending = 0;
         s.status = Status::SUCCESS;
+        s.flush_nsid = None;
         i
     }
 
@@ -546,6 +564,21 @@ impl TcpConn {
                 self.pool.put(b);
             }
             self.send_cqe(Cqe::new(cid, Status::COMMAND_ID_CONFLICT));
+            return;
+        }
+        let active = self
+            .slots
+            .iter()
+            .filter(|s| s.state != SlotState::Free)
+            .count();
+        if active >= usize::from(self.sqsize) {
+            // More commands outstanding than the queue has entries: the host ignores SQ flow
+            // control. End the connection rather than grow without bound.
+            if let Some(b) = icd {
+                self.pool.put(b);
+            }
+            tracing::warn!(peer = %self.peer, active, "host overflows its submission queue");
+            self.fatal(super::pdu::Fes::PDU_SEQUENCE_ERROR, 0);
             return;
         }
         let is_connect =
@@ -908,13 +941,12 @@ impl TcpConn {
                     return self.complete_slot(i, Status::DATA_TRANSFER_ERROR, 0, 0);
                 };
                 self.slots[i].pending = 1;
+                // Force Unit Access: a flush follows once the write has completed, and the
+                // command completes after the flush (submitted together, the flush could finish
+                // first).
+                self.slots[i].flush_nsid = rw.fua.then_some(nsid);
                 let io = IoRequest::write(rw.slba, rw.nlb, SgList::from_buf_prefix(buf, len), tag);
                 self.submit(nsid, io);
-                if rw.fua {
-                    // Force Unit Access: the write is durable before it completes.
-                    self.slots[i].pending += 1;
-                    self.submit(nsid, IoRequest::no_data(IoType::Flush, 0, 0, tag));
-                }
             }
             Some(IoOpcode::Flush) => {
                 self.slots[i].pending = 1;
@@ -970,6 +1002,13 @@ impl TcpConn {
             s.buf = Some(b);
         }
         if s.pending > 0 {
+            return;
+        }
+        if let Some(nsid) = s.flush_nsid.take()
+            && s.status.is_success()
+        {
+            s.pending = 1;
+            self.submit(nsid, IoRequest::no_data(IoType::Flush, 0, 0, i as u64));
             return;
         }
         let status = s.status;
@@ -1096,7 +1135,8 @@ impl Poller for TcpConn {
             }
             work += 1;
         }
-        if !self.closing {
+        // A host that stops reading its responses stops being read (bounded send buffer).
+        if !self.closing && self.tx.len() - self.tx_off < TX_HIGH_WATER {
             work += self.read_socket();
             work += self.parse();
         }
