@@ -9,13 +9,12 @@ mod common;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::daemon::{free_port, rpc, start_daemon};
 use common::lab::Lab;
 
-const BIN: &str = env!("CARGO_BIN_EXE_ferroblk");
 const NQN: &str = "nqn.2026-11.io.ferroblk:guest";
 const PRIVATE: &str = "nqn.2026-11.io.ferroblk:private";
 const ALLOWED_HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:11111111-2222-3333-4444-555555555555";
@@ -56,56 +55,6 @@ port = {disc}
 "#,
         dir = dir.display()
     )
-}
-
-fn start_daemon(dir: &Path) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("daemon.log"))
-        .unwrap();
-    let child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(dir.join("ferroblk.toml"))
-        .current_dir(dir)
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let t = Instant::now();
-    while std::os::unix::net::UnixStream::connect(dir.join("rpc.sock")).is_err() {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "daemon did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child
-}
-
-fn rpc(dir: &Path, method: &str, params: &str) -> String {
-    let out = Command::new(BIN)
-        .args(["rpc", "--socket"])
-        .arg(dir.join("rpc.sock"))
-        .arg(method)
-        .arg(params)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "rpc {method}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// A free loopback TCP port.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 const GUEST: &str = r#"#!/bin/bash

@@ -3,4 +3,5 @@
 // Each test binary uses only part of these helpers.
 #![allow(dead_code)]
 
+pub mod daemon;
 pub mod lab;

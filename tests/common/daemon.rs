@@ -1,0 +1,62 @@
+//! `ferroblk serve` for tests that run it as a child process: its configuration is
+//! `ferroblk.toml` and its control socket `rpc.sock` in one directory, its output appended to
+//! `daemon.log` there (a restarted daemon adds to the same log).
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+/// The daemon binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_ferroblk");
+
+/// Starts `ferroblk serve --config DIR/ferroblk.toml` in `dir` and waits for its control socket.
+pub fn start_daemon(dir: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("daemon.log"))
+        .unwrap();
+    let child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(dir.join("ferroblk.toml"))
+        .current_dir(dir)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while std::os::unix::net::UnixStream::connect(dir.join("rpc.sock")).is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "daemon did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+/// Calls `method` with JSON `params` through `ferroblk rpc`; panics on an error reply.
+pub fn rpc(dir: &Path, method: &str, params: &str) -> String {
+    let out = Command::new(BIN)
+        .args(["rpc", "--socket"])
+        .arg(dir.join("rpc.sock"))
+        .arg(method)
+        .arg(params)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "rpc {method}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A free loopback TCP port.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("ephemeral port")
+        .port()
+}
