@@ -205,7 +205,12 @@ fn child(dir: &Path) {
 }
 
 /// What the log of one child run allows, applied to `model` (per block, the seeds it may hold).
-fn apply_log(text: &str, model: &mut [Vec<u64>]) -> (usize, usize) {
+fn apply_log(
+    text: &str,
+    model: &mut [Vec<u64>],
+    history: &mut [Vec<(u64, u32, u64, bool)>],
+    iteration: u32,
+) -> (usize, usize) {
     let mut requests: Vec<Option<Logged>> = Vec::new();
     let mut completions: Vec<usize> = Vec::new();
     let mut durable_count = 0usize;
@@ -235,6 +240,7 @@ fn apply_log(text: &str, model: &mut [Vec<u64>]) -> (usize, usize) {
     for (id, r) in requests.iter().enumerate() {
         let Some(r) = r else { continue };
         for lba in r.lba..r.lba + r.n {
+            history[lba as usize].push((r.seed, iteration, id as u64, durable.contains(&id)));
             let set = &mut model[lba as usize];
             if durable.contains(&id) {
                 set.clear();
@@ -248,7 +254,12 @@ fn apply_log(text: &str, model: &mut [Vec<u64>]) -> (usize, usize) {
 }
 
 /// Checks every block against the model and narrows the model to what is there.
-fn verify(z: &CompressBdev, model: &mut [Vec<u64>], iteration: u32) {
+fn verify(
+    z: &CompressBdev,
+    model: &mut [Vec<u64>],
+    history: &[Vec<(u64, u32, u64, bool)>],
+    iteration: u32,
+) {
     let c = z
         .check_consistency()
         .unwrap_or_else(|e| panic!("kill {iteration}: inconsistent after reopen: {e}"));
@@ -270,9 +281,34 @@ fn verify(z: &CompressBdev, model: &mut [Vec<u64>], iteration: u32) {
                     set.clear();
                     set.push(seed);
                 }
-                None => panic!(
-                    "kill {iteration}: block {lba} holds none of the allowed writes {set:x?}"
-                ),
+                None => {
+                    // Which write of this block's history (seed, kill, id, flushed), if any, or of
+                    // another block's, the data is.
+                    let zeroes = got.iter().all(|&b| b == 0);
+                    let own = &history[lba as usize];
+                    let matches: Vec<_> = own
+                        .iter()
+                        .filter(|h| {
+                            content(h.0, lba, &mut want);
+                            want == got
+                        })
+                        .collect();
+                    let mut elsewhere = Vec::new();
+                    for (other, writes) in history.iter().enumerate() {
+                        for h in writes {
+                            content(h.0, other as u64, &mut want);
+                            if h.0 != 0 && want == got {
+                                elsewhere.push((other, h));
+                            }
+                        }
+                    }
+                    panic!(
+                        "kill {iteration}: block {lba} holds none of the allowed writes {set:x?}; \
+                         zeroes: {zeroes}, matches its writes {matches:x?}, another block's \
+                         writes {elsewhere:x?}; its last writes {:x?}",
+                        &own[own.len().saturating_sub(8)..]
+                    )
+                }
             }
         }
     }
@@ -292,10 +328,17 @@ fn flushed_writes_survive_kill_9_and_the_allocator_stays_consistent() {
     drop(open(&image, Algorithm::Lz4));
     let exe = std::env::current_exe().unwrap();
     let mut model: Vec<Vec<u64>> = vec![vec![0]; LOGICAL_BLOCKS as usize];
+    // Every write each block ever had (seed, kill, request id, covered by a flush), to say what
+    // a block that fails holds. `FERROBLK_CRASH_KILLS` runs more kills, to look for rare races.
+    let mut history: Vec<Vec<(u64, u32, u64, bool)>> = vec![Vec::new(); LOGICAL_BLOCKS as usize];
+    let kills: u32 = std::env::var("FERROBLK_CRASH_KILLS")
+        .ok()
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(KILLS);
     let mut rng = 0x5EED_u64;
     let (mut requests, mut durable) = (0usize, 0usize);
     let start = Instant::now();
-    for iteration in 0..KILLS {
+    for iteration in 0..kills {
         let log = dir.path().join(format!("log.{iteration}"));
         let mut child = Command::new(&exe)
             .args([
@@ -348,11 +391,11 @@ fn flushed_writes_survive_kill_9_and_the_allocator_stays_consistent() {
         child.kill().unwrap();
         child.wait().unwrap();
         let text = std::fs::read_to_string(&log).unwrap();
-        let (r, d) = apply_log(&text, &mut model);
+        let (r, d) = apply_log(&text, &mut model, &mut history, iteration);
         requests += r;
         durable += d;
         let z = open(&image, Algorithm::Lz4);
-        verify(&z, &mut model, iteration);
+        verify(&z, &mut model, &history, iteration);
         if iteration % 50 == 0 {
             let mut out = std::io::stderr();
             let _ = writeln!(out, "kill {iteration}: {}", z.describe());
@@ -360,8 +403,8 @@ fn flushed_writes_survive_kill_9_and_the_allocator_stays_consistent() {
     }
     let _ = writeln!(
         std::io::stderr(),
-        "{KILLS} kills in {:.1} s: {requests} requests logged, {durable} covered by a flush",
+        "{kills} kills in {:.1} s: {requests} requests logged, {durable} covered by a flush",
         start.elapsed().as_secs_f64()
     );
-    assert!(durable > KILLS as usize, "the runs flushed something");
+    assert!(durable > kills as usize, "the runs flushed something");
 }

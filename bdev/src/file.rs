@@ -92,6 +92,43 @@ fn open(path: &Path, read_only: bool, flags: i32) -> std::io::Result<File> {
         .open(path)
 }
 
+/// Takes a whole-file open-file-description lock on `f` (shared when read-only), without waiting.
+fn ofd_lock(f: &File, read_only: bool) -> std::io::Result<()> {
+    // SAFETY: `flock` is plain data; all-zero is a valid value (whole file from offset 0).
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = if read_only {
+        libc::F_RDLCK
+    } else {
+        libc::F_WRLCK
+    } as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: F_OFD_SETLK reads one `flock` through a valid pointer, on a descriptor `f` owns.
+    if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &fl as *const libc::flock) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// How long opening waits for an image's locks: a process killed with I/O in flight holds
+/// them until the kernel has finished that I/O (milliseconds), and a restarted daemon should
+/// wait for it rather than fail; a live owner keeps them and the open fails after this.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Tries `take` until it succeeds or [`LOCK_WAIT`] passes; the error of the last try.
+fn retry_lock(mut take: impl FnMut() -> bool) -> Result<(), std::io::Error> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        if take() {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if std::time::Instant::now() >= deadline {
+            return Err(e);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 impl FileBdev {
     /// Opens (or creates) the file or device.
     pub fn open(name: &str, o: &FileOptions) -> Result<FileBdev, BdevError> {
@@ -140,9 +177,12 @@ impl FileBdev {
         } else {
             libc::LOCK_EX
         };
-        // SAFETY: flock on a descriptor this function owns.
-        if unsafe { libc::flock(buffered.as_raw_fd(), mode | libc::LOCK_NB) } != 0 {
-            let e = std::io::Error::last_os_error();
+        let fd = buffered.as_raw_fd();
+        let try_flock = || {
+            // SAFETY: flock on a descriptor this function owns.
+            unsafe { libc::flock(fd, mode | libc::LOCK_NB) == 0 }
+        };
+        if let Err(e) = retry_lock(try_flock) {
             return Err(BdevError::invalid(
                 "path",
                 format!(
@@ -220,7 +260,25 @@ impl FileBdev {
         let direct = match o.direct {
             DirectMode::Never => None,
             mode => match open(&o.path, o.read_only, libc::O_DIRECT) {
-                Ok(f) => Some(OwnedFd::from(f)),
+                Ok(f) => {
+                    // The flock above belongs to the buffered descriptor only. A process killed
+                    // with direct writes in flight closes its descriptors (releasing that lock)
+                    // while io_uring still holds the direct one and completes those writes later:
+                    // without a lock of its own, a new opener would see them land after it read
+                    // the image. An OFD lock (independent of flock, released only when the last
+                    // reference to this descriptor, an in-flight request's included, is gone)
+                    // makes the new opener wait for them.
+                    if let Err(e) = retry_lock(|| ofd_lock(&f, o.read_only).is_ok()) {
+                        return Err(BdevError::invalid(
+                            "path",
+                            format!(
+                                "{} is in use by another bdev or process ({e})",
+                                o.path.display()
+                            ),
+                        ));
+                    }
+                    Some(OwnedFd::from(f))
+                }
                 Err(e) if mode == DirectMode::Always => {
                     return Err(io_err("open with O_DIRECT", &o.path, e));
                 }
