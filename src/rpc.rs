@@ -429,6 +429,8 @@ pub struct RpcServer {
     path: PathBuf,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    /// The listening socket, to wake the blocked accept at shutdown.
+    wake: std::os::fd::OwnedFd,
 }
 
 /// Binds `path` with mode 0600 (bound under a temporary name, restricted, then renamed into
@@ -461,6 +463,7 @@ impl RpcServer {
     /// Starts serving `path`.
     pub fn start(path: &Path, state: Arc<DaemonState>) -> std::io::Result<RpcServer> {
         let listener = bind_private(path)?;
+        let wake = std::os::fd::OwnedFd::from(listener.try_clone()?);
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
         let thread = std::thread::Builder::new()
@@ -470,6 +473,7 @@ impl RpcServer {
             path: path.to_path_buf(),
             stop,
             thread: Some(thread),
+            wake,
         })
     }
 
@@ -482,13 +486,21 @@ impl RpcServer {
 impl Drop for RpcServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
-        // Wake the blocking accept so the thread sees the flag.
-        let _ = UnixStream::connect(&self.path);
+        // Wake the blocking accept so the thread sees the flag (shutting the listening socket
+        // down works even when its path was removed from the file system).
+        wake_accept(&self.wake);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
         let _ = std::fs::remove_file(&self.path);
     }
+}
+
+/// Makes a thread blocked in `accept` on this listening socket return.
+pub fn wake_accept(listener: &std::os::fd::OwnedFd) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: shutdown on a socket descriptor we own; no memory is involved.
+    unsafe { libc::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR) };
 }
 
 fn accept_loop(listener: UnixListener, state: Arc<DaemonState>, stop: Arc<AtomicBool>) {

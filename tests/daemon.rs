@@ -351,6 +351,22 @@ fn quickstart_creates_its_volume_and_stops_on_sigint() {
 }
 
 #[test]
+fn sigterm_stops_the_daemon_even_after_its_sockets_were_removed() {
+    let cfg = format!(
+        "{BASIC}[[vhost]]\nsocket = \"run/disk.sock\"\nbdev = \"err\"\n\
+         [[listener]]\naddr = \"127.0.0.1\"\nport = 0\n"
+    );
+    let d = Daemon::start(&cfg);
+    // Someone cleans the run directory under a live daemon: the control and vhost sockets'
+    // paths are gone, but shutting down must not depend on them.
+    std::fs::remove_dir_all(d.path().join("run")).unwrap();
+    d.signal(libc::SIGTERM);
+    let (ok, out, _) = d.wait();
+    assert!(ok, "{out}");
+    assert!(out.contains("stopped"), "{out}");
+}
+
+#[test]
 fn bad_configs_fail_at_load_with_the_field_path() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [

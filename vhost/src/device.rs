@@ -137,6 +137,8 @@ pub struct VhostExport {
     thread: Option<JoinHandle<()>>,
     bdev: Arc<dyn Bdev>,
     subscription: u64,
+    /// The listening socket, to wake the blocked accept at stop.
+    wake: OwnedFd,
 }
 
 /// Binds `path` with mode 0600 (bound under a temporary name, restricted, renamed into place).
@@ -183,6 +185,13 @@ impl VhostExport {
             path: spec.socket.clone(),
             source,
         })?;
+        let wake = listener
+            .try_clone()
+            .map(OwnedFd::from)
+            .map_err(|source| ExportError::Bind {
+                path: spec.socket.clone(),
+                source,
+            })?;
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
             conn: Mutex::new(None),
@@ -220,6 +229,7 @@ impl VhostExport {
             thread: Some(thread),
             bdev,
             subscription,
+            wake,
         })
     }
 
@@ -240,7 +250,9 @@ impl Drop for VhostExport {
         if let Some(c) = self.shared.conn.lock().expect("conn lock").as_ref() {
             let _ = c.shutdown(std::net::Shutdown::Both);
         }
-        let _ = UnixStream::connect(&self.path);
+        // Wake the blocked accept (this works even if the socket's path was removed).
+        // SAFETY: shutdown on the listening socket this export owns.
+        unsafe { libc::shutdown(self.wake.as_raw_fd(), libc::SHUT_RDWR) };
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

@@ -1,7 +1,8 @@
 //! TCP listeners: one accept thread per address, handing each connection to a reactor
 //! (round-robin) as a [`TcpConn`] poller.
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
@@ -21,6 +22,7 @@ pub struct Listener {
     addr: std::net::SocketAddr,
     thread: Option<JoinHandle<()>>,
     conns: Arc<AtomicUsize>,
+    wake: std::os::fd::OwnedFd,
 }
 
 impl Listener {
@@ -38,6 +40,7 @@ impl Listener {
         })?;
         let l = TcpListener::bind((ip, spec.port))?;
         let addr = l.local_addr()?;
+        let wake = std::os::fd::OwnedFd::from(l.try_clone()?);
         let stop = Arc::new(AtomicBool::new(false));
         let conns = Arc::new(AtomicUsize::new(0));
         let thread = {
@@ -54,6 +57,7 @@ impl Listener {
             addr,
             thread: Some(thread),
             conns,
+            wake,
         })
     }
 
@@ -76,7 +80,9 @@ impl Listener {
 impl Drop for Listener {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
-        let _ = TcpStream::connect(self.addr);
+        // Wake the blocked accept.
+        // SAFETY: shutdown on the listening socket this listener owns.
+        unsafe { libc::shutdown(self.wake.as_raw_fd(), libc::SHUT_RDWR) };
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
