@@ -152,6 +152,15 @@ impl Histogram {
     }
 }
 
+/// xorshift64*: the offsets and read/write choices of every perf job.
+#[inline]
+pub(crate) fn next_rand(x: &mut u64) -> u64 {
+    *x ^= *x >> 12;
+    *x ^= *x << 25;
+    *x ^= *x >> 27;
+    x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+}
+
 /// A cheap monotonic tick source: the TSC on x86_64, the clock elsewhere.
 #[inline]
 pub(crate) fn ticks() -> u64 {
@@ -238,13 +247,7 @@ struct PerfJob {
 impl PerfJob {
     #[inline]
     fn next_rand(&mut self) -> u64 {
-        // xorshift64*
-        let mut x = self.rng;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.rng = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        next_rand(&mut self.rng)
     }
 
     fn finish(&mut self) {

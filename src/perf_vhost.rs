@@ -20,8 +20,10 @@ use anyhow::{Context, bail};
 use blkio::{Blkio, Blkioq, Completion, ReqFlags};
 
 use crate::perf::{
-    Histogram, JobResult, JobSpec, Pattern, RunResult, process_cpu_ns, thread_cpu_ns, ticks,
+    Histogram, JobResult, JobSpec, Pattern, RunResult, next_rand, process_cpu_ns, thread_cpu_ns,
+    ticks,
 };
+use ferroblk_bdev::reactor::pin_to_cpu;
 
 /// libblkio's driver for a vhost-user-blk backend reached through a Unix socket.
 const DRIVER: &str = "virtio-blk-vhost-user";
@@ -240,31 +242,6 @@ pub fn run(a: &VhostArgs) -> anyhow::Result<()> {
     b.unmap_mem_region(&region);
     report(a, &dev, &spec, &r);
     Ok(())
-}
-
-/// Pins the calling thread to `cpu`.
-fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {
-    // SAFETY: `set` is a zeroed, properly sized cpu_set_t on the stack (cpu < CPU_SETSIZE was
-    // checked by `run`); CPU_SET and sched_setaffinity read and write only it.
-    let rc = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-/// xorshift64*.
-#[inline]
-fn next_rand(x: &mut u64) -> u64 {
-    *x ^= *x >> 12;
-    *x ^= *x << 25;
-    *x ^= *x >> 27;
-    x.wrapping_mul(0x2545_F491_4F6C_DD1D)
 }
 
 /// One queue's loop: `qd` slots, each with its own buffer, resubmitted as soon as it completes

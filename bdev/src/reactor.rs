@@ -224,7 +224,9 @@ impl Reactors {
                     .name(format!("reactor-{id}"))
                     .spawn(move || {
                         if let Some(c) = cpu {
-                            pin_to_cpu(c);
+                            if let Err(e) = pin_to_cpu(c) {
+                                tracing::warn!(cpu = c, error = %e, "cannot pin reactor");
+                            }
                         }
                         let ring = match ThreadRing::current() {
                             Ok(r) => r,
@@ -300,15 +302,22 @@ impl Reactors {
     }
 }
 
-fn pin_to_cpu(cpu: usize) {
-    // SAFETY: `set` is a zeroed, properly sized cpu_set_t on the stack; CPU_SET and
-    // sched_setaffinity read and write only it.
-    unsafe {
+/// Pins the calling thread to `cpu`.
+pub fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: `set` is a zeroed, properly sized cpu_set_t on the stack and `cpu` is below
+    // CPU_SETSIZE; CPU_SET and sched_setaffinity read and write only it.
+    let rc = unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            tracing::warn!(cpu, error = %std::io::Error::last_os_error(), "cannot pin reactor");
-        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
