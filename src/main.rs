@@ -82,6 +82,14 @@ enum PerfCmd {
         /// Seconds to run.
         #[arg(long, default_value_t = 10.0)]
         time: f64,
+        /// Seconds to run before measuring (fio's `ramp_time`): first-touch page faults of a
+        /// fresh malloc bdev, cold caches and lock tables settle outside the measured window.
+        #[arg(long, default_value_t = 0.0)]
+        ramp: f64,
+        /// Write the whole bdev once before the run, so reads see written data (a malloc bdev
+        /// never written reads the kernel's shared zero page, which flatters it).
+        #[arg(long)]
+        prefill: bool,
         /// Reactor CPUs (comma-separated), overriding the configuration's [reactors].
         #[arg(long, value_delimiter = ',')]
         cpus: Option<Vec<usize>>,
@@ -164,6 +172,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     rw,
                     mix,
                     time,
+                    ramp,
+                    prefill,
                     cpus,
                     json,
                 },
@@ -184,6 +194,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             if !(time > 0.0 && time < 86_400.0) {
                 anyhow::bail!("--time must be between 0 and 86400 seconds");
+            }
+            if !(0.0..86_400.0).contains(&ramp) {
+                anyhow::bail!("--ramp must be between 0 and 86400 seconds");
             }
             let name = match bdev {
                 Some(b) => b,
@@ -208,6 +221,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             registry
                 .create_all(&cfg.bdev)
                 .map_err(|e| anyhow::anyhow!("bdev[{}]: {}", e.index, e.error))?;
+            if prefill {
+                let b = registry.get(&name).ok_or_else(|| {
+                    anyhow::anyhow!("no bdev named '{name}' in the configuration")
+                })?;
+                perf::prefill(&b)?;
+            }
             let reactors = Reactors::start(&rc)?;
             let spec = perf::JobSpec {
                 qd,
@@ -215,6 +234,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 pattern: rw,
                 mix,
                 time: Duration::from_secs_f64(time),
+                ramp: Duration::from_secs_f64(ramp),
             };
             let result = perf::run(&registry, &reactors, &name, &spec);
             reactors.shutdown(Duration::from_secs(10));

@@ -5,11 +5,14 @@
 //! a preallocated buffer that moves into the request and back (no allocation per I/O).
 //! Latencies are taken with the CPU's time-stamp counter and kept in a log-linear histogram.
 
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use ferroblk_bdev::reactor::{Poller, Reactors};
-use ferroblk_bdev::{AlignedBuf, BdevRegistry, Channel, IoCompletion, IoRequest, SgList, Wake};
+use ferroblk_bdev::sync::SyncChannel;
+use ferroblk_bdev::{
+    AlignedBuf, Bdev, BdevRegistry, Channel, IoCompletion, IoRequest, SgList, Wake,
+};
 use serde::Serialize;
 
 /// What a job does.
@@ -61,6 +64,8 @@ pub struct JobSpec {
     pub mix: u32,
     /// Measured run time.
     pub time: Duration,
+    /// Unmeasured run time before it (`perf bdev --ramp`).
+    pub ramp: Duration,
 }
 
 /// Exact values below 16, then 16 sub-buckets for each power of two from 2^4 to 2^63.
@@ -238,6 +243,8 @@ struct PerfJob {
     start_tick: u64,
     start_cpu: u64,
     deadline: Instant,
+    /// End of the unmeasured ramp, while it lasts.
+    ramp_until: Option<Instant>,
     stopping: bool,
     report: Option<mpsc::Sender<JobResult>>,
     reactor: usize,
@@ -321,7 +328,20 @@ impl Poller for PerfJob {
             }
             work += n;
         }
-        if !self.stopping && Instant::now() >= self.deadline {
+        if let Some(r) = self.ramp_until {
+            let now = Instant::now();
+            if now >= r {
+                // The measured window starts now.
+                self.ramp_until = None;
+                self.hist = Histogram::default();
+                self.ios = 0;
+                self.errors = 0;
+                self.start = now;
+                self.start_tick = ticks();
+                self.start_cpu = thread_cpu_ns();
+                self.deadline = now + self.spec.time;
+            }
+        } else if !self.stopping && Instant::now() >= self.deadline {
             self.stopping = true;
         }
         if self.stopping && self.ch.in_flight() == 0 {
@@ -336,7 +356,7 @@ impl Poller for PerfJob {
         } else if self.stopping {
             self.ch.wake()
         } else {
-            Wake::At(self.deadline).min(self.ch.wake())
+            Wake::At(self.ramp_until.unwrap_or(self.deadline)).min(self.ch.wake())
         }
     }
 
@@ -347,6 +367,26 @@ impl Poller for PerfJob {
     fn stop(&mut self) {
         self.stopping = true;
     }
+}
+
+/// Writes the whole of `bdev` once, from the calling thread, with the byte pattern the jobs
+/// write (`perf bdev --prefill`).
+pub fn prefill(bdev: &Arc<dyn Bdev>) -> anyhow::Result<()> {
+    let info = bdev.info().clone();
+    let bs = info.block_size().bytes() as usize;
+    let chunk = u64::from(info.geometry().max_transfer_blocks.max(1)).min((1 << 20) / bs as u64);
+    let data: Vec<u8> = (0..chunk as usize * bs).map(|i| i as u8).collect();
+    let mut ch = SyncChannel::new(bdev.open_channel()?);
+    let mut lba = 0;
+    while lba < info.block_count() {
+        let n = chunk.min(info.block_count() - lba);
+        let st = ch.write(lba, &data[..n as usize * bs]);
+        if !st.is_ok() {
+            anyhow::bail!("prefill: write of blocks {lba}..{} failed: {st:?}", lba + n);
+        }
+        lba += n;
+    }
+    Ok(())
 }
 
 /// The outcome of a whole run.
@@ -407,7 +447,7 @@ pub fn run(
                 return;
             }
             let qd = spec.qd;
-            let time = spec.time;
+            let (time, ramp) = (spec.time, spec.ramp);
             let mut job = PerfJob {
                 ch,
                 blocks_per_io,
@@ -434,6 +474,7 @@ pub fn run(
                 start_tick: 0,
                 start_cpu: 0,
                 deadline: Instant::now(),
+                ramp_until: None,
                 stopping: false,
                 report: Some(tx),
                 reactor,
@@ -444,6 +485,9 @@ pub fn run(
             job.start_tick = ticks();
             job.start_cpu = thread_cpu_ns();
             job.deadline = job.start + time;
+            if !ramp.is_zero() {
+                job.ramp_until = Some(job.start + ramp);
+            }
             core.add_poller(Box::new(job));
             let _ = etx.send(Ok(()));
         });
@@ -452,10 +496,17 @@ pub fn run(
             .map_err(|e| anyhow::anyhow!("reactor {reactor}: {e}"))?;
     }
     drop(tx);
+    // The process CPU and wall windows start when the jobs' ramps end (they started together).
+    let (mut cpu0, mut t0) = (cpu0, t0);
+    if !spec.ramp.is_zero() {
+        std::thread::sleep(spec.ramp);
+        cpu0 = process_cpu_ns();
+        t0 = Instant::now();
+    }
     let mut jobs: Vec<JobResult> = Vec::new();
     for _ in 0..reactors.len() {
         jobs.push(
-            rx.recv_timeout(spec.time + Duration::from_secs(60))
+            rx.recv_timeout(spec.time + spec.ramp + Duration::from_secs(60))
                 .map_err(|_| anyhow::anyhow!("a perf job did not finish"))?,
         );
     }

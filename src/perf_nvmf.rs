@@ -128,6 +128,7 @@ pub fn run(a: &NvmfArgs) -> anyhow::Result<()> {
         pattern: a.rw,
         mix: a.mix,
         time: Duration::from_secs_f64(a.time),
+        ramp: Duration::ZERO,
     };
 
     let mut opts = ConnectOptions::new(a.addr, a.nqn.clone());

@@ -120,6 +120,7 @@ pub fn run(a: &VhostArgs) -> anyhow::Result<()> {
         pattern: a.rw,
         mix: a.mix,
         time: Duration::from_secs_f64(a.time),
+        ramp: Duration::ZERO,
     };
     let socket = a
         .socket

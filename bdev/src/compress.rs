@@ -322,7 +322,7 @@ impl CompressLayout {
         out[48..56].copy_from_slice(&self.data_start.to_le_bytes());
         out[56..64].copy_from_slice(&self.data_blocks.to_le_bytes());
         out[64..68].copy_from_slice(&(self.entries_per_page as u32).to_le_bytes());
-        let crc = crc32c::crc32c(&out[..SUPER_BYTES]);
+        let crc = crate::checksum::crc32c(&out[..SUPER_BYTES]);
         out[SUPER_BYTES..SUPER_BYTES + 4].copy_from_slice(&crc.to_le_bytes());
     }
 
@@ -334,7 +334,7 @@ impl CompressLayout {
                         refusing to format over existing data"
                 .into());
         }
-        if crc32c::crc32c(&b[..SUPER_BYTES]) != u32_at(SUPER_BYTES) {
+        if crate::checksum::crc32c(&b[..SUPER_BYTES]) != u32_at(SUPER_BYTES) {
             return Err("the compress superblock is corrupted (CRC mismatch)".into());
         }
         let version = u32_at(8);
@@ -833,9 +833,9 @@ fn valid_page(b: &[u8], page: u64) -> Option<u64> {
         return None;
     }
     let stored = u32::from_le_bytes(b[4..8].try_into().expect("4 bytes"));
-    let mut crc = crc32c::crc32c(&b[..4]);
-    crc = crc32c::crc32c_append(crc, &[0; 4]);
-    crc = crc32c::crc32c_append(crc, &b[8..]);
+    let mut crc = crate::checksum::crc32c(&b[..4]);
+    crc = crate::checksum::crc32c_append(crc, &[0; 4]);
+    crc = crate::checksum::crc32c_append(crc, &b[8..]);
     let seq = u64::from_le_bytes(b[8..16].try_into().expect("8 bytes"));
     let index = u64::from_le_bytes(b[16..24].try_into().expect("8 bytes"));
     (crc == stored && index == page && seq > 0).then_some(seq)
@@ -852,7 +852,7 @@ fn encode_page(out: &mut [u8], page: u64, seq: u64, entries: &[Entry], l: &Compr
     for (i, e) in entries[first..last].iter().enumerate() {
         e.encode(&mut out[PAGE_HEADER + i * ENTRY_BYTES..][..ENTRY_BYTES]);
     }
-    let crc = crc32c::crc32c(out);
+    let crc = crate::checksum::crc32c(out);
     out[4..8].copy_from_slice(&crc.to_le_bytes());
 }
 
@@ -1284,7 +1284,7 @@ impl CompressChannel {
         let o = self.ops.get_mut(slot);
         let e = o.old;
         let stored = &o.stored.as_ref().expect("stored buffer").as_slice()[..e.len as usize];
-        if crc32c::crc32c(stored) != e.crc {
+        if crate::checksum::crc32c(stored) != e.crc {
             return false;
         }
         let plain = &mut o.plain.as_mut().expect("plain buffer").as_mut_slice()[..chunk];
@@ -1406,7 +1406,7 @@ impl CompressChannel {
                     block: 0,
                     len: n as u32,
                     kind,
-                    crc: crc32c::crc32c(&stored[..n]),
+                    crc: crate::checksum::crc32c(&stored[..n]),
                 }
             }
             _ => {
@@ -1415,7 +1415,7 @@ impl CompressChannel {
                     block: 0,
                     len: self.chunk as u32,
                     kind: K_RAW,
-                    crc: crc32c::crc32c(plain),
+                    crc: crate::checksum::crc32c(plain),
                 }
             }
         };

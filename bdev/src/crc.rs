@@ -177,7 +177,7 @@ impl Header {
         out[12..16].copy_from_slice(&self.block_size.to_le_bytes());
         out[16..24].copy_from_slice(&self.data_blocks.to_le_bytes());
         out[24..32].copy_from_slice(&self.md_start.to_le_bytes());
-        let crc = crc32c::crc32c(&out[..HEADER_BYTES]);
+        let crc = crate::checksum::crc32c(&out[..HEADER_BYTES]);
         out[HEADER_BYTES..HEADER_BYTES + 4].copy_from_slice(&crc.to_le_bytes());
     }
 
@@ -189,7 +189,7 @@ impl Header {
                         refusing to format over existing data"
                 .into());
         }
-        if crc32c::crc32c(&b[..HEADER_BYTES]) != u32_at(HEADER_BYTES) {
+        if crate::checksum::crc32c(&b[..HEADER_BYTES]) != u32_at(HEADER_BYTES) {
             return Err("the crc header is corrupted (CRC mismatch)".into());
         }
         let version = u32_at(8);
@@ -344,8 +344,15 @@ fn for_each_block_crc(bufs: &SgList, bs: usize, mut f: impl FnMut(usize, u32)) {
         // length while the list lives; `bufs` is borrowed for the whole loop.
         let mut data = unsafe { std::slice::from_raw_parts(s.base.cast_const(), s.len) };
         while !data.is_empty() {
+            if fill == 0 && data.len() >= bs {
+                // The common case: a whole block inside one segment.
+                f(index, crate::checksum::crc32c(&data[..bs]));
+                index += 1;
+                data = &data[bs..];
+                continue;
+            }
             let take = (bs - fill).min(data.len());
-            crc = crc32c::crc32c_append(crc, &data[..take]);
+            crc = crate::checksum::crc32c_append(crc, &data[..take]);
             fill += take;
             data = &data[take..];
             if fill == bs {
@@ -523,7 +530,7 @@ impl CrcBdev {
             .max_segments(g.max_segments)
             .read_only(base.info().is_read_only())
             .build();
-        let zero_crc = crc32c::crc32c(&vec![0u8; bs.bytes() as usize]);
+        let zero_crc = crate::checksum::crc32c(&vec![0u8; bs.bytes() as usize]);
         Ok(CrcBdev {
             info,
             base,

@@ -27,6 +27,7 @@
 
 pub mod bdev;
 pub mod buf;
+pub mod checksum;
 pub mod compress;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;

@@ -536,7 +536,7 @@ impl PduError {
 /// CRC32C of a PDU header (the header digest).
 #[inline]
 pub fn header_digest(header: &[u8]) -> u32 {
-    crc32c::crc32c(header)
+    ferroblk_bdev::checksum::crc32c(header)
 }
 
 /// An incremental CRC32C over PDU data that may be scattered over several buffers.
@@ -561,7 +561,7 @@ impl DataDigest {
     /// Adds the next bytes.
     #[inline]
     pub fn update(&mut self, data: &[u8]) {
-        self.0 = crc32c::crc32c_append(self.0, data);
+        self.0 = ferroblk_bdev::checksum::crc32c_append(self.0, data);
     }
 
     /// The CRC32C so far.
