@@ -127,7 +127,7 @@ impl Key {
 
     fn from_hex_bytes(text: &[u8]) -> Result<Key, KeyError> {
         let text = text.trim_ascii();
-        if text.len() % 2 != 0 {
+        if !text.len().is_multiple_of(2) {
             return Err(KeyError::Hex {
                 reason: format!("{} digits is an odd number", text.len()),
             });

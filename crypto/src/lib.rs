@@ -13,9 +13,10 @@
 //!
 //! - [`key`]: [`Key`] (32 or 64 bytes, zeroized on drop, `Debug` redacted) from a key file (hex
 //!   or raw, mode 0600 or stricter) or hex; [`KeyHex`] carries `key_hex` through serde.
-//! - [`xts`]: [`XtsCipher`] (one data unit per logical block: tweaks of a batch computed first,
-//!   XOR, AES-NI multi-block `encrypt_blocks`, XOR) and [`XtsBdev`]. The module documentation
-//!   states the dm-crypt convention and the `dmsetup` table line that opens a ferroblk volume.
+//! - [`xts`]: [`XtsCipher`] (one data unit per logical block; a fused one-pass VAES + AVX-512
+//!   or AES-NI transform chosen at run time, the `aes` crate elsewhere) and [`XtsBdev`]. The
+//!   module documentation states the dm-crypt convention and the `dmsetup` table line that
+//!   opens a ferroblk volume.
 //! - [`gcm`]: [`GcmBdev`]: on-disk layout (header with key check value, data, metadata region at
 //!   the end), per-block nonce and tag, LBA and volume id as AAD, metadata read-modify-write
 //!   under striped locks shared by all channels.

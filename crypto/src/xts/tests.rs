@@ -50,6 +50,42 @@ fn openssl_vectors() -> Vec<Vector> {
         .collect()
 }
 
+/// Every engine this CPU runs (an engine it cannot run is reported on stderr).
+fn engines() -> Vec<Engine> {
+    Engine::ALL
+        .into_iter()
+        .filter(|e| {
+            let ok = e.is_supported();
+            if !ok {
+                eprintln!(
+                    "XTS engine {} not tested: this CPU does not run it",
+                    e.name()
+                );
+            }
+            ok
+        })
+        .collect()
+}
+
+/// xorshift64*: reproducible test data from a seed printed with each failure.
+fn next_rand(x: &mut u64) -> u64 {
+    *x ^= *x >> 12;
+    *x ^= *x << 25;
+    *x ^= *x >> 27;
+    x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+}
+
+fn rand_bytes(x: &mut u64, len: usize) -> Vec<u8> {
+    (0..len).map(|_| next_rand(x) as u8).collect()
+}
+
+/// A random seed (never 0, which xorshift keeps at 0).
+fn seed() -> u64 {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).unwrap();
+    u64::from_le_bytes(b) | 1
+}
+
 #[test]
 fn ieee1619_vector_10_aes256_512_byte_unit() {
     // IEEE 1619-2007 Annex B, vector 10: XTS-AES-256, data unit sequence number 0xff,
@@ -78,50 +114,209 @@ fn ieee1619_vector_10_aes256_512_byte_unit() {
          773dad38014bd2092fa755c824bb5e54c4f36ffda9fcea70b9c6e693e148c151",
     );
     let plaintext: Vec<u8> = (0..512).map(|i| i as u8).collect();
-    let x = XtsCipher::new(&key).unwrap();
-    let mut buf = plaintext.clone();
-    x.encrypt_unit(0xff, &mut buf);
-    assert!(buf == expected, "IEEE 1619 vector 10 ciphertext mismatch");
-    x.decrypt_unit(0xff, &mut buf);
-    assert_eq!(buf, plaintext);
-}
-
-#[test]
-fn matches_openssl_aes_xts_plain64_vectors() {
-    let x = XtsCipher::new(&vector_key()).unwrap();
-    let vectors = openssl_vectors();
-    assert_eq!(vectors.len(), 5);
-    for v in vectors {
-        let shift = v.bs.trailing_zeros();
-        assert_eq!(iv_of(v.lba, shift), v.iv, "IV convention at lba {}", v.lba);
-        let pt = vector_plaintext(v.bs, v.lba);
-        let mut buf = pt.clone();
-        x.encrypt_unit(v.iv, &mut buf);
-        assert!(buf == v.ct, "bs {} lba {}: ciphertext differs", v.bs, v.lba);
-        x.decrypt_unit(v.iv, &mut buf);
-        assert!(buf == pt, "bs {} lba {}: round trip", v.bs, v.lba);
+    for e in engines() {
+        let x = XtsCipher::with_engine(&key, e).unwrap();
+        let mut buf = plaintext.clone();
+        x.encrypt_unit(0xff, &mut buf);
+        assert!(
+            buf == expected,
+            "{}: IEEE 1619 vector 10 ciphertext",
+            e.name()
+        );
+        x.decrypt_unit(0xff, &mut buf);
+        assert!(
+            buf == plaintext,
+            "{}: IEEE 1619 vector 10 round trip",
+            e.name()
+        );
     }
 }
 
 #[test]
-fn portable_and_sse2_transforms_agree() {
+fn every_engine_matches_openssl_aes_xts_plain64_vectors() {
+    let vectors = openssl_vectors();
+    assert_eq!(vectors.len(), 5);
+    for e in engines() {
+        let x = XtsCipher::with_engine(&vector_key(), e).unwrap();
+        for v in &vectors {
+            let shift = v.bs.trailing_zeros();
+            assert_eq!(iv_of(v.lba, shift), v.iv, "IV convention at lba {}", v.lba);
+            let pt = vector_plaintext(v.bs, v.lba);
+            let mut buf = pt.clone();
+            x.encrypt_unit(v.iv, &mut buf);
+            let (n, bs, lba) = (e.name(), v.bs, v.lba);
+            assert!(buf == v.ct, "{n}: bs {bs} lba {lba}: ciphertext differs");
+            x.decrypt_unit(v.iv, &mut buf);
+            assert!(buf == pt, "{n}: bs {bs} lba {lba}: round trip");
+        }
+    }
+}
+
+#[test]
+fn every_engine_matches_openssl_on_odd_block_counts_and_ivs_near_the_top() {
+    let key = Key::from_bytes(&(0..64u32).map(|i| (i * 7 + 3) as u8).collect::<Vec<_>>()).unwrap();
+    let vectors: Vec<(usize, u64, Vec<u8>)> = include_str!("../testdata/xts_openssl_blocks.txt")
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f[0].parse().unwrap(), f[1].parse().unwrap(), unhex(f[2]))
+        })
+        .collect();
+    assert_eq!(vectors.len(), 7);
+    for e in engines() {
+        let x = XtsCipher::with_engine(&key, e).unwrap();
+        for (blocks, iv, ct) in &vectors {
+            let pt: Vec<u8> = (0..16 * blocks)
+                .map(|i| ((i * 13 + blocks) % 256) as u8)
+                .collect();
+            let mut buf = pt.clone();
+            x.encrypt_unit(*iv, &mut buf);
+            let n = e.name();
+            assert!(
+                buf == *ct,
+                "{n}: {blocks} blocks iv {iv}: ciphertext differs"
+            );
+            x.decrypt_unit(*iv, &mut buf);
+            assert!(buf == pt, "{n}: {blocks} blocks iv {iv}: round trip");
+        }
+    }
+}
+
+/// Unit sizes of the cross-checks: every block count from 1 to 32 (16 to 512 bytes), odd
+/// counts around the 8- and 16-block strides of the hardware engines, and 4096 bytes.
+fn unit_sizes() -> Vec<usize> {
+    let mut sizes: Vec<usize> = (1..=32).map(|b| 16 * b).collect();
+    sizes.extend([47, 48, 49, 63, 64, 65, 127, 255, 256].map(|b| 16 * b));
+    sizes
+}
+
+#[test]
+fn every_engine_matches_the_portable_reference() {
+    let seed = seed();
+    let mut rng = seed;
+    for _ in 0..3 {
+        let key = Key::from_bytes(&rand_bytes(&mut rng, 64)).unwrap();
+        let reference = XtsCipher::with_engine(&key, Engine::Portable).unwrap();
+        let ivs = [
+            0,
+            1,
+            next_rand(&mut rng),
+            next_rand(&mut rng) >> 20,
+            u64::MAX,
+            u64::MAX - 1,
+            u64::MAX - 8,
+            u64::MAX - next_rand(&mut rng) % 4096,
+            1 << 63,
+            u64::from(u32::MAX),
+        ];
+        for e in engines() {
+            let x = XtsCipher::with_engine(&key, e).unwrap();
+            assert_eq!(x.engine(), e);
+            for len in unit_sizes() {
+                for iv in ivs {
+                    let data = rand_bytes(&mut rng, len);
+                    let (mut a, mut b) = (data.clone(), data.clone());
+                    x.encrypt_unit(iv, &mut a);
+                    reference.encrypt_unit(iv, &mut b);
+                    let n = e.name();
+                    assert!(a == b, "{n}: encrypt len {len} iv {iv} (seed {seed:#x})");
+                    x.decrypt_unit(iv, &mut a);
+                    assert!(
+                        a == data,
+                        "{n}: round trip len {len} iv {iv} (seed {seed:#x})"
+                    );
+                    // Decryption of data that was not encrypted here, against the reference.
+                    let (mut a, mut b) = (data.clone(), data.clone());
+                    x.decrypt_unit(iv, &mut a);
+                    reference.decrypt_unit(iv, &mut b);
+                    assert!(a == b, "{n}: decrypt len {len} iv {iv} (seed {seed:#x})");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn every_engine_writes_only_its_unit_at_any_alignment() {
+    let seed = seed();
+    let mut rng = seed;
+    let key = Key::generate(64).unwrap();
+    let reference = XtsCipher::with_engine(&key, Engine::Portable).unwrap();
+    for e in engines() {
+        let x = XtsCipher::with_engine(&key, e).unwrap();
+        for len in unit_sizes() {
+            for offset in [0, 1, 8, 63] {
+                let iv = next_rand(&mut rng);
+                let buf = rand_bytes(&mut rng, offset + len + 80);
+                let mut expected = buf.clone();
+                reference.encrypt_unit(iv, &mut expected[offset..offset + len]);
+                let mut got = buf.clone();
+                x.encrypt_unit(iv, &mut got[offset..offset + len]);
+                let n = e.name();
+                assert!(
+                    got == expected,
+                    "{n}: len {len} at offset {offset} (seed {seed:#x})"
+                );
+                x.decrypt_unit(iv, &mut got[offset..offset + len]);
+                assert!(got == buf, "{n}: len {len} at offset {offset} round trip");
+            }
+        }
+    }
+}
+
+#[test]
+fn every_engine_refuses_units_that_are_not_whole_blocks() {
+    let key = Key::generate(64).unwrap();
+    for e in engines() {
+        let x = XtsCipher::with_engine(&key, e).unwrap();
+        for len in [0, 8, 17, 520] {
+            let x = std::panic::AssertUnwindSafe(&x);
+            let r = std::panic::catch_unwind(|| x.encrypt_unit(0, &mut vec![0; len]));
+            assert!(r.is_err(), "{}: encrypt of {len} bytes", e.name());
+            let r = std::panic::catch_unwind(|| x.decrypt_unit(0, &mut vec![0; len]));
+            assert!(r.is_err(), "{}: decrypt of {len} bytes", e.name());
+        }
+    }
+}
+
+#[test]
+fn new_runs_the_fastest_engine_the_cpu_has() {
     let x = XtsCipher::new(&Key::generate(64).unwrap()).unwrap();
-    for (len, iv) in [
-        (512, 0u64),
-        (4096, 1),
-        (4096, u64::MAX),
-        (16, 7),
-        (528, 1 << 40),
-    ] {
-        let data: Vec<u8> = (0..len).map(|i| (i * 131 % 256) as u8).collect();
-        let (mut a, mut b) = (data.clone(), data.clone());
-        x.encrypt_unit(iv, &mut a);
-        x.unit_portable::<true>(iv, &mut b);
-        assert!(a == b, "encrypt len {len} iv {iv}");
-        x.unit_portable::<false>(iv, &mut b);
-        assert!(b == data, "portable decrypt len {len} iv {iv}");
-        x.decrypt_unit(iv, &mut a);
-        assert!(a == data, "decrypt len {len} iv {iv}");
+    assert_eq!(x.engine(), Engine::detect());
+    assert!(x.engine().is_supported());
+    let fastest = engines()[0];
+    assert_eq!(x.engine(), fastest);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("vaes")
+        && std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("vpclmulqdq")
+        && std::arch::is_x86_feature_detected!("aes")
+    {
+        assert_eq!(x.engine(), Engine::Vaes);
+    } else if std::arch::is_x86_feature_detected!("aes") {
+        assert_eq!(x.engine(), Engine::AesNi);
+    }
+}
+
+#[test]
+fn wrong_key_lengths_and_equal_halves_are_refused_by_every_engine() {
+    for e in engines() {
+        let short = Key::from_hex(&"5f1d2a9c".repeat(8)).unwrap();
+        assert!(matches!(
+            XtsCipher::with_engine(&short, e),
+            Err(KeyError::Length {
+                need: 64,
+                got: 32,
+                ..
+            })
+        ));
+        let same = Key::from_hex(&"ab".repeat(64)).unwrap();
+        assert!(matches!(
+            XtsCipher::with_engine(&same, e),
+            Err(KeyError::XtsHalvesEqual)
+        ));
     }
 }
 
@@ -313,33 +508,54 @@ fn follows_base_resize_and_reports_the_dm_crypt_table() {
     );
 }
 
-/// Throughput of the XTS transform on 4 KiB units, single thread. Run with
+/// Best throughput of `x` on 4 KiB units over `runs` runs of `run` each, in GB/s.
+fn unit_gbs(x: &XtsCipher, encrypt: bool, runs: u32, run: Duration) -> f64 {
+    let mut buf = vec![0x5au8; 64 * 4096];
+    let mut best = 0f64;
+    let mut iv = 0u64;
+    for _ in 0..runs {
+        let t = Instant::now();
+        let mut bytes = 0u64;
+        while t.elapsed() < run {
+            for unit in buf.chunks_exact_mut(4096) {
+                if encrypt {
+                    x.encrypt_unit(iv, unit);
+                } else {
+                    x.decrypt_unit(iv, unit);
+                }
+                iv += 8;
+                bytes += 4096;
+            }
+        }
+        best = best.max(bytes as f64 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    best
+}
+
+/// Throughput of the XTS transform on 4 KiB units, single thread: the engine `new` picks, then
+/// (shorter) every other engine this CPU runs. Run with
 /// `cargo test --release -p ferroblk-crypto -- --ignored --nocapture xts_throughput`.
 #[test]
 #[ignore = "benchmark: run in release with --ignored --nocapture"]
 fn xts_throughput_4k_units() {
-    let x = XtsCipher::new(&Key::generate(64).unwrap()).unwrap();
-    let mut buf = vec![0x5au8; 64 * 4096];
+    let key = Key::generate(64).unwrap();
+    let x = XtsCipher::new(&key).unwrap();
+    let engine = x.engine().name();
     for (name, enc) in [("encrypt", true), ("decrypt", false)] {
-        let mut best = 0f64;
-        for _ in 0..5 {
-            let t = Instant::now();
-            let mut bytes = 0u64;
-            let mut iv = 0u64;
-            while t.elapsed() < Duration::from_millis(400) {
-                for unit in buf.chunks_exact_mut(4096) {
-                    if enc {
-                        x.encrypt_unit(iv, unit);
-                    } else {
-                        x.decrypt_unit(iv, unit);
-                    }
-                    iv += 8;
-                    bytes += 4096;
-                }
-            }
-            best = best.max(bytes as f64 / t.elapsed().as_secs_f64() / 1e9);
+        let best = unit_gbs(&x, enc, 5, Duration::from_millis(400));
+        println!(
+            "aes-256-xts {name} 4096-byte units: {best:.2} GB/s (best of 5 × 0.4 s, engine {engine})"
+        );
+    }
+    for e in engines().into_iter().filter(|&e| e != x.engine()) {
+        let x = XtsCipher::with_engine(&key, e).unwrap();
+        for (name, enc) in [("encrypt", true), ("decrypt", false)] {
+            let best = unit_gbs(&x, enc, 3, Duration::from_millis(200));
+            println!(
+                "  engine {}: {name} {best:.2} GB/s (best of 3 × 0.2 s)",
+                e.name()
+            );
         }
-        println!("aes-256-xts {name} 4096-byte units: {best:.2} GB/s (best of 5 × 0.4 s)");
     }
 }
 
