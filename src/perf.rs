@@ -410,7 +410,7 @@ pub fn run(
         .get(name)
         .ok_or_else(|| anyhow::anyhow!("no bdev named '{name}' in the configuration"))?;
     let bs = bdev.info().block_size().bytes() as usize;
-    if spec.io_size == 0 || spec.io_size % bs != 0 {
+    if spec.io_size == 0 || !spec.io_size.is_multiple_of(bs) {
         anyhow::bail!(
             "--bs {} is not a multiple of the bdev's block size {bs}",
             spec.io_size

@@ -151,16 +151,16 @@ pub fn run(a: &NvmfArgs) -> anyhow::Result<()> {
         .namespace(nsid)
         .with_context(|| format!("identify namespace {nsid}"))?;
     let bs = ns.block_size as usize;
-    if io_size == 0 || io_size % bs != 0 {
+    if io_size == 0 || !io_size.is_multiple_of(bs) {
         bail!("--bs {io_size} is not a multiple of the namespace's block size {bs}");
     }
     if io_size / bs > 65536 {
         bail!("--bs {io_size} is more than 65536 blocks");
     }
-    if let Some(mdts) = ctrl.max_data_transfer() {
-        if io_size > mdts {
-            bail!("--bs {io_size} exceeds the controller's maximum transfer (MDTS) {mdts}");
-        }
+    if let Some(mdts) = ctrl.max_data_transfer()
+        && io_size > mdts
+    {
+        bail!("--bs {io_size} exceeds the controller's maximum transfer (MDTS) {mdts}");
     }
     let ios_in_dev = ns.blocks * bs as u64 / io_size as u64;
     if ios_in_dev == 0 {

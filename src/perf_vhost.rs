@@ -145,7 +145,7 @@ pub fn run(a: &VhostArgs) -> anyhow::Result<()> {
         queue_size: DEFAULT_QUEUE_SIZE.max((a.qd * DESCS_PER_REQ).next_power_of_two()),
         max_queues: b.get_i32("max-queues").map_err(be("max-queues"))? as usize,
     };
-    if io_size == 0 || io_size % dev.block_size != 0 {
+    if io_size == 0 || !io_size.is_multiple_of(dev.block_size) {
         bail!(
             "--bs {io_size} is not a multiple of the device's block size {}",
             dev.block_size

@@ -187,7 +187,7 @@ impl CompressOptions {
                 format!("{c} is smaller than the base's block size {bs}"),
             ));
         }
-        if self.size == 0 || self.size % u64::from(c) != 0 {
+        if self.size == 0 || !self.size.is_multiple_of(u64::from(c)) {
             return Err(BdevError::invalid(
                 "size",
                 format!(
@@ -419,7 +419,7 @@ impl Allocator {
                 run_len = 0;
             }
             if run_len == 0
-                && pos % 64 == 0
+                && pos.is_multiple_of(64)
                 && pos + 64 <= total
                 && self.bits[(pos / 64) as usize] == !0
             {
@@ -2573,7 +2573,7 @@ mod tests {
                 ch.submit(io).unwrap();
                 in_flight.push((id, lba, n));
             }
-            if flush.is_none() && rng.next() % 6 == 0 {
+            if flush.is_none() && rng.next().is_multiple_of(6) {
                 ch.submit(IoRequest::no_data(IoType::Flush, 0, 0, FLUSH))
                     .unwrap();
                 flush = Some(completed);

@@ -436,7 +436,7 @@ impl FileChannel {
         let buffered = types::Fd(self.shared.buffered.as_raw_fd());
         let sqe = match io.io_type {
             IoType::Read | IoType::Write => {
-                let aligned = off as usize % self.shared.dio_align == 0
+                let aligned = (off as usize).is_multiple_of(self.shared.dio_align)
                     && io.bufs.is_aligned(self.shared.dio_align);
                 let fd = match &self.shared.direct {
                     Some(d) if aligned => types::Fd(d.as_raw_fd()),

@@ -245,7 +245,7 @@ impl ErrorChannel {
             return None;
         }
         let every = s.every.load(Ordering::Relaxed).max(1);
-        if (s.seen.fetch_add(1, Ordering::Relaxed) + 1) % every != 0 {
+        if !(s.seen.fetch_add(1, Ordering::Relaxed) + 1).is_multiple_of(every) {
             return None;
         }
         s.remaining

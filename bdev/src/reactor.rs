@@ -223,10 +223,10 @@ impl Reactors {
                 std::thread::Builder::new()
                     .name(format!("reactor-{id}"))
                     .spawn(move || {
-                        if let Some(c) = cpu {
-                            if let Err(e) = pin_to_cpu(c) {
-                                tracing::warn!(cpu = c, error = %e, "cannot pin reactor");
-                            }
+                        if let Some(c) = cpu
+                            && let Err(e) = pin_to_cpu(c)
+                        {
+                            tracing::warn!(cpu = c, error = %e, "cannot pin reactor");
                         }
                         let ring = match ThreadRing::current() {
                             Ok(r) => r,

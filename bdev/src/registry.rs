@@ -160,7 +160,7 @@ impl BdevRegistry {
             .get(name)
             .ok_or_else(|| BdevError::NotFound(name.into()))?;
         let bs = u64::from(b.info().block_size().bytes());
-        if size == 0 || size % bs != 0 {
+        if size == 0 || !size.is_multiple_of(bs) {
             return Err(BdevError::invalid(
                 "size",
                 format!("{size} bytes is not a positive multiple of block_size {bs}"),

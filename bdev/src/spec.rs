@@ -243,7 +243,7 @@ fn block_size(bytes: u32) -> Result<BlockSize, BdevError> {
 
 fn blocks(size: ByteSize, bs: BlockSize) -> Result<u64, BdevError> {
     let b = u64::from(bs.bytes());
-    if size.0 == 0 || size.0 % b != 0 {
+    if size.0 == 0 || !size.0.is_multiple_of(b) {
         return Err(BdevError::invalid(
             "size",
             format!(

@@ -62,7 +62,7 @@ impl InflightRegion {
         if size < need {
             return Err(format!("inflight region of {size} bytes, need {need}"));
         }
-        if offset % 4096 != 0 {
+        if !offset.is_multiple_of(4096) {
             return Err("inflight region offset is not page aligned".into());
         }
         let len = usize::try_from(size).map_err(|_| "inflight region too large")?;

@@ -169,7 +169,7 @@ impl SplitQueue {
         }
         let n = u64::from(size);
         let map = |a: u64, len: u64, align: u64, what: &str| {
-            if a % align != 0 {
+            if !a.is_multiple_of(align) {
                 return Err(QueueError::Layout(format!(
                     "{what} at {a:#x} is misaligned"
                 )));
@@ -361,7 +361,8 @@ impl SplitQueue {
                 if d.flags & DESC_F_NEXT != 0 {
                     return Err(QueueError::Driver("indirect descriptor with NEXT".into()));
                 }
-                if d.len == 0 || d.len % 16 != 0 || d.len / 16 > u32::from(MAX_QUEUE_SIZE) {
+                if d.len == 0 || !d.len.is_multiple_of(16) || d.len / 16 > u32::from(MAX_QUEUE_SIZE)
+                {
                     return Err(QueueError::Driver(format!(
                         "indirect table of {} bytes",
                         d.len
@@ -370,7 +371,7 @@ impl SplitQueue {
                 let t = mem.gpa_to_host(d.addr, u64::from(d.len)).ok_or_else(|| {
                     QueueError::Driver("indirect table outside guest memory".into())
                 })?;
-                if (t as usize) % 16 != 0 {
+                if !(t as usize).is_multiple_of(16) {
                     // Descriptor tables are 16-byte aligned (virtio 1.2 §2.7); the fields are
                     // read as aligned words.
                     return Err(QueueError::Driver("misaligned indirect table".into()));

@@ -526,7 +526,7 @@ impl Controller {
         offset: u64,
         len: usize,
     ) -> Result<Vec<u8>, Error> {
-        if len == 0 || len % 4 != 0 || len > ADMIN_MAX_DATA {
+        if len == 0 || !len.is_multiple_of(4) || len > ADMIN_MAX_DATA {
             return Err(Error::Invalid("log page length: a non-zero multiple of 4"));
         }
         let sqe = GetLogPage {

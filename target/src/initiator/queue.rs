@@ -575,10 +575,10 @@ impl Queue {
             if let TxKind::Data { slot, .. } = item.kind {
                 let s = &mut self.slots[usize::from(slot)];
                 s.tx_refs -= 1;
-                if s.tx_refs == 0 {
-                    if let Some(cqe) = s.held.take() {
-                        self.finish(slot, cqe);
-                    }
+                if s.tx_refs == 0
+                    && let Some(cqe) = s.held.take()
+                {
+                    self.finish(slot, cqe);
                 }
             }
         }

@@ -319,7 +319,7 @@ pub fn execute(ctrl: &Arc<Controller>, target: &Target, sqe: &Sqe) -> AdminOutco
             };
             let off = g.offset as usize;
             let len = g.len_bytes() as usize;
-            if off > page.len() || off % 4 != 0 {
+            if off > page.len() || !off.is_multiple_of(4) {
                 return done(Status::INVALID_FIELD);
             }
             let mut out = vec![0u8; len];

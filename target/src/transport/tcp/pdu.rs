@@ -822,7 +822,7 @@ impl PduDecoder {
                 if r.cpda > MAX_PDA {
                     return ihf(10);
                 }
-                if r.maxh2cdata < MIN_MAXH2CDATA || r.maxh2cdata % 4 != 0 {
+                if r.maxh2cdata < MIN_MAXH2CDATA || !r.maxh2cdata.is_multiple_of(4) {
                     return ihf(12);
                 }
                 PduHeader::IcResp(r)
