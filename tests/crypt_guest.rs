@@ -22,17 +22,16 @@ mod common;
 use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::daemon::start_daemon;
 use common::lab::{Lab, vhost_user_blk_args};
 use ferroblk_bdev::file::{DirectMode, FileBdev, FileOptions};
 use ferroblk_bdev::sync::SyncChannel;
 use ferroblk_bdev::{Bdev, BlockSize, IoStatus};
 use ferroblk_crypto::{Key, XtsBdev};
-
-const BIN: &str = env!("CARGO_BIN_EXE_ferroblk");
 
 /// Size of the image.
 const IMAGE_BYTES: u64 = 64 << 20;
@@ -166,52 +165,6 @@ serial = "ferroblk-crypt-test"
     )
 }
 
-/// `ferroblk serve`, killed on drop unless stopped.
-struct Daemon(Option<Child>);
-
-impl Daemon {
-    fn start(dir: &Path) -> Daemon {
-        let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
-        let child = Command::new(BIN)
-            .args(["serve", "--config"])
-            .arg(dir.join("ferroblk.toml"))
-            .current_dir(dir)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let d = Daemon(Some(child));
-        let t = Instant::now();
-        while std::os::unix::net::UnixStream::connect(dir.join("rpc.sock")).is_err() {
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "daemon did not start:\n{}",
-                std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        d
-    }
-
-    /// SIGTERM, then waits; true when the daemon exited cleanly.
-    fn stop(&mut self) -> bool {
-        let mut c = self.0.take().expect("daemon running");
-        let pid = i32::try_from(c.id()).unwrap();
-        // SAFETY: kill(2) on our own child's pid with a valid signal has no memory effects.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        c.wait().unwrap().success()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 const GUEST: &str = r#"#!/bin/bash
 set -euxo pipefail
 dev=/dev/vda
@@ -318,7 +271,7 @@ fn dm_crypt_in_a_linux_guest_opens_ferroblk_xts_volumes_and_back() {
 
     // 2. The daemon exports the raw image.
     std::fs::write(dir.join("ferroblk.toml"), config(&dir)).unwrap();
-    let mut daemon = Daemon::start(&dir);
+    let mut daemon = start_daemon(&dir);
 
     // 3. The guest: dm-crypt reads the host's data and writes its own.
     let script = GUEST

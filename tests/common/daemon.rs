@@ -3,33 +3,76 @@
 //! `daemon.log` there (a restarted daemon adds to the same log).
 
 use std::net::TcpListener;
+use std::ops::{Deref, DerefMut};
 use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
+
+/// A daemon child that is killed (and reaped) when dropped while still running, so a failing
+/// test does not leave it behind.
+pub struct Daemon(Child);
+
+impl Deref for Daemon {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl DerefMut for Daemon {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Daemon {
+    /// SIGTERM, then waits; true when the daemon exited cleanly.
+    pub fn stop(&mut self) -> bool {
+        let pid = i32::try_from(self.0.id()).unwrap();
+        // SAFETY: kill(2) on our own child's pid with a valid signal has no memory effects.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        self.0.wait().unwrap().success()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
 
 /// The daemon binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_ferroblk");
 
 /// Starts `ferroblk serve --config DIR/ferroblk.toml` in `dir` and waits for its control socket.
-pub fn start_daemon(dir: &Path) -> Child {
+pub fn start_daemon(dir: &Path) -> Daemon {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join("daemon.log"))
         .unwrap();
-    let child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(dir.join("ferroblk.toml"))
-        .current_dir(dir)
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let mut child = Daemon(
+        Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(dir.join("ferroblk.toml"))
+            .current_dir(dir)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
     let t = Instant::now();
     while std::os::unix::net::UnixStream::connect(dir.join("rpc.sock")).is_err() {
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("daemon exited before its control socket appeared: {st}");
+        }
         assert!(
             t.elapsed() < Duration::from_secs(30),
-            "daemon did not start"
+            "daemon did not start:\n{}",
+            std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default()
         );
         std::thread::sleep(Duration::from_millis(20));
     }
