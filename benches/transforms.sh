@@ -4,7 +4,8 @@
 # alternating runs, printing each pair's CPU-per-I/O ratio and the medians.
 #   usage: benches/transforms.sh [layer=crc] [rw=write] [bs=128K] [qd=32] [runs=5] [seconds=3]
 # The reactor is busy the whole run in both cases, so "reactor CPU ns per I/O" is the cost and
-# the ratio minus one is the layer's overhead.
+# the ratio minus one is the layer's overhead. Every run first writes the whole bdev (--prefill)
+# and runs 1 s unmeasured (--ramp); written data is PCT (default 50) % compressible.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 layer=${1:-crc}; rw=${2:-write}; bs=${3:-128K}; qd=${4:-32}; runs=${5:-5}; secs=${6:-3}
@@ -19,7 +20,7 @@ case "$layer" in
   crc) extra='' ;;
   crypt_xts) extra="key_file = \"$work/xts.key\"" ;;
   crypt_gcm) extra="key_file = \"$work/gcm.key\"" ;;
-  compress) extra='' ;;
+  compress) extra='size = "1GiB"' ;;
   *) echo "unknown layer $layer" >&2; exit 2 ;;
 esac
 cat > "$work/b.toml" <<TOML
@@ -46,7 +47,7 @@ base = "under"
 $extra
 TOML
 run() {
-  "$bin" perf bdev --config "$work/b.toml" --bdev "$1" --qd "$qd" --bs "$bs" --rw "$rw" --time "$secs" --ramp 1 --prefill --json 2>/dev/null \
+  "$bin" perf bdev --config "$work/b.toml" --bdev "$1" --qd "$qd" --bs "$bs" --rw "$rw" --time "$secs" --ramp 1 --prefill --compress-pct "${PCT:-50}" --json 2>/dev/null \
     | python3 -c 'import json,sys; j=json.load(sys.stdin); print(round(j["iops"]), round(j["reactor_cpu_ns_per_io"]))'
 }
 ratios=(); bases=(); layers=()

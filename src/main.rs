@@ -90,6 +90,10 @@ enum PerfCmd {
         /// never written reads the kernel's shared zero page, which flatters it).
         #[arg(long)]
         prefill: bool,
+        /// Make written data this percent compressible (fio's `buffer_compress_percentage`):
+        /// each 4 KiB is pseudo-random for the rest and zeroes for this part.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(0..=100))]
+        compress_pct: Option<u32>,
         /// Reactor CPUs (comma-separated), overriding the configuration's [reactors].
         #[arg(long, value_delimiter = ',')]
         cpus: Option<Vec<usize>>,
@@ -174,6 +178,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     time,
                     ramp,
                     prefill,
+                    compress_pct,
                     cpus,
                     json,
                 },
@@ -225,7 +230,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let b = registry.get(&name).ok_or_else(|| {
                     anyhow::anyhow!("no bdev named '{name}' in the configuration")
                 })?;
-                perf::prefill(&b)?;
+                perf::prefill(&b, compress_pct)?;
             }
             let reactors = Reactors::start(&rc)?;
             let spec = perf::JobSpec {
@@ -235,6 +240,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 mix,
                 time: Duration::from_secs_f64(time),
                 ramp: Duration::from_secs_f64(ramp),
+                compress_pct,
             };
             let result = perf::run(&registry, &reactors, &name, &spec);
             reactors.shutdown(Duration::from_secs(10));

@@ -66,6 +66,29 @@ pub struct JobSpec {
     pub time: Duration,
     /// Unmeasured run time before it (`perf bdev --ramp`).
     pub ramp: Duration,
+    /// Compressible percentage of the written data (fio's `buffer_compress_percentage`);
+    /// `None`: the repeating byte ramp 0, 1, .., 255.
+    pub compress_pct: Option<u32>,
+}
+
+/// Fills `buf` with the data jobs write: with `compress_pct = Some(p)`, every 4 KiB piece is
+/// `100 - p` % pseudo-random bytes followed by zeroes (like fio's `buffer_compress_percentage`,
+/// so lz4 or zstd shrink it to about `100 - p` %); else the byte ramp 0, 1, .., 255.
+pub fn fill_pattern(buf: &mut [u8], compress_pct: Option<u32>, seed: u64) {
+    let Some(p) = compress_pct else {
+        buf.iter_mut().enumerate().for_each(|(i, x)| *x = i as u8);
+        return;
+    };
+    let mut rng = seed | 1;
+    for piece in buf.chunks_mut(4096) {
+        let random = piece.len() * (100 - p.min(100) as usize) / 100;
+        let (r, z) = piece.split_at_mut(random);
+        for w in r.chunks_mut(8) {
+            let v = next_rand(&mut rng).to_le_bytes();
+            w.copy_from_slice(&v[..w.len()]);
+        }
+        z.fill(0);
+    }
 }
 
 /// Exact values below 16, then 16 sub-buckets for each power of two from 2^4 to 2^63.
@@ -371,11 +394,12 @@ impl Poller for PerfJob {
 
 /// Writes the whole of `bdev` once, from the calling thread, with the byte pattern the jobs
 /// write (`perf bdev --prefill`).
-pub fn prefill(bdev: &Arc<dyn Bdev>) -> anyhow::Result<()> {
+pub fn prefill(bdev: &Arc<dyn Bdev>, compress_pct: Option<u32>) -> anyhow::Result<()> {
     let info = bdev.info().clone();
     let bs = info.block_size().bytes() as usize;
     let chunk = u64::from(info.geometry().max_transfer_blocks.max(1)).min((1 << 20) / bs as u64);
-    let data: Vec<u8> = (0..chunk as usize * bs).map(|i| i as u8).collect();
+    let mut data = vec![0u8; chunk as usize * bs];
+    fill_pattern(&mut data, compress_pct, 0x5EED);
     let mut ch = SyncChannel::new(bdev.open_channel()?);
     let mut lba = 0;
     while lba < info.block_count() {
@@ -448,6 +472,7 @@ pub fn run(
             }
             let qd = spec.qd;
             let (time, ramp) = (spec.time, spec.ramp);
+            let mut seed = 0x0DD5_EED5 ^ (reactor as u64 + 1);
             let mut job = PerfJob {
                 ch,
                 blocks_per_io,
@@ -455,10 +480,7 @@ pub fn run(
                 bufs: (0..qd)
                     .map(|_| {
                         let mut b = AlignedBuf::new(spec.io_size);
-                        b.as_mut_slice()
-                            .iter_mut()
-                            .enumerate()
-                            .for_each(|(i, x)| *x = i as u8);
+                        fill_pattern(b.as_mut_slice(), spec.compress_pct, next_rand(&mut seed));
                         Some(b)
                     })
                     .collect(),

@@ -129,6 +129,7 @@ pub fn run(a: &NvmfArgs) -> anyhow::Result<()> {
         mix: a.mix,
         time: Duration::from_secs_f64(a.time),
         ramp: Duration::ZERO,
+        compress_pct: None,
     };
 
     let mut opts = ConnectOptions::new(a.addr, a.nqn.clone());

@@ -121,6 +121,7 @@ pub fn run(a: &VhostArgs) -> anyhow::Result<()> {
         mix: a.mix,
         time: Duration::from_secs_f64(a.time),
         ramp: Duration::ZERO,
+        compress_pct: None,
     };
     let socket = a
         .socket

@@ -6,13 +6,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::daemon::{free_port, rpc, start_daemon};
+use common::daemon::{GuestRequests, free_port, start_daemon};
 use common::lab::Lab;
 
 const NQN: &str = "nqn.2026-11.io.ferroblk:guest";
@@ -138,62 +136,11 @@ fn linux_host_uses_ferroblk_over_nvme_tcp() {
         .unwrap();
     let daemon = Arc::new(Mutex::new(start_daemon(&dir)));
 
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let host_port = listener.local_addr().unwrap().port();
-    let events = Arc::new(Mutex::new(Vec::<String>::new()));
-    let host = {
-        let dir = dir.clone();
-        let daemon = daemon.clone();
-        let events = events.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(mut s) = stream else { continue };
-                let mut line = String::new();
-                if BufReader::new(&s).read_line(&mut line).is_err() {
-                    continue;
-                }
-                let what = line.trim().to_string();
-                events.lock().unwrap().push(what.clone());
-                match what.as_str() {
-                    "resize" => {
-                        rpc(&dir, "bdev_resize", r#"{"name": "disk", "size": "512MiB"}"#);
-                        let _ = writeln!(s, "resized");
-                    }
-                    "kill" => {
-                        let _ = writeln!(s, "killing soon");
-                        drop(s);
-                        // Wait until fio's writes flow, then kill -9 and restart.
-                        let writes = |dir: &Path| -> u64 {
-                            let v: serde_json::Value =
-                                serde_json::from_str(&rpc(dir, "bdev_list", r#"{"name": "disk"}"#))
-                                    .unwrap();
-                            v[0]["stats"]["ops"]["write"].as_u64().unwrap()
-                        };
-                        let start = writes(&dir);
-                        let t = Instant::now();
-                        while writes(&dir) < start + 300 && t.elapsed() < Duration::from_secs(120) {
-                            std::thread::sleep(Duration::from_millis(20));
-                        }
-                        let mut d = daemon.lock().unwrap();
-                        d.kill().unwrap();
-                        d.wait().unwrap();
-                        std::thread::sleep(Duration::from_millis(500));
-                        *d = start_daemon(&dir);
-                    }
-                    "done" => {
-                        let _ = writeln!(s, "bye");
-                        return;
-                    }
-                    _ => {
-                        let _ = writeln!(s, "unknown");
-                    }
-                }
-            }
-        })
-    };
+    // The guest's requests: "resize", "kill", "done".
+    let host = GuestRequests::serve(&dir, daemon.clone(), "disk", 300);
 
     let script = GUEST
-        .replace("__HOSTPORT__", &host_port.to_string())
+        .replace("__HOSTPORT__", &host.port.to_string())
         .replace("__PORT__", &port.to_string())
         .replace("__DISC__", &disc.to_string())
         .replace("__NQN__", NQN)
@@ -207,8 +154,7 @@ fn linux_host_uses_ferroblk_over_nvme_tcp() {
         out.status,
         out.output
     );
-    host.join().unwrap();
-    assert_eq!(*events.lock().unwrap(), ["resize", "kill", "done"]);
+    assert_eq!(host.join(), ["resize", "kill", "done"]);
     assert!(log.contains("host not on the allow-list"), "{log}");
 
     let mut d = daemon.lock().unwrap();

@@ -8,14 +8,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::daemon::{rpc, start_daemon};
+use common::daemon::{GuestRequests, start_daemon};
 use common::lab::{Lab, vhost_user_blk_args};
 
 fn config(dir: &Path) -> String {
@@ -116,62 +114,9 @@ fn linux_guest_uses_a_vhost_user_blk_disk() {
     let daemon = Arc::new(Mutex::new(start_daemon(&dir)));
 
     // The guest's requests: "resize", "kill", "done".
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let events = Arc::new(Mutex::new(Vec::<String>::new()));
-    let host = {
-        let dir = dir.clone();
-        let daemon = daemon.clone();
-        let events = events.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(mut s) = stream else { continue };
-                let mut line = String::new();
-                if BufReader::new(&s).read_line(&mut line).is_err() {
-                    continue;
-                }
-                let what = line.trim().to_string();
-                events.lock().unwrap().push(what.clone());
-                match what.as_str() {
-                    "resize" => {
-                        rpc(&dir, "bdev_resize", r#"{"name": "disk", "size": "512MiB"}"#);
-                        let _ = writeln!(s, "resized");
-                    }
-                    "kill" => {
-                        let _ = writeln!(s, "killing soon");
-                        drop(s);
-                        // Kill once fio is well into its write phase: the daemon then has
-                        // writes in flight (each is held 5 ms by the delay bdev).
-                        let writes = |dir: &Path| -> u64 {
-                            let v: serde_json::Value =
-                                serde_json::from_str(&rpc(dir, "bdev_list", r#"{"name": "slow"}"#))
-                                    .unwrap();
-                            v[0]["stats"]["ops"]["write"].as_u64().unwrap()
-                        };
-                        let start = writes(&dir);
-                        let t = Instant::now();
-                        while writes(&dir) < start + 500 && t.elapsed() < Duration::from_secs(120) {
-                            std::thread::sleep(Duration::from_millis(20));
-                        }
-                        let mut d = daemon.lock().unwrap();
-                        d.kill().unwrap();
-                        d.wait().unwrap();
-                        std::thread::sleep(Duration::from_millis(300));
-                        *d = start_daemon(&dir);
-                    }
-                    "done" => {
-                        let _ = writeln!(s, "bye");
-                        return;
-                    }
-                    _ => {
-                        let _ = writeln!(s, "unknown");
-                    }
-                }
-            }
-        })
-    };
+    let host = GuestRequests::serve(&dir, daemon.clone(), "slow", 500);
 
-    let script = GUEST.replace("__PORT__", &port.to_string());
+    let script = GUEST.replace("__PORT__", &host.port.to_string());
     let args = vhost_user_blk_args("disk0", &dir.join("vhost.sock"), 2);
     let out = lab.run(&script, &args, Duration::from_secs(900)).unwrap();
     let log = std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
@@ -181,8 +126,7 @@ fn linux_guest_uses_a_vhost_user_blk_disk() {
         out.status,
         out.output
     );
-    host.join().unwrap();
-    assert_eq!(*events.lock().unwrap(), ["resize", "kill", "done"]);
+    assert_eq!(host.join(), ["resize", "kill", "done"]);
     // QEMU reconnected to the restarted daemon, which resubmitted what the killed one had in
     // flight (fio keeps 16 writes in flight during its write phase).
     assert_eq!(log.matches("front-end connected").count(), 2, "{log}");

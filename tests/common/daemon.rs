@@ -103,3 +103,90 @@ pub fn free_port() -> u16 {
         .expect("ephemeral port")
         .port()
 }
+
+/// The host side of a guest test: a loopback listener that takes one-line requests from the
+/// guest script (`say WORD` in the lab scripts) and acts on the daemon:
+/// - `resize`: grows bdev `disk` to 512 MiB over the RPC, answers `resized`;
+/// - `kill`: answers, waits until bdev `watch` has completed `min_writes` more writes (the
+///   guest's fio is then well into its write phase with I/O in flight), kills the daemon with
+///   SIGKILL and starts it again on the same directory;
+/// - `done`: answers `bye` and stops listening.
+pub struct GuestRequests {
+    /// The port the guest connects to (at 10.0.2.2, QEMU's user-mode address of the host).
+    pub port: u16,
+    events: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl GuestRequests {
+    /// Starts listening; `daemon` is replaced by the restarted one after a `kill`.
+    pub fn serve(
+        dir: &Path,
+        daemon: std::sync::Arc<std::sync::Mutex<Daemon>>,
+        watch: &str,
+        min_writes: u64,
+    ) -> GuestRequests {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (dir, watch, ev) = (dir.to_path_buf(), watch.to_string(), events.clone());
+        let writes = move |dir: &Path| -> u64 {
+            let v: serde_json::Value =
+                serde_json::from_str(&rpc(dir, "bdev_list", &format!(r#"{{"name": "{watch}"}}"#)))
+                    .unwrap();
+            v[0]["stats"]["ops"]["write"].as_u64().unwrap()
+        };
+        let thread = std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut s) = stream else { continue };
+                let mut line = String::new();
+                if BufReader::new(&s).read_line(&mut line).is_err() {
+                    continue;
+                }
+                let what = line.trim().to_string();
+                ev.lock().unwrap().push(what.clone());
+                match what.as_str() {
+                    "resize" => {
+                        rpc(&dir, "bdev_resize", r#"{"name": "disk", "size": "512MiB"}"#);
+                        let _ = writeln!(s, "resized");
+                    }
+                    "kill" => {
+                        let _ = writeln!(s, "killing soon");
+                        drop(s);
+                        let start = writes(&dir);
+                        let t = Instant::now();
+                        while writes(&dir) < start + min_writes
+                            && t.elapsed() < Duration::from_secs(120)
+                        {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                        let mut d = daemon.lock().unwrap();
+                        d.kill().unwrap();
+                        d.wait().unwrap();
+                        std::thread::sleep(Duration::from_millis(500));
+                        *d = start_daemon(&dir);
+                    }
+                    "done" => {
+                        let _ = writeln!(s, "bye");
+                        return;
+                    }
+                    _ => {
+                        let _ = writeln!(s, "unknown");
+                    }
+                }
+            }
+        });
+        GuestRequests {
+            port,
+            events,
+            thread,
+        }
+    }
+
+    /// Waits for `done` and returns the requests received, in order.
+    pub fn join(self) -> Vec<String> {
+        self.thread.join().unwrap();
+        std::mem::take(&mut *self.events.lock().unwrap())
+    }
+}
