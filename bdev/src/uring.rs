@@ -18,6 +18,9 @@ use crate::error::BdevError;
 /// Submission queue entries of a thread's ring.
 const SQ_ENTRIES: u32 = 1024;
 
+/// The slot in which [`RingClient::cancel`]'s own completion is routed.
+pub const CANCEL_SLOT: u32 = u32::MAX;
+
 struct Client {
     cqes: VecDeque<(u32, i32, u32)>,
     live: bool,
@@ -227,6 +230,20 @@ impl RingClient {
         false
     }
 
+    /// Asks the kernel to cancel this client's pending request(s) in `slot` (an armed
+    /// multishot poll, say: the kernel holds a reference to the polled file until the poll ends,
+    /// so a socket closed with its poll still armed would stay allocated until the ring is
+    /// destroyed). The cancel's own completion is routed with slot [`CANCEL_SLOT`]; after the
+    /// client is dropped both completions are discarded. Returns false when the ring is full.
+    pub fn cancel(&self, slot: u32) -> bool {
+        let target = u64::from(self.token) << 32 | u64::from(slot);
+        let sqe = io_uring::opcode::AsyncCancel::new(target).build();
+        // SAFETY: a cancel refers to no buffer and no descriptor.
+        let pushed = unsafe { self.push(sqe, CANCEL_SLOT) };
+        self.ring.flush();
+        pushed
+    }
+
     /// Takes this client's routed completions, calling `f(slot, result, flags)` for each.
     pub fn take(&self, mut f: impl FnMut(u32, i32, u32)) -> usize {
         let i = &self.ring.inner;
@@ -270,5 +287,59 @@ impl Drop for RingClient {
         drop(clients);
         let i = &self.ring.inner;
         i.routed.set(i.routed.get() - left);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use io_uring::opcode;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    /// Reaps until `n` completions are routed to `client` (or a second passes).
+    fn take_n(client: &RingClient, n: usize) -> Vec<(u32, i32, u32)> {
+        let mut got = Vec::new();
+        let t = std::time::Instant::now();
+        while got.len() < n && t.elapsed() < Duration::from_secs(1) {
+            client.ring().wait(Some(Duration::from_millis(10)));
+            client.poll(|s, r, f| got.push((s, r, f)));
+        }
+        got
+    }
+
+    #[test]
+    fn cancel_ends_an_armed_multishot_poll() {
+        let ring = ThreadRing::current().unwrap();
+        let client = ring.register(8);
+        // SAFETY: eventfd has no memory preconditions; checked below.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: `fd` is a fresh descriptor nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let sqe = opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), libc::POLLIN as u32)
+            .multi(true)
+            .build();
+        // SAFETY: the eventfd outlives the poll (cancelled below before `fd` drops).
+        assert!(unsafe { client.push(sqe, 7) });
+        ring.flush();
+        // The poll is armed: a write fires it and it stays armed (CQE_F_MORE).
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from a live u64 to the eventfd.
+        unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        let fired = take_n(&client, 1);
+        assert_eq!(fired.len(), 1);
+        assert_eq!(fired[0].0, 7);
+        assert!(
+            io_uring::cqueue::more(fired[0].2),
+            "multishot poll stays armed"
+        );
+        // Cancel: the poll ends with -ECANCELED and the cancel itself succeeds.
+        assert!(client.cancel(7));
+        let mut done = take_n(&client, 2);
+        done.sort_by_key(|c| c.0);
+        assert_eq!(done.len(), 2, "{done:?}");
+        assert_eq!((done[0].0, done[0].1), (7, -libc::ECANCELED));
+        assert!(!io_uring::cqueue::more(done[0].2), "the poll has ended");
+        assert_eq!((done[1].0, done[1].1), (CANCEL_SLOT, 0));
     }
 }

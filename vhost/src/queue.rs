@@ -213,7 +213,8 @@ impl VqPoller {
         let sqe = opcode::PollAdd::new(types::Fd(self.kick.as_raw_fd()), libc::POLLIN as u32)
             .multi(true)
             .build();
-        // SAFETY: the kick eventfd is owned by this poller and outlives the poll; a late
+        // SAFETY: the poll refers to the kick eventfd, which this poller owns; `Drop` cancels
+        // the poll (the kernel holds its own reference to the file meanwhile) and a late
         // completion after drop is discarded by the ring's client generation check.
         if !unsafe { self.kick_client.push(sqe, 0) } {
             tracing::error!(queue = self.index, "cannot arm the kick eventfd poll");
@@ -558,6 +559,14 @@ impl VqPoller {
             self.done = done;
         }
         n
+    }
+}
+
+impl Drop for VqPoller {
+    fn drop(&mut self) {
+        // An armed multishot poll keeps the kick eventfd's file alive in the kernel: end it,
+        // or every reconnect of the front-end would leak one.
+        self.kick_client.cancel(0);
     }
 }
 

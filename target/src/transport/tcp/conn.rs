@@ -1199,6 +1199,12 @@ impl Poller for TcpConn {
 
 impl Drop for TcpConn {
     fn drop(&mut self) {
+        // The armed polls hold the socket's file: end them, or every closed connection would
+        // keep its socket allocated until the reactor's ring goes away.
+        self.client.cancel(POLL_READ);
+        if self.write_armed {
+            self.client.cancel(POLL_WRITE);
+        }
         if let Some(q) = &self.queue
             && q.qid == 0
         {
