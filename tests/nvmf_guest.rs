@@ -137,7 +137,7 @@ fn linux_host_uses_ferroblk_over_nvme_tcp() {
     let daemon = Arc::new(Mutex::new(start_daemon(&dir)));
 
     // The guest's requests: "resize", "kill", "done".
-    let host = GuestRequests::serve(&dir, daemon.clone(), "disk", 300);
+    let host = GuestRequests::serve(&dir, daemon.clone(), "disk", 300, None);
 
     let script = GUEST
         .replace("__HOSTPORT__", &host.port.to_string())

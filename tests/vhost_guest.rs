@@ -114,7 +114,13 @@ fn linux_guest_uses_a_vhost_user_blk_disk() {
     let daemon = Arc::new(Mutex::new(start_daemon(&dir)));
 
     // The guest's requests: "resize", "kill", "done".
-    let host = GuestRequests::serve(&dir, daemon.clone(), "slow", 500);
+    let host = GuestRequests::serve(
+        &dir,
+        daemon.clone(),
+        "slow",
+        500,
+        Some("resubmitting inflight requests"),
+    );
 
     let script = GUEST.replace("__PORT__", &host.port.to_string());
     let args = vhost_user_blk_args("disk0", &dir.join("vhost.sock"), 2);
@@ -129,7 +135,7 @@ fn linux_guest_uses_a_vhost_user_blk_disk() {
     assert_eq!(host.join(), ["resize", "kill", "done"]);
     // QEMU reconnected to the restarted daemon, which resubmitted what the killed one had in
     // flight (fio keeps 16 writes in flight during its write phase).
-    assert_eq!(log.matches("front-end connected").count(), 2, "{log}");
+    assert!(log.matches("front-end connected").count() >= 2, "{log}");
     assert!(log.contains("resubmitting inflight requests"), "{log}");
 
     // The data the guest wrote is in the backing file.

@@ -109,7 +109,10 @@ pub fn free_port() -> u16 {
 /// - `resize`: grows bdev `disk` to 512 MiB over the RPC, answers `resized`;
 /// - `kill`: answers, waits until bdev `watch` has completed `min_writes` more writes (the
 ///   guest's fio is then well into its write phase with I/O in flight), kills the daemon with
-///   SIGKILL and starts it again on the same directory;
+///   SIGKILL and starts it again on the same directory. With `expect_after_restart`, the
+///   restarted daemon must log that line within 10 s (say, that it resubmitted requests the
+///   killed one had in flight); if it does not — a guest slowed down by a loaded host can have
+///   nothing in flight at the moment of the kill — it is killed again, up to 5 times;
 /// - `done`: answers `bye` and stops listening.
 pub struct GuestRequests {
     /// The port the guest connects to (at 10.0.2.2, QEMU's user-mode address of the host).
@@ -125,12 +128,20 @@ impl GuestRequests {
         daemon: std::sync::Arc<std::sync::Mutex<Daemon>>,
         watch: &str,
         min_writes: u64,
+        expect_after_restart: Option<&str>,
     ) -> GuestRequests {
         use std::io::{BufRead, BufReader, Write};
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let (dir, watch, ev) = (dir.to_path_buf(), watch.to_string(), events.clone());
+        let expect = expect_after_restart.map(str::to_string);
+        let log_count = |dir: &Path, what: &str| -> usize {
+            std::fs::read_to_string(dir.join("daemon.log"))
+                .unwrap_or_default()
+                .matches(what)
+                .count()
+        };
         let writes = move |dir: &Path| -> u64 {
             let v: serde_json::Value =
                 serde_json::from_str(&rpc(dir, "bdev_list", &format!(r#"{{"name": "{watch}"}}"#)))
@@ -154,18 +165,36 @@ impl GuestRequests {
                     "kill" => {
                         let _ = writeln!(s, "killing soon");
                         drop(s);
-                        let start = writes(&dir);
-                        let t = Instant::now();
-                        while writes(&dir) < start + min_writes
-                            && t.elapsed() < Duration::from_secs(120)
-                        {
-                            std::thread::sleep(Duration::from_millis(20));
+                        for attempt in 0..5 {
+                            let seen = expect.as_deref().map_or(0, |e| log_count(&dir, e));
+                            let start = writes(&dir);
+                            let t = Instant::now();
+                            // The first kill waits for the guest's writes; a repeat happens only
+                            // while they still flow.
+                            let patience = Duration::from_secs(if attempt == 0 { 120 } else { 20 });
+                            while writes(&dir) < start + min_writes && t.elapsed() < patience {
+                                std::thread::sleep(Duration::from_millis(20));
+                            }
+                            if attempt > 0 && writes(&dir) < start + min_writes {
+                                break;
+                            }
+                            let mut d = daemon.lock().unwrap();
+                            d.kill().unwrap();
+                            d.wait().unwrap();
+                            std::thread::sleep(Duration::from_millis(500));
+                            *d = start_daemon(&dir);
+                            drop(d);
+                            let Some(e) = expect.as_deref() else { break };
+                            let t = Instant::now();
+                            while log_count(&dir, e) == seen
+                                && t.elapsed() < Duration::from_secs(10)
+                            {
+                                std::thread::sleep(Duration::from_millis(50));
+                            }
+                            if log_count(&dir, e) > seen {
+                                break;
+                            }
                         }
-                        let mut d = daemon.lock().unwrap();
-                        d.kill().unwrap();
-                        d.wait().unwrap();
-                        std::thread::sleep(Duration::from_millis(500));
-                        *d = start_daemon(&dir);
                     }
                     "done" => {
                         let _ = writeln!(s, "bye");
