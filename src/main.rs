@@ -245,7 +245,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let result = perf::run(&registry, &reactors, &name, &spec);
             reactors.shutdown(Duration::from_secs(10));
             let result = result?;
-            perf::report(&name, &spec, &result, json);
+            let state = registry
+                .get(&name)
+                .map_or(serde_json::Value::Null, |b| b.describe());
+            perf::report(&name, &spec, &result, &state, json);
             Ok(ExitCode::SUCCESS)
         }
     }

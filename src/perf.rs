@@ -649,10 +649,14 @@ impl RunResult {
 }
 
 /// Prints the result as a table, or JSON.
-pub fn report(bdev: &str, spec: &JobSpec, r: &RunResult, json: bool) {
+///
+/// `state` is the bdev's `describe()` after the run (a transform's own figures: a compress
+/// bdev's logical and physical use, a crc bdev's integrity errors), printed with the results.
+pub fn report(bdev: &str, spec: &JobSpec, r: &RunResult, state: &serde_json::Value, json: bool) {
     if json {
         let mut v = r.json_summary("reactor_cpu_ns_per_io");
         v.insert("bdev".into(), bdev.into());
+        v.insert("bdev_state".into(), state.clone());
         v.insert("job".into(), serde_json::json!(spec));
         v.insert("reactors".into(), r.json_rows("reactor").into());
         println!("{}", serde_json::Value::Object(v));
@@ -668,6 +672,9 @@ pub fn report(bdev: &str, spec: &JobSpec, r: &RunResult, json: bool) {
         r.jobs.len()
     );
     r.print_table("reactor", "reactors + kernel workers");
+    if state.as_object().is_some_and(|o| !o.is_empty()) {
+        println!("bdev state after the run: {state}");
+    }
 }
 
 #[cfg(test)]
