@@ -65,7 +65,8 @@
 //!   keeps its extra blocks unused. The algorithm may change between opens (each entry records
 //!   its own).
 //! - `describe()` reports the logical bytes of mapped chunks, the physical bytes in use (mapped
-//!   runs, runs pending free, runs of writes in flight), their ratio, and the checkpoints made.
+//!   runs, runs pending free, runs of writes in flight), the live part of those (without the
+//!   runs pending free), the compression ratio (logical over live), and the checkpoints made.
 //! - Each chunk costs one read (partial writes and reads) and one write of the base; a 4 KiB
 //!   write into a 16 KiB chunk reads, decompresses, compresses and writes the whole chunk.
 
@@ -996,8 +997,11 @@ impl Bdev for CompressBdev {
         let bs = u64::from(l.block_size.bytes());
         let logical_used = m.mapped * u64::from(l.chunk_size);
         let physical_used = m.alloc.used * bs;
-        let ratio = if physical_used > 0 {
-            serde_json::json!(logical_used as f64 / physical_used as f64)
+        // Space the map points at; blocks of overwritten chunks stay allocated ("pending free")
+        // until the next map checkpoint, which says nothing about how well data compresses.
+        let physical_live = physical_used.saturating_sub(m.pending_blocks * bs);
+        let ratio = if physical_live > 0 {
+            serde_json::json!(logical_used as f64 / physical_live as f64)
         } else {
             serde_json::Value::Null
         };
@@ -1011,6 +1015,7 @@ impl Bdev for CompressBdev {
             "chunks_compressed": m.mapped - m.raw,
             "logical_bytes_used": logical_used,
             "physical_bytes_used": physical_used,
+            "physical_bytes_live": physical_live,
             "physical_bytes_pending_free": m.pending_blocks * bs,
             "physical_bytes_free": (l.data_blocks - m.alloc.used) * bs,
             "stored_bytes": m.stored_bytes,
