@@ -172,38 +172,27 @@ impl SgList {
     }
 
     /// A list over an owned buffer split into segments of the given lengths (the rest of the
-    /// buffer, if any, is left out). For tests of scatter-gather paths.
+    /// buffer, if any, is left out). For tests of scatter-gather paths; allocates only for more
+    /// than [`INLINE_SEGS`] segments.
     pub fn from_buf_split(mut buf: AlignedBuf, lens: &[usize]) -> SgList {
         assert!(
             lens.iter().sum::<usize>() <= buf.len(),
             "split exceeds buffer"
         );
         let base = buf.as_mut_ptr();
+        let mut l = SgList::empty();
+        if lens.len() > INLINE_SEGS {
+            l.segs = Segs::Heap(Vec::with_capacity(lens.len()));
+        }
         let mut off = 0;
-        let segs: Vec<IoSeg> = lens
-            .iter()
-            .map(|&len| {
-                let s = IoSeg {
-                    // SAFETY: `off + len <= buf.len()` was asserted above.
-                    base: unsafe { base.add(off) },
-                    len,
-                };
-                off += len;
-                s
-            })
-            .collect();
-        let mut l = if segs.len() <= INLINE_SEGS {
-            let mut l = SgList::empty();
-            for s in segs {
-                l.push_inline(s);
-            }
-            l
-        } else {
-            SgList {
-                segs: Segs::Heap(segs),
-                owner: None,
-            }
-        };
+        for &len in lens {
+            l.push_inline(IoSeg {
+                // SAFETY: `off + len <= buf.len()` was asserted above.
+                base: unsafe { base.add(off) },
+                len,
+            });
+            off += len;
+        }
         l.owner = Some(buf);
         l
     }

@@ -79,11 +79,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::bdev::{Bdev, BdevInfo, Channel, ChannelOps, IoCompletion, IoRequest, Wake};
 use crate::buf::{AlignedBuf, SgList};
-use crate::crc::{Format, LockTable, Slots, zero_range, zeroing_ops};
 use crate::error::BdevError;
+use crate::stacked::{
+    BaseQueue, Format, LockTable, Slots, flush_if, idle_wait, zero_range, zeroing_ops,
+};
 use crate::sync::SyncChannel;
 use crate::types::{BlockSize, Caps, IoStatus, IoType};
-use crate::uring::ThreadRing;
 
 /// The `kind` name of this bdev.
 pub const KIND: &str = "compress";
@@ -796,16 +797,6 @@ impl Drop for CompressBdev {
     }
 }
 
-fn flush_if(ch: &mut SyncChannel, caps: Caps) -> Result<(), IoStatus> {
-    if caps.contains(Caps::FLUSH) {
-        let st = ch.flush();
-        if !st.is_ok() {
-            return Err(st);
-        }
-    }
-    Ok(())
-}
-
 /// Checks that a mapped entry is well formed and its run lies in the data region.
 fn check_entry(e: &Entry, l: &CompressLayout) -> Result<(), String> {
     let shift = l.block_size.shift();
@@ -980,9 +971,7 @@ impl Bdev for CompressBdev {
             flushes: VecDeque::with_capacity(depth),
             ckpt: None,
             completed: Vec::with_capacity(depth),
-            retry: VecDeque::with_capacity(op_slots),
-            scratch: Vec::with_capacity(op_slots),
-            base,
+            base: BaseQueue::new(base, op_slots),
         };
         Ok(Channel::new(self.info.clone(), Box::new(ops), depth))
     }
@@ -1118,7 +1107,7 @@ fn is_zero(b: &[u8]) -> bool {
 }
 
 struct CompressChannel {
-    base: Channel,
+    base: BaseQueue,
     shared: Arc<CompressShared>,
     name: String,
     shift: u32,
@@ -1144,22 +1133,11 @@ struct CompressChannel {
     ckpt: Option<Ckpt>,
     /// Requests finished outside `poll`, handed out by the next one.
     completed: Vec<IoCompletion>,
-    /// Base requests the base refused after their request was accepted, to submit again.
-    retry: VecDeque<IoRequest>,
-    scratch: Vec<IoCompletion>,
 }
 
 impl CompressChannel {
     fn ops_capacity(&self) -> usize {
         self.reqs_capacity * OPS_PER_REQ as usize
-    }
-
-    fn submit_base(&mut self, io: IoRequest) {
-        if !self.retry.is_empty() {
-            self.retry.push_back(io);
-        } else if let Err(io) = self.base.submit(io) {
-            self.retry.push_back(io);
-        }
     }
 
     /// Creates ops of request `slot` while resources last; true when it has none left to create.
@@ -1277,10 +1255,10 @@ impl CompressChannel {
         let io = IoRequest::read(
             o.old.block,
             n,
-            SgList::from_buf_split(buf, &[len]),
+            SgList::from_buf_prefix(buf, len),
             sub_tag(u64::from(slot), SUB_READ),
         );
-        self.submit_base(io);
+        self.base.submit(io);
     }
 
     /// Verifies the stored run in `stored` and decodes it into `plain` (raw runs are copied).
@@ -1472,10 +1450,10 @@ impl CompressChannel {
                 let io = IoRequest::write(
                     o.new.block,
                     blocks as u32,
-                    SgList::from_buf_split(buf, &[len]),
+                    SgList::from_buf_prefix(buf, len),
                     sub_tag(u64::from(slot), SUB_WRITE),
                 );
-                self.submit_base(io);
+                self.base.submit(io);
             }
             Err(true) => {
                 self.ops.get_mut(slot).stage = Stage::WaitSpace;
@@ -1619,7 +1597,7 @@ impl CompressChannel {
     fn ckpt_flush(&mut self) {
         if self.shared.base_flush {
             let io = IoRequest::no_data(IoType::Flush, 0, 0, sub_tag(0, SUB_CK_FLUSH));
-            self.submit_base(io);
+            self.base.submit(io);
         } else {
             let c = IoCompletion {
                 tag: sub_tag(0, SUB_CK_FLUSH),
@@ -1649,7 +1627,7 @@ impl CompressChannel {
                 SgList::from_buf(buf),
                 sub_tag(i as u64, SUB_CK_PAGE),
             );
-            self.submit_base(io);
+            self.base.submit(io);
         }
     }
 
@@ -1825,14 +1803,7 @@ impl ChannelOps for CompressChannel {
 
     fn poll(&mut self, done: &mut Vec<IoCompletion>) -> usize {
         let start = done.len();
-        while let Some(io) = self.retry.pop_front() {
-            if let Err(io) = self.base.submit(io) {
-                self.retry.push_front(io);
-                break;
-            }
-        }
-        let mut completions = std::mem::take(&mut self.scratch);
-        self.base.poll(&mut completions);
+        let mut completions = self.base.poll();
         for c in completions.drain(..) {
             let slot = (c.tag >> 8) as u32;
             match c.tag & 0xff {
@@ -1854,7 +1825,7 @@ impl ChannelOps for CompressChannel {
                 sub => unreachable!("unknown sub-request {sub}"),
             }
         }
-        self.scratch = completions;
+        self.base.recycle(completions);
         for _ in 0..self.lock_wait.len() {
             let slot = self.lock_wait.pop_front().expect("counted");
             if !self.try_start(slot) {
@@ -1873,12 +1844,7 @@ impl ChannelOps for CompressChannel {
         });
         let waits_on_others =
             self.ckpt.is_none() && (!self.flushes.is_empty() || !self.space_wait.is_empty());
-        if !self.completed.is_empty()
-            || !self.lock_wait.is_empty()
-            || can_pump
-            || waits_on_others
-            || !self.retry.is_empty()
-        {
+        if !self.completed.is_empty() || !self.lock_wait.is_empty() || can_pump || waits_on_others {
             Wake::Immediate
         } else {
             self.base.wake()
@@ -1896,23 +1862,15 @@ impl Drop for CompressChannel {
         let mut sink = Vec::new();
         while (self.ops.free_slots() < self.ops_capacity()
             || self.ckpt.is_some()
-            || self.base.in_flight() > 0)
+            || self.base.channel().in_flight() > 0)
             && Instant::now() < deadline
         {
-            if ChannelOps::poll(self, &mut sink) == 0 && self.base.in_flight() > 0 {
-                match self.base.wake() {
-                    Wake::At(t) => std::thread::sleep(t.saturating_duration_since(Instant::now())),
-                    Wake::Event => {
-                        if let Ok(r) = ThreadRing::current() {
-                            r.wait(Some(Duration::from_millis(1)));
-                        }
-                    }
-                    Wake::Immediate => {}
-                }
+            if ChannelOps::poll(self, &mut sink) == 0 && self.base.channel().in_flight() > 0 {
+                idle_wait(self.base.channel().wake());
             }
             sink.clear();
         }
-        if self.base.in_flight() > 0 {
+        if self.base.channel().in_flight() > 0 {
             tracing::error!(bdev = %self.name,
                 "compress channel closed with base I/O still in flight; keeping its locks");
             return;
@@ -1938,23 +1896,7 @@ impl Drop for CompressChannel {
 mod tests {
     use super::*;
     use crate::conformance;
-    use crate::file::{DirectMode, FileBdev, FileOptions};
-    use crate::malloc::MallocBdev;
-
-    fn malloc(bs: BlockSize, blocks: u64) -> Arc<dyn Bdev> {
-        Arc::new(MallocBdev::new("m", bs, blocks, blocks).unwrap())
-    }
-
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-    }
+    use crate::testing::{Rng, file, malloc, write_alternate_blocks_from_two_channels};
 
     /// A block whose first `random` bytes are pseudo-random and the rest a repeated byte: about
     /// `bs / random` to one compressible.
@@ -1973,15 +1915,7 @@ mod tests {
     }
 
     fn file_base(path: &std::path::Path, blocks: u64) -> Arc<dyn Bdev> {
-        let o = FileOptions {
-            path: path.to_path_buf(),
-            block_size: BlockSize::B4096,
-            size: Some(blocks * 4096),
-            create: true,
-            direct: DirectMode::Auto,
-            read_only: false,
-        };
-        Arc::new(FileBdev::open("f", &o).unwrap())
+        file(path, BlockSize::B4096, blocks)
     }
 
     fn describe_u64(c: &CompressBdev, key: &str) -> u64 {
@@ -2317,41 +2251,8 @@ mod tests {
         let file = file_base(&dir.path().join("z.img"), 2048);
         for base in [malloc(BlockSize::B4096, 2048), file] {
             let z = CompressBdev::open("z", base, &opts(8 << 20)).unwrap();
-            let mut chans = [z.open_channel().unwrap(), z.open_channel().unwrap()];
-            let blocks = 1024u64;
-            let mut next = [0u64, 1u64];
-            let mut done = Vec::new();
-            let mut finished = 0;
-            while finished < blocks {
-                for (i, ch) in chans.iter_mut().enumerate() {
-                    while next[i] < blocks {
-                        let lba = next[i];
-                        let mut b = AlignedBuf::new(4096);
-                        b.as_mut_slice().copy_from_slice(&block(lba, 4096, 2048));
-                        match ch.submit(IoRequest::write(lba, 1, SgList::from_buf(b), lba)) {
-                            Ok(()) => next[i] += 2,
-                            Err(_) => break,
-                        }
-                    }
-                    ch.poll(&mut done);
-                }
-                for c in done.drain(..) {
-                    assert_eq!(c.status, IoStatus::Success, "write of {}", c.tag);
-                    finished += 1;
-                }
-                if let Ok(r) = ThreadRing::current() {
-                    r.flush();
-                }
-            }
-            drop(chans);
+            write_alternate_blocks_from_two_channels(&z, 1024, |lba| block(lba, 4096, 2048));
             let mut ch = SyncChannel::new(z.open_channel().unwrap());
-            for lba in 0..blocks {
-                assert_eq!(
-                    ch.read(lba, 1),
-                    (IoStatus::Success, block(lba, 4096, 2048)),
-                    "lba {lba}"
-                );
-            }
             assert_eq!(ch.flush(), IoStatus::Success);
             z.check_consistency().unwrap();
         }

@@ -14,11 +14,16 @@
 //!   ([`SgList`]) until its completion ([`IoCompletion`]) hands them back. A full channel hands
 //!   the request back (back-pressure) instead of queueing or allocating.
 //! - Base bdevs: [`malloc`] (RAM, and `null`), [`file`] (regular file or block device over
-//!   io_uring). Stacked bdevs: [`inject`] (`error`, `delay`); a stacked channel owns its base's
-//!   channel.
+//!   io_uring). Stacked bdevs: [`inject`] (`error`, `delay`), [`crc`] (per-block CRC32C),
+//!   [`compress`]; a stacked channel owns its base's channel.
+//! - [`stacked`]: plumbing every stacked bdev uses (request slot table, striped try-locks, the
+//!   base channel with its retry queue, formatting helpers); [`mdregion`]: the layout, header,
+//!   locking and channel of stacked bdevs that keep an entry per block in a metadata region at
+//!   the end of their base (`crc` here, `crypt_gcm` in ferroblk-crypto).
 //! - [`spec`]: declarations (config file and RPC share them); [`registry`]: the daemon's bdevs by
 //!   name; [`sync`]: blocking I/O for the control plane and tests.
-//! - `conformance` (feature `conformance`): the checks every bdev passes.
+//! - `conformance` (feature `conformance`): the checks every bdev passes; `testing` (same
+//!   feature): helpers for bdev tests (bases, data patterns, tampering, concurrent writers).
 //!
 //! Flow of one request: a front (vhost queue, NVMe queue, perf job) running as a poller on
 //! reactor R calls `Channel::submit` on R's channel of the bdev; the layer validates it and
@@ -36,10 +41,14 @@ pub mod error;
 pub mod file;
 pub mod inject;
 pub mod malloc;
+pub mod mdregion;
 pub mod reactor;
 pub mod registry;
 pub mod spec;
+pub mod stacked;
 pub mod sync;
+#[cfg(any(test, feature = "conformance"))]
+pub mod testing;
 pub mod types;
 pub mod uring;
 

@@ -8,11 +8,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::bdev::Bdev;
 use crate::compress::{Algorithm, CompressBdev, CompressOptions, DEFAULT_CHUNK_SIZE};
-use crate::crc::{CrcBdev, Format};
+use crate::crc::CrcBdev;
 use crate::error::BdevError;
 use crate::file::{DirectMode, FileBdev, FileOptions};
 use crate::inject::{DelayBdev, Delays, ErrorBdev, ErrorRule};
 use crate::malloc::{MallocBdev, NullBdev};
+use crate::stacked::Format;
 use crate::types::{BlockSize, parse_size};
 
 /// A size in bytes, written as an integer or a string with a binary unit (`"1GiB"`, `"512K"`).

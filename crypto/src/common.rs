@@ -1,5 +1,6 @@
-//! Plumbing shared by the XTS and GCM channels: a slot table with in-place access, the per-channel
-//! buffer pool, per-unit access to a request's scatter-gather list, and size following.
+//! Plumbing shared by the XTS and GCM channels: the per-channel buffer pool, per-unit access to a
+//! request's scatter-gather list, and size following. (The slot table, the base queue and the
+//! GCM metadata region come from `ferroblk_bdev::stacked` and `ferroblk_bdev::mdregion`.)
 
 use std::sync::{Arc, Weak};
 
@@ -14,61 +15,6 @@ pub const SMALL_BUFS: usize = 128;
 /// Large buffers per channel (writes above [`SMALL_BUF`], XTS write-zeroes chunks, GCM
 /// metadata of unmap chunks).
 pub const LARGE_BUFS: usize = 16;
-
-/// A fixed-capacity table of per-request state, addressed by slot number; no allocation after
-/// creation.
-pub struct Slots<T> {
-    slots: Vec<Option<T>>,
-    free: Vec<u32>,
-}
-
-impl<T> Slots<T> {
-    /// A table of `capacity` slots.
-    pub fn new(capacity: usize) -> Slots<T> {
-        Slots {
-            slots: (0..capacity).map(|_| None).collect(),
-            free: (0..capacity as u32).rev().collect(),
-        }
-    }
-
-    /// Stores `v`; its slot, or `v` back when the table is full.
-    pub fn insert(&mut self, v: T) -> Result<u32, T> {
-        match self.free.pop() {
-            Some(i) => {
-                self.slots[i as usize] = Some(v);
-                Ok(i)
-            }
-            None => Err(v),
-        }
-    }
-
-    /// Whether a slot is free.
-    pub fn has_room(&self) -> bool {
-        !self.free.is_empty()
-    }
-
-    /// The value in slot `i`.
-    pub fn get(&self, i: u32) -> &T {
-        self.slots[i as usize].as_ref().expect("slot in use")
-    }
-
-    /// The value in slot `i`, mutably.
-    pub fn get_mut(&mut self, i: u32) -> &mut T {
-        self.slots[i as usize].as_mut().expect("slot in use")
-    }
-
-    /// The values in use.
-    pub fn iter(&self) -> impl Iterator<Item = &T> {
-        self.slots.iter().flatten()
-    }
-
-    /// Takes the value out of slot `i`.
-    pub fn remove(&mut self, i: u32) -> T {
-        let v = self.slots[i as usize].take().expect("slot in use");
-        self.free.push(i);
-        v
-    }
-}
 
 /// The buffers a channel encrypts into, allocated when the channel opens: [`SMALL_BUFS`]
 /// buffers of [`SMALL_BUF`] bytes and [`LARGE_BUFS`] of [`MAX_TRANSFER_BYTES`].
@@ -256,17 +202,5 @@ mod tests {
         for (i, b) in back.as_slice().iter().enumerate() {
             assert_eq!(*b, 0xa0 + (i / unit) as u8, "byte {i}");
         }
-    }
-
-    #[test]
-    fn slots_reuse_freed_entries() {
-        let mut s = Slots::new(2);
-        let a = s.insert(1).unwrap();
-        let b = s.insert(2).unwrap();
-        assert_eq!(s.insert(3), Err(3));
-        *s.get_mut(a) += 10;
-        assert_eq!(s.remove(a), 11);
-        assert!(s.has_room());
-        assert_eq!(s.remove(b), 2);
     }
 }

@@ -18,13 +18,15 @@
 //!   module documentation states the dm-crypt convention and the `dmsetup` table line that
 //!   opens a ferroblk volume.
 //! - [`gcm`]: [`GcmBdev`]: on-disk layout (header with key check value, data, metadata region at
-//!   the end), per-block nonce and tag, LBA and volume id as AAD, metadata read-modify-write
-//!   under striped locks shared by all channels.
+//!   the end), per-block nonce and tag, LBA and volume id as AAD. The metadata region itself
+//!   (layout, header framing, formatting, the channel with its metadata read-modify-write under
+//!   striped locks shared by all channels) is `ferroblk_bdev::mdregion`, shared with the `crc`
+//!   bdev; `gcm` supplies the header fields and what an entry is.
 //! - `common`: per-channel state that both use: the buffer pool (allocated when the channel
 //!   opens: [`SMALL_BUFS`](common::SMALL_BUFS) × 16 KiB and [`LARGE_BUFS`](common::LARGE_BUFS) ×
-//!   128 KiB, no allocation per request), the request slot table, per-block access to a
-//!   scatter-gather list (in place, or through a one-block bounce buffer for a block that
-//!   straddles segments).
+//!   128 KiB, no allocation per request), per-block access to a scatter-gather list (in place,
+//!   or through a one-block bounce buffer for a block that straddles segments). The request slot
+//!   table and the base channel with its retry queue are `ferroblk_bdev::stacked`'s.
 //! - [`spec`]: the declarations [`XtsSpec`] and [`GcmSpec`] (`deny_unknown_fields`) that the
 //!   daemon's config and RPC use; [`error`]: [`CryptoError`].
 //!

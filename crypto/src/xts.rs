@@ -52,12 +52,13 @@ use aes::Aes256;
 use aes::cipher::consts::U16;
 use aes::cipher::generic_array::GenericArray;
 use aes::cipher::{BlockDecrypt, BlockEncrypt, KeyInit};
+use ferroblk_bdev::stacked::{BaseQueue, Slots};
 use ferroblk_bdev::{
     Bdev, BdevError, BdevInfo, Caps, Channel, ChannelOps, IoCompletion, IoRequest, IoStatus,
     IoType, SgList, Wake,
 };
 
-use crate::common::{BufPool, MAX_TRANSFER_BYTES, Slots, follow_base_size, for_each_unit_mut};
+use crate::common::{BufPool, MAX_TRANSFER_BYTES, follow_base_size, for_each_unit_mut};
 use crate::key::{Key, KeyError, XTS_KEY_LEN};
 
 /// The `kind` name of this bdev.
@@ -389,10 +390,8 @@ impl Bdev for XtsBdev {
             pool: BufPool::new(self.base.info().geometry().buf_align as usize),
             reqs: Slots::new(depth),
             waiting: VecDeque::with_capacity(depth),
-            retry: VecDeque::with_capacity(depth),
-            scratch: Vec::with_capacity(depth),
             bounce: vec![0u8; bs],
-            base,
+            base: BaseQueue::new(base, depth),
         };
         Ok(Channel::new(self.info.clone(), Box::new(ops), depth))
     }
@@ -437,7 +436,7 @@ struct Req {
 }
 
 struct XtsChannel {
-    base: Channel,
+    base: BaseQueue,
     cipher: XtsCipher,
     shift: u32,
     bs: usize,
@@ -445,31 +444,16 @@ struct XtsChannel {
     reqs: Slots<Req>,
     /// Write-zeroes requests with chunks still to issue, oldest first.
     waiting: VecDeque<u32>,
-    /// Base requests the base refused after their request was accepted, to submit again.
-    retry: VecDeque<IoRequest>,
-    scratch: Vec<IoCompletion>,
     bounce: Vec<u8>,
 }
 
 impl XtsChannel {
-    fn base_full(&self) -> bool {
-        self.base.in_flight() >= self.base.depth()
-    }
-
-    fn submit_base(&mut self, io: IoRequest) {
-        if !self.retry.is_empty() {
-            self.retry.push_back(io);
-        } else if let Err(io) = self.base.submit(io) {
-            self.retry.push_back(io);
-        }
-    }
-
     /// Issues write-zeroes chunks of request `slot` while buffers last; true when it has nothing
     /// left to issue.
     fn pump_zeroes(&mut self, slot: u32) -> bool {
         let max_chunk = (MAX_TRANSFER_BYTES >> self.shift) as u32;
         loop {
-            let base_full = self.base_full();
+            let base_full = self.base.is_full();
             let r = self.reqs.get_mut(slot);
             if r.next == r.io.num_blocks || !r.status.is_ok() {
                 return true;
@@ -491,9 +475,8 @@ impl XtsChannel {
                 self.cipher
                     .encrypt_unit(iv_of(lba + i as u64, self.shift), unit);
             }
-            let sub =
-                IoRequest::write(lba, n, SgList::from_buf_split(buf, &[len]), u64::from(slot));
-            self.submit_base(sub);
+            let sub = IoRequest::write(lba, n, SgList::from_buf_prefix(buf, len), u64::from(slot));
+            self.base.submit(sub);
         }
     }
 
@@ -514,7 +497,7 @@ impl XtsChannel {
 
 impl ChannelOps for XtsChannel {
     fn submit(&mut self, mut io: IoRequest) -> Result<(), IoRequest> {
-        if self.base_full() || !self.reqs.has_room() {
+        if self.base.is_full() || !self.reqs.has_room() {
             return Err(io);
         }
         match io.io_type {
@@ -536,7 +519,7 @@ impl ChannelOps for XtsChannel {
                         status: IoStatus::Success,
                     })
                     .map_err(|r| r.io)?;
-                self.submit_base(IoRequest {
+                self.base.submit(IoRequest {
                     tag: u64::from(slot),
                     ..sub
                 });
@@ -564,8 +547,8 @@ impl ChannelOps for XtsChannel {
                     })
                     .map_err(|r| r.io)?;
                 let sub =
-                    IoRequest::write(lba, n, SgList::from_buf_split(buf, &[len]), u64::from(slot));
-                self.submit_base(sub);
+                    IoRequest::write(lba, n, SgList::from_buf_prefix(buf, len), u64::from(slot));
+                self.base.submit(sub);
             }
             IoType::WriteZeroes => {
                 let slot = self
@@ -587,14 +570,7 @@ impl ChannelOps for XtsChannel {
 
     fn poll(&mut self, done: &mut Vec<IoCompletion>) -> usize {
         let start = done.len();
-        while let Some(io) = self.retry.pop_front() {
-            if let Err(io) = self.base.submit(io) {
-                self.retry.push_front(io);
-                break;
-            }
-        }
-        let mut completions = std::mem::take(&mut self.scratch);
-        self.base.poll(&mut completions);
+        let mut completions = self.base.poll();
         for c in completions.drain(..) {
             let slot = c.tag as u32;
             let r = self.reqs.get_mut(slot);
@@ -635,7 +611,7 @@ impl ChannelOps for XtsChannel {
                 }
             }
         }
-        self.scratch = completions;
+        self.base.recycle(completions);
         self.pump_waiting();
         done.len() - start
     }
@@ -643,10 +619,10 @@ impl ChannelOps for XtsChannel {
     fn wake(&self) -> Wake {
         let front_can_issue = self.waiting.front().is_some_and(|&s| {
             self.reqs.get(s).in_flight < ZERO_CHUNKS_IN_FLIGHT
-                && !self.base_full()
+                && !self.base.is_full()
                 && self.pool.can_take(MAX_TRANSFER_BYTES)
         });
-        if front_can_issue || (!self.retry.is_empty() && !self.base_full()) {
+        if front_can_issue {
             Wake::Immediate
         } else {
             self.base.wake()

@@ -1,89 +1,45 @@
 use ferroblk_bdev::conformance;
-use ferroblk_bdev::file::{DirectMode, FileBdev, FileOptions};
-use ferroblk_bdev::malloc::MallocBdev;
+use ferroblk_bdev::file::FileBdev;
+use ferroblk_bdev::sync::SyncChannel;
+use ferroblk_bdev::testing::{
+    assert_each_tampered_block_fails, assert_reads_around_tampering, block_data, file,
+    file_options, fill, flip, malloc, tamper_sampled, write_alternate_blocks_from_two_channels,
+};
+use ferroblk_bdev::{BlockSize, IoRequest, IoStatus, IoType};
 
 use super::*;
-
-fn malloc(bs: BlockSize, blocks: u64) -> Arc<dyn Bdev> {
-    Arc::new(MallocBdev::new("m", bs, blocks, blocks).unwrap())
-}
 
 fn key() -> Key {
     Key::from_hex(&"6a09e667bb67ae853c6ef372a54ff53a".repeat(2)).unwrap()
 }
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-fn block_data(lba: u64, bs: usize, generation: u8) -> Vec<u8> {
-    let mut v = vec![0u8; bs];
-    conformance::pattern(&mut v, lba, bs, u64::from(generation));
-    v
-}
-
-/// Writes every data block of `g` in 32-block requests.
-fn fill(ch: &mut SyncChannel, blocks: u64, bs: usize, generation: u8) {
-    let mut lba = 0;
-    while lba < blocks {
-        let n = (blocks - lba).min(32);
-        let data: Vec<u8> = (lba..lba + n)
-            .flat_map(|l| block_data(l, bs, generation))
-            .collect();
-        assert_eq!(ch.write(lba, &data), IoStatus::Success, "fill at {lba}");
-        lba += n;
-    }
-}
-
-/// Flips one bit of byte `offset` of base block `lba`.
-fn flip(raw: &mut SyncChannel, lba: u64, offset: usize) {
-    let (st, mut b) = raw.read(lba, 1);
-    assert_eq!(st, IoStatus::Success);
-    b[offset] ^= 0x10;
-    assert_eq!(raw.write(lba, &b), IoStatus::Success);
-}
-
 #[test]
-fn layout_is_the_largest_that_fits() {
-    for bs in [BlockSize::B512, BlockSize::B4096] {
-        for base in [
-            2u64,
-            3,
-            4,
-            17,
-            18,
-            129,
-            130,
-            131,
-            1000,
-            2048,
-            1 << 20,
-            (1 << 40) + 5,
-        ] {
-            let Some(l) = GcmLayout::for_base(bs, base) else {
-                assert!(base < 3, "{base} blocks of {bs} should fit a volume");
-                continue;
-            };
-            assert!(l.base_blocks() <= base, "{bs}/{base}: {l:?} does not fit");
-            assert_eq!(l.md_blocks, l.data_blocks.div_ceil(l.entries_per_block));
-            let bigger = GcmLayout::with_data_blocks(bs, l.data_blocks + 1);
-            assert!(
-                bigger.base_blocks() > base,
-                "{bs}/{base}: {l:?} is not maximal"
-            );
-        }
-    }
+fn the_header_is_the_gcm_format() {
+    let base = malloc(BlockSize::B4096, 256);
+    let g = GcmBdev::open("g", base.clone(), key()).unwrap();
+    let (_, h) = SyncChannel::new(base.open_channel().unwrap()).read(0, 1);
+    assert_eq!(&h[0..8], b"FBLKGCM1");
+    assert_eq!(h[8..12], 1u32.to_le_bytes());
+    assert_eq!(h[12..16], 4096u32.to_le_bytes());
+    let l = g.layout();
+    assert_eq!((l.data_blocks, l.md_start, l.md_blocks), (253, 254, 2));
+    assert_eq!(h[16..24], 253u64.to_le_bytes());
+    assert_eq!(h[24..32], 254u64.to_le_bytes());
+    let id: String = h[32..48].iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(g.describe()["volume_id"], id);
+    assert_eq!(h[92..96], crc32(&h[..92]).to_le_bytes());
+    assert!(h[96..].iter().all(|&b| b == 0));
+    // The key check value: 16 zero bytes under the key, the header up to the volume id as AAD.
+    let mut ct: [u8; 16] = h[76..92].try_into().unwrap();
+    Aes256Gcm::new(GenericArray::from_slice(key().expose()))
+        .decrypt_in_place_detached(
+            GenericArray::from_slice(&h[48..60]),
+            &h[..48],
+            &mut ct,
+            GenericArray::from_slice(&h[60..76]),
+        )
+        .unwrap();
+    assert_eq!(ct, [0u8; 16], "the key check value decrypts to zeroes");
 }
 
 #[test]
@@ -102,14 +58,7 @@ fn gcm_passes_conformance_over_malloc_4k_and_512() {
 fn gcm_passes_conformance_over_file_with_reopen() {
     let dir = tempfile::tempdir().unwrap();
     for (i, bs) in [BlockSize::B4096, BlockSize::B512].into_iter().enumerate() {
-        let o = FileOptions {
-            path: dir.path().join(format!("g{i}.img")),
-            block_size: bs,
-            size: Some(4 << 20),
-            create: true,
-            direct: DirectMode::Auto,
-            read_only: false,
-        };
+        let o = file_options(&dir.path().join(format!("g{i}.img")), bs, 4 << 20);
         conformance::run(
             &|| {
                 let base: Arc<dyn Bdev> = Arc::new(FileBdev::open("f", &o).unwrap());
@@ -171,60 +120,12 @@ fn l_data(g: &GcmBdev, lba: u64) -> u64 {
 fn tampering_with_100_random_blocks_is_always_detected() {
     let base = malloc(BlockSize::B4096, 2048);
     let g = GcmBdev::open("g", base.clone(), key()).unwrap();
-    let l = g.layout();
-    let bs = 4096;
     let mut ch = SyncChannel::new(g.open_channel().unwrap());
     let mut raw = SyncChannel::new(base.open_channel().unwrap());
-    // Every block written except the last 64, which stay never-written.
-    let written = l.data_blocks - 64;
-    fill(&mut ch, written, bs, 1);
-    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
-    let mut chosen = std::collections::BTreeSet::new();
-    while chosen.len() < 100 {
-        chosen.insert(rng.below(l.data_blocks));
-    }
-    let mut in_data = 0;
-    for &lba in &chosen {
-        if rng.next() & 1 == 0 {
-            flip(&mut raw, l.data_start + lba, rng.below(bs as u64) as usize);
-            in_data += 1;
-        } else {
-            let (md, off) = l.entry_of(lba);
-            flip(
-                &mut raw,
-                l.md_start + md,
-                off + rng.below(ENTRY_BYTES as u64) as usize,
-            );
-        }
-    }
-    assert!(
-        in_data > 20 && in_data < 80,
-        "both kinds of tampering are exercised"
-    );
-    let mut detected = 0;
-    for &lba in &chosen {
-        let (st, data) = ch.read(lba, 1);
-        if st == IoStatus::IntegrityError {
-            detected += 1;
-        }
-        assert!(
-            data.iter().all(|&b| b == 0),
-            "lba {lba}: a failed read returned data"
-        );
-    }
-    assert_eq!(detected, 100, "tampered blocks detected out of 100");
+    let (chosen, written) = tamper_sampled(&mut ch, &mut raw, &g.layout(), 100);
+    assert_each_tampered_block_fails(&mut ch, &chosen);
     assert_eq!(g.integrity_errors(), 100);
-    // A multi-block read over a tampered block fails whole, and returns nothing.
-    let &t = chosen.iter().find(|&&b| b > 4 && b < written).unwrap();
-    let (st, data) = ch.read(t - 2, 4);
-    assert_eq!(st, IoStatus::IntegrityError);
-    assert!(data.iter().all(|&b| b == 0));
-    // Untouched blocks still read back.
-    for lba in (0..written).filter(|b| !chosen.contains(b)).step_by(37) {
-        let (st, data) = ch.read(lba, 1);
-        assert_eq!(st, IoStatus::Success, "lba {lba}");
-        assert!(data == block_data(lba, bs, 1), "lba {lba}");
-    }
+    assert_reads_around_tampering(&mut ch, &chosen, written);
 }
 
 #[test]
@@ -382,54 +283,14 @@ fn unmap_and_write_zeroes_read_as_zeroes_and_keep_neighbours() {
 /// read-modify-writes of the shared metadata must not lose each other's entries.
 #[test]
 fn channels_writing_blocks_that_share_metadata_lose_nothing() {
-    for base in [malloc(BlockSize::B4096, 600), {
-        let dir = tempfile::tempdir().unwrap();
-        let o = FileOptions {
-            path: dir.path().join("g.img"),
-            block_size: BlockSize::B4096,
-            size: Some(600 * 4096),
-            create: true,
-            direct: DirectMode::Auto,
-            read_only: false,
-        };
-        let b: Arc<dyn Bdev> = Arc::new(FileBdev::open("f", &o).unwrap());
-        // The file stays open through the descriptor; the directory may go.
-        std::mem::forget(dir);
-        b
-    }] {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("g.img");
+    for base in [
+        malloc(BlockSize::B4096, 600),
+        file(&path, BlockSize::B4096, 600),
+    ] {
         let g = GcmBdev::open("g", base, key()).unwrap();
-        let mut chans = [g.open_channel().unwrap(), g.open_channel().unwrap()];
-        let blocks = 512u64;
-        let mut next = [0u64, 1u64];
-        let mut done = Vec::new();
-        let mut finished = 0;
-        while finished < blocks {
-            for (i, ch) in chans.iter_mut().enumerate() {
-                while next[i] < blocks {
-                    let lba = next[i];
-                    let mut b = AlignedBuf::new(4096);
-                    b.as_mut_slice().copy_from_slice(&block_data(lba, 4096, 4));
-                    match ch.submit(IoRequest::write(lba, 1, SgList::from_buf(b), lba)) {
-                        Ok(()) => next[i] += 2,
-                        Err(_) => break,
-                    }
-                }
-                ch.poll(&mut done);
-            }
-            for c in done.drain(..) {
-                assert_eq!(c.status, IoStatus::Success, "write of {}", c.tag);
-                finished += 1;
-            }
-            if let Ok(r) = ferroblk_bdev::uring::ThreadRing::current() {
-                r.flush();
-            }
-        }
-        let mut ch = SyncChannel::new(g.open_channel().unwrap());
-        for lba in 0..blocks {
-            let (st, d) = ch.read(lba, 1);
-            assert_eq!(st, IoStatus::Success, "lba {lba}");
-            assert!(d == block_data(lba, 4096, 4), "lba {lba}");
-        }
+        write_alternate_blocks_from_two_channels(&g, 512, |lba| block_data(lba, 4096, 4));
     }
 }
 
