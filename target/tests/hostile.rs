@@ -384,3 +384,150 @@ fn a_host_opening_too_many_connections_is_bounded() {
     std::thread::sleep(Duration::from_millis(500));
     good_host_round_trip(r.addr, 3);
 }
+
+/// A bdev that lets only `depth` requests into each channel (the rest are handed back, as a
+/// full device does), over a base whose writes take a while: an I/O queue deeper than that
+/// keeps commands waiting in the connection's retry queue.
+struct Shallow {
+    base: Arc<dyn ferroblk_bdev::Bdev>,
+    depth: usize,
+}
+
+struct ShallowChannel(ferroblk_bdev::Channel);
+
+impl ferroblk_bdev::bdev::ChannelOps for ShallowChannel {
+    fn submit(&mut self, io: ferroblk_bdev::IoRequest) -> Result<(), ferroblk_bdev::IoRequest> {
+        self.0.submit(io)
+    }
+    fn poll(&mut self, done: &mut Vec<ferroblk_bdev::IoCompletion>) -> usize {
+        self.0.poll(done)
+    }
+    fn wake(&self) -> ferroblk_bdev::Wake {
+        self.0.wake()
+    }
+}
+
+impl ferroblk_bdev::Bdev for Shallow {
+    fn info(&self) -> &Arc<ferroblk_bdev::BdevInfo> {
+        self.base.info()
+    }
+    fn open_channel(&self) -> Result<ferroblk_bdev::Channel, ferroblk_bdev::BdevError> {
+        let ch = self.base.open_channel()?;
+        Ok(ferroblk_bdev::Channel::new(
+            self.base.info().clone(),
+            Box::new(ShallowChannel(ch)),
+            self.depth,
+        ))
+    }
+}
+
+#[test]
+fn removing_a_namespace_with_commands_waiting_for_its_channel_completes_them() {
+    let reactors = Reactors::start(&ReactorConfig {
+        cpus: vec![None],
+        idle_poll: Duration::from_micros(50),
+    })
+    .unwrap();
+    let target = Arc::new(Target::new());
+    let s = target
+        .add_subsystem(&SubsystemSpec {
+            nqn: NQN.into(),
+            serial: None,
+            model: "t".into(),
+            allow_any_host: true,
+            hosts: vec![],
+            namespace: vec![],
+        })
+        .unwrap();
+    let slow = ferroblk_bdev::inject::DelayBdev::new(
+        "slow",
+        Arc::new(MallocBdev::new("m", BlockSize::B4096, 256, 256).unwrap()),
+        ferroblk_bdev::inject::Delays {
+            read: Duration::ZERO,
+            write: Duration::from_millis(20),
+            other: Duration::ZERO,
+        },
+    );
+    let shallow = Arc::new(Shallow {
+        base: Arc::new(slow),
+        depth: 2,
+    });
+    s.add_namespace(1, shallow, None).unwrap();
+    let listener = Listener::start(
+        ListenerSpec {
+            addr: "127.0.0.1".into(),
+            port: 0,
+        },
+        target.clone(),
+        reactors.handles().to_vec(),
+    )
+    .unwrap();
+    let addr = listener.local_addr();
+
+    let mut a = Host::new(addr);
+    a.ic(false, false);
+    let c = a.connect(0, 0xffff);
+    assert!(c.status.is_success(), "{:?}", c.status);
+    let cntlid = c.dw0 as u16;
+    let ps = PropertySet {
+        attrib: 2,
+        ofst: 0x14,
+        value: 0x0046_0001,
+    }
+    .to_sqe(2);
+    assert!(a.command(&ps, &[]).0.status.is_success());
+    let mut q = Host::new(addr);
+    q.ic(false, false);
+    assert!(q.connect(1, cntlid).status.is_success());
+
+    // 16 writes at once: 2 in the channel (20 ms each), 14 waiting for room.
+    const N: u16 = 16;
+    let mut pdus = Vec::new();
+    for cid in 0..N {
+        let rw = ReadWrite {
+            nsid: 1,
+            slba: u64::from(cid),
+            nlb: 1,
+            ..Default::default()
+        };
+        let sqe = rw.to_sqe(IoOpcode::Write, cid, &SglDescriptor::in_capsule(0, 4096));
+        let mut out = [0u8; 256];
+        let n = q.enc.capsule_cmd(&sqe, 4096, &mut out);
+        pdus.extend_from_slice(&out[..n]);
+        pdus.extend_from_slice(&[cid as u8; 4096]);
+    }
+    q.send(&pdus);
+    std::thread::sleep(Duration::from_millis(5));
+    // The namespace goes away while most of them wait.
+    assert!(s.remove_namespace(1).is_some());
+    // Every accepted command still gets its answer (they were accepted for that namespace),
+    // and the reactor keeps serving.
+    let mut answered = std::collections::HashSet::new();
+    while answered.len() < N as usize {
+        match q.recv() {
+            Some((PduHeader::CapsuleResp(r), _)) => {
+                assert!(
+                    answered.insert(r.cqe.cid),
+                    "cid {} answered twice",
+                    r.cqe.cid
+                );
+            }
+            other => panic!(
+                "after {} answers: expected a response, got {other:?}",
+                answered.len()
+            ),
+        }
+    }
+    let rw = ReadWrite {
+        nsid: 1,
+        slba: 0,
+        nlb: 1,
+        ..Default::default()
+    };
+    let rd = rw.to_sqe(
+        IoOpcode::Read,
+        99,
+        &SglDescriptor::transport_data_block(4096),
+    );
+    assert_eq!(q.command(&rd, &[]).0.status, Status::INVALID_NAMESPACE);
+}

@@ -847,8 +847,11 @@ impl TcpConn {
             if keep {
                 continue;
             }
-            // A removed namespace's channel stays until its requests complete.
-            if slot.as_ref().is_some_and(|s| s.ch.in_flight() > 0) {
+            // A removed namespace's channel stays until its requests complete, including those
+            // waiting in the retry queue for room in it (they were accepted for this namespace
+            // and must not reach a successor with the same nsid, or find no channel at all).
+            let waiting = self.retry.iter().any(|(n, _)| *n as usize == nsid);
+            if waiting || slot.as_ref().is_some_and(|s| s.ch.in_flight() > 0) {
                 q.ns_gen = 0;
                 continue;
             }
