@@ -2,67 +2,23 @@
 //! (a C2HTermReq and close, or an NVMe status), and a well-behaved host keeps working
 //! throughout. Also the connection limit: a host opening more connections than a listener takes.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferroblk_bdev::BlockSize;
-use ferroblk_bdev::malloc::MallocBdev;
-use ferroblk_bdev::reactor::{ReactorConfig, Reactors};
 use ferroblk_target::spec::command::{AdminOpcode, IoOpcode, ReadWrite, SglDescriptor, Sqe};
 use ferroblk_target::spec::fabrics::{ConnectCommand, ConnectData, PropertySet};
 use ferroblk_target::spec::{Cqe, Status};
-use ferroblk_target::subsystem::{ListenerSpec, SubsystemSpec, Target};
-use ferroblk_target::transport::tcp::listener::{Listener, MAX_CONNECTIONS};
+use ferroblk_target::transport::tcp::listener::MAX_CONNECTIONS;
 use ferroblk_target::transport::tcp::pdu::{
     DataDigest, Decoded, Fes, IcReq, IcResp, Negotiated, PduDecoder, PduEncoder, PduHeader, Role,
 };
 
 const NQN: &str = "nqn.2026-11.io.ferroblk:hostile";
 const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee";
-
-struct Rig {
-    _reactors: Reactors,
-    _listener: Listener,
-    addr: SocketAddr,
-}
-
-fn rig() -> Rig {
-    let reactors = Reactors::start(&ReactorConfig {
-        cpus: vec![None],
-        idle_poll: Duration::from_micros(50),
-    })
-    .unwrap();
-    let target = Arc::new(Target::new());
-    let s = target
-        .add_subsystem(&SubsystemSpec {
-            nqn: NQN.into(),
-            serial: None,
-            model: "t".into(),
-            allow_any_host: true,
-            hosts: vec![],
-            namespace: vec![],
-        })
-        .unwrap();
-    s.add_namespace(
-        1,
-        Arc::new(MallocBdev::new("m", BlockSize::B4096, 256, 256).unwrap()),
-        None,
-    )
-    .unwrap();
-    let spec = ListenerSpec {
-        addr: "127.0.0.1".into(),
-        port: 0,
-    };
-    let listener = Listener::start(spec, target.clone(), reactors.handles().to_vec()).unwrap();
-    let addr = listener.local_addr();
-    Rig {
-        _reactors: reactors,
-        _listener: listener,
-        addr,
-    }
-}
 
 /// A minimal host built on the codec.
 struct Host {
@@ -215,7 +171,7 @@ fn good_host_round_trip(addr: SocketAddr, pattern: u8) {
 
 #[test]
 fn hostile_hosts_get_the_spec_answer_and_others_keep_working() {
-    let r = rig();
+    let r = common::rig(NQN, common::malloc_1m());
     good_host_round_trip(r.addr, 1);
 
     // Unknown PDU type.
@@ -360,7 +316,7 @@ fn hostile_hosts_get_the_spec_answer_and_others_keep_working() {
 
 #[test]
 fn a_host_opening_too_many_connections_is_bounded() {
-    let r = rig();
+    let r = common::rig(NQN, common::malloc_1m());
     let mut held = Vec::new();
     for _ in 0..MAX_CONNECTIONS + 50 {
         if let Ok(s) = TcpStream::connect(r.addr) {
@@ -423,25 +379,9 @@ impl ferroblk_bdev::Bdev for Shallow {
 
 #[test]
 fn removing_a_namespace_with_commands_waiting_for_its_channel_completes_them() {
-    let reactors = Reactors::start(&ReactorConfig {
-        cpus: vec![None],
-        idle_poll: Duration::from_micros(50),
-    })
-    .unwrap();
-    let target = Arc::new(Target::new());
-    let s = target
-        .add_subsystem(&SubsystemSpec {
-            nqn: NQN.into(),
-            serial: None,
-            model: "t".into(),
-            allow_any_host: true,
-            hosts: vec![],
-            namespace: vec![],
-        })
-        .unwrap();
     let slow = ferroblk_bdev::inject::DelayBdev::new(
         "slow",
-        Arc::new(MallocBdev::new("m", BlockSize::B4096, 256, 256).unwrap()),
+        common::malloc_1m(),
         ferroblk_bdev::inject::Delays {
             read: Duration::ZERO,
             write: Duration::from_millis(20),
@@ -452,17 +392,8 @@ fn removing_a_namespace_with_commands_waiting_for_its_channel_completes_them() {
         base: Arc::new(slow),
         depth: 2,
     });
-    s.add_namespace(1, shallow, None).unwrap();
-    let listener = Listener::start(
-        ListenerSpec {
-            addr: "127.0.0.1".into(),
-            port: 0,
-        },
-        target.clone(),
-        reactors.handles().to_vec(),
-    )
-    .unwrap();
-    let addr = listener.local_addr();
+    let r = common::rig(NQN, shallow);
+    let (addr, s) = (r.addr, r.subsystem.clone());
 
     let mut a = Host::new(addr);
     a.ic(false, false);

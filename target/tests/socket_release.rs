@@ -4,15 +4,10 @@
 //! short-lived connections: 300 more TCP sockets allocated, freed only at daemon exit).
 //! Alone in its test binary so that no other test's sockets come and go meanwhile.
 
-use std::io::{Read, Write};
-use std::sync::Arc;
-use std::time::Duration;
+mod common;
 
-use ferroblk_bdev::BlockSize;
-use ferroblk_bdev::malloc::MallocBdev;
-use ferroblk_bdev::reactor::{ReactorConfig, Reactors};
-use ferroblk_target::subsystem::{ListenerSpec, SubsystemSpec, Target};
-use ferroblk_target::transport::tcp::listener::Listener;
+use std::io::{Read, Write};
+use std::time::Duration;
 
 /// The "TCP: ... alloc N" count of this network namespace (`/proc/net/sockstat`).
 fn tcp_sockets_allocated() -> i64 {
@@ -29,38 +24,8 @@ fn tcp_sockets_allocated() -> i64 {
 
 #[test]
 fn closed_connections_release_their_sockets() {
-    let reactors = Reactors::start(&ReactorConfig {
-        cpus: vec![None],
-        idle_poll: Duration::from_micros(50),
-    })
-    .unwrap();
-    let target = Arc::new(Target::new());
-    let s = target
-        .add_subsystem(&SubsystemSpec {
-            nqn: "nqn.2026-11.io.ferroblk:release".into(),
-            serial: None,
-            model: "t".into(),
-            allow_any_host: true,
-            hosts: vec![],
-            namespace: vec![],
-        })
-        .unwrap();
-    s.add_namespace(
-        1,
-        Arc::new(MallocBdev::new("m", BlockSize::B4096, 256, 256).unwrap()),
-        None,
-    )
-    .unwrap();
-    let listener = Listener::start(
-        ListenerSpec {
-            addr: "127.0.0.1".into(),
-            port: 0,
-        },
-        target,
-        reactors.handles().to_vec(),
-    )
-    .unwrap();
-    let addr = listener.local_addr();
+    let rig = common::rig("nqn.2026-11.io.ferroblk:release", common::malloc_1m());
+    let addr = rig.addr;
     const N: i64 = 300;
     let churn = |n: i64| {
         for _ in 0..n {

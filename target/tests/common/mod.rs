@@ -1,0 +1,62 @@
+//! A live target on loopback for the integration tests (`mod common;` in `tests/*.rs`): one
+//! reactor, one subsystem that admits any host, and a listener on an ephemeral port.
+
+// Each test binary uses only part of these helpers.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferroblk_bdev::reactor::{ReactorConfig, Reactors};
+use ferroblk_bdev::{Bdev, BlockSize, malloc::MallocBdev};
+use ferroblk_target::subsystem::{ListenerSpec, Subsystem, SubsystemSpec, Target};
+use ferroblk_target::transport::tcp::listener::Listener;
+
+/// The running target; dropping it stops the listener and the reactor.
+pub struct Rig {
+    /// The subsystem, for namespace changes during a test.
+    pub subsystem: Arc<Subsystem>,
+    /// Where the listener accepts connections.
+    pub addr: SocketAddr,
+    _listener: Listener,
+    _reactors: Reactors,
+}
+
+/// A 1 MiB malloc bdev with 4 KiB blocks.
+pub fn malloc_1m() -> Arc<dyn Bdev> {
+    Arc::new(MallocBdev::new("m", BlockSize::B4096, 256, 256).unwrap())
+}
+
+/// Starts a target exporting `ns1` as namespace 1 of subsystem `nqn`.
+pub fn rig(nqn: &str, ns1: Arc<dyn Bdev>) -> Rig {
+    let reactors = Reactors::start(&ReactorConfig {
+        cpus: vec![None],
+        idle_poll: Duration::from_micros(50),
+    })
+    .unwrap();
+    let target = Arc::new(Target::new());
+    let subsystem = target
+        .add_subsystem(&SubsystemSpec {
+            nqn: nqn.into(),
+            serial: None,
+            model: "t".into(),
+            allow_any_host: true,
+            hosts: vec![],
+            namespace: vec![],
+        })
+        .unwrap();
+    subsystem.add_namespace(1, ns1, None).unwrap();
+    let spec = ListenerSpec {
+        addr: "127.0.0.1".into(),
+        port: 0,
+    };
+    let listener = Listener::start(spec, target, reactors.handles().to_vec()).unwrap();
+    let addr = listener.local_addr();
+    Rig {
+        subsystem,
+        addr,
+        _listener: listener,
+        _reactors: reactors,
+    }
+}
