@@ -71,6 +71,87 @@ pub struct JobSpec {
     pub compress_pct: Option<u32>,
 }
 
+/// Job options shared by the client benchmarks (`perf vhost`, `perf nvmf`): one thread per
+/// queue, each keeping `qd` requests in flight.
+#[derive(clap::Args, Debug)]
+pub struct ClientJobArgs {
+    /// Queues, one connection or virtqueue and one client thread each (default: one per --cpus
+    /// entry, else 1).
+    #[arg(long)]
+    pub queues: Option<usize>,
+    /// Requests in flight per queue.
+    #[arg(long, default_value_t = 32)]
+    pub qd: usize,
+    /// Bytes per request (a multiple of the device's block size; K/M suffixes accepted).
+    #[arg(long, default_value = "4096")]
+    pub bs: String,
+    /// Access pattern.
+    #[arg(long, value_enum, default_value_t = Pattern::Randread)]
+    pub rw: Pattern,
+    /// Read percentage for randrw / rw.
+    #[arg(long, default_value_t = 70, value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub mix: u32,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 10.0)]
+    pub time: f64,
+    /// CPUs to pin the queue threads to (comma-separated; queue i runs on entry i mod len).
+    #[arg(long, value_delimiter = ',')]
+    pub cpus: Option<Vec<usize>>,
+    /// Sleep until something arrives (the completion eventfd, poll(2) on the socket) instead of
+    /// spinning: measures wake-up latency too.
+    #[arg(long)]
+    pub wait: bool,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A client benchmark's validated job: the spec, the CPUs and the number of queues.
+pub struct ClientJob {
+    /// What each queue runs.
+    pub spec: JobSpec,
+    /// Where the queue threads are pinned (queue i on entry i mod len; empty: not pinned).
+    pub cpus: Vec<usize>,
+    /// Queues (threads).
+    pub queues: usize,
+}
+
+impl ClientJobArgs {
+    /// Checks the options; `max_qd` is the largest depth the transport can keep in flight.
+    pub fn job(&self, max_qd: usize) -> anyhow::Result<ClientJob> {
+        let io_size = ferroblk_bdev::types::parse_size(&self.bs)
+            .ok_or_else(|| anyhow::anyhow!("--bs {} is not a size", self.bs))?
+            as usize;
+        if self.qd == 0 || self.qd > max_qd {
+            anyhow::bail!("--qd must be between 1 and {max_qd}");
+        }
+        if !(self.time > 0.0 && self.time < 86_400.0) {
+            anyhow::bail!("--time must be between 0 and 86400 seconds");
+        }
+        let cpus = self.cpus.clone().unwrap_or_default();
+        if let Some(&c) = cpus.iter().find(|&&c| c >= libc::CPU_SETSIZE as usize) {
+            anyhow::bail!("--cpus {c} is out of range");
+        }
+        let queues = self.queues.unwrap_or(cpus.len().max(1));
+        if queues == 0 || queues > 1024 {
+            anyhow::bail!("--queues must be between 1 and 1024");
+        }
+        Ok(ClientJob {
+            spec: JobSpec {
+                qd: self.qd,
+                io_size,
+                pattern: self.rw,
+                mix: self.mix,
+                time: Duration::from_secs_f64(self.time),
+                ramp: Duration::ZERO,
+                compress_pct: None,
+            },
+            cpus,
+            queues,
+        })
+    }
+}
+
 /// Fills `buf` with the data jobs write: with `compress_pct = Some(p)`, every 4 KiB piece is
 /// `100 - p` % pseudo-random bytes followed by zeroes (like fio's `buffer_compress_percentage`,
 /// so lz4 or zstd shrink it to about `100 - p` %); else the byte ramp 0, 1, .., 255.

@@ -20,8 +20,8 @@ use ferroblk_target::initiator::{
 };
 
 use crate::perf::{
-    Histogram, JobResult, JobSpec, Pattern, RunResult, next_rand, process_cpu_ns, thread_cpu_ns,
-    ticks,
+    ClientJob, ClientJobArgs, Histogram, JobResult, JobSpec, RunResult, next_rand, process_cpu_ns,
+    thread_cpu_ns, ticks,
 };
 use ferroblk_bdev::reactor::pin_to_cpu;
 
@@ -40,39 +40,15 @@ pub struct NvmfArgs {
     /// This host's NQN (default: derived from a random host identifier).
     #[arg(long)]
     pub hostnqn: Option<String>,
-    /// I/O queues, one connection and one thread each (default: one per --cpus entry, else 1).
-    #[arg(long)]
-    pub queues: Option<usize>,
-    /// Commands in flight per queue.
-    #[arg(long, default_value_t = 32)]
-    pub qd: usize,
-    /// Bytes per command (a multiple of the namespace's block size; K/M suffixes accepted).
-    #[arg(long, default_value = "4096")]
-    pub bs: String,
-    /// Access pattern.
-    #[arg(long, value_enum, default_value_t = Pattern::Randread)]
-    pub rw: Pattern,
-    /// Read percentage for randrw / rw.
-    #[arg(long, default_value_t = 70, value_parser = clap::value_parser!(u32).range(0..=100))]
-    pub mix: u32,
-    /// Seconds to run.
-    #[arg(long, default_value_t = 10.0)]
-    pub time: f64,
-    /// CPUs to pin the queue threads to (comma-separated; queue i runs on entry i mod len).
-    #[arg(long, value_delimiter = ',')]
-    pub cpus: Option<Vec<usize>>,
+    /// The job.
+    #[command(flatten)]
+    pub job: ClientJobArgs,
     /// Ask for header digests (CRC32C over each PDU header).
     #[arg(long)]
     pub hdr_digest: bool,
     /// Ask for data digests (CRC32C over each PDU's data).
     #[arg(long)]
     pub data_digest: bool,
-    /// Sleep in poll(2) when nothing arrived instead of spinning.
-    #[arg(long)]
-    pub wait: bool,
-    /// Print one JSON object instead of a table.
-    #[arg(long)]
-    pub json: bool,
     /// Instead of a job: connect the queues, keep them idle (keep-alive only) for this many
     /// seconds, disconnect (to measure what connected but idle queues cost the target).
     #[arg(long)]
@@ -106,31 +82,12 @@ struct QueueJob<'a> {
 
 /// Runs the benchmark described by `a` and prints its report.
 pub fn run(a: &NvmfArgs) -> anyhow::Result<()> {
-    let io_size = ferroblk_bdev::types::parse_size(&a.bs)
-        .ok_or_else(|| anyhow::anyhow!("--bs {} is not a size", a.bs))? as usize;
-    if a.qd == 0 || a.qd >= usize::from(MAX_DEPTH) {
-        bail!("--qd must be between 1 and {}", MAX_DEPTH - 1);
-    }
-    if !(a.time > 0.0 && a.time < 86_400.0) {
-        bail!("--time must be between 0 and 86400 seconds");
-    }
-    let cpus = a.cpus.clone().unwrap_or_default();
-    if let Some(&c) = cpus.iter().find(|&&c| c >= libc::CPU_SETSIZE as usize) {
-        bail!("--cpus {c} is out of range");
-    }
-    let nq = a.queues.unwrap_or(cpus.len().max(1));
-    if nq == 0 || nq > 1024 {
-        bail!("--queues must be between 1 and 1024");
-    }
-    let spec = JobSpec {
-        qd: a.qd,
-        io_size,
-        pattern: a.rw,
-        mix: a.mix,
-        time: Duration::from_secs_f64(a.time),
-        ramp: Duration::ZERO,
-        compress_pct: None,
-    };
+    let ClientJob {
+        spec,
+        cpus,
+        queues: nq,
+    } = a.job.job(usize::from(MAX_DEPTH) - 1)?;
+    let io_size = spec.io_size;
 
     let mut opts = ConnectOptions::new(a.addr, a.nqn.clone());
     if let Some(h) = &a.hostnqn {
@@ -167,10 +124,10 @@ pub fn run(a: &NvmfArgs) -> anyhow::Result<()> {
     if ios_in_dev == 0 {
         bail!("--bs {io_size} is larger than the namespace");
     }
-    if a.qd > usize::from(ctrl.cap().mqes) {
+    if a.job.qd > usize::from(ctrl.cap().mqes) {
         bail!(
             "--qd {} exceeds the controller's queue size (CAP.MQES {})",
-            a.qd,
+            a.job.qd,
             ctrl.cap().mqes
         );
     }
@@ -181,7 +138,7 @@ pub fn run(a: &NvmfArgs) -> anyhow::Result<()> {
         bail!("--queues {nq}: the controller allows {}", nsq.min(ncq));
     }
     let qopts = IoQueueOptions {
-        depth: a.qd as u16,
+        depth: a.job.qd as u16,
         max_data: io_size,
         disable_sq_flow_control: false,
     };
@@ -224,7 +181,7 @@ pub fn run(a: &NvmfArgs) -> anyhow::Result<()> {
                     nsid,
                     blocks_per_io: (io_size / bs) as u32,
                     ios_in_dev,
-                    wait: a.wait,
+                    wait: a.job.wait,
                     start: &start,
                 };
                 std::thread::Builder::new()
@@ -372,9 +329,9 @@ fn run_queue(j: QueueJob<'_>) -> anyhow::Result<JobResult> {
 
 /// Prints the result as a table, or JSON with the keys of `perf bdev`.
 fn report(a: &NvmfArgs, t: &TargetInfo, spec: &JobSpec, r: &RunResult) {
-    let mode = if a.wait { "wait" } else { "poll" };
+    let mode = if a.job.wait { "wait" } else { "poll" };
     let name = format!("nvmf:{}/{}/{}", a.addr, a.nqn, t.nsid);
-    if a.json {
+    if a.job.json {
         let mut v = r.json_summary("reactor_cpu_ns_per_io");
         v.insert("bdev".into(), name.into());
         v.insert("job".into(), serde_json::json!(spec));
@@ -405,7 +362,7 @@ fn report(a: &NvmfArgs, t: &TargetInfo, spec: &JobSpec, r: &RunResult) {
         "target: '{}', {} blocks of {} bytes, digests hdr={} data={}, in-capsule up to {} bytes, MAXH2CDATA {}",
         t.model, t.blocks, t.block_size, t.digests.0, t.digests.1, t.in_capsule, t.maxh2cdata
     );
-    let who = if a.wait {
+    let who = if a.job.wait {
         "initiator"
     } else {
         "initiator: polling, so one busy core per queue"

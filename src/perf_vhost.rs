@@ -14,14 +14,14 @@
 use std::mem::MaybeUninit;
 use std::path::PathBuf;
 use std::sync::Barrier;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, bail};
 use blkio::{Blkio, Blkioq, Completion, ReqFlags};
 
 use crate::perf::{
-    Histogram, JobResult, JobSpec, Pattern, RunResult, next_rand, process_cpu_ns, thread_cpu_ns,
-    ticks,
+    ClientJob, ClientJobArgs, Histogram, JobResult, JobSpec, RunResult, next_rand, process_cpu_ns,
+    thread_cpu_ns, ticks,
 };
 use ferroblk_bdev::reactor::pin_to_cpu;
 
@@ -41,33 +41,9 @@ pub struct VhostArgs {
     /// The backend's vhost-user-blk Unix socket.
     #[arg(long)]
     pub socket: PathBuf,
-    /// Virtqueues to use, one client thread each (default: one per --cpus entry, else 1).
-    #[arg(long)]
-    pub queues: Option<usize>,
-    /// Requests in flight per queue.
-    #[arg(long, default_value_t = 32)]
-    pub qd: usize,
-    /// Bytes per request (a multiple of the device's block size; K/M suffixes accepted).
-    #[arg(long, default_value = "4096")]
-    pub bs: String,
-    /// Access pattern.
-    #[arg(long, value_enum, default_value_t = Pattern::Randread)]
-    pub rw: Pattern,
-    /// Read percentage for randrw / rw.
-    #[arg(long, default_value_t = 70, value_parser = clap::value_parser!(u32).range(0..=100))]
-    pub mix: u32,
-    /// Seconds to run.
-    #[arg(long, default_value_t = 10.0)]
-    pub time: f64,
-    /// CPUs to pin the queue threads to (comma-separated; queue i runs on entry i mod len).
-    #[arg(long, value_delimiter = ',')]
-    pub cpus: Option<Vec<usize>>,
-    /// Sleep on the completion eventfd instead of polling (measures wake-up latency too).
-    #[arg(long)]
-    pub wait: bool,
-    /// Print one JSON object instead of a table.
-    #[arg(long)]
-    pub json: bool,
+    /// The job.
+    #[command(flatten)]
+    pub job: ClientJobArgs,
 }
 
 /// What the device told us after `connect`.
@@ -98,31 +74,12 @@ unsafe impl Send for QueueJob<'_> {}
 
 /// Runs the benchmark described by `a` and prints its report.
 pub fn run(a: &VhostArgs) -> anyhow::Result<()> {
-    let io_size = ferroblk_bdev::types::parse_size(&a.bs)
-        .ok_or_else(|| anyhow::anyhow!("--bs {} is not a size", a.bs))? as usize;
-    if a.qd == 0 {
-        bail!("--qd must be at least 1");
-    }
-    if !(a.time > 0.0 && a.time < 86_400.0) {
-        bail!("--time must be between 0 and 86400 seconds");
-    }
-    let cpus = a.cpus.clone().unwrap_or_default();
-    if let Some(&c) = cpus.iter().find(|&&c| c >= libc::CPU_SETSIZE as usize) {
-        bail!("--cpus {c} is out of range");
-    }
-    let nq = a.queues.unwrap_or(cpus.len().max(1));
-    if nq == 0 {
-        bail!("--queues must be at least 1");
-    }
-    let spec = JobSpec {
-        qd: a.qd,
-        io_size,
-        pattern: a.rw,
-        mix: a.mix,
-        time: Duration::from_secs_f64(a.time),
-        ramp: Duration::ZERO,
-        compress_pct: None,
-    };
+    let ClientJob {
+        spec,
+        cpus,
+        queues: nq,
+    } = a.job.job(usize::MAX)?;
+    let io_size = spec.io_size;
     let socket = a
         .socket
         .to_str()
@@ -143,7 +100,7 @@ pub fn run(a: &VhostArgs) -> anyhow::Result<()> {
         block_size: b
             .get_i32("request-alignment")
             .map_err(be("request-alignment"))? as usize,
-        queue_size: DEFAULT_QUEUE_SIZE.max((a.qd * DESCS_PER_REQ).next_power_of_two()),
+        queue_size: DEFAULT_QUEUE_SIZE.max((a.job.qd * DESCS_PER_REQ).next_power_of_two()),
         max_queues: b.get_i32("max-queues").map_err(be("max-queues"))? as usize,
     };
     if io_size == 0 || !io_size.is_multiple_of(dev.block_size) {
@@ -190,7 +147,7 @@ pub fn run(a: &VhostArgs) -> anyhow::Result<()> {
         .get_u64("mem-region-alignment")
         .map_err(be("mem-region-alignment"))? as usize)
         .max(4096);
-    let per_queue = a.qd * io_size;
+    let per_queue = a.job.qd * io_size;
     let len = (nq * per_queue).div_ceil(align) * align;
     let region = b.alloc_mem_region(len).map_err(be("alloc_mem_region"))?;
     // SAFETY: alloc_mem_region returned a fresh read-write mapping of `len` bytes at `addr` that
@@ -217,7 +174,7 @@ pub fn run(a: &VhostArgs) -> anyhow::Result<()> {
                     bufs: region.addr.wrapping_add(index * per_queue) as *mut u8,
                     spec: &spec,
                     ios_in_dev,
-                    wait: a.wait,
+                    wait: a.job.wait,
                     start: &start,
                 };
                 std::thread::Builder::new()
@@ -355,8 +312,8 @@ fn run_queue(mut j: QueueJob<'_>) -> anyhow::Result<JobResult> {
 
 /// Prints the result as a table, or JSON with the keys of `perf bdev` where they apply.
 fn report(a: &VhostArgs, dev: &DeviceInfo, spec: &JobSpec, r: &RunResult) {
-    let mode = if a.wait { "wait" } else { "poll" };
-    if a.json {
+    let mode = if a.job.wait { "wait" } else { "poll" };
+    if a.job.json {
         let mut v = r.json_summary("client_cpu_ns_per_io");
         v.insert("socket".into(), serde_json::json!(a.socket));
         v.insert("mode".into(), mode.into());
@@ -386,7 +343,7 @@ fn report(a: &VhostArgs, dev: &DeviceInfo, spec: &JobSpec, r: &RunResult) {
         "device: {} bytes, block size {}, virtqueue size {}, backend offers {} queue(s)",
         dev.capacity, dev.block_size, dev.queue_size, dev.max_queues
     );
-    let who = if a.wait {
+    let who = if a.job.wait {
         "client"
     } else {
         "client: polling, so one busy core per queue"
