@@ -114,6 +114,22 @@ struct Queue {
     ns_gen: u64,
 }
 
+/// One C2HData PDU's data, sent from the read's buffer.
+struct TxData {
+    /// The position in `TcpConn::tx` after which it goes (its PDU header ends there).
+    at: usize,
+    /// The data: `len` bytes inside the buffer held by this part or, for all but the last part
+    /// of a transfer, by a later part of the same transfer (FIFO: it outlives this one).
+    ptr: *const u8,
+    len: usize,
+    sent: usize,
+    /// The buffer, on the transfer's last part; back to the pool once that part is sent.
+    buf: Option<AlignedBuf>,
+}
+
+/// iovecs one `sendmsg` takes at most.
+const TX_IOVECS: usize = 64;
+
 /// The poller of one connection.
 pub struct TcpConn {
     target: Arc<Target>,
@@ -123,8 +139,14 @@ pub struct TcpConn {
     readable: bool,
     write_armed: bool,
     rx: Vec<u8>,
+    /// The send stream's own bytes (PDU headers, digests, small payloads); sent from `tx_off`.
     tx: Vec<u8>,
     tx_off: usize,
+    /// Read data sent straight from the read's buffer (no copy into `tx`), each part after the
+    /// `tx` byte at its `at`, in order.
+    tx_data: VecDeque<TxData>,
+    /// Bytes of `tx_data` not yet sent.
+    tx_data_bytes: usize,
     decoder: PduDecoder,
     encoder: PduEncoder,
     established: bool,
@@ -170,6 +192,8 @@ impl TcpConn {
             rx: Vec::with_capacity(RX_CAPACITY),
             tx: Vec::with_capacity(64 * 1024),
             tx_off: 0,
+            tx_data: VecDeque::with_capacity(4 * QUEUE_ENTRIES as usize),
+            tx_data_bytes: 0,
             decoder: PduDecoder::controller(IN_CAPSULE_DATA),
             encoder: PduEncoder::new(Role::Controller),
             established: false,
@@ -227,6 +251,61 @@ impl TcpConn {
         self.push_header(n);
     }
 
+    /// Queues C2HData PDUs for the first `len` bytes of a read's buffer, sent from the buffer
+    /// itself; the buffer goes back to the pool once sent.
+    fn send_read_data(&mut self, cid: u16, buf: AlignedBuf, len: usize) {
+        let ddgst = self.negotiated().is_some_and(|n| n.ddgst);
+        let base = buf.as_slice().as_ptr();
+        let mut buf = Some(buf);
+        let mut off = 0;
+        while off < len {
+            let chunk = (len - off).min(MAX_H2C_DATA as usize);
+            let last = off + chunk == len;
+            let h = C2hData {
+                cccid: cid,
+                datao: off as u32,
+                datal: chunk as u32,
+                last,
+                success: false,
+            };
+            let pdo = self.encoder.c2h_data(&h, &mut self.scratch);
+            self.push_header(pdo);
+            // SAFETY: `off + chunk <= len <= buf.len()`: inside the buffer.
+            let ptr = unsafe { base.add(off) };
+            if ddgst {
+                // SAFETY: the chunk is inside the live buffer (`buf` is still held here).
+                let part = unsafe { std::slice::from_raw_parts(ptr, chunk) };
+                let d = super::pdu::DataDigest::of(&[part]);
+                self.tx_data.push_back(TxData {
+                    at: self.tx.len(),
+                    ptr,
+                    len: chunk,
+                    sent: 0,
+                    buf: if last { buf.take() } else { None },
+                });
+                self.tx.extend_from_slice(&d.to_le_bytes());
+            } else {
+                self.tx_data.push_back(TxData {
+                    at: self.tx.len(),
+                    ptr,
+                    len: chunk,
+                    sent: 0,
+                    buf: if last { buf.take() } else { None },
+                });
+            }
+            self.tx_data_bytes += chunk;
+            off += chunk;
+        }
+        if let Some(b) = buf {
+            self.pool.put(b); // len == 0: nothing was queued
+        }
+    }
+
+    /// Bytes queued to send.
+    fn tx_pending(&self) -> usize {
+        self.tx.len() - self.tx_off + self.tx_data_bytes
+    }
+
     fn send_data(&mut self, cid: u16, data: &[u8]) {
         let mut off = 0;
         while off < data.len() {
@@ -257,14 +336,54 @@ impl TcpConn {
 
     fn flush_tx(&mut self) -> usize {
         let mut sent = 0;
-        while self.tx_off < self.tx.len() {
-            let buf = &self.tx[self.tx_off..];
-            // SAFETY: sends from a live buffer of `buf.len()` bytes on our socket.
+        while self.tx_pending() > 0 {
+            // The stream from where it stands: `tx` bytes up to each data part, the part, ...,
+            // the rest of `tx`.
+            let mut iov = [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; TX_IOVECS];
+            let mut n_iov = 0;
+            let mut pos = self.tx_off;
+            let mut all_parts = true;
+            for d in &self.tx_data {
+                if n_iov + 2 > TX_IOVECS {
+                    all_parts = false;
+                    break;
+                }
+                if pos < d.at {
+                    iov[n_iov] = libc::iovec {
+                        iov_base: self.tx[pos..d.at].as_ptr() as *mut libc::c_void,
+                        iov_len: d.at - pos,
+                    };
+                    n_iov += 1;
+                    pos = d.at;
+                }
+                iov[n_iov] = libc::iovec {
+                    // SAFETY: `sent < len`: inside the part, whose buffer is alive (module
+                    // invariant of `TxData`).
+                    iov_base: unsafe { d.ptr.add(d.sent) } as *mut libc::c_void,
+                    iov_len: d.len - d.sent,
+                };
+                n_iov += 1;
+            }
+            if all_parts && n_iov < TX_IOVECS && pos < self.tx.len() {
+                iov[n_iov] = libc::iovec {
+                    iov_base: self.tx[pos..].as_ptr() as *mut libc::c_void,
+                    iov_len: self.tx.len() - pos,
+                };
+                n_iov += 1;
+            }
+            // SAFETY: a zeroed msghdr is valid (no name, no control data).
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = iov.as_mut_ptr();
+            msg.msg_iovlen = n_iov as _;
+            // SAFETY: every iovec points into `tx` or a live read buffer for its length; the
+            // kernel copies the data before returning.
             let n = unsafe {
-                libc::send(
+                libc::sendmsg(
                     self.sock.as_raw_fd(),
-                    buf.as_ptr().cast(),
-                    buf.len(),
+                    &msg,
                     libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
                 )
             };
@@ -280,20 +399,59 @@ impl TcpConn {
                     std::io::ErrorKind::Interrupted => continue,
                     _ => {
                         self.close("send failed");
-                        self.tx.clear();
-                        self.tx_off = 0;
+                        self.drop_tx();
                     }
                 }
                 break;
             }
-            self.tx_off += n as usize;
+            self.advance_tx(n as usize);
             sent += n as usize;
         }
-        if self.tx_off == self.tx.len() {
+        sent
+    }
+
+    /// Moves the stream `n` sent bytes forward, returning finished buffers to the pool.
+    fn advance_tx(&mut self, mut n: usize) {
+        loop {
+            let arena_end = self.tx_data.front().map_or(self.tx.len(), |d| d.at);
+            let take = n.min(arena_end - self.tx_off);
+            self.tx_off += take;
+            n -= take;
+            let Some(d) = self.tx_data.front_mut() else {
+                break;
+            };
+            if self.tx_off < d.at {
+                break;
+            }
+            let take = n.min(d.len - d.sent);
+            d.sent += take;
+            n -= take;
+            self.tx_data_bytes -= take;
+            if d.sent < d.len {
+                break;
+            }
+            if let Some(d) = self.tx_data.pop_front()
+                && let Some(b) = d.buf
+            {
+                self.pool.put(b);
+            }
+        }
+        if self.tx_pending() == 0 {
             self.tx.clear();
             self.tx_off = 0;
         }
-        sent
+    }
+
+    /// Forgets everything queued to send (the connection is closing on a send error).
+    fn drop_tx(&mut self) {
+        self.tx.clear();
+        self.tx_off = 0;
+        while let Some(d) = self.tx_data.pop_front() {
+            if let Some(b) = d.buf {
+                self.pool.put(b);
+            }
+        }
+        self.tx_data_bytes = 0;
     }
 
     // ---------------------------------------------------------------- receiving
@@ -1020,8 +1178,7 @@ impl TcpConn {
         if status.is_success() && opc == Some(IoOpcode::Read) {
             let len = s.len;
             let buf = s.buf.take().expect("read buffer");
-            self.send_data(cid, &buf.as_slice()[..len]);
-            self.pool.put(buf);
+            self.send_read_data(cid, buf, len);
         } else if status.is_success() && opc == Some(IoOpcode::Compare) {
             let len = s.len;
             let same = match (&s.buf, &s.compare) {
@@ -1139,13 +1296,13 @@ impl Poller for TcpConn {
             work += 1;
         }
         // A host that stops reading its responses stops being read (bounded send buffer).
-        if !self.closing && self.tx.len() - self.tx_off < TX_HIGH_WATER {
+        if !self.closing && self.tx_pending() < TX_HIGH_WATER {
             work += self.read_socket();
             work += self.parse();
         }
         work += self.reap();
         self.deliver_events();
-        if !self.tx.is_empty() && !self.write_armed {
+        if self.tx_pending() > 0 && !self.write_armed {
             work += self.flush_tx().min(1);
         }
         if self.closing && self.in_flight_io() == 0 {
@@ -1177,7 +1334,7 @@ impl Poller for TcpConn {
         if !self.retry.is_empty() || (self.closing && self.in_flight_io() == 0) {
             w = Wake::Immediate;
         }
-        if !self.tx.is_empty() && !self.write_armed {
+        if self.tx_pending() > 0 && !self.write_armed {
             w = Wake::Immediate;
         }
         w
