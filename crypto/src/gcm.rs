@@ -36,6 +36,15 @@
 //!   entry) pair of the *same* block, or rolling a block back to never-written (zero data and
 //!   entry).
 //!
+//! # Engines
+//! The AES-256-GCM itself is `GcmCipher`'s (`gcm/cipher.rs`), which picks once, when the
+//! bdev opens, the fastest engine the CPU runs (`describe` reports it as `engine`):
+//! `vaes-avx512` (VAES and VPCLMULQDQ on zmm registers, CTR and GHASH of 16 blocks per
+//! iteration in one pass), `aes-ni` (AES-NI and PCLMULQDQ, 8 blocks per iteration) or
+//! `portable` (the `aes-gcm` crate, the reference the others are tested against). All give the same ciphertext and tag
+//! (NIST SP 800-38D), so volumes move freely between machines. A block that fails its check
+//! keeps its ciphertext (the one-pass engines encrypt it back).
+//!
 //! # Formatting
 //! [`GcmBdev::open`] formats a base whose block 0 is all zeroes, drawing the volume id and
 //! writing the key check value (see [`ferroblk_bdev::mdregion`] for the rest). A base whose

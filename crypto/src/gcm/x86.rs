@@ -492,6 +492,9 @@ fn seal_vaes<const ENCRYPT: bool>(
     let mut x = ghash_padded(keys.h[POWERS - 1], _mm_setzero_si128(), aad);
     let len = data.len();
     let (groups, rest) = data.as_chunks_mut::<{ VAES_BLOCKS * 16 }>();
+    // Encrypting, a group's GHASH needs its AES output: it is done in the next iteration,
+    // beside that group's rounds (which do not depend on it), so the two overlap.
+    let mut pending: Option<[__m512i; REGS]> = None;
     for c in groups {
         let mut inp = [_mm512_setzero_si512(); REGS];
         for (r, i) in inp.iter_mut().enumerate() {
@@ -512,7 +515,16 @@ fn seal_vaes<const ENCRYPT: bool>(
         for b in &mut ct {
             *b = _mm512_shuffle_epi8(*b, bs);
         }
-        x = ghash_regs(x, &ct, &p);
+        if ENCRYPT {
+            if let Some(prev) = pending.replace(ct) {
+                x = ghash_regs(x, &prev, &p);
+            }
+        } else {
+            x = ghash_regs(x, &ct, &p);
+        }
+    }
+    if let Some(prev) = pending {
+        x = ghash_regs(x, &prev, &p);
     }
     // Fewer than 16 whole blocks left: masked loads and stores touch only those (each mask bit
     // covers a quadword, two per block), and the powers H^n..H^1 are loaded from h[16 - n]
