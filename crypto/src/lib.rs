@@ -18,7 +18,9 @@
 //!   module documentation states the dm-crypt convention and the `dmsetup` table line that
 //!   opens a ferroblk volume.
 //! - [`gcm`]: [`GcmBdev`]: on-disk layout (header with key check value, data, metadata region at
-//!   the end), per-block nonce and tag, LBA and volume id as AAD. The metadata region itself
+//!   the end), per-block nonce and tag, LBA and volume id as AAD; the cipher is a fused
+//!   one-pass VAES + VPCLMULQDQ or AES-NI + PCLMULQDQ engine chosen at run time (`gcm/x86.rs`),
+//!   the `aes-gcm` crate elsewhere. The metadata region itself
 //!   (layout, header framing, formatting, the channel with its metadata read-modify-write under
 //!   striped locks shared by all channels) is `ferroblk_bdev::mdregion`, shared with the `crc`
 //!   bdev; `gcm` supplies the header fields and what an entry is.

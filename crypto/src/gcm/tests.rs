@@ -1,3 +1,5 @@
+use aes_gcm::aead::generic_array::GenericArray;
+use aes_gcm::{AeadInPlace, Aes256Gcm, KeyInit};
 use ferroblk_bdev::conformance;
 use ferroblk_bdev::file::FileBdev;
 use ferroblk_bdev::sync::SyncChannel;

@@ -28,7 +28,7 @@ use std::arch::x86_64::{
 use zeroize::Zeroize;
 
 /// AES-256 has 14 rounds: 15 round keys.
-const ROUND_KEYS: usize = 15;
+pub(crate) const ROUND_KEYS: usize = 15;
 
 /// True when the CPU runs [`unit_vaes`]: VAES and VPCLMULQDQ on zmm registers (AVX-512F),
 /// byte shifts of zmm lanes (AVX-512BW), AES-NI for the first tweak.
@@ -135,9 +135,9 @@ fn expand_step<const RCON: i32>(a: __m128i, b: __m128i) -> (__m128i, __m128i) {
     (a, b)
 }
 
-/// The 15 encryption round keys of an AES-256 key.
+/// The 15 encryption round keys of an AES-256 key (also the GCM engines' key schedule).
 #[target_feature(enable = "aes")]
-fn expand_key(key: &[u8; 32]) -> [__m128i; ROUND_KEYS] {
+pub(crate) fn expand_key(key: &[u8; 32]) -> [__m128i; ROUND_KEYS] {
     // SAFETY: `key` is valid for reads of 32 bytes; `_mm_loadu_si128` has no alignment
     // requirement.
     let (a, b) = unsafe {
@@ -207,7 +207,7 @@ fn first_tweak(k: &[__m128i; ROUND_KEYS], iv: u64) -> __m128i {
 // AES-NI: 8 blocks in flight in xmm registers.
 
 /// Blocks the AES-NI path keeps in flight.
-const NI_BLOCKS: usize = 8;
+pub(crate) const NI_BLOCKS: usize = 8;
 
 /// `t · α`: both 64-bit halves shift left by one; the bit leaving the low half enters the high
 /// half, the bit leaving bit 127 folds back as 0x87. SSE2 only; `aes` is enabled because every
@@ -249,7 +249,7 @@ fn last_round<const ENCRYPT: bool>(x: __m128i, k: __m128i) -> __m128i {
 /// out-of-order window does not see far enough to keep the AES units busy: 4.7 instead of
 /// 7.0 GB/s on 4 KiB units on Zen 4.
 #[inline(always)]
-fn in_step(x: &mut [__m128i; NI_BLOCKS]) {
+pub(crate) fn in_step(x: &mut [__m128i; NI_BLOCKS]) {
     // SAFETY: the template is empty: the block reads no memory, writes none, and leaves the
     // eight registers it is given unchanged.
     unsafe {
