@@ -3,7 +3,6 @@
 //! error carries a code and, for invalid parameters, the offending field in `data.field`.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -433,36 +432,10 @@ pub struct RpcServer {
     wake: std::os::fd::OwnedFd,
 }
 
-/// Binds `path` with mode 0600 (bound under a temporary name, restricted, then renamed into
-/// place, so the socket is never reachable with wider permissions). A stale socket left by a
-/// dead daemon is replaced; a live one is an error.
-fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
-    if let Some(dir) = path.parent()
-        && !dir.as_os_str().is_empty()
-    {
-        std::fs::create_dir_all(dir)?;
-    }
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                format!("{} is served by a running daemon", path.display()),
-            ));
-        }
-        std::fs::remove_file(path)?;
-    }
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    let l = UnixListener::bind(&tmp)?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
-    std::fs::rename(&tmp, path)?;
-    Ok(l)
-}
-
 impl RpcServer {
     /// Starts serving `path`.
     pub fn start(path: &Path, state: Arc<DaemonState>) -> std::io::Result<RpcServer> {
-        let listener = bind_private(path)?;
+        let listener = ferroblk_bdev::unix::bind_private(path)?;
         let wake = std::os::fd::OwnedFd::from(listener.try_clone()?);
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();

@@ -50,6 +50,7 @@ pub mod sync;
 #[cfg(any(test, feature = "conformance"))]
 pub mod testing;
 pub mod types;
+pub mod unix;
 pub mod uring;
 
 pub use bdev::{

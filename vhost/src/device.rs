@@ -8,9 +8,8 @@
 //! `CONFIG_CHANGE_MSG` on the back-end channel, and the guest sees its disk grow.
 
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -141,31 +140,6 @@ pub struct VhostExport {
     wake: OwnedFd,
 }
 
-/// Binds `path` with mode 0600 (bound under a temporary name, restricted, renamed into place).
-/// A stale socket is replaced; one served by a live process is an error.
-pub fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
-    if let Some(dir) = path.parent()
-        && !dir.as_os_str().is_empty()
-    {
-        std::fs::create_dir_all(dir)?;
-    }
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                format!("{} is served by a running process", path.display()),
-            ));
-        }
-        std::fs::remove_file(path)?;
-    }
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    let l = UnixListener::bind(&tmp)?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
-    std::fs::rename(&tmp, path)?;
-    Ok(l)
-}
-
 impl VhostExport {
     /// Starts serving `bdev` on `spec.socket` with the given reactors.
     pub fn start(
@@ -181,9 +155,11 @@ impl VhostExport {
                 reason: "no reactor to serve the queues".into(),
             });
         }
-        let listener = bind_private(&spec.socket).map_err(|source| ExportError::Bind {
-            path: spec.socket.clone(),
-            source,
+        let listener = ferroblk_bdev::unix::bind_private(&spec.socket).map_err(|source| {
+            ExportError::Bind {
+                path: spec.socket.clone(),
+                source,
+            }
         })?;
         let wake = listener
             .try_clone()
