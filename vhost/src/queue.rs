@@ -152,6 +152,10 @@ impl VqPoller {
         ctl: Arc<QueueCtl>,
         params: BlkParams,
     ) -> Result<VqPoller, String> {
+        // The poller drains the kick counter after each readiness report; two reports can cover
+        // one count, and a blocking read of an empty eventfd would stall the reactor (and every
+        // queue on it) for good. The front-end only writes its kick eventfd, which never blocks.
+        set_nonblocking(&kick).map_err(|e| format!("kick fd cannot be made non-blocking: {e}"))?;
         let ring = ThreadRing::current().map_err(|e| e.to_string())?;
         let kick_client = ring.register(16);
         let size = q.size();
@@ -562,6 +566,20 @@ impl VqPoller {
     }
 }
 
+/// Sets `O_NONBLOCK` on the open file description of `fd`.
+fn set_nonblocking(fd: &OwnedFd) -> std::io::Result<()> {
+    // SAFETY: fcntl on a descriptor we own, with no memory arguments.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 impl Drop for VqPoller {
     fn drop(&mut self) {
         // An armed multishot poll keeps the kick eventfd's file alive in the kernel: end it,
@@ -692,9 +710,20 @@ mod tests {
         unsafe { OwnedFd::from_raw_fd(fd) }
     }
 
+    /// A blocking eventfd, as a front-end may pass for a kick.
+    fn blocking_eventfd() -> OwnedFd {
+        // SAFETY: eventfd has no memory preconditions; checked below.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: a new descriptor nothing else owns.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    }
+
     struct Rig {
         d: Driver,
         p: VqPoller,
+        /// The front-end's side of the kick eventfd (same open file description).
+        kick: OwnedFd,
         bdev: Arc<dyn Bdev>,
         call: OwnedFd,
         ctl: Arc<QueueCtl>,
@@ -707,6 +736,7 @@ mod tests {
             Arc::new(MallocBdev::new("m", bs, 1 << 20 >> bs.shift(), 0).unwrap());
         let q = SplitQueue::new(&d.mem, 16, d.addrs, true, true).unwrap();
         let call = eventfd();
+        let kick = blocking_eventfd();
         let ctl = Arc::new(QueueCtl::default());
         let mut serial = [0u8; ID_BYTES];
         serial[..6].copy_from_slice(b"SER123");
@@ -715,7 +745,7 @@ mod tests {
             q,
             d.mem.clone(),
             bdev.open_channel().unwrap(),
-            eventfd(),
+            kick.try_clone().unwrap(),
             Some(call.try_clone().unwrap()),
             None,
             ctl.clone(),
@@ -732,6 +762,7 @@ mod tests {
         Rig {
             d,
             p,
+            kick,
             bdev,
             call,
             ctl,
@@ -775,6 +806,33 @@ mod tests {
             self.d.write(a, &h);
             a
         }
+    }
+
+    #[test]
+    fn draining_an_empty_kick_eventfd_never_blocks_the_reactor() {
+        // A front-end's kick eventfd may be blocking. The poller drains it after each readiness
+        // report, and two reports can cover one count: the second read must not block.
+        let r = rig(BlockSize::B4096);
+        // SAFETY: fcntl on a descriptor the rig owns.
+        let flags = unsafe { libc::fcntl(r.kick.as_raw_fd(), libc::F_GETFL) };
+        assert!(
+            flags & libc::O_NONBLOCK != 0,
+            "the kick fd is still blocking (a read below would hang)"
+        );
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from a live u64 to the eventfd.
+        let n = unsafe { libc::write(r.kick.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        assert_eq!(n, 8);
+        let mut v = 0u64;
+        for expect in [8, -1] {
+            // SAFETY: reads 8 bytes into a live u64.
+            let n = unsafe { libc::read(r.kick.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+            assert_eq!(n, expect);
+        }
+        assert_eq!(
+            std::io::Error::last_os_error().raw_os_error(),
+            Some(libc::EAGAIN)
+        );
     }
 
     #[test]
