@@ -478,7 +478,9 @@ impl Poller for PerfJob {
 pub fn prefill(bdev: &Arc<dyn Bdev>, compress_pct: Option<u32>) -> anyhow::Result<()> {
     let info = bdev.info().clone();
     let bs = info.block_size().bytes() as usize;
-    let chunk = u64::from(info.geometry().max_transfer_blocks.max(1)).min((1 << 20) / bs as u64);
+    let chunk = u64::from(info.geometry().max_transfer_blocks)
+        .min((1 << 20) / bs as u64)
+        .max(1);
     let mut data = vec![0u8; chunk as usize * bs];
     fill_pattern(&mut data, compress_pct, 0x5EED);
     let mut ch = SyncChannel::new(bdev.open_channel()?);

@@ -431,12 +431,37 @@ fn removing_a_namespace_with_commands_waiting_for_its_channel_completes_them() {
     std::thread::sleep(Duration::from_millis(5));
     // The namespace goes away while most of them wait.
     assert!(s.remove_namespace(1).is_some());
+    // A new command for it while they drain is refused, not run on the removed bdev.
+    std::thread::sleep(Duration::from_millis(20));
+    let late = ReadWrite {
+        nsid: 1,
+        slba: 0,
+        nlb: 1,
+        ..Default::default()
+    }
+    .to_sqe(
+        IoOpcode::Read,
+        50,
+        &SglDescriptor::transport_data_block(4096),
+    );
+    let mut out = [0u8; 256];
+    let n = q.enc.capsule_cmd(&late, 0, &mut out);
+    q.send(&out[..n]);
     // Every accepted command still gets its answer (they were accepted for that namespace),
     // and the reactor keeps serving.
     let mut answered = std::collections::HashSet::new();
-    while answered.len() < N as usize {
+    while answered.len() < N as usize + 1 {
         match q.recv() {
+            Some((PduHeader::CapsuleResp(r), _)) if r.cqe.cid == 50 => {
+                assert_eq!(r.cqe.status, Status::INVALID_NAMESPACE);
+                assert!(
+                    answered.len() < N as usize,
+                    "the refusal comes while the writes still drain"
+                );
+                answered.insert(50);
+            }
             Some((PduHeader::CapsuleResp(r), _)) => {
+                assert!(r.cqe.status.is_success(), "{:?}", r.cqe.status);
                 assert!(
                     answered.insert(r.cqe.cid),
                     "cid {} answered twice",

@@ -26,12 +26,22 @@ impl DerefMut for Daemon {
 }
 
 impl Daemon {
-    /// SIGTERM, then waits; true when the daemon exited cleanly.
+    /// SIGTERM, then waits up to 60 s; true when the daemon exited cleanly in time (one that
+    /// ignores SIGTERM is killed and counts as a failure, not a hung test).
     pub fn stop(&mut self) -> bool {
         let pid = i32::try_from(self.0.id()).unwrap();
         // SAFETY: kill(2) on our own child's pid with a valid signal has no memory effects.
         unsafe { libc::kill(pid, libc::SIGTERM) };
-        self.0.wait().unwrap().success()
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(60) {
+            if let Some(st) = self.0.try_wait().unwrap() {
+                return st.success();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        false
     }
 }
 

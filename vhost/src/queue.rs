@@ -164,7 +164,9 @@ impl VqPoller {
             let used = q.guest_used_idx();
             let heads = inf.recover(used);
             q.used_idx = used;
-            // Every head taken is either on the used ring or still marked: continue after them.
+            // The heads taken are on the used ring, marked, or — taken in a batch but not yet
+            // started when the process died — the last ones taken (a batch marks its heads in
+            // order), which the driver still offers at `used + marked`: continue there.
             q.set_last_avail(used.wrapping_add(heads.len() as u16));
             if !heads.is_empty() {
                 tracing::info!(
@@ -516,8 +518,9 @@ impl VqPoller {
             inf.mark(head);
         }
         match self.parse(head) {
+            // `parse` fails before it claims the slot: a slot that is active belongs to a
+            // request still in flight (a driver offering the same head twice), and stays so.
             Err(e) => {
-                self.slots[head as usize].active = false;
                 self.break_queue(e);
                 true
             }
@@ -584,7 +587,12 @@ impl Drop for VqPoller {
     fn drop(&mut self) {
         // An armed multishot poll keeps the kick eventfd's file alive in the kernel: end it,
         // or every reconnect of the front-end would leak one.
-        self.kick_client.cancel(0);
+        if !self.kick_client.cancel(0) {
+            tracing::warn!(
+                queue = self.index,
+                "io_uring full: the kick poll stays armed, keeping its eventfd until the reactor exits"
+            );
+        }
     }
 }
 
@@ -638,14 +646,21 @@ impl Poller for VqPoller {
                         // The channel is full: the heads taken after this one start first
                         // on the next poll, in order.
                         self.resubmit.extend(&heads[i + 1..n]);
+                        break;
+                    }
+                    if self.ctl.broken.load(Ordering::Relaxed) {
+                        // A chain broke the ring: nothing after it is trusted.
                         break 'batches;
                     }
                 }
-                budget -= n;
                 if let Err(e) = res {
                     self.break_queue(e);
                     break;
                 }
+                if !self.resubmit.is_empty() {
+                    break;
+                }
+                budget -= n;
                 if n < want {
                     break;
                 }

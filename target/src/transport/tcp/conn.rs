@@ -105,6 +105,9 @@ struct Slot {
 struct NsChan {
     ns: Arc<Namespace>,
     ch: Channel,
+    /// The namespace left the subsystem (or was replaced): the channel stays only until the
+    /// commands already accepted for it are done; new commands are refused.
+    draining: bool,
 }
 
 struct Queue {
@@ -142,8 +145,8 @@ pub struct TcpConn {
     /// The send stream's own bytes (PDU headers, digests, small payloads); sent from `tx_off`.
     tx: Vec<u8>,
     tx_off: usize,
-    /// Read data sent straight from the read's buffer (no copy into `tx`), each part after the
-    /// `tx` byte at its `at`, in order.
+    /// Read data sent straight from the read's buffer (no copy into `tx`), each part between
+    /// `tx[..at]` and `tx[at..]` for its `at`, in order.
     tx_data: VecDeque<TxData>,
     /// Bytes of `tx_data` not yet sent.
     tx_data_bytes: usize,
@@ -272,26 +275,20 @@ impl TcpConn {
             self.push_header(pdo);
             // SAFETY: `off + chunk <= len <= buf.len()`: inside the buffer.
             let ptr = unsafe { base.add(off) };
-            if ddgst {
+            let digest = ddgst.then(|| {
                 // SAFETY: the chunk is inside the live buffer (`buf` is still held here).
                 let part = unsafe { std::slice::from_raw_parts(ptr, chunk) };
-                let d = super::pdu::DataDigest::of(&[part]);
-                self.tx_data.push_back(TxData {
-                    at: self.tx.len(),
-                    ptr,
-                    len: chunk,
-                    sent: 0,
-                    buf: if last { buf.take() } else { None },
-                });
+                super::pdu::DataDigest::of(&[part])
+            });
+            self.tx_data.push_back(TxData {
+                at: self.tx.len(),
+                ptr,
+                len: chunk,
+                sent: 0,
+                buf: if last { buf.take() } else { None },
+            });
+            if let Some(d) = digest {
                 self.tx.extend_from_slice(&d.to_le_bytes());
-            } else {
-                self.tx_data.push_back(TxData {
-                    at: self.tx.len(),
-                    ptr,
-                    len: chunk,
-                    sent: 0,
-                    buf: if last { buf.take() } else { None },
-                });
             }
             self.tx_data_bytes += chunk;
             off += chunk;
@@ -1009,13 +1006,20 @@ impl TcpConn {
             // waiting in the retry queue for room in it (they were accepted for this namespace
             // and must not reach a successor with the same nsid, or find no channel at all).
             let waiting = self.retry.iter().any(|(n, _)| *n as usize == nsid);
-            if waiting || slot.as_ref().is_some_and(|s| s.ch.in_flight() > 0) {
+            if let Some(s) = slot.as_mut()
+                && (waiting || s.ch.in_flight() > 0)
+            {
+                s.draining = true;
                 q.ns_gen = 0;
                 continue;
             }
             *slot = match want {
                 Some(w) => match w.bdev.open_channel() {
-                    Ok(ch) => Some(NsChan { ns: w.clone(), ch }),
+                    Ok(ch) => Some(NsChan {
+                        ns: w.clone(),
+                        ch,
+                        draining: false,
+                    }),
                     Err(e) => {
                         tracing::error!(nsid, error = %e, "cannot open namespace channel");
                         None
@@ -1051,7 +1055,10 @@ impl TcpConn {
             return self.complete_slot(i, Status::INVALID_OPCODE, 0, 0);
         }
         let q = self.queue.as_ref().expect("I/O queue");
-        let ns_ok = |n: u32| q.ns.get(n as usize).is_some_and(|x| x.is_some());
+        let ns_ok = |n: u32| {
+            q.ns.get(n as usize)
+                .is_some_and(|x| x.as_ref().is_some_and(|c| !c.draining))
+        };
         if opc == Some(IoOpcode::Flush) && nsid == 0xffff_ffff {
             // Flush every namespace.
             let all: Vec<u32> = (0..q.ns.len() as u32).filter(|&n| ns_ok(n)).collect();
@@ -1361,9 +1368,12 @@ impl Drop for TcpConn {
     fn drop(&mut self) {
         // The armed polls hold the socket's file: end them, or every closed connection would
         // keep its socket allocated until the reactor's ring goes away.
-        self.client.cancel(POLL_READ);
+        let mut cancelled = self.client.cancel(POLL_READ);
         if self.write_armed {
-            self.client.cancel(POLL_WRITE);
+            cancelled &= self.client.cancel(POLL_WRITE);
+        }
+        if !cancelled {
+            tracing::warn!(peer = %self.peer, "io_uring full: a closed connection's poll stays armed, keeping its socket until the reactor exits");
         }
         if let Some(q) = &self.queue
             && q.qid == 0
