@@ -316,12 +316,16 @@ impl SplitQueue {
     /// Starts loading, for writing, the used-ring entries of the next `n` completions.
     #[inline]
     pub fn prefetch_used(&self, n: u16) {
-        let mut k = 0;
-        while k < n.min(self.size) {
+        for k in 0..n.min(self.size) {
             let slot = (self.used_idx.wrapping_add(k) % self.size) as usize;
             // SAFETY: entry `slot < size` of the used ring, validated in `new`.
-            prefetch_write(unsafe { self.used.add(4 + 8 * slot) });
-            k += 8; // eight 8-byte entries per 64-byte line
+            let e = unsafe { self.used.add(4 + 8 * slot) };
+            // The first entry's line, then each line an entry starts (entries are 8 bytes at
+            // offset 4 of the ring, so a line boundary falls inside one: its second half is
+            // on the next line and covered by the following entry's check).
+            if k == 0 || (e as usize) % 64 < 8 {
+                prefetch_write(e);
+            }
         }
     }
 

@@ -264,15 +264,7 @@ impl TcpConn {
         while off < len {
             let chunk = (len - off).min(MAX_H2C_DATA as usize);
             let last = off + chunk == len;
-            let h = C2hData {
-                cccid: cid,
-                datao: off as u32,
-                datal: chunk as u32,
-                last,
-                success: false,
-            };
-            let pdo = self.encoder.c2h_data(&h, &mut self.scratch);
-            self.push_header(pdo);
+            self.push_c2h_header(cid, off, chunk, last);
             // SAFETY: `off + chunk <= len <= buf.len()`: inside the buffer.
             let ptr = unsafe { base.add(off) };
             let digest = ddgst.then(|| {
@@ -303,20 +295,25 @@ impl TcpConn {
         self.tx.len() - self.tx_off + self.tx_data_bytes
     }
 
+    /// Queues the header of a C2HData PDU carrying `chunk` bytes at offset `off`.
+    fn push_c2h_header(&mut self, cid: u16, off: usize, chunk: usize, last: bool) {
+        let h = C2hData {
+            cccid: cid,
+            datao: off as u32,
+            datal: chunk as u32,
+            last,
+            success: false,
+        };
+        let pdo = self.encoder.c2h_data(&h, &mut self.scratch);
+        self.push_header(pdo);
+    }
+
     fn send_data(&mut self, cid: u16, data: &[u8]) {
         let mut off = 0;
         while off < data.len() {
             let chunk = (data.len() - off).min(MAX_H2C_DATA as usize);
             let last = off + chunk == data.len();
-            let h = C2hData {
-                cccid: cid,
-                datao: off as u32,
-                datal: chunk as u32,
-                last,
-                success: false,
-            };
-            let pdo = self.encoder.c2h_data(&h, &mut self.scratch);
-            self.push_header(pdo);
+            self.push_c2h_header(cid, off, chunk, last);
             let part = &data[off..off + chunk];
             self.tx.extend_from_slice(part);
             if self.negotiated().is_some_and(|n| n.ddgst) {
