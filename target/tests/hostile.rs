@@ -132,14 +132,14 @@ impl Host {
     }
 }
 
-/// A well-behaved host: admin + one I/O queue, a write and a read-back.
-fn good_host_round_trip(addr: SocketAddr, pattern: u8) {
+/// A host's admin queue (controller enabled, CC.EN = 1) and one I/O queue on it, with both
+/// digests on the I/O queue when `digests`.
+fn enabled_controller(addr: SocketAddr, digests: bool) -> (Host, Host) {
     let mut a = Host::new(addr);
     a.ic(false, false);
     let c = a.connect(0, 0xffff);
     assert!(c.status.is_success(), "{:?}", c.status);
     let cntlid = c.dw0 as u16;
-    // Enable the controller (CC.EN = 1).
     let ps = PropertySet {
         attrib: 2,
         ofst: 0x14,
@@ -148,8 +148,14 @@ fn good_host_round_trip(addr: SocketAddr, pattern: u8) {
     .to_sqe(2);
     assert!(a.command(&ps, &[]).0.status.is_success());
     let mut q = Host::new(addr);
-    q.ic(true, true);
+    q.ic(digests, digests);
     assert!(q.connect(1, cntlid).status.is_success());
+    (a, q)
+}
+
+/// A well-behaved host: admin + one I/O queue, a write and a read-back.
+fn good_host_round_trip(addr: SocketAddr, pattern: u8) {
+    let (_a, mut q) = enabled_controller(addr, true);
     let data = vec![pattern; 4096];
     let rw = ReadWrite {
         nsid: 1,
@@ -395,21 +401,7 @@ fn removing_a_namespace_with_commands_waiting_for_its_channel_completes_them() {
     let r = common::rig(NQN, shallow);
     let (addr, s) = (r.addr, r.subsystem.clone());
 
-    let mut a = Host::new(addr);
-    a.ic(false, false);
-    let c = a.connect(0, 0xffff);
-    assert!(c.status.is_success(), "{:?}", c.status);
-    let cntlid = c.dw0 as u16;
-    let ps = PropertySet {
-        attrib: 2,
-        ofst: 0x14,
-        value: 0x0046_0001,
-    }
-    .to_sqe(2);
-    assert!(a.command(&ps, &[]).0.status.is_success());
-    let mut q = Host::new(addr);
-    q.ic(false, false);
-    assert!(q.connect(1, cntlid).status.is_success());
+    let (_a, mut q) = enabled_controller(addr, false);
 
     // 16 writes at once: 2 in the channel (20 ms each), 14 waiting for room.
     const N: u16 = 16;
