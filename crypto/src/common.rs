@@ -132,6 +132,61 @@ pub fn follow_base_size(base: &Arc<dyn Bdev>, info: &Arc<BdevInfo>) -> u64 {
 
 /// Drives `bdev` from one thread at queue depth `qd` with `blocks`-block requests of `io_type`
 /// over its whole range for `secs` seconds; returns GB/s. For the benchmarks in tests.
+/// A tier of cipher implementation: our one-pass VAES and AES-NI engines, or the portable
+/// RustCrypto crate. Which tiers a CPU runs depends on the cipher's instruction needs: each
+/// cipher module has an `engine_supported(Engine) -> bool`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Engine {
+    /// VAES (+ VPCLMULQDQ) on AVX-512 zmm registers, x86_64: 16 blocks per iteration.
+    Vaes,
+    /// AES-NI (+ PCLMULQDQ where the cipher needs it) on xmm registers, x86_64: 8 blocks in
+    /// flight.
+    AesNi,
+    /// The RustCrypto crate: any CPU, and the reference the other engines are tested against.
+    Portable,
+}
+
+impl Engine {
+    /// Every engine, fastest first.
+    pub(crate) const ALL: [Engine; 3] = [Engine::Vaes, Engine::AesNi, Engine::Portable];
+
+    /// The fastest engine `supported` accepts (the portable one runs anywhere).
+    pub(crate) fn fastest(supported: fn(Engine) -> bool) -> Engine {
+        Engine::ALL
+            .into_iter()
+            .find(|&e| supported(e))
+            .unwrap_or(Engine::Portable)
+    }
+
+    /// Every engine `supported` accepts, fastest first; the others are reported on stderr as
+    /// not tested by `cipher` (tests force each engine the CPU runs).
+    #[cfg(test)]
+    pub(crate) fn runnable(cipher: &str, supported: fn(Engine) -> bool) -> Vec<Engine> {
+        Engine::ALL
+            .into_iter()
+            .filter(|&e| {
+                let ok = supported(e);
+                if !ok {
+                    eprintln!(
+                        "{cipher} engine {} not tested: this CPU does not run it",
+                        e.name()
+                    );
+                }
+                ok
+            })
+            .collect()
+    }
+
+    /// A short name for `describe`, benchmarks and messages.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Engine::Vaes => "vaes-avx512",
+            Engine::AesNi => "aes-ni",
+            Engine::Portable => "portable",
+        }
+    }
+}
+
 #[cfg(test)]
 pub(crate) fn throughput(
     bdev: &dyn Bdev,

@@ -58,7 +58,7 @@ use ferroblk_bdev::{
     IoType, SgList, Wake,
 };
 
-use crate::common::{BufPool, MAX_TRANSFER_BYTES, follow_base_size, for_each_unit_mut};
+use crate::common::{BufPool, Engine, MAX_TRANSFER_BYTES, follow_base_size, for_each_unit_mut};
 use crate::key::{Key, KeyError, XTS_KEY_LEN};
 
 /// The `kind` name of this bdev.
@@ -99,53 +99,19 @@ fn as_blocks(bytes: &mut [u8]) -> &mut [Block] {
     unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr().cast::<Block>(), bytes.len() / 16) }
 }
 
-/// An implementation of the XTS transform. [`XtsCipher::new`] picks the fastest the CPU runs
-/// ([`Engine::detect`]); tests force each one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Engine {
-    /// VAES + AVX-512 (x86_64): 16 blocks per iteration in four zmm registers, tweaks and XORs
-    /// in registers, one pass over the unit.
-    Vaes,
-    /// AES-NI (x86_64): 8 blocks in flight in xmm registers, tweaks and XORs in registers, one
-    /// pass over the unit.
-    AesNi,
-    /// The `aes` crate's multi-block cipher (its own AES-NI, or constant-time software AES)
-    /// with the tweaks and XORs in separate passes: any CPU, and the reference in tests.
-    Portable,
-}
-
-impl Engine {
-    /// Every engine, fastest first.
-    pub(crate) const ALL: [Engine; 3] = [Engine::Vaes, Engine::AesNi, Engine::Portable];
-
-    /// The fastest engine this CPU runs.
-    pub(crate) fn detect() -> Engine {
-        Engine::ALL
-            .into_iter()
-            .find(|e| e.is_supported())
-            .unwrap_or(Engine::Portable)
-    }
-
-    /// Whether this CPU has the instructions the engine uses.
-    pub(crate) fn is_supported(self) -> bool {
-        match self {
-            #[cfg(target_arch = "x86_64")]
-            Engine::Vaes => x86::vaes_supported(),
-            #[cfg(target_arch = "x86_64")]
-            Engine::AesNi => x86::aesni_supported(),
-            #[cfg(not(target_arch = "x86_64"))]
-            Engine::Vaes | Engine::AesNi => false,
-            Engine::Portable => true,
-        }
-    }
-
-    /// A short name for benchmarks and messages.
-    pub(crate) fn name(self) -> &'static str {
-        match self {
-            Engine::Vaes => "vaes-avx512",
-            Engine::AesNi => "aes-ni",
-            Engine::Portable => "portable",
-        }
+/// Whether this CPU runs the XTS `engine` (VAES: AES-NI, AVX-512 F/BW, VAES, VPCLMULQDQ;
+/// AES-NI: AES-NI). [`XtsCipher::new`] takes the fastest ([`Engine::fastest`]); tests force each.
+/// VAES and AES-NI keep the tweaks and XORs in registers, one pass over the unit; the portable
+/// engine (the `aes` crate's multi-block cipher) makes separate passes.
+pub(crate) fn engine_supported(engine: Engine) -> bool {
+    match engine {
+        #[cfg(target_arch = "x86_64")]
+        Engine::Vaes => x86::vaes_supported(),
+        #[cfg(target_arch = "x86_64")]
+        Engine::AesNi => x86::aesni_supported(),
+        #[cfg(not(target_arch = "x86_64"))]
+        Engine::Vaes | Engine::AesNi => false,
+        Engine::Portable => true,
     }
 }
 
@@ -170,7 +136,7 @@ impl XtsCipher {
     /// The cipher of a 64-byte key: data key, then tweak key. The halves must differ. It runs
     /// the fastest implementation this CPU supports (VAES + AVX-512, AES-NI, or portable).
     pub fn new(key: &Key) -> Result<XtsCipher, KeyError> {
-        XtsCipher::with_engine(key, Engine::detect())
+        XtsCipher::with_engine(key, Engine::fastest(engine_supported))
     }
 
     /// The cipher of `key` running `engine`.

@@ -14,53 +14,23 @@
 use aes_gcm::aead::generic_array::GenericArray;
 use aes_gcm::{AeadInPlace, Aes256Gcm, KeyInit};
 
+pub(crate) use crate::common::Engine;
+
 #[cfg(target_arch = "x86_64")]
 use super::x86;
 
-/// An implementation of AES-256-GCM. [`GcmCipher::new`] picks the fastest the CPU runs
-/// ([`Engine::detect`]); tests force each one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Engine {
-    /// VAES + VPCLMULQDQ on zmm registers (x86_64 with AVX-512): 16 blocks per iteration.
-    Vaes,
-    /// AES-NI + PCLMULQDQ on xmm registers (x86_64): 8 blocks per iteration.
-    AesNi,
-    /// The `aes-gcm` crate: any CPU, and the reference in tests.
-    Portable,
-}
-
-impl Engine {
-    /// Every engine, fastest first.
-    pub(crate) const ALL: [Engine; 3] = [Engine::Vaes, Engine::AesNi, Engine::Portable];
-
-    /// The fastest engine this CPU runs.
-    pub(crate) fn detect() -> Engine {
-        Engine::ALL
-            .into_iter()
-            .find(|e| e.is_supported())
-            .unwrap_or(Engine::Portable)
-    }
-
-    /// Whether this CPU has the instructions the engine uses.
-    pub(crate) fn is_supported(self) -> bool {
-        match self {
-            #[cfg(target_arch = "x86_64")]
-            Engine::Vaes => x86::vaes_supported(),
-            #[cfg(target_arch = "x86_64")]
-            Engine::AesNi => x86::aesni_supported(),
-            #[cfg(not(target_arch = "x86_64"))]
-            Engine::Vaes | Engine::AesNi => false,
-            Engine::Portable => true,
-        }
-    }
-
-    /// A short name for `describe`, benchmarks and messages.
-    pub(crate) fn name(self) -> &'static str {
-        match self {
-            Engine::Vaes => "vaes-avx512",
-            Engine::AesNi => "aes-ni",
-            Engine::Portable => "portable",
-        }
+/// Whether this CPU runs the GCM `engine` (VAES: AES-NI, PCLMULQDQ, SSSE3, AVX-512 F/BW, VAES,
+/// VPCLMULQDQ; AES-NI: AES-NI, PCLMULQDQ, SSSE3). [`GcmCipher::new`] takes the fastest
+/// ([`Engine::fastest`]); tests force each.
+pub(crate) fn engine_supported(engine: Engine) -> bool {
+    match engine {
+        #[cfg(target_arch = "x86_64")]
+        Engine::Vaes => x86::vaes_supported(),
+        #[cfg(target_arch = "x86_64")]
+        Engine::AesNi => x86::aesni_supported(),
+        #[cfg(not(target_arch = "x86_64"))]
+        Engine::Vaes | Engine::AesNi => false,
+        Engine::Portable => true,
     }
 }
 
@@ -84,7 +54,7 @@ pub(crate) struct GcmCipher {
 impl GcmCipher {
     /// The cipher of a 32-byte key, running the fastest engine this CPU supports.
     pub(crate) fn new(key: &[u8; 32]) -> GcmCipher {
-        GcmCipher::with_engine(key, Engine::detect())
+        GcmCipher::with_engine(key, Engine::fastest(engine_supported))
     }
 
     /// The cipher of `key` running `engine`.
