@@ -152,6 +152,35 @@ impl ClientJobArgs {
     }
 }
 
+/// Runs each job on its own scoped thread named `{prefix}-{index}` and collects the results in
+/// job order (a panicking thread is an error, not a panic here).
+pub fn run_queue_threads<J: Send>(
+    prefix: &str,
+    jobs: Vec<J>,
+    run: impl Fn(J) -> anyhow::Result<JobResult> + Sync,
+) -> Vec<anyhow::Result<JobResult>> {
+    let run = &run;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = jobs
+            .into_iter()
+            .enumerate()
+            .map(|(index, job)| {
+                std::thread::Builder::new()
+                    .name(format!("{prefix}-{index}"))
+                    .spawn_scoped(s, move || run(job))
+                    .expect("spawn a queue thread")
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a queue thread panicked")))
+            })
+            .collect()
+    })
+}
+
 /// Fills `buf` with the data jobs write: with `compress_pct = Some(p)`, every 4 KiB piece is
 /// `100 - p` % pseudo-random bytes followed by zeroes (like fio's `buffer_compress_percentage`,
 /// so lz4 or zstd shrink it to about `100 - p` %); else the byte ramp 0, 1, .., 255.

@@ -21,7 +21,7 @@ use blkio::{Blkio, Blkioq, Completion, ReqFlags};
 
 use crate::perf::{
     ClientJob, ClientJobArgs, Histogram, JobResult, JobSpec, RunResult, next_rand, process_cpu_ns,
-    thread_cpu_ns, ticks,
+    run_queue_threads, thread_cpu_ns, ticks,
 };
 use ferroblk_bdev::reactor::pin_to_cpu;
 
@@ -162,35 +162,21 @@ pub fn run(a: &VhostArgs) -> anyhow::Result<()> {
     let start = Barrier::new(nq);
     let cpu0 = process_cpu_ns();
     let t0 = Instant::now();
-    let results: Vec<anyhow::Result<JobResult>> = std::thread::scope(|s| {
-        let handles: Vec<_> = queues
-            .into_iter()
-            .enumerate()
-            .map(|(index, queue)| {
-                let job = QueueJob {
-                    index,
-                    cpu: (!cpus.is_empty()).then(|| cpus[index % cpus.len()]),
-                    queue,
-                    bufs: region.addr.wrapping_add(index * per_queue) as *mut u8,
-                    spec: &spec,
-                    ios_in_dev,
-                    wait: a.job.wait,
-                    start: &start,
-                };
-                std::thread::Builder::new()
-                    .name(format!("perf-vhost-{index}"))
-                    .spawn_scoped(s, move || run_queue(job))
-                    .expect("spawn a queue thread")
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a queue thread panicked")))
-            })
-            .collect()
-    });
+    let jobs: Vec<QueueJob<'_>> = queues
+        .into_iter()
+        .enumerate()
+        .map(|(index, queue)| QueueJob {
+            index,
+            cpu: (!cpus.is_empty()).then(|| cpus[index % cpus.len()]),
+            queue,
+            bufs: region.addr.wrapping_add(index * per_queue) as *mut u8,
+            spec: &spec,
+            ios_in_dev,
+            wait: a.job.wait,
+            start: &start,
+        })
+        .collect();
+    let results = run_queue_threads("perf-vhost", jobs, run_queue);
     let r = RunResult {
         jobs: results.into_iter().collect::<anyhow::Result<_>>()?,
         process_cpu_ns: process_cpu_ns() - cpu0,
