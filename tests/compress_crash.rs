@@ -34,7 +34,7 @@ const BASE_BLOCKS: u64 = 512;
 const KILLS: u32 = 300;
 
 const QD: usize = 8;
-const FLUSH_TAG: u64 = u64::MAX;
+const FLUSH_TAG: u64 = 1 << 62;
 
 fn splitmix(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);

@@ -3,7 +3,8 @@
 //!
 //! A bdev implementation provides [`ChannelOps`]; [`Channel`] wraps it with what every bdev
 //! shares: range and shape validation (so drivers see only well-formed requests), capability
-//! checks, per-channel statistics, and an in-flight count. Rejected requests complete through the
+//! checks, splitting of requests larger than the bdev takes ([`crate::split`]), per-channel
+//! statistics, and an in-flight count. Rejected requests complete through the
 //! same `poll` as every other request, with a status; nothing is rejected by panic or by
 //! dropping the request.
 
@@ -16,6 +17,7 @@ use serde::Serialize;
 
 use crate::buf::SgList;
 use crate::error::BdevError;
+use crate::split::{CHILD_TAG, Splitter};
 use crate::types::{BlockSize, Caps, Geometry, IoStatus, IoType};
 
 /// One I/O request. It owns its buffers until its completion hands them back.
@@ -29,7 +31,8 @@ pub struct IoRequest {
     pub num_blocks: u32,
     /// Data buffers: exactly `num_blocks * block_size` bytes for read and write, empty otherwise.
     pub bufs: SgList,
-    /// The submitter's cookie, returned in the completion.
+    /// The submitter's cookie, returned in the completion. Its top bit
+    /// ([`crate::split::CHILD_TAG`]) is the layer's: a request that sets it is rejected.
     pub tag: u64,
 }
 
@@ -113,8 +116,9 @@ impl Wake {
 }
 
 /// The data path a bdev implements for one reactor. Requests reaching it were validated by
-/// [`Channel`]: the type is supported, the range is inside the bdev, and read/write buffers hold
-/// exactly the blocks asked for.
+/// [`Channel`]: the type is supported, the range is inside the bdev, read/write buffers hold
+/// exactly the blocks asked for, and a read or write fits the bdev's maximum transfer and
+/// segment count (larger ones reach it as several requests).
 pub trait ChannelOps {
     /// Starts a request, or hands it back untouched when the channel is full (back-pressure: the
     /// caller retries after a completion).
@@ -130,12 +134,23 @@ pub trait ChannelOps {
 }
 
 /// A reactor's handle on one bdev: submit requests, poll completions. Owned by one thread.
+///
+/// A read or write of any size and segment count up to the request format's limits is
+/// accepted: one larger than the bdev's maximum transfer or segment count is split into
+/// children that fit, and completes once, when they all have.
 pub struct Channel {
     info: Arc<BdevInfo>,
+    // Declared before `split`: dropped first, so the bdev is done with child requests before
+    // the parents' buffers they point into are released.
     ops: Box<dyn ChannelOps>,
-    rejected: VecDeque<IoCompletion>,
+    split: Splitter,
+    /// Completions ready without the bdev: rejected requests, finished split requests.
+    ready: VecDeque<IoCompletion>,
     stats: Arc<ChannelStats>,
+    /// Requests of the submitter in flight (a split request counts once).
     in_flight: usize,
+    /// Requests in flight in `ops` (a split request counts each child).
+    ops_in_flight: usize,
     depth: usize,
 }
 
@@ -149,12 +164,21 @@ impl Channel {
             .expect("stats lock")
             .live
             .push(stats.clone());
+        let g = info.geometry();
+        let split = Splitter::new(
+            depth,
+            g.max_transfer_blocks,
+            g.max_segments,
+            g.block_size.shift(),
+        );
         Channel {
             info,
             ops,
-            rejected: VecDeque::with_capacity(depth),
+            split,
+            ready: VecDeque::with_capacity(depth),
             stats,
             in_flight: 0,
+            ops_in_flight: 0,
             depth,
         }
     }
@@ -185,12 +209,17 @@ impl Channel {
         if status != IoStatus::Success {
             self.stats.add(&self.stats.rejected, 1);
             self.in_flight += 1;
-            self.rejected.push_back(io.complete(status));
+            self.ready.push_back(io.complete(status));
             return Ok(());
         }
         let t = io.io_type as usize;
         let bytes = self.info.block_size.to_bytes(u64::from(io.num_blocks));
-        self.ops.submit(io)?;
+        if self.split.needs_split(&io) {
+            self.ops_in_flight += self.split.start(io, &mut *self.ops, &mut self.ready);
+        } else {
+            self.ops.submit(io)?;
+            self.ops_in_flight += 1;
+        }
         self.in_flight += 1;
         self.stats.add(&self.stats.ops[t], 1);
         self.stats.add(&self.stats.bytes[t], bytes);
@@ -200,6 +229,9 @@ impl Channel {
     #[inline]
     fn validate(&self, io: &IoRequest) -> IoStatus {
         let info = &*self.info;
+        if io.tag & CHILD_TAG != 0 {
+            return IoStatus::InvalidRequest;
+        }
         if !info.caps.contains(io.io_type.cap()) {
             return IoStatus::Unsupported;
         }
@@ -217,14 +249,8 @@ impl Channel {
             }
         }
         if io.io_type.has_data() {
-            if io.num_blocks > info.max_transfer_blocks {
-                return IoStatus::InvalidRequest;
-            }
             let want = info.block_size.to_bytes(u64::from(io.num_blocks));
-            let segs = io.bufs.segments();
-            if segs.len() > info.max_segments as usize
-                || segs.iter().map(|s| s.len as u64).sum::<u64>() != want
-            {
+            if io.bufs.segments().iter().map(|s| s.len as u64).sum::<u64>() != want {
                 return IoStatus::InvalidRequest;
             }
         } else if !io.bufs.segments().is_empty() {
@@ -237,10 +263,25 @@ impl Channel {
     #[inline]
     pub fn poll(&mut self, done: &mut Vec<IoCompletion>) -> usize {
         let start = done.len();
-        while let Some(c) = self.rejected.pop_front() {
-            done.push(c);
-        }
+        done.extend(self.ready.drain(..));
+        let from_ops = done.len();
         self.ops.poll(done);
+        self.ops_in_flight -= done.len() - from_ops;
+        if self.split.active() {
+            let mut i = from_ops;
+            while i < done.len() {
+                if done[i].tag & CHILD_TAG != 0 {
+                    let c = done.swap_remove(i);
+                    self.ops_in_flight += self.split.child_done(c, &mut *self.ops, &mut self.ready);
+                } else {
+                    i += 1;
+                }
+            }
+            if self.split.has_stalled() {
+                self.ops_in_flight += self.split.retry_stalled(&mut *self.ops, &mut self.ready);
+            }
+            done.extend(self.ready.drain(..));
+        }
         let n = done.len() - start;
         self.in_flight -= n;
         let errors = done[start..].iter().filter(|c| !c.status.is_ok()).count();
@@ -252,7 +293,7 @@ impl Channel {
 
     /// What wakes the reactor for this channel.
     pub fn wake(&self) -> Wake {
-        if !self.rejected.is_empty() {
+        if !self.ready.is_empty() || (self.split.has_stalled() && self.ops_in_flight == 0) {
             Wake::Immediate
         } else if self.in_flight == 0 {
             Wake::Event

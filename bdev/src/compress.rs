@@ -2446,7 +2446,7 @@ mod tests {
         let mut flush: Option<u64> = None;
         let (mut next_id, mut completed, mut crashes, mut step) = (0u64, 0u64, 0u32, 0u64);
         let mut done = Vec::new();
-        const FLUSH: u64 = u64::MAX;
+        const FLUSH: u64 = 1 << 62;
         while crashes < 200 {
             step += 1;
             while in_flight.len() < 8 {

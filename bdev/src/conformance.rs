@@ -12,7 +12,7 @@ use crate::bdev::{Bdev, Channel, IoCompletion, IoRequest, Wake};
 use crate::buf::{AlignedBuf, SgList};
 use crate::reactor::{Poller, ReactorConfig, Reactors};
 use crate::sync::SyncChannel;
-use crate::types::{Caps, IoStatus, IoType};
+use crate::types::{Caps, IoStatus, IoType, MAX_EXPORT_IO_BYTES, MAX_EXPORT_SEGMENTS};
 
 /// Opens the bdev under test; called again to reopen it for the persistence check.
 pub type Opener<'a> = &'a dyn Fn() -> Arc<dyn Bdev>;
@@ -46,6 +46,7 @@ pub fn run(open: Opener<'_>, persistent_reopen: bool) {
             check_read_after_write(&name, &mut ch);
             check_scatter_gather(&name, &mut ch);
         }
+        check_large_io(&name, &mut ch, caps.contains(Caps::RETAINS_DATA));
         if caps.contains(Caps::UNMAP) {
             check_unmap(&name, &mut ch, caps);
         }
@@ -116,6 +117,75 @@ pub fn check_read_after_write(name: &str, ch: &mut SyncChannel) {
             back[2 * bs..] == a[2 * bs..],
             "{name}: block 2 disturbed by a write to block 1"
         );
+    }
+}
+
+/// Segment lengths for a request of `len` bytes: `segs` segments, sector multiples of uneven
+/// lengths (not block multiples), as a guest's virtio-blk driver may send them.
+fn uneven_segments(len: usize, segs: usize) -> Vec<usize> {
+    let segs = segs.min(len / 512).max(1);
+    let mut lens: Vec<usize> = (0..segs - 1).map(|i| 512 * (1 + i % 5)).collect();
+    let used: usize = lens.iter().sum();
+    if used >= len {
+        return vec![len];
+    }
+    lens.push(len - used);
+    lens
+}
+
+/// Reads and writes of every size a front may send, from one block up to the largest any
+/// export advertises ([`MAX_EXPORT_IO_BYTES`]), across the bdev's own maximum transfer, with
+/// scatter-gather lists of up to [`MAX_EXPORT_SEGMENTS`] uneven segments: the channel layer
+/// splits what the bdev cannot take whole, and data round-trips through any segmentation.
+pub fn check_large_io(name: &str, ch: &mut SyncChannel, retains_data: bool) {
+    let bs = ch.block_size();
+    let g = ch.channel().info().geometry();
+    let count = g.block_count;
+    let max_blocks = (MAX_EXPORT_IO_BYTES as usize / bs) as u64;
+    let mut sizes = vec![1, 2, max_blocks / 2 + 1, max_blocks];
+    let native = u64::from(g.max_transfer_blocks);
+    if native < max_blocks {
+        sizes.extend([native, native + 1, 2 * native + 3]);
+    }
+    sizes.retain(|&n| n >= 1 && n <= max_blocks);
+    sizes.sort_unstable();
+    sizes.dedup();
+    for (generation, &n) in sizes.iter().enumerate() {
+        let n = n.min(count) as u32;
+        let lba = (count - u64::from(n)) / 3;
+        let len = n as usize * bs;
+        let data = patterned(lba, n, bs, 1000 + generation as u64);
+        for segs in [1, MAX_EXPORT_SEGMENTS as usize] {
+            let mut buf = AlignedBuf::new(len);
+            buf.as_mut_slice().copy_from_slice(&data);
+            let bufs = SgList::from_buf_split(buf, &uneven_segments(len, segs));
+            let c = ch.run(IoRequest::write(lba, n, bufs, 0));
+            assert_eq!(
+                c.status,
+                IoStatus::Success,
+                "{name}: write of {n} blocks in {segs} segments"
+            );
+            let read_segs = if segs == 1 {
+                MAX_EXPORT_SEGMENTS as usize
+            } else {
+                1
+            };
+            let bufs =
+                SgList::from_buf_split(AlignedBuf::new(len), &uneven_segments(len, read_segs));
+            let c = ch.run(IoRequest::read(lba, n, bufs, 0));
+            assert_eq!(
+                c.status,
+                IoStatus::Success,
+                "{name}: read of {n} blocks in {read_segs} segments"
+            );
+            if retains_data {
+                let back = c.bufs.into_buf().expect("owned buffer");
+                assert!(
+                    back.as_slice()[..len] == data[..],
+                    "{name}: {n}-block write in {segs} segments read back differently"
+                );
+            }
+        }
     }
 }
 

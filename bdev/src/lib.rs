@@ -45,6 +45,7 @@ pub mod mdregion;
 pub mod reactor;
 pub mod registry;
 pub mod spec;
+pub mod split;
 pub mod stacked;
 pub mod sync;
 #[cfg(any(test, feature = "conformance"))]
@@ -60,4 +61,6 @@ pub use buf::{AlignedBuf, IoSeg, SgList};
 pub use error::BdevError;
 pub use registry::BdevRegistry;
 pub use spec::{BdevSpec, ByteSize};
-pub use types::{BlockSize, Caps, Geometry, IoStatus, IoType};
+pub use types::{
+    BlockSize, Caps, Geometry, IoStatus, IoType, MAX_EXPORT_IO_BYTES, MAX_EXPORT_SEGMENTS,
+};

@@ -253,9 +253,21 @@ pub fn allocations() -> u64 {
 /// Runs `rounds` rounds of `qd` one-block requests (reads, writes, flushes mixed) on a channel
 /// of `bdev`, recycling the buffers, and returns the [`allocations`] made after the first round.
 pub fn steady_state_allocations(bdev: &Arc<dyn Bdev>, qd: usize, rounds: usize) -> u64 {
+    steady_state_allocations_sized(bdev, qd, rounds, 1)
+}
+
+/// As [`steady_state_allocations`], with reads and writes of `blocks` blocks each (past the
+/// bdev's maximum transfer, this counts what splitting allocates).
+pub fn steady_state_allocations_sized(
+    bdev: &Arc<dyn Bdev>,
+    qd: usize,
+    rounds: usize,
+    blocks: u32,
+) -> u64 {
     let mut ch = bdev.open_channel().unwrap();
     let bs = bdev.info().block_size().bytes() as usize;
-    let mut bufs: Vec<Option<AlignedBuf>> = (0..qd).map(|_| Some(AlignedBuf::new(bs))).collect();
+    let len = bs * blocks as usize;
+    let mut bufs: Vec<Option<AlignedBuf>> = (0..qd).map(|_| Some(AlignedBuf::new(len))).collect();
     let mut done: Vec<IoCompletion> = Vec::with_capacity(qd);
     let mut before = 0;
     for round in 0..rounds {
@@ -272,11 +284,12 @@ pub fn steady_state_allocations(bdev: &Arc<dyn Bdev>, qd: usize, rounds: usize) 
                 IoRequest::no_data(t, 0, 0, i as u64)
             } else {
                 let b = SgList::from_buf(slot.take().unwrap());
-                let lba = (i * 7 + round) as u64 % bdev.info().block_count();
+                let count = bdev.info().block_count() - u64::from(blocks) + 1;
+                let lba = (i * 7 + round) as u64 % count;
                 IoRequest {
                     io_type: t,
                     offset_blocks: lba,
-                    num_blocks: 1,
+                    num_blocks: blocks,
                     bufs: b,
                     tag: i as u64,
                 }

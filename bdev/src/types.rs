@@ -269,6 +269,16 @@ impl std::ops::BitOr for Caps {
     }
 }
 
+/// The largest read or write an export lets a host send in one command: NVMe/TCP's MDTS and
+/// virtio-blk's `seg_max` × `size_max` are derived from it. The [`crate::bdev::Channel`] layer
+/// takes any size (it splits what a bdev cannot take whole), and the conformance suite runs
+/// every bdev at this size.
+pub const MAX_EXPORT_IO_BYTES: u64 = 1 << 20;
+
+/// The most scatter-gather segments an export lets a host send in one command (virtio-blk's
+/// `seg_max`: a 128-entry virtqueue less the request header and status descriptors).
+pub const MAX_EXPORT_SEGMENTS: u32 = 126;
+
 /// A bdev's shape at one moment. The block count can change (resize); the rest is fixed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Geometry {
@@ -279,9 +289,11 @@ pub struct Geometry {
     /// Alignment in bytes that data buffers must have for the fastest path (O_DIRECT); buffers
     /// that are not aligned are still accepted.
     pub buf_align: u32,
-    /// Largest transfer of one request, in blocks.
+    /// Largest transfer the bdev takes in one request, in blocks; the channel layer splits
+    /// larger requests. Also the optimal I/O size an export advertises.
     pub max_transfer_blocks: u32,
-    /// Most scatter-gather segments in one request.
+    /// Most scatter-gather segments the bdev takes in one request; the channel layer splits
+    /// requests with more.
     pub max_segments: u32,
     /// What the bdev accepts and how it behaves.
     pub caps: Caps,

@@ -5,7 +5,9 @@
 
 use std::sync::Arc;
 
-use ferroblk_bdev::testing::{CountingAlloc, malloc, steady_state_allocations};
+use ferroblk_bdev::testing::{
+    CountingAlloc, malloc, steady_state_allocations, steady_state_allocations_sized,
+};
 use ferroblk_bdev::{Bdev, BlockSize};
 use ferroblk_crypto::{GcmBdev, Key, XtsBdev};
 
@@ -41,5 +43,11 @@ fn hot_path_makes_no_heap_allocation() {
     for (name, bdev) in cases {
         let n = steady_state_allocations(&bdev, 32, 50);
         assert_eq!(n, 0, "{name}: {n} heap allocations in steady state");
+        // 1 MiB requests, split by the channel layer into the bdev's maximum transfer.
+        let n = steady_state_allocations_sized(&bdev, 8, 50, 256);
+        assert_eq!(
+            n, 0,
+            "{name}: {n} heap allocations in steady state, split requests"
+        );
     }
 }

@@ -16,7 +16,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use ferroblk_bdev::reactor::{PollerId, ReactorHandle};
-use ferroblk_bdev::{Bdev, Caps};
+use ferroblk_bdev::{Bdev, Caps, MAX_EXPORT_IO_BYTES, MAX_EXPORT_SEGMENTS};
 use serde::{Deserialize, Serialize};
 
 use crate::inflight::{self, InflightRegion};
@@ -382,8 +382,10 @@ impl<'a> Conn<'a> {
         self.spec.read_only || self.bdev.info().is_read_only()
     }
 
+    /// `seg_max`: the most segments a request may carry. The bdev channel layer splits what
+    /// the chain cannot take whole, so this is the export's own limit, not the chain's.
     fn seg_max(&self) -> u32 {
-        self.bdev.info().geometry().max_segments.min(126)
+        MAX_EXPORT_SEGMENTS
     }
 
     /// The virtio-blk configuration space (virtio 1.2 §5.2.4).
@@ -395,16 +397,19 @@ impl<'a> Conn<'a> {
             c[off..off + 4].copy_from_slice(&v.to_le_bytes())
         };
         c[0..8].copy_from_slice(&(g.size_bytes() / 512).to_le_bytes());
+        // A request carries at most seg_max × size_max bytes: no more than the largest I/O
+        // every chain is tested with (MAX_EXPORT_IO_BYTES).
         let seg_max = self.seg_max();
-        let max_bytes = u64::from(g.max_transfer_blocks) * u64::from(bs);
-        let size_max = ((max_bytes / u64::from(seg_max)).min(1 << 20) as u32) & !4095;
+        let size_max = (MAX_EXPORT_IO_BYTES / u64::from(seg_max)) as u32 & !4095;
         put32(&mut c, 8, size_max.max(4096));
         put32(&mut c, 12, seg_max);
         put32(&mut c, 20, bs);
         c[24] = 0; // physical_block_exp
         c[25] = 0; // alignment_offset
         c[26..28].copy_from_slice(&1u16.to_le_bytes()); // min_io_size, in logical blocks
-        put32(&mut c, 28, 0); // opt_io_size
+        // opt_io_size: the chain's own largest transfer (larger requests are split).
+        let opt_blocks = u64::from(g.max_transfer_blocks).min(MAX_EXPORT_IO_BYTES / u64::from(bs));
+        put32(&mut c, 28, opt_blocks as u32);
         c[32] = u8::from(self.shared.writeback.load(Ordering::Relaxed));
         c[34..36].copy_from_slice(&self.spec.num_queues.to_le_bytes());
         let max_sectors = ((1u64 << 30) / 512) as u32;

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use ferroblk_bdev::Caps;
+use ferroblk_bdev::{Caps, MAX_EXPORT_IO_BYTES};
 
 use super::{Controller, MAX_IO_QUEUES, Target};
 use crate::spec::Status;
@@ -14,7 +14,7 @@ use crate::spec::fabrics::{Cap, Cc, Csts, PropertyGet, PropertySet, Version, pro
 use crate::spec::features::{FeatureId, NumberOfQueues};
 use crate::spec::identify::{
     IDENTIFY_LEN, IdentifyController, IdentifyNamespace, LbaFormat, NsIdDescriptor, cmic,
-    cntrltype, dlfeat, lpa, oncs, sgls, vwc, write_active_ns_list,
+    cntrltype, dlfeat, lpa, nsfeat, oncs, sgls, vwc, write_active_ns_list,
 };
 use crate::spec::log::{LogPageId, SmartLog, discovery_log_page, write_changed_ns_list};
 
@@ -22,8 +22,11 @@ use crate::spec::log::{LogPageId, SmartLog, discovery_log_page, write_changed_ns
 pub const QUEUE_ENTRIES: u16 = 128;
 /// In-capsule data an I/O queue accepts (IOCCSZ × 16 − 64).
 pub const IN_CAPSULE_DATA: u32 = 8192;
-/// MDTS: 2^8 × 4 KiB = 1 MiB per command.
-pub const MDTS: u8 = 8;
+/// MDTS: 2^MDTS × 4 KiB (CAP.MPSMIN) per command, the largest I/O every exported chain is
+/// tested with ([`MAX_EXPORT_IO_BYTES`], 1 MiB); the bdev channel layer splits it for bdevs
+/// that take less.
+pub const MDTS: u8 = (MAX_EXPORT_IO_BYTES >> 12).trailing_zeros() as u8;
+const _: () = assert!(4096u64 << MDTS == MAX_EXPORT_IO_BYTES);
 /// Most outstanding Asynchronous Event Requests (AERL + 1).
 pub const AER_SLOTS: usize = 4;
 /// Version reported in VS and Identify Controller.
@@ -213,11 +216,19 @@ fn identify_namespace(ns: &super::Namespace) -> Vec<u8> {
     if g.caps.contains(Caps::UNMAP_READS_ZEROES) {
         dl |= dlfeat::READ_ZEROES | dlfeat::WRITE_ZEROES_DEALLOCATE;
     }
+    // NOWS (0's based): the chain's own largest transfer, so hosts size their I/O to what the
+    // chain takes whole (NVM Command Set §4.1.5.2: optimal write size). NPWG stays one block.
+    let mdts_blocks = MAX_EXPORT_IO_BYTES >> g.block_size.shift();
+    let nows = u64::from(g.max_transfer_blocks)
+        .min(mdts_blocks)
+        .clamp(1, 1 << 16)
+        - 1;
     IdentifyNamespace {
         nsze: g.block_count,
         ncap: g.block_count,
         nuse: g.block_count,
-        nsfeat: 0,
+        nsfeat: nsfeat::OPTIMAL_PERFORMANCE,
+        nows: nows as u16,
         flbas: 0,
         nmic: 1,
         dlfeat: dl,
