@@ -265,7 +265,7 @@ mod tests {
         // The offset counts too.
         let (fd, size) = create(1, 8).unwrap();
         assert!(InflightRegion::map(&fd, 4096, size, 1, 8).is_err());
-        assert!(InflightRegion::map(&fd, u64::MAX & !4095, size, 1, 8).is_err());
+        assert!(InflightRegion::map(&fd, !4095, size, 1, 8).is_err());
         assert!(InflightRegion::map(&fd, 0, size, 1, 8).is_ok());
     }
 }
