@@ -533,6 +533,8 @@ pub(crate) mod testing {
     pub struct Driver {
         /// The mapped memory.
         pub mem: std::sync::Arc<GuestMemory>,
+        /// The memfd behind it (for tests that hand it to a device over the socket).
+        pub fd: std::os::fd::OwnedFd,
         /// Ring addresses.
         pub addrs: RingAddrs,
         /// Queue size.
@@ -557,7 +559,9 @@ pub(crate) mod testing {
                 user_addr: BASE,
                 mmap_offset: 0,
             };
-            let mem = std::sync::Arc::new(GuestMemory::new(&[d], &[fd]).unwrap());
+            let fds = [fd];
+            let mem = std::sync::Arc::new(GuestMemory::new(&[d], &fds).unwrap());
+            let [fd] = fds;
             let n = u64::from(size);
             let addrs = RingAddrs {
                 desc: BASE,
@@ -566,6 +570,7 @@ pub(crate) mod testing {
             };
             Driver {
                 mem,
+                fd,
                 addrs,
                 size,
                 avail_idx: 0,
