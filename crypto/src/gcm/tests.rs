@@ -276,6 +276,89 @@ fn a_block_failing_its_tag_never_leaves_plaintext_in_the_callers_buffer() {
     }
 }
 
+/// Read-only pages holding `data`: any write into them faults.
+struct ReadOnly {
+    p: *mut u8,
+    len: usize,
+}
+
+impl ReadOnly {
+    fn new(data: &[u8]) -> ReadOnly {
+        let len = data.len().div_ceil(4096) * 4096;
+        // SAFETY: a fresh private anonymous mapping; the result is checked.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        let p = p.cast::<u8>();
+        // SAFETY: `data.len() <= len` bytes of the mapping just made, which nothing else uses;
+        // then the whole mapping is made read-only.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len());
+            assert_eq!(libc::mprotect(p.cast(), len, libc::PROT_READ), 0);
+        }
+        ReadOnly { p, len }
+    }
+}
+
+impl Drop for ReadOnly {
+    fn drop(&mut self) {
+        // SAFETY: unmaps the mapping made in `new`, once.
+        unsafe { libc::munmap(self.p.cast(), self.len) };
+    }
+}
+
+#[test]
+fn a_block_failing_its_tag_is_never_written_to_the_callers_buffer() {
+    // The caller's buffer is read-only: decrypting a block whose tag fails into it, even
+    // only until the tag check, would kill the test with SIGSEGV.
+    let key_bytes: [u8; 32] = key().expose().try_into().unwrap();
+    let bs = 4096;
+    let plain = vec![0x5au8; bs];
+    for e in crate::common::Engine::runnable("GCM", cipher::engine_supported) {
+        let cipher = GcmCipher::with_engine(&key_bytes, e);
+        let mut ch = GcmEntries {
+            cipher: cipher.clone(),
+            shared: Arc::new(GcmShared {
+                cipher,
+                volume_id: [7; 16],
+                integrity_errors: AtomicU64::new(0),
+            }),
+            bs,
+            nonce_prefix: [1; 4],
+            nonce_counter: 0,
+            pool: BufPool::new(4096),
+            bounce: vec![0u8; bs],
+        };
+        let mut src = AlignedBuf::new(bs);
+        src.as_mut_slice().copy_from_slice(&plain);
+        let mut entries = [0u8; ENTRY_BYTES];
+        let mut ct = vec![0u8; bs];
+        ch.patch(0, 9, &SgList::from_buf(src), &mut entries, Some(&mut ct));
+        entries[NONCE_BYTES] ^= 1;
+        let ro = ReadOnly::new(&ct);
+        // SAFETY: the segment is mapped for `bs` bytes until `ro` drops, after the list. It is
+        // not writable, against `from_raw`'s contract, which is exactly what this test checks:
+        // a failed block is never written.
+        let mut l = unsafe {
+            SgList::from_raw(&[ferroblk_bdev::IoSeg {
+                base: ro.p,
+                len: bs,
+            }])
+        };
+        assert!(!ch.verify(9, &entries, &mut l), "{}", e.name());
+        drop(l);
+        drop(ro);
+    }
+}
+
 #[test]
 fn a_tampered_read_returns_no_plaintext() {
     let base = malloc(BlockSize::B4096, 64);
