@@ -41,7 +41,10 @@
 //!   caller that changes its buffer while its write is in flight gets integrity errors on those
 //!   blocks.
 //! - Read: the data goes straight into the caller's buffer while the covering metadata blocks
-//!   are read into a channel buffer; then every block is verified (no copy either).
+//!   are read into a channel buffer; then every block is verified.
+//! - The CRCs are computed over a copy: each block of the caller's buffer (guest memory on the
+//!   vhost path, which the guest may change at any moment) is copied once into a one-block
+//!   channel buffer and summed there; the caller's memory is never seen as a `&[u8]`.
 //! - Locks: *range locks* of 128 KiB of data, and *metadata block locks* held only for the
 //!   read-modify-write (see [`crate::mdregion`] for who takes which, and why reads need no
 //!   metadata lock). One metadata block covers 4 MiB of data (4 KiB blocks), so neighbouring
@@ -118,32 +121,28 @@ impl CrcShared {
     }
 }
 /// Computes the CRC32C of each `bs`-byte block of `bufs`, in order, calling `f(index, crc)`.
-/// Blocks that straddle segments are handled without a copy.
-fn for_each_block_crc(bufs: &SgList, bs: usize, mut f: impl FnMut(usize, u32)) {
-    let (mut index, mut crc, mut fill) = (0usize, 0u32, 0usize);
+/// Each block is copied once into `block` (the channel's own buffer, `bs` bytes) and summed
+/// there: on the vhost path the segments are guest memory the guest may change at any moment,
+/// so they are read only with raw copies, never seen as a `&[u8]`. A trailing partial block
+/// (which the layer never lets through) is not summed.
+fn for_each_block_crc(bufs: &SgList, block: &mut [u8], mut f: impl FnMut(usize, u32)) {
+    let bs = block.len();
+    let (mut index, mut fill) = (0usize, 0usize);
     for s in bufs.segments() {
-        if s.len == 0 {
-            continue;
-        }
-        // SAFETY: the list's constructors guarantee every segment is valid for reads of its
-        // length while the list lives; `bufs` is borrowed for the whole loop.
-        let mut data = unsafe { std::slice::from_raw_parts(s.base.cast_const(), s.len) };
-        while !data.is_empty() {
-            if fill == 0 && data.len() >= bs {
-                // The common case: a whole block inside one segment.
-                f(index, crate::checksum::crc32c(&data[..bs]));
-                index += 1;
-                data = &data[bs..];
-                continue;
-            }
-            let take = (bs - fill).min(data.len());
-            crc = crate::checksum::crc32c_append(crc, &data[..take]);
-            fill += take;
-            data = &data[take..];
+        let mut off = 0;
+        while off < s.len {
+            let n = (bs - fill).min(s.len - off);
+            // SAFETY: `off + n <= s.len`, and the list's constructors guarantee every segment is
+            // valid for reads of its length while the list lives (`bufs` is borrowed for the
+            // whole loop); `fill + n <= bs`, inside `block`, our own buffer.
+            unsafe {
+                std::ptr::copy_nonoverlapping(s.base.add(off), block.as_mut_ptr().add(fill), n)
+            };
+            off += n;
+            fill += n;
             if fill == bs {
-                f(index, crc);
+                f(index, crate::checksum::crc32c(block));
                 index += 1;
-                crc = 0;
                 fill = 0;
             }
         }
@@ -220,13 +219,13 @@ impl Bdev for CrcBdev {
         let entries = CrcEntries {
             shared: self.shared.clone(),
             name: self.info.name().to_string(),
-            bs,
             crcs: (0..depth)
                 .map(|_| vec![0u32; max_transfer as usize])
                 .collect(),
             md_bufs: (0..op_slots)
                 .map(|_| AlignedBuf::with_align(md_buf_blocks as usize * bs, align))
                 .collect(),
+            block: vec![0u8; bs],
         };
         let ops = MdChannel::new(
             base,
@@ -261,11 +260,12 @@ impl Bdev for CrcBdev {
 struct CrcEntries {
     shared: Arc<CrcShared>,
     name: String,
-    bs: usize,
     /// Per request slot: the CRCs of a write's blocks, computed when it arrives.
     crcs: Vec<Vec<u32>>,
     /// Free metadata buffers, one per op slot, so an op always finds one.
     md_bufs: Vec<AlignedBuf>,
+    /// One block: each block of a caller's buffer is copied here once and summed.
+    block: Vec<u8>,
 }
 
 impl EntryOps for CrcEntries {
@@ -293,7 +293,7 @@ impl EntryOps for CrcEntries {
 
     fn prepare_write(&mut self, req: u32, bufs: &SgList) {
         let crcs = &mut self.crcs[req as usize];
-        for_each_block_crc(bufs, self.bs, |i, crc| crcs[i] = crc);
+        for_each_block_crc(bufs, &mut self.block, |i, crc| crcs[i] = crc);
     }
 
     fn patch(
@@ -317,7 +317,7 @@ impl EntryOps for CrcEntries {
         let zero_crc = self.shared.zero_crc;
         let mut bad = 0u32;
         let (shared, name) = (&self.shared, &self.name);
-        for_each_block_crc(bufs, self.bs, |i, crc| {
+        for_each_block_crc(bufs, &mut self.block, |i, crc| {
             let e = &entries[i * ENTRY_BYTES..][..ENTRY_BYTES];
             let want = u32::from_le_bytes(e.try_into().expect("4 bytes"));
             if crc ^ zero_crc != want {
@@ -343,6 +343,29 @@ mod tests {
         fill, flip, malloc, tamper_sampled, write_alternate_blocks_from_two_channels,
     };
     use crate::types::{BlockSize, IoStatus};
+
+    #[test]
+    fn block_crcs_are_summed_from_one_copy_across_any_segments() {
+        let bs = 512;
+        let mut buf = AlignedBuf::new(4 * bs + 100);
+        for (i, b) in buf.as_mut_slice().iter_mut().enumerate() {
+            *b = (i * 31 % 253) as u8;
+        }
+        let want: Vec<u32> = buf.as_slice()[..4 * bs]
+            .chunks_exact(bs)
+            .map(crate::checksum::crc32c)
+            .collect();
+        // Blocks inside one segment, straddling two and three, an empty segment, and a trailing
+        // partial block (not summed).
+        let l = SgList::from_buf_split(buf, &[512, 100, 0, 300, 50, 1062, 124]);
+        let mut block = vec![0u8; bs];
+        let mut got = Vec::new();
+        for_each_block_crc(&l, &mut block, |i, crc| {
+            assert_eq!(i, got.len());
+            got.push(crc);
+        });
+        assert_eq!(got, want);
+    }
 
     #[test]
     fn crc_passes_conformance_over_malloc_4k_and_512() {

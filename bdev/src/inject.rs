@@ -52,7 +52,8 @@ impl<T> SlotTable<T> {
     }
 }
 
-/// Makes a stacked bdev's info follow its base's size.
+/// Makes a stacked bdev's info follow its base's size; returns the subscription, which the
+/// stacked bdev cancels when it is dropped (or the base would keep its listener forever).
 fn follow_base_size(base: &Arc<dyn Bdev>, info: &Arc<BdevInfo>) -> u64 {
     let weak = Arc::downgrade(info);
     base.info().subscribe(move |ev| {
@@ -131,6 +132,14 @@ pub struct ErrorBdev {
     base: Arc<dyn Bdev>,
     state: Arc<ErrorState>,
     rule: std::sync::Mutex<Option<ErrorRule>>,
+    /// The base's resize listener, removed on drop.
+    subscription: u64,
+}
+
+impl Drop for ErrorBdev {
+    fn drop(&mut self) {
+        self.base.info().unsubscribe(self.subscription);
+    }
 }
 
 impl ErrorBdev {
@@ -147,12 +156,13 @@ impl ErrorBdev {
             .max_segments(g.max_segments)
             .read_only(base.info().is_read_only())
             .build();
-        follow_base_size(&base, &info);
+        let subscription = follow_base_size(&base, &info);
         let b = ErrorBdev {
             info,
             base,
             state: Arc::new(ErrorState::default()),
             rule: std::sync::Mutex::new(None),
+            subscription,
         };
         b.inject(rule)?;
         Ok(b)
@@ -306,6 +316,14 @@ pub struct DelayBdev {
     info: Arc<BdevInfo>,
     base: Arc<dyn Bdev>,
     delays: Delays,
+    /// The base's resize listener, removed on drop.
+    subscription: u64,
+}
+
+impl Drop for DelayBdev {
+    fn drop(&mut self) {
+        self.base.info().unsubscribe(self.subscription);
+    }
 }
 
 impl DelayBdev {
@@ -318,8 +336,13 @@ impl DelayBdev {
             .max_segments(g.max_segments)
             .read_only(base.info().is_read_only())
             .build();
-        follow_base_size(&base, &info);
-        DelayBdev { info, base, delays }
+        let subscription = follow_base_size(&base, &info);
+        DelayBdev {
+            info,
+            base,
+            delays,
+            subscription,
+        }
     }
 }
 
@@ -519,5 +542,29 @@ mod tests {
         let e = ErrorBdev::new("e", m.clone(), None).unwrap();
         m.resize(2048).unwrap();
         assert_eq!(e.info().block_count(), 2048);
+    }
+
+    #[test]
+    fn dropped_stacked_bdevs_stop_following_their_base() {
+        let m = malloc();
+        let e = ErrorBdev::new("e", m.clone(), None).unwrap();
+        let d = DelayBdev::new("d", m.clone(), Delays::default());
+        // Something (a channel, a front) may hold a stacked bdev's info past the bdev itself.
+        let (ei, di) = (e.info().clone(), d.info().clone());
+        let before = ei.block_count();
+        drop(e);
+        drop(d);
+        // With the listeners still registered, this resize would reach both infos.
+        m.resize(before * 2).unwrap();
+        assert_eq!(
+            ei.block_count(),
+            before,
+            "error bdev's listener outlived it"
+        );
+        assert_eq!(
+            di.block_count(),
+            before,
+            "delay bdev's listener outlived it"
+        );
     }
 }

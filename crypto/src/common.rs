@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, Weak};
 
-use ferroblk_bdev::{AlignedBuf, Bdev, BdevEvent, BdevInfo, SgList};
+use ferroblk_bdev::{AlignedBuf, Bdev, BdevEvent, BdevInfo, IoSeg, SgList};
 
 /// Largest transfer of an encryption bdev, in bytes: one pool buffer holds a whole write.
 pub const MAX_TRANSFER_BYTES: usize = 128 << 10;
@@ -69,53 +69,85 @@ impl BufPool {
     }
 }
 
-/// Calls `f(index, unit)` on each `unit`-byte unit of `bufs`, in order, with the unit as one
-/// mutable slice: in place where the unit lies inside one segment, through `bounce` (copied in,
-/// then back) where it straddles segments. Stops early when `f` returns false.
-pub fn for_each_unit_mut(
+/// A position in a scatter-gather list: segment `seg`, byte `off` of it.
+#[derive(Clone, Copy)]
+struct Cursor {
+    seg: usize,
+    off: usize,
+}
+
+/// Copies `dst.len()` bytes of `segs` from `c` on into `dst`, advancing `c`; false if the list
+/// ends first. The segments are reached through raw pointers only: on the vhost path they are
+/// guest memory the guest may change at any moment, never to be seen as a Rust reference.
+fn gather(segs: &[IoSeg], c: &mut Cursor, dst: &mut [u8]) -> bool {
+    let mut done = 0;
+    while done < dst.len() {
+        let Some(s) = segs.get(c.seg) else {
+            return false;
+        };
+        let n = (s.len - c.off).min(dst.len() - done);
+        // SAFETY: `c.off + n <= s.len`, and the list's constructors guarantee each segment is
+        // valid for reads of its length while the list lives; `dst` is our own buffer, so the
+        // two do not overlap.
+        unsafe { std::ptr::copy_nonoverlapping(s.base.add(c.off), dst.as_mut_ptr().add(done), n) };
+        done += n;
+        c.off += n;
+        if c.off == s.len {
+            c.seg += 1;
+            c.off = 0;
+        }
+    }
+    true
+}
+
+/// Copies `src` into `segs` from `c` on (a range [`gather`] read before, so it fits).
+fn scatter(segs: &[IoSeg], mut c: Cursor, src: &[u8]) {
+    let mut done = 0;
+    while done < src.len() {
+        let s = segs[c.seg];
+        let n = (s.len - c.off).min(src.len() - done);
+        // SAFETY: `c.off + n <= s.len`, and the list's constructors guarantee each segment is
+        // valid for writes of its length while the list lives (the list is borrowed mutably by
+        // the caller); `src` is our own buffer.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr().add(done), s.base.add(c.off), n) };
+        done += n;
+        c.off += n;
+        if c.off == s.len {
+            c.seg += 1;
+            c.off = 0;
+        }
+    }
+}
+
+/// Transforms each `unit`-byte unit of `bufs`, in order: the unit is copied once into `bounce`
+/// (the channel's own buffer), `f(index, unit)` transforms it there, and when `f` returns true
+/// the result is copied back once over the unit and the next unit follows. When `f` returns
+/// false the unit in `bufs` is left untouched (it never holds what `f` made of it) and the walk
+/// stops.
+///
+/// The caller's memory is never a `&[u8]`: on the vhost path it is guest memory that the guest
+/// may change at any moment, so it is only read and written with raw copies. A trailing partial
+/// unit (which the layers never let through) is left alone.
+pub fn transform_units(
     bufs: &mut SgList,
     unit: usize,
     bounce: &mut [u8],
     mut f: impl FnMut(usize, &mut [u8]) -> bool,
 ) {
+    let bounce = &mut bounce[..unit];
+    let segs = bufs.segments();
+    let mut c = Cursor { seg: 0, off: 0 };
     let mut index = 0;
-    // Bytes at the start of the next segment that belong to a unit already handled (through the
-    // bounce buffer) because it straddled the previous segment's end.
-    let mut skip = 0usize;
-    for k in 0..bufs.segments().len() {
-        let seg = bufs.segments()[k];
-        if skip >= seg.len {
-            skip -= seg.len;
-            continue;
+    loop {
+        let start = c;
+        if !gather(segs, &mut c, bounce) {
+            return;
         }
-        let mut pos = skip;
-        skip = 0;
-        while pos + unit <= seg.len {
-            // SAFETY: `pos + unit <= seg.len`, and the list's constructors guarantee each segment
-            // is valid for reads and writes of its length while the list lives; `bufs` is
-            // borrowed mutably, so nothing else reaches this memory through the list, and the
-            // slice is gone before the list is used again.
-            let s = unsafe { std::slice::from_raw_parts_mut(seg.base.add(pos), unit) };
-            if !f(index, s) {
-                return;
-            }
-            index += 1;
-            pos += unit;
+        if !f(index, bounce) {
+            return;
         }
-        if pos < seg.len {
-            let b = &mut bounce[..unit];
-            let got = bufs.copy_to_slice(index * unit, b);
-            if got < unit {
-                return; // a trailing partial unit: the layer never lets one through
-            }
-            let go_on = f(index, b);
-            bufs.copy_from_slice(index * unit, b);
-            if !go_on {
-                return;
-            }
-            index += 1;
-            skip = unit - (seg.len - pos);
-        }
+        scatter(segs, start, bounce);
+        index += 1;
     }
 }
 
@@ -236,6 +268,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_refused_unit_is_left_untouched_and_ends_the_walk() {
+        let unit = 512;
+        // Unit 1 lies inside the first segment, unit 2 straddles the second and third.
+        for refused in [1usize, 2] {
+            let mut buf = AlignedBuf::new(4 * unit);
+            for (i, b) in buf.as_mut_slice().iter_mut().enumerate() {
+                *b = (i / unit) as u8;
+            }
+            let mut l = SgList::from_buf_split(buf, &[1024, 300, 212, 512]);
+            let mut bounce = vec![0u8; unit];
+            let mut seen = Vec::new();
+            transform_units(&mut l, unit, &mut bounce, |i, u| {
+                // What the transform made of the unit must never reach the caller's memory
+                // when the unit is refused (a GCM block that fails its tag).
+                u.fill(0xee);
+                seen.push(i);
+                i != refused
+            });
+            assert_eq!(seen, (0..=refused).collect::<Vec<_>>());
+            let back = l.into_buf().unwrap();
+            for (i, b) in back.as_slice().iter().enumerate() {
+                let want = if i / unit < refused {
+                    0xee
+                } else {
+                    (i / unit) as u8
+                };
+                assert_eq!(*b, want, "refused unit {refused}: byte {i}");
+            }
+        }
+    }
+
+    #[test]
     fn units_in_place_and_straddling_are_all_visited_once() {
         let unit = 512;
         let mut buf = AlignedBuf::new(4 * unit);
@@ -245,7 +309,7 @@ mod tests {
         let mut l = SgList::from_buf_split(buf, &[100, 900, 24, 1024]);
         let mut bounce = vec![0u8; unit];
         let mut seen = Vec::new();
-        for_each_unit_mut(&mut l, unit, &mut bounce, |i, u| {
+        transform_units(&mut l, unit, &mut bounce, |i, u| {
             assert!(u.iter().all(|&b| b == i as u8), "unit {i} has wrong bytes");
             u.fill(0xa0 + i as u8);
             seen.push(i);

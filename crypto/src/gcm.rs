@@ -52,9 +52,12 @@
 //!
 //! # Data path
 //! - Read: the base reads the data straight into the caller's buffer while the channel reads
-//!   the covering metadata blocks into a pool buffer; each block is then verified and decrypted
-//!   in place. If any block fails, the whole caller buffer is zeroed and the read completes with
-//!   `IntegrityError`: no unauthenticated byte is returned.
+//!   the covering metadata blocks into a pool buffer; each block is then copied once into the
+//!   channel's own one-block buffer, verified and decrypted there, and only once its tag checks
+//!   copied back over the caller's ciphertext. If any block fails, the whole caller buffer is
+//!   zeroed and the read completes with `IntegrityError`: the caller's buffer (guest memory on
+//!   the vhost path, which the guest can read at any moment) never holds unauthenticated
+//!   plaintext, not even while the tag is being checked.
 //! - Write: the metadata blocks are read, the caller's data is copied into a pool buffer and
 //!   encrypted there (the caller's buffer is never modified), the entries are patched, then the
 //!   data and the metadata blocks are written together. The request completes when both are.
@@ -78,7 +81,7 @@ use ferroblk_bdev::mdregion::{
 use ferroblk_bdev::stacked::Format;
 use ferroblk_bdev::{AlignedBuf, Bdev, BdevError, BdevInfo, Channel, SgList};
 
-use crate::common::{BufPool, MAX_TRANSFER_BYTES, SMALL_BUF, for_each_unit_mut};
+use crate::common::{BufPool, MAX_TRANSFER_BYTES, SMALL_BUF, transform_units};
 use crate::error::CryptoError;
 use crate::key::{AES256_KEY_LEN, Key, KeyError};
 
@@ -394,11 +397,13 @@ impl EntryOps for GcmEntries {
         }
     }
 
-    /// Verifies and decrypts the blocks in place, stopping at the first that fails.
+    /// Verifies and decrypts the blocks, each in the channel's own buffer, copying a block's
+    /// plaintext to the caller only once its tag has checked; stops at the first that fails,
+    /// leaving that block's ciphertext in the caller's buffer.
     fn verify(&mut self, lba0: u64, entries: &[u8], bufs: &mut SgList) -> bool {
         let (cipher, volume_id) = (&self.cipher, &self.shared.volume_id);
         let mut ok = true;
-        for_each_unit_mut(bufs, self.bs, &mut self.bounce, |i, unit| {
+        transform_units(bufs, self.bs, &mut self.bounce, |i, unit| {
             let e = &entries[i * ENTRY_BYTES..][..ENTRY_BYTES];
             ok = if e.iter().all(|&b| b == 0) {
                 unit.iter().all(|&b| b == 0)

@@ -26,15 +26,18 @@
 //!   bdev; `gcm` supplies the header fields and what an entry is.
 //! - `common`: per-channel state that both use: the buffer pool (allocated when the channel
 //!   opens: [`SMALL_BUFS`](common::SMALL_BUFS) × 16 KiB and [`LARGE_BUFS`](common::LARGE_BUFS) ×
-//!   128 KiB, no allocation per request), per-block access to a scatter-gather list (in place,
-//!   or through a one-block bounce buffer for a block that straddles segments). The request slot
-//!   table and the base channel with its retry queue are `ferroblk_bdev::stacked`'s.
+//!   128 KiB, no allocation per request), per-block access to a scatter-gather list (each block
+//!   copied once into a one-block channel buffer, transformed there, copied back once). The
+//!   request slot table and the base channel with its retry queue are `ferroblk_bdev::stacked`'s.
 //! - [`spec`]: the declarations [`XtsSpec`] and [`GcmSpec`] (`deny_unknown_fields`) that the
 //!   daemon's config and RPC use; [`error`]: [`CryptoError`].
 //!
 //! Rules both channels keep:
 //! - A write is encrypted into a pool buffer, never in the caller's buffer; a read is decrypted
-//!   in place in the caller's buffer after the base completes.
+//!   block by block in the channel's own buffer after the base completes, and each result is
+//!   copied back to the caller's buffer once (for GCM, only once its tag has checked). The
+//!   caller's buffer may be guest memory that the guest changes at any moment: it is reached
+//!   only through raw copies, never as a `&[u8]`, and the ciphers never run over it.
 //! - A request that finds no pool buffer or slot is handed back (back-pressure); a base request
 //!   the base refuses after its request was accepted waits in a retry queue of the channel.
 //! - Keys never appear in `Debug`, errors or logs; the ciphers keep their round keys only, and

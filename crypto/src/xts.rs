@@ -23,8 +23,10 @@
 //! # Data path
 //! - Write: the caller's data is copied into a buffer of the channel's pool, encrypted there, and
 //!   that buffer is written; the caller's buffer is never modified.
-//! - Read: the base reads straight into the caller's buffer, which is decrypted in place when the
-//!   base completes (units that straddle segments go through a one-block bounce buffer).
+//! - Read: the base reads straight into the caller's buffer; when it completes, each unit is
+//!   copied once into the channel's one-block buffer, decrypted there and copied back once. The
+//!   caller's buffer may be guest memory the guest changes at any moment, so the cipher never
+//!   runs over it (see `common::transform_units`).
 //! - Write-zeroes: zeroes are encrypted into pool buffers and written (in chunks of
 //!   [`MAX_TRANSFER_BYTES`]), so reads return zeroes.
 //! - Unmap: passed through. An unmapped block reads back as the *decryption* of whatever the base
@@ -58,7 +60,7 @@ use ferroblk_bdev::{
     IoType, SgList, Wake,
 };
 
-use crate::common::{BufPool, Engine, MAX_TRANSFER_BYTES, follow_base_size, for_each_unit_mut};
+use crate::common::{BufPool, Engine, MAX_TRANSFER_BYTES, follow_base_size, transform_units};
 use crate::key::{Key, KeyError, XTS_KEY_LEN};
 
 /// The `kind` name of this bdev.
@@ -546,7 +548,7 @@ impl ChannelOps for XtsChannel {
                     r.status = c.status;
                     if c.status.is_ok() && r.io.io_type == IoType::Read {
                         let (cipher, shift, lba) = (&self.cipher, self.shift, r.io.offset_blocks);
-                        for_each_unit_mut(&mut r.io.bufs, self.bs, &mut self.bounce, |i, unit| {
+                        transform_units(&mut r.io.bufs, self.bs, &mut self.bounce, |i, unit| {
                             cipher.decrypt_unit(iv_of(lba + i as u64, shift), unit);
                             true
                         });

@@ -11,7 +11,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -259,6 +259,10 @@ fn accept_loop(
     reactors: Vec<ReactorHandle>,
     shared: Arc<Shared>,
 ) {
+    // Rings whose poller did not drain when the previous front-end left: they stay held (see
+    // `Conn::stop_ring`) across connections, so the next front-end cannot start a second
+    // poller on a ring an old one still completes into.
+    let mut held: Vec<Option<Running>> = Vec::new();
     loop {
         let accepted = listener.accept();
         if shared.stop.load(Ordering::Acquire) {
@@ -281,8 +285,10 @@ fn accept_loop(
         }
         tracing::info!(socket = %spec.socket.display(), "front-end connected");
         let mut conn = Conn::new(&spec, &bdev, &reactors, &shared, stream);
+        conn.adopt(std::mem::take(&mut held));
         let why = conn.run();
         conn.stop_all();
+        held = conn.into_held();
         *shared.conn.lock().expect("conn lock") = None;
         *shared.backend.lock().expect("backend lock") = None;
         shared.config_ok.store(false, Ordering::Release);
@@ -300,7 +306,13 @@ struct Running {
     reactor: usize,
     poller: PollerId,
     ctl: Arc<QueueCtl>,
+    /// Set when a stop did not drain within the drain timeout: the poller is still registered
+    /// and sends its `last_avail` here once its last request completes.
+    draining: Option<mpsc::Receiver<u16>>,
 }
+
+/// How long stopping a ring waits for its in-flight requests.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Default)]
 struct Vring {
@@ -325,6 +337,7 @@ struct Conn<'a> {
     mem: Arc<GuestMemory>,
     vrings: Vec<Vring>,
     inflight: Option<Arc<InflightRegion>>,
+    drain_timeout: Duration,
 }
 
 impl<'a> Conn<'a> {
@@ -346,7 +359,21 @@ impl<'a> Conn<'a> {
             mem: Arc::new(GuestMemory::empty()),
             vrings: (0..spec.num_queues).map(|_| Vring::default()).collect(),
             inflight: None,
+            drain_timeout: DRAIN_TIMEOUT,
         }
+    }
+
+    /// Takes over the rings a previous connection left held by undrained pollers.
+    fn adopt(&mut self, held: Vec<Option<Running>>) {
+        for (v, run) in self.vrings.iter_mut().zip(held) {
+            v.running = run;
+        }
+    }
+
+    /// The rings still held by undrained pollers (after [`Conn::stop_all`]), for the next
+    /// connection.
+    fn into_held(self) -> Vec<Option<Running>> {
+        self.vrings.into_iter().map(|v| v.running).collect()
     }
 
     fn offered_features(&self) -> u64 {
@@ -502,7 +529,11 @@ impl<'a> Conn<'a> {
             req::RESET_OWNER | req::RESET_DEVICE => {
                 self.stop_all();
                 for v in &mut self.vrings {
-                    *v = Vring::default();
+                    // A ring still held by an undrained poller stays held.
+                    *v = Vring {
+                        running: v.running.take(),
+                        ..Vring::default()
+                    };
                 }
                 self.features = 0;
                 self.ack(&m, true)?;
@@ -739,6 +770,13 @@ impl<'a> Conn<'a> {
 
     /// Starts ring `i` if everything it needs is there.
     fn try_start(&mut self, i: usize) {
+        if !self.reap_drained(i) {
+            tracing::error!(
+                queue = i,
+                "virtqueue still held by a poller whose requests have not completed; not started"
+            );
+            return;
+        }
         let protocol_features = self.features & protocol::F_PROTOCOL_FEATURES != 0;
         let v = &self.vrings[i];
         if v.running.is_some()
@@ -795,6 +833,7 @@ impl<'a> Conn<'a> {
                     reactor,
                     poller,
                     ctl,
+                    draining: None,
                 });
             }
             Some(Err(e)) => tracing::error!(queue = i, error = %e, "cannot start virtqueue"),
@@ -803,34 +842,364 @@ impl<'a> Conn<'a> {
     }
 
     /// Stops ring `i`, draining its in-flight requests; its base becomes the next index.
+    ///
+    /// Requests stuck below (a dead device) may keep the poller from draining within the drain
+    /// timeout. The poller is then left registered, with the guest memory mapping the kernel may
+    /// still write into, and the ring stays held (`Running::draining`): it is not started again
+    /// until that poller has finished, so two pollers never serve one ring. A later stop only
+    /// checks, without waiting again, whether it has finished meanwhile.
     fn stop_ring(&mut self, i: usize) {
-        let Some(run) = self.vrings[i].running.take() else {
+        let Some(run) = self.vrings[i].running.as_mut() else {
             return;
         };
-        let rx = run.ctl.request_stop();
-        let h = &self.reactors[run.reactor];
-        // Wake the reactor so the poller sees the request even if it sleeps.
-        h.send(|_| {});
-        match rx.recv_timeout(Duration::from_secs(60)) {
+        let (rx, wait) = match run.draining.take() {
+            Some(rx) => (rx, Duration::ZERO),
+            None => {
+                let rx = run.ctl.request_stop();
+                // Wake the reactor so the poller sees the request even if it sleeps.
+                self.reactors[run.reactor].send(|_| {});
+                (rx, self.drain_timeout)
+            }
+        };
+        match rx.recv_timeout(wait) {
             Ok(last_avail) => self.vrings[i].base = last_avail,
-            Err(_) => {
-                // Requests are stuck below (a dead device): leave the poller, and with it the
-                // guest memory mapping the kernel may still write into, on its reactor.
-                tracing::error!(
-                    queue = i,
-                    "virtqueue did not drain within 60 s; left in place"
-                );
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if !wait.is_zero() {
+                    tracing::error!(
+                        queue = i,
+                        timeout_s = wait.as_secs_f64(),
+                        "virtqueue did not drain in time; its poller is left in place and the \
+                         ring is held until it drains"
+                    );
+                }
+                run.draining = Some(rx);
                 return;
             }
+            // The poller dropped its reply channel without a result: it is gone already.
+            Err(mpsc::RecvTimeoutError::Disconnected) => {}
         }
-        let id = run.poller;
-        h.call(move |core| drop(core.remove_poller(id)));
-        tracing::info!(queue = i, "virtqueue stopped");
+        self.remove_poller(i);
+    }
+
+    /// For a ring held by an undrained poller: whether that poller has finished now (it is
+    /// then removed; the base stays what the front-end set since). True for a ring not held.
+    fn reap_drained(&mut self, i: usize) -> bool {
+        let Some(run) = self.vrings[i].running.as_ref() else {
+            return true;
+        };
+        let Some(rx) = run.draining.as_ref() else {
+            // A running ring: not held, and nothing to start either.
+            return true;
+        };
+        match rx.try_recv() {
+            Err(mpsc::TryRecvError::Empty) => false,
+            Ok(_) | Err(mpsc::TryRecvError::Disconnected) => {
+                tracing::info!(queue = i, "virtqueue's undrained poller has finished");
+                self.remove_poller(i);
+                true
+            }
+        }
+    }
+
+    /// Removes ring `i`'s (finished) poller from its reactor.
+    fn remove_poller(&mut self, i: usize) {
+        if let Some(run) = self.vrings[i].running.take() {
+            let id = run.poller;
+            self.reactors[run.reactor].call(move |core| drop(core.remove_poller(id)));
+            tracing::info!(queue = i, "virtqueue stopped");
+        }
     }
 
     fn stop_all(&mut self) {
         for i in 0..self.vrings.len() {
             self.stop_ring(i);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::memfd;
+    use crate::virtq::testing::{BASE, Driver, MEM};
+    use crate::virtq::{DESC_F_NEXT, DESC_F_WRITE};
+    use ferroblk_bdev::BlockSize;
+    use ferroblk_bdev::inject::{DelayBdev, Delays};
+    use ferroblk_bdev::malloc::MallocBdev;
+    use ferroblk_bdev::reactor::{ReactorConfig, Reactors};
+    use std::os::fd::{FromRawFd, RawFd};
+    use std::time::Instant;
+
+    fn reactors() -> Reactors {
+        Reactors::start(&ReactorConfig {
+            cpus: vec![None],
+            idle_poll: Duration::from_micros(50),
+        })
+        .unwrap()
+    }
+
+    fn eventfd() -> OwnedFd {
+        // SAFETY: eventfd has no memory preconditions; the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: a new descriptor nothing else owns.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    }
+
+    fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+        let t = Instant::now();
+        while !f() {
+            assert!(t.elapsed() < Duration::from_secs(20), "timed out: {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn socket_path(name: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("ferroblk-{name}-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        p
+    }
+
+    /// A minimal vhost-user front-end speaking raw messages.
+    struct Front(UnixStream);
+
+    impl Front {
+        fn connect(path: &std::path::Path) -> Front {
+            let s = UnixStream::connect(path).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            Front(s)
+        }
+
+        fn send(&self, request: u32, payload: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
+            protocol::send(&self.0, request, 0, payload, fds)
+        }
+
+        fn get_features(&self) -> u64 {
+            self.send(req::GET_FEATURES, &[], &[]).unwrap();
+            let m = protocol::recv(&self.0).unwrap();
+            assert_eq!(m.request, req::GET_FEATURES);
+            m.u64_at(0).unwrap()
+        }
+
+        /// Everything a ring needs, then the kick that starts it (VERSION_1 only: no
+        /// SET_VRING_ENABLE needed). Errors are returned, not unwrapped: the device may have
+        /// dropped the connection on the way.
+        fn start_ring(
+            &self,
+            region: RegionDesc,
+            fd: &OwnedFd,
+            size: u16,
+            addrs: RingAddrs,
+            kick: &OwnedFd,
+            call: &OwnedFd,
+        ) -> std::io::Result<()> {
+            self.send(req::SET_FEATURES, &vf::VERSION_1.to_le_bytes(), &[])?;
+            let mut t = vec![0u8; 8];
+            t[0..4].copy_from_slice(&1u32.to_le_bytes());
+            for v in [
+                region.guest_phys_addr,
+                region.memory_size,
+                region.user_addr,
+                region.mmap_offset,
+            ] {
+                t.extend_from_slice(&v.to_le_bytes());
+            }
+            self.send(req::SET_MEM_TABLE, &t, &[fd.as_raw_fd()])?;
+            let mut num = [0u8; 8];
+            num[4..8].copy_from_slice(&u32::from(size).to_le_bytes());
+            self.send(req::SET_VRING_NUM, &num, &[])?;
+            let mut a = [0u8; 40];
+            a[8..16].copy_from_slice(&addrs.desc.to_le_bytes());
+            a[16..24].copy_from_slice(&addrs.used.to_le_bytes());
+            a[24..32].copy_from_slice(&addrs.avail.to_le_bytes());
+            self.send(req::SET_VRING_ADDR, &a, &[])?;
+            self.send(req::SET_VRING_BASE, &[0u8; 8], &[])?;
+            self.send(req::SET_VRING_CALL, &[0u8; 8], &[call.as_raw_fd()])?;
+            self.send(req::SET_VRING_KICK, &[0u8; 8], &[kick.as_raw_fd()])?;
+            // SAFETY: an 8-byte write from a live buffer to an eventfd this test owns.
+            unsafe { libc::write(kick.as_raw_fd(), 1u64.to_ne_bytes().as_ptr().cast(), 8) };
+            Ok(())
+        }
+    }
+
+    /// A virtio-blk read of one 4 KiB sector at 0 as chain 0 (virtio 1.2 §5.2.6); returns the
+    /// status byte's address.
+    fn publish_read(d: &mut Driver) -> u64 {
+        let (hdr, data, status) = (d.alloc(16), d.alloc(4096), d.alloc(1));
+        d.write(hdr, &[0u8; 16]);
+        d.write(status, &[0xff]);
+        d.set_desc(d.addrs.desc, 0, hdr, 16, DESC_F_NEXT, 1);
+        d.set_desc(d.addrs.desc, 1, data, 4096, DESC_F_WRITE | DESC_F_NEXT, 2);
+        d.set_desc(d.addrs.desc, 2, status, 1, DESC_F_WRITE, 0);
+        d.publish(0);
+        status
+    }
+
+    #[test]
+    fn a_front_end_offering_memory_its_file_does_not_have_is_dropped_and_others_are_served() {
+        let r = reactors();
+        let bdev: Arc<dyn Bdev> = Arc::new(MallocBdev::new("m", BlockSize::B4096, 256, 0).unwrap());
+        let path = socket_path("liar");
+        let spec = VhostSpec {
+            socket: path.clone(),
+            bdev: "m".into(),
+            num_queues: 1,
+            read_only: false,
+            serial: None,
+        };
+        let export = VhostExport::start(spec, bdev, r.handles().to_vec()).unwrap();
+
+        // 64 MiB of guest memory claimed over a 1 MiB memfd, with the rings at 32 MiB: mapping
+        // it succeeds, and the first touch of a ring would kill the whole process with SIGBUS.
+        let liar = Front::connect(&path);
+        assert_ne!(liar.get_features(), 0);
+        let short = memfd("short", 1 << 20).unwrap();
+        let region = RegionDesc {
+            guest_phys_addr: 0,
+            memory_size: 64 << 20,
+            user_addr: 0x7f00_0000_0000,
+            mmap_offset: 0,
+        };
+        let rings = 0x7f00_0000_0000 + (32 << 20);
+        let addrs = RingAddrs {
+            desc: rings,
+            avail: rings + 4096,
+            used: rings + 8192,
+        };
+        let (kick, call) = (eventfd(), eventfd());
+        let _ = liar.start_ring(region, &short, 8, addrs, &kick, &call);
+        // The device refuses the table and closes the connection (no reply is owed to a
+        // message sent without NEED_REPLY: the end of the stream is the answer).
+        match protocol::recv(&liar.0) {
+            Err(ProtocolError::Closed) => {}
+            Err(ProtocolError::Io(e)) => assert_eq!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset,
+                "the device did not drop the lying front-end: {e}"
+            ),
+            other => panic!("expected the connection to be dropped, got {other:?}"),
+        }
+        drop(liar);
+
+        // The process is alive and the export serves the next front-end: a real read.
+        let mut d = Driver::new(8);
+        let status = publish_read(&mut d);
+        let honest = Front::connect(&path);
+        assert_ne!(honest.get_features(), 0);
+        let region = RegionDesc {
+            guest_phys_addr: BASE,
+            memory_size: MEM,
+            user_addr: BASE,
+            mmap_offset: 0,
+        };
+        let (kick, call) = (eventfd(), eventfd());
+        honest
+            .start_ring(region, &d.fd, 8, d.addrs, &kick, &call)
+            .unwrap();
+        wait_until("the read completes", || d.used(0).0 == 1);
+        assert_eq!(d.read(status, 1), [0], "VIRTIO_BLK_S_OK");
+        drop(honest);
+        drop(export);
+        r.shutdown(Duration::from_secs(5));
+    }
+
+    fn test_shared() -> Shared {
+        Shared {
+            stop: AtomicBool::new(false),
+            conn: Mutex::new(None),
+            backend: Mutex::new(None),
+            config_ok: AtomicBool::new(false),
+            backend_ack: AtomicBool::new(false),
+            writeback: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn set_ring(conn: &mut Conn<'_>, d: &Driver, base: u16) {
+        conn.mem = d.mem.clone();
+        let v = &mut conn.vrings[0];
+        v.num = d.size;
+        v.addrs = Some(d.addrs);
+        v.base = base;
+        v.kick = Some(eventfd());
+        v.call = Some(eventfd());
+    }
+
+    #[test]
+    fn a_ring_that_did_not_drain_is_never_served_by_a_second_poller() {
+        let r = reactors();
+        let pollers = || r.handles()[0].stats().pollers.load(Ordering::Relaxed);
+        let base: Arc<dyn Bdev> = Arc::new(MallocBdev::new("m", BlockSize::B4096, 256, 0).unwrap());
+        // Reads held back far longer than the drain timeout below: a device that hangs.
+        let bdev: Arc<dyn Bdev> = Arc::new(DelayBdev::new(
+            "d",
+            base,
+            Delays {
+                read: Duration::from_millis(1500),
+                ..Delays::default()
+            },
+        ));
+        let spec = VhostSpec {
+            socket: "unused".into(),
+            bdev: "d".into(),
+            num_queues: 1,
+            read_only: false,
+            serial: None,
+        };
+        let shared = test_shared();
+        let handles = r.handles().to_vec();
+        let mut d = Driver::new(8);
+        let status = publish_read(&mut d);
+
+        let (sock, _peer) = UnixStream::pair().unwrap();
+        let mut conn = Conn::new(&spec, &bdev, &handles, &shared, sock);
+        conn.drain_timeout = Duration::from_millis(50);
+        set_ring(&mut conn, &d, 0);
+        conn.try_start(0);
+        assert_eq!(pollers(), 1);
+        wait_until("the read reaches the bdev", || {
+            bdev.info().stats().ops[0] == 1
+        });
+        let first = conn.vrings[0].running.as_ref().unwrap().poller;
+
+        // GET_VRING_BASE, then SET_VRING_KICK: stop (times out), restart.
+        conn.stop_ring(0);
+        conn.vrings[0].kick = Some(eventfd());
+        conn.try_start(0);
+        assert_eq!(pollers(), 1, "a second poller serves the ring");
+        assert_eq!(
+            conn.vrings[0].running.as_ref().map(|r| r.poller),
+            Some(first)
+        );
+
+        // The front-end goes away and comes back: the ring is still held.
+        conn.stop_all();
+        let held = conn.into_held();
+        let (sock, _peer) = UnixStream::pair().unwrap();
+        let mut conn = Conn::new(&spec, &bdev, &handles, &shared, sock);
+        conn.drain_timeout = Duration::from_millis(50);
+        conn.adopt(held);
+        set_ring(&mut conn, &d, 1);
+        conn.try_start(0);
+        assert_eq!(
+            pollers(),
+            1,
+            "a second poller serves the ring after a reconnect"
+        );
+
+        // Once the read completes the old poller finishes, and the ring starts afresh.
+        wait_until("the held poller finishes", || {
+            conn.try_start(0);
+            conn.vrings[0]
+                .running
+                .as_ref()
+                .is_some_and(|r| r.poller != first)
+        });
+        assert_eq!(pollers(), 1);
+        assert_eq!(d.used(0).0, 1, "the held read completed once");
+        assert_eq!(d.read(status, 1), [0]);
+        conn.stop_all();
+        assert_eq!(pollers(), 0);
+        drop(conn);
+        r.shutdown(Duration::from_secs(5));
     }
 }

@@ -66,7 +66,10 @@ impl InflightRegion {
             return Err("inflight region offset is not page aligned".into());
         }
         let len = usize::try_from(size).map_err(|_| "inflight region too large")?;
-        // SAFETY: a shared mapping of the front-end's memfd; the result is checked.
+        crate::memory::check_fd_span(fd, offset, size)
+            .map_err(|e| format!("inflight region: {e}"))?;
+        // SAFETY: a shared mapping of the front-end's memfd; the result is checked, and the file
+        // covers the whole range (`check_fd_span`), so touching it cannot raise SIGBUS.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -248,5 +251,21 @@ mod tests {
         let (fd, _) = create(1, 8).unwrap();
         assert!(InflightRegion::map(&fd, 0, 64, 1, 128).is_err());
         assert!(InflightRegion::map(&fd, 1, 4096, 1, 8).is_err());
+    }
+
+    #[test]
+    fn regions_past_the_end_of_their_file_are_refused() {
+        // The front-end claims 64 KiB of a one-page memfd: touching the mapping past the first
+        // page would raise SIGBUS.
+        let fd = crate::memory::memfd("short-inflight", 4096).unwrap();
+        let e = InflightRegion::map(&fd, 0, 64 << 10, 2, 1024)
+            .err()
+            .unwrap();
+        assert!(e.contains("past the end"), "{e}");
+        // The offset counts too.
+        let (fd, size) = create(1, 8).unwrap();
+        assert!(InflightRegion::map(&fd, 4096, size, 1, 8).is_err());
+        assert!(InflightRegion::map(&fd, !4095, size, 1, 8).is_err());
+        assert!(InflightRegion::map(&fd, 0, size, 1, 8).is_ok());
     }
 }

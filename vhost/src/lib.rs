@@ -13,7 +13,14 @@
 //!   completes them on the used ring.
 //! - [`virtq`]: the split ring, hardened against hostile drivers; [`memory`]: the guest memory
 //!   map with bounds-checked translation; [`inflight`]: INFLIGHT_SHMFD tracking so a restarted
-//!   daemon resubmits what its predecessor had in flight.
+//!   daemon resubmits what its predecessor had in flight. A front-end's descriptor is mapped
+//!   only after `fstat` shows its file covers the whole range (a mapping past the end of a
+//!   memfd would raise SIGBUS on first touch and take every tenant down): a region that does
+//!   not fit fails its message, and the connection is dropped.
+//! - Guest memory is reached only through raw pointers from those translations, read and
+//!   written with volatile accesses (`virtq`'s `unsafe` accessors, each with its `# Safety`
+//!   contract) or copied once; it is never a `&[u8]`, here or in the bdev layers it is handed
+//!   to as a scatter-gather list.
 //!
 //! Why not the `vhost` / `vhost-user-backend` crates: the back-end crate runs its own worker
 //! threads (against the reactor model) and does not track inflight I/O, and the `vhost` crate's

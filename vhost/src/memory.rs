@@ -29,6 +29,37 @@ impl Drop for Region {
     }
 }
 
+/// Checks that `offset..offset + len` of the front-end's descriptor `fd` is backed by the file,
+/// before it is mapped: a mapping past the end of a regular file (a memfd, a hugetlbfs or tmpfs
+/// file) raises SIGBUS on first touch, which would kill the daemon and every tenant with it.
+/// Descriptors that are not regular files (devices) are left to the kernel's own checks.
+pub(crate) fn check_fd_span(fd: &OwnedFd, offset: u64, len: u64) -> Result<(), String> {
+    let end = offset
+        .checked_add(len)
+        .filter(|&e| i64::try_from(e).is_ok())
+        .ok_or_else(|| format!("mapping of {len} bytes at offset {offset:#x} overflows"))?;
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat on a descriptor this process owns, into a buffer of the right type; the
+    // buffer is read only after a successful call filled it.
+    let st = unsafe {
+        if libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) != 0 {
+            return Err(format!(
+                "cannot stat the front-end's descriptor: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        st.assume_init()
+    };
+    if st.st_mode & libc::S_IFMT == libc::S_IFREG && end > st.st_size as u64 {
+        return Err(format!(
+            "mapping of {len} bytes at offset {offset:#x} runs past the end of the front-end's \
+             file ({} bytes)",
+            st.st_size
+        ));
+    }
+    Ok(())
+}
+
 fn map_region(d: &RegionDesc, fd: &OwnedFd) -> Result<Region, String> {
     if d.memory_size == 0 {
         return Err("empty memory region".into());
@@ -38,12 +69,14 @@ fn map_region(d: &RegionDesc, fd: &OwnedFd) -> Result<Region, String> {
     {
         return Err("memory region wraps around".into());
     }
+    check_fd_span(fd, d.mmap_offset, d.memory_size)?;
     // mmap needs a page-aligned offset: map from the page boundary below it.
     let page = 4096u64;
     let skew = d.mmap_offset % page;
     let map_len = usize::try_from(d.memory_size + skew).map_err(|_| "region too large")?;
     // SAFETY: a fresh shared mapping of the front-end's descriptor; the result is checked. The
-    // kernel validates the offset and length against the file.
+    // file covers the whole range (`check_fd_span`), so touching it cannot raise SIGBUS unless
+    // the front-end shrinks its own file afterwards.
     let p = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
@@ -247,6 +280,47 @@ mod tests {
             ..d
         };
         assert!(GuestMemory::new(&[empty], &[memfd("a", 4096).unwrap()]).is_err());
+    }
+
+    #[test]
+    fn regions_past_the_end_of_their_file_are_refused() {
+        // A 64 MiB region offered over a 1 MiB memfd: mapping it would succeed, and the first
+        // touch past 1 MiB would kill the process with SIGBUS.
+        let d = RegionDesc {
+            guest_phys_addr: 0,
+            memory_size: 64 << 20,
+            user_addr: 0,
+            mmap_offset: 0,
+        };
+        let e = GuestMemory::new(&[d], &[memfd("short", 1 << 20).unwrap()]).unwrap_err();
+        assert!(e.contains("past the end"), "{e}");
+        assert!(
+            GuestMemory::empty()
+                .with_region(&d, &memfd("short", 1 << 20).unwrap())
+                .is_err()
+        );
+        // The offset counts: 1 MiB at offset 512 KiB of a 1 MiB file is short too.
+        let at = RegionDesc {
+            memory_size: 1 << 20,
+            mmap_offset: 512 << 10,
+            ..d
+        };
+        assert!(GuestMemory::new(&[at], &[memfd("short", 1 << 20).unwrap()]).is_err());
+        // Offset and size that overflow are refused, not wrapped.
+        let wrap = RegionDesc {
+            memory_size: 4096,
+            mmap_offset: u64::MAX - 100,
+            ..d
+        };
+        assert!(GuestMemory::new(&[wrap], &[memfd("w", 4096).unwrap()]).is_err());
+        // Exactly the file's size is fine.
+        let fits = RegionDesc {
+            memory_size: 512 << 10,
+            mmap_offset: 512 << 10,
+            ..d
+        };
+        let m = GuestMemory::new(&[fits], &[memfd("fits", 1 << 20).unwrap()]).unwrap();
+        assert!(m.gpa_to_host((512 << 10) - 8, 8).is_some());
     }
 
     #[test]

@@ -78,33 +78,55 @@ pub struct SplitQueue {
 // held beside the queue); the queue itself is used by one thread at a time.
 unsafe impl Send for SplitQueue {}
 
+/// Reads a little-endian `u16` of guest memory with one volatile access.
+///
+/// # Safety
+/// `p` must be valid for a 2-byte read and 2-byte aligned: an address inside a ring area or
+/// descriptor table that [`SplitQueue::new`] or [`GuestMemory`] translation validated, kept
+/// mapped by the queue's owner.
 #[inline]
-fn rd16(p: *const u8) -> u16 {
-    // SAFETY: callers pass addresses inside ring areas validated at construction.
+unsafe fn rd16(p: *const u8) -> u16 {
+    // SAFETY: the caller guarantees `p` is valid and aligned for a 2-byte read.
     u16::from_le(unsafe { std::ptr::read_volatile(p.cast::<u16>()) })
 }
 
+/// Reads a little-endian `u32` of guest memory with one volatile access.
+///
+/// # Safety
+/// As for [`rd16`], for a 4-byte read.
 #[inline]
-fn rd32(p: *const u8) -> u32 {
-    // SAFETY: as for `rd16`.
+unsafe fn rd32(p: *const u8) -> u32 {
+    // SAFETY: the caller guarantees `p` is valid and aligned for a 4-byte read.
     u32::from_le(unsafe { std::ptr::read_volatile(p.cast::<u32>()) })
 }
 
+/// Reads a little-endian `u64` of guest memory with one volatile access.
+///
+/// # Safety
+/// As for [`rd16`], for an 8-byte read.
 #[inline]
-fn rd64(p: *const u8) -> u64 {
-    // SAFETY: as for `rd16`.
+unsafe fn rd64(p: *const u8) -> u64 {
+    // SAFETY: the caller guarantees `p` is valid and aligned for an 8-byte read.
     u64::from_le(unsafe { std::ptr::read_volatile(p.cast::<u64>()) })
 }
 
+/// Writes a little-endian `u16` to guest memory with one volatile access.
+///
+/// # Safety
+/// `p` must be valid for a 2-byte write and 2-byte aligned, inside a validated ring area.
 #[inline]
-fn wr16(p: *mut u8, v: u16) {
-    // SAFETY: as for `rd16`.
+unsafe fn wr16(p: *mut u8, v: u16) {
+    // SAFETY: the caller guarantees `p` is valid and aligned for a 2-byte write.
     unsafe { std::ptr::write_volatile(p.cast::<u16>(), v.to_le()) }
 }
 
+/// Writes a little-endian `u32` to guest memory with one volatile access.
+///
+/// # Safety
+/// As for [`wr16`], for a 4-byte write.
 #[inline]
-fn wr32(p: *mut u8, v: u32) {
-    // SAFETY: as for `rd16`.
+unsafe fn wr32(p: *mut u8, v: u32) {
+    // SAFETY: the caller guarantees `p` is valid and aligned for a 4-byte write.
     unsafe { std::ptr::write_volatile(p.cast::<u32>(), v.to_le()) }
 }
 
@@ -141,17 +163,23 @@ struct RawDesc {
     next: u16,
 }
 
-fn read_desc(table: *const u8, i: u16) -> RawDesc {
-    // SAFETY: callers check `i` against the table's entry count, validated at construction.
-    let p = unsafe { table.add(16 * i as usize) };
-    RawDesc {
-        addr: rd64(p),
-        // SAFETY: within the 16-byte entry.
-        len: rd32(unsafe { p.add(8) }),
-        // SAFETY: within the 16-byte entry.
-        flags: rd16(unsafe { p.add(12) }),
-        // SAFETY: within the 16-byte entry.
-        next: rd16(unsafe { p.add(14) }),
+/// Reads descriptor `i` of the table at `table`, each field once.
+///
+/// # Safety
+/// `table` must be a 16-byte aligned descriptor table of more than `i` entries, validated
+/// against guest memory ([`SplitQueue::new`] for the ring's table, [`GuestMemory::gpa_to_host`]
+/// for an indirect one) and kept mapped by the queue's owner.
+unsafe fn read_desc(table: *const u8, i: u16) -> RawDesc {
+    // SAFETY: the caller guarantees entry `i` lies inside the table: its 16 bytes at
+    // `16 * i` are valid and 8-byte aligned.
+    unsafe {
+        let p = table.add(16 * i as usize);
+        RawDesc {
+            addr: rd64(p),
+            len: rd32(p.add(8)),
+            flags: rd16(p.add(12)),
+            next: rd16(p.add(14)),
+        }
     }
 }
 
@@ -215,7 +243,7 @@ impl SplitQueue {
     #[inline]
     pub fn avail_idx(&self) -> u16 {
         // SAFETY: offset 2 of the available ring, validated in `new`.
-        let v = rd16(unsafe { self.avail.add(2) });
+        let v = unsafe { rd16(self.avail.add(2)) };
         fence(Ordering::Acquire);
         v
     }
@@ -223,7 +251,7 @@ impl SplitQueue {
     /// The device's `used.idx` as stored in guest memory.
     pub fn guest_used_idx(&self) -> u16 {
         // SAFETY: offset 2 of the used ring, validated in `new`.
-        rd16(unsafe { self.used.add(2) })
+        unsafe { rd16(self.used.add(2)) }
     }
 
     /// Entries the driver made available and the device has not taken.
@@ -254,7 +282,7 @@ impl SplitQueue {
         }
         let slot = self.last_avail % self.size;
         // SAFETY: entry `slot < size` of the available ring (offset 4 + 2 * slot).
-        let head = rd16(unsafe { self.avail.add(4 + 2 * slot as usize) });
+        let head = unsafe { rd16(self.avail.add(4 + 2 * slot as usize)) };
         if head >= self.size {
             return Err(QueueError::Driver(format!(
                 "chain head {head} out of range"
@@ -297,7 +325,8 @@ impl SplitQueue {
         if head >= self.size {
             return;
         }
-        let d = read_desc(self.desc, head);
+        // SAFETY: `head < size`: an entry of the descriptor table validated in `new`.
+        let d = unsafe { read_desc(self.desc, head) };
         if d.flags & DESC_F_INDIRECT != 0 {
             if let Some(t) = mem.gpa_to_host(d.addr, 16) {
                 prefetch_read(t);
@@ -352,7 +381,9 @@ impl SplitQueue {
                 return Err(QueueError::Driver("descriptor chain loops".into()));
             }
             budget -= 1;
-            let d = read_desc(table, i);
+            // SAFETY: `i < table_len`: the ring's table validated in `new`, or an indirect
+            // table translated with its whole length and checked 16-byte aligned on entry.
+            let d = unsafe { read_desc(table, i) };
             if d.flags & DESC_F_INDIRECT != 0 {
                 if !self.indirect {
                     return Err(QueueError::Driver(
@@ -430,7 +461,7 @@ impl SplitQueue {
             self.unpublished = false;
             fence(Ordering::Release);
             // SAFETY: offset 2 of the used ring.
-            wr16(unsafe { self.used.add(2) }, self.used_idx);
+            unsafe { wr16(self.used.add(2), self.used_idx) };
         }
     }
 
@@ -449,11 +480,12 @@ impl SplitQueue {
             }
             // SAFETY: `used_event` follows the available ring's entries (offset 4 + 2 * size),
             // inside the area validated in `new`.
-            let used_event = rd16(unsafe { self.avail.add(4 + 2 * self.size as usize) });
+            let used_event = unsafe { rd16(self.avail.add(4 + 2 * self.size as usize)) };
             new.wrapping_sub(used_event).wrapping_sub(1) < new.wrapping_sub(old)
         } else {
             // SAFETY: offset 0 of the available ring.
-            rd16(self.avail) & AVAIL_F_NO_INTERRUPT == 0
+            let flags = unsafe { rd16(self.avail) };
+            flags & AVAIL_F_NO_INTERRUPT == 0
         }
     }
 
@@ -463,13 +495,10 @@ impl SplitQueue {
     pub fn enable_notification(&mut self) -> bool {
         if self.event_idx {
             // SAFETY: `avail_event` follows the used ring's entries (offset 4 + 8 * size).
-            wr16(
-                unsafe { self.used.add(4 + 8 * self.size as usize) },
-                self.last_avail,
-            );
+            unsafe { wr16(self.used.add(4 + 8 * self.size as usize), self.last_avail) };
         } else {
             // SAFETY: offset 0 of the used ring (flags).
-            wr16(self.used, 0);
+            unsafe { wr16(self.used, 0) };
         }
         fence(Ordering::SeqCst);
         self.pending() != 0
@@ -481,13 +510,15 @@ impl SplitQueue {
     pub fn disable_notification(&mut self) {
         if self.event_idx {
             // SAFETY: as in `enable_notification`.
-            wr16(
-                unsafe { self.used.add(4 + 8 * self.size as usize) },
-                self.last_avail.wrapping_sub(1),
-            );
+            unsafe {
+                wr16(
+                    self.used.add(4 + 8 * self.size as usize),
+                    self.last_avail.wrapping_sub(1),
+                )
+            };
         } else {
             // SAFETY: offset 0 of the used ring (flags).
-            wr16(self.used, 1);
+            unsafe { wr16(self.used, 1) };
         }
     }
 }
@@ -502,6 +533,8 @@ pub(crate) mod testing {
     pub struct Driver {
         /// The mapped memory.
         pub mem: std::sync::Arc<GuestMemory>,
+        /// The memfd behind it (for tests that hand it to a device over the socket).
+        pub fd: std::os::fd::OwnedFd,
         /// Ring addresses.
         pub addrs: RingAddrs,
         /// Queue size.
@@ -526,7 +559,9 @@ pub(crate) mod testing {
                 user_addr: BASE,
                 mmap_offset: 0,
             };
-            let mem = std::sync::Arc::new(GuestMemory::new(&[d], &[fd]).unwrap());
+            let fds = [fd];
+            let mem = std::sync::Arc::new(GuestMemory::new(&[d], &fds).unwrap());
+            let [fd] = fds;
             let n = u64::from(size);
             let addrs = RingAddrs {
                 desc: BASE,
@@ -535,6 +570,7 @@ pub(crate) mod testing {
             };
             Driver {
                 mem,
+                fd,
                 addrs,
                 size,
                 avail_idx: 0,

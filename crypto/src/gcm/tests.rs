@@ -224,6 +224,171 @@ fn foreign_data_and_corrupted_headers_are_refused() {
 }
 
 #[test]
+fn a_block_failing_its_tag_never_leaves_plaintext_in_the_callers_buffer() {
+    let key_bytes: [u8; 32] = key().expose().try_into().unwrap();
+    let bs = 4096;
+    let plain: Vec<u8> = (0..2 * bs).map(|i| (i * 7 % 251) as u8 + 1).collect();
+    // One buffer per block, and blocks straddling segments.
+    let layouts: [&[usize]; 2] = [&[bs, bs], &[1000, 4096, 3096]];
+    for e in crate::common::Engine::runnable("GCM", cipher::engine_supported) {
+        let cipher = GcmCipher::with_engine(&key_bytes, e);
+        let mut ch = GcmEntries {
+            cipher: cipher.clone(),
+            shared: Arc::new(GcmShared {
+                cipher,
+                volume_id: [7; 16],
+                integrity_errors: AtomicU64::new(0),
+            }),
+            bs,
+            nonce_prefix: [1; 4],
+            nonce_counter: 0,
+            pool: BufPool::new(4096),
+            bounce: vec![0u8; bs],
+        };
+        let mut src = AlignedBuf::new(2 * bs);
+        src.as_mut_slice().copy_from_slice(&plain);
+        let mut entries = [0u8; 2 * ENTRY_BYTES];
+        let mut ct = vec![0u8; 2 * bs];
+        ch.patch(0, 5, &SgList::from_buf(src), &mut entries, Some(&mut ct));
+        for lens in layouts {
+            let read_into = |ct: &[u8]| {
+                let mut b = AlignedBuf::new(2 * bs);
+                b.as_mut_slice().copy_from_slice(ct);
+                SgList::from_buf_split(b, lens)
+            };
+            let mut good = read_into(&ct);
+            assert!(ch.verify(5, &entries, &mut good), "{}", e.name());
+            assert!(good.into_buf().unwrap().as_slice() == &plain[..]);
+            // Block 1's tag is wrong: block 0 may be returned, block 1 must never have been
+            // decrypted into the caller's buffer (it still holds the ciphertext).
+            let mut bad_entries = entries;
+            bad_entries[ENTRY_BYTES + NONCE_BYTES] ^= 1;
+            let mut bad = read_into(&ct);
+            assert!(!ch.verify(5, &bad_entries, &mut bad), "{}", e.name());
+            let back = bad.into_buf().unwrap();
+            assert!(
+                back.as_slice()[bs..] != plain[bs..],
+                "{} {lens:?}: unauthenticated plaintext reached the caller's buffer",
+                e.name()
+            );
+            assert!(back.as_slice()[bs..] == ct[bs..], "{} {lens:?}", e.name());
+        }
+    }
+}
+
+/// Read-only pages holding `data`: any write into them faults.
+struct ReadOnly {
+    p: *mut u8,
+    len: usize,
+}
+
+impl ReadOnly {
+    fn new(data: &[u8]) -> ReadOnly {
+        let len = data.len().div_ceil(4096) * 4096;
+        // SAFETY: a fresh private anonymous mapping; the result is checked.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        let p = p.cast::<u8>();
+        // SAFETY: `data.len() <= len` bytes of the mapping just made, which nothing else uses;
+        // then the whole mapping is made read-only.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len());
+            assert_eq!(libc::mprotect(p.cast(), len, libc::PROT_READ), 0);
+        }
+        ReadOnly { p, len }
+    }
+}
+
+impl Drop for ReadOnly {
+    fn drop(&mut self) {
+        // SAFETY: unmaps the mapping made in `new`, once.
+        unsafe { libc::munmap(self.p.cast(), self.len) };
+    }
+}
+
+#[test]
+fn a_block_failing_its_tag_is_never_written_to_the_callers_buffer() {
+    // The caller's buffer is read-only: decrypting a block whose tag fails into it, even
+    // only until the tag check, would kill the test with SIGSEGV.
+    let key_bytes: [u8; 32] = key().expose().try_into().unwrap();
+    let bs = 4096;
+    let plain = vec![0x5au8; bs];
+    for e in crate::common::Engine::runnable("GCM", cipher::engine_supported) {
+        let cipher = GcmCipher::with_engine(&key_bytes, e);
+        let mut ch = GcmEntries {
+            cipher: cipher.clone(),
+            shared: Arc::new(GcmShared {
+                cipher,
+                volume_id: [7; 16],
+                integrity_errors: AtomicU64::new(0),
+            }),
+            bs,
+            nonce_prefix: [1; 4],
+            nonce_counter: 0,
+            pool: BufPool::new(4096),
+            bounce: vec![0u8; bs],
+        };
+        let mut src = AlignedBuf::new(bs);
+        src.as_mut_slice().copy_from_slice(&plain);
+        let mut entries = [0u8; ENTRY_BYTES];
+        let mut ct = vec![0u8; bs];
+        ch.patch(0, 9, &SgList::from_buf(src), &mut entries, Some(&mut ct));
+        entries[NONCE_BYTES] ^= 1;
+        let ro = ReadOnly::new(&ct);
+        // SAFETY: the segment is mapped for `bs` bytes until `ro` drops, after the list. It is
+        // not writable, against `from_raw`'s contract, which is exactly what this test checks:
+        // a failed block is never written.
+        let mut l = unsafe {
+            SgList::from_raw(&[ferroblk_bdev::IoSeg {
+                base: ro.p,
+                len: bs,
+            }])
+        };
+        assert!(!ch.verify(9, &entries, &mut l), "{}", e.name());
+        drop(l);
+        drop(ro);
+    }
+}
+
+#[test]
+fn a_tampered_read_returns_no_plaintext() {
+    let base = malloc(BlockSize::B4096, 64);
+    let g = GcmBdev::open("g", base.clone(), key()).unwrap();
+    let mut ch = SyncChannel::new(g.open_channel().unwrap());
+    let mut raw = SyncChannel::new(base.open_channel().unwrap());
+    let data: Vec<u8> = (0..2 * 4096).map(|i| (i * 13 % 251) as u8 + 1).collect();
+    let mut buf = AlignedBuf::new(data.len());
+    buf.as_mut_slice().copy_from_slice(&data);
+    assert_eq!(
+        ch.run(IoRequest::write(3, 2, SgList::from_buf(buf), 0))
+            .status,
+        IoStatus::Success
+    );
+    flip(&mut raw, l_data(&g, 4), 100);
+    let c = ch.run(IoRequest::read(
+        3,
+        2,
+        SgList::from_buf(AlignedBuf::new(data.len())),
+        0,
+    ));
+    assert_eq!(c.status, IoStatus::IntegrityError);
+    let back = c.bufs.into_buf().unwrap();
+    assert!(
+        back.as_slice().iter().all(|&b| b == 0),
+        "a failed read is zeroed"
+    );
+}
+
+#[test]
 fn callers_write_buffer_is_unchanged() {
     let g = GcmBdev::open("g", malloc(BlockSize::B512, 512), key()).unwrap();
     let mut ch = SyncChannel::new(g.open_channel().unwrap());
