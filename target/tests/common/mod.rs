@@ -47,10 +47,7 @@ pub fn rig(nqn: &str, ns1: Arc<dyn Bdev>) -> Rig {
         })
         .unwrap();
     subsystem.add_namespace(1, ns1, None).unwrap();
-    let spec = ListenerSpec {
-        addr: "127.0.0.1".into(),
-        port: 0,
-    };
+    let spec = ListenerSpec::new("127.0.0.1", 0);
     let listener = Listener::start(spec, target, reactors.handles().to_vec()).unwrap();
     let addr = listener.local_addr();
     Rig {
