@@ -233,8 +233,9 @@ impl TcpConn {
         let sqe = opcode::PollAdd::new(types::Fd(self.ticket.sock.as_raw_fd()), events)
             .multi(multi)
             .build();
-        // SAFETY: a poll on the connection's socket, which this poller owns; a late completion
-        // after the poller is gone is discarded by the client generation check.
+        // SAFETY: a poll on the connection's socket, kept open by this poller's ticket (the
+        // accept thread may hold the ticket too, never closing it); a late completion after
+        // the poller is gone is discarded by the client generation check.
         unsafe { self.client.push(sqe, slot) };
         self.client.ring().flush();
     }
@@ -1430,14 +1431,18 @@ impl Poller for TcpConn {
         }
         if let Some(d) = self.handshake_deadline
             && !self.closing
-            && Instant::now() > d
         {
-            self.ticket.admission().note_timed_out();
-            self.close(if self.established {
-                "no Connect before the deadline"
-            } else {
-                "no ICReq before the deadline"
-            });
+            if self.ticket.evicted() {
+                // Counted by the gate; the socket is shut down already.
+                self.close("evicted for a newcomer");
+            } else if Instant::now() > d {
+                self.ticket.admission().note_timed_out();
+                self.close(if self.established {
+                    "no Connect before the deadline"
+                } else {
+                    "no ICReq before the deadline"
+                });
+            }
         }
         self.refresh_namespaces();
         while let Some((nsid, io)) = self.retry.pop_front() {

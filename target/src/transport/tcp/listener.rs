@@ -22,6 +22,8 @@ pub const MAX_CONNECTIONS: usize = 1024;
 
 /// How often the accept thread wakes without a connection (stop flag, admission report).
 const ACCEPT_TICK: Duration = Duration::from_secs(1);
+/// Pause after a failed accept (descriptor or memory exhaustion).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 
 /// A listening socket.
 pub struct Listener {
@@ -145,10 +147,10 @@ fn accept_loop(
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
-                // Out of descriptors or memory, or a connection reset before accept: let the
-                // condition pass rather than spin.
+                // Out of descriptors or memory (the pending connection stays queued, so the
+                // socket stays readable): let the condition pass rather than spin.
                 tracing::debug!(error = %e, "NVMe/TCP accept failed");
-                wait_readable(&l);
+                std::thread::sleep(ACCEPT_BACKOFF);
                 continue;
             }
         };
