@@ -51,6 +51,7 @@ impl Listener {
                 format!("'{}' is not an IP address", spec.addr),
             )
         })?;
+        raise_nofile_limit();
         let l = TcpListener::bind((ip, spec.port))?;
         l.set_nonblocking(true)?;
         let addr = l.local_addr()?;
@@ -115,6 +116,46 @@ impl Drop for Listener {
         }
         tracing::info!(addr = %self.addr, "NVMe/TCP listener stopped");
     }
+}
+
+/// Raises the process's soft descriptor limit to its hard limit, once (as the Go runtime does at
+/// start): every connection is a descriptor, and the common soft default (1024) would stop
+/// accepts before [`MAX_CONNECTIONS`] is reached, with no way to evict idle connections.
+fn raise_nofile_limit() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let mut l = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes one rlimit into the valid struct passed.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) } != 0 {
+            return;
+        }
+        if l.rlim_cur < l.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: l.rlim_max,
+                rlim_max: l.rlim_max,
+            };
+            // SAFETY: setrlimit reads one valid rlimit; a soft limit up to the hard one is
+            // always allowed.
+            if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+                tracing::debug!(
+                    from = l.rlim_cur,
+                    to = raised.rlim_cur,
+                    "raised RLIMIT_NOFILE"
+                );
+                l = raised;
+            }
+        }
+        if (l.rlim_cur as usize) < 2 * MAX_CONNECTIONS {
+            tracing::warn!(
+                limit = l.rlim_cur,
+                "RLIMIT_NOFILE is below twice the NVMe/TCP connection limit; accepts may fail \
+                 before the limit is reached"
+            );
+        }
+    });
 }
 
 /// Waits up to [`ACCEPT_TICK`] for the listening socket to become readable.
