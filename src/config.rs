@@ -245,13 +245,10 @@ impl Config {
             }
         }
         for (i, l) in cfg.listener.iter().enumerate() {
-            if l.addr.parse::<std::net::IpAddr>().is_err() {
-                return Err(err(
-                    format!("listener[{i}].addr"),
-                    format!("'{}' is not an IP address", l.addr),
-                ));
+            if let Err((field, message)) = l.validate() {
+                return Err(err(format!("listener[{i}].{field}"), message));
             }
-            if cfg.listener[..i].iter().any(|o| o == l) {
+            if cfg.listener[..i].iter().any(|o| o.same_endpoint(l)) {
                 return Err(err(format!("listener[{i}]"), "declared twice".into()));
             }
         }
@@ -386,6 +383,18 @@ mod tests {
             "{base}[[listener]]\naddr = \"127.0.0.1\"\nport = 70000\n"
         ));
         assert!(e.path.starts_with("listener[0]"), "{e}");
+        let e = parse_err(&format!(
+            "{base}[[listener]]\naddr = \"127.0.0.1\"\nport = 4420\nic_timeout_ms = 0\n"
+        ));
+        assert_eq!(e.path, "listener[0].ic_timeout_ms");
+        let e = parse_err(&format!(
+            "{base}[[listener]]\naddr = \"127.0.0.1\"\nport = 4420\n\
+             [[listener]]\naddr = \"127.0.0.1\"\nport = 4420\nconnect_timeout_ms = 100\n"
+        ));
+        assert_eq!(
+            e.path, "listener[1]",
+            "same endpoint, other limits: still twice"
+        );
     }
 
     #[test]

@@ -25,7 +25,8 @@
 //! - [`transport::tcp::conn`]: one connection = one NVMe queue, a poller on one reactor:
 //!   ICReq/ICResp, command slots, in-capsule data and R2T/H2CData, C2HData, CapsuleResp,
 //!   keep-alive, C2HTermReq on fatal errors; [`transport::tcp::listener`] hands connections to
-//!   reactors round-robin and bounds their number.
+//!   reactors round-robin; [`transport::tcp::admission`] bounds their number, gives ICReq and
+//!   Connect deadlines, and evicts unidentified connections to make room for new hosts.
 //! - [`initiator`]: the host side over the same codec (connect, admin, I/O queues with a
 //!   non-blocking submit/poll API), used by `ferroblk perf nvmf` and the tests; later the
 //!   remote-volume bdev.

@@ -9,12 +9,17 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferroblk_target::spec::command::{AdminOpcode, IoOpcode, ReadWrite, SglDescriptor, Sqe};
+use ferroblk_target::spec::command::{
+    AdminOpcode, GetLogPage, IoOpcode, ReadWrite, SglDescriptor, Sqe,
+};
 use ferroblk_target::spec::fabrics::{ConnectCommand, ConnectData, PropertySet};
+use ferroblk_target::spec::log::LogPageId;
 use ferroblk_target::spec::{Cqe, Status};
+use ferroblk_target::subsystem::admin::MAX_TRANSFER;
 use ferroblk_target::transport::tcp::listener::MAX_CONNECTIONS;
 use ferroblk_target::transport::tcp::pdu::{
-    DataDigest, Decoded, Fes, IcReq, IcResp, Negotiated, PduDecoder, PduEncoder, PduHeader, Role,
+    DataDigest, Decoded, Fes, H2cData, IcReq, IcResp, Negotiated, PduDecoder, PduEncoder,
+    PduHeader, Role,
 };
 
 const NQN: &str = "nqn.2026-11.io.ferroblk:hostile";
@@ -478,4 +483,130 @@ fn removing_a_namespace_with_commands_waiting_for_its_channel_completes_them() {
         &SglDescriptor::transport_data_block(4096),
     );
     assert_eq!(q.command(&rd, &[]).0.status, Status::INVALID_NAMESPACE);
+}
+
+#[test]
+fn a_write_that_cannot_run_fails_without_asking_for_its_data() {
+    let r = common::rig(NQN, common::malloc_1m());
+    let (_a, mut q) = enabled_controller(r.addr, false);
+    let blocks = 256; // malloc_1m: 256 blocks of 4 KiB
+    // Data by R2T (no in-capsule data): `command` fails the test on any R2T.
+    let write = |cid: u16, nsid: u32, slba: u64, nlb: u32, len: u32| {
+        ReadWrite {
+            nsid,
+            slba,
+            nlb,
+            ..Default::default()
+        }
+        .to_sqe(
+            IoOpcode::Write,
+            cid,
+            &SglDescriptor::transport_data_block(len),
+        )
+    };
+    // A namespace that does not exist has no block size: neither 512-byte nor 4 KiB blocks
+    // are asked for.
+    let cases = [
+        (
+            write(16, 2, 0, 1, 512),
+            Status::INVALID_NAMESPACE,
+            "no namespace 2, 512-byte transfer",
+        ),
+        (
+            write(10, 2, 0, 1, 4096),
+            Status::INVALID_NAMESPACE,
+            "no namespace 2, 4 KiB transfer",
+        ),
+        (
+            write(11, 1, blocks, 1, 4096),
+            Status::LBA_OUT_OF_RANGE,
+            "past the end",
+        ),
+        (
+            write(12, 1, blocks - 1, 2, 8192),
+            Status::LBA_OUT_OF_RANGE,
+            "across the end",
+        ),
+        (
+            write(13, 1, u64::MAX, 1, 4096),
+            Status::LBA_OUT_OF_RANGE,
+            "SLBA + NLB overflows",
+        ),
+    ];
+    for (sqe, status, what) in cases {
+        let (c, data) = q.command(&sqe, &[]);
+        assert_eq!(c.status, status, "{what}");
+        assert!(data.is_empty());
+    }
+    // A Compare on a missing namespace, with in-capsule data: refused the same way.
+    let cmp = ReadWrite {
+        nsid: 9,
+        slba: 0,
+        nlb: 1,
+        ..Default::default()
+    }
+    .to_sqe(IoOpcode::Compare, 14, &SglDescriptor::in_capsule(0, 4096));
+    assert_eq!(
+        q.command(&cmp, &[0u8; 4096]).0.status,
+        Status::INVALID_NAMESPACE
+    );
+    // The last block is writable by R2T on the same queue, and the target still serves.
+    let w = write(15, 1, blocks - 1, 1, 4096);
+    let mut out = [0u8; 256];
+    let n = q.enc.capsule_cmd(&w, 0, &mut out);
+    q.send(&out[..n]);
+    let Some((PduHeader::R2t(r2t), _)) = q.recv() else {
+        panic!("a valid write asks for its data");
+    };
+    assert_eq!((r2t.cccid, r2t.r2tl), (15, 4096));
+    let h = H2cData {
+        cccid: 15,
+        ttag: r2t.ttag,
+        datao: 0,
+        datal: 4096,
+        last: true,
+    };
+    let n = q.enc.h2c_data(&h, &mut out);
+    q.send(&out[..n]);
+    q.send(&[6u8; 4096]);
+    match q.recv() {
+        Some((PduHeader::CapsuleResp(c), _)) => assert!(c.cqe.status.is_success()),
+        other => panic!("expected the write's completion, got {other:?}"),
+    }
+    good_host_round_trip(r.addr, 4);
+}
+
+#[test]
+fn get_log_page_with_a_huge_numd_allocates_nothing_of_that_size() {
+    let r = common::rig(NQN, common::malloc_1m());
+    let (mut a, _q) = enabled_controller(r.addr, false);
+    let smart = |numd: u32, sgl_len: u32| {
+        let mut sqe = GetLogPage {
+            lid: LogPageId::SmartHealth as u8,
+            numd,
+            nsid: 0xffff_ffff,
+            ..Default::default()
+        }
+        .to_sqe(20);
+        sqe.set_sgl1(&SglDescriptor::transport_data_block(sgl_len));
+        sqe
+    };
+    // NUMD 0 is 2^32 dwords (16 GiB): beyond MDTS, refused before any allocation.
+    let (c, data) = a.command(&smart(0, 4096), &[]);
+    assert_eq!(c.status, Status::INVALID_FIELD);
+    assert!(data.is_empty());
+    let just_over = (MAX_TRANSFER / 4 + 1) as u32;
+    assert_eq!(
+        a.command(&smart(just_over, u32::MAX), &[]).0.status,
+        Status::INVALID_FIELD
+    );
+    // Within MDTS: the transfer is the smaller of NUMD and the host's buffer; past the end
+    // of the 512-byte log, zeroes.
+    let (c, data) = a.command(&smart(1024, 512), &[]);
+    assert!(c.status.is_success(), "{:?}", c.status);
+    assert_eq!(data.len(), 512);
+    let (c, data) = a.command(&smart(1024, 4096), &[]);
+    assert!(c.status.is_success(), "{:?}", c.status);
+    assert_eq!(data.len(), 4096);
+    assert!(data[512..].iter().all(|&b| b == 0));
 }

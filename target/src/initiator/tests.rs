@@ -78,10 +78,7 @@ impl OwnTarget {
             .expect("subsystem");
         let bdev = MallocBdev::new("m0", BlockSize::B512, BLOCKS, BLOCKS).expect("malloc bdev");
         s.add_namespace(1, Arc::new(bdev), None).expect("namespace");
-        let spec = ListenerSpec {
-            addr: "127.0.0.1".into(),
-            port: free_port(),
-        };
+        let spec = ListenerSpec::new("127.0.0.1", free_port());
         let addr = SocketAddr::from(([127, 0, 0, 1], spec.port));
         let listener = Listener::start(spec.clone(), target.clone(), reactors.handles().to_vec())
             .expect("listener");

@@ -135,7 +135,7 @@ pub enum ConnectDataError {
     #[error("connect data is {0} bytes, 1024 required")]
     TooShort(usize),
     /// An NQN field has no terminating NUL within its 256 bytes, is longer than 223 bytes, is
-    /// empty, or is not UTF-8.
+    /// empty (SUBNQN only), or is not UTF-8.
     #[error("invalid NQN at connect data offset {0}")]
     InvalidNqn(u16),
 }
@@ -170,8 +170,10 @@ impl ConnectData {
         Ok(ConnectData {
             hostid,
             cntlid: get_u16(b, 16),
-            subnqn: parse_nqn(b, Self::OFFSET_SUBNQN)?,
-            hostnqn: parse_nqn(b, Self::OFFSET_HOSTNQN)?,
+            subnqn: parse_nqn(b, Self::OFFSET_SUBNQN, false)?,
+            // Empty where the host has no NQN (SPDK's initiator without one): whether that is
+            // acceptable is the subsystem's decision (any host allowed, or a host list).
+            hostnqn: parse_nqn(b, Self::OFFSET_HOSTNQN, true)?,
         })
     }
 
@@ -186,14 +188,15 @@ impl ConnectData {
     }
 }
 
-/// Reads a NUL-terminated UTF-8 NQN from the 256-byte field at `off`.
-fn parse_nqn(b: &[u8], off: u16) -> Result<String, ConnectDataError> {
+/// Reads a NUL-terminated UTF-8 NQN from the 256-byte field at `off` (empty only if
+/// `allow_empty`).
+fn parse_nqn(b: &[u8], off: u16, allow_empty: bool) -> Result<String, ConnectDataError> {
     let field = &b[off as usize..off as usize + NQN_FIELD_LEN];
     let len = field
         .iter()
         .position(|&c| c == 0)
         .ok_or(ConnectDataError::InvalidNqn(off))?;
-    if len == 0 || len > NQN_MAX_LEN {
+    if (len == 0 && !allow_empty) || len > NQN_MAX_LEN {
         return Err(ConnectDataError::InvalidNqn(off));
     }
     std::str::from_utf8(&field[..len])
@@ -622,6 +625,13 @@ mod tests {
         assert_eq!(
             ConnectData::parse(&b).unwrap_err(),
             ConnectDataError::InvalidNqn(256)
+        );
+        let mut b = connect_data().to_bytes();
+        b[512] = 0;
+        assert_eq!(
+            ConnectData::parse(&b).unwrap().hostnqn,
+            "",
+            "an empty host NQN is the subsystem's to judge"
         );
         let mut b = connect_data().to_bytes();
         b[256..256 + 224].fill(b'n');

@@ -26,7 +26,9 @@ pub const IN_CAPSULE_DATA: u32 = 8192;
 /// tested with ([`MAX_EXPORT_IO_BYTES`], 1 MiB); the bdev channel layer splits it for bdevs
 /// that take less.
 pub const MDTS: u8 = (MAX_EXPORT_IO_BYTES >> 12).trailing_zeros() as u8;
-const _: () = assert!(4096u64 << MDTS == MAX_EXPORT_IO_BYTES);
+/// Most data bytes one command transfers (MDTS in units of CAP.MPSMIN, 4 KiB).
+pub const MAX_TRANSFER: usize = 4096 << MDTS;
+const _: () = assert!(MAX_TRANSFER as u64 == MAX_EXPORT_IO_BYTES);
 /// Most outstanding Asynchronous Event Requests (AERL + 1).
 pub const AER_SLOTS: usize = 4;
 /// Version reported in VS and Identify Controller.
@@ -240,6 +242,17 @@ fn identify_namespace(ns: &super::Namespace) -> Vec<u8> {
     .to_vec()
 }
 
+/// Bytes a Get Log Page returns (NVMe Base 2.0 §5.16), decided before anything is allocated so
+/// that the host never chooses an allocation size: the NUMD length (in bytes, `numd_bytes`)
+/// capped to the command's data buffer (`sgl_len`); `None` (Invalid Field in Command) when NUMD
+/// asks for more than MDTS allows. Bytes past the end of the log read as zeroes.
+pub fn log_page_transfer_len(numd_bytes: u64, sgl_len: u32) -> Option<usize> {
+    if numd_bytes > MAX_TRANSFER as u64 {
+        return None;
+    }
+    Some((numd_bytes as usize).min(sgl_len as usize))
+}
+
 /// Runs one admin command of controller `ctrl`. `data` is the command's host-to-controller
 /// data (Set Features payloads), if any.
 pub fn execute(ctrl: &Arc<Controller>, target: &Target, sqe: &Sqe) -> AdminOutcome {
@@ -328,8 +341,10 @@ pub fn execute(ctrl: &Arc<Controller>, target: &Target, sqe: &Sqe) -> AdminOutco
                 }
                 _ => return done(Status::INVALID_LOG_PAGE),
             };
+            let Some(len) = log_page_transfer_len(g.len_bytes(), sqe.sgl1().length) else {
+                return done(Status::INVALID_FIELD);
+            };
             let off = g.offset as usize;
-            let len = g.len_bytes() as usize;
             if off > page.len() || !off.is_multiple_of(4) {
                 return done(Status::INVALID_FIELD);
             }
@@ -405,5 +420,28 @@ pub fn execute(ctrl: &Arc<Controller>, target: &Target, sqe: &Sqe) -> AdminOutco
         // Abort: the command may have completed already; report "not aborted" (DW0 bit 0).
         x if x == AdminOpcode::Abort as u8 => with_dw0(1),
         _ => done(Status::INVALID_OPCODE),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_page_length_is_capped_before_allocation() {
+        // NUMD 0 on the wire is 2^32 dwords: 16 GiB, far beyond MDTS.
+        assert_eq!(log_page_transfer_len(1 << 34, u32::MAX), None);
+        assert_eq!(
+            log_page_transfer_len(MAX_TRANSFER as u64 + 4, u32::MAX),
+            None
+        );
+        assert_eq!(
+            log_page_transfer_len(MAX_TRANSFER as u64, u32::MAX),
+            Some(MAX_TRANSFER)
+        );
+        // The host's buffer bounds the transfer.
+        assert_eq!(log_page_transfer_len(4096, 512), Some(512));
+        assert_eq!(log_page_transfer_len(512, 4096), Some(512));
+        assert_eq!(log_page_transfer_len(512, 0), Some(0));
     }
 }

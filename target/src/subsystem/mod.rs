@@ -70,6 +70,70 @@ pub struct ListenerSpec {
     pub addr: String,
     /// TCP port (4420 for I/O, 8009 for discovery by convention; every listener serves both).
     pub port: u16,
+    /// Milliseconds a new connection has to send its ICReq (NVMe/TCP 1.0 §3.6.2.2) before it
+    /// is closed.
+    #[serde(default = "default_handshake_timeout_ms")]
+    pub ic_timeout_ms: u64,
+    /// Milliseconds after the ICReq for a successful Fabrics Connect (NVMe-oF 1.1 §3.3) before
+    /// the connection is closed.
+    #[serde(default = "default_handshake_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Most connections from one peer address that have not completed ICReq and Connect;
+    /// more are closed at accept. Linux opens every I/O queue's connection before it sends
+    /// their Connects, so this must exceed one host's queue count (default 256).
+    #[serde(default = "default_max_unidentified_per_peer")]
+    pub max_unidentified_per_peer: u32,
+}
+
+fn default_handshake_timeout_ms() -> u64 {
+    5000
+}
+
+fn default_max_unidentified_per_peer() -> u32 {
+    256
+}
+
+impl ListenerSpec {
+    /// A listener on `addr`:`port` with the default handshake limits.
+    pub fn new(addr: impl Into<String>, port: u16) -> ListenerSpec {
+        ListenerSpec {
+            addr: addr.into(),
+            port,
+            ic_timeout_ms: default_handshake_timeout_ms(),
+            connect_timeout_ms: default_handshake_timeout_ms(),
+            max_unidentified_per_peer: default_max_unidentified_per_peer(),
+        }
+    }
+
+    /// Checks the values that need no socket; errors name the field.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if self.addr.parse::<std::net::IpAddr>().is_err() {
+            return Err((
+                "addr".into(),
+                format!("'{}' is not an IP address", self.addr),
+            ));
+        }
+        for (field, ms) in [
+            ("ic_timeout_ms", self.ic_timeout_ms),
+            ("connect_timeout_ms", self.connect_timeout_ms),
+        ] {
+            if !(1..=3_600_000).contains(&ms) {
+                return Err((field.into(), format!("{ms} is not in 1..=3600000")));
+            }
+        }
+        if self.max_unidentified_per_peer == 0 {
+            return Err((
+                "max_unidentified_per_peer".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether `other` is the same address and port (the listener's identity).
+    pub fn same_endpoint(&self, other: &ListenerSpec) -> bool {
+        self.addr == other.addr && self.port == other.port
+    }
 }
 
 /// Most namespaces per subsystem.
@@ -213,6 +277,11 @@ impl Subsystem {
             controllers: Mutex::new(HashMap::new()),
             next_cntlid: AtomicU16::new(1),
         }
+    }
+
+    /// Whether any host may connect (no allow-list in force).
+    pub fn allows_any_host(&self) -> bool {
+        self.allow_any_host.load(Ordering::Acquire)
     }
 
     /// Whether `hostnqn` may connect.

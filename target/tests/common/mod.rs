@@ -15,11 +15,14 @@ use ferroblk_target::transport::tcp::listener::Listener;
 
 /// The running target; dropping it stops the listener and the reactor.
 pub struct Rig {
+    /// The target, for more subsystems.
+    pub target: Arc<Target>,
     /// The subsystem, for namespace changes during a test.
     pub subsystem: Arc<Subsystem>,
     /// Where the listener accepts connections.
     pub addr: SocketAddr,
-    _listener: Listener,
+    /// The listener, for its connection counts.
+    pub listener: Listener,
     _reactors: Reactors,
 }
 
@@ -30,6 +33,11 @@ pub fn malloc_1m() -> Arc<dyn Bdev> {
 
 /// Starts a target exporting `ns1` as namespace 1 of subsystem `nqn`.
 pub fn rig(nqn: &str, ns1: Arc<dyn Bdev>) -> Rig {
+    rig_on(nqn, ns1, ListenerSpec::new("127.0.0.1", 0))
+}
+
+/// [`rig`] with the listener declared by `spec`.
+pub fn rig_on(nqn: &str, ns1: Arc<dyn Bdev>, spec: ListenerSpec) -> Rig {
     let reactors = Reactors::start(&ReactorConfig {
         cpus: vec![None],
         idle_poll: Duration::from_micros(50),
@@ -47,16 +55,13 @@ pub fn rig(nqn: &str, ns1: Arc<dyn Bdev>) -> Rig {
         })
         .unwrap();
     subsystem.add_namespace(1, ns1, None).unwrap();
-    let spec = ListenerSpec {
-        addr: "127.0.0.1".into(),
-        port: 0,
-    };
-    let listener = Listener::start(spec, target, reactors.handles().to_vec()).unwrap();
+    let listener = Listener::start(spec, target.clone(), reactors.handles().to_vec()).unwrap();
     let addr = listener.local_addr();
     Rig {
+        target,
         subsystem,
         addr,
-        _listener: listener,
+        listener,
         _reactors: reactors,
     }
 }

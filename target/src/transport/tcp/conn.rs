@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use ferroblk_bdev::reactor::{Poller, ReactorHandle};
@@ -18,6 +18,7 @@ use ferroblk_bdev::uring::{RingClient, ThreadRing};
 use ferroblk_bdev::{AlignedBuf, Caps, Channel, IoCompletion, IoRequest, IoType, SgList, Wake};
 use io_uring::{opcode, types};
 
+use super::admission::{Stage, Ticket};
 use super::pdu::{
     C2hData, Decoded, IcResp, MAX_HEADER_LEN, Negotiated, PduDecoder, PduEncoder, PduError,
     PduHeader, R2t, Role,
@@ -29,14 +30,18 @@ use crate::spec::command::{
 use crate::spec::fabrics::{ConnectCommand, ConnectData, ConnectResponse, FabricsType};
 use crate::spec::{Cqe, Status, to_nvme_status};
 use crate::subsystem::admin::{
-    self, AER_SLOTS, AdminOutcome, IN_CAPSULE_DATA, MDTS, QUEUE_ENTRIES,
+    self, AER_SLOTS, AdminOutcome, IN_CAPSULE_DATA, MAX_TRANSFER, QUEUE_ENTRIES,
 };
 use crate::subsystem::{Controller, Namespace, Target};
 
 /// Most data bytes per H2CData PDU the target accepts (MAXH2CDATA).
 pub const MAX_H2C_DATA: u32 = 128 * 1024;
-const MAX_TRANSFER: usize = 4096 << MDTS;
 const RX_CAPACITY: usize = 256 * 1024;
+/// Receive buffer of a connection that has not completed Connect: room for an ICReq and a
+/// Connect capsule with its data. A larger PDU grows it, within the decoder's limits.
+const RX_HANDSHAKE: usize = 2048;
+/// Send buffer reserved once Connect succeeds.
+const TX_CAPACITY: usize = 64 * 1024;
 /// Pending response bytes above which the connection stops reading new commands.
 const TX_HIGH_WATER: usize = 8 << 20;
 const POLL_READ: u32 = 0;
@@ -137,7 +142,10 @@ const TX_IOVECS: usize = 64;
 pub struct TcpConn {
     target: Arc<Target>,
     reactor: ReactorHandle,
-    sock: TcpStream,
+    /// The socket and the handshake stage, shared with the listener's admission gate.
+    ticket: Arc<Ticket>,
+    /// When ICReq, then Connect, must have arrived; `None` once Connect succeeded.
+    handshake_deadline: Option<Instant>,
     client: RingClient,
     readable: bool,
     write_armed: bool,
@@ -165,18 +173,19 @@ pub struct TcpConn {
     closing: bool,
     finished: bool,
     peer: String,
-    conns: Arc<AtomicUsize>,
     scratch: [u8; MAX_HEADER_LEN],
 }
 
 impl TcpConn {
-    /// Takes over an accepted connection on the calling reactor.
+    /// Takes over an admitted connection on the calling reactor. Until Connect succeeds it
+    /// holds only small buffers (a host that connects and sends nothing costs little), and is
+    /// closed if ICReq or Connect misses its deadline.
     pub fn new(
         target: Arc<Target>,
         reactor: ReactorHandle,
-        sock: TcpStream,
-        conns: Arc<AtomicUsize>,
+        ticket: Arc<Ticket>,
     ) -> std::io::Result<TcpConn> {
+        let sock: &TcpStream = &ticket.sock;
         sock.set_nonblocking(true)?;
         sock.set_nodelay(true)?;
         let peer = sock
@@ -185,24 +194,26 @@ impl TcpConn {
             .unwrap_or_else(|_| "?".into());
         let ring = ThreadRing::current().map_err(std::io::Error::other)?;
         let client = ring.register(16);
+        let handshake_deadline = Some(Instant::now() + ticket.admission().limits().ic_timeout);
         let c = TcpConn {
             target,
             reactor,
-            sock,
+            ticket,
+            handshake_deadline,
             client,
             readable: true,
             write_armed: false,
-            rx: Vec::with_capacity(RX_CAPACITY),
-            tx: Vec::with_capacity(64 * 1024),
+            rx: Vec::with_capacity(RX_HANDSHAKE),
+            tx: Vec::new(),
             tx_off: 0,
-            tx_data: VecDeque::with_capacity(4 * QUEUE_ENTRIES as usize),
+            tx_data: VecDeque::new(),
             tx_data_bytes: 0,
             decoder: PduDecoder::controller(IN_CAPSULE_DATA),
             encoder: PduEncoder::new(Role::Controller),
             established: false,
             queue: None,
             slots: Vec::new(),
-            done: Vec::with_capacity(QUEUE_ENTRIES as usize),
+            done: Vec::new(),
             retry: VecDeque::new(),
             pool: BufPool::new(),
             sqhd: 0,
@@ -212,7 +223,6 @@ impl TcpConn {
             closing: false,
             finished: false,
             peer,
-            conns,
             scratch: [0; MAX_HEADER_LEN],
         };
         c.arm(POLL_READ, (libc::POLLIN | libc::POLLRDHUP) as u32, true);
@@ -220,18 +230,30 @@ impl TcpConn {
     }
 
     fn arm(&self, slot: u32, events: u32, multi: bool) {
-        let sqe = opcode::PollAdd::new(types::Fd(self.sock.as_raw_fd()), events)
+        let sqe = opcode::PollAdd::new(types::Fd(self.ticket.sock.as_raw_fd()), events)
             .multi(multi)
             .build();
-        // SAFETY: a poll on the connection's socket, which this poller owns; a late completion
-        // after the poller is gone is discarded by the client generation check.
+        // SAFETY: a poll on the connection's socket, kept open by this poller's ticket (the
+        // accept thread may hold the ticket too, never closing it); a late completion after
+        // the poller is gone is discarded by the client generation check.
         unsafe { self.client.push(sqe, slot) };
         self.client.ring().flush();
     }
 
     fn close(&mut self, why: &str) {
         if !self.closing {
-            tracing::info!(peer = %self.peer, reason = why, "NVMe/TCP connection closing");
+            // Connections that never identified themselves are counted and reported by the
+            // listener's admission, not logged one by one.
+            if self.queue.is_some() {
+                tracing::info!(peer = %self.peer, reason = why, "NVMe/TCP connection closing");
+            } else {
+                let why = if self.ticket.evicted() {
+                    "evicted for a newcomer"
+                } else {
+                    why
+                };
+                tracing::debug!(peer = %self.peer, reason = why, "NVMe/TCP connection closing");
+            }
             self.closing = true;
             if let Some(q) = &self.queue
                 && q.qid == 0
@@ -376,7 +398,7 @@ impl TcpConn {
             // kernel copies the data before returning.
             let n = unsafe {
                 libc::sendmsg(
-                    self.sock.as_raw_fd(),
+                    self.ticket.sock.as_raw_fd(),
                     &msg,
                     libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
                 )
@@ -462,7 +484,7 @@ impl TcpConn {
             // the kernel wrote.
             let n = unsafe {
                 libc::recv(
-                    self.sock.as_raw_fd(),
+                    self.ticket.sock.as_raw_fd(),
                     self.rx.as_mut_ptr().add(len).cast(),
                     spare,
                     libc::MSG_DONTWAIT,
@@ -494,7 +516,17 @@ impl TcpConn {
         while !self.closing {
             let r = self.decoder.decode(&self.rx[pos..]);
             match r {
-                Ok(Decoded::NeedMore(_)) => break,
+                Ok(Decoded::NeedMore(n)) => {
+                    // A PDU larger than the handshake-sized buffer: make room for it (the
+                    // decoder never asks for more than the negotiated limits allow).
+                    let need = self.rx.len() - pos + n;
+                    if need > self.rx.capacity() {
+                        self.rx.drain(..pos);
+                        pos = 0;
+                        self.rx.reserve_exact(need - self.rx.len());
+                    }
+                    break;
+                }
                 Ok(Decoded::Ready(l)) => {
                     let data = (pos + l.data.start)..(pos + l.data.end);
                     let plen = l.plen;
@@ -574,6 +606,10 @@ impl TcpConn {
                 self.decoder.establish(neg);
                 self.encoder = PduEncoder::established(Role::Controller, &neg);
                 self.established = true;
+                // Now the Connect's deadline (NVMe-oF 1.1 §3.3: Connect is the first command).
+                self.ticket.advance(Stage::Initialized);
+                self.handshake_deadline =
+                    Some(Instant::now() + self.ticket.admission().limits().connect_timeout);
             }
             PduHeader::H2cTermReq(t) => {
                 tracing::info!(peer = %self.peer, fes = %t.fes, "host terminated the connection");
@@ -702,6 +738,37 @@ impl TcpConn {
         }
     }
 
+    /// For an I/O command carrying data (Write, Compare, Dataset Management): the error it
+    /// completes with if its namespace is not active or its LBA range does not fit in it (NVM
+    /// Command Set 1.0 §3.3.3), so that no data is asked for (R2T) or kept for a command that
+    /// cannot run.
+    fn check_before_data(&self, sqe: &Sqe) -> Option<Status> {
+        let q = self.queue.as_ref().filter(|q| q.qid != 0)?;
+        let opc = IoOpcode::from_u8(sqe.opc());
+        if !matches!(
+            opc,
+            Some(IoOpcode::Write | IoOpcode::Compare | IoOpcode::DatasetManagement)
+        ) {
+            return None;
+        }
+        let Some(n) =
+            q.ns.get(sqe.nsid() as usize)
+                .and_then(Option::as_ref)
+                .filter(|n| !n.draining)
+        else {
+            return Some(Status::INVALID_NAMESPACE);
+        };
+        if opc == Some(IoOpcode::DatasetManagement) {
+            return None;
+        }
+        let rw = ReadWrite::from_sqe(sqe);
+        let blocks = n.ns.bdev.info().block_count();
+        match rw.slba.checked_add(u64::from(rw.nlb)) {
+            Some(end) if end <= blocks => None,
+            _ => Some(Status::LBA_OUT_OF_RANGE),
+        }
+    }
+
     fn block_size(&self, nsid: u32) -> Option<usize> {
         let q = self.queue.as_ref()?;
         let n = q.ns.get(nsid as usize)?.as_ref()?;
@@ -741,6 +808,13 @@ impl TcpConn {
                 self.pool.put(b);
             }
             self.send_cqe(Cqe::new(cid, Status::COMMAND_SEQUENCE_ERROR));
+            return;
+        }
+        if let Some(status) = self.check_before_data(&sqe) {
+            if let Some(b) = icd {
+                self.pool.put(b);
+            }
+            self.send_cqe(Cqe::new(cid, status));
             return;
         }
         let mut want = self.data_in_len(&sqe);
@@ -900,62 +974,100 @@ impl TcpConn {
         }
     }
 
+    /// Fabrics Connect (NVMe-oF 1.1 §3.3): an admin queue creates a controller (dynamic model),
+    /// an I/O queue joins one by CNTLID. Every refusal is logged with the field, its value and
+    /// why (rate-limited), so an operator sees why a host cannot attach.
     fn connect(&mut self, i: usize, sqe: Sqe) {
         let cmd = ConnectCommand::from_sqe(&sqe);
-        let reject = |ipo: u16, in_data: bool| ConnectResponse::InvalidParameters { in_data, ipo };
+        let invalid = |ipo: u16, in_data: bool| {
+            let c = ConnectResponse::InvalidParameters { in_data, ipo }.to_cqe(sqe.cid());
+            (c.status, c.dw0)
+        };
         let data = self.slots[i]
             .buf
             .as_ref()
-            .map(|b| b.as_slice()[..1024].to_vec());
+            .map(|b| b.as_slice()[..ConnectData::LEN].to_vec());
         let Some(data) = data else {
-            return self.complete_slot(i, Status::DATA_SGL_LENGTH_INVALID, 0, 0);
+            let r = (Status::DATA_SGL_LENGTH_INVALID, 0);
+            return self.refuse_connect(i, r, "data", &"none", "Connect carries no data");
         };
         let cd = match ConnectData::parse(&data) {
             Ok(cd) => cd,
             Err(e) => {
-                let r = reject(e.ipo().unwrap_or(0), true);
-                let c = r.to_cqe(sqe.cid());
-                return self.complete_slot(i, c.status, c.dw0, 0);
+                let off = e.ipo().unwrap_or(0);
+                let field = if off == ConnectData::OFFSET_SUBNQN {
+                    "SUBNQN"
+                } else {
+                    "HOSTNQN"
+                };
+                let raw = &data[off as usize..off as usize + 256];
+                let raw = &raw[..raw.iter().position(|&b| b == 0).unwrap_or(raw.len())];
+                let value = String::from_utf8_lossy(raw);
+                let r = invalid(off, true);
+                return self.refuse_connect(i, r, field, &value, &e.to_string());
             }
         };
         if cmd.recfmt != 0 {
-            let c = Cqe::new(sqe.cid(), Status::CONNECT_INCOMPATIBLE_FORMAT);
-            return self.complete_slot(i, c.status, 0, 0);
+            let r = (Status::CONNECT_INCOMPATIBLE_FORMAT, 0);
+            return self.refuse_connect(i, r, "RECFMT", &cmd.recfmt, "only format 0 exists");
         }
         let Some(subsys) = self.target.subsystem(&cd.subnqn) else {
-            tracing::info!(peer = %self.peer, subnqn = %cd.subnqn, "connect to an unknown subsystem");
-            let c = reject(256, true).to_cqe(sqe.cid());
-            return self.complete_slot(i, c.status, c.dw0, 0);
+            let r = invalid(ConnectData::OFFSET_SUBNQN, true);
+            return self.refuse_connect(i, r, "SUBNQN", &cd.subnqn, "no such subsystem");
         };
+        // SPDK's initiator without a configured host NQN sends an empty one: acceptable where
+        // any host may connect, an invalid parameter where hosts are listed.
+        if cd.hostnqn.is_empty() && !subsys.allows_any_host() {
+            let r = invalid(ConnectData::OFFSET_HOSTNQN, true);
+            let why = "empty host NQN; the subsystem admits listed hosts only";
+            return self.refuse_connect(i, r, "HOSTNQN", &cd.hostnqn, why);
+        }
         if !subsys.host_allowed(&cd.hostnqn) {
-            tracing::warn!(peer = %self.peer, host = %cd.hostnqn, subnqn = %cd.subnqn,
-                "host not on the allow-list");
-            return self.complete_slot(i, Status::CONNECT_INVALID_HOST, 0, 0);
+            let r = (Status::CONNECT_INVALID_HOST, 0);
+            let why = format!("not on the allow-list of {}", cd.subnqn);
+            return self.refuse_connect(i, r, "HOSTNQN", &cd.hostnqn, &why);
         }
         let entries = u32::from(cmd.sqsize) + 1;
         if cmd.sqsize == 0 || entries > u32::from(QUEUE_ENTRIES) {
-            let c = reject(ConnectCommand::OFFSET_SQSIZE, false).to_cqe(sqe.cid());
-            return self.complete_slot(i, c.status, c.dw0, 0);
+            let r = invalid(ConnectCommand::OFFSET_SQSIZE, false);
+            let why = format!("not in 1..={} (0's based)", QUEUE_ENTRIES - 1);
+            return self.refuse_connect(i, r, "SQSIZE", &cmd.sqsize, &why);
         }
         self.sqsize = entries as u16;
         self.flow_control = cmd.cattr & crate::spec::fabrics::CATTR_DISABLE_SQ_FLOW_CONTROL == 0;
         let ctrl = if cmd.qid == 0 {
             match subsys.create_controller(&cd.hostnqn, cd.hostid, cmd.kato, self.reactor.clone()) {
                 Ok(c) => c,
-                Err(_) => return self.complete_slot(i, Status::CONNECT_CONTROLLER_BUSY, 0, 0),
+                Err(e) => {
+                    let r = (Status::CONNECT_CONTROLLER_BUSY, 0);
+                    return self.refuse_connect(i, r, "QID", &cmd.qid, e);
+                }
             }
         } else {
             let Some(c) = subsys.controller(cd.cntlid) else {
-                let c = reject(16, true).to_cqe(sqe.cid());
-                return self.complete_slot(i, c.status, c.dw0, 0);
+                let r = invalid(ConnectData::OFFSET_CNTLID, true);
+                let why = "no such controller in the subsystem";
+                return self.refuse_connect(i, r, "CNTLID", &cd.cntlid, why);
             };
-            if c.hostnqn != cd.hostnqn || c.dead.load(Ordering::Acquire) {
-                let c = reject(512, true).to_cqe(sqe.cid());
-                return self.complete_slot(i, c.status, c.dw0, 0);
+            if c.hostnqn != cd.hostnqn {
+                let r = invalid(ConnectData::OFFSET_HOSTNQN, true);
+                let why = format!("controller {} belongs to host {:?}", c.cntlid, c.hostnqn);
+                return self.refuse_connect(i, r, "HOSTNQN", &cd.hostnqn, &why);
             }
-            if cmd.qid > c.io_queues.load(Ordering::Acquire) || subsys.discovery {
-                let c = reject(ConnectCommand::OFFSET_QID, false).to_cqe(sqe.cid());
-                return self.complete_slot(i, c.status, c.dw0, 0);
+            if c.dead.load(Ordering::Acquire) {
+                let r = invalid(ConnectData::OFFSET_CNTLID, true);
+                let why = "the controller is being torn down";
+                return self.refuse_connect(i, r, "CNTLID", &cd.cntlid, why);
+            }
+            if subsys.discovery || cmd.qid > c.io_queues.load(Ordering::Acquire) {
+                let r = invalid(ConnectCommand::OFFSET_QID, false);
+                let why = if subsys.discovery {
+                    "a discovery controller has no I/O queues".to_owned()
+                } else {
+                    let n = c.io_queues.load(Ordering::Acquire);
+                    format!("above the {n} I/O queues granted")
+                };
+                return self.refuse_connect(i, r, "QID", &cmd.qid, &why);
             }
             c
         };
@@ -966,11 +1078,39 @@ impl TcpConn {
             ns: Vec::new(),
             ns_gen: 0,
         });
+        self.identified();
         self.refresh_namespaces();
         tracing::info!(peer = %self.peer, subnqn = %cd.subnqn, host = %cd.hostnqn,
             qid = cmd.qid, cntlid, "NVMe/TCP queue connected");
         let c = ConnectResponse::Success { cntlid, authreq: 0 }.to_cqe(sqe.cid());
         self.complete_slot(i, c.status, c.dw0, 0);
+    }
+
+    /// Completes a refused Connect with `(status, dw0)` and logs why (rate-limited).
+    fn refuse_connect(
+        &mut self,
+        i: usize,
+        (status, dw0): (Status, u32),
+        field: &str,
+        value: &dyn std::fmt::Debug,
+        why: &str,
+    ) {
+        self.ticket
+            .admission()
+            .log_connect_refused(&self.peer, field, value, why);
+        self.complete_slot(i, status, dw0, 0);
+    }
+
+    /// Connect succeeded: no more deadline, never evicted, and the full-size buffers a queue
+    /// needs so that serving it allocates nothing per command.
+    fn identified(&mut self) {
+        self.ticket.advance(Stage::Identified);
+        self.handshake_deadline = None;
+        self.rx
+            .reserve_exact(RX_CAPACITY.saturating_sub(self.rx.len()));
+        self.tx.reserve(TX_CAPACITY);
+        self.tx_data.reserve(4 * QUEUE_ENTRIES as usize);
+        self.done.reserve(QUEUE_ENTRIES as usize);
     }
 
     /// Opens this reactor's channels for the subsystem's namespaces (I/O queues only).
@@ -1289,6 +1429,21 @@ impl Poller for TcpConn {
             tracing::warn!(peer = %self.peer, cntlid = q.ctrl.cntlid, "keep-alive timeout");
             self.close("keep-alive timeout");
         }
+        if let Some(d) = self.handshake_deadline
+            && !self.closing
+        {
+            if self.ticket.evicted() {
+                // Counted by the gate; the socket is shut down already.
+                self.close("evicted for a newcomer");
+            } else if Instant::now() > d {
+                self.ticket.admission().note_timed_out();
+                self.close(if self.established {
+                    "no Connect before the deadline"
+                } else {
+                    "no ICReq before the deadline"
+                });
+            }
+        }
         self.refresh_namespaces();
         while let Some((nsid, io)) = self.retry.pop_front() {
             let q = self.queue.as_mut().expect("I/O queue");
@@ -1311,7 +1466,7 @@ impl Poller for TcpConn {
         }
         if self.closing && self.in_flight_io() == 0 {
             let _ = self.flush_tx();
-            let _ = self.sock.shutdown(std::net::Shutdown::Both);
+            let _ = self.ticket.sock.shutdown(std::net::Shutdown::Both);
             self.finished = true;
         }
         work
@@ -1322,6 +1477,11 @@ impl Poller for TcpConn {
             return Wake::Event;
         }
         let mut w = Wake::Event;
+        if let Some(d) = self.handshake_deadline
+            && !self.closing
+        {
+            w = Wake::At(d);
+        }
         if let Some(q) = &self.queue {
             for n in q.ns.iter().flatten() {
                 w = w.min(n.ch.wake());
@@ -1377,6 +1537,5 @@ impl Drop for TcpConn {
         {
             q.ctrl.subsystem.remove_controller(q.ctrl.cntlid);
         }
-        self.conns.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -1,19 +1,29 @@
-//! TCP listeners: one accept thread per address, handing each connection to a reactor
-//! (round-robin) as a [`TcpConn`] poller.
+//! TCP listeners: one accept thread per address, admitting each connection through a
+//! [`Gate`] (handshake deadlines, per-peer bound, eviction of unidentified connections when
+//! full; see [`super::admission`]) and handing it to a reactor (round-robin) as a [`TcpConn`]
+//! poller.
 
 use std::net::TcpListener;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use ferroblk_bdev::reactor::ReactorHandle;
 
+use super::admission::{Admission, AdmissionStats, Gate, HandshakeLimits};
 use super::conn::TcpConn;
 use crate::subsystem::{ListenerSpec, Target};
 
-/// Most connections one listener keeps open; more are closed at accept.
+/// Most connections one listener keeps open. When full, a newcomer takes the slot of the
+/// oldest connection that has not completed ICReq and Connect, or is closed if there is none.
 pub const MAX_CONNECTIONS: usize = 1024;
+
+/// How often the accept thread wakes without a connection (stop flag, admission report).
+const ACCEPT_TICK: Duration = Duration::from_secs(1);
+/// Pause after a failed accept (descriptor or memory exhaustion).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 
 /// A listening socket.
 pub struct Listener {
@@ -21,7 +31,7 @@ pub struct Listener {
     stop: Arc<AtomicBool>,
     addr: std::net::SocketAddr,
     thread: Option<JoinHandle<()>>,
-    conns: Arc<AtomicUsize>,
+    admission: Arc<Admission>,
     wake: std::os::fd::OwnedFd,
 }
 
@@ -32,23 +42,36 @@ impl Listener {
         target: Arc<Target>,
         reactors: Vec<ReactorHandle>,
     ) -> std::io::Result<Listener> {
+        spec.validate().map_err(|(field, why)| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{field}: {why}"))
+        })?;
         let ip: std::net::IpAddr = spec.addr.parse().map_err(|_| {
             std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 format!("'{}' is not an IP address", spec.addr),
             )
         })?;
+        raise_nofile_limit();
         let l = TcpListener::bind((ip, spec.port))?;
+        l.set_nonblocking(true)?;
         let addr = l.local_addr()?;
         let wake = std::os::fd::OwnedFd::from(l.try_clone()?);
         let stop = Arc::new(AtomicBool::new(false));
-        let conns = Arc::new(AtomicUsize::new(0));
+        let admission = Arc::new(Admission::new(
+            addr,
+            HandshakeLimits {
+                ic_timeout: Duration::from_millis(spec.ic_timeout_ms),
+                connect_timeout: Duration::from_millis(spec.connect_timeout_ms),
+                max_unidentified_per_peer: spec.max_unidentified_per_peer as usize,
+                max_connections: MAX_CONNECTIONS,
+            },
+        ));
         let thread = {
             let stop = stop.clone();
-            let conns = conns.clone();
+            let gate = Gate::new(admission.clone());
             std::thread::Builder::new()
                 .name(format!("nvmf-accept-{}", spec.port))
-                .spawn(move || accept_loop(l, target, reactors, stop, conns))?
+                .spawn(move || accept_loop(l, target, reactors, stop, gate))?
         };
         tracing::info!(addr = %addr, "NVMe/TCP listener started");
         Ok(Listener {
@@ -56,7 +79,7 @@ impl Listener {
             stop,
             addr,
             thread: Some(thread),
-            conns,
+            admission,
             wake,
         })
     }
@@ -71,16 +94,21 @@ impl Listener {
         self.addr
     }
 
-    /// Connections open now.
+    /// Connections holding a slot now (an evicted connection gives its slot up at once).
     pub fn connections(&self) -> usize {
-        self.conns.load(Ordering::Acquire)
+        self.admission.open()
+    }
+
+    /// Connections refused, evicted and timed out so far.
+    pub fn admission_stats(&self) -> AdmissionStats {
+        self.admission.stats()
     }
 }
 
 impl Drop for Listener {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
-        // Wake the blocked accept.
+        // Wake the waiting poll.
         // SAFETY: shutdown on the listening socket this listener owns.
         unsafe { libc::shutdown(self.wake.as_raw_fd(), libc::SHUT_RDWR) };
         if let Some(t) = self.thread.take() {
@@ -90,43 +118,98 @@ impl Drop for Listener {
     }
 }
 
+/// Raises the process's soft descriptor limit to its hard limit, once (as the Go runtime does at
+/// start): every connection is a descriptor, and the common soft default (1024) would stop
+/// accepts before [`MAX_CONNECTIONS`] is reached, with no way to evict idle connections.
+fn raise_nofile_limit() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let mut l = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes one rlimit into the valid struct passed.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) } != 0 {
+            return;
+        }
+        if l.rlim_cur < l.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: l.rlim_max,
+                rlim_max: l.rlim_max,
+            };
+            // SAFETY: setrlimit reads one valid rlimit; a soft limit up to the hard one is
+            // always allowed.
+            if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+                tracing::debug!(
+                    from = l.rlim_cur,
+                    to = raised.rlim_cur,
+                    "raised RLIMIT_NOFILE"
+                );
+                l = raised;
+            }
+        }
+        if (l.rlim_cur as usize) < 2 * MAX_CONNECTIONS {
+            tracing::warn!(
+                limit = l.rlim_cur,
+                "RLIMIT_NOFILE is below twice the NVMe/TCP connection limit; accepts may fail \
+                 before the limit is reached"
+            );
+        }
+    });
+}
+
+/// Waits up to [`ACCEPT_TICK`] for the listening socket to become readable.
+fn wait_readable(l: &TcpListener) {
+    let mut pfd = libc::pollfd {
+        fd: l.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for a descriptor the caller keeps open during the call.
+    unsafe { libc::poll(&mut pfd, 1, ACCEPT_TICK.as_millis() as libc::c_int) };
+}
+
 fn accept_loop(
     l: TcpListener,
     target: Arc<Target>,
     reactors: Vec<ReactorHandle>,
     stop: Arc<AtomicBool>,
-    conns: Arc<AtomicUsize>,
+    mut gate: Gate,
 ) {
     let mut next = 0usize;
-    for s in l.incoming() {
-        if stop.load(Ordering::Acquire) {
-            return;
-        }
-        let Ok(s) = s else { continue };
-        if conns.load(Ordering::Acquire) >= MAX_CONNECTIONS {
-            tracing::warn!("NVMe/TCP connection limit reached; closing a new connection");
-            drop(s);
+    let admission = gate.admission().clone();
+    while !stop.load(Ordering::Acquire) {
+        let (s, peer) = match l.accept() {
+            Ok(x) => x,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                admission.report();
+                wait_readable(&l);
+                continue;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                // Out of descriptors or memory (the pending connection stays queued, so the
+                // socket stays readable): let the condition pass rather than spin.
+                tracing::debug!(error = %e, "NVMe/TCP accept failed");
+                std::thread::sleep(ACCEPT_BACKOFF);
+                continue;
+            }
+        };
+        let Some(ticket) = gate.admit(s, peer.ip()) else {
             continue;
-        }
-        conns.fetch_add(1, Ordering::AcqRel);
+        };
         let r = reactors[next % reactors.len()].clone();
         next += 1;
         let target = target.clone();
-        let conns2 = conns.clone();
         let r2 = r.clone();
-        let sent = r.send(
-            move |core| match TcpConn::new(target, r2, s, conns2.clone()) {
-                Ok(c) => {
-                    core.add_poller(Box::new(c));
-                }
-                Err(e) => {
-                    conns2.fetch_sub(1, Ordering::AcqRel);
-                    tracing::warn!(error = %e, "cannot serve an NVMe/TCP connection");
-                }
-            },
-        );
-        if !sent {
-            conns.fetch_sub(1, Ordering::AcqRel);
-        }
+        // A ticket the reactor never takes is dropped with the closure, releasing its slot.
+        r.send(move |core| match TcpConn::new(target, r2, ticket) {
+            Ok(c) => {
+                core.add_poller(Box::new(c));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot serve an NVMe/TCP connection");
+            }
+        });
     }
 }

@@ -6,7 +6,10 @@
 //! - [`conn`]: one connection = one NVMe queue, a poller on one reactor: ICReq/ICResp, command
 //!   slots, in-capsule data and R2T/H2CData, C2HData, CapsuleResp, keep-alive, termination.
 //! - [`listener`]: accept threads handing connections to reactors round-robin.
+//! - [`admission`]: who gets a connection slot, handshake deadlines, and rate-limited counts
+//!   of connections turned away.
 
+pub mod admission;
 pub mod conn;
 pub mod listener;
 pub mod pdu;
