@@ -33,6 +33,11 @@ enum Cmd {
         /// The TOML configuration (see configs/).
         #[arg(long, short)]
         config: PathBuf,
+        /// Exit when a bdev fails to open (default: leave it out, with the bdevs stacked on it
+        /// and its exports, report it in `bdev_list` and serve everything else). Also
+        /// `strict = true` in the configuration.
+        #[arg(long)]
+        strict: bool,
     },
     /// Call a JSON-RPC method of a running daemon and print its result.
     Rpc {
@@ -128,8 +133,8 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
-        Cmd::Serve { config } => {
-            daemon::serve(&config)?;
+        Cmd::Serve { config, strict } => {
+            daemon::serve(&config, strict)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Rpc {
