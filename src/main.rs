@@ -45,7 +45,7 @@ enum Cmd {
         #[arg(long, short, default_value = "run/ferroblk.sock")]
         socket: PathBuf,
         /// Method name (bdev_list, bdev_create, bdev_delete, bdev_resize, bdev_error_inject,
-        /// reactor_list, daemon_status, daemon_shutdown).
+        /// bdev_delay_set, reactor_list, daemon_status, daemon_shutdown).
         method: String,
         /// Parameters: one JSON object, or key=value pairs.
         params: Vec<String>,

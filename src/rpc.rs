@@ -272,6 +272,34 @@ pub fn dispatch(state: &DaemonState, method: &str, params: Value) -> Result<Valu
                 .ok_or_else(|| BdevError::NotFound(p.name.clone()))?;
             Ok(b.control("error_inject", p.rule)?)
         }
+        "bdev_delay_set" => {
+            #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct P {
+                name: String,
+                #[serde(default)]
+                read_us: Option<u64>,
+                #[serde(default)]
+                write_us: Option<u64>,
+                #[serde(default)]
+                other_us: Option<u64>,
+            }
+            let p: P = parse(params)?;
+            let b = reg
+                .get(&p.name)
+                .ok_or_else(|| BdevError::NotFound(p.name.clone()))?;
+            let mut d = serde_json::Map::new();
+            for (k, v) in [
+                ("read_us", p.read_us),
+                ("write_us", p.write_us),
+                ("other_us", p.other_us),
+            ] {
+                if let Some(v) = v {
+                    d.insert(k.into(), json!(v));
+                }
+            }
+            Ok(b.control("delay_set", Value::Object(d))?)
+        }
         "vhost_add" => {
             let spec: ferroblk_vhost::VhostSpec = parse(params)?;
             let socket = spec.socket.clone();

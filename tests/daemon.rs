@@ -254,6 +254,31 @@ fn rpc_round_trips_and_errors() {
         .unwrap_err();
     assert_eq!(e["data"]["field"], "inject.ops[0]", "{e}");
 
+    // The delays of a delay bdev change at run time; other kinds refuse.
+    d.call(
+        "bdev_create",
+        json!({"kind": "delay", "name": "slowram", "base": "ram", "read_us": 7}),
+    )
+    .unwrap();
+    let r = d
+        .call(
+            "bdev_delay_set",
+            json!({"name": "slowram", "write_us": 1500}),
+        )
+        .unwrap();
+    assert_eq!(r, json!({"read_us": 7, "write_us": 1500, "other_us": 0}));
+    let l = d.call("bdev_list", json!({"name": "slowram"})).unwrap();
+    assert_eq!(l[0]["details"]["write_us"], 1500, "{l}");
+    let e = d
+        .call("bdev_delay_set", json!({"name": "ram", "write_us": 1}))
+        .unwrap_err();
+    assert_eq!(code(&e), -32004, "{e}");
+    let e = d
+        .call("bdev_delay_set", json!({"name": "slowram", "write_ms": 1}))
+        .unwrap_err();
+    assert_eq!(code(&e), -32602, "{e}");
+    d.call("bdev_delete", json!({"name": "slowram"})).unwrap();
+
     // Delete: a base in use is refused, then works bottom-up.
     let e = d.call("bdev_delete", json!({"name": "disk"})).unwrap_err();
     assert_eq!(code(&e), -32003, "{e}");
