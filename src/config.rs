@@ -28,6 +28,10 @@ pub struct ConfigError {
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// Refuse to start when a bdev fails to open (`serve --strict`); by default such a bdev is
+    /// left out, with what depends on it, and everything else is served.
+    #[serde(default)]
+    pub strict: bool,
     /// Reactor threads.
     #[serde(default)]
     pub reactors: ReactorsConfig,
@@ -269,6 +273,14 @@ mod tests {
         let c = Config::parse("", "t.toml").unwrap();
         assert!(c.bdev.is_empty());
         assert_eq!(c.rpc.socket, PathBuf::from("run/ferroblk.sock"));
+    }
+
+    #[test]
+    fn strict_is_a_top_level_switch() {
+        assert!(!Config::parse("", "t.toml").unwrap().strict);
+        assert!(Config::parse("strict = true\n", "t.toml").unwrap().strict);
+        let e = parse_err("strict = \"yes\"\n");
+        assert_eq!(e.path, "strict", "{e}");
     }
 
     #[test]

@@ -1,5 +1,11 @@
 //! `ferroblk serve`: starts the reactors, creates the configured bdevs, serves the control
 //! socket, and on SIGINT/SIGTERM (or `daemon_shutdown`) drains I/O, flushes every bdev and exits.
+//!
+//! Start is degraded by default: a bdev that fails to open (corrupt metadata, a missing file) is
+//! left out with every bdev stacked on it and every export of it, each recorded with its reason
+//! (`bdev_list`, `vhost_list`, `nvmf_subsystem_list`, the log), and everything else is served.
+//! `serve --strict` (or `strict = true`) exits at the first such failure instead. A configuration
+//! that does not parse or validate always fails at start.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -8,9 +14,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use ferroblk_bdev::reactor::{ReactorHandle, Reactors};
+use ferroblk_bdev::spec::{BdevDecl, creation_order};
 use ferroblk_bdev::sync::SyncChannel;
-use ferroblk_bdev::{BdevRegistry, Caps, IoStatus};
-use ferroblk_target::subsystem::{ListenerSpec, SubsystemSpec, Target, parse_uuid};
+use ferroblk_bdev::{BdevError, BdevRegistry, Caps, IoStatus};
+use ferroblk_target::subsystem::{ListenerSpec, NamespaceSpec, SubsystemSpec, Target, parse_uuid};
 use ferroblk_target::transport::tcp::listener::Listener;
 use ferroblk_vhost::{VhostExport, VhostSpec};
 
@@ -33,7 +40,43 @@ pub struct DaemonState {
     pub target: Arc<Target>,
     /// NVMe/TCP listeners.
     pub listeners: Mutex<Vec<Listener>>,
+    /// Declared bdevs that failed to open at start (or stack on one that did), by name.
+    pub failed: Mutex<BTreeMap<String, FailedBdev>>,
+    /// Declared exports left out at start because their bdev failed.
+    pub failed_exports: Mutex<Vec<FailedExport>>,
     shutdown: Mutex<Option<mpsc::Sender<&'static str>>>,
+}
+
+/// A declared bdev that is not served: it failed to open, or its base did.
+#[derive(Clone, Debug)]
+pub struct FailedBdev {
+    /// The declared kind.
+    pub kind: String,
+    /// The declaration as `bdev_list` shows it (secrets redacted).
+    pub spec: serde_json::Value,
+    /// Why it is not served.
+    pub reason: String,
+}
+
+/// A declared export left out because its bdev is not served.
+#[derive(Clone, Debug)]
+pub enum FailedExport {
+    /// A `[[vhost]]` export.
+    Vhost {
+        /// Its declaration.
+        spec: VhostSpec,
+        /// Why it is not served.
+        reason: String,
+    },
+    /// A `[[subsystem.namespace]]` of a subsystem that is served without it.
+    Namespace {
+        /// The subsystem.
+        nqn: String,
+        /// The namespace's declaration.
+        spec: NamespaceSpec,
+        /// Why it is not served.
+        reason: String,
+    },
 }
 
 impl DaemonState {
@@ -52,12 +95,7 @@ impl DaemonState {
         let bdev = self
             .registry
             .claim(&spec.bdev, &user)
-            .map_err(|e| match e {
-                ferroblk_bdev::BdevError::NotFound(n) => {
-                    RpcError::field("bdev", format!("no bdev named '{n}'"))
-                }
-                e => e.into(),
-            })?;
+            .map_err(|e| self.claim_error(e))?;
         match VhostExport::start(spec.clone(), bdev, self.reactors.clone()) {
             Ok(x) => {
                 exports.insert(spec.socket.clone(), x);
@@ -116,6 +154,10 @@ impl DaemonState {
             .target
             .remove_subsystem(nqn)
             .ok_or_else(|| crate::rpc::RpcError::not_found(format!("no subsystem {nqn}")))?;
+        self.failed_exports
+            .lock()
+            .expect("failed lock")
+            .retain(|f| !matches!(f, FailedExport::Namespace { nqn: n, .. } if n == nqn));
         for ns in s.namespaces() {
             s.remove_namespace(ns.nsid);
             self.registry
@@ -143,12 +185,10 @@ impl DaemonState {
             None => None,
         };
         let user = format!("nvmf {nqn} ns {nsid}");
-        let b = self.registry.claim(bdev, &user).map_err(|e| match e {
-            ferroblk_bdev::BdevError::NotFound(n) => {
-                RpcError::field("bdev", format!("no bdev named '{n}'"))
-            }
-            e => e.into(),
-        })?;
+        let b = self
+            .registry
+            .claim(bdev, &user)
+            .map_err(|e| self.claim_error(e))?;
         if let Err(e) = s.add_namespace(nsid, b, uuid) {
             self.registry.release(bdev, &user);
             return Err(RpcError::field("nsid", e));
@@ -173,6 +213,19 @@ impl DaemonState {
         Ok(())
     }
 
+    /// The RPC error for a failed claim: a missing bdev names the `bdev` field, and says why
+    /// when it is one that failed to open at start.
+    fn claim_error(&self, e: BdevError) -> crate::rpc::RpcError {
+        use crate::rpc::RpcError;
+        match e {
+            BdevError::NotFound(n) => match self.failed.lock().expect("failed lock").get(&n) {
+                Some(f) => RpcError::field("bdev", format!("bdev '{n}' failed: {}", f.reason)),
+                None => RpcError::field("bdev", format!("no bdev named '{n}'")),
+            },
+            e => e.into(),
+        }
+    }
+
     /// Asks the daemon to shut down cleanly.
     pub fn request_shutdown(&self) {
         if let Some(tx) = &*self.shutdown.lock().expect("shutdown lock") {
@@ -184,9 +237,12 @@ impl DaemonState {
 /// How long shutdown waits for in-flight I/O.
 const DRAIN: Duration = Duration::from_secs(10);
 
-/// Runs the daemon until a signal or `daemon_shutdown`.
-pub fn serve(config_path: &Path) -> anyhow::Result<()> {
+/// Runs the daemon until a signal or `daemon_shutdown`. With `strict` (or `strict = true` in the
+/// configuration) a bdev that fails to open stops the start; otherwise it is left out, with what
+/// depends on it, and reported.
+pub fn serve(config_path: &Path, strict: bool) -> anyhow::Result<()> {
     let cfg = Config::load(config_path)?;
+    let strict = strict || cfg.strict;
     let reactor_cfg = cfg
         .reactors
         .to_reactor_config()
@@ -213,16 +269,17 @@ pub fn serve(config_path: &Path) -> anyhow::Result<()> {
     let reactors = Reactors::start(&reactor_cfg).context("starting reactors")?;
     tracing::info!(reactors = reactors.len(), cpus = ?reactor_cfg.cpus, "reactors started");
     let registry = Arc::new(BdevRegistry::new());
-    registry.create_all(&cfg.bdev).map_err(|e| {
-        let field = e.error.field().map(|f| format!(".{f}")).unwrap_or_default();
-        let mut msg = e.error.to_string();
-        let mut src = std::error::Error::source(&e.error);
-        while let Some(s) = src {
-            msg = format!("{msg}: {s}");
-            src = s.source();
-        }
-        anyhow::anyhow!("{}: bdev[{}]{field}: {msg}", config_path.display(), e.index)
-    })?;
+    let failed = if strict {
+        registry.create_all(&cfg.bdev).map_err(|e| {
+            let field = e.error.field().map(|f| format!(".{f}")).unwrap_or_default();
+            let msg = message(&e.error);
+            anyhow::anyhow!("{}: bdev[{}]{field}: {msg}", config_path.display(), e.index)
+        })?;
+        BTreeMap::new()
+    } else {
+        create_degraded(&registry, &cfg.bdev)
+            .map_err(|e| anyhow::anyhow!("{}: bdev[{}]: {}", config_path.display(), e.0, e.1))?
+    };
     let state = Arc::new(DaemonState {
         registry: registry.clone(),
         reactors: reactors.handles().to_vec(),
@@ -231,9 +288,12 @@ pub fn serve(config_path: &Path) -> anyhow::Result<()> {
         vhost: Mutex::new(BTreeMap::new()),
         target: Arc::new(Target::new()),
         listeners: Mutex::new(Vec::new()),
+        failed: Mutex::new(failed),
+        failed_exports: Mutex::new(Vec::new()),
         shutdown: Mutex::new(Some(tx)),
     });
     for (i, s) in cfg.subsystem.iter().enumerate() {
+        let s = &state.without_failed_namespaces(s);
         state.add_subsystem(s).map_err(|e| {
             anyhow::anyhow!("{}: subsystem[{i}]: {}", config_path.display(), e.message)
         })?;
@@ -244,13 +304,23 @@ pub fn serve(config_path: &Path) -> anyhow::Result<()> {
         })?;
     }
     for (i, v) in cfg.vhost.iter().enumerate() {
+        if let Some(reason) = state.failed_reason(&v.bdev) {
+            tracing::error!(socket = %v.socket.display(), bdev = %v.bdev, %reason,
+                "vhost-user-blk export left out: its bdev failed");
+            let mut fx = state.failed_exports.lock().expect("failed lock");
+            fx.push(FailedExport::Vhost {
+                spec: v.clone(),
+                reason,
+            });
+            continue;
+        }
         state
             .add_vhost(v.clone())
             .map_err(|e| anyhow::anyhow!("{}: vhost[{i}]: {}", config_path.display(), e.message))?;
     }
     let rpc = RpcServer::start(&cfg.rpc.socket, state.clone())
         .with_context(|| format!("binding the RPC socket {}", cfg.rpc.socket.display()))?;
-    print_banner(&cfg, &registry, rpc.path());
+    print_banner(&cfg, &state, rpc.path());
     let why = rx.recv().unwrap_or("control channel closed");
     tracing::info!(reason = why, "shutting down");
     drop(rpc);
@@ -263,6 +333,103 @@ pub fn serve(config_path: &Path) -> anyhow::Result<()> {
     state.shutdown.lock().expect("shutdown lock").take();
     tracing::info!("stopped");
     Ok(())
+}
+
+impl DaemonState {
+    /// Why bdev `name` is not served, if it failed at start.
+    pub fn failed_reason(&self, name: &str) -> Option<String> {
+        let failed = self.failed.lock().expect("failed lock");
+        failed
+            .get(name)
+            .map(|f| format!("bdev '{name}' failed: {}", f.reason))
+    }
+
+    /// `spec` without the namespaces whose bdev failed at start, each recorded and logged.
+    fn without_failed_namespaces(&self, spec: &SubsystemSpec) -> SubsystemSpec {
+        let mut kept = spec.clone();
+        kept.namespace.retain(|n| {
+            let Some(reason) = self.failed_reason(&n.bdev) else {
+                return true;
+            };
+            tracing::error!(nqn = %spec.nqn, nsid = n.nsid, bdev = %n.bdev, %reason,
+                "NVMe-oF namespace left out: its bdev failed");
+            self.failed_exports
+                .lock()
+                .expect("failed lock")
+                .push(FailedExport::Namespace {
+                    nqn: spec.nqn.clone(),
+                    spec: n.clone(),
+                    reason,
+                });
+            false
+        });
+        kept
+    }
+}
+
+/// Creates every declared bdev, bases first, leaving out each one that fails to open and every
+/// bdev stacked on it; returns those left out with their reasons. Declarations that do not
+/// validate as a whole (names, bases, cycles) are an error: (index, message).
+fn create_degraded<D: BdevDecl + Clone + 'static>(
+    registry: &BdevRegistry,
+    specs: &[D],
+) -> Result<BTreeMap<String, FailedBdev>, (usize, String)> {
+    let order = creation_order(specs, &|n| registry.get(n).is_some())
+        .map_err(|e| (e.index, reason(&e.error)))?;
+    let mut failed: BTreeMap<String, FailedBdev> = BTreeMap::new();
+    for i in order {
+        let d = &specs[i];
+        let reason = match d.base() {
+            Some(b) if failed.contains_key(b) => {
+                let reason = format!("its base '{b}' failed");
+                tracing::error!(
+                    bdev = d.name(),
+                    kind = d.kind(),
+                    base = b,
+                    "bdev left out: its base failed"
+                );
+                Some(reason)
+            }
+            _ => match registry.create(Arc::new(d.clone())) {
+                Ok(_) => None,
+                Err(e) => {
+                    let reason = reason(&e);
+                    tracing::error!(bdev = d.name(), kind = d.kind(), %reason,
+                        "bdev failed to open; left out (serve --strict refuses to start instead)");
+                    Some(reason)
+                }
+            },
+        };
+        if let Some(reason) = reason {
+            failed.insert(
+                d.name().to_string(),
+                FailedBdev {
+                    kind: d.kind().to_string(),
+                    spec: d.to_json(),
+                    reason,
+                },
+            );
+        }
+    }
+    Ok(failed)
+}
+
+/// The error with its causes: `message: cause: ...`.
+fn message(e: &BdevError) -> String {
+    let chain = error_chain(e);
+    if chain.is_empty() {
+        e.to_string()
+    } else {
+        format!("{e}: {chain}")
+    }
+}
+
+/// Why a bdev failed, naming the field when the error names one: `path: cannot open ...`.
+fn reason(e: &BdevError) -> String {
+    match e.field() {
+        Some(f) => format!("{f}: {}", message(e)),
+        None => message(e),
+    }
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -296,9 +463,21 @@ fn flush_all(registry: &BdevRegistry) {
     }
 }
 
-fn print_banner(cfg: &Config, registry: &BdevRegistry, socket: &Path) {
-    println!("ferroblk {} serving", env!("CARGO_PKG_VERSION"));
-    for (b, _, _) in registry.list() {
+fn print_banner(cfg: &Config, state: &DaemonState, socket: &Path) {
+    let failed = state.failed.lock().expect("failed lock").clone();
+    if failed.is_empty() {
+        println!("ferroblk {} serving", env!("CARGO_PKG_VERSION"));
+    } else {
+        println!(
+            "ferroblk {} serving DEGRADED: {} bdev(s) failed and are left out",
+            env!("CARGO_PKG_VERSION"),
+            failed.len()
+        );
+    }
+    for (name, f) in &failed {
+        println!("  bdev {name:<16} {:<7} FAILED: {}", f.kind, f.reason);
+    }
+    for (b, _, _) in state.registry.list() {
         let g = b.info().geometry();
         println!(
             "  bdev {:<16} {:<7} {:>8} MiB  ({} blocks of {} B)",
@@ -313,6 +492,14 @@ fn print_banner(cfg: &Config, registry: &BdevRegistry, socket: &Path) {
         println!("  vhost-user-blk: no export configured ([[vhost]] or `ferroblk rpc vhost_add`)");
     }
     for v in &cfg.vhost {
+        if let Some(reason) = state.failed_reason(&v.bdev) {
+            println!(
+                "  vhost-user-blk {} -> bdev {}: NOT SERVED ({reason})",
+                v.socket.display(),
+                v.bdev
+            );
+            continue;
+        }
         let sock = std::fs::canonicalize(&v.socket).unwrap_or_else(|_| v.socket.clone());
         println!(
             "  vhost-user-blk {} -> bdev {} ({} queues). Attach a VM with:",

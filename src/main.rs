@@ -33,6 +33,11 @@ enum Cmd {
         /// The TOML configuration (see configs/).
         #[arg(long, short)]
         config: PathBuf,
+        /// Exit when a bdev fails to open (default: leave it out, with the bdevs stacked on it
+        /// and its exports, report it in `bdev_list` and serve everything else). Also
+        /// `strict = true` in the configuration.
+        #[arg(long)]
+        strict: bool,
     },
     /// Call a JSON-RPC method of a running daemon and print its result.
     Rpc {
@@ -40,7 +45,7 @@ enum Cmd {
         #[arg(long, short, default_value = "run/ferroblk.sock")]
         socket: PathBuf,
         /// Method name (bdev_list, bdev_create, bdev_delete, bdev_resize, bdev_error_inject,
-        /// reactor_list, daemon_status, daemon_shutdown).
+        /// bdev_delay_set, reactor_list, daemon_status, daemon_shutdown).
         method: String,
         /// Parameters: one JSON object, or key=value pairs.
         params: Vec<String>,
@@ -128,8 +133,8 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
-        Cmd::Serve { config } => {
-            daemon::serve(&config)?;
+        Cmd::Serve { config, strict } => {
+            daemon::serve(&config, strict)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Rpc {

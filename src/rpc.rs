@@ -15,7 +15,7 @@ use ferroblk_bdev::{BdevError, ByteSize};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::daemon::DaemonState;
+use crate::daemon::{DaemonState, FailedExport};
 
 /// Longest request line accepted; a longer one closes the connection.
 const MAX_LINE: u64 = 1 << 20;
@@ -172,12 +172,14 @@ pub fn dispatch(state: &DaemonState, method: &str, params: Value) -> Result<Valu
     match method {
         "bdev_list" => {
             let p: ListParams = parse(params)?;
+            let failed = state.failed.lock().expect("failed lock").clone();
             if let Some(n) = &p.name
                 && reg.get(n).is_none()
+                && !failed.contains_key(n)
             {
                 return Err(BdevError::NotFound(n.clone()).into());
             }
-            let list: Vec<Value> = reg
+            let mut list: Vec<Value> = reg
                 .list()
                 .into_iter()
                 .filter(|(b, _, _)| p.name.as_deref().is_none_or(|n| b.info().name() == n))
@@ -187,6 +189,7 @@ pub fn dispatch(state: &DaemonState, method: &str, params: Value) -> Result<Valu
                     json!({
                         "name": i.name(),
                         "kind": i.kind(),
+                        "state": "online",
                         "block_size": g.block_size.bytes(),
                         "block_count": g.block_count,
                         "size": g.size_bytes(),
@@ -200,15 +203,57 @@ pub fn dispatch(state: &DaemonState, method: &str, params: Value) -> Result<Valu
                     })
                 })
                 .collect();
+            // Declared bdevs that did not open at start (degraded start), with the reason.
+            list.extend(
+                failed
+                    .iter()
+                    .filter(|(n, _)| p.name.as_deref().is_none_or(|w| w == n.as_str()))
+                    .map(|(n, f)| {
+                        json!({
+                            "name": n,
+                            "kind": f.kind,
+                            "state": "failed",
+                            "reason": f.reason,
+                            "spec": f.spec,
+                        })
+                    }),
+            );
             Ok(Value::Array(list))
         }
         "bdev_create" => {
             let spec: crate::decl::Decl = parse(params)?;
             let b = reg.create(Arc::new(spec))?;
+            // Declared again and opened: no longer a failed one.
+            state
+                .failed
+                .lock()
+                .expect("failed lock")
+                .remove(b.info().name());
             Ok(json!({ "name": b.info().name(), "size": b.info().geometry().size_bytes() }))
         }
         "bdev_delete" => {
             let p: NameParam = parse(params)?;
+            if reg.get(&p.name).is_none() {
+                // Forgetting a bdev that failed at start; refused while another failed
+                // declaration stacks on it, like a healthy base.
+                let mut failed = state.failed.lock().expect("failed lock");
+                if failed.contains_key(&p.name) {
+                    let users: Vec<String> = failed
+                        .iter()
+                        .filter(|(_, f)| f.spec["base"] == p.name.as_str())
+                        .map(|(n, _)| format!("bdev {n}"))
+                        .collect();
+                    if !users.is_empty() {
+                        return Err(BdevError::InUse {
+                            name: p.name,
+                            users: users.join(", "),
+                        }
+                        .into());
+                    }
+                    failed.remove(&p.name);
+                    return Ok(json!(true));
+                }
+            }
             reg.delete(&p.name)?;
             Ok(json!(true))
         }
@@ -226,6 +271,34 @@ pub fn dispatch(state: &DaemonState, method: &str, params: Value) -> Result<Valu
                 .get(&p.name)
                 .ok_or_else(|| BdevError::NotFound(p.name.clone()))?;
             Ok(b.control("error_inject", p.rule)?)
+        }
+        "bdev_delay_set" => {
+            #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct P {
+                name: String,
+                #[serde(default)]
+                read_us: Option<u64>,
+                #[serde(default)]
+                write_us: Option<u64>,
+                #[serde(default)]
+                other_us: Option<u64>,
+            }
+            let p: P = parse(params)?;
+            let b = reg
+                .get(&p.name)
+                .ok_or_else(|| BdevError::NotFound(p.name.clone()))?;
+            let mut d = serde_json::Map::new();
+            for (k, v) in [
+                ("read_us", p.read_us),
+                ("write_us", p.write_us),
+                ("other_us", p.other_us),
+            ] {
+                if let Some(v) = v {
+                    d.insert(k.into(), json!(v));
+                }
+            }
+            Ok(b.control("delay_set", Value::Object(d))?)
         }
         "vhost_add" => {
             let spec: ferroblk_vhost::VhostSpec = parse(params)?;
@@ -251,9 +324,27 @@ pub fn dispatch(state: &DaemonState, method: &str, params: Value) -> Result<Valu
                 .values()
                 .map(|x| {
                     let mut v = serde_json::to_value(x.spec()).unwrap_or(Value::Null);
+                    v["state"] = json!("online");
                     v["connected"] = json!(x.connected());
                     v
                 })
+                .chain(
+                    state
+                        .failed_exports
+                        .lock()
+                        .expect("failed lock")
+                        .iter()
+                        .filter_map(|f| match f {
+                            FailedExport::Vhost { spec, reason } => {
+                                let mut v = serde_json::to_value(spec).unwrap_or(Value::Null);
+                                v["state"] = json!("failed");
+                                v["reason"] = json!(reason);
+                                v["connected"] = json!(false);
+                                Some(v)
+                            }
+                            FailedExport::Namespace { .. } => None,
+                        }),
+                )
                 .collect(),
         )),
         "nvmf_subsystem_list" => Ok(Value::Array(
@@ -277,6 +368,7 @@ pub fn dispatch(state: &DaemonState, method: &str, params: Value) -> Result<Valu
                         "controllers": s.controllers().iter().map(|c| json!({
                             "cntlid": c.cntlid, "host": c.hostnqn,
                         })).collect::<Vec<_>>(),
+                        "failed_namespaces": failed_namespaces(state, &s.nqn),
                     })
                 })
                 .collect(),
@@ -376,14 +468,19 @@ pub fn dispatch(state: &DaemonState, method: &str, params: Value) -> Result<Valu
                 })
                 .collect(),
         )),
-        "daemon_status" => Ok(json!({
+        "daemon_status" => {
+            let failed = state.failed.lock().expect("failed lock").len();
+            Ok(json!({
             "version": env!("CARGO_PKG_VERSION"),
             "pid": std::process::id(),
             "uptime_s": state.started.elapsed().as_secs_f64(),
             "config": state.config_path,
             "reactors": state.reactors.len(),
             "bdevs": reg.list().len(),
-        })),
+            "failed_bdevs": failed,
+            "degraded": failed > 0,
+            }))
+        }
         "daemon_shutdown" => {
             state.request_shutdown();
             Ok(json!(true))
@@ -394,6 +491,29 @@ pub fn dispatch(state: &DaemonState, method: &str, params: Value) -> Result<Valu
             field: None,
         }),
     }
+}
+
+/// The namespaces of subsystem `nqn` left out at start because their bdev failed.
+fn failed_namespaces(state: &DaemonState, nqn: &str) -> Vec<Value> {
+    state
+        .failed_exports
+        .lock()
+        .expect("failed lock")
+        .iter()
+        .filter_map(|f| match f {
+            FailedExport::Namespace {
+                nqn: n,
+                spec,
+                reason,
+            } if n == nqn => Some(json!({
+                "nsid": spec.nsid,
+                "bdev": spec.bdev,
+                "state": "failed",
+                "reason": reason,
+            })),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Answers one request line.

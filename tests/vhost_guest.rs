@@ -1,7 +1,8 @@
 //! A real Linux guest (QEMU, software emulation) attaches a ferroblk volume over
 //! vhost-user-blk and uses it with the kernel's virtio-blk driver: fio write+verify on two
 //! queues, discard and write-zeroes, GET_ID, data landing in the backing file, a live resize
-//! over the RPC, and `kill -9` of the daemon under fio with a restart (inflight resubmission).
+//! over the RPC, and `kill -9` of the daemon with guest writes held in it, and a restart that
+//! resubmits them from the inflight region (none lost, none completed twice).
 //!
 //! One guest boot runs every check; the guest tells the host when to resize and when to kill
 //! through a TCP connection to the host's loopback (10.0.2.2 from the guest).
@@ -27,7 +28,8 @@ socket = "{dir}/rpc.sock"
 name = "disk"
 kind = "file"
 path = "{dir}/disk.img"
-# Writes take 5 ms, so requests are always in flight in the daemon when it is killed.
+# Writes take 5 ms; before the kill the host raises this to an hour over the RPC, so the
+# guest's writes are held in flight when the daemon dies (the restarted one has 5 ms again).
 [[bdev]]
 name = "slow"
 kind = "delay"
@@ -90,14 +92,49 @@ test "$(cat /sys/block/vda/size)" -eq $((512 << 20 >> 9))
 dd if=/tmp/pattern of=$dev bs=1M seek=500 oflag=direct conv=fsync status=none
 dd if=$dev bs=1M skip=500 count=4 iflag=direct status=none | cmp -n $((4 << 20)) - /tmp/pattern
 
-# kill -9 of the daemon while fio writes with verification; it is restarted and the guest's
-# in-flight requests are resubmitted: fio must finish without an error.
+# kill -9 of the daemon while it holds fio's writes (the host holds them before it answers);
+# it is restarted and the guest's in-flight requests are resubmitted: fio must finish, and
+# verify every write it was told had completed.
 say kill
 fio --name=crash --filename=$dev --ioengine=libaio --direct=1 --rw=randwrite --bs=4k \
     --iodepth=16 --size=16M --offset=64M --verify=crc32c --verify_fatal=1
+# I/O keeps working after the restart.
+dd if=/tmp/pattern of=$dev bs=1M seek=128 oflag=direct conv=fsync status=none
+dd if=$dev bs=1M skip=128 count=4 iflag=direct status=none | cmp -n $((4 << 20)) - /tmp/pattern
+# No request completed twice or failed (the driver reports a used id it does not know).
+if dmesg | grep -E "is not a head|I/O error|virtio.*broken"; then
+  echo "guest kernel reported a virtqueue or I/O error"
+  exit 1
+fi
 say done
 echo GUEST-ALL-OK
 "#;
+
+/// The sum of `count` over the daemon log's "resubmitting inflight requests" lines.
+fn resubmitted_requests(log: &str) -> u64 {
+    log.lines()
+        .filter(|l| l.contains("resubmitting inflight requests"))
+        .map(|l| {
+            // Fields may be coloured: drop escape sequences, then read `count=N`.
+            let mut plain = String::new();
+            let mut esc = false;
+            for c in l.chars() {
+                match (esc, c) {
+                    (false, '\x1b') => esc = true,
+                    (true, 'm') => esc = false,
+                    (true, _) => {}
+                    (false, c) => plain.push(c),
+                }
+            }
+            let n = plain
+                .split("count=")
+                .nth(1)
+                .unwrap_or_else(|| panic!("{plain}"));
+            let digits: String = n.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse::<u64>().unwrap()
+        })
+        .sum()
+}
 
 #[test]
 fn linux_guest_uses_a_vhost_user_blk_disk() {
@@ -114,11 +151,12 @@ fn linux_guest_uses_a_vhost_user_blk_disk() {
     let daemon = Arc::new(Mutex::new(start_daemon(&dir)));
 
     // The guest's requests: "resize", "kill", "done".
+    // The kill waits until at least 8 of fio's 16 writes are held in the daemon.
     let host = GuestRequests::serve(
         &dir,
         daemon.clone(),
         "slow",
-        500,
+        8,
         Some("resubmitting inflight requests"),
     );
 
@@ -132,11 +170,18 @@ fn linux_guest_uses_a_vhost_user_blk_disk() {
         out.status,
         out.output
     );
-    assert_eq!(host.join(), ["resize", "kill", "done"]);
-    // QEMU reconnected to the restarted daemon, which resubmitted what the killed one had in
-    // flight (fio keeps 16 writes in flight during its write phase).
+    let held = host.held_at_kill();
+    assert_eq!(host.join(), ["resize", "kill", "done"], "{log}");
+    // QEMU reconnected to the restarted daemon, which resubmitted at least every write the
+    // killed one held (more only if the guest sent some between the last count and the kill).
+    assert!(held >= 8, "{held} writes held at the kill");
     assert!(log.matches("front-end connected").count() >= 2, "{log}");
-    assert!(log.contains("resubmitting inflight requests"), "{log}");
+    let resubmitted = resubmitted_requests(&log);
+    eprintln!("writes held at the kill: {held}, requests resubmitted: {resubmitted}");
+    assert!(
+        resubmitted >= held,
+        "{resubmitted} requests resubmitted, {held} were held:\n{log}"
+    );
 
     // The data the guest wrote is in the backing file.
     let sha = out

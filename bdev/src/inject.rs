@@ -311,11 +311,17 @@ pub struct Delays {
     pub other: Duration,
 }
 
-/// `delay`: holds each completion of its base back by a fixed time per operation kind.
+/// The longest delay `set_delays` accepts: one hour (long enough to hold requests in flight
+/// for as long as a test needs, short of never).
+pub const MAX_DELAY: Duration = Duration::from_secs(3600);
+
+/// `delay`: holds each completion of its base back by a time per operation kind, adjustable
+/// while it runs ([`DelayBdev::set_delays`], the `delay_set` control).
 pub struct DelayBdev {
     info: Arc<BdevInfo>,
     base: Arc<dyn Bdev>,
-    delays: Delays,
+    /// Microseconds per kind (read, write, other), shared with every channel.
+    delays: Arc<[AtomicU64; 3]>,
     /// The base's resize listener, removed on drop.
     subscription: u64,
 }
@@ -337,13 +343,59 @@ impl DelayBdev {
             .read_only(base.info().is_read_only())
             .build();
         let subscription = follow_base_size(&base, &info);
+        let us = |d: Duration| AtomicU64::new(d.min(MAX_DELAY).as_micros() as u64);
         DelayBdev {
             info,
             base,
-            delays,
+            delays: Arc::new([us(delays.read), us(delays.write), us(delays.other)]),
             subscription,
         }
     }
+
+    /// The delays now.
+    pub fn delays(&self) -> Delays {
+        let us = |k: usize| Duration::from_micros(self.delays[k].load(Ordering::Relaxed));
+        Delays {
+            read: us(0),
+            write: us(1),
+            other: us(2),
+        }
+    }
+
+    /// Changes the delays of completions that arrive from the base from now on (those held
+    /// already keep their release time). Each kind's completions leave in arrival order, so
+    /// after a decrease a new completion may wait behind one held longer: completions are
+    /// never early, only late.
+    pub fn set_delays(&self, d: Delays) -> Result<(), BdevError> {
+        for (field, v) in [
+            ("read_us", d.read),
+            ("write_us", d.write),
+            ("other_us", d.other),
+        ] {
+            if v > MAX_DELAY {
+                return Err(BdevError::invalid(
+                    field,
+                    format!("{} µs is more than one hour", v.as_micros()),
+                ));
+            }
+        }
+        for (k, v) in [d.read, d.write, d.other].into_iter().enumerate() {
+            self.delays[k].store(v.as_micros() as u64, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+/// Parameters of the `delay_set` control: the kinds given change, the others keep their delay.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DelaySet {
+    #[serde(default)]
+    read_us: Option<u64>,
+    #[serde(default)]
+    write_us: Option<u64>,
+    #[serde(default)]
+    other_us: Option<u64>,
 }
 
 impl Bdev for DelayBdev {
@@ -362,7 +414,7 @@ impl Bdev for DelayBdev {
                 VecDeque::with_capacity(depth),
                 VecDeque::with_capacity(depth),
             ],
-            delays: [self.delays.read, self.delays.write, self.delays.other],
+            delays: self.delays.clone(),
             scratch: Vec::with_capacity(depth),
         };
         Ok(Channel::new(self.info.clone(), Box::new(ops), depth))
@@ -372,11 +424,34 @@ impl Bdev for DelayBdev {
         vec![self.base.clone()]
     }
 
+    fn control(&self, op: &str, params: serde_json::Value) -> Result<serde_json::Value, BdevError> {
+        match op {
+            "delay_set" => {
+                let p: DelaySet = serde_json::from_value(params)
+                    .map_err(|e| BdevError::invalid("delays", e.to_string()))?;
+                let mut d = self.delays();
+                let us = |v: Option<u64>, old: Duration| v.map_or(old, Duration::from_micros);
+                d.read = us(p.read_us, d.read);
+                d.write = us(p.write_us, d.write);
+                d.other = us(p.other_us, d.other);
+                self.set_delays(d)?;
+                tracing::info!(bdev = %self.info.name(), read_us = d.read.as_micros() as u64,
+                    write_us = d.write.as_micros() as u64,
+                    other_us = d.other.as_micros() as u64, "delays changed");
+                Ok(self.describe())
+            }
+            _ => Err(BdevError::Unsupported {
+                what: format!("'{op}' on a delay bdev (it has: delay_set)"),
+            }),
+        }
+    }
+
     fn describe(&self) -> serde_json::Value {
+        let d = self.delays();
         serde_json::json!({
-            "read_us": self.delays.read.as_micros() as u64,
-            "write_us": self.delays.write.as_micros() as u64,
-            "other_us": self.delays.other.as_micros() as u64,
+            "read_us": d.read.as_micros() as u64,
+            "write_us": d.write.as_micros() as u64,
+            "other_us": d.other.as_micros() as u64,
         })
     }
 }
@@ -387,7 +462,8 @@ struct DelayChannel {
     ctx: SlotTable<(u64, usize)>,
     /// Completions waiting for their release time; FIFO per kind, so each queue is sorted.
     held: [VecDeque<(Instant, IoCompletion)>; 3],
-    delays: [Duration; 3],
+    /// Microseconds per kind, read at each completion (one relaxed load).
+    delays: Arc<[AtomicU64; 3]>,
     scratch: Vec<IoCompletion>,
 }
 
@@ -415,7 +491,8 @@ impl ChannelOps for DelayChannel {
         for mut c in self.scratch.drain(..) {
             let (tag, kind) = self.ctx.remove(c.tag as u32).expect("known slot");
             c.tag = tag;
-            self.held[kind].push_back((now + self.delays[kind], c));
+            let delay = Duration::from_micros(self.delays[kind].load(Ordering::Relaxed));
+            self.held[kind].push_back((now + delay, c));
         }
         let mut n = 0;
         for q in self.held.iter_mut() {
@@ -534,6 +611,37 @@ mod tests {
         let t = std::time::Instant::now();
         assert_eq!(ch.read(0, 1).0, IoStatus::Success);
         assert!(t.elapsed() >= Duration::from_millis(20));
+    }
+
+    #[test]
+    fn delay_set_changes_the_delays_of_open_channels() {
+        let d = DelayBdev::new("d", malloc(), Delays::default());
+        let mut ch = SyncChannel::new(d.open_channel().unwrap());
+        assert_eq!(ch.write(0, &[1; 4096]), IoStatus::Success);
+        let r = d
+            .control("delay_set", serde_json::json!({"write_us": 30_000}))
+            .unwrap();
+        assert_eq!(r["write_us"], 30_000);
+        assert_eq!(r["read_us"], 0, "kinds not given keep their delay");
+        let t = std::time::Instant::now();
+        assert_eq!(ch.write(0, &[2; 4096]), IoStatus::Success);
+        assert!(t.elapsed() >= Duration::from_millis(30));
+        let e = d
+            .control(
+                "delay_set",
+                serde_json::json!({"write_us": 3_600_000_001u64}),
+            )
+            .unwrap_err();
+        assert_eq!(e.field(), Some("write_us"));
+        let e = d
+            .control("delay_set", serde_json::json!({"writes_us": 1}))
+            .unwrap_err();
+        assert_eq!(e.field(), Some("delays"));
+        assert!(matches!(
+            d.control("error_inject", serde_json::Value::Null),
+            Err(BdevError::Unsupported { .. })
+        ));
+        assert_eq!(d.delays().write, Duration::from_millis(30));
     }
 
     #[test]

@@ -117,17 +117,21 @@ pub fn free_port() -> u16 {
 /// The host side of a guest test: a loopback listener that takes one-line requests from the
 /// guest script (`say WORD` in the lab scripts) and acts on the daemon:
 /// - `resize`: grows bdev `disk` to 512 MiB over the RPC, answers `resized`;
-/// - `kill`: answers, waits until bdev `watch` has completed `min_writes` more writes (the
-///   guest's fio is then well into its write phase with I/O in flight), kills the daemon with
-///   SIGKILL and starts it again on the same directory. With `expect_after_restart`, the
-///   restarted daemon must log that line within 10 s (say, that it resubmitted requests the
-///   killed one had in flight); if it does not — a guest slowed down by a loaded host can have
-///   nothing in flight at the moment of the kill — it is killed again, up to 5 times;
+/// - `kill`: kills the daemon with SIGKILL while the guest has writes in it, and starts it again
+///   on the same directory. Without `expect_after_restart`, the kill comes once bdev `watch`
+///   has taken `min_writes` more writes after the answer (the guest's fio is then in its write
+///   phase). With it, the kill cannot miss: `watch` must be a `delay` bdev, whose write delay
+///   is set to an hour before the answer, so every write the guest sends from then on stays in
+///   flight in the daemon; the kill comes once at least `min_writes` are held and their number
+///   stopped growing (see [`GuestRequests::held_at_kill`]), and the restarted daemon (with its
+///   configured delay) must log `expect_after_restart` within 120 s, or the request is
+///   recorded as `kill: ...` with what went wrong;
 /// - `done`: answers `bye` and stops listening.
 pub struct GuestRequests {
     /// The port the guest connects to (at 10.0.2.2, QEMU's user-mode address of the host).
     pub port: u16,
     events: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    held: std::sync::Arc<std::sync::atomic::AtomicU64>,
     thread: std::thread::JoinHandle<()>,
 }
 
@@ -144,7 +148,9 @@ impl GuestRequests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let held = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let (dir, watch, ev) = (dir.to_path_buf(), watch.to_string(), events.clone());
+        let held2 = held.clone();
         let expect = expect_after_restart.map(str::to_string);
         let log_count = |dir: &Path, what: &str| -> usize {
             std::fs::read_to_string(dir.join("daemon.log"))
@@ -152,11 +158,19 @@ impl GuestRequests {
                 .matches(what)
                 .count()
         };
-        let writes = move |dir: &Path| -> u64 {
+        // Writes `watch` has taken (counted when submitted to it).
+        let writes = move |dir: &Path, watch: &str| -> u64 {
             let v: serde_json::Value =
                 serde_json::from_str(&rpc(dir, "bdev_list", &format!(r#"{{"name": "{watch}"}}"#)))
                     .unwrap();
             v[0]["stats"]["ops"]["write"].as_u64().unwrap()
+        };
+        let restart = move |daemon: &std::sync::Mutex<Daemon>, dir: &Path| {
+            let mut d = daemon.lock().unwrap();
+            d.kill().unwrap();
+            d.wait().unwrap();
+            std::thread::sleep(Duration::from_millis(500));
+            *d = start_daemon(dir);
         };
         let thread = std::thread::spawn(move || {
             for stream in listener.incoming() {
@@ -166,61 +180,98 @@ impl GuestRequests {
                     continue;
                 }
                 let what = line.trim().to_string();
-                ev.lock().unwrap().push(what.clone());
                 match what.as_str() {
                     "resize" => {
                         rpc(&dir, "bdev_resize", r#"{"name": "disk", "size": "512MiB"}"#);
                         let _ = writeln!(s, "resized");
                     }
-                    "kill" => {
-                        let _ = writeln!(s, "killing soon");
-                        drop(s);
-                        for attempt in 0..5 {
-                            let seen = expect.as_deref().map_or(0, |e| log_count(&dir, e));
-                            let start = writes(&dir);
+                    "kill" => match expect.as_deref() {
+                        None => {
+                            let start = writes(&dir, &watch);
+                            let _ = writeln!(s, "killing soon");
+                            drop(s);
                             let t = Instant::now();
-                            // The first kill waits for the guest's writes; a repeat happens only
-                            // while they still flow.
-                            let patience = Duration::from_secs(if attempt == 0 { 120 } else { 20 });
-                            while writes(&dir) < start + min_writes && t.elapsed() < patience {
+                            while writes(&dir, &watch) < start + min_writes
+                                && t.elapsed() < Duration::from_secs(300)
+                            {
                                 std::thread::sleep(Duration::from_millis(20));
                             }
-                            if attempt > 0 && writes(&dir) < start + min_writes {
-                                break;
+                            restart(&daemon, &dir);
+                        }
+                        Some(e) => {
+                            // Hold every write from now on, then let the guest start.
+                            rpc(
+                                &dir,
+                                "bdev_delay_set",
+                                &format!(r#"{{"name": "{watch}", "write_us": 3600000000}}"#),
+                            );
+                            let start = writes(&dir, &watch);
+                            let _ = writeln!(s, "killing soon");
+                            drop(s);
+                            let seen = log_count(&dir, e);
+                            let t = Instant::now();
+                            let (mut last, mut stable) = (start, Instant::now());
+                            loop {
+                                let now = writes(&dir, &watch);
+                                if now != last {
+                                    (last, stable) = (now, Instant::now());
+                                }
+                                if last >= start + min_writes
+                                    && stable.elapsed() >= Duration::from_secs(1)
+                                {
+                                    break;
+                                }
+                                if t.elapsed() > Duration::from_secs(600) {
+                                    ev.lock().unwrap().push(format!(
+                                        "kill: only {} writes held after 600 s",
+                                        last - start
+                                    ));
+                                    break;
+                                }
+                                std::thread::sleep(Duration::from_millis(20));
                             }
-                            let mut d = daemon.lock().unwrap();
-                            d.kill().unwrap();
-                            d.wait().unwrap();
-                            std::thread::sleep(Duration::from_millis(500));
-                            *d = start_daemon(&dir);
-                            drop(d);
-                            let Some(e) = expect.as_deref() else { break };
+                            // Every write counted since `start` is still held: none of them
+                            // can complete for an hour.
+                            held2.store(last - start, std::sync::atomic::Ordering::Release);
+                            restart(&daemon, &dir);
                             let t = Instant::now();
                             while log_count(&dir, e) == seen
-                                && t.elapsed() < Duration::from_secs(10)
+                                && t.elapsed() < Duration::from_secs(120)
                             {
                                 std::thread::sleep(Duration::from_millis(50));
                             }
-                            if log_count(&dir, e) > seen {
-                                break;
+                            if log_count(&dir, e) == seen {
+                                ev.lock().unwrap().push(format!(
+                                    "kill: the restarted daemon did not log '{e}' within 120 s"
+                                ));
                             }
                         }
-                    }
+                    },
                     "done" => {
                         let _ = writeln!(s, "bye");
-                        return;
                     }
                     _ => {
                         let _ = writeln!(s, "unknown");
                     }
+                }
+                ev.lock().unwrap().push(what.clone());
+                if what == "done" {
+                    return;
                 }
             }
         });
         GuestRequests {
             port,
             events,
+            held,
             thread,
         }
+    }
+
+    /// How many writes were held in the daemon when a `kill` with `expect_after_restart` came
+    /// (0 before).
+    pub fn held_at_kill(&self) -> u64 {
+        self.held.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Waits for `done` and returns the requests received, in order.
