@@ -155,7 +155,10 @@ fn linux_host_uses_ferroblk_over_nvme_tcp() {
         out.output
     );
     assert_eq!(host.join(), ["resize", "kill", "done"]);
-    assert!(log.contains("host not on the allow-list"), "{log}");
+    assert!(
+        log.contains("Connect refused") && log.contains("not on the allow-list"),
+        "{log}"
+    );
 
     let mut d = daemon.lock().unwrap();
     // SAFETY: kill with a valid pid and signal has no memory effects.
