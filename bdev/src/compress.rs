@@ -6,13 +6,16 @@
 //!
 //! # On-disk layout (base blocks of the bdev's block size `bs`)
 //! ```text
-//! block 0                    superblock: magic "FBLKCMP1", version, block size, chunk size,
-//!                            chunk count, map and data geometry, CRC32C of the superblock
+//! block 0                    superblock: magic "FBLKCMP1", version (2), block size, chunk
+//!                            size, chunk count, map, data and log geometry, CRC32C of the
+//!                            superblock
 //! blocks 1 .. 1 + 2P         chunk map: P pages, two slots each (page p, slot s at 1 + 2p + s)
-//! blocks 1 + 2P ..           data region: runs of compressed or raw chunks
+//! blocks 1 + 2P .. L         data region: runs of compressed or raw chunks
+//! blocks L .. L + N          map-update log: N blocks (1/16 of the rest, 2 to 1024)
 //! ```
 //! A map page is one block: a 32-byte header (`"FBCM"`, CRC32C of the block with this field
-//! zero, sequence number, page index) followed by `(bs - 32) / 16` entries (254 per 4 KiB
+//! zero, sequence number, page index, and the sequence number of the last map update the page
+//! includes, its *covered* number) followed by `(bs - 32) / 16` entries (254 per 4 KiB
 //! page). An entry (16 bytes, little-endian) is
 //! `first base block of the run (48 bits) | kind (8: 0 unmapped, 1 raw, 2 lz4, 3 zstd) |
 //! reserved (8) | stored bytes (32) | CRC32C of the stored bytes (32)`; an all-zero entry is an
@@ -20,6 +23,36 @@
 //! Each page is written alternately to its two slots with an increasing sequence number; opening
 //! takes, per page, the valid slot (CRC, magic, index) with the higher sequence number, so a torn
 //! page write falls back to the page's previous version.
+//!
+//! A log block is a 32-byte header (`"FBCL"`, CRC32C of the block with this field zero, record
+//! count, reserved, log position, reserved) followed by records of 32 bytes: `chunk (64) |
+//! sequence number (64) | entry (16 bytes)`, 127 per 4 KiB block.
+//!
+//! Version 1 (no log) volumes are upgraded in place at their first writable open: the log
+//! takes the last blocks of the data region, which must be free (else the open is refused and
+//! says so); a read-only open of a version-1 volume is refused.
+//!
+//! # Map-update log: acknowledged writes survive a crash of the process
+//! The in-memory map is the only place that knows where a freshly written chunk is until a
+//! checkpoint writes its page. A daemon killed with SIGKILL under a live guest is not a power
+//! loss: the guest keeps its page cache and never rewrites what it was told is written. So
+//! every map update (each gets the next *sequence number* as it is applied in memory, under the
+//! map mutex) is written to the log before its request completes, after its data run:
+//! - Group commit: the updates a channel commits between two polls share one log block write
+//!   (up to 4 in flight per channel); the op keeps its chunk lock (not its buffers) until then.
+//! - The log is a ring of positions; position `p` goes to block `p mod N`. A checkpoint records
+//!   the position and the last sequence number at its snapshot; once it is durable, every
+//!   update logged before that position is in a durable page, so those blocks may be
+//!   overwritten, and updates not yet logged but covered need no record. A log half full
+//!   starts a checkpoint; a full one makes writes wait for it.
+//! - Opening replays the log: per chunk, the newest record with a sequence number above its
+//!   page's covered number whose run is intact (CRC32C of the stored bytes; after a power loss
+//!   a record can be durable before its data, and the chunk's previous run is then still in
+//!   place, since runs are freed only by a durable checkpoint). The pages of those chunks are
+//!   then written (flush, pages, flush) covering every record on the volume, so that the whole
+//!   log is free again and new records get higher numbers.
+//! - No fsync: a completed write of the base (at least its page cache) is what survives a
+//!   killed process; a flush still checkpoints, for power loss.
 //!
 //! # Data path
 //! - Every chunk operation holds the chunk's lock (striped try-locks shared by all channels:
@@ -34,7 +67,8 @@
 //! - Write (copy-on-write): a full-chunk write compresses the caller's data; a partial one first
 //!   reads and decompresses the chunk (read-modify-write). The result goes to a *newly
 //!   allocated* run; only when that write completes does the in-memory map point at it, and the
-//!   old run becomes *pending free*. A chunk of zeroes is stored as unmapped.
+//!   old run becomes *pending free*; the request completes once the update's log record is
+//!   written. A chunk of zeroes is stored as unmapped.
 //! - Unmap and write-zeroes: a whole chunk becomes unmapped (its run pending free); part of a
 //!   chunk is zeroed by read-modify-write. Unmapped blocks read as zeroes.
 //! - Flush (a *checkpoint*): (1) snapshot the dirty map pages under the map mutex, (2) flush the
@@ -49,9 +83,10 @@
 //!   freed, a reserve (8 chunks' worth, at most an eighth of the data region) is kept for
 //!   overwrites of mapped chunks: new chunks stop at the reserve, so a full volume can still be
 //!   rewritten.
-//! - After a crash, opening rebuilds the allocator from the map (never from a free list): the
-//!   runs of the mapped entries are in use, everything else is free; a map in which two chunks
-//!   share a block is refused. Writes not covered by a completed flush may be lost, as on any
+//! - After a crash, opening replays the log, then rebuilds the allocator from the map (never
+//!   from a free list): the runs of the mapped entries are in use, everything else is free; a
+//!   map in which two chunks share a block is refused. A crash of the process loses no
+//!   completed write; a power loss may lose writes not covered by a completed flush, as on any
 //!   disk with a volatile cache (the bdev reports `VOLATILE_CACHE`).
 //!
 //! # Costs and limits
@@ -66,9 +101,12 @@
 //!   its own).
 //! - `describe()` reports the logical bytes of mapped chunks, the physical bytes in use (mapped
 //!   runs, runs pending free, runs of writes in flight), the live part of those (without the
-//!   runs pending free), the compression ratio (logical over live), and the checkpoints made.
+//!   runs pending free), the compression ratio (logical over live), the checkpoints made, and
+//!   the log's place and block writes since open.
 //! - Each chunk costs one read (partial writes and reads) and one write of the base; a 4 KiB
-//!   write into a 16 KiB chunk reads, decompresses, compresses and writes the whole chunk.
+//!   write into a 16 KiB chunk reads, decompresses, compresses and writes the whole chunk. A
+//!   written chunk also waits for one log block write, shared with the other updates its
+//!   channel committed in the same poll.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -2791,6 +2829,140 @@ mod tests {
         cache: std::collections::BTreeMap<u64, Vec<u8>>,
         in_flight: std::collections::BTreeMap<u64, (u64, Vec<u8>)>,
         next: u64,
+    }
+
+    #[test]
+    fn a_full_log_checkpoints_and_a_crash_loses_no_acknowledged_write() {
+        // 512 blocks: a log of 31 blocks, filled many times over by unflushed writes.
+        let base = malloc(BlockSize::B4096, 512);
+        let o = opts(2 << 20);
+        let z = CompressBdev::open("z", base.clone(), &o).unwrap();
+        let l = z.layout();
+        assert_eq!(l.log_blocks, 31);
+        let mut ch = SyncChannel::new(z.open_channel().unwrap());
+        let mut want = vec![0u8; 512 * 4096];
+        let mut rng = Rng(7);
+        for i in 0..600u64 {
+            let lba = rng.next() % 500;
+            let n = 1 + rng.next() % 8;
+            let data: Vec<u8> = (0..n).flat_map(|k| block(i << 8 | k, 4096, 1024)).collect();
+            assert_eq!(ch.write(lba, &data), IoStatus::Success, "write {i}");
+            want[lba as usize * 4096..][..data.len()].copy_from_slice(&data);
+        }
+        assert!(describe_u64(&z, "log_block_writes") > 2 * l.log_blocks);
+        assert!(
+            describe_u64(&z, "checkpoints") > 0,
+            "the log asked for checkpoints"
+        );
+        // A crash: no flush, no clean-close checkpoint.
+        drop(ch);
+        std::mem::forget(z);
+        let z = CompressBdev::open("z", base.clone(), &o).unwrap();
+        z.check_consistency().unwrap();
+        let mut ch = SyncChannel::new(z.open_channel().unwrap());
+        assert_eq!(read_all(&mut ch, 512), want);
+        // The replay was written to the map: the log is free and a second crash loses nothing.
+        assert_eq!(ch.write(3, &block(99, 4096, 1024)), IoStatus::Success);
+        want[3 * 4096..4 * 4096].copy_from_slice(&block(99, 4096, 1024));
+        drop(ch);
+        std::mem::forget(z);
+        let z = CompressBdev::open("z", base, &o).unwrap();
+        z.check_consistency().unwrap();
+        let mut ch = SyncChannel::new(z.open_channel().unwrap());
+        assert_eq!(read_all(&mut ch, 512), want);
+    }
+
+    /// Blocks `0 .. blocks`, read 256 at a time.
+    fn read_all(ch: &mut SyncChannel, blocks: u64) -> Vec<u8> {
+        let mut all = Vec::new();
+        for first in (0..blocks).step_by(256) {
+            let (st, d) = ch.read(first, (blocks - first).min(256) as u32);
+            assert_eq!(st, IoStatus::Success);
+            all.extend(d);
+        }
+        all
+    }
+
+    #[test]
+    fn a_logged_update_whose_data_is_not_there_falls_back_to_the_previous_run() {
+        let base = malloc(BlockSize::B4096, 1024);
+        let o = opts(4 << 20);
+        let a: Vec<u8> = (0..4).flat_map(|b| block(b, 4096, 1024)).collect();
+        let b: Vec<u8> = (0..4).flat_map(|x| block(x + 50, 4096, 1024)).collect();
+        let z = CompressBdev::open("z", base.clone(), &o).unwrap();
+        let mut ch = SyncChannel::new(z.open_channel().unwrap());
+        assert_eq!(ch.write(0, &a), IoStatus::Success);
+        assert_eq!(ch.flush(), IoStatus::Success);
+        assert_eq!(ch.write(0, &b), IoStatus::Success);
+        let run = z.shared.map().entries[0];
+        drop(ch);
+        std::mem::forget(z);
+        // A power loss that kept the log record but not the data of the second write.
+        let mut raw = SyncChannel::new(base.open_channel().unwrap());
+        let zero = vec![0u8; run.blocks(12) as usize * 4096];
+        assert_eq!(raw.write(run.block, &zero), IoStatus::Success);
+        let z = CompressBdev::open("z", base, &o).unwrap();
+        z.check_consistency().unwrap();
+        let mut ch = SyncChannel::new(z.open_channel().unwrap());
+        assert_eq!(ch.read(0, 4), (IoStatus::Success, a));
+        assert_eq!(z.integrity_errors(), 0);
+    }
+
+    /// `sb` turned into the version-1 superblock of `l` (no log).
+    fn superblock_v1(l: &CompressLayout) -> Vec<u8> {
+        let mut sb = vec![0u8; 4096];
+        l.without_log().encode(&mut sb);
+        sb[8..12].copy_from_slice(&1u32.to_le_bytes());
+        sb[SUPER_BYTES_V1..].fill(0);
+        let crc = crate::checksum::crc32c(&sb[..SUPER_BYTES_V1]);
+        sb[SUPER_BYTES_V1..SUPER_BYTES_V1 + 4].copy_from_slice(&crc.to_le_bytes());
+        sb
+    }
+
+    #[test]
+    fn a_version_1_volume_is_upgraded_in_place_or_refused_clearly() {
+        let base = malloc(BlockSize::B4096, 1024);
+        let o = opts(4 << 20);
+        let a: Vec<u8> = (0..8).flat_map(|b| block(b, 4096, 1024)).collect();
+        let z = CompressBdev::open("z", base.clone(), &o).unwrap();
+        let l = z.layout();
+        let mut ch = SyncChannel::new(z.open_channel().unwrap());
+        assert_eq!(ch.write(0, &a), IoStatus::Success);
+        drop(ch);
+        drop(z); // a clean close: the map is in its pages
+        let v1 = l.without_log();
+        let mut raw = SyncChannel::new(base.open_channel().unwrap());
+        let sb = superblock_v1(&l);
+        assert_eq!(CompressLayout::decode(&sb), Ok((v1, true)));
+        assert_eq!(raw.write(0, &sb), IoStatus::Success);
+        let junk = vec![0x5a_u8; l.log_blocks as usize * 4096];
+        assert_eq!(raw.write(l.log_start, &junk), IoStatus::Success);
+        let z = CompressBdev::open("z", base.clone(), &o).unwrap();
+        assert_eq!(z.layout(), l);
+        z.check_consistency().unwrap();
+        let mut ch = SyncChannel::new(z.open_channel().unwrap());
+        assert_eq!(ch.read(0, 8), (IoStatus::Success, a.clone()));
+        drop(ch);
+        drop(z);
+        assert_eq!(CompressLayout::decode(&raw.read(0, 1).1), Ok((l, false)));
+        // A version-1 volume with a chunk where the log would go is refused, not damaged.
+        let mut pages = load_pages(&mut raw, &v1).unwrap();
+        let e = pages.entries[0];
+        let tail = v1.data_start + v1.data_blocks - e.blocks(12);
+        let (_, run) = raw.read(e.block, e.blocks(12) as u32);
+        assert_eq!(raw.write(tail, &run), IoStatus::Success);
+        pages.entries[0].block = tail;
+        let seq = pages.seq[0] + 1;
+        let mut page = vec![0u8; 4096];
+        encode_page(&mut page, 0, seq, pages.covered[0], &pages.entries, &v1);
+        assert_eq!(
+            raw.write(v1.page_block(0, seq % 2), &page),
+            IoStatus::Success
+        );
+        assert_eq!(raw.write(0, &sb), IoStatus::Success);
+        let e = CompressBdev::open("z", base.clone(), &o).err().unwrap();
+        assert!(e.to_string().contains("cannot upgrade"), "{e}");
+        assert_eq!(raw.read(0, 1).1, sb, "the superblock is left alone");
     }
 
     struct SimBdev {
