@@ -914,8 +914,8 @@ impl CompressBdev {
 }
 
 impl Drop for CompressBdev {
-    /// A bdev closed cleanly persists its map (best effort; a crash instead loses only what no
-    /// flush covered).
+    /// A bdev closed cleanly persists its map in its pages (best effort; after a crash instead,
+    /// opening replays the map-update log), so that the next open has no log to replay.
     fn drop(&mut self) {
         let dirty = self.shared.map().dirty_count > 0;
         if !dirty || self.info.is_read_only() {
