@@ -263,7 +263,12 @@ fn kill_under_writes(kind: &str, stacked: &str) {
     let mut blocks: HashMap<u64, Block> = HashMap::new();
     let mut rng = splitmix(kind.len() as u64 ^ 0x6B11);
     let mut next_seed = u64::from(kind.as_bytes()[kind.len() - 1]) << 40;
-    for kill in 0..KILLS {
+    // `FERROBLK_KILLS` runs more kills, to look for rare races.
+    let kills: u32 = std::env::var("FERROBLK_KILLS")
+        .ok()
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(KILLS);
+    for kill in 0..kills {
         let (ctrl, mut q) = connect(addr);
         rng = splitmix(rng);
         let target = 500 + rng % 1500;
