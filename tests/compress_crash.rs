@@ -120,7 +120,9 @@ fn child(dir: &Path) {
         .append(true)
         .open(dir.join(format!("log.{iteration}")))
         .unwrap();
-    let mut ch = z.open_channel().unwrap();
+    // Two channels, as two reactors would have, sharing the map and its log: requests
+    // alternate between them.
+    let mut chs = [z.open_channel().unwrap(), z.open_channel().unwrap()];
     let ring = ThreadRing::current().unwrap();
     let mut rng = splitmix(iteration ^ 0xC0FF_EE00);
     let mut next = move || {
@@ -168,7 +170,7 @@ fn child(dir: &Path) {
             // Logged before it is submitted: the parent must know of every write that may land.
             log.write_all(format!("W {id} {lba} {n} {kind} {seed}\n").as_bytes())
                 .unwrap();
-            if let Err(io) = ch.submit(io) {
+            if let Err(io) = chs[(id % 2) as usize].submit(io) {
                 drop(io);
                 log.write_all(format!("X {id}\n").as_bytes()).unwrap();
                 next_id += 1;
@@ -179,14 +181,15 @@ fn child(dir: &Path) {
         }
         if flush.is_none() && next() % 8 == 0 {
             // Covers every write whose completion was logged so far.
-            if ch
+            if chs[0]
                 .submit(IoRequest::no_data(IoType::Flush, 0, 0, FLUSH_TAG))
                 .is_ok()
             {
                 flush = Some(completed);
             }
         }
-        if ch.poll(&mut done) == 0 {
+        let polled = chs[0].poll(&mut done) + chs[1].poll(&mut done);
+        if polled == 0 {
             ring.wait(Some(Duration::from_millis(1)));
         }
         for c in done.drain(..) {
