@@ -50,6 +50,9 @@ pub struct Config {
     /// NVMe/TCP listeners (every subsystem and the discovery service on each).
     #[serde(default)]
     pub listener: Vec<ListenerSpec>,
+    /// The Prometheus endpoint (off unless `listen` is set).
+    #[serde(default)]
+    pub metrics: crate::metrics::MetricsConfig,
 }
 
 /// `[reactors]`.
@@ -407,6 +410,23 @@ mod tests {
             e.path, "listener[1]",
             "same endpoint, other limits: still twice"
         );
+    }
+
+    #[test]
+    fn metrics_endpoint_is_off_by_default_and_checked() {
+        assert!(
+            Config::parse("", "t.toml")
+                .unwrap()
+                .metrics
+                .listen
+                .is_none()
+        );
+        let c = Config::parse("[metrics]\nlisten = \"127.0.0.1:9464\"\n", "t.toml").unwrap();
+        assert_eq!(c.metrics.listen, Some("127.0.0.1:9464".parse().unwrap()));
+        let e = parse_err("[metrics]\nlisten = \"localhost\"\n");
+        assert_eq!(e.path, "metrics.listen", "{e}");
+        let e = parse_err("[metrics]\nport = 9464\n");
+        assert!(e.path.starts_with("metrics"), "{e}");
     }
 
     #[test]

@@ -22,6 +22,7 @@ use ferroblk_target::transport::tcp::listener::Listener;
 use ferroblk_vhost::{VhostExport, VhostSpec};
 
 use crate::config::Config;
+use crate::metrics::MetricsServer;
 use crate::rpc::RpcServer;
 
 /// What the control plane (RPC handlers) shares.
@@ -318,12 +319,23 @@ pub fn serve(config_path: &Path, strict: bool) -> anyhow::Result<()> {
             .add_vhost(v.clone())
             .map_err(|e| anyhow::anyhow!("{}: vhost[{i}]: {}", config_path.display(), e.message))?;
     }
+    let metrics = match cfg.metrics.listen {
+        Some(addr) => Some(
+            MetricsServer::start(addr, state.clone())
+                .with_context(|| format!("metrics.listen: binding {addr}"))?,
+        ),
+        None => None,
+    };
     let rpc = RpcServer::start(&cfg.rpc.socket, state.clone())
         .with_context(|| format!("binding the RPC socket {}", cfg.rpc.socket.display()))?;
     print_banner(&cfg, &state, rpc.path());
+    if let Some(m) = &metrics {
+        println!("  metrics: http://{}/metrics (Prometheus)", m.local_addr());
+    }
     let why = rx.recv().unwrap_or("control channel closed");
     tracing::info!(reason = why, "shutting down");
     drop(rpc);
+    drop(metrics);
     // Exports first: each drains its queues on the still-running reactors. NVMe/TCP
     // connections drain when the reactors stop them.
     std::mem::take(&mut *state.vhost.lock().expect("vhost lock"));

@@ -579,6 +579,45 @@ mod tests {
     }
 
     #[test]
+    fn errors_are_counted_by_status_including_rejected_requests() {
+        let rule = ErrorRule {
+            ops: vec!["write".into()],
+            status: "media_error".into(),
+            count: Some(2),
+            every: None,
+        };
+        let e = ErrorBdev::new("e", malloc(), Some(rule)).unwrap();
+        let mut ch = SyncChannel::new(e.open_channel().unwrap());
+        assert_eq!(ch.write(0, &[1; 4096]), IoStatus::MediaError);
+        assert_eq!(ch.write(0, &[1; 4096]), IoStatus::MediaError);
+        assert_eq!(ch.read(0, 1).0, IoStatus::Success);
+        // Rejected by the channel layer before the bdev sees it.
+        let blocks = e.info().geometry().block_count;
+        assert_eq!(ch.read(blocks, 1).0, IoStatus::InvalidRange);
+        e.inject(Some(ErrorRule {
+            ops: vec!["read".into()],
+            status: "integrity_error".into(),
+            count: Some(1),
+            every: None,
+        }))
+        .unwrap();
+        assert_eq!(ch.read(0, 1).0, IoStatus::IntegrityError);
+        drop(ch);
+        // Totals survive the channel's close.
+        let s = e.info().stats();
+        let by = |st: IoStatus| s.errors_by_status[st as usize];
+        assert_eq!(by(IoStatus::MediaError), 2);
+        assert_eq!(by(IoStatus::InvalidRange), 1);
+        assert_eq!(by(IoStatus::IntegrityError), 1);
+        assert_eq!(by(IoStatus::Success), 0);
+        assert_eq!(s.errors, 4);
+        assert_eq!(s.rejected, 1);
+        for (i, st) in IoStatus::ALL.iter().enumerate() {
+            assert_eq!(*st as usize, i, "ALL is in discriminant order");
+        }
+    }
+
+    #[test]
     fn error_rule_names_bad_fields() {
         let bad = ErrorRule {
             ops: vec!["read".into(), "trim".into()],

@@ -88,6 +88,29 @@ pub struct ReactorStats {
     pub sleeps: AtomicU64,
     /// Pollers registered now.
     pub pollers: AtomicU64,
+    /// Nanoseconds spent in turns that did work. Like the two below, written by the reactor
+    /// alone, at most once per loop turn (never per I/O): when it goes idle, wakes, or every
+    /// [`BUSY_FLUSH_TURNS`] busy turns, so a reactor that never idles still shows its time.
+    pub busy_ns: AtomicU64,
+    /// Nanoseconds spent polling without work before going to sleep (`idle_poll`).
+    pub idle_poll_ns: AtomicU64,
+    /// Nanoseconds spent asleep, waiting for an event or a timer.
+    pub sleep_ns: AtomicU64,
+}
+
+/// Busy turns between two updates of [`ReactorStats::busy_ns`] while a reactor never idles.
+pub const BUSY_FLUSH_TURNS: u32 = 1024;
+
+/// Adds the time since `*mark` to `counter` and moves `*mark` to `now`. Single writer: a load
+/// and a store, no read-modify-write.
+#[inline]
+fn account(counter: &AtomicU64, mark: &mut Instant, now: Instant) {
+    let ns = u64::try_from(now.saturating_duration_since(*mark).as_nanos()).unwrap_or(u64::MAX);
+    counter.store(
+        counter.load(Ordering::Relaxed).saturating_add(ns),
+        Ordering::Relaxed,
+    );
+    *mark = now;
 }
 
 /// The state a reactor thread owns; messages get `&mut` access to it.
@@ -351,6 +374,9 @@ fn run(
     ring.flush();
     let mut idle_since: Option<Instant> = None;
     let stats = core.stats.clone();
+    // Start of the period (busy or idle polling) not yet added to the time counters.
+    let mut mark = Instant::now();
+    let mut busy_turns_unaccounted = 0u32;
     loop {
         let mut work = 0usize;
         // Inbox wake-ups: re-arm the multishot poll if the kernel ended it.
@@ -390,11 +416,26 @@ fn run(
             }
         }
         if work > 0 || ring.routed_pending() > 0 {
-            idle_since = None;
+            if idle_since.take().is_some() {
+                // Idle polling ends here: work came before the reactor slept.
+                account(&stats.idle_poll_ns, &mut mark, Instant::now());
+                busy_turns_unaccounted = 0;
+            } else {
+                busy_turns_unaccounted += 1;
+                if busy_turns_unaccounted >= BUSY_FLUSH_TURNS {
+                    account(&stats.busy_ns, &mut mark, Instant::now());
+                    busy_turns_unaccounted = 0;
+                }
+            }
             stats.busy_turns.fetch_add(1, Ordering::Relaxed);
             continue;
         }
         let now = Instant::now();
+        if idle_since.is_none() {
+            // A busy period (or the turn after a wake-up) ends here.
+            account(&stats.busy_ns, &mut mark, now);
+            busy_turns_unaccounted = 0;
+        }
         let since = *idle_since.get_or_insert(now);
         if now.duration_since(since) < idle_poll {
             std::hint::spin_loop();
@@ -415,6 +456,7 @@ fn run(
         }
         if late_work {
             idle_since = None;
+            account(&stats.idle_poll_ns, &mut mark, now);
             continue;
         }
         stats.sleeps.fetch_add(1, Ordering::Relaxed);
@@ -422,13 +464,18 @@ fn run(
         // A message sent after the drain above writes the eventfd again, which completes the
         // armed poll and wakes the wait; one sent before it is still in `rx`.
         if let Ok(m) = rx.try_recv() {
-            m(&mut core);
             idle_since = None;
+            account(&stats.idle_poll_ns, &mut mark, now);
+            m(&mut core);
             continue;
         }
+        account(&stats.idle_poll_ns, &mut mark, Instant::now());
         ring.wait(timeout);
+        account(&stats.sleep_ns, &mut mark, Instant::now());
         idle_since = None;
     }
+    // The last period: the drain is busy time.
+    account(&stats.busy_ns, &mut mark, Instant::now());
     // Dropping the pollers closes their channels while the ring still exists.
     core.pollers.clear();
     drop(inbox);
@@ -484,5 +531,73 @@ mod tests {
         assert_eq!(r.handles()[0].call(|c| c.id()), Some(0));
         r.shutdown(Duration::from_secs(1));
         assert_eq!(n.load(Ordering::Relaxed), 1000);
+    }
+
+    /// Works on every turn until `stop` is set, then finishes.
+    struct Spinner(Arc<AtomicBool>);
+    impl Poller for Spinner {
+        fn poll(&mut self) -> usize {
+            usize::from(!self.0.load(Ordering::Relaxed))
+        }
+        fn is_done(&self) -> bool {
+            self.0.load(Ordering::Relaxed)
+        }
+    }
+
+    fn wait_for(what: &str, f: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn busy_idle_and_sleep_time_are_counted_even_while_never_idle() {
+        let r = Reactors::start(&ReactorConfig::default()).unwrap();
+        let h = r.handles()[0].clone();
+        let stats = || {
+            let s = h.stats();
+            (
+                s.busy_ns.load(Ordering::Relaxed),
+                s.idle_poll_ns.load(Ordering::Relaxed),
+                s.sleep_ns.load(Ordering::Relaxed),
+                s.busy_turns.load(Ordering::Relaxed),
+            )
+        };
+        wait_for("the first sleep", || {
+            h.stats().sleeps.load(Ordering::Relaxed) >= 1
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let (busy0, _, _, turns0) = stats();
+        h.send(move |core| {
+            core.add_poller(Box::new(Spinner(stop2)));
+        });
+        // The reactor never idles now; its busy time must still move.
+        let flushes = u64::from(BUSY_FLUSH_TURNS) * 3;
+        wait_for("busy turns", || stats().3 >= turns0 + flushes);
+        let (busy1, _, _, _) = stats();
+        assert!(
+            busy1 > busy0,
+            "busy time counted while busy: {busy0} -> {busy1}"
+        );
+        stop.store(true, Ordering::Relaxed);
+        let sleeps = h.stats().sleeps.load(Ordering::Relaxed);
+        wait_for("a sleep after the work", || {
+            h.stats().sleeps.load(Ordering::Relaxed) > sleeps
+        });
+        // The sleep time is added on waking: wake it with messages (one may arrive just
+        // before the wait and find the reactor still awake).
+        let (_, idle_before, sleep_before, _) = stats();
+        wait_for("sleep time counted on waking", || {
+            assert_eq!(h.call(|c| c.id()), Some(0));
+            stats().2 > sleep_before
+        });
+        let (busy2, idle2, _, _) = stats();
+        assert!(busy2 >= busy1);
+        assert!(idle2 > 0, "idle polling before the sleep is counted");
+        assert!(idle2 >= idle_before);
+        r.shutdown(Duration::from_secs(1));
     }
 }

@@ -138,6 +138,19 @@ pub enum IoStatus {
 }
 
 impl IoStatus {
+    /// Every status, in discriminant order (`ALL[s as usize] == s`).
+    pub const ALL: [IoStatus; 9] = [
+        IoStatus::Success,
+        IoStatus::InvalidRange,
+        IoStatus::InvalidRequest,
+        IoStatus::Unsupported,
+        IoStatus::MediaError,
+        IoStatus::IntegrityError,
+        IoStatus::ReadOnly,
+        IoStatus::NoSpace,
+        IoStatus::Aborted,
+    ];
+
     /// Whether the request succeeded.
     pub const fn is_ok(self) -> bool {
         matches!(self, IoStatus::Success)
