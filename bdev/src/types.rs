@@ -173,19 +173,7 @@ impl IoStatus {
 
     /// Parses [`IoStatus::name`].
     pub fn from_name(name: &str) -> Option<IoStatus> {
-        [
-            IoStatus::Success,
-            IoStatus::InvalidRange,
-            IoStatus::InvalidRequest,
-            IoStatus::Unsupported,
-            IoStatus::MediaError,
-            IoStatus::IntegrityError,
-            IoStatus::ReadOnly,
-            IoStatus::NoSpace,
-            IoStatus::Aborted,
-        ]
-        .into_iter()
-        .find(|s| s.name() == name)
+        IoStatus::ALL.into_iter().find(|s| s.name() == name)
     }
 
     /// Maps a positive errno from the kernel to a status.
