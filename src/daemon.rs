@@ -150,7 +150,11 @@ pub fn check(config: Option<&Path>) -> anyhow::Result<Result<String, Vec<String>
         });
         if let Err(e) = checked {
             let field = e.field().map(|f| format!(".{f}")).unwrap_or_default();
-            problems.push(format!("{src}: bdev[{i}]{field}: {}", message(&e)));
+            let msg = match &e {
+                BdevError::Invalid { reason, .. } => reason.clone(),
+                other => message(other),
+            };
+            problems.push(format!("{src}: bdev[{i}]{field}: {msg}"));
         }
     }
     if !problems.is_empty() {
@@ -245,6 +249,10 @@ impl DaemonState {
             return apply(params);
         }
         let mut p = self.persist.lock().expect("persist lock");
+        if method == "bdev_create" {
+            crate::state::check_create(&params, &p.config_bdevs)
+                .map_err(|(f, m)| crate::rpc::RpcError::field(f, m))?;
+        }
         let result = apply(params.clone())?;
         let size_of = |n: &str| {
             self.registry

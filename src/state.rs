@@ -1,7 +1,9 @@
 //! Live state that survives a restart.
 //!
-//! What the RPC changes (bdevs created, deleted or resized, delay settings, vhost exports,
-//! subsystems, namespaces, hosts, listeners) is the daemon's state. Every successful change is
+//! What the RPC changes (bdevs created, deleted or resized, vhost exports, subsystems,
+//! namespaces, hosts, listeners) is the daemon's state. The run-time knobs of the test bdevs
+//! (`bdev_error_inject`, `bdev_delay_set`) are not: a restart comes back to the declared rules
+//! and delays (a guest test holds writes with an hour's delay, then restarts the daemon). Every successful change is
 //! written to a state file (by default beside the configuration: `ferroblk.toml` keeps
 //! `ferroblk.state.json`; `state = "path"` in the configuration chooses another), atomically
 //! (temporary file, `fsync`, `rename`, `fsync` of the directory). At start, when the state file
@@ -11,8 +13,8 @@
 //!
 //! Keys are never written in clear. A `crypt_*` bdev with `key_file` keeps the path; one whose
 //! `key_hex` came inline from the configuration is saved as `"key_hex_from_config": true` and
-//! takes the key from the configuration at start; a `key_hex` given over the RPC is not saved
-//! at all (the bdev is then reported as failed at the next start: use `key_file`).
+//! takes the key from the configuration at start; `bdev_create` refuses any other `key_hex`
+//! ([`check_create`]), which could be kept only in clear.
 //!
 //! A file bdev that grew online is saved with its new size, so the next start opens it at that
 //! size instead of refusing a file larger than the configuration says.
@@ -98,14 +100,6 @@ impl Objects {
                     set_size(d, size);
                 }
             }
-            "bdev_delay_set" => {
-                if let Some(Decl::Delay(d)) = self.bdev.iter_mut().find(|d| d.name() == s("name")) {
-                    let us = |k: &str| params.get(k).and_then(Value::as_u64);
-                    d.read_us = us("read_us").unwrap_or(d.read_us);
-                    d.write_us = us("write_us").unwrap_or(d.write_us);
-                    d.other_us = us("other_us").unwrap_or(d.other_us);
-                }
-            }
             "vhost_add" => {
                 self.vhost.retain(|v| v.socket != Path::new(s("socket")));
                 self.vhost.extend(parsed::<VhostSpec>(params));
@@ -162,10 +156,10 @@ impl Objects {
                     if config_key(config, d.name()).is_some_and(|k| k == key) {
                         m.insert(KEY_FROM_CONFIG.into(), json!(true));
                     } else {
-                        tracing::warn!(
+                        // `bdev_create` refuses such a key (see `check_create`): never reached.
+                        tracing::error!(
                             bdev = d.name(),
-                            "key_hex given over the RPC is not saved: the bdev will not open \
-                             at the next start (give key_file instead)"
+                            "key_hex not from the configuration: not saved"
                         );
                     }
                 }
@@ -206,9 +200,10 @@ impl Objects {
         let mut from_config = Vec::new();
         if let Some(Value::Array(bdevs)) = m.get_mut("bdev") {
             for (i, b) in bdevs.iter_mut().enumerate() {
-                if let Some(o) = b.as_object_mut()
-                    && o.remove(KEY_FROM_CONFIG) == Some(json!(true))
-                {
+                let Some(o) = b.as_object_mut() else {
+                    continue;
+                };
+                if o.remove(KEY_FROM_CONFIG) == Some(json!(true)) {
                     from_config.push(i);
                 }
             }
@@ -231,6 +226,23 @@ impl Objects {
     }
 }
 
+/// Refuses a `bdev_create` whose `key_hex` could be saved only in clear: an inline key is kept
+/// only when the configuration gives the same bdev the same key. Err: (field, message).
+pub fn check_create(params: &Value, config: &[Decl]) -> Result<(), (String, String)> {
+    let Some(d) = parsed::<Decl>(params) else {
+        return Ok(()); // The method reports what is wrong with its parameters.
+    };
+    match inline_key(&d) {
+        Some(key) if config_key(config, d.name()) != Some(key) => Err((
+            "key_hex".into(),
+            "a key given over the RPC is not written to the state file in clear, so it would \
+             be lost at restart: give key_file (a file of mode 0600) instead"
+                .into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Where the state of a daemon started with `config_path` lives: `state` in the configuration,
 /// or beside the configuration file (`ferroblk.toml` → `ferroblk.state.json`).
 pub fn state_path(cfg: &Config, config_path: Option<&Path>) -> PathBuf {
@@ -247,7 +259,6 @@ pub const SAVED_METHODS: &[&str] = &[
     "bdev_create",
     "bdev_delete",
     "bdev_resize",
-    "bdev_delay_set",
     "vhost_add",
     "vhost_remove",
     "nvmf_subsystem_add",
@@ -362,11 +373,17 @@ mod tests {
             &json!({"kind": "malloc", "name": "m2", "size": "1MiB"}),
             |_| None,
         );
-        o.record(
-            "bdev_create",
-            &json!({"kind": "crypt_xts", "name": "y", "base": "m2", "key_hex": over_rpc}),
-            |_| None,
-        );
+        let y = json!({"kind": "crypt_xts", "name": "y", "base": "m2", "key_hex": over_rpc});
+        assert_eq!(check_create(&y, &c.bdev).unwrap_err().0, "key_hex");
+        // Declaring again the configuration's bdev with the configuration's key is fine.
+        let x = json!({"kind": "crypt_xts", "name": "x", "base": "m", "key_hex": from_cfg});
+        check_create(&x, &c.bdev).unwrap();
+        check_create(
+            &json!({"kind": "malloc", "name": "q", "size": 4096}),
+            &c.bdev,
+        )
+        .unwrap();
+        o.record("bdev_create", &x, |_| None);
         o.record(
             "bdev_create",
             &json!({"kind": "crypt_gcm", "name": "z", "base": "m2", "key_file": "/k/z.key"}),
@@ -374,19 +391,17 @@ mod tests {
         );
         let text = o.to_state_json(&c.bdev).to_string();
         assert!(!text.contains(&from_cfg[..16]), "{text}");
-        assert!(!text.contains(&over_rpc[..16]), "{text}");
         assert!(text.contains("/k/z.key"), "{text}");
         let back = Objects::from_state_json(&text, "s.json", &c.bdev).unwrap();
-        assert_eq!(back.bdev.len(), 5);
+        let names: Vec<&str> = back.bdev.iter().map(|d| d.name()).collect();
+        assert_eq!(names, ["m", "m2", "x", "z"]);
         // The configuration's key comes back from the configuration.
-        assert_eq!(inline_key(&back.bdev[1]), config_key(&c.bdev, "x"));
-        assert!(inline_key(&back.bdev[1]).is_some());
-        // The key given over the RPC does not: the bdev no longer validates.
-        assert_eq!(back.bdev[3].name(), "y");
-        assert!(back.bdev[3].validate().is_err());
+        assert!(inline_key(&back.bdev[2]).is_some());
+        assert_eq!(inline_key(&back.bdev[2]), config_key(&c.bdev, "x"));
+        back.bdev[2].validate().unwrap();
         // Without the configuration's key the state file is refused, naming the field.
         let e = Objects::from_state_json(&text, "s.json", &[]).unwrap_err();
-        assert_eq!(e.path, "bdev[1].key_hex", "{e}");
+        assert_eq!(e.path, "bdev[2].key_hex", "{e}");
     }
 
     #[test]
@@ -403,6 +418,11 @@ mod tests {
         o.record(
             "bdev_delay_set",
             &json!({"name": "d", "write_us": 7}),
+            |_| None,
+        );
+        o.record(
+            "bdev_error_inject",
+            &json!({"name": "d", "rule": {}}),
             |_| None,
         );
         o.record(
@@ -430,7 +450,7 @@ mod tests {
         let Decl::Delay(d) = &back.bdev[1] else {
             panic!("{text}")
         };
-        assert_eq!((d.read_us, d.write_us), (0, 7));
+        assert_eq!((d.read_us, d.write_us), (0, 0), "test knobs are not saved");
         assert_eq!(back.vhost[0].socket, Path::new("run/d.sock"));
         assert_eq!(back.subsystem[0].namespace[0].nsid, 3);
         assert_eq!(back.subsystem[0].hosts, ["nqn.2014-08.h:1"]);
