@@ -101,6 +101,12 @@ fn check_objects(o: &Objects) -> Result<(), (String, String)> {
     for (i, v) in o.vhost.iter().enumerate() {
         v.validate()
             .map_err(|(f, m)| (format!("vhost[{i}].{f}"), m))?;
+        if o.vhost[..i].iter().any(|x| x.socket == v.socket) {
+            return Err((
+                format!("vhost[{i}].socket"),
+                format!("{} is used by another export", v.socket.display()),
+            ));
+        }
         if !has(&v.bdev) {
             return Err((
                 format!("vhost[{i}].bdev"),
@@ -111,6 +117,12 @@ fn check_objects(o: &Objects) -> Result<(), (String, String)> {
     for (i, s) in o.subsystem.iter().enumerate() {
         s.validate()
             .map_err(|(f, m)| (format!("subsystem[{i}].{f}"), m))?;
+        if o.subsystem[..i].iter().any(|x| x.nqn == s.nqn) {
+            return Err((
+                format!("subsystem[{i}].nqn"),
+                format!("{} is declared twice", s.nqn),
+            ));
+        }
         for (j, n) in s.namespace.iter().enumerate() {
             if !has(&n.bdev) {
                 return Err((
@@ -123,6 +135,9 @@ fn check_objects(o: &Objects) -> Result<(), (String, String)> {
     for (i, l) in o.listener.iter().enumerate() {
         l.validate()
             .map_err(|(f, m)| (format!("listener[{i}].{f}"), m))?;
+        if o.listener[..i].iter().any(|x| x.same_endpoint(l)) {
+            return Err((format!("listener[{i}]"), "declared twice".into()));
+        }
     }
     Ok(())
 }
@@ -138,14 +153,14 @@ pub fn check(config: Option<&Path>) -> anyhow::Result<Result<String, Vec<String>
     for (i, d) in l.cfg.bdev.iter().enumerate() {
         let checked = d.validate().and_then(|()| match d {
             Decl::File(f) => f.check(),
-            Decl::CryptXts(ferroblk_crypto::XtsSpec {
-                key_file: Some(p), ..
-            })
-            | Decl::CryptGcm(ferroblk_crypto::GcmSpec {
-                key_file: Some(p), ..
-            }) => ferroblk_crypto::Key::from_file(p)
-                .map(drop)
-                .map_err(|e| BdevError::invalid("key_file", e.to_string())),
+            Decl::CryptXts(s) => {
+                check_key(&s.key_file, &s.key_hex, ferroblk_crypto::key::XTS_KEY_LEN)
+            }
+            Decl::CryptGcm(s) => check_key(
+                &s.key_file,
+                &s.key_hex,
+                ferroblk_crypto::key::AES256_KEY_LEN,
+            ),
             _ => Ok(()),
         });
         if let Err(e) = checked {
@@ -169,6 +184,27 @@ pub fn check(config: Option<&Path>) -> anyhow::Result<Result<String, Vec<String>
     }
     summary.push(')');
     Ok(Ok(summary))
+}
+
+/// Loads a `crypt_*` bdev's key as opening it does and checks its length.
+fn check_key(
+    file: &Option<PathBuf>,
+    hex: &Option<ferroblk_crypto::KeyHex>,
+    need: usize,
+) -> Result<(), BdevError> {
+    let (field, key) = match (file, hex) {
+        (Some(p), _) => ("key_file", ferroblk_crypto::Key::from_file(p)),
+        (None, Some(h)) => ("key_hex", h.key()),
+        (None, None) => return Ok(()), // validate() reported it.
+    };
+    match key {
+        Ok(k) if k.len() == need => Ok(()),
+        Ok(k) => Err(BdevError::invalid(
+            field,
+            format!("the key is {} bytes; this kind takes {need}", k.len()),
+        )),
+        Err(e) => Err(BdevError::invalid(field, e.to_string())),
+    }
 }
 
 /// The saved objects and where they are written.

@@ -48,11 +48,18 @@ fn check_config_runs_the_checks_serve_runs() {
     std::fs::write(dir.join("small.img"), vec![0u8; 1 << 20]).unwrap();
     std::fs::write(
         dir.join("ferroblk.toml"),
-        "[rpc]\nsocket = \"rpc.sock\"\n\
-         [[bdev]]\nname = \"a\"\nkind = \"file\"\npath = \"small.img\"\nsize = \"2MiB\"\n\
-         [[bdev]]\nname = \"b\"\nkind = \"file\"\npath = \"missing.img\"\nsize = \"1MiB\"\n\
-         [[bdev]]\nname = \"c\"\nkind = \"file\"\npath = \"new/c.img\"\nsize = \"1MiB\"\ncreate = true\n\
-         [[bdev]]\nname = \"x\"\nkind = \"crypt_xts\"\nbase = \"c\"\nkey_file = \"no.key\"\n",
+        format!(
+            "[rpc]\nsocket = \"rpc.sock\"\n\
+             [[bdev]]\nname = \"a\"\nkind = \"file\"\npath = \"small.img\"\nsize = \"2MiB\"\n\
+             [[bdev]]\nname = \"b\"\nkind = \"file\"\npath = \"missing.img\"\nsize = \"1MiB\"\n\
+             [[bdev]]\nname = \"c\"\nkind = \"file\"\npath = \"new/c.img\"\nsize = \"1MiB\"\ncreate = true\n\
+             [[bdev]]\nname = \"x\"\nkind = \"crypt_xts\"\nbase = \"c\"\nkey_file = \"no.key\"\n\
+             [[bdev]]\nname = \"m\"\nkind = \"malloc\"\nsize = \"1MiB\"\n\
+             [[bdev]]\nname = \"g\"\nkind = \"crypt_gcm\"\nbase = \"m\"\nkey_hex = \"0011\"\n\
+             [[bdev]]\nname = \"n\"\nkind = \"malloc\"\nsize = \"1MiB\"\n\
+             [[bdev]]\nname = \"y\"\nkind = \"crypt_xts\"\nbase = \"n\"\nkey_hex = \"{}\"\n",
+            &XTS_KEY[..64]
+        ),
     )
     .unwrap();
     let (ok, out) = check_config(dir);
@@ -67,7 +74,12 @@ fn check_config_runs_the_checks_serve_runs() {
         "{out}"
     );
     assert!(out.contains("bdev[3].key_file"), "{out}");
-    assert!(!out.contains("bdev[2]"), "{out}");
+    assert!(out.contains("bdev[5].key_hex"), "{out}");
+    assert!(
+        out.contains("bdev[7].key_hex: the key is 32 bytes; this kind takes 64"),
+        "{out}"
+    );
+    assert_eq!(out.lines().count(), 5, "{out}");
     // Nothing was created or changed.
     assert!(!dir.join("new").exists());
     assert_eq!(
