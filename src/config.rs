@@ -32,6 +32,10 @@ pub struct Config {
     /// left out, with what depends on it, and everything else is served.
     #[serde(default)]
     pub strict: bool,
+    /// The state file that keeps what the RPC changed (default: beside this file, `NAME.toml`
+    /// → `NAME.state.json`); see `src/state.rs`.
+    #[serde(default)]
+    pub state: Option<PathBuf>,
     /// Reactor threads.
     #[serde(default)]
     pub reactors: ReactorsConfig,

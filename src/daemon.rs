@@ -22,8 +22,198 @@ use ferroblk_target::transport::tcp::listener::Listener;
 use ferroblk_vhost::{VhostExport, VhostSpec};
 
 use crate::config::Config;
+use crate::decl::Decl;
 use crate::metrics::MetricsServer;
 use crate::rpc::RpcServer;
+use crate::state::Objects;
+
+/// The configuration `serve` and `check-config` use without `--config`: the quickstart, built
+/// into the binary.
+pub const QUICKSTART: &str = include_str!("../configs/quickstart.toml");
+
+/// A configuration with the objects the daemon will serve.
+pub struct Loaded {
+    /// The configuration.
+    pub cfg: Config,
+    /// The configuration file, or a description of the embedded one.
+    pub label: PathBuf,
+    /// The state file (written on every change over the RPC).
+    pub state_path: PathBuf,
+    /// Whether the objects come from the state file rather than the configuration.
+    pub from_state: bool,
+    /// The configuration's own `[[bdev]]` declarations (inline keys come from these).
+    pub config_bdevs: Vec<Decl>,
+}
+
+impl Loaded {
+    /// Where the served objects are declared: the state file or the configuration.
+    pub fn source(&self) -> String {
+        if self.from_state {
+            self.state_path.display().to_string()
+        } else {
+            self.label.display().to_string()
+        }
+    }
+}
+
+/// Loads the configuration (`None`: the embedded quickstart) and, when its state file exists,
+/// puts the state file's objects in place of the configuration's. Every check that needs no
+/// file or device runs here.
+pub fn load(config: Option<&Path>) -> anyhow::Result<Loaded> {
+    let (mut cfg, label) = match config {
+        Some(p) => (Config::load(p)?, p.to_path_buf()),
+        None => {
+            let label = "(embedded configs/quickstart.toml)";
+            (Config::parse(QUICKSTART, label)?, PathBuf::from(label))
+        }
+    };
+    let state_path = crate::state::state_path(&cfg, config);
+    let config_bdevs = cfg.bdev.clone();
+    let saved = crate::state::load(&state_path, &config_bdevs)?;
+    let from_state = saved.is_some();
+    if let Some(o) = saved {
+        check_objects(&o)
+            .map_err(|(p, m)| anyhow::anyhow!("{}: {p}: {m}", state_path.display()))?;
+        cfg.bdev = o.bdev;
+        cfg.vhost = o.vhost;
+        cfg.subsystem = o.subsystem;
+        cfg.listener = o.listener;
+    }
+    Ok(Loaded {
+        cfg,
+        label,
+        state_path,
+        from_state,
+        config_bdevs,
+    })
+}
+
+/// What the configuration loader checks of its objects, for a state file's: names, bases and
+/// cycles, and what each export and subsystem refers to.
+fn check_objects(o: &Objects) -> Result<(), (String, String)> {
+    creation_order(&o.bdev, &|_| false).map_err(|e| {
+        let path = match e.error.field() {
+            Some(f) => format!("bdev[{}].{f}", e.index),
+            None => format!("bdev[{}]", e.index),
+        };
+        (path, message(&e.error))
+    })?;
+    let has = |n: &str| o.bdev.iter().any(|b| b.name() == n);
+    for (i, v) in o.vhost.iter().enumerate() {
+        v.validate()
+            .map_err(|(f, m)| (format!("vhost[{i}].{f}"), m))?;
+        if o.vhost[..i].iter().any(|x| x.socket == v.socket) {
+            return Err((
+                format!("vhost[{i}].socket"),
+                format!("{} is used by another export", v.socket.display()),
+            ));
+        }
+        if !has(&v.bdev) {
+            return Err((
+                format!("vhost[{i}].bdev"),
+                format!("no bdev named '{}'", v.bdev),
+            ));
+        }
+    }
+    for (i, s) in o.subsystem.iter().enumerate() {
+        s.validate()
+            .map_err(|(f, m)| (format!("subsystem[{i}].{f}"), m))?;
+        if o.subsystem[..i].iter().any(|x| x.nqn == s.nqn) {
+            return Err((
+                format!("subsystem[{i}].nqn"),
+                format!("{} is declared twice", s.nqn),
+            ));
+        }
+        for (j, n) in s.namespace.iter().enumerate() {
+            if !has(&n.bdev) {
+                return Err((
+                    format!("subsystem[{i}].namespace[{j}].bdev"),
+                    format!("no bdev named '{}'", n.bdev),
+                ));
+            }
+        }
+    }
+    for (i, l) in o.listener.iter().enumerate() {
+        l.validate()
+            .map_err(|(f, m)| (format!("listener[{i}].{f}"), m))?;
+        if o.listener[..i].iter().any(|x| x.same_endpoint(l)) {
+            return Err((format!("listener[{i}]"), "declared twice".into()));
+        }
+    }
+    Ok(())
+}
+
+/// `check-config`: every check `serve` runs short of opening sockets and changing files. The
+/// configuration and its state file are loaded and checked as at start; each declared bdev is
+/// checked as opening it would (a missing file without `create`, a file whose size differs
+/// from `size`, an unreadable key file). Returns the summary, or every problem found.
+pub fn check(config: Option<&Path>) -> anyhow::Result<Result<String, Vec<String>>> {
+    let l = load(config)?;
+    let src = l.source();
+    let mut problems = Vec::new();
+    for (i, d) in l.cfg.bdev.iter().enumerate() {
+        let checked = d.validate().and_then(|()| match d {
+            Decl::File(f) => f.check(),
+            Decl::CryptXts(s) => {
+                check_key(&s.key_file, &s.key_hex, ferroblk_crypto::key::XTS_KEY_LEN)
+            }
+            Decl::CryptGcm(s) => check_key(
+                &s.key_file,
+                &s.key_hex,
+                ferroblk_crypto::key::AES256_KEY_LEN,
+            ),
+            _ => Ok(()),
+        });
+        if let Err(e) = checked {
+            let field = e.field().map(|f| format!(".{f}")).unwrap_or_default();
+            let msg = match &e {
+                BdevError::Invalid { reason, .. } => reason.clone(),
+                other => message(other),
+            };
+            problems.push(format!("{src}: bdev[{i}]{field}: {msg}"));
+        }
+    }
+    if !problems.is_empty() {
+        return Ok(Err(problems));
+    }
+    let mut summary = format!("{}: ok ({} bdevs", l.label.display(), l.cfg.bdev.len());
+    if l.from_state {
+        summary.push_str(&format!(
+            ", objects from the state file {}",
+            l.state_path.display()
+        ));
+    }
+    summary.push(')');
+    Ok(Ok(summary))
+}
+
+/// Loads a `crypt_*` bdev's key as opening it does and checks its length.
+fn check_key(
+    file: &Option<PathBuf>,
+    hex: &Option<ferroblk_crypto::KeyHex>,
+    need: usize,
+) -> Result<(), BdevError> {
+    let (field, key) = match (file, hex) {
+        (Some(p), _) => ("key_file", ferroblk_crypto::Key::from_file(p)),
+        (None, Some(h)) => ("key_hex", h.key()),
+        (None, None) => return Ok(()), // validate() reported it.
+    };
+    match key {
+        Ok(k) if k.len() == need => Ok(()),
+        Ok(k) => Err(BdevError::invalid(
+            field,
+            format!("the key is {} bytes; this kind takes {need}", k.len()),
+        )),
+        Err(e) => Err(BdevError::invalid(field, e.to_string())),
+    }
+}
+
+/// The saved objects and where they are written.
+struct Persist {
+    objects: Objects,
+    path: PathBuf,
+    config_bdevs: Vec<Decl>,
+}
 
 /// What the control plane (RPC handlers) shares.
 pub struct DaemonState {
@@ -46,6 +236,9 @@ pub struct DaemonState {
     /// Declared exports left out at start because their bdev failed.
     pub failed_exports: Mutex<Vec<FailedExport>>,
     shutdown: Mutex<Option<mpsc::Sender<&'static str>>>,
+    /// The objects as the state file keeps them; held across a saved method so that changes
+    /// are recorded in the order they took effect.
+    persist: Mutex<Persist>,
 }
 
 /// A declared bdev that is not served: it failed to open, or its base did.
@@ -81,6 +274,42 @@ pub enum FailedExport {
 }
 
 impl DaemonState {
+    /// Runs `apply` (an RPC method); when the method changes saved state and succeeds, records
+    /// the change and writes the state file atomically before answering.
+    pub fn change(
+        &self,
+        method: &str,
+        params: serde_json::Value,
+        apply: impl FnOnce(serde_json::Value) -> Result<serde_json::Value, crate::rpc::RpcError>,
+    ) -> Result<serde_json::Value, crate::rpc::RpcError> {
+        if !crate::state::SAVED_METHODS.contains(&method) {
+            return apply(params);
+        }
+        let mut p = self.persist.lock().expect("persist lock");
+        if method == "bdev_create" {
+            crate::state::check_create(&params, &p.config_bdevs)
+                .map_err(|(f, m)| crate::rpc::RpcError::field(f, m))?;
+        }
+        let result = apply(params.clone())?;
+        let size_of = |n: &str| {
+            self.registry
+                .get(n)
+                .map(|b| b.info().geometry().size_bytes())
+        };
+        p.objects.record(method, &params, size_of);
+        let text = serde_json::to_string_pretty(&p.objects.to_state_json(&p.config_bdevs))
+            .unwrap_or_default();
+        if let Err(e) = crate::state::write_atomic(&p.path, text.as_bytes()) {
+            tracing::error!(method, path = %p.path.display(), error = %e,
+                "the change is live but the state file was not written");
+            return Err(crate::rpc::RpcError::system(format!(
+                "{method} took effect but the state file {} was not written: {e}",
+                p.path.display()
+            )));
+        }
+        Ok(result)
+    }
+
     /// Starts a vhost-user-blk export of an existing bdev.
     pub fn add_vhost(&self, spec: VhostSpec) -> Result<(), crate::rpc::RpcError> {
         use crate::rpc::RpcError;
@@ -241,8 +470,16 @@ const DRAIN: Duration = Duration::from_secs(10);
 /// Runs the daemon until a signal or `daemon_shutdown`. With `strict` (or `strict = true` in the
 /// configuration) a bdev that fails to open stops the start; otherwise it is left out, with what
 /// depends on it, and reported.
-pub fn serve(config_path: &Path, strict: bool) -> anyhow::Result<()> {
-    let cfg = Config::load(config_path)?;
+pub fn serve(config: Option<&Path>, strict: bool) -> anyhow::Result<()> {
+    let loaded = load(config)?;
+    if loaded.from_state {
+        tracing::info!(state = %loaded.state_path.display(),
+            "serving the saved state (it replaces the configuration's bdevs, exports, \
+             subsystems and listeners; delete it to start from the configuration)");
+    }
+    let source = PathBuf::from(loaded.source());
+    let config_path = source.as_path();
+    let cfg = loaded.cfg;
     let strict = strict || cfg.strict;
     let reactor_cfg = cfg
         .reactors
@@ -285,13 +522,18 @@ pub fn serve(config_path: &Path, strict: bool) -> anyhow::Result<()> {
         registry: registry.clone(),
         reactors: reactors.handles().to_vec(),
         started: Instant::now(),
-        config_path: config_path.to_path_buf(),
+        config_path: loaded.label.clone(),
         vhost: Mutex::new(BTreeMap::new()),
         target: Arc::new(Target::new()),
         listeners: Mutex::new(Vec::new()),
         failed: Mutex::new(failed),
         failed_exports: Mutex::new(Vec::new()),
         shutdown: Mutex::new(Some(tx)),
+        persist: Mutex::new(Persist {
+            objects: Objects::of_config(&cfg),
+            path: loaded.state_path.clone(),
+            config_bdevs: loaded.config_bdevs,
+        }),
     });
     for (i, s) in cfg.subsystem.iter().enumerate() {
         let s = &state.without_failed_namespaces(s);

@@ -9,6 +9,7 @@ mod perf;
 mod perf_nvmf;
 mod perf_vhost;
 mod rpc;
+mod state;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,11 +30,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run the daemon with a configuration file.
+    /// Run the daemon with a configuration file (default: the quickstart built into the binary).
+    /// What the RPC changes is kept in a state file and served again after a restart.
     Serve {
-        /// The TOML configuration (see configs/).
+        /// The TOML configuration (see configs/); without it, configs/quickstart.toml as built in.
         #[arg(long, short)]
-        config: PathBuf,
+        config: Option<PathBuf>,
         /// Exit when a bdev fails to open (default: leave it out, with the bdevs stacked on it
         /// and its exports, report it in `bdev_list` and serve everything else). Also
         /// `strict = true` in the configuration.
@@ -56,10 +58,11 @@ enum Cmd {
         #[command(subcommand)]
         what: PerfCmd,
     },
-    /// Load a configuration file and report the first problem, without starting anything.
+    /// Run every check `serve` runs (the configuration, its state file, each bdev's file and
+    /// key) without opening sockets or changing anything; report every problem found.
     CheckConfig {
-        /// The TOML configuration.
-        config: PathBuf,
+        /// The TOML configuration (default: the quickstart built into the binary).
+        config: Option<PathBuf>,
     },
 }
 
@@ -135,7 +138,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
         Cmd::Serve { config, strict } => {
-            daemon::serve(&config, strict)?;
+            daemon::serve(config.as_deref(), strict)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Rpc {
@@ -155,11 +158,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Cmd::CheckConfig { config } => {
-            let c = config::Config::load(&config)?;
-            println!("{}: ok ({} bdevs)", config.display(), c.bdev.len());
-            Ok(ExitCode::SUCCESS)
-        }
+        Cmd::CheckConfig { config } => match daemon::check(config.as_deref())? {
+            Ok(summary) => {
+                println!("{summary}");
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(problems) => {
+                for p in problems {
+                    eprintln!("ferroblk: {p}");
+                }
+                Ok(ExitCode::FAILURE)
+            }
+        },
         Cmd::Perf {
             what: PerfCmd::Vhost(a),
         } => {

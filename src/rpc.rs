@@ -534,7 +534,7 @@ pub fn handle_line(state: &DaemonState, line: &str) -> Value {
     }
     let method = method.unwrap_or_default();
     let params = req.get("params").cloned().unwrap_or(Value::Null);
-    match dispatch(state, method, params) {
+    match state.change(method, params, |p| dispatch(state, method, p)) {
         Ok(result) => json!({ "jsonrpc": "2.0", "id": id, "result": result }),
         Err(e) => {
             tracing::info!(method, code = e.code, error = %e.message, "rpc failed");

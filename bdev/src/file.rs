@@ -129,29 +129,130 @@ fn retry_lock(mut take: impl FnMut() -> bool) -> Result<(), std::io::Error> {
     }
 }
 
+/// The size of an open regular file or block device, its logical sector size, and whether it
+/// is a block device.
+fn device_size(f: &File, path: &Path) -> Result<(u64, u64, bool), BdevError> {
+    let meta = f.metadata().map_err(|e| io_err("stat", path, e))?;
+    let block_device = meta.file_type().is_block_device();
+    if block_device {
+        let mut size: u64 = 0;
+        let mut sector: libc::c_int = 0;
+        // SAFETY: both ioctls write one integer of the given type through a valid pointer.
+        let r = unsafe {
+            libc::ioctl(f.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64)
+                | libc::ioctl(f.as_raw_fd(), BLKSSZGET, &mut sector as *mut libc::c_int)
+        };
+        if r != 0 {
+            return Err(io_err(
+                "query size of",
+                path,
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok((size, sector.max(512) as u64, true))
+    } else if meta.file_type().is_file() {
+        Ok((meta.len(), 512, false))
+    } else {
+        Err(BdevError::invalid(
+            "path",
+            format!(
+                "{} is neither a regular file nor a block device",
+                path.display()
+            ),
+        ))
+    }
+}
+
+/// The bdev's size in bytes from the declared `size` and what the file or device holds.
+fn checked_size(
+    o: &FileOptions,
+    dev_size: u64,
+    sector: u64,
+    block_device: bool,
+) -> Result<u64, BdevError> {
+    let bs = u64::from(o.block_size.bytes());
+    if bs < sector {
+        return Err(BdevError::invalid(
+            "block_size",
+            format!("{bs} is smaller than the device's logical sector size {sector}"),
+        ));
+    }
+    let size = match o.size {
+        Some(size) if block_device && size > dev_size => {
+            return Err(BdevError::invalid(
+                "size",
+                format!("{size} bytes is larger than the device ({dev_size} bytes)"),
+            ));
+        }
+        Some(size) if !block_device && size != dev_size => {
+            return Err(BdevError::invalid(
+                "size",
+                format!(
+                    "{} is {dev_size} bytes but size = {size} (set size to the file's size, \
+                     or leave it out to use the whole file)",
+                    o.path.display()
+                ),
+            ));
+        }
+        Some(size) => size,
+        None => dev_size - dev_size % bs,
+    };
+    if size < bs {
+        return Err(BdevError::invalid(
+            "size",
+            format!("{} holds less than one block", o.path.display()),
+        ));
+    }
+    Ok(size)
+}
+
+/// What opening checks before it creates the file: `size` against the block size, and a
+/// missing file without `create` (or without a `size` to create it with).
+fn check_declared(o: &FileOptions) -> Result<bool, BdevError> {
+    let bs = u64::from(o.block_size.bytes());
+    if let Some(size) = o.size
+        && (size == 0 || size % bs != 0)
+    {
+        return Err(BdevError::invalid(
+            "size",
+            format!("{size} bytes is not a positive multiple of block_size {bs}"),
+        ));
+    }
+    let exists = o.path.exists();
+    if !exists {
+        if !o.create {
+            return Err(BdevError::invalid(
+                "path",
+                format!(
+                    "{} does not exist (set create = true to create it)",
+                    o.path.display()
+                ),
+            ));
+        }
+        if o.size.is_none() {
+            return Err(BdevError::invalid("size", "required to create a file"));
+        }
+    }
+    Ok(exists)
+}
+
 impl FileBdev {
+    /// Runs every check [`FileBdev::open`] runs without creating, locking or changing
+    /// anything: the declared size and block size, a missing file without `create`, the file
+    /// type, access in the declared mode, and an existing file's size against `size`.
+    pub fn check(o: &FileOptions) -> Result<(), BdevError> {
+        if !check_declared(o)? {
+            return Ok(());
+        }
+        let f = open(&o.path, o.read_only, 0).map_err(|e| io_err("open", &o.path, e))?;
+        let (dev_size, sector, block_device) = device_size(&f, &o.path)?;
+        checked_size(o, dev_size, sector, block_device).map(|_| ())
+    }
+
     /// Opens (or creates) the file or device.
     pub fn open(name: &str, o: &FileOptions) -> Result<FileBdev, BdevError> {
         let bs = u64::from(o.block_size.bytes());
-        if let Some(size) = o.size
-            && (size == 0 || size % bs != 0)
-        {
-            return Err(BdevError::invalid(
-                "size",
-                format!("{size} bytes is not a positive multiple of block_size {bs}"),
-            ));
-        }
-        let exists = o.path.exists();
-        if !exists {
-            if !o.create {
-                return Err(BdevError::invalid(
-                    "path",
-                    format!(
-                        "{} does not exist (set create = true to create it)",
-                        o.path.display()
-                    ),
-                ));
-            }
+        if !check_declared(o)? {
             let Some(size) = o.size else {
                 return Err(BdevError::invalid("size", "required to create a file"));
             };
@@ -191,72 +292,8 @@ impl FileBdev {
                 ),
             ));
         }
-        let meta = buffered
-            .metadata()
-            .map_err(|e| io_err("stat", &o.path, e))?;
-        let block_device = meta.file_type().is_block_device();
-        let (dev_size, sector) = if block_device {
-            let mut size: u64 = 0;
-            let mut sector: libc::c_int = 0;
-            // SAFETY: both ioctls write one integer of the given type through a valid pointer.
-            let r = unsafe {
-                libc::ioctl(buffered.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64)
-                    | libc::ioctl(
-                        buffered.as_raw_fd(),
-                        BLKSSZGET,
-                        &mut sector as *mut libc::c_int,
-                    )
-            };
-            if r != 0 {
-                return Err(io_err(
-                    "query size of",
-                    &o.path,
-                    std::io::Error::last_os_error(),
-                ));
-            }
-            (size, sector.max(512) as u64)
-        } else if meta.file_type().is_file() {
-            (meta.len(), 512)
-        } else {
-            return Err(BdevError::invalid(
-                "path",
-                format!(
-                    "{} is neither a regular file nor a block device",
-                    o.path.display()
-                ),
-            ));
-        };
-        if bs < sector {
-            return Err(BdevError::invalid(
-                "block_size",
-                format!("{bs} is smaller than the device's logical sector size {sector}"),
-            ));
-        }
-        let size = match o.size {
-            Some(size) if block_device && size > dev_size => {
-                return Err(BdevError::invalid(
-                    "size",
-                    format!("{size} bytes is larger than the device ({dev_size} bytes)"),
-                ));
-            }
-            Some(size) if !block_device && size != dev_size => {
-                return Err(BdevError::invalid(
-                    "size",
-                    format!(
-                        "{} is {dev_size} bytes but size = {size} (resize over the RPC instead)",
-                        o.path.display()
-                    ),
-                ));
-            }
-            Some(size) => size,
-            None => dev_size - dev_size % bs,
-        };
-        if size < bs {
-            return Err(BdevError::invalid(
-                "size",
-                format!("{} holds less than one block", o.path.display()),
-            ));
-        }
+        let (dev_size, sector, block_device) = device_size(&buffered, &o.path)?;
+        let size = checked_size(o, dev_size, sector, block_device)?;
         let direct = match o.direct {
             DirectMode::Never => None,
             mode => match open(&o.path, o.read_only, libc::O_DIRECT) {
@@ -658,6 +695,30 @@ mod tests {
     use super::*;
     use crate::conformance;
     use crate::sync::SyncChannel;
+
+    #[test]
+    fn check_runs_the_open_checks_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/img");
+        let mut o = opts(&path, BlockSize::B4096, DirectMode::Never);
+        // Missing with create: fine, and nothing is created.
+        FileBdev::check(&o).unwrap();
+        assert!(!path.exists() && !path.parent().unwrap().exists());
+        o.create = false;
+        assert_eq!(FileBdev::check(&o).unwrap_err().field(), Some("path"));
+        o.create = true;
+        drop(FileBdev::open("f", &o).unwrap());
+        FileBdev::check(&o).unwrap();
+        // The file grew (as after an online resize): a size that disagrees is refused the same
+        // way open refuses it, and the file is left as it was.
+        o.size = Some(8 << 20);
+        let e = FileBdev::check(&o).unwrap_err();
+        assert_eq!(e.field(), Some("size"), "{e}");
+        assert!(FileBdev::open("f", &o).is_err());
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 4 << 20);
+        o.size = None;
+        FileBdev::check(&o).unwrap();
+    }
 
     fn opts(path: &Path, bs: BlockSize, direct: DirectMode) -> FileOptions {
         FileOptions {

@@ -132,6 +132,26 @@ pub struct FileSpec {
     pub read_only: bool,
 }
 
+impl FileSpec {
+    fn options(&self) -> Result<FileOptions, BdevError> {
+        Ok(FileOptions {
+            path: self.path.clone(),
+            block_size: block_size(self.block_size)?,
+            size: self.size.map(|b| b.0),
+            create: self.create,
+            direct: self.direct,
+            read_only: self.read_only,
+        })
+    }
+
+    /// Runs every check opening runs (a missing file without `create`, the file type, access,
+    /// an existing file's size against `size`) without creating, locking or changing anything:
+    /// what `check-config` runs.
+    pub fn check(&self) -> Result<(), BdevError> {
+        FileBdev::check(&self.options()?)
+    }
+}
+
 /// `kind = "error"`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -432,17 +452,7 @@ impl BdevSpec {
                 let bs = block_size(s.block_size)?;
                 Arc::new(NullBdev::new(&s.name, bs, blocks(s.size, bs)?)?)
             }
-            BdevSpec::File(s) => Arc::new(FileBdev::open(
-                &s.name,
-                &FileOptions {
-                    path: s.path.clone(),
-                    block_size: block_size(s.block_size)?,
-                    size: s.size.map(|b| b.0),
-                    create: s.create,
-                    direct: s.direct,
-                    read_only: s.read_only,
-                },
-            )?),
+            BdevSpec::File(s) => Arc::new(FileBdev::open(&s.name, &s.options()?)?),
             BdevSpec::Error(s) => {
                 Arc::new(ErrorBdev::new(&s.name, need_base()?, s.inject.clone())?)
             }
