@@ -416,11 +416,17 @@ fn create_degraded<D: BdevDecl + Clone + 'static>(
 
 /// The error with its causes: `message: cause: ...`.
 fn message(e: &BdevError) -> String {
+    // An invalid field's message without its field: the caller names the field in the path
+    // (`bdev[0].size: ...`, not `bdev[0].size: size: ...`).
+    let head = match e {
+        BdevError::Invalid { reason, .. } => reason.clone(),
+        other => other.to_string(),
+    };
     let chain = error_chain(e);
     if chain.is_empty() {
-        e.to_string()
+        head
     } else {
-        format!("{e}: {chain}")
+        format!("{head}: {chain}")
     }
 }
 

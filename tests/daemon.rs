@@ -616,6 +616,21 @@ fn bad_configs_fail_at_load_with_the_field_path() {
             "bdev[0].base",
         ),
         ("[reactors]\ncpus = [4096]\n", "reactors.cpus[0]"),
+        // A wrong type names the field inside the declaration, with its exact line.
+        (
+            "[[bdev]]\nkind = \"malloc\"\nname = \"m\"\nsize = 8192\nblock_size = \"4k\"\n",
+            ":5: bdev[0].block_size: invalid type: string \"4k\", expected u32",
+        ),
+        // An unknown field is the path, not only in the message.
+        (
+            "[[bdev]]\nkind = \"null\"\nname = \"n\"\nsize = 4096\nbogus = 1\n",
+            ":5: bdev[0].bogus: unknown field `bogus`",
+        ),
+        // A check after parsing: the path once, the line of the field.
+        (
+            "[[bdev]]\nkind = \"malloc\"\nname = \"m\"\nsize = \"1000\"\n",
+            ":4: bdev[0].size: ",
+        ),
     ];
     for (i, (text, path)) in cases.iter().enumerate() {
         let f = dir.path().join(format!("c{i}.toml"));
@@ -629,6 +644,7 @@ fn bad_configs_fail_at_load_with_the_field_path() {
         assert!(!out.status.success(), "case {i} must fail");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(path), "case {i}: expected {path} in: {err}");
+        assert!(!err.contains("size: size:"), "case {i}: path repeated: {err}");
         assert!(!dir.path().join("run/ferroblk.sock").exists());
     }
     // check-config reports the same without starting anything.
