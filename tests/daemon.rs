@@ -226,6 +226,12 @@ fn rpc_round_trips_and_errors() {
     assert_eq!(std::fs::metadata(&img).unwrap().len(), 32 << 20);
     let l = d.call("bdev_list", json!({"name": "err"})).unwrap();
     assert_eq!(l[0]["size"], 32 << 20, "stacked bdev follows its base");
+    let l = d.call("bdev_list", json!({"name": "disk"})).unwrap();
+    assert_eq!(
+        l[0]["spec"]["size"],
+        32 << 20,
+        "spec.size is the current size: {l}"
+    );
     assert!(
         d.call("bdev_resize", json!({"name": "disk", "size": "8MiB"}))
             .is_err()
@@ -252,7 +258,7 @@ fn rpc_round_trips_and_errors() {
             json!({"name": "err", "rule": {"ops": ["smash"]}}),
         )
         .unwrap_err();
-    assert_eq!(e["data"]["field"], "inject.ops[0]", "{e}");
+    assert_eq!(e["data"]["field"], "rule.ops[0]", "{e}");
 
     // The delays of a delay bdev change at run time; other kinds refuse.
     d.call(
@@ -323,6 +329,114 @@ fn rpc_round_trips_and_errors() {
     assert!(ok, "clean exit on SIGTERM: {out}");
     assert!(out.contains("shutting down"), "{out}");
     assert!(!socket.exists(), "socket removed at exit");
+}
+
+#[test]
+fn rpc_errors_name_the_field_and_every_method_is_listed() {
+    let d = Daemon::start(BASIC);
+    // Missing and wrong fields: `data.field` is the field's path, never `params`.
+    let field = |method: &str, params: Value| -> String {
+        let e = d.call(method, params).unwrap_err();
+        assert_eq!(code(&e), -32602, "{method}: {e}");
+        e["data"]["field"].as_str().unwrap().to_string()
+    };
+    assert_eq!(field("bdev_delete", json!({})), "name");
+    assert_eq!(field("bdev_delete", Value::Null), "name");
+    assert_eq!(field("bdev_resize", json!({"name": "disk"})), "size");
+    assert_eq!(field("bdev_delete", json!({"name": 7})), "name");
+    assert_eq!(
+        field(
+            "bdev_create",
+            json!({"kind": "malloc", "name": "x", "size": 8192, "block_size": "4k"})
+        ),
+        "block_size"
+    );
+    assert_eq!(
+        field("bdev_create", json!({"kind": "malloc", "size": 8192})),
+        "name"
+    );
+    assert_eq!(field("bdev_create", json!({"name": "x"})), "kind");
+    assert_eq!(
+        field(
+            "bdev_error_inject",
+            json!({"name": "err", "rule": {"ops": [1]}})
+        ),
+        "rule.ops[0]"
+    );
+    assert_eq!(
+        field("bdev_error_inject", json!({"name": "err", "rule": {}})),
+        "rule.ops"
+    );
+    assert_eq!(
+        field(
+            "bdev_error_inject",
+            json!({"name": "err", "rule": {"ops": ["read", "smash"]}})
+        ),
+        "rule.ops[1]"
+    );
+    assert_eq!(
+        field("nvmf_ns_add", json!({"nqn": "nqn.x:y", "nsid": 1})),
+        "bdev"
+    );
+    assert_eq!(field("bdev_list", json!({"nmae": "disk"})), "nmae");
+
+    // `rpc_methods` lists every method the server dispatches on, with its parameters.
+    let methods = d.call("rpc_methods", Value::Null).unwrap();
+    let methods = methods.as_array().unwrap();
+    let names: Vec<&str> = methods
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    for want in [
+        "bdev_list",
+        "bdev_create",
+        "bdev_resize",
+        "bdev_delay_set",
+        "vhost_add",
+        "vhost_list",
+        "nvmf_subsystem_add",
+        "nvmf_ns_add",
+        "nvmf_host_remove",
+        "nvmf_listener_add",
+        "reactor_list",
+        "rpc_methods",
+        "daemon_status",
+        "daemon_shutdown",
+    ] {
+        assert!(names.contains(&want), "{want} missing from {names:?}");
+    }
+    let resize = methods.iter().find(|m| m["name"] == "bdev_resize").unwrap();
+    assert_eq!(resize["params"], "name size");
+    // Each listed method is one the server knows (daemon_shutdown would stop it).
+    for name in names.iter().filter(|n| **n != "daemon_shutdown") {
+        if let Err(e) = d.call(name, json!({"zz_not_a_param": 1})) {
+            assert_ne!(code(&e), -32601, "{name} is listed but not dispatched: {e}");
+        }
+    }
+    // `ferroblk rpc --help` prints the same list.
+    let out = Command::new(BIN).args(["rpc", "--help"]).output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for m in methods {
+        let line = format!("{}  ", m["name"].as_str().unwrap());
+        assert!(help.contains(&line), "--help lacks {line}: {help}");
+        assert!(help.contains(m["params"].as_str().unwrap()), "{help}");
+    }
+
+    // `ferroblk rpc bdev_list | head -3`: a reader that went away is no error, and no panic.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(BIN)
+        .args(["rpc", "--socket"])
+        .arg(&d.socket)
+        .arg("bdev_list")
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(out.status.success(), "{:?}: {err}", out.status);
 }
 
 #[test]
@@ -644,7 +758,10 @@ fn bad_configs_fail_at_load_with_the_field_path() {
         assert!(!out.status.success(), "case {i} must fail");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(path), "case {i}: expected {path} in: {err}");
-        assert!(!err.contains("size: size:"), "case {i}: path repeated: {err}");
+        assert!(
+            !err.contains("size: size:"),
+            "case {i}: path repeated: {err}"
+        );
         assert!(!dir.path().join("run/ferroblk.sock").exists());
     }
     // check-config reports the same without starting anything.
