@@ -321,8 +321,11 @@ pub fn serve(config_path: &Path, strict: bool) -> anyhow::Result<()> {
     let rpc = RpcServer::start(&cfg.rpc.socket, state.clone())
         .with_context(|| format!("binding the RPC socket {}", cfg.rpc.socket.display()))?;
     print_banner(&cfg, &state, rpc.path());
+    // Every export and the control socket listen: tell systemd (`Type=notify`).
+    crate::notify::notify("READY=1");
     let why = rx.recv().unwrap_or("control channel closed");
     tracing::info!(reason = why, "shutting down");
+    crate::notify::notify("STOPPING=1");
     drop(rpc);
     // Exports first: each drains its queues on the still-running reactors. NVMe/TCP
     // connections drain when the reactors stop them.

@@ -4,6 +4,7 @@
 mod config;
 mod daemon;
 mod decl;
+mod notify;
 mod perf;
 mod perf_nvmf;
 mod perf_vhost;

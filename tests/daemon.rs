@@ -810,3 +810,116 @@ fn perf_bdev_drives_a_chain_and_reports() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("block size"));
 }
+
+/// Runs `ferroblk serve` in `dir` with stderr to a file and extra environment, stops it with
+/// SIGTERM once its control socket exists, and returns the log file's text.
+fn serve_logging_to_a_file(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> String {
+    let log = dir.join("ferroblk.log");
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config", "ferroblk.toml"])
+        .args(args)
+        .env_remove("FERROBLK_LOG_FORMAT")
+        .envs(env.iter().copied())
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while UnixStream::connect(dir.join("run/ferroblk.sock")).is_err() {
+        assert!(child.try_wait().unwrap().is_none(), "daemon exited early");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "daemon did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill with a valid pid and signal number has no memory effects.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    std::fs::read_to_string(&log).unwrap()
+}
+
+#[test]
+fn logs_are_plain_in_a_file_and_json_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ferroblk.toml"), BASIC).unwrap();
+    // Plain text: stderr is a file, not a terminal, so no colour codes.
+    let text = serve_logging_to_a_file(dir.path(), &[], &[]);
+    assert!(text.contains("shutting down"), "{text}");
+    assert!(
+        !text.contains("\x1b["),
+        "ANSI codes in a log file: {text:?}"
+    );
+    // JSON lines, by flag and by environment.
+    for (args, env) in [
+        (&["--log-format", "json"][..], &[][..]),
+        (&[][..], &[("FERROBLK_LOG_FORMAT", "json")][..]),
+    ] {
+        let text = serve_logging_to_a_file(dir.path(), args, env);
+        let lines: Vec<Value> = text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect();
+        assert!(lines.len() >= 2, "{text}");
+        assert!(lines.iter().all(|l| l["level"].is_string()), "{text}");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l["fields"]["message"] == "shutting down"
+                    && l["fields"]["reason"] == "SIGTERM"),
+            "{text}"
+        );
+    }
+    // A wrong value is refused, naming it.
+    let out = Command::new(BIN)
+        .args(["check-config", "ferroblk.toml"])
+        .env("FERROBLK_LOG_FORMAT", "xml")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("FERROBLK_LOG_FORMAT=xml"));
+}
+
+#[test]
+fn readiness_is_sent_to_systemd_once_every_export_listens() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = format!(
+        "{BASIC}\n[[vhost]]\nsocket = \"run/vhost0.sock\"\nbdev = \"err\"\n\
+         [[subsystem]]\nnqn = \"nqn.2026-11.io.ferroblk:t\"\nallow_any_host = true\n\
+         [[subsystem.namespace]]\nnsid = 1\nbdev = \"disk\"\n\
+         [[listener]]\naddr = \"127.0.0.1\"\nport = {port}\n"
+    );
+    std::fs::write(dir.path().join("ferroblk.toml"), config).unwrap();
+    let notify = dir.path().join("notify.sock");
+    let rx = UnixDatagram::bind(&notify).unwrap();
+    rx.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config", "ferroblk.toml"])
+        .env("NOTIFY_SOCKET", &notify)
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = rx.recv(&mut buf).expect("READY=1 within 30 s");
+    assert_eq!(&buf[..n], b"READY=1");
+    // Everything listens by then.
+    assert!(UnixStream::connect(dir.path().join("run/vhost0.sock")).is_ok());
+    assert!(UnixStream::connect(dir.path().join("run/ferroblk.sock")).is_ok());
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    // SAFETY: kill with a valid pid and signal number has no memory effects.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let n = rx.recv(&mut buf).expect("STOPPING=1 at shutdown");
+    assert_eq!(&buf[..n], b"STOPPING=1");
+    assert!(child.wait().unwrap().success());
+}
