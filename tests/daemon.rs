@@ -923,3 +923,43 @@ fn readiness_is_sent_to_systemd_once_every_export_listens() {
     assert_eq!(&buf[..n], b"STOPPING=1");
     assert!(child.wait().unwrap().success());
 }
+
+#[test]
+fn the_systemd_unit_is_type_notify_and_its_commands_parse() {
+    let unit = std::fs::read_to_string(repo().join("dist/ferroblk.service")).unwrap();
+    let value = |key: &str| -> Vec<String> {
+        unit.lines()
+            .filter_map(|l| l.strip_prefix(&format!("{key}=")))
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(value("Type"), ["notify"]);
+    // Each command the unit runs is a ferroblk command line this binary accepts: run it on a
+    // valid configuration in place of the installed path.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("ferroblk.toml");
+    std::fs::write(&cfg, BASIC).unwrap();
+    let pre = value("ExecStartPre");
+    let start = value("ExecStart");
+    assert_eq!((pre.len(), start.len()), (1, 1), "{unit}");
+    for cmd in [&pre[0], &start[0]] {
+        let words: Vec<&str> = cmd.split_whitespace().collect();
+        assert!(words[0].ends_with("/ferroblk"), "{cmd}");
+        assert!(words.last().unwrap().ends_with(".toml"), "{cmd}");
+        let args = &words[1..words.len() - 1];
+        if args[0] == "serve" {
+            // serve runs until stopped: with a config that fails at load, only the arguments
+            // are checked (clap exits with 2 on a usage error, serve with 1).
+            let out = Command::new(BIN)
+                .args(args)
+                .arg(dir.path().join("missing.toml"))
+                .output()
+                .unwrap();
+            assert_eq!(out.status.code(), Some(1), "{cmd}: {out:?}");
+            assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml"));
+        } else {
+            let out = Command::new(BIN).args(args).arg(&cfg).output().unwrap();
+            assert!(out.status.success(), "{cmd}: {out:?}");
+        }
+    }
+}
