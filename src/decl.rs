@@ -84,6 +84,13 @@ impl Decl {
                 DeclError { field, message }
             })
         }
+        let kinds = || {
+            KINDS
+                .iter()
+                .map(|k| format!("`{k}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         let serde_json::Value::Object(mut m) = v else {
             return Err(DeclError {
                 field: ".".into(),
@@ -95,13 +102,13 @@ impl Decl {
             Some(other) => {
                 return Err(DeclError {
                     field: "kind".into(),
-                    message: format!("invalid type: {other}, expected one of {KINDS:?}"),
+                    message: format!("invalid type: {other}, expected one of {}", kinds()),
                 });
             }
             None => {
                 return Err(DeclError {
                     field: "kind".into(),
-                    message: format!("missing field `kind` (one of {KINDS:?})"),
+                    message: format!("missing field `kind` (one of {})", kinds()),
                 });
             }
         };
@@ -118,7 +125,7 @@ impl Decl {
             other => {
                 return Err(DeclError {
                     field: "kind".into(),
-                    message: format!("unknown kind `{other}`, expected one of {KINDS:?}"),
+                    message: format!("unknown kind `{other}`, expected one of {}", kinds()),
                 });
             }
         })
@@ -235,7 +242,8 @@ pub fn field_path(prefix: &str, path: &str, message: &str) -> (String, String) {
     for what in ["missing field `", "unknown field `"] {
         if let Some(rest) = message.strip_prefix(what)
             && let Some((name, _)) = rest.split_once('`')
-            && !full.ends_with(name)
+            && full != name
+            && !full.ends_with(&format!(".{name}"))
         {
             full = join(&full, name);
         }
@@ -360,6 +368,15 @@ mod tests {
         assert_eq!(
             field_path("x", ".", "invalid type: map").1,
             "invalid type: map"
+        );
+        // Already the last segment: not appended twice; a longer name ending alike is not it.
+        assert_eq!(
+            field_path("", "reactors.bogus", "unknown field `bogus`").0,
+            "reactors.bogus"
+        );
+        assert_eq!(
+            field_path("", "x.abogus", "unknown field `bogus`").0,
+            "x.abogus.bogus"
         );
         assert!(!is_field_path("invalid type"));
         assert!(is_field_path("namespace[1].bdev"));

@@ -764,6 +764,27 @@ fn bad_configs_fail_at_load_with_the_field_path() {
         );
         assert!(!dir.path().join("run/ferroblk.sock").exists());
     }
+    // A check only opening can make (`serve --strict`): the path once, not `size: size:`.
+    std::fs::create_dir_all(dir.path().join("data")).unwrap();
+    std::fs::write(dir.path().join("data/small.img"), vec![0u8; 4096]).unwrap();
+    let f = dir.path().join("strict.toml");
+    std::fs::write(
+        &f,
+        "[[bdev]]\nkind = \"file\"\nname = \"f\"\npath = \"data/small.img\"\nsize = 8192\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--strict", "--config"])
+        .arg(&f)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bdev[0].size: data/small.img is 4096 bytes"),
+        "{err}"
+    );
     // check-config reports the same without starting anything.
     let out = Command::new(BIN)
         .args(["check-config"])

@@ -310,6 +310,7 @@ impl Bdev for GcmBdev {
             "metadata_start": l.md_start,
             "metadata_blocks": l.md_blocks,
             "integrity_errors": self.integrity_errors(),
+            "logged_lbas": self.shared.integrity.logged_lbas(),
         })
     }
 }
