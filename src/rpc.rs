@@ -928,6 +928,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn method_names_are_unique_and_help_lists_each() {
+        let help = methods_help();
+        for (i, m) in METHODS.iter().enumerate() {
+            assert!(
+                !METHODS[..i].iter().any(|o| o.name == m.name),
+                "{} is in the table twice: the second is never dispatched",
+                m.name
+            );
+            assert!(help.contains(&format!("  {}  ", m.name)), "{help}");
+        }
+    }
+
+    #[test]
     fn params_from_words() {
         let p =
             params_from_args(&["name=m".into(), "size=4096".into(), "x=\"1GiB\"".into()]).unwrap();
