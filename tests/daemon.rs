@@ -836,7 +836,7 @@ fn perf_bdev_drives_a_chain_and_reports() {
 /// SIGTERM once its control socket exists, and returns the log file's text.
 fn serve_logging_to_a_file(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> String {
     let log = dir.join("ferroblk.log");
-    let mut child = Command::new(BIN)
+    let child = Command::new(BIN)
         .args(["serve", "--config", "ferroblk.toml"])
         .args(args)
         .env_remove("FERROBLK_LOG_FORMAT")
@@ -846,6 +846,13 @@ fn serve_logging_to_a_file(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> S
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
+    // Killed on drop if an assertion fails first.
+    let mut d = Daemon {
+        child,
+        socket: dir.join("run/ferroblk.sock"),
+        dir: None,
+    };
+    let child = &mut d.child;
     let t = Instant::now();
     while UnixStream::connect(dir.join("run/ferroblk.sock")).is_err() {
         assert!(child.try_wait().unwrap().is_none(), "daemon exited early");
@@ -923,7 +930,7 @@ fn readiness_is_sent_to_systemd_once_every_export_listens() {
     let notify = dir.path().join("notify.sock");
     let rx = UnixDatagram::bind(&notify).unwrap();
     rx.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut child = Command::new(BIN)
+    let child = Command::new(BIN)
         .args(["serve", "--config", "ferroblk.toml"])
         .env("NOTIFY_SOCKET", &notify)
         .current_dir(dir.path())
@@ -931,6 +938,12 @@ fn readiness_is_sent_to_systemd_once_every_export_listens() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    // Killed on drop if an assertion fails first.
+    let mut d = Daemon {
+        child,
+        socket: dir.path().join("run/ferroblk.sock"),
+        dir: None,
+    };
     let mut buf = [0u8; 256];
     let n = rx.recv(&mut buf).expect("READY=1 within 30 s");
     assert_eq!(&buf[..n], b"READY=1");
@@ -939,10 +952,10 @@ fn readiness_is_sent_to_systemd_once_every_export_listens() {
     assert!(UnixStream::connect(dir.path().join("run/ferroblk.sock")).is_ok());
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
     // SAFETY: kill with a valid pid and signal number has no memory effects.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    unsafe { libc::kill(d.child.id() as i32, libc::SIGTERM) };
     let n = rx.recv(&mut buf).expect("STOPPING=1 at shutdown");
     assert_eq!(&buf[..n], b"STOPPING=1");
-    assert!(child.wait().unwrap().success());
+    assert!(d.child.wait().unwrap().success());
 }
 
 #[test]
