@@ -1,5 +1,5 @@
 //! The daemon's configuration file (TOML). Every table rejects unknown fields; every error names
-//! the field's path (`bdev[1].size`, `reactors.cpus[0]`).
+//! the field's path (`bdev[1].size`, `reactors.cpus[0]`) and, where the file has it, its line.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -14,14 +14,86 @@ use serde::Deserialize;
 
 /// A configuration that failed to load: where, and why.
 #[derive(Debug, thiserror::Error)]
-#[error("{file}: {path}: {message}")]
+#[error("{file}{}: {path}: {message}", line.map(|l| format!(":{l}")).unwrap_or_default())]
 pub struct ConfigError {
     /// The configuration file.
     pub file: String,
+    /// Line (1-based) of the offending field, or of the nearest table that holds it.
+    pub line: Option<usize>,
     /// Path of the offending field (`bdev[0].size`), or `(file)` for the file as a whole.
     pub path: String,
-    /// What is wrong.
+    /// What is wrong (without the path).
     pub message: String,
+}
+
+/// The 1-based line of byte `offset` of `text`.
+fn line_at(text: &str, offset: usize) -> usize {
+    let offset = offset.min(text.len());
+    text.as_bytes()[..offset]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// The line of the field at `path` (`bdev[1].size`, `reactors.cpus[0]`) in TOML `text`, or of the
+/// deepest table or array on the way to it that exists (a missing field: its table's header).
+fn line_of(text: &str, path: &str) -> Option<usize> {
+    use toml_edit::{ArrayOfTables, ImDocument, Item, TableLike, Value};
+    enum Node<'a> {
+        Table(&'a dyn TableLike),
+        Tables(&'a ArrayOfTables),
+        Array(&'a toml_edit::Array),
+        Leaf,
+    }
+    fn of_value(v: &Value) -> Node<'_> {
+        match v {
+            Value::InlineTable(t) => Node::Table(t),
+            Value::Array(a) => Node::Array(a),
+            _ => Node::Leaf,
+        }
+    }
+    fn of_item(i: &Item) -> Node<'_> {
+        match i {
+            Item::Table(t) => Node::Table(t),
+            Item::ArrayOfTables(a) => Node::Tables(a),
+            Item::Value(v) => of_value(v),
+            Item::None => Node::Leaf,
+        }
+    }
+    let doc = ImDocument::parse(text).ok()?;
+    let mut node = Node::Table(doc.as_table());
+    let mut span = None;
+    // `bdev[1].size` -> "bdev", [1], "size".
+    let tokens = path.split('.').flat_map(|seg| {
+        let mut parts = seg.split('[');
+        let key = parts.next().map(|k| (Some(k), None));
+        key.into_iter()
+            .chain(parts.map(|p| (None, p.trim_end_matches(']').parse::<usize>().ok())))
+    });
+    for token in tokens {
+        node = match (token, node) {
+            ((Some(k), _), Node::Table(t)) => {
+                let Some((key, item)) = t.get_key_value(k) else {
+                    break;
+                };
+                span = key.span().or(span);
+                of_item(item)
+            }
+            ((None, Some(i)), Node::Tables(a)) => {
+                let Some(t) = a.get(i) else { break };
+                span = t.span().or(span);
+                Node::Table(t)
+            }
+            ((None, Some(i)), Node::Array(a)) => {
+                let Some(v) = a.get(i) else { break };
+                span = v.span().or(span);
+                of_value(v)
+            }
+            _ => break,
+        };
+    }
+    span.map(|s| line_at(text, s.start))
 }
 
 /// The whole file.
@@ -181,6 +253,7 @@ impl Config {
     pub fn load(file: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(file).map_err(|e| ConfigError {
             file: file.display().to_string(),
+            line: None,
             path: "(file)".into(),
             message: e.to_string(),
         })?;
@@ -191,19 +264,31 @@ impl Config {
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
         let err = |path: String, message: String| ConfigError {
             file: file.to_string(),
+            line: line_of(text, &path),
             path,
             message,
         };
         let de = toml::Deserializer::new(text);
         let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            let mut message = inner.message().to_string();
-            if let Some(span) = inner.span() {
-                let line = text[..span.start].lines().count().max(1);
-                message = format!("{message} (line {line})");
+            let inner = e.inner();
+            let (path, message) =
+                crate::decl::field_path("", &e.path().to_string(), inner.message());
+            if path.is_empty() {
+                // The file as a whole (TOML syntax): the parser's own position.
+                return ConfigError {
+                    file: file.to_string(),
+                    line: inner.span().map(|s| line_at(text, s.start)),
+                    path: "(file)".into(),
+                    message,
+                };
             }
-            err(if path == "." { "(file)".into() } else { path }, message)
+            let line = line_of(text, &path).or(inner.span().map(|s| line_at(text, s.start)));
+            ConfigError {
+                file: file.to_string(),
+                line,
+                path,
+                message,
+            }
         })?;
         cfg.reactors
             .to_reactor_config()
@@ -302,8 +387,82 @@ mod tests {
             "[[bdev]]\nkind = \"malloc\"\nname = \"m\"\nsize = 4096\n\
              [[bdev]]\nkind = \"null\"\nname = \"n\"\nsize = 4096\nsizee = 1\n",
         );
-        assert!(e.path.starts_with("bdev[1]"), "{e}");
-        assert!(e.message.contains("sizee"), "{e}");
+        assert_eq!(e.path, "bdev[1].sizee", "{e}");
+        assert_eq!(e.line, Some(9), "{e}");
+        assert!(e.message.starts_with("unknown field `sizee`"), "{e}");
+        let e = parse_err("[reactors]\ncount = 1\nbogus = 2\n");
+        assert_eq!(e.path, "reactors.bogus", "{e}");
+        assert_eq!(e.line, Some(3), "{e}");
+    }
+
+    #[test]
+    fn a_wrong_type_names_the_field_and_its_line() {
+        let e = parse_err(
+            "# a comment\n[[bdev]]\nkind = \"malloc\"\nname = \"m\"\nsize = 8192\n\
+             block_size = \"4k\"\n",
+        );
+        assert_eq!(e.path, "bdev[0].block_size", "{e}");
+        assert_eq!(e.message, "invalid type: string \"4k\", expected u32");
+        assert_eq!(e.line, Some(6), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "t.toml:6: bdev[0].block_size: invalid type: string \"4k\", expected u32"
+        );
+        // A field of a plain table, on the file's first line: the line is not one short.
+        let e = parse_err("strict = \"yes\"\n");
+        assert_eq!((e.path.as_str(), e.line), ("strict", Some(1)), "{e}");
+        let e = parse_err("\n\n[reactors]\ncpus = [0, \"one\"]\n");
+        assert_eq!(e.path, "reactors.cpus[1]", "{e}");
+        assert_eq!(e.line, Some(4), "{e}");
+    }
+
+    #[test]
+    fn a_missing_field_is_named_at_its_table() {
+        let e = parse_err("[[bdev]]\nkind = \"null\"\nsize = 4096\n");
+        assert_eq!(e.path, "bdev[0].name", "{e}");
+        assert_eq!(e.line, Some(1), "{e}");
+        let e = parse_err("[[bdev]]\nname = \"m\"\n\n[[bdev]]\nname = \"n\"\n");
+        assert_eq!(e.path, "bdev[0].kind", "{e}");
+    }
+
+    #[test]
+    fn syntax_errors_give_the_exact_line() {
+        let e = parse_err("[reactors]\ncount = 1\n= 2\n");
+        assert_eq!(e.path, "(file)");
+        assert_eq!(e.line, Some(3), "{e}");
+    }
+
+    #[test]
+    fn checks_after_parsing_name_the_line_and_do_not_repeat_the_path() {
+        let e = parse_err("[[bdev]]\nkind = \"malloc\"\nname = \"m\"\nsize = \"1000\"\n");
+        assert_eq!(e.path, "bdev[0].size");
+        assert_eq!(e.line, Some(4), "{e}");
+        assert!(!e.message.starts_with("size"), "{e}");
+        let e = parse_err("[reactors]\ncpus = [0,\n  0]\n");
+        assert_eq!(
+            (e.path.as_str(), e.line),
+            ("reactors.cpus[1]", Some(3)),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn every_error_names_a_field_and_a_line() {
+        for text in [
+            "[[bdev]]\nkind = \"floppy\"\nname = \"m\"\n",
+            "[[bdev]]\nkind = \"malloc\"\nname = \"m\"\nsize = \"ten\"\n",
+            "[[bdev]]\nkind = \"error\"\nname = \"e\"\nbase = \"ghost\"\n",
+            "[[vhost]]\nsocket = \"a.sock\"\nbdev = \"x\"\n",
+            "[[listener]]\naddr = \"127.0.0.1\"\nport = 70000\n",
+        ] {
+            let e = parse_err(text);
+            assert!(e.line.is_some(), "{e}");
+            let last = e.path.rsplit('.').next().unwrap();
+            assert!(
+                !e.message.starts_with(&format!("{last}:")),
+                "path repeated: {e}"
+            );
+        }
     }
 
     #[test]

@@ -574,8 +574,11 @@ pub fn serve(config: Option<&Path>, strict: bool) -> anyhow::Result<()> {
     if let Some(m) = &metrics {
         println!("  metrics: http://{}/metrics (Prometheus)", m.local_addr());
     }
+    // Every export and the control socket listen: tell systemd (`Type=notify`).
+    crate::notify::notify("READY=1");
     let why = rx.recv().unwrap_or("control channel closed");
     tracing::info!(reason = why, "shutting down");
+    crate::notify::notify("STOPPING=1");
     drop(rpc);
     drop(metrics);
     // Exports first: each drains its queues on the still-running reactors. NVMe/TCP
@@ -670,11 +673,17 @@ fn create_degraded<D: BdevDecl + Clone + 'static>(
 
 /// The error with its causes: `message: cause: ...`.
 fn message(e: &BdevError) -> String {
+    // An invalid field's message without its field: the caller names the field in the path
+    // (`bdev[0].size: ...`, not `bdev[0].size: size: ...`).
+    let head = match e {
+        BdevError::Invalid { reason, .. } => reason.clone(),
+        other => other.to_string(),
+    };
     let chain = error_chain(e);
     if chain.is_empty() {
-        e.to_string()
+        head
     } else {
-        format!("{e}: {chain}")
+        format!("{head}: {chain}")
     }
 }
 

@@ -5,6 +5,7 @@ mod config;
 mod daemon;
 mod decl;
 mod metrics;
+mod notify;
 mod perf;
 mod perf_nvmf;
 mod perf_vhost;
@@ -15,7 +16,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use ferroblk_bdev::BdevRegistry;
 use ferroblk_bdev::reactor::{ReactorConfig, Reactors};
 use ferroblk_bdev::spec::BdevDecl;
@@ -24,8 +25,43 @@ use ferroblk_bdev::spec::BdevDecl;
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
+    /// Log format on stderr: `text` (colours only on a terminal) or `json` (one object per
+    /// line). Also `FERROBLK_LOG_FORMAT`; the level is `RUST_LOG` (default `info`).
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines; ANSI colours only when stderr is a terminal.
+    Text,
+    /// One JSON object per line (timestamp, level, target, fields).
+    Json,
+}
+
+/// Installs the log subscriber: `format` from `--log-format`, else `FERROBLK_LOG_FORMAT`, else
+/// text.
+fn init_logging(format: Option<LogFormat>) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    let format = match (format, std::env::var("FERROBLK_LOG_FORMAT")) {
+        (Some(f), _) => f,
+        (None, Ok(v)) => LogFormat::from_str(&v, true)
+            .map_err(|_| anyhow::anyhow!("FERROBLK_LOG_FORMAT={v} is neither `text` nor `json`"))?,
+        (None, Err(_)) => LogFormat::Text,
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => fmt.json().with_ansi(false).init(),
+        LogFormat::Text => fmt.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -47,8 +83,7 @@ enum Cmd {
         /// The daemon's control socket.
         #[arg(long, short, default_value = "run/ferroblk.sock")]
         socket: PathBuf,
-        /// Method name (bdev_list, bdev_create, bdev_delete, bdev_resize, bdev_error_inject,
-        /// bdev_delay_set, reactor_list, daemon_status, daemon_shutdown).
+        /// Method name (every method is listed below, and by the `rpc_methods` method).
         method: String,
         /// Parameters: one JSON object, or key=value pairs.
         params: Vec<String>,
@@ -118,14 +153,15 @@ enum PerfCmd {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let cli = Cli::parse();
+    // `rpc --help` lists the methods from the table the server dispatches on.
+    let matches = Cli::command()
+        .mut_subcommand("rpc", |c| c.after_help(rpc::methods_help()))
+        .get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let Err(e) = init_logging(cli.log_format) {
+        eprintln!("ferroblk: {e:#}");
+        return ExitCode::FAILURE;
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -149,7 +185,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let params = rpc::params_from_args(&params)?;
             match rpc::call(&socket, &method, params)? {
                 Ok(v) => {
-                    println!("{}", serde_json::to_string_pretty(&v)?);
+                    use std::io::Write;
+                    let mut out = std::io::stdout().lock();
+                    match writeln!(out, "{}", serde_json::to_string_pretty(&v)?)
+                        .and_then(|()| out.flush())
+                    {
+                        // A reader that stopped early (`| head`): done, like other CLI tools.
+                        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+                        r => r?,
+                    }
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(e) => {

@@ -130,10 +130,17 @@ impl From<BdevError> for RpcError {
 fn parse<T: for<'de> Deserialize<'de>>(params: Value) -> Result<T, RpcError> {
     let params = if params.is_null() { json!({}) } else { params };
     serde_path_to_error::deserialize(params).map_err(|e| {
-        let path = e.path().to_string();
+        // The field's path (`name`, `rule.ops[0]`, `block_size` of a declaration); `params`
+        // only when the parameters as a whole are wrong (not an object).
+        let (path, message) =
+            crate::decl::field_path("", &e.path().to_string(), &e.inner().to_string());
         RpcError::params(
-            if path == "." { "params".into() } else { path },
-            e.into_inner().to_string(),
+            if path.is_empty() {
+                "params".into()
+            } else {
+                path
+            },
+            message,
         )
     })
 }
@@ -162,335 +169,567 @@ struct ResizeParams {
 #[serde(deny_unknown_fields)]
 struct ControlParams {
     name: String,
+    /// No rule clears the injection.
     #[serde(default)]
-    rule: Value,
+    rule: Option<ferroblk_bdev::inject::ErrorRule>,
 }
+
+/// A method's handler: the daemon's state and the request's `params`.
+type Handler = fn(&DaemonState, Value) -> Result<Value, RpcError>;
+
+/// One method of the control plane. [`METHODS`] is the single table the server dispatches on
+/// and that `rpc_methods` and `ferroblk rpc --help` list, so they cannot drift apart.
+pub struct Method {
+    /// The method's name.
+    pub name: &'static str,
+    /// Its parameters as `key=value` words name them (`?` marks an optional one).
+    pub params: &'static str,
+    /// What it does.
+    pub about: &'static str,
+    handler: Handler,
+}
+
+/// Every method, in the order `rpc_methods` and `--help` list them.
+pub static METHODS: &[Method] = &[
+    Method {
+        name: "bdev_list",
+        params: "name?",
+        about: "The bdevs (or the one named), online and failed, with geometry, spec, users and statistics; `spec.size` is the current size.",
+        handler: bdev_list,
+    },
+    Method {
+        name: "bdev_create",
+        params: "kind name ... (the fields of a [[bdev]] table)",
+        about: "Creates a bdev from a declaration like a [[bdev]] table of the configuration.",
+        handler: bdev_create,
+    },
+    Method {
+        name: "bdev_delete",
+        params: "name",
+        about: "Deletes a bdev no export or bdev uses (or forgets one that failed at start).",
+        handler: bdev_delete,
+    },
+    Method {
+        name: "bdev_resize",
+        params: "name size",
+        about: "Grows a bdev (file, malloc, null) to `size` bytes (K/M/G/T/KiB... suffixes accepted).",
+        handler: bdev_resize,
+    },
+    Method {
+        name: "bdev_error_inject",
+        params: "name rule?={ops status? count? every?}",
+        about: "Sets (or, without `rule`, clears) the failure rule of an `error` bdev.",
+        handler: bdev_error_inject,
+    },
+    Method {
+        name: "bdev_delay_set",
+        params: "name read_us? write_us? other_us?",
+        about: "Changes the completion delays of a `delay` bdev.",
+        handler: bdev_delay_set,
+    },
+    Method {
+        name: "vhost_add",
+        params: "socket bdev num_queues? read_only? serial?",
+        about: "Exports a bdev as a vhost-user-blk device on a Unix socket.",
+        handler: vhost_add,
+    },
+    Method {
+        name: "vhost_remove",
+        params: "socket",
+        about: "Removes a vhost-user-blk export.",
+        handler: vhost_remove,
+    },
+    Method {
+        name: "vhost_list",
+        params: "",
+        about: "The vhost-user-blk exports, online and failed.",
+        handler: vhost_list,
+    },
+    Method {
+        name: "nvmf_subsystem_list",
+        params: "",
+        about: "The NVMe-oF subsystems with their namespaces, hosts and controllers.",
+        handler: nvmf_subsystem_list,
+    },
+    Method {
+        name: "nvmf_subsystem_add",
+        params: "nqn serial? model? allow_any_host? hosts? namespace?=[{nsid bdev uuid?}]",
+        about: "Adds an NVMe-oF subsystem like a [[subsystem]] table.",
+        handler: nvmf_subsystem_add,
+    },
+    Method {
+        name: "nvmf_subsystem_remove",
+        params: "nqn",
+        about: "Removes an NVMe-oF subsystem.",
+        handler: nvmf_subsystem_remove,
+    },
+    Method {
+        name: "nvmf_ns_add",
+        params: "nqn nsid bdev uuid?",
+        about: "Adds a namespace backed by a bdev to a subsystem.",
+        handler: nvmf_ns_add,
+    },
+    Method {
+        name: "nvmf_ns_remove",
+        params: "nqn nsid",
+        about: "Removes a namespace from a subsystem.",
+        handler: nvmf_ns_remove,
+    },
+    Method {
+        name: "nvmf_host_add",
+        params: "nqn host",
+        about: "Allows a host NQN to connect to a subsystem.",
+        handler: nvmf_host_add,
+    },
+    Method {
+        name: "nvmf_host_remove",
+        params: "nqn host",
+        about: "Disallows a host NQN.",
+        handler: nvmf_host_remove,
+    },
+    Method {
+        name: "nvmf_listener_add",
+        params: "addr port ic_timeout_ms? connect_timeout_ms? max_unidentified_per_peer?",
+        about: "Starts an NVMe/TCP listener like a [[listener]] table.",
+        handler: nvmf_listener_add,
+    },
+    Method {
+        name: "reactor_list",
+        params: "",
+        about: "The reactor threads with their CPUs and poller statistics.",
+        handler: reactor_list,
+    },
+    Method {
+        name: "rpc_methods",
+        params: "",
+        about: "Every method with its parameters (this list).",
+        handler: rpc_methods,
+    },
+    Method {
+        name: "daemon_status",
+        params: "",
+        about: "Version, pid, uptime, configuration, reactor and bdev counts, degraded state.",
+        handler: daemon_status,
+    },
+    Method {
+        name: "daemon_shutdown",
+        params: "",
+        about: "Drains I/O, flushes every bdev and stops the daemon.",
+        handler: daemon_shutdown,
+    },
+];
 
 /// Runs one method.
 pub fn dispatch(state: &DaemonState, method: &str, params: Value) -> Result<Value, RpcError> {
-    let reg = &state.registry;
-    match method {
-        "bdev_list" => {
-            let p: ListParams = parse(params)?;
-            let failed = state.failed.lock().expect("failed lock").clone();
-            if let Some(n) = &p.name
-                && reg.get(n).is_none()
-                && !failed.contains_key(n)
-            {
-                return Err(BdevError::NotFound(n.clone()).into());
-            }
-            let mut list: Vec<Value> = reg
-                .list()
-                .into_iter()
-                .filter(|(b, _, _)| p.name.as_deref().is_none_or(|n| b.info().name() == n))
-                .map(|(b, spec, users)| {
-                    let i = b.info();
-                    let g = i.geometry();
-                    json!({
-                        "name": i.name(),
-                        "kind": i.kind(),
-                        "state": "online",
-                        "block_size": g.block_size.bytes(),
-                        "block_count": g.block_count,
-                        "size": g.size_bytes(),
-                        "caps": g.caps.names(),
-                        "read_only": i.is_read_only(),
-                        "open_channels": i.open_channels(),
-                        "users": users,
-                        "spec": spec.to_json(),
-                        "details": b.describe(),
-                        "stats": i.stats().to_json(),
-                    })
-                })
-                .collect();
-            // Declared bdevs that did not open at start (degraded start), with the reason.
-            list.extend(
-                failed
-                    .iter()
-                    .filter(|(n, _)| p.name.as_deref().is_none_or(|w| w == n.as_str()))
-                    .map(|(n, f)| {
-                        json!({
-                            "name": n,
-                            "kind": f.kind,
-                            "state": "failed",
-                            "reason": f.reason,
-                            "spec": f.spec,
-                        })
-                    }),
-            );
-            Ok(Value::Array(list))
-        }
-        "bdev_create" => {
-            let spec: crate::decl::Decl = parse(params)?;
-            let b = reg.create(Arc::new(spec))?;
-            // Declared again and opened: no longer a failed one.
-            state
-                .failed
-                .lock()
-                .expect("failed lock")
-                .remove(b.info().name());
-            Ok(json!({ "name": b.info().name(), "size": b.info().geometry().size_bytes() }))
-        }
-        "bdev_delete" => {
-            let p: NameParam = parse(params)?;
-            if reg.get(&p.name).is_none() {
-                // Forgetting a bdev that failed at start; refused while another failed
-                // declaration stacks on it, like a healthy base.
-                let mut failed = state.failed.lock().expect("failed lock");
-                if failed.contains_key(&p.name) {
-                    let users: Vec<String> = failed
-                        .iter()
-                        .filter(|(_, f)| f.spec["base"] == p.name.as_str())
-                        .map(|(n, _)| format!("bdev {n}"))
-                        .collect();
-                    if !users.is_empty() {
-                        return Err(BdevError::InUse {
-                            name: p.name,
-                            users: users.join(", "),
-                        }
-                        .into());
-                    }
-                    failed.remove(&p.name);
-                    return Ok(json!(true));
-                }
-            }
-            reg.delete(&p.name)?;
-            Ok(json!(true))
-        }
-        "bdev_resize" => {
-            let p: ResizeParams = parse(params)?;
-            reg.resize(&p.name, p.size.0)?;
-            let b = reg
-                .get(&p.name)
-                .ok_or_else(|| BdevError::NotFound(p.name.clone()))?;
-            Ok(json!({ "name": p.name, "size": b.info().geometry().size_bytes() }))
-        }
-        "bdev_error_inject" => {
-            let p: ControlParams = parse(params)?;
-            let b = reg
-                .get(&p.name)
-                .ok_or_else(|| BdevError::NotFound(p.name.clone()))?;
-            Ok(b.control("error_inject", p.rule)?)
-        }
-        "bdev_delay_set" => {
-            #[derive(Deserialize)]
-            #[serde(deny_unknown_fields)]
-            struct P {
-                name: String,
-                #[serde(default)]
-                read_us: Option<u64>,
-                #[serde(default)]
-                write_us: Option<u64>,
-                #[serde(default)]
-                other_us: Option<u64>,
-            }
-            let p: P = parse(params)?;
-            let b = reg
-                .get(&p.name)
-                .ok_or_else(|| BdevError::NotFound(p.name.clone()))?;
-            let mut d = serde_json::Map::new();
-            for (k, v) in [
-                ("read_us", p.read_us),
-                ("write_us", p.write_us),
-                ("other_us", p.other_us),
-            ] {
-                if let Some(v) = v {
-                    d.insert(k.into(), json!(v));
-                }
-            }
-            Ok(b.control("delay_set", Value::Object(d))?)
-        }
-        "vhost_add" => {
-            let spec: ferroblk_vhost::VhostSpec = parse(params)?;
-            let socket = spec.socket.clone();
-            state.add_vhost(spec)?;
-            Ok(json!({ "socket": socket }))
-        }
-        "vhost_remove" => {
-            #[derive(Deserialize)]
-            #[serde(deny_unknown_fields)]
-            struct P {
-                socket: PathBuf,
-            }
-            let p: P = parse(params)?;
-            state.remove_vhost(&p.socket)?;
-            Ok(json!(true))
-        }
-        "vhost_list" => Ok(Value::Array(
-            state
-                .vhost
-                .lock()
-                .expect("vhost lock")
-                .values()
-                .map(|x| {
-                    let mut v = serde_json::to_value(x.spec()).unwrap_or(Value::Null);
-                    v["state"] = json!("online");
-                    v["connected"] = json!(x.connected());
-                    v
-                })
-                .chain(
-                    state
-                        .failed_exports
-                        .lock()
-                        .expect("failed lock")
-                        .iter()
-                        .filter_map(|f| match f {
-                            FailedExport::Vhost { spec, reason } => {
-                                let mut v = serde_json::to_value(spec).unwrap_or(Value::Null);
-                                v["state"] = json!("failed");
-                                v["reason"] = json!(reason);
-                                v["connected"] = json!(false);
-                                Some(v)
-                            }
-                            FailedExport::Namespace { .. } => None,
-                        }),
-                )
-                .collect(),
-        )),
-        "nvmf_subsystem_list" => Ok(Value::Array(
-            state
-                .target
-                .subsystems()
-                .iter()
-                .map(|s| {
-                    let (any, hosts) = s.hosts();
-                    json!({
-                        "nqn": s.nqn,
-                        "serial": s.serial,
-                        "model": s.model,
-                        "allow_any_host": any,
-                        "hosts": hosts,
-                        "namespaces": s.namespaces().iter().map(|n| json!({
-                            "nsid": n.nsid,
-                            "bdev": n.bdev.info().name(),
-                            "size": n.bdev.info().geometry().size_bytes(),
-                        })).collect::<Vec<_>>(),
-                        "controllers": s.controllers().iter().map(|c| json!({
-                            "cntlid": c.cntlid, "host": c.hostnqn,
-                        })).collect::<Vec<_>>(),
-                        "failed_namespaces": failed_namespaces(state, &s.nqn),
-                    })
-                })
-                .collect(),
-        )),
-        "nvmf_subsystem_add" => {
-            let spec: ferroblk_target::subsystem::SubsystemSpec = parse(params)?;
-            state.add_subsystem(&spec)?;
-            Ok(json!({ "nqn": spec.nqn }))
-        }
-        "nvmf_subsystem_remove" => {
-            #[derive(Deserialize)]
-            #[serde(deny_unknown_fields)]
-            struct P {
-                nqn: String,
-            }
-            let p: P = parse(params)?;
-            state.remove_subsystem(&p.nqn)?;
-            Ok(json!(true))
-        }
-        "nvmf_ns_add" => {
-            #[derive(Deserialize)]
-            #[serde(deny_unknown_fields)]
-            struct P {
-                nqn: String,
-                nsid: u32,
-                bdev: String,
-                #[serde(default)]
-                uuid: Option<String>,
-            }
-            let p: P = parse(params)?;
-            state.add_namespace(&p.nqn, p.nsid, &p.bdev, p.uuid.as_deref())?;
-            Ok(json!(true))
-        }
-        "nvmf_ns_remove" => {
-            #[derive(Deserialize)]
-            #[serde(deny_unknown_fields)]
-            struct P {
-                nqn: String,
-                nsid: u32,
-            }
-            let p: P = parse(params)?;
-            let s = state
-                .target
-                .subsystem(&p.nqn)
-                .ok_or_else(|| RpcError::not_found(format!("no subsystem {}", p.nqn)))?;
-            let b = s
-                .remove_namespace(p.nsid)
-                .ok_or_else(|| RpcError::not_found(format!("no namespace {}", p.nsid)))?;
-            reg.release(b.info().name(), &format!("nvmf {} ns {}", p.nqn, p.nsid));
-            Ok(json!(true))
-        }
-        "nvmf_host_add" | "nvmf_host_remove" => {
-            #[derive(Deserialize)]
-            #[serde(deny_unknown_fields)]
-            struct P {
-                nqn: String,
-                host: String,
-            }
-            let p: P = parse(params)?;
-            let s = state
-                .target
-                .subsystem(&p.nqn)
-                .filter(|s| !s.discovery)
-                .ok_or_else(|| RpcError::not_found(format!("no subsystem {}", p.nqn)))?;
-            if method == "nvmf_host_add" {
-                if !p.host.starts_with("nqn.") {
-                    return Err(RpcError::field("host", "not an NQN"));
-                }
-                s.add_host(&p.host);
-            } else if !s.remove_host(&p.host) {
-                return Err(RpcError::not_found(format!(
-                    "host {} is not allowed",
-                    p.host
-                )));
-            }
-            state.target.discovery_changed();
-            Ok(json!(true))
-        }
-        "nvmf_listener_add" => {
-            let spec: ferroblk_target::subsystem::ListenerSpec = parse(params)?;
-            state.add_listener(spec)?;
-            Ok(json!(true))
-        }
-        "reactor_list" => Ok(Value::Array(
-            state
-                .reactors
-                .iter()
-                .map(|h| {
-                    let s = h.stats();
-                    json!({
-                        "id": h.id(),
-                        "cpu": h.cpu(),
-                        "pollers": s.pollers.load(Ordering::Relaxed),
-                        "busy_turns": s.busy_turns.load(Ordering::Relaxed),
-                        "sleeps": s.sleeps.load(Ordering::Relaxed),
-                    })
-                })
-                .collect(),
-        )),
-        "daemon_status" => {
-            let failed = state.failed.lock().expect("failed lock").len();
-            Ok(json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            "pid": std::process::id(),
-            "uptime_s": state.started.elapsed().as_secs_f64(),
-            "config": state.config_path,
-            "reactors": state.reactors.len(),
-            "bdevs": reg.list().len(),
-            "failed_bdevs": failed,
-            "degraded": failed > 0,
-            }))
-        }
-        "daemon_shutdown" => {
-            state.request_shutdown();
-            Ok(json!(true))
-        }
-        _ => Err(RpcError {
+    match METHODS.iter().find(|m| m.name == method) {
+        Some(m) => (m.handler)(state, params),
+        None => Err(RpcError {
             code: code::METHOD_NOT_FOUND,
-            message: format!("no method '{method}'"),
+            message: format!("no method '{method}' (rpc_methods lists them)"),
             field: None,
         }),
     }
+}
+
+/// `rpc_methods`: the table itself.
+fn rpc_methods(_state: &DaemonState, params: Value) -> Result<Value, RpcError> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct P {}
+    let _: P = parse(params)?;
+    Ok(Value::Array(
+        METHODS
+            .iter()
+            .map(|m| json!({ "name": m.name, "params": m.params, "description": m.about }))
+            .collect(),
+    ))
+}
+
+/// The methods as `ferroblk rpc --help` prints them.
+pub fn methods_help() -> String {
+    let width = METHODS.iter().map(|m| m.name.len()).max().unwrap_or(0);
+    let mut s = String::from("Methods (also `rpc_methods`):\n");
+    for m in METHODS {
+        let params = if m.params.is_empty() {
+            "(no parameters)"
+        } else {
+            m.params
+        };
+        s.push_str(&format!("  {:width$}  {params}\n", m.name));
+        s.push_str(&format!("  {:width$}      {}\n", "", m.about));
+    }
+    s
+}
+
+fn bdev_list(state: &DaemonState, params: Value) -> Result<Value, RpcError> {
+    let reg = &state.registry;
+    let p: ListParams = parse(params)?;
+    let failed = state.failed.lock().expect("failed lock").clone();
+    if let Some(n) = &p.name
+        && reg.get(n).is_none()
+        && !failed.contains_key(n)
+    {
+        return Err(BdevError::NotFound(n.clone()).into());
+    }
+    let mut list: Vec<Value> = reg
+        .list()
+        .into_iter()
+        .filter(|(b, _, _)| p.name.as_deref().is_none_or(|n| b.info().name() == n))
+        .map(|(b, spec, users)| {
+            let i = b.info();
+            let g = i.geometry();
+            json!({
+                "name": i.name(),
+                "kind": i.kind(),
+                "state": "online",
+                "block_size": g.block_size.bytes(),
+                "block_count": g.block_count,
+                "size": g.size_bytes(),
+                "caps": g.caps.names(),
+                "read_only": i.is_read_only(),
+                "open_channels": i.open_channels(),
+                "users": users,
+                "spec": current_spec(spec.to_json(), g.size_bytes()),
+                "details": b.describe(),
+                "stats": i.stats().to_json(),
+            })
+        })
+        .collect();
+    // Declared bdevs that did not open at start (degraded start), with the reason.
+    list.extend(
+        failed
+            .iter()
+            .filter(|(n, _)| p.name.as_deref().is_none_or(|w| w == n.as_str()))
+            .map(|(n, f)| {
+                json!({
+                    "name": n,
+                    "kind": f.kind,
+                    "state": "failed",
+                    "reason": f.reason,
+                    "spec": f.spec,
+                })
+            }),
+    );
+    Ok(Value::Array(list))
+}
+
+fn bdev_create(state: &DaemonState, params: Value) -> Result<Value, RpcError> {
+    let reg = &state.registry;
+    let spec: crate::decl::Decl = parse(params)?;
+    let b = reg.create(Arc::new(spec))?;
+    // Declared again and opened: no longer a failed one.
+    state
+        .failed
+        .lock()
+        .expect("failed lock")
+        .remove(b.info().name());
+    Ok(json!({ "name": b.info().name(), "size": b.info().geometry().size_bytes() }))
+}
+
+fn bdev_delete(state: &DaemonState, params: Value) -> Result<Value, RpcError> {
+    let reg = &state.registry;
+    let p: NameParam = parse(params)?;
+    if reg.get(&p.name).is_none() {
+        // Forgetting a bdev that failed at start; refused while another failed
+        // declaration stacks on it, like a healthy base.
+        let mut failed = state.failed.lock().expect("failed lock");
+        if failed.contains_key(&p.name) {
+            let users: Vec<String> = failed
+                .iter()
+                .filter(|(_, f)| f.spec["base"] == p.name.as_str())
+                .map(|(n, _)| format!("bdev {n}"))
+                .collect();
+            if !users.is_empty() {
+                return Err(BdevError::InUse {
+                    name: p.name,
+                    users: users.join(", "),
+                }
+                .into());
+            }
+            failed.remove(&p.name);
+            return Ok(json!(true));
+        }
+    }
+    reg.delete(&p.name)?;
+    Ok(json!(true))
+}
+
+fn bdev_resize(state: &DaemonState, params: Value) -> Result<Value, RpcError> {
+    let reg = &state.registry;
+    let p: ResizeParams = parse(params)?;
+    reg.resize(&p.name, p.size.0)?;
+    let b = reg
+        .get(&p.name)
+        .ok_or_else(|| BdevError::NotFound(p.name.clone()))?;
+    Ok(json!({ "name": p.name, "size": b.info().geometry().size_bytes() }))
+}
+
+fn bdev_error_inject(state: &DaemonState, params: Value) -> Result<Value, RpcError> {
+    let reg = &state.registry;
+    let p: ControlParams = parse(params)?;
+    if let Some(rule) = &p.rule {
+        // Checked here too, so a wrong operation or status is named as the caller wrote it.
+        rule.validate("rule")?;
+    }
+    let b = reg
+        .get(&p.name)
+        .ok_or_else(|| BdevError::NotFound(p.name.clone()))?;
+    let rule = serde_json::to_value(&p.rule).unwrap_or(Value::Null);
+    Ok(b.control("error_inject", rule)?)
+}
+
+fn bdev_delay_set(state: &DaemonState, params: Value) -> Result<Value, RpcError> {
+    let reg = &state.registry;
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct P {
+        name: String,
+        #[serde(default)]
+        read_us: Option<u64>,
+        #[serde(default)]
+        write_us: Option<u64>,
+        #[serde(default)]
+        other_us: Option<u64>,
+    }
+    let p: P = parse(params)?;
+    let b = reg
+        .get(&p.name)
+        .ok_or_else(|| BdevError::NotFound(p.name.clone()))?;
+    let mut d = serde_json::Map::new();
+    for (k, v) in [
+        ("read_us", p.read_us),
+        ("write_us", p.write_us),
+        ("other_us", p.other_us),
+    ] {
+        if let Some(v) = v {
+            d.insert(k.into(), json!(v));
+        }
+    }
+    Ok(b.control("delay_set", Value::Object(d))?)
+}
+
+fn vhost_add(state: &DaemonState, params: Value) -> Result<Value, RpcError> {
+    let spec: ferroblk_vhost::VhostSpec = parse(params)?;
+    let socket = spec.socket.clone();
+    state.add_vhost(spec)?;
+    Ok(json!({ "socket": socket }))
+}
+
+fn vhost_remove(state: &DaemonState, params: Value) -> Result<Value, RpcError> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct P {
+        socket: PathBuf,
+    }
+    let p: P = parse(params)?;
+    state.remove_vhost(&p.socket)?;
+    Ok(json!(true))
+}
+
+fn vhost_list(state: &DaemonState, _params: Value) -> Result<Value, RpcError> {
+    Ok(Value::Array(
+        state
+            .vhost
+            .lock()
+            .expect("vhost lock")
+            .values()
+            .map(|x| {
+                let mut v = serde_json::to_value(x.spec()).unwrap_or(Value::Null);
+                v["state"] = json!("online");
+                v["connected"] = json!(x.connected());
+                v
+            })
+            .chain(
+                state
+                    .failed_exports
+                    .lock()
+                    .expect("failed lock")
+                    .iter()
+                    .filter_map(|f| match f {
+                        FailedExport::Vhost { spec, reason } => {
+                            let mut v = serde_json::to_value(spec).unwrap_or(Value::Null);
+                            v["state"] = json!("failed");
+                            v["reason"] = json!(reason);
+                            v["connected"] = json!(false);
+                            Some(v)
+                        }
+                        FailedExport::Namespace { .. } => None,
+                    }),
+            )
+            .collect(),
+    ))
+}
+
+fn nvmf_subsystem_list(state: &DaemonState, _params: Value) -> Result<Value, RpcError> {
+    Ok(Value::Array(
+        state
+            .target
+            .subsystems()
+            .iter()
+            .map(|s| {
+                let (any, hosts) = s.hosts();
+                json!({
+                    "nqn": s.nqn,
+                    "serial": s.serial,
+                    "model": s.model,
+                    "allow_any_host": any,
+                    "hosts": hosts,
+                    "namespaces": s.namespaces().iter().map(|n| json!({
+                        "nsid": n.nsid,
+                        "bdev": n.bdev.info().name(),
+                        "size": n.bdev.info().geometry().size_bytes(),
+                    })).collect::<Vec<_>>(),
+                    "controllers": s.controllers().iter().map(|c| json!({
+                        "cntlid": c.cntlid, "host": c.hostnqn,
+                    })).collect::<Vec<_>>(),
+                    "failed_namespaces": failed_namespaces(state, &s.nqn),
+                })
+            })
+            .collect(),
+    ))
+}
+
+fn nvmf_subsystem_add(state: &DaemonState, params: Value) -> Result<Value, RpcError> {
+    let spec: ferroblk_target::subsystem::SubsystemSpec = parse(params)?;
+    state.add_subsystem(&spec)?;
+    Ok(json!({ "nqn": spec.nqn }))
+}
+
+fn nvmf_subsystem_remove(state: &DaemonState, params: Value) -> Result<Value, RpcError> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct P {
+        nqn: String,
+    }
+    let p: P = parse(params)?;
+    state.remove_subsystem(&p.nqn)?;
+    Ok(json!(true))
+}
+
+fn nvmf_ns_add(state: &DaemonState, params: Value) -> Result<Value, RpcError> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct P {
+        nqn: String,
+        nsid: u32,
+        bdev: String,
+        #[serde(default)]
+        uuid: Option<String>,
+    }
+    let p: P = parse(params)?;
+    state.add_namespace(&p.nqn, p.nsid, &p.bdev, p.uuid.as_deref())?;
+    Ok(json!(true))
+}
+
+fn nvmf_ns_remove(state: &DaemonState, params: Value) -> Result<Value, RpcError> {
+    let reg = &state.registry;
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct P {
+        nqn: String,
+        nsid: u32,
+    }
+    let p: P = parse(params)?;
+    let s = state
+        .target
+        .subsystem(&p.nqn)
+        .ok_or_else(|| RpcError::not_found(format!("no subsystem {}", p.nqn)))?;
+    let b = s
+        .remove_namespace(p.nsid)
+        .ok_or_else(|| RpcError::not_found(format!("no namespace {}", p.nsid)))?;
+    reg.release(b.info().name(), &format!("nvmf {} ns {}", p.nqn, p.nsid));
+    Ok(json!(true))
+}
+
+/// `nvmf_host_add` (`add`) and `nvmf_host_remove`.
+fn nvmf_host(state: &DaemonState, params: Value, add: bool) -> Result<Value, RpcError> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct P {
+        nqn: String,
+        host: String,
+    }
+    let p: P = parse(params)?;
+    let s = state
+        .target
+        .subsystem(&p.nqn)
+        .filter(|s| !s.discovery)
+        .ok_or_else(|| RpcError::not_found(format!("no subsystem {}", p.nqn)))?;
+    if add {
+        if !p.host.starts_with("nqn.") {
+            return Err(RpcError::field("host", "not an NQN"));
+        }
+        s.add_host(&p.host);
+    } else if !s.remove_host(&p.host) {
+        return Err(RpcError::not_found(format!(
+            "host {} is not allowed",
+            p.host
+        )));
+    }
+    state.target.discovery_changed();
+    Ok(json!(true))
+}
+
+fn nvmf_host_add(state: &DaemonState, params: Value) -> Result<Value, RpcError> {
+    nvmf_host(state, params, true)
+}
+
+fn nvmf_host_remove(state: &DaemonState, params: Value) -> Result<Value, RpcError> {
+    nvmf_host(state, params, false)
+}
+
+fn nvmf_listener_add(state: &DaemonState, params: Value) -> Result<Value, RpcError> {
+    let spec: ferroblk_target::subsystem::ListenerSpec = parse(params)?;
+    state.add_listener(spec)?;
+    Ok(json!(true))
+}
+
+fn reactor_list(state: &DaemonState, _params: Value) -> Result<Value, RpcError> {
+    Ok(Value::Array(
+        state
+            .reactors
+            .iter()
+            .map(|h| {
+                let s = h.stats();
+                json!({
+                    "id": h.id(),
+                    "cpu": h.cpu(),
+                    "pollers": s.pollers.load(Ordering::Relaxed),
+                    "busy_turns": s.busy_turns.load(Ordering::Relaxed),
+                    "sleeps": s.sleeps.load(Ordering::Relaxed),
+                })
+            })
+            .collect(),
+    ))
+}
+
+fn daemon_status(state: &DaemonState, _params: Value) -> Result<Value, RpcError> {
+    let reg = &state.registry;
+    let failed = state.failed.lock().expect("failed lock").len();
+    Ok(json!({
+    "version": env!("CARGO_PKG_VERSION"),
+    "pid": std::process::id(),
+    "uptime_s": state.started.elapsed().as_secs_f64(),
+    "config": state.config_path,
+    "reactors": state.reactors.len(),
+    "bdevs": reg.list().len(),
+    "failed_bdevs": failed,
+    "degraded": failed > 0,
+    }))
+}
+
+fn daemon_shutdown(state: &DaemonState, _params: Value) -> Result<Value, RpcError> {
+    state.request_shutdown();
+    Ok(json!(true))
+}
+
+/// A bdev's declaration as `bdev_list` shows it: a declared `size` is the bdev's size now, which
+/// differs from the declaration's after a `bdev_resize`.
+fn current_spec(mut spec: Value, size: u64) -> Value {
+    if let Some(s) = spec.get_mut("size") {
+        *s = json!(size);
+    }
+    spec
 }
 
 /// The namespaces of subsystem `nqn` left out at start because their bdev failed.
@@ -687,6 +926,19 @@ pub fn params_from_args(args: &[String]) -> anyhow::Result<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn method_names_are_unique_and_help_lists_each() {
+        let help = methods_help();
+        for (i, m) in METHODS.iter().enumerate() {
+            assert!(
+                !METHODS[..i].iter().any(|o| o.name == m.name),
+                "{} is in the table twice: the second is never dispatched",
+                m.name
+            );
+            assert!(help.contains(&format!("  {}  ", m.name)), "{help}");
+        }
+    }
 
     #[test]
     fn params_from_words() {

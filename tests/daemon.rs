@@ -226,6 +226,12 @@ fn rpc_round_trips_and_errors() {
     assert_eq!(std::fs::metadata(&img).unwrap().len(), 32 << 20);
     let l = d.call("bdev_list", json!({"name": "err"})).unwrap();
     assert_eq!(l[0]["size"], 32 << 20, "stacked bdev follows its base");
+    let l = d.call("bdev_list", json!({"name": "disk"})).unwrap();
+    assert_eq!(
+        l[0]["spec"]["size"],
+        32 << 20,
+        "spec.size is the current size: {l}"
+    );
     assert!(
         d.call("bdev_resize", json!({"name": "disk", "size": "8MiB"}))
             .is_err()
@@ -252,7 +258,7 @@ fn rpc_round_trips_and_errors() {
             json!({"name": "err", "rule": {"ops": ["smash"]}}),
         )
         .unwrap_err();
-    assert_eq!(e["data"]["field"], "inject.ops[0]", "{e}");
+    assert_eq!(e["data"]["field"], "rule.ops[0]", "{e}");
 
     // The delays of a delay bdev change at run time; other kinds refuse.
     d.call(
@@ -323,6 +329,114 @@ fn rpc_round_trips_and_errors() {
     assert!(ok, "clean exit on SIGTERM: {out}");
     assert!(out.contains("shutting down"), "{out}");
     assert!(!socket.exists(), "socket removed at exit");
+}
+
+#[test]
+fn rpc_errors_name_the_field_and_every_method_is_listed() {
+    let d = Daemon::start(BASIC);
+    // Missing and wrong fields: `data.field` is the field's path, never `params`.
+    let field = |method: &str, params: Value| -> String {
+        let e = d.call(method, params).unwrap_err();
+        assert_eq!(code(&e), -32602, "{method}: {e}");
+        e["data"]["field"].as_str().unwrap().to_string()
+    };
+    assert_eq!(field("bdev_delete", json!({})), "name");
+    assert_eq!(field("bdev_delete", Value::Null), "name");
+    assert_eq!(field("bdev_resize", json!({"name": "disk"})), "size");
+    assert_eq!(field("bdev_delete", json!({"name": 7})), "name");
+    assert_eq!(
+        field(
+            "bdev_create",
+            json!({"kind": "malloc", "name": "x", "size": 8192, "block_size": "4k"})
+        ),
+        "block_size"
+    );
+    assert_eq!(
+        field("bdev_create", json!({"kind": "malloc", "size": 8192})),
+        "name"
+    );
+    assert_eq!(field("bdev_create", json!({"name": "x"})), "kind");
+    assert_eq!(
+        field(
+            "bdev_error_inject",
+            json!({"name": "err", "rule": {"ops": [1]}})
+        ),
+        "rule.ops[0]"
+    );
+    assert_eq!(
+        field("bdev_error_inject", json!({"name": "err", "rule": {}})),
+        "rule.ops"
+    );
+    assert_eq!(
+        field(
+            "bdev_error_inject",
+            json!({"name": "err", "rule": {"ops": ["read", "smash"]}})
+        ),
+        "rule.ops[1]"
+    );
+    assert_eq!(
+        field("nvmf_ns_add", json!({"nqn": "nqn.x:y", "nsid": 1})),
+        "bdev"
+    );
+    assert_eq!(field("bdev_list", json!({"nmae": "disk"})), "nmae");
+
+    // `rpc_methods` lists every method the server dispatches on, with its parameters.
+    let methods = d.call("rpc_methods", Value::Null).unwrap();
+    let methods = methods.as_array().unwrap();
+    let names: Vec<&str> = methods
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    for want in [
+        "bdev_list",
+        "bdev_create",
+        "bdev_resize",
+        "bdev_delay_set",
+        "vhost_add",
+        "vhost_list",
+        "nvmf_subsystem_add",
+        "nvmf_ns_add",
+        "nvmf_host_remove",
+        "nvmf_listener_add",
+        "reactor_list",
+        "rpc_methods",
+        "daemon_status",
+        "daemon_shutdown",
+    ] {
+        assert!(names.contains(&want), "{want} missing from {names:?}");
+    }
+    let resize = methods.iter().find(|m| m["name"] == "bdev_resize").unwrap();
+    assert_eq!(resize["params"], "name size");
+    // Each listed method is one the server knows (daemon_shutdown would stop it).
+    for name in names.iter().filter(|n| **n != "daemon_shutdown") {
+        if let Err(e) = d.call(name, json!({"zz_not_a_param": 1})) {
+            assert_ne!(code(&e), -32601, "{name} is listed but not dispatched: {e}");
+        }
+    }
+    // `ferroblk rpc --help` prints the same list.
+    let out = Command::new(BIN).args(["rpc", "--help"]).output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for m in methods {
+        let line = format!("{}  ", m["name"].as_str().unwrap());
+        assert!(help.contains(&line), "--help lacks {line}: {help}");
+        assert!(help.contains(m["params"].as_str().unwrap()), "{help}");
+    }
+
+    // `ferroblk rpc bdev_list | head -3`: a reader that went away is no error, and no panic.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(BIN)
+        .args(["rpc", "--socket"])
+        .arg(&d.socket)
+        .arg("bdev_list")
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(out.status.success(), "{:?}: {err}", out.status);
 }
 
 #[test]
@@ -616,6 +730,21 @@ fn bad_configs_fail_at_load_with_the_field_path() {
             "bdev[0].base",
         ),
         ("[reactors]\ncpus = [4096]\n", "reactors.cpus[0]"),
+        // A wrong type names the field inside the declaration, with its exact line.
+        (
+            "[[bdev]]\nkind = \"malloc\"\nname = \"m\"\nsize = 8192\nblock_size = \"4k\"\n",
+            ":5: bdev[0].block_size: invalid type: string \"4k\", expected u32",
+        ),
+        // An unknown field is the path, not only in the message.
+        (
+            "[[bdev]]\nkind = \"null\"\nname = \"n\"\nsize = 4096\nbogus = 1\n",
+            ":5: bdev[0].bogus: unknown field `bogus`",
+        ),
+        // A check after parsing: the path once, the line of the field.
+        (
+            "[[bdev]]\nkind = \"malloc\"\nname = \"m\"\nsize = \"1000\"\n",
+            ":4: bdev[0].size: ",
+        ),
     ];
     for (i, (text, path)) in cases.iter().enumerate() {
         let f = dir.path().join(format!("c{i}.toml"));
@@ -629,8 +758,33 @@ fn bad_configs_fail_at_load_with_the_field_path() {
         assert!(!out.status.success(), "case {i} must fail");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(path), "case {i}: expected {path} in: {err}");
+        assert!(
+            !err.contains("size: size:"),
+            "case {i}: path repeated: {err}"
+        );
         assert!(!dir.path().join("run/ferroblk.sock").exists());
     }
+    // A check only opening can make (`serve --strict`): the path once, not `size: size:`.
+    std::fs::create_dir_all(dir.path().join("data")).unwrap();
+    std::fs::write(dir.path().join("data/small.img"), vec![0u8; 4096]).unwrap();
+    let f = dir.path().join("strict.toml");
+    std::fs::write(
+        &f,
+        "[[bdev]]\nkind = \"file\"\nname = \"f\"\npath = \"data/small.img\"\nsize = 8192\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--strict", "--config"])
+        .arg(&f)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bdev[0].size: data/small.img is 4096 bytes"),
+        "{err}"
+    );
     // check-config reports the same without starting anything.
     let out = Command::new(BIN)
         .args(["check-config"])
@@ -676,4 +830,170 @@ fn perf_bdev_drives_a_chain_and_reports() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("block size"));
+}
+
+/// Runs `ferroblk serve` in `dir` with stderr to a file and extra environment, stops it with
+/// SIGTERM once its control socket exists, and returns the log file's text.
+fn serve_logging_to_a_file(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> String {
+    let log = dir.join("ferroblk.log");
+    let child = Command::new(BIN)
+        .args(["serve", "--config", "ferroblk.toml"])
+        .args(args)
+        .env_remove("FERROBLK_LOG_FORMAT")
+        .envs(env.iter().copied())
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // Killed on drop if an assertion fails first.
+    let mut d = Daemon {
+        child,
+        socket: dir.join("run/ferroblk.sock"),
+        dir: None,
+    };
+    let child = &mut d.child;
+    let t = Instant::now();
+    while UnixStream::connect(dir.join("run/ferroblk.sock")).is_err() {
+        assert!(child.try_wait().unwrap().is_none(), "daemon exited early");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "daemon did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill with a valid pid and signal number has no memory effects.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    std::fs::read_to_string(&log).unwrap()
+}
+
+#[test]
+fn logs_are_plain_in_a_file_and_json_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ferroblk.toml"), BASIC).unwrap();
+    // Plain text: stderr is a file, not a terminal, so no colour codes.
+    let text = serve_logging_to_a_file(dir.path(), &[], &[]);
+    assert!(text.contains("shutting down"), "{text}");
+    assert!(
+        !text.contains("\x1b["),
+        "ANSI codes in a log file: {text:?}"
+    );
+    // JSON lines, by flag and by environment.
+    for (args, env) in [
+        (&["--log-format", "json"][..], &[][..]),
+        (&[][..], &[("FERROBLK_LOG_FORMAT", "json")][..]),
+    ] {
+        let text = serve_logging_to_a_file(dir.path(), args, env);
+        let lines: Vec<Value> = text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect();
+        assert!(lines.len() >= 2, "{text}");
+        assert!(lines.iter().all(|l| l["level"].is_string()), "{text}");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l["fields"]["message"] == "shutting down"
+                    && l["fields"]["reason"] == "SIGTERM"),
+            "{text}"
+        );
+    }
+    // A wrong value is refused, naming it.
+    let out = Command::new(BIN)
+        .args(["check-config", "ferroblk.toml"])
+        .env("FERROBLK_LOG_FORMAT", "xml")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("FERROBLK_LOG_FORMAT=xml"));
+}
+
+#[test]
+fn readiness_is_sent_to_systemd_once_every_export_listens() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = format!(
+        "{BASIC}\n[[vhost]]\nsocket = \"run/vhost0.sock\"\nbdev = \"err\"\n\
+         [[subsystem]]\nnqn = \"nqn.2026-11.io.ferroblk:t\"\nallow_any_host = true\n\
+         [[subsystem.namespace]]\nnsid = 1\nbdev = \"disk\"\n\
+         [[listener]]\naddr = \"127.0.0.1\"\nport = {port}\n"
+    );
+    std::fs::write(dir.path().join("ferroblk.toml"), config).unwrap();
+    let notify = dir.path().join("notify.sock");
+    let rx = UnixDatagram::bind(&notify).unwrap();
+    rx.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let child = Command::new(BIN)
+        .args(["serve", "--config", "ferroblk.toml"])
+        .env("NOTIFY_SOCKET", &notify)
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Killed on drop if an assertion fails first.
+    let mut d = Daemon {
+        child,
+        socket: dir.path().join("run/ferroblk.sock"),
+        dir: None,
+    };
+    let mut buf = [0u8; 256];
+    let n = rx.recv(&mut buf).expect("READY=1 within 30 s");
+    assert_eq!(&buf[..n], b"READY=1");
+    // Everything listens by then.
+    assert!(UnixStream::connect(dir.path().join("run/vhost0.sock")).is_ok());
+    assert!(UnixStream::connect(dir.path().join("run/ferroblk.sock")).is_ok());
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    // SAFETY: kill with a valid pid and signal number has no memory effects.
+    unsafe { libc::kill(d.child.id() as i32, libc::SIGTERM) };
+    let n = rx.recv(&mut buf).expect("STOPPING=1 at shutdown");
+    assert_eq!(&buf[..n], b"STOPPING=1");
+    assert!(d.child.wait().unwrap().success());
+}
+
+#[test]
+fn the_systemd_unit_is_type_notify_and_its_commands_parse() {
+    let unit = std::fs::read_to_string(repo().join("dist/ferroblk.service")).unwrap();
+    let value = |key: &str| -> Vec<String> {
+        unit.lines()
+            .filter_map(|l| l.strip_prefix(&format!("{key}=")))
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(value("Type"), ["notify"]);
+    // Each command the unit runs is a ferroblk command line this binary accepts: run it on a
+    // valid configuration in place of the installed path.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("ferroblk.toml");
+    std::fs::write(&cfg, BASIC).unwrap();
+    let pre = value("ExecStartPre");
+    let start = value("ExecStart");
+    assert_eq!((pre.len(), start.len()), (1, 1), "{unit}");
+    for cmd in [&pre[0], &start[0]] {
+        let words: Vec<&str> = cmd.split_whitespace().collect();
+        assert!(words[0].ends_with("/ferroblk"), "{cmd}");
+        assert!(words.last().unwrap().ends_with(".toml"), "{cmd}");
+        let args = &words[1..words.len() - 1];
+        if args[0] == "serve" {
+            // serve runs until stopped: with a config that fails at load, only the arguments
+            // are checked (clap exits with 2 on a usage error, serve with 1).
+            let out = Command::new(BIN)
+                .args(args)
+                .arg(dir.path().join("missing.toml"))
+                .output()
+                .unwrap();
+            assert_eq!(out.status.code(), Some(1), "{cmd}: {out:?}");
+            assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml"));
+        } else {
+            let out = Command::new(BIN).args(args).arg(&cfg).output().unwrap();
+            assert!(out.status.success(), "{cmd}: {out:?}");
+        }
+    }
 }

@@ -54,15 +54,15 @@
 //!
 //! Mismatches are counted per bdev (`integrity_errors` in `describe()`, per failed block) and
 //! logged at warn level once per LBA; the set of logged LBAs is bounded (4096), past which
-//! failures are only counted.
+//! failures are only counted ([`IntegrityLog`], shared with the other integrity-checking kinds).
 
-use std::collections::HashSet;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
 use crate::bdev::{Bdev, BdevInfo, Channel};
 use crate::buf::{AlignedBuf, SgList};
 use crate::error::BdevError;
+use crate::integrity::IntegrityLog;
 use crate::mdregion::{self, EntryOps, MdChannel, MdFormat, MdLayout, MdRegion, OpKind, OpenError};
 pub use crate::stacked::Format;
 
@@ -90,36 +90,16 @@ const FORMAT: MdFormat = MdFormat {
 };
 /// Most requests a crc channel keeps in flight.
 const MAX_DEPTH: usize = 256;
-/// LBAs whose integrity failure is logged (once each).
-const LOGGED_LBAS: usize = 4096;
 
 /// Per-bdev state shared by the channels, besides the [`MdRegion`].
 struct CrcShared {
     /// `CRC32C` of a zero block: entries are `CRC32C(block) ^ zero_crc`.
     zero_crc: u32,
-    integrity_errors: AtomicU64,
+    /// Blocks that failed their check: counted, and logged once per LBA.
+    integrity: IntegrityLog,
     failed_reads: AtomicU64,
-    logged: Mutex<HashSet<u64>>,
 }
 
-impl CrcShared {
-    /// Counts and (once per LBA, within a bound) logs a block that failed its check.
-    fn report_mismatch(&self, name: &str, lba: u64) {
-        self.integrity_errors.fetch_add(1, Ordering::Relaxed);
-        let mut logged = self.logged.lock().expect("logged lock");
-        if logged.contains(&lba) {
-            return;
-        }
-        if logged.len() < LOGGED_LBAS {
-            logged.insert(lba);
-            tracing::warn!(bdev = %name, lba, "CRC32C mismatch: read refused");
-            if logged.len() == LOGGED_LBAS {
-                tracing::warn!(bdev = %name,
-                    "{LOGGED_LBAS} LBAs failed their CRC check; further failures are only counted");
-            }
-        }
-    }
-}
 /// Computes the CRC32C of each `bs`-byte block of `bufs`, in order, calling `f(index, crc)`.
 /// Each block is copied once into `block` (the channel's own buffer, `bs` bytes) and summed
 /// there: on the vhost path the segments are guest memory the guest may change at any moment,
@@ -183,9 +163,8 @@ impl CrcBdev {
             region: v.region,
             shared: Arc::new(CrcShared {
                 zero_crc: crate::checksum::crc32c(&vec![0u8; bs]),
-                integrity_errors: AtomicU64::new(0),
+                integrity: IntegrityLog::new("CRC32C mismatch"),
                 failed_reads: AtomicU64::new(0),
-                logged: Mutex::new(HashSet::new()),
             }),
         })
     }
@@ -197,7 +176,7 @@ impl CrcBdev {
 
     /// Blocks that failed their CRC check since the bdev was opened.
     pub fn integrity_errors(&self) -> u64 {
-        self.shared.integrity_errors.load(Ordering::Relaxed)
+        self.shared.integrity.errors()
     }
 }
 
@@ -251,7 +230,7 @@ impl Bdev for CrcBdev {
             "metadata_blocks": l.md_blocks,
             "integrity_errors": self.integrity_errors(),
             "failed_reads": self.shared.failed_reads.load(Ordering::Relaxed),
-            "logged_lbas": self.shared.logged.lock().map(|s| s.len()).unwrap_or(0),
+            "logged_lbas": self.shared.integrity.logged_lbas(),
         })
     }
 }
@@ -322,7 +301,7 @@ impl EntryOps for CrcEntries {
             let want = u32::from_le_bytes(e.try_into().expect("4 bytes"));
             if crc ^ zero_crc != want {
                 bad += 1;
-                shared.report_mismatch(name, lba + i as u64);
+                shared.integrity.report(name, lba + i as u64);
             }
         });
         if bad > 0 {

@@ -40,6 +40,7 @@ pub mod crc;
 pub mod error;
 pub mod file;
 pub mod inject;
+pub mod integrity;
 pub mod malloc;
 pub mod mdregion;
 pub mod reactor;

@@ -73,8 +73,8 @@
 //! - Flush: passed through (a write completes only once its data and metadata both have).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
+use ferroblk_bdev::integrity::IntegrityLog;
 use ferroblk_bdev::mdregion::{
     self, EntryOps, MdChannel, MdFormat, MdLayout, MdRegion, OpKind, OpenError,
 };
@@ -138,7 +138,10 @@ fn random<const N: usize>() -> Result<[u8; N], KeyError> {
 struct GcmShared {
     cipher: GcmCipher,
     volume_id: [u8; 16],
-    integrity_errors: AtomicU64,
+    /// The bdev's name, for the log.
+    name: String,
+    /// Blocks that failed authentication: counted, and logged once per LBA.
+    integrity: IntegrityLog,
 }
 
 fn aad(lba: u64, volume_id: &[u8; 16]) -> [u8; 24] {
@@ -234,7 +237,8 @@ impl GcmBdev {
             shared: Arc::new(GcmShared {
                 cipher,
                 volume_id: v.header[32..48].try_into().expect("16 bytes"),
-                integrity_errors: AtomicU64::new(0),
+                name: name.into(),
+                integrity: IntegrityLog::new("AES-256-GCM authentication failed"),
             }),
         })
     }
@@ -246,7 +250,7 @@ impl GcmBdev {
 
     /// Reads that failed authentication since the bdev was opened.
     pub fn integrity_errors(&self) -> u64 {
-        self.shared.integrity_errors.load(Ordering::Relaxed)
+        self.shared.integrity.errors()
     }
 }
 
@@ -306,6 +310,7 @@ impl Bdev for GcmBdev {
             "metadata_start": l.md_start,
             "metadata_blocks": l.md_blocks,
             "integrity_errors": self.integrity_errors(),
+            "logged_lbas": self.shared.integrity.logged_lbas(),
         })
     }
 }
@@ -403,7 +408,9 @@ impl EntryOps for GcmEntries {
     fn verify(&mut self, lba0: u64, entries: &[u8], bufs: &mut SgList) -> bool {
         let (cipher, volume_id) = (&self.cipher, &self.shared.volume_id);
         let mut ok = true;
+        let mut unit_index = 0;
         transform_units(bufs, self.bs, &mut self.bounce, |i, unit| {
+            unit_index = i;
             let e = &entries[i * ENTRY_BYTES..][..ENTRY_BYTES];
             ok = if e.iter().all(|&b| b == 0) {
                 unit.iter().all(|&b| b == 0)
@@ -421,12 +428,11 @@ impl EntryOps for GcmEntries {
             ok
         });
         if !ok {
-            self.shared.integrity_errors.fetch_add(1, Ordering::Relaxed);
-            // At debug level: a tampered or broken base must not flood the log.
-            tracing::debug!(
-                lba = lba0,
-                "AES-256-GCM authentication failed; read refused"
-            );
+            // A security event: logged at warn level with the bdev and the failing block, once
+            // per LBA and within a bound, so a tampered base cannot flood the log.
+            self.shared
+                .integrity
+                .report(&self.shared.name, lba0 + unit_index as u64);
         }
         ok
     }

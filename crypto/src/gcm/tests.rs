@@ -237,7 +237,8 @@ fn a_block_failing_its_tag_never_leaves_plaintext_in_the_callers_buffer() {
             shared: Arc::new(GcmShared {
                 cipher,
                 volume_id: [7; 16],
-                integrity_errors: AtomicU64::new(0),
+                name: "g".into(),
+                integrity: IntegrityLog::new("AES-256-GCM authentication failed"),
             }),
             bs,
             nonce_prefix: [1; 4],
@@ -329,7 +330,8 @@ fn a_block_failing_its_tag_is_never_written_to_the_callers_buffer() {
             shared: Arc::new(GcmShared {
                 cipher,
                 volume_id: [7; 16],
-                integrity_errors: AtomicU64::new(0),
+                name: "g".into(),
+                integrity: IntegrityLog::new("AES-256-GCM authentication failed"),
             }),
             bs,
             nonce_prefix: [1; 4],
@@ -386,6 +388,64 @@ fn a_tampered_read_returns_no_plaintext() {
         back.as_slice().iter().all(|&b| b == 0),
         "a failed read is zeroed"
     );
+}
+
+/// Log lines captured by a test subscriber.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_tampered_read_is_logged_with_the_bdev_and_lba_once() {
+    let log = Captured::default();
+    let writer = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let g = tracing::subscriber::with_default(subscriber, || {
+        let base = malloc(BlockSize::B4096, 64);
+        let g = GcmBdev::open("vault", base.clone(), key()).unwrap();
+        let mut ch = SyncChannel::new(g.open_channel().unwrap());
+        let mut raw = SyncChannel::new(base.open_channel().unwrap());
+        let mut buf = AlignedBuf::new(3 * 4096);
+        buf.as_mut_slice().fill(0x5a);
+        let w = ch.run(IoRequest::write(10, 3, SgList::from_buf(buf), 0));
+        assert_eq!(w.status, IoStatus::Success);
+        flip(&mut raw, l_data(&g, 11), 7);
+        for _ in 0..2 {
+            let c = ch.run(IoRequest::read(
+                10,
+                3,
+                SgList::from_buf(AlignedBuf::new(3 * 4096)),
+                0,
+            ));
+            assert_eq!(c.status, IoStatus::IntegrityError);
+        }
+        g
+    });
+    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    let warns: Vec<&str> = text.lines().filter(|l| l.contains("WARN")).collect();
+    assert_eq!(warns.len(), 1, "logged once per LBA: {text}");
+    assert!(warns[0].contains("bdev=vault"), "{text}");
+    assert!(
+        warns[0].contains("lba=11"),
+        "the failing block, not the request's first: {text}"
+    );
+    assert!(
+        warns[0].contains("AES-256-GCM authentication failed"),
+        "{text}"
+    );
+    assert_eq!(g.integrity_errors(), 2, "every failure is counted");
 }
 
 #[test]
