@@ -356,7 +356,11 @@ impl CompressLayout {
             data_blocks: u64_at(56),
             entries_per_page: u64::from(u32_at(64)),
         };
-        let expect = CompressLayout::new(bs, l.chunk_size, l.chunks, l.data_start + l.data_blocks);
+        // Untrusted fields: their sum may overflow.
+        let expect = l
+            .data_start
+            .checked_add(l.data_blocks)
+            .and_then(|end| CompressLayout::new(bs, l.chunk_size, l.chunks, end));
         if expect != Some(l) {
             return Err("the compress superblock has an inconsistent layout".into());
         }
