@@ -4,7 +4,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use ferroblk_bdev::fuzzing::background_panics;
@@ -143,12 +143,19 @@ const MARKER_CID: u16 = 0xffff;
 /// Longest input used.
 const NVMF_MAX_INPUT: usize = 64 << 10;
 
-/// The address of a live target (one reactor, one subsystem admitting any host with a 1 MiB
-/// namespace of 512-byte blocks and a 1 MiB one of 4 KiB blocks), started once per process and
-/// kept for its lifetime.
+/// A live target: one reactor, one subsystem admitting any host with a 1 MiB namespace of
+/// 512-byte blocks and a 1 MiB one of 4 KiB blocks, a listener on loopback.
+struct LiveTarget {
+    addr: SocketAddr,
+    _listener: Listener,
+    _reactors: Reactors,
+}
+
+/// The address of the process's live target, started on first use and kept (reachable, so
+/// that LeakSanitizer does not count it) for the process's lifetime.
 fn target_addr() -> SocketAddr {
-    static ADDR: OnceLock<SocketAddr> = OnceLock::new();
-    *ADDR.get_or_init(|| {
+    static LIVE: OnceLock<Mutex<LiveTarget>> = OnceLock::new();
+    let live = LIVE.get_or_init(|| {
         let reactors = Reactors::start(&ReactorConfig {
             cpus: vec![None],
             idle_poll: Duration::from_micros(50),
@@ -182,12 +189,13 @@ fn target_addr() -> SocketAddr {
             reactors.handles().to_vec(),
         )
         .expect("listener");
-        let addr = listener.local_addr();
-        // Both live as long as the process.
-        std::mem::forget(listener);
-        std::mem::forget(reactors);
-        addr
-    })
+        Mutex::new(LiveTarget {
+            addr: listener.local_addr(),
+            _listener: listener,
+            _reactors: reactors,
+        })
+    });
+    live.lock().expect("live target").addr
 }
 
 /// A host connection: the socket and the codec state after the ICReq/ICResp exchange.

@@ -7,7 +7,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, OnceLock, mpsc};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::Duration;
 
 use ferroblk_bdev::fuzzing::background_panics;
@@ -28,11 +28,18 @@ const MSG_MEM: u64 = 1 << 20;
 /// Longest input used (keeps every reply within the socket buffer: nothing blocks).
 const MSG_MAX_INPUT: usize = 16 << 10;
 
-/// The socket of a live export of a 1 MiB malloc bdev with two queues on one reactor, started
-/// once per process and kept for its lifetime.
-fn export_socket() -> &'static PathBuf {
-    static SOCKET: OnceLock<PathBuf> = OnceLock::new();
-    SOCKET.get_or_init(|| {
+/// A live export of a 1 MiB malloc bdev with two queues on one reactor.
+struct LiveExport {
+    socket: PathBuf,
+    _export: VhostExport,
+    _reactors: Reactors,
+}
+
+/// The socket of the process's live export, started on first use and kept (reachable, so
+/// that LeakSanitizer does not count it) for the process's lifetime.
+fn export_socket() -> PathBuf {
+    static LIVE: OnceLock<Mutex<LiveExport>> = OnceLock::new();
+    let live = LIVE.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("ferroblk-fuzz-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("socket directory");
         let socket = dir.join("vhost.sock");
@@ -55,11 +62,13 @@ fn export_socket() -> &'static PathBuf {
             reactors.handles().to_vec(),
         )
         .expect("export");
-        // Both live as long as the process.
-        std::mem::forget(export);
-        std::mem::forget(reactors);
-        socket
-    })
+        Mutex::new(LiveExport {
+            socket,
+            _export: export,
+            _reactors: reactors,
+        })
+    });
+    live.lock().expect("live export").socket.clone()
 }
 
 fn eventfd() -> OwnedFd {
@@ -255,9 +264,10 @@ const VQ_USED: u64 = 0x1000;
 ///
 /// Byte 0 configures: bits 0-2 log2 of the queue size (at most 32), bit 3 EVENT_IDX, bit 4
 /// INDIRECT_DESC, bit 5 4 KiB blocks (else 512), bit 6 write-through with a volatile cache.
-/// The rest is copied to guest memory from offset 0. The poller must walk every chain the
-/// driver made available without panicking, complete each request at most once with a head in
-/// range, and stop cleanly.
+/// The rest is copied to guest memory from offset 0. The poller must take every chain the
+/// driver made available without panicking or touching memory outside the guest's (the fuzz
+/// build runs under AddressSanitizer), and stop cleanly. (The used ring is not checked: a
+/// hostile driver may point buffers at it, so its contents prove nothing.)
 pub fn virtq(data: &[u8]) {
     let Some((&cfg, image)) = data.split_first() else {
         return;
@@ -310,34 +320,8 @@ pub fn virtq(data: &[u8]) {
         },
     )
     .expect("poller");
-    let used = mem
-        .gpa_to_host(addrs.used, 4 + 8 * u64::from(size))
-        .expect("used ring");
-    // SAFETY: reads inside the used ring checked just above.
-    let used_idx = || u16::from_le(unsafe { std::ptr::read_volatile(used.add(2).cast::<u16>()) });
-    let mut seen = vec![0u32; usize::from(size)];
-    let mut checked = 0u16;
-    let mut check_used = |p: &VqPoller| {
-        let idx = used_idx();
-        let taken = p.last_avail();
-        assert!(
-            idx.wrapping_sub(checked) <= taken.wrapping_sub(checked),
-            "used.idx {idx} beyond the {taken} chains taken"
-        );
-        while checked != idx {
-            let slot = usize::from(checked % size);
-            // SAFETY: entry `slot` lies inside the used ring.
-            let id = u32::from_le(unsafe {
-                std::ptr::read_volatile(used.add(4 + 8 * slot).cast::<u32>())
-            });
-            assert!(id < u32::from(size), "used id {id} out of range");
-            seen[id as usize] += 1;
-            checked = checked.wrapping_add(1);
-        }
-    };
     for _ in 0..64 {
         let work = p.poll();
-        check_used(&p);
         if work == 0 && p.in_flight() == 0 {
             break;
         }
@@ -345,7 +329,6 @@ pub fn virtq(data: &[u8]) {
     let stopped: mpsc::Receiver<u16> = ctl.request_stop();
     for _ in 0..1000 {
         p.poll();
-        check_used(&p);
         if stopped.try_recv().is_ok() {
             return;
         }

@@ -38,12 +38,32 @@ fn map_region(d: &RegionDesc, fd: &OwnedFd) -> Result<Region, String> {
     {
         return Err("memory region wraps around".into());
     }
+    // mmap maps past the end of a file without complaint, and touching those pages raises
+    // SIGBUS in whichever thread reads the ring: the region must lie within its file.
+    // SAFETY: a zeroed `stat` is valid; fstat writes only into it.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat on a descriptor we own, into the live buffer above.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(format!(
+            "cannot stat guest memory: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    if st.st_mode & libc::S_IFMT == libc::S_IFREG
+        && d.mmap_offset
+            .checked_add(d.memory_size)
+            .is_none_or(|end| end > st.st_size as u64)
+    {
+        return Err(format!(
+            "memory region at offset {:#x} of {:#x} bytes ends beyond its file ({:#x} bytes)",
+            d.mmap_offset, d.memory_size, st.st_size
+        ));
+    }
     // mmap needs a page-aligned offset: map from the page boundary below it.
     let page = 4096u64;
     let skew = d.mmap_offset % page;
     let map_len = usize::try_from(d.memory_size + skew).map_err(|_| "region too large")?;
-    // SAFETY: a fresh shared mapping of the front-end's descriptor; the result is checked. The
-    // kernel validates the offset and length against the file.
+    // SAFETY: a fresh shared mapping of the front-end's descriptor; the result is checked.
     let p = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
