@@ -834,7 +834,8 @@ fn valid_page(b: &[u8], page: u64) -> Option<u64> {
     crc = crate::checksum::crc32c_append(crc, &b[8..]);
     let seq = u64::from_le_bytes(b[8..16].try_into().expect("8 bytes"));
     let index = u64::from_le_bytes(b[16..24].try_into().expect("8 bytes"));
-    (crc == stored && index == page && seq > 0).then_some(seq)
+    // A sequence number that cannot be incremented is no version a checkpoint wrote.
+    (crc == stored && index == page && seq > 0 && seq < u64::MAX).then_some(seq)
 }
 
 /// Encodes map page `page` with sequence `seq` from `entries` into `out` (one block).

@@ -570,6 +570,28 @@ mod tests {
     }
 
     #[test]
+    fn get_log_page_beyond_mdts_is_refused_not_allocated() {
+        // NUMD 0 asks for 2^32 dwords (16 GiB): the target allocated that much before answering
+        // (found by nvmf_admin as an out-of-memory).
+        let mut c = HostConn::open(target_addr(), false, false, 0);
+        let cq = c
+            .command(&connect_sqe(0, 1), &connect_data(0xffff))
+            .expect("Connect answered");
+        assert!(cq.status.is_success());
+        assert!(enable(&mut c));
+        let mut sqe = GetLogPage {
+            lid: 0x02,
+            ..Default::default()
+        }
+        .to_sqe(2);
+        sqe.set_cdw(10, 0x02 | 0xffff << 16);
+        sqe.set_cdw(11, 0xffff);
+        sqe.set_sgl1(&SglDescriptor::transport_data_block(4096));
+        let cq = c.command(&sqe, &[]).expect("Get Log Page answered");
+        assert_eq!(cq.status, crate::spec::Status::INVALID_FIELD);
+    }
+
+    #[test]
     fn nvmf_admin_seeds_are_valid_sessions() {
         // The fuzzer starts from sessions the controller takes to the end, not from ones it
         // ends at the first command.

@@ -317,6 +317,11 @@ pub fn execute(ctrl: &Arc<Controller>, target: &Target, sqe: &Sqe) -> AdminOutco
                 }
                 _ => return done(Status::INVALID_LOG_PAGE),
             };
+            // NUMD asks for up to 16 GiB; a command beyond MDTS is aborted with Invalid Field in
+            // Command (NVMe Base 2.0 §5.17.2.1, MDTS), never allocated.
+            if g.len_bytes() > 4096 << MDTS {
+                return done(Status::INVALID_FIELD);
+            }
             let off = g.offset as usize;
             let len = g.len_bytes() as usize;
             if off > page.len() || !off.is_multiple_of(4) {
