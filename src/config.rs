@@ -352,9 +352,127 @@ impl Config {
     }
 }
 
+/// Fuzz target body (`fuzz/fuzz_targets/config_toml.rs` includes this file and `decl.rs`):
+/// parses arbitrary bytes as a configuration file. It must load or be refused with an error
+/// that names a field path and, for a syntax error, a line of the text; never panic.
+#[doc(hidden)]
+#[cfg_attr(not(test), allow(dead_code))] // used by the fuzz target and the corpus test
+pub fn fuzz_parse(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Err(e) = Config::parse(text, "fuzz.toml") {
+        assert!(!e.path.is_empty(), "an error without a path: {e}");
+        if let Some(at) = e.message.rfind("(line ")
+            && let Some(n) = e.message[at + 6..]
+                .strip_suffix(')')
+                .and_then(|n| n.parse::<usize>().ok())
+        {
+            assert!(
+                n >= 1 && n <= text.lines().count().max(1),
+                "line {n} beyond the text: {e}"
+            );
+        }
+    }
+}
+
+/// Valid configurations for [`fuzz_parse`]: every kind of bdev, exports, subsystems,
+/// listeners (the example files in `configs/` are seeds too).
+#[cfg(test)]
+fn fuzz_seeds() -> Vec<Vec<u8>> {
+    let mut seeds: Vec<Vec<u8>> = ["bench-null", "chain-malloc-error-delay", "quickstart"]
+        .iter()
+        .map(|f| {
+            std::fs::read(format!("{}/configs/{f}.toml", env!("CARGO_MANIFEST_DIR")))
+                .expect("example config")
+        })
+        .collect();
+    seeds.push(
+        br#"[reactors]
+count = 1
+idle_poll_us = 10
+
+[rpc]
+socket = "run/f.sock"
+
+[[bdev]]
+name = "m"
+kind = "malloc"
+size = "8MiB"
+block_size = 512
+
+[[bdev]]
+name = "c"
+kind = "crc"
+base = "m"
+
+[[bdev]]
+name = "z"
+kind = "compress"
+base = "c"
+size = "16MiB"
+chunk_size = "16KiB"
+algorithm = "zstd"
+zstd_level = 3
+
+[[bdev]]
+name = "x"
+kind = "crypt_xts"
+base = "z"
+key_hex = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f202122232425262728292a2b2c2d2e2f303132333435363738393a3b3c3d3e3f"
+
+[[bdev]]
+name = "g"
+kind = "crypt_gcm"
+base = "n"
+key_file = "k.key"
+
+[[bdev]]
+name = "n"
+kind = "null"
+size = 1048576
+
+[[vhost]]
+socket = "run/x.sock"
+bdev = "x"
+num_queues = 4
+read_only = true
+serial = "S1"
+
+[[subsystem]]
+nqn = "nqn.2026-12.io.ferroblk:f"
+serial = "F1"
+allow_any_host = false
+hosts = ["nqn.2014-08.org.nvmexpress:uuid:f0220000-0000-4000-8000-000000000001"]
+
+[[subsystem.namespace]]
+nsid = 1
+bdev = "g"
+
+[[listener]]
+addr = "::1"
+port = 4420
+"#
+        .to_vec(),
+    );
+    seeds
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fuzz_corpus_replays() {
+        // The seeds are valid configurations: the fuzzer starts past the parser's first refusal.
+        for s in fuzz_seeds() {
+            let text = std::str::from_utf8(&s).expect("UTF-8");
+            if let Err(e) = Config::parse(text, "seed.toml") {
+                panic!("seed refused: {e}");
+            }
+        }
+        ferroblk_bdev::fuzzing::replay("config_toml", &fuzz_seeds(), fuzz_parse);
+    }
 
     fn parse_err(text: &str) -> ConfigError {
         Config::parse(text, "t.toml").expect_err("config should be refused")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (.ci/run calls this): installs what it needs, then checks
 # formatting and lints, then runs every test of the workspace (unit tests, the bdev conformance
-# suite on every bdev, config rejection cases, RPC round trips, daemon start/stop).
+# suite on every bdev, config rejection cases, RPC round trips, daemon start/stop, fuzz corpus
+# replays), then every fuzz target for a short, fixed-seed run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,5 +26,15 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# From here on a failure is remembered, not fatal, so that every failing test and target is
+# reported in one run.
+status=0
 echo "== cargo test"
-cargo test --workspace --locked
+cargo test --workspace --locked --no-fail-fast || status=1
+
+# Every fuzz target over its checked-in corpus, then briefly on new inputs (fuzz/run.sh;
+# installs nightly and cargo-fuzz when missing).
+echo "== fuzz"
+fuzz/run.sh || status=1
+
+exit $status

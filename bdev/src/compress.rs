@@ -449,8 +449,14 @@ impl CompressLayout {
             l.log_start = u64_at(68);
             l.log_blocks = u64_at(76);
         }
-        let base_blocks = l.data_start + l.data_blocks + l.log_blocks;
-        let expect = CompressLayout::with_log(bs, l.chunk_size, l.chunks, base_blocks, !v1);
+        // Untrusted fields: their sum may overflow.
+        let expect = l
+            .data_start
+            .checked_add(l.data_blocks)
+            .and_then(|end| end.checked_add(l.log_blocks))
+            .and_then(|base_blocks| {
+                CompressLayout::with_log(bs, l.chunk_size, l.chunks, base_blocks, !v1)
+            });
         if expect != Some(l) {
             return Err("the compress superblock has an inconsistent layout".into());
         }
@@ -983,7 +989,8 @@ fn valid_page(b: &[u8], page: u64) -> Option<u64> {
     crc = crate::checksum::crc32c_append(crc, &b[8..]);
     let seq = u64::from_le_bytes(b[8..16].try_into().expect("8 bytes"));
     let index = u64::from_le_bytes(b[16..24].try_into().expect("8 bytes"));
-    (crc == stored && index == page && seq > 0).then_some(seq)
+    // A sequence number that cannot be incremented is no version a checkpoint wrote.
+    (crc == stored && index == page && seq > 0 && seq < u64::MAX).then_some(seq)
 }
 
 /// Encodes map page `page` with sequence `seq`, covering the log records up to `covered`, from

@@ -39,6 +39,8 @@ pub mod conformance;
 pub mod crc;
 pub mod error;
 pub mod file;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod inject;
 pub mod integrity;
 pub mod malloc;

@@ -36,6 +36,8 @@
 //!
 //! This crate never imports `ferroblk-vhost`; both fronts speak only to `ferroblk-bdev`.
 
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod initiator;
 pub mod spec;
 pub mod subsystem;

@@ -30,6 +30,8 @@
 //! This crate never imports `ferroblk-target`; both fronts speak only to `ferroblk-bdev`.
 
 pub mod device;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod inflight;
 pub mod memory;
 pub mod protocol;
