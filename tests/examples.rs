@@ -120,6 +120,37 @@ fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
 }
 
 #[test]
+fn readme_points_to_the_examples() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    for (section, command) in [
+        ("## Attaching a VM (vhost-user-blk)", "bash examples/vm.sh"),
+        ("## Attaching a host (NVMe/TCP)", "bash examples/host.sh"),
+    ] {
+        let body = readme
+            .split_once(section)
+            .unwrap_or_else(|| panic!("README has {section}"))
+            .1;
+        let body = body.split("\n## ").next().unwrap();
+        assert!(
+            body.lines().any(|l| l.starts_with(command)),
+            "{section} shows `{command}`"
+        );
+        // Every command line shown runs as written: no `...` to fill in.
+        let mut fenced = false;
+        for l in body.lines() {
+            if l.starts_with("```") {
+                fenced = !fenced;
+            } else {
+                assert!(
+                    !(fenced && l.contains("...")),
+                    "{section}: placeholder {l:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn examples_refuse_to_run_without_a_daemon() {
     let tmp = tempfile::tempdir().unwrap();
     let missing = tmp.path().join("quickstart.sock");
