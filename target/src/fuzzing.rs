@@ -264,6 +264,8 @@ impl HostConn {
                 Ok(0) => return Answer::End,
                 Ok(n) => self.rx.extend_from_slice(&buf[..n]),
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Answer::End,
+                // libFuzzer's timer signals interrupt the read.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => panic!("the target neither answers nor closes the connection: {e}"),
             }
         }

@@ -107,7 +107,7 @@ pub fn vhost_msg(data: &[u8]) -> bool {
         };
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
         let sent = if ctl & 8 != 0 {
-            (&sock).write_all_fds(payload, &raw)
+            send_raw(&sock, payload, &raw)
         } else {
             let flags = if ctl & 1 != 0 { FLAG_NEED_REPLY } else { 0 };
             protocol::send(&sock, request, flags, payload, &raw)
@@ -127,6 +127,8 @@ pub fn vhost_msg(data: &[u8]) -> bool {
             Ok(0) => break true,
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break false,
+            // libFuzzer's timer signals interrupt the read.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => panic!("the export neither answers nor closes the connection: {e}"),
         }
     };
@@ -134,32 +136,28 @@ pub fn vhost_msg(data: &[u8]) -> bool {
     clean
 }
 
-/// Writing raw bytes with descriptors attached (bypassing [`protocol::send`]'s framing).
-trait WriteAllFds {
-    fn write_all_fds(self, data: &[u8], fds: &[RawFd]) -> std::io::Result<()>;
-}
-
-impl WriteAllFds for &UnixStream {
-    fn write_all_fds(self, data: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
-        use std::io::Write;
-        if data.is_empty() {
-            return Ok(());
-        }
+/// Sends raw bytes with descriptors attached to the first of them (bypassing
+/// [`protocol::send`]'s framing), never raising SIGPIPE.
+fn send_raw(sock: &UnixStream, data: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
+    let mut sent = 0;
+    while sent < data.len() {
+        let rest = &data[sent..];
         let mut iov = libc::iovec {
-            iov_base: data.as_ptr() as *mut libc::c_void,
-            iov_len: data.len(),
+            iov_base: rest.as_ptr() as *mut libc::c_void,
+            iov_len: rest.len(),
         };
         let mut cbuf = [0u64; 8];
         // SAFETY: a zeroed msghdr is valid; every pointer set below is live during sendmsg.
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
         msg.msg_iov = &mut iov;
         msg.msg_iovlen = 1;
-        if !fds.is_empty() {
+        if sent == 0 && !fds.is_empty() {
             let bytes = std::mem::size_of_val(fds);
             msg.msg_control = cbuf.as_mut_ptr().cast();
             // SAFETY: CMSG_SPACE is a pure computation.
             msg.msg_controllen = unsafe { libc::CMSG_SPACE(bytes as u32) } as usize;
-            // SAFETY: the control buffer (64 bytes) holds one header and two descriptors.
+            // SAFETY: the control buffer (64 bytes) holds one header and the (at most two)
+            // descriptors; CMSG_FIRSTHDR points into it since msg_controllen is set.
             unsafe {
                 let c = libc::CMSG_FIRSTHDR(&msg);
                 (*c).cmsg_level = libc::SOL_SOCKET;
@@ -169,13 +167,17 @@ impl WriteAllFds for &UnixStream {
             }
         }
         // SAFETY: sendmsg reads only the buffers described by `msg`, live for the call.
-        let n = unsafe { libc::sendmsg(self.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
         if n < 0 {
-            return Err(std::io::Error::last_os_error());
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
         }
-        let mut s = self;
-        s.write_all(&data[n as usize..])
+        sent += n as usize;
     }
+    Ok(())
 }
 
 /// One record of a [`vhost_msg`] input.
