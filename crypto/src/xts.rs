@@ -23,10 +23,11 @@
 //! # Data path
 //! - Write: the caller's data is copied into a buffer of the channel's pool, encrypted there, and
 //!   that buffer is written; the caller's buffer is never modified.
-//! - Read: the base reads straight into the caller's buffer; when it completes, each unit is
-//!   copied once into the channel's one-block buffer, decrypted there and copied back once. The
+//! - Read: the base reads into a buffer of the channel's pool; when it completes, the units are
+//!   decrypted in place there and the plaintext is copied once into the caller's buffer. The
 //!   caller's buffer may be guest memory the guest changes at any moment, so the cipher never
-//!   runs over it (see `common::transform_units`).
+//!   runs over it and it is only written with raw copies. A read or write finding no pool
+//!   buffer is handed back (back-pressure).
 //! - Write-zeroes: zeroes are encrypted into pool buffers and written (in chunks of
 //!   [`MAX_TRANSFER_BYTES`]), so reads return zeroes.
 //! - Unmap: passed through. An unmapped block reads back as the *decryption* of whatever the base
@@ -60,7 +61,7 @@ use ferroblk_bdev::{
     IoType, SgList, Wake,
 };
 
-use crate::common::{BufPool, Engine, MAX_TRANSFER_BYTES, follow_base_size, transform_units};
+use crate::common::{BufPool, Engine, MAX_TRANSFER_BYTES, follow_base_size};
 use crate::key::{Key, KeyError, XTS_KEY_LEN};
 
 /// The `kind` name of this bdev.
@@ -358,7 +359,6 @@ impl Bdev for XtsBdev {
             pool: BufPool::new(self.base.info().geometry().buf_align as usize),
             reqs: Slots::new(depth),
             waiting: VecDeque::with_capacity(depth),
-            bounce: vec![0u8; bs],
             base: BaseQueue::new(base, depth),
         };
         Ok(Channel::new(self.info.clone(), Box::new(ops), depth))
@@ -381,8 +381,10 @@ impl Bdev for XtsBdev {
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
-    /// Read, flush, unmap: one base request with the caller's buffers.
+    /// Flush, unmap: one base request, passed through.
     Pass,
+    /// Read: one base read into a pool buffer, decrypted there and copied to the caller.
+    Read,
     /// Write: one base write from a pool buffer.
     Write,
     /// Write-zeroes: chunks of encrypted zeroes from pool buffers.
@@ -394,7 +396,7 @@ const ZERO_CHUNKS_IN_FLIGHT: u32 = 4;
 
 struct Req {
     kind: Kind,
-    /// The caller's request; for pass-through kinds its buffers travel in the base request.
+    /// The caller's request.
     io: IoRequest,
     /// Write-zeroes: blocks issued so far.
     next: u32,
@@ -412,7 +414,6 @@ struct XtsChannel {
     reqs: Slots<Req>,
     /// Write-zeroes requests with chunks still to issue, oldest first.
     waiting: VecDeque<u32>,
-    bounce: Vec<u8>,
 }
 
 impl XtsChannel {
@@ -469,7 +470,7 @@ impl ChannelOps for XtsChannel {
             return Err(io);
         }
         match io.io_type {
-            IoType::Read | IoType::Flush | IoType::Unmap => {
+            IoType::Flush | IoType::Unmap => {
                 let sub = IoRequest {
                     io_type: io.io_type,
                     offset_blocks: io.offset_blocks,
@@ -491,6 +492,29 @@ impl ChannelOps for XtsChannel {
                     tag: u64::from(slot),
                     ..sub
                 });
+            }
+            IoType::Read => {
+                let len = (io.num_blocks as usize) << self.shift;
+                let Some(buf) = self.pool.take(len) else {
+                    return Err(io);
+                };
+                let (lba, n) = (io.offset_blocks, io.num_blocks);
+                let slot = match self.reqs.insert(Req {
+                    kind: Kind::Read,
+                    io,
+                    next: 0,
+                    in_flight: 1,
+                    status: IoStatus::Success,
+                }) {
+                    Ok(slot) => slot,
+                    Err(r) => {
+                        self.pool.put(buf);
+                        return Err(r.io);
+                    }
+                };
+                let sub =
+                    IoRequest::read(lba, n, SgList::from_buf_prefix(buf, len), u64::from(slot));
+                self.base.submit(sub);
             }
             IoType::Write => {
                 let len = (io.num_blocks as usize) << self.shift;
@@ -546,13 +570,22 @@ impl ChannelOps for XtsChannel {
                 Kind::Pass => {
                     r.io.bufs = c.bufs;
                     r.status = c.status;
-                    if c.status.is_ok() && r.io.io_type == IoType::Read {
-                        let (cipher, shift, lba) = (&self.cipher, self.shift, r.io.offset_blocks);
-                        transform_units(&mut r.io.bufs, self.bs, &mut self.bounce, |i, unit| {
-                            cipher.decrypt_unit(iv_of(lba + i as u64, shift), unit);
-                            true
-                        });
+                    self.finish(slot, done);
+                }
+                Kind::Read => {
+                    r.status = c.status;
+                    let mut buf = c.bufs.into_buf().expect("a read's pool buffer comes back");
+                    if c.status.is_ok() {
+                        let len = (r.io.num_blocks as usize) << self.shift;
+                        let data = &mut buf.as_mut_slice()[..len];
+                        let lba = r.io.offset_blocks;
+                        for (i, unit) in data.chunks_exact_mut(self.bs).enumerate() {
+                            self.cipher
+                                .decrypt_unit(iv_of(lba + i as u64, self.shift), unit);
+                        }
+                        r.io.bufs.copy_from_slice(0, data);
                     }
+                    self.pool.put(buf);
                     self.finish(slot, done);
                 }
                 Kind::Write => {

@@ -569,3 +569,27 @@ fn xts_bdev_throughput_over_malloc() {
         }
     }
 }
+
+#[test]
+fn reads_decrypt_in_the_channels_buffer_never_in_the_callers() {
+    for bs in [BlockSize::B4096, BlockSize::B512] {
+        let spy = crate::testing::ReadSpy::new(malloc(bs, 1024));
+        let x = XtsBdev::new("x", spy.clone(), vector_key()).unwrap();
+        let mut ch = SyncChannel::new(x.open_channel().unwrap());
+        // One block, and a whole MAX_TRANSFER_BYTES request.
+        for blocks in [1, (MAX_TRANSFER_BYTES / bs.bytes() as usize) as u32] {
+            crate::testing::assert_reads_never_reach_the_callers_buffer(&spy, &mut ch, 3, blocks);
+        }
+    }
+}
+
+#[test]
+fn a_read_finding_no_pool_buffer_is_handed_back_and_buffers_come_back() {
+    let x = XtsBdev::new("x", malloc(BlockSize::B4096, 1024), vector_key()).unwrap();
+    let mut ch = SyncChannel::new(x.open_channel().unwrap());
+    ferroblk_bdev::testing::fill(&mut ch, 1024, 4096, 1);
+    drop(ch);
+    crate::testing::assert_reads_hold_pool_buffers(&x, &|lba| {
+        ferroblk_bdev::testing::block_data(lba, 4096, 1)
+    });
+}
