@@ -33,10 +33,13 @@
 //! A request becomes *ops*: a read or a write is one op; an unmap or write-zeroes is cut into
 //! pieces of at most a few metadata blocks' worth of data (the kind says how many, in
 //! [`MdChannel::new`]), at most [`DEALLOC_OPS_IN_FLIGHT`] in flight per request. Each op:
-//! - Read: takes its range locks shared, then reads the data straight into the caller's buffer
-//!   while it reads the covering metadata blocks into a channel buffer; then the kind checks
-//!   every block ([`EntryOps::verify`]). If any block fails, the whole caller buffer is zeroed
-//!   and the read completes with [`IoStatus::IntegrityError`]: no unverified byte is returned.
+//! - Read: takes its range locks shared, then reads the data while it reads the covering
+//!   metadata blocks into a channel buffer; then the kind checks every block. The data goes
+//!   either straight into the caller's buffer, checked there ([`EntryOps::verify`]), or, when
+//!   the kind gives the read a data buffer of its own ([`EntryOps::take_bufs`]), into that
+//!   buffer, checked (and turned back) there ([`EntryOps::verify_own`]) and copied to the caller
+//!   once, only if every block passed. If any block fails, the whole caller buffer is zeroed and
+//!   the read completes with [`IoStatus::IntegrityError`]: no unverified byte is returned.
 //! - Write: takes its range locks exclusive, then (with separate metadata locks, see below) the
 //!   locks of its metadata blocks; reads those blocks, patches its entries
 //!   ([`EntryOps::patch`]) and writes them back. The data goes to the base either from the
@@ -83,7 +86,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::bdev::{Bdev, BdevInfo, Channel, ChannelOps, IoCompletion, IoRequest, Wake};
-use crate::buf::{AlignedBuf, SgList};
+use crate::buf::{AlignedBuf, IoSeg, SgList};
 use crate::error::BdevError;
 use crate::stacked::{BaseQueue, Format, LockTable, Slots, flush_if, zero_range, zeroing_ops};
 use crate::sync::SyncChannel;
@@ -461,9 +464,11 @@ pub trait EntryOps {
     /// the metadata read, together with the metadata write; [`EntryOps::patch`] fills both.
     const WRITE_IN_PLACE: bool;
 
-    /// Buffers for a new op: a metadata buffer of at least `md_len` bytes, and for a write when
-    /// not [`EntryOps::WRITE_IN_PLACE`] a data buffer of at least `data_len` bytes. `None` when
-    /// the channel has none to spare (the request is handed back, or the unmap piece waits).
+    /// Buffers for a new op: a metadata buffer of at least `md_len` bytes, and a data buffer of
+    /// at least `data_len` bytes for a write when not [`EntryOps::WRITE_IN_PLACE`] (required)
+    /// and, optionally, for a read (the base then reads into it instead of the caller's buffer,
+    /// and [`EntryOps::verify_own`] checks it there). `None` when the channel has none to spare
+    /// (the request is handed back, or the unmap piece waits).
     fn take_bufs(
         &mut self,
         kind: OpKind,
@@ -500,6 +505,23 @@ pub trait EntryOps {
     /// just read into `bufs` against their `entries`; false if any block fails (the channel
     /// then zeroes `bufs` and fails the read). Counting and logging failures is the kind's.
     fn verify(&mut self, lba: u64, entries: &[u8], bufs: &mut SgList) -> bool;
+
+    /// As [`EntryOps::verify`], for a read that [`EntryOps::take_bufs`] gave a data buffer: the
+    /// blocks `lba ..` are in `data` (exactly their bytes), the channel's own memory, so the kind
+    /// may look at and transform them through references. The channel copies `data` to the
+    /// caller only if this returns true (else it zeroes the caller's buffer). The default checks
+    /// `data` with [`EntryOps::verify`].
+    fn verify_own(&mut self, lba: u64, entries: &[u8], data: &mut [u8]) -> bool {
+        let seg = IoSeg {
+            base: data.as_mut_ptr(),
+            len: data.len(),
+        };
+        // SAFETY: `data` is borrowed mutably for this whole call, so the segment is valid for
+        // reads and writes of its length and reached by nothing else until the list, which does
+        // not outlive the call, is dropped; one segment is held inline (no allocation).
+        let mut bufs = unsafe { SgList::from_raw(&[seg]) };
+        self.verify(lba, entries, &mut bufs)
+    }
 }
 
 /// Op slots of a channel of `depth` requests: one per request, and [`DEALLOC_OPS_IN_FLIGHT`]
@@ -551,7 +573,8 @@ struct Op {
     status: IoStatus,
     /// Its metadata buffer (`None` while in a base request).
     md: Option<AlignedBuf>,
-    /// Its data buffer, for writes that are not in place (`None` while in a base request).
+    /// Its data buffer, for writes that are not in place and reads the kind gave one (`None`
+    /// while in a base request).
     data: Option<AlignedBuf>,
 }
 
@@ -567,7 +590,7 @@ const SUB_DATA: u64 = 1;
 const SUB_MD_READ: u64 = 2;
 const SUB_MD_WRITE: u64 = 3;
 const SUB_FLUSH: u64 = 4;
-/// A data write from the op's own buffer.
+/// Data I/O with the op's own buffer (a write that is not in place, or a read given one).
 const SUB_DATA_OWN: u64 = 5;
 
 fn sub_tag(slot: u32, sub: u64) -> u64 {
@@ -680,6 +703,16 @@ impl<K: EntryOps> MdChannel<K> {
                 let at = self.region.layout.data_start + lba;
                 let data = match kind {
                     OpKind::Write if !K::WRITE_IN_PLACE => None,
+                    OpKind::Read if o.data.is_some() => {
+                        let buf = self.ops.get_mut(slot).data.take().expect("checked");
+                        let len = n as usize * self.bs;
+                        Some(IoRequest::read(
+                            at,
+                            n,
+                            SgList::from_buf_prefix(buf, len),
+                            sub_tag(slot, SUB_DATA_OWN),
+                        ))
+                    }
                     OpKind::Read | OpKind::Write => {
                         let r = self.reqs.get_mut(req);
                         Some(IoRequest {
@@ -773,17 +806,28 @@ impl<K: EntryOps> MdChannel<K> {
         self.base.submit(io);
     }
 
-    /// Checks a finished read against its entries; false if any block fails (the caller's
-    /// buffer is then zeroed).
+    /// Checks a finished read against its entries, where it was read (the op's own buffer,
+    /// then copied to the caller once it passed, or the caller's); false if any block fails
+    /// (the caller's buffer is then zeroed).
     fn verify(&mut self, slot: u32) -> bool {
         let layout = self.region.layout;
         let e = layout.entry_bytes;
-        let o = self.ops.get(slot);
+        let o = self.ops.get_mut(slot);
         let first_entry = (o.lba - o.md_first * layout.entries_per_block) as usize;
         let md = o.md.as_ref().expect("metadata buffer at home");
         let entries = &md.as_slice()[first_entry * e..][..o.n as usize * e];
         let bufs = &mut self.reqs.get_mut(o.req).io.bufs;
-        let ok = self.entries.verify(o.lba, entries, bufs);
+        let ok = match o.data.as_mut() {
+            Some(data) => {
+                let data = &mut data.as_mut_slice()[..o.n as usize * self.bs];
+                let ok = self.entries.verify_own(o.lba, entries, data);
+                if ok {
+                    bufs.copy_from_slice(0, data);
+                }
+                ok
+            }
+            None => self.entries.verify(o.lba, entries, bufs),
+        };
         if !ok {
             bufs.fill_zero();
         }

@@ -51,13 +51,14 @@
 //! block 0 is neither zero nor a GCM header is refused, never formatted over.
 //!
 //! # Data path
-//! - Read: the base reads the data straight into the caller's buffer while the channel reads
-//!   the covering metadata blocks into a pool buffer; each block is then copied once into the
-//!   channel's own one-block buffer, verified and decrypted there, and only once its tag checks
-//!   copied back over the caller's ciphertext. If any block fails, the whole caller buffer is
-//!   zeroed and the read completes with `IntegrityError`: the caller's buffer (guest memory on
-//!   the vhost path, which the guest can read at any moment) never holds unauthenticated
-//!   plaintext, not even while the tag is being checked.
+//! - Read: the base reads the data into a pool buffer while the channel reads the covering
+//!   metadata blocks into another; every block is verified and decrypted in place in the pool
+//!   buffer, and only once every tag has checked is the plaintext copied, once, into the
+//!   caller's buffer. If any block fails, the whole caller buffer is zeroed and the read
+//!   completes with `IntegrityError`: the caller's buffer (guest memory on the vhost path, which
+//!   the guest can read at any moment) never holds unauthenticated plaintext, and the cipher
+//!   never runs over it. A read finding no pool buffer is handed back (back-pressure), as a
+//!   write is.
 //! - Write: the metadata blocks are read, the caller's data is copied into a pool buffer and
 //!   encrypted there (the caller's buffer is never modified), the entries are patched, then the
 //!   data and the metadata blocks are written together. The request completes when both are.
@@ -351,13 +352,11 @@ impl EntryOps for GcmEntries {
                 debug_assert!(md_len <= MAX_TRANSFER_BYTES);
                 Some((self.pool.take_large()?, None))
             }
-            OpKind::Read => {
+            // A read gets a data buffer too: the base reads into it, blocks are checked and
+            // decrypted there and copied to the caller once (`verify_own`).
+            OpKind::Read | OpKind::Write => {
                 debug_assert!(md_len <= SMALL_BUF);
-                Some((self.pool.take(SMALL_BUF)?, None))
-            }
-            OpKind::Write => {
-                debug_assert!(md_len <= SMALL_BUF);
-                // The metadata buffer first: a small write's data may take the last small one.
+                // The metadata buffer first: a small request's data may take the last small one.
                 let md = self.pool.take(SMALL_BUF)?;
                 match self.pool.take(data_len) {
                     Some(data) => Some((md, Some(data))),
@@ -402,39 +401,76 @@ impl EntryOps for GcmEntries {
         }
     }
 
-    /// Verifies and decrypts the blocks, each in the channel's own buffer, copying a block's
-    /// plaintext to the caller only once its tag has checked; stops at the first that fails,
-    /// leaving that block's ciphertext in the caller's buffer.
+    /// Verifies and decrypts blocks read into the caller's buffer, each copied once into the
+    /// channel's one-block buffer and checked there, its plaintext copied back only once its
+    /// tag has checked; stops at the first that fails, leaving that block's ciphertext in the
+    /// caller's buffer. (The channel's reads have their own buffer and use
+    /// [`EntryOps::verify_own`]; this is the check of a caller's buffer.)
     fn verify(&mut self, lba0: u64, entries: &[u8], bufs: &mut SgList) -> bool {
         let (cipher, volume_id) = (&self.cipher, &self.shared.volume_id);
         let mut ok = true;
         let mut unit_index = 0;
         transform_units(bufs, self.bs, &mut self.bounce, |i, unit| {
             unit_index = i;
-            let e = &entries[i * ENTRY_BYTES..][..ENTRY_BYTES];
-            ok = if e.iter().all(|&b| b == 0) {
-                unit.iter().all(|&b| b == 0)
-            } else {
-                e[NONCE_BYTES + TAG_BYTES..].iter().all(|&b| b == 0)
-                    && cipher.decrypt(
-                        e[..NONCE_BYTES].try_into().expect("12 bytes"),
-                        &aad(lba0 + i as u64, volume_id),
-                        unit,
-                        e[NONCE_BYTES..NONCE_BYTES + TAG_BYTES]
-                            .try_into()
-                            .expect("16 bytes"),
-                    )
-            };
+            ok = open_block(cipher, volume_id, lba0 + i as u64, entry(entries, i), unit);
             ok
         });
+        self.count_failure(lba0 + unit_index as u64, ok)
+    }
+
+    /// Verifies and decrypts, in place, blocks read into the op's own buffer (the channel's
+    /// memory, never the caller's); stops at the first that fails. The channel copies the
+    /// plaintext to the caller only when every block passed.
+    fn verify_own(&mut self, lba0: u64, entries: &[u8], data: &mut [u8]) -> bool {
+        let (cipher, volume_id) = (&self.cipher, &self.shared.volume_id);
+        let failed = data
+            .chunks_exact_mut(self.bs)
+            .enumerate()
+            .position(|(i, unit)| {
+                !open_block(cipher, volume_id, lba0 + i as u64, entry(entries, i), unit)
+            });
+        self.count_failure(lba0 + failed.unwrap_or(0) as u64, failed.is_none())
+    }
+}
+
+impl GcmEntries {
+    /// Counts and logs a read whose block `lba` failed authentication; returns `ok`.
+    fn count_failure(&self, lba: u64, ok: bool) -> bool {
         if !ok {
             // A security event: logged at warn level with the bdev and the failing block, once
             // per LBA and within a bound, so a tampered base cannot flood the log.
-            self.shared
-                .integrity
-                .report(&self.shared.name, lba0 + unit_index as u64);
+            self.shared.integrity.report(&self.shared.name, lba);
         }
         ok
+    }
+}
+
+/// The metadata entry of block `i` of a request.
+fn entry(entries: &[u8], i: usize) -> &[u8] {
+    &entries[i * ENTRY_BYTES..][..ENTRY_BYTES]
+}
+
+/// Checks block `lba` (in `unit`, our own memory) against its entry `e` and decrypts it in
+/// place; false if it fails. A never-written block (all-zero entry) must be all zeroes.
+fn open_block(
+    cipher: &GcmCipher,
+    volume_id: &[u8; 16],
+    lba: u64,
+    e: &[u8],
+    unit: &mut [u8],
+) -> bool {
+    if e.iter().all(|&b| b == 0) {
+        unit.iter().all(|&b| b == 0)
+    } else {
+        e[NONCE_BYTES + TAG_BYTES..].iter().all(|&b| b == 0)
+            && cipher.decrypt(
+                e[..NONCE_BYTES].try_into().expect("12 bytes"),
+                &aad(lba, volume_id),
+                unit,
+                e[NONCE_BYTES..NONCE_BYTES + TAG_BYTES]
+                    .try_into()
+                    .expect("16 bytes"),
+            )
     }
 }
 

@@ -52,6 +52,8 @@ pub mod error;
 pub mod gcm;
 pub mod key;
 pub mod spec;
+#[cfg(test)]
+mod testing;
 pub mod xts;
 
 pub use error::CryptoError;

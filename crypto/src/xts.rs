@@ -23,10 +23,12 @@
 //! # Data path
 //! - Write: the caller's data is copied into a buffer of the channel's pool, encrypted there, and
 //!   that buffer is written; the caller's buffer is never modified.
-//! - Read: the base reads straight into the caller's buffer; when it completes, each unit is
-//!   copied once into the channel's one-block buffer, decrypted there and copied back once. The
-//!   caller's buffer may be guest memory the guest changes at any moment, so the cipher never
-//!   runs over it (see `common::transform_units`).
+//! - Read: the base reads into a buffer of the channel's pool; when it completes, each unit is
+//!   decrypted from there straight into the caller's buffer, with raw stores (a unit
+//!   straddling two of the caller's segments is decrypted in the pool buffer and copied out).
+//!   The caller's buffer may be guest memory the guest changes at any moment, so it is never
+//!   seen as a Rust reference, and never holds ciphertext. A read or write finding no pool
+//!   buffer is handed back (back-pressure).
 //! - Write-zeroes: zeroes are encrypted into pool buffers and written (in chunks of
 //!   [`MAX_TRANSFER_BYTES`]), so reads return zeroes.
 //! - Unmap: passed through. An unmapped block reads back as the *decryption* of whatever the base
@@ -60,7 +62,7 @@ use ferroblk_bdev::{
     IoType, SgList, Wake,
 };
 
-use crate::common::{BufPool, Engine, MAX_TRANSFER_BYTES, follow_base_size, transform_units};
+use crate::common::{BufPool, Engine, MAX_TRANSFER_BYTES, follow_base_size};
 use crate::key::{Key, KeyError, XTS_KEY_LEN};
 
 /// The `kind` name of this bdev.
@@ -203,18 +205,45 @@ impl XtsCipher {
         self.unit::<false>(iv, unit);
     }
 
+    /// Decrypts the data unit `src` (same rules as [`XtsCipher::encrypt_unit`]) into `dst`,
+    /// which is written only through raw stores, never seen as a Rust reference: it may be
+    /// guest memory the guest changes at any moment (it then reads unspecified data, as from a
+    /// disk it races with).
+    ///
+    /// # Safety
+    /// `dst` must be valid for writes of `src.len()` bytes and must not overlap `src`.
+    ///
+    /// # Panics
+    /// If the unit is empty or not a multiple of 16 bytes.
+    pub(crate) unsafe fn decrypt_unit_to(&self, iv: u64, src: &[u8], dst: *mut u8) {
+        check_unit(src.len());
+        match &self.imp {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the caller's guarantee on `dst`, passed on.
+            Imp::Hw(hw) => unsafe { hw.decrypt_to(iv, src, dst) },
+            // SAFETY: the caller's guarantee on `dst`, passed on.
+            Imp::Portable(p) => unsafe { p.decrypt_to(iv, src, dst) },
+        }
+    }
+
     #[inline]
     fn unit<const ENCRYPT: bool>(&self, iv: u64, unit: &mut [u8]) {
-        assert!(
-            unit.len().is_multiple_of(16) && !unit.is_empty(),
-            "an XTS data unit is a whole number of AES blocks"
-        );
+        check_unit(unit.len());
         match &self.imp {
             #[cfg(target_arch = "x86_64")]
             Imp::Hw(hw) => hw.unit::<ENCRYPT>(iv, unit),
             Imp::Portable(p) => p.unit::<ENCRYPT>(iv, unit),
         }
     }
+}
+
+/// Panics unless `len` is a whole, non-zero number of AES blocks.
+#[inline]
+fn check_unit(len: usize) {
+    assert!(
+        len.is_multiple_of(16) && len != 0,
+        "an XTS data unit is a whole number of AES blocks"
+    );
 }
 
 /// The transform in portable code: the `aes` crate's block cipher, tweaks and XORs in
@@ -257,16 +286,94 @@ impl Portable {
 
     fn unit<const ENCRYPT: bool>(&self, iv: u64, unit: &mut [u8]) {
         let mut t = u128::from_le_bytes(self.first_tweak(iv));
-        let mut tweaks = [0u128; BATCH];
         for batch in unit.chunks_mut(BATCH * 16) {
-            for (b, x) in batch.chunks_exact_mut(16).zip(tweaks.iter_mut()) {
-                *x = t;
-                t = mul_alpha(t);
-                xor_block(b, *x);
-            }
-            self.blocks::<ENCRYPT>(batch);
-            for (b, x) in batch.chunks_exact_mut(16).zip(tweaks.iter()) {
-                xor_block(b, *x);
+            self.batch::<ENCRYPT>(&mut t, batch);
+        }
+    }
+
+    /// The transform of the next batch of a unit (at most [`BATCH`] blocks) in place; `t` is
+    /// the tweak of its first block, and becomes that of the next batch's.
+    #[inline(always)]
+    fn batch<const ENCRYPT: bool>(&self, t: &mut u128, batch: &mut [u8]) {
+        let mut tweaks = [0u128; BATCH];
+        for (b, x) in batch.chunks_exact_mut(16).zip(tweaks.iter_mut()) {
+            *x = *t;
+            *t = mul_alpha(*t);
+            xor_block(b, *x);
+        }
+        self.blocks::<ENCRYPT>(batch);
+        for (b, x) in batch.chunks_exact_mut(16).zip(tweaks.iter()) {
+            xor_block(b, *x);
+        }
+    }
+
+    /// Decrypts `src` into `dst` a batch at a time through a stack buffer, each batch stored
+    /// with one raw copy.
+    ///
+    /// # Safety
+    /// As [`XtsCipher::decrypt_unit_to`].
+    unsafe fn decrypt_to(&self, iv: u64, src: &[u8], dst: *mut u8) {
+        let mut t = u128::from_le_bytes(self.first_tweak(iv));
+        let mut buf = [0u8; BATCH * 16];
+        for (i, s) in src.chunks(BATCH * 16).enumerate() {
+            let batch = &mut buf[..s.len()];
+            batch.copy_from_slice(s);
+            self.batch::<false>(&mut t, batch);
+            // SAFETY: `i * BATCH * 16 + s.len() <= src.len()`, which the caller guarantees
+            // `dst` for; `buf` is on our stack, so the two do not overlap.
+            unsafe {
+                std::ptr::copy_nonoverlapping(batch.as_ptr(), dst.add(i * BATCH * 16), s.len())
+            };
+        }
+    }
+}
+
+/// Decrypts the units of `data` (`bs` bytes each, blocks `lba ..` of `1 << shift` bytes, read
+/// into the channel's own buffer) into the caller's `bufs`. A unit lying inside one segment is
+/// decrypted straight into it ([`XtsCipher::decrypt_unit_to`]); one straddling segments is
+/// decrypted in `data` and copied out. The caller's memory is only ever written with raw stores.
+fn decrypt_out(
+    cipher: &XtsCipher,
+    (lba, shift): (u64, u32),
+    bs: usize,
+    data: &mut [u8],
+    bufs: &mut SgList,
+) {
+    let segs = bufs.segments();
+    // The caller's position: segment `seg`, byte `off` of it.
+    let (mut seg, mut off) = (0, 0);
+    for (i, unit) in data.chunks_exact_mut(bs).enumerate() {
+        let iv = iv_of(lba + i as u64, shift);
+        while segs.get(seg).is_some_and(|s| off == s.len) {
+            seg += 1;
+            off = 0;
+        }
+        let Some(s) = segs.get(seg) else {
+            return;
+        };
+        if s.len - off >= bs {
+            // SAFETY: `off + bs <= s.len`, and the list's constructors guarantee the segment is
+            // valid for writes of its length while the list lives (borrowed mutably here); it is
+            // the caller's memory, not `data` (the channel's pool buffer).
+            unsafe { cipher.decrypt_unit_to(iv, unit, s.base.add(off)) };
+            off += bs;
+            continue;
+        }
+        cipher.decrypt_unit(iv, unit);
+        let mut done = 0;
+        while done < bs {
+            let Some(s) = segs.get(seg) else {
+                return;
+            };
+            let n = (s.len - off).min(bs - done);
+            // SAFETY: `off + n <= s.len`, a segment valid for writes of its length (as above);
+            // `unit` is our buffer, `done + n <= bs` bytes of it.
+            unsafe { std::ptr::copy_nonoverlapping(unit.as_ptr().add(done), s.base.add(off), n) };
+            done += n;
+            off += n;
+            if off == s.len {
+                seg += 1;
+                off = 0;
             }
         }
     }
@@ -358,7 +465,6 @@ impl Bdev for XtsBdev {
             pool: BufPool::new(self.base.info().geometry().buf_align as usize),
             reqs: Slots::new(depth),
             waiting: VecDeque::with_capacity(depth),
-            bounce: vec![0u8; bs],
             base: BaseQueue::new(base, depth),
         };
         Ok(Channel::new(self.info.clone(), Box::new(ops), depth))
@@ -381,8 +487,10 @@ impl Bdev for XtsBdev {
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
-    /// Read, flush, unmap: one base request with the caller's buffers.
+    /// Flush, unmap: one base request, passed through.
     Pass,
+    /// Read: one base read into a pool buffer, decrypted there and copied to the caller.
+    Read,
     /// Write: one base write from a pool buffer.
     Write,
     /// Write-zeroes: chunks of encrypted zeroes from pool buffers.
@@ -394,7 +502,7 @@ const ZERO_CHUNKS_IN_FLIGHT: u32 = 4;
 
 struct Req {
     kind: Kind,
-    /// The caller's request; for pass-through kinds its buffers travel in the base request.
+    /// The caller's request.
     io: IoRequest,
     /// Write-zeroes: blocks issued so far.
     next: u32,
@@ -412,7 +520,6 @@ struct XtsChannel {
     reqs: Slots<Req>,
     /// Write-zeroes requests with chunks still to issue, oldest first.
     waiting: VecDeque<u32>,
-    bounce: Vec<u8>,
 }
 
 impl XtsChannel {
@@ -469,7 +576,7 @@ impl ChannelOps for XtsChannel {
             return Err(io);
         }
         match io.io_type {
-            IoType::Read | IoType::Flush | IoType::Unmap => {
+            IoType::Flush | IoType::Unmap => {
                 let sub = IoRequest {
                     io_type: io.io_type,
                     offset_blocks: io.offset_blocks,
@@ -491,6 +598,29 @@ impl ChannelOps for XtsChannel {
                     tag: u64::from(slot),
                     ..sub
                 });
+            }
+            IoType::Read => {
+                let len = (io.num_blocks as usize) << self.shift;
+                let Some(buf) = self.pool.take(len) else {
+                    return Err(io);
+                };
+                let (lba, n) = (io.offset_blocks, io.num_blocks);
+                let slot = match self.reqs.insert(Req {
+                    kind: Kind::Read,
+                    io,
+                    next: 0,
+                    in_flight: 1,
+                    status: IoStatus::Success,
+                }) {
+                    Ok(slot) => slot,
+                    Err(r) => {
+                        self.pool.put(buf);
+                        return Err(r.io);
+                    }
+                };
+                let sub =
+                    IoRequest::read(lba, n, SgList::from_buf_prefix(buf, len), u64::from(slot));
+                self.base.submit(sub);
             }
             IoType::Write => {
                 let len = (io.num_blocks as usize) << self.shift;
@@ -546,13 +676,18 @@ impl ChannelOps for XtsChannel {
                 Kind::Pass => {
                     r.io.bufs = c.bufs;
                     r.status = c.status;
-                    if c.status.is_ok() && r.io.io_type == IoType::Read {
-                        let (cipher, shift, lba) = (&self.cipher, self.shift, r.io.offset_blocks);
-                        transform_units(&mut r.io.bufs, self.bs, &mut self.bounce, |i, unit| {
-                            cipher.decrypt_unit(iv_of(lba + i as u64, shift), unit);
-                            true
-                        });
+                    self.finish(slot, done);
+                }
+                Kind::Read => {
+                    r.status = c.status;
+                    let mut buf = c.bufs.into_buf().expect("a read's pool buffer comes back");
+                    if c.status.is_ok() {
+                        let len = (r.io.num_blocks as usize) << self.shift;
+                        let data = &mut buf.as_mut_slice()[..len];
+                        let at = (r.io.offset_blocks, self.shift);
+                        decrypt_out(&self.cipher, at, self.bs, data, &mut r.io.bufs);
                     }
+                    self.pool.put(buf);
                     self.finish(slot, done);
                 }
                 Kind::Write => {

@@ -538,3 +538,26 @@ fn gcm_bdev_throughput_over_malloc() {
         }
     }
 }
+
+#[test]
+fn reads_are_verified_in_the_channels_buffer_never_in_the_callers() {
+    for bs in [BlockSize::B4096, BlockSize::B512] {
+        let spy = crate::testing::ReadSpy::new(malloc(bs, 1100));
+        let g = GcmBdev::open("g", spy.clone(), key()).unwrap();
+        let mut ch = SyncChannel::new(g.open_channel().unwrap());
+        // One block, and a whole MAX_TRANSFER_BYTES request.
+        for blocks in [1, (MAX_TRANSFER_BYTES / bs.bytes() as usize) as u32] {
+            crate::testing::assert_reads_never_reach_the_callers_buffer(&spy, &mut ch, 3, blocks);
+        }
+    }
+}
+
+#[test]
+fn a_read_finding_no_pool_buffer_is_handed_back_and_buffers_come_back() {
+    let g = GcmBdev::open("g", malloc(BlockSize::B4096, 1100), key()).unwrap();
+    let blocks = g.info().block_count();
+    let mut ch = SyncChannel::new(g.open_channel().unwrap());
+    fill(&mut ch, blocks, 4096, 1);
+    drop(ch);
+    crate::testing::assert_reads_hold_pool_buffers(&g, &|lba| block_data(lba, 4096, 1));
+}

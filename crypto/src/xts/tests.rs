@@ -569,3 +569,98 @@ fn xts_bdev_throughput_over_malloc() {
         }
     }
 }
+
+#[test]
+fn reads_decrypt_in_the_channels_buffer_never_in_the_callers() {
+    for bs in [BlockSize::B4096, BlockSize::B512] {
+        let spy = crate::testing::ReadSpy::new(malloc(bs, 1024));
+        let x = XtsBdev::new("x", spy.clone(), vector_key()).unwrap();
+        let mut ch = SyncChannel::new(x.open_channel().unwrap());
+        // One block, and a whole MAX_TRANSFER_BYTES request.
+        for blocks in [1, (MAX_TRANSFER_BYTES / bs.bytes() as usize) as u32] {
+            crate::testing::assert_reads_never_reach_the_callers_buffer(&spy, &mut ch, 3, blocks);
+        }
+    }
+}
+
+#[test]
+fn a_read_finding_no_pool_buffer_is_handed_back_and_buffers_come_back() {
+    let x = XtsBdev::new("x", malloc(BlockSize::B4096, 1024), vector_key()).unwrap();
+    let mut ch = SyncChannel::new(x.open_channel().unwrap());
+    ferroblk_bdev::testing::fill(&mut ch, 1024, 4096, 1);
+    drop(ch);
+    crate::testing::assert_reads_hold_pool_buffers(&x, &|lba| {
+        ferroblk_bdev::testing::block_data(lba, 4096, 1)
+    });
+}
+
+#[test]
+fn every_engine_decrypts_out_of_place_as_the_reference_writing_only_its_unit() {
+    let seed = seed();
+    let mut rng = seed;
+    let key = Key::from_bytes(&rand_bytes(&mut rng, 64)).unwrap();
+    let reference = XtsCipher::with_engine(&key, Engine::Portable).unwrap();
+    for e in engines() {
+        let x = XtsCipher::with_engine(&key, e).unwrap();
+        let n = e.name();
+        for len in unit_sizes() {
+            for offset in [0, 1, 8, 63] {
+                let iv = next_rand(&mut rng);
+                let src = rand_bytes(&mut rng, len);
+                let mut expected = src.clone();
+                reference.decrypt_unit(iv, &mut expected);
+                let around = rand_bytes(&mut rng, offset + len + 80);
+                let mut dst = around.clone();
+                // SAFETY: `dst` has `offset + len` bytes and more; it does not overlap `src`.
+                unsafe { x.decrypt_unit_to(iv, &src, dst.as_mut_ptr().add(offset)) };
+                assert!(
+                    dst[offset..offset + len] == expected[..],
+                    "{n}: len {len} to offset {offset} (seed {seed:#x})"
+                );
+                assert!(
+                    dst[..offset] == around[..offset],
+                    "{n}: wrote before the unit"
+                );
+                assert!(
+                    dst[offset + len..] == around[offset + len..],
+                    "{n}: wrote past the unit"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn decrypt_out_fills_segments_of_any_shape_as_the_reference() {
+    let seed = seed();
+    let mut rng = seed;
+    let key = Key::from_bytes(&rand_bytes(&mut rng, 64)).unwrap();
+    let reference = XtsCipher::with_engine(&key, Engine::Portable).unwrap();
+    let (bs, units, lba) = (512usize, 8usize, 77u64);
+    // Units inside one segment, straddling two or three, and empty segments between.
+    let shapes: [&[usize]; 4] = [
+        &[4096],
+        &[512, 0, 1024, 2560],
+        &[100, 700, 16, 0, 300, 2980],
+        &[1, 511, 513, 1535, 8, 1528],
+    ];
+    for e in engines() {
+        let x = XtsCipher::with_engine(&key, e).unwrap();
+        for lens in shapes {
+            let ct = rand_bytes(&mut rng, bs * units);
+            let mut expected = ct.clone();
+            for (i, u) in expected.chunks_exact_mut(bs).enumerate() {
+                reference.decrypt_unit(iv_of(lba + i as u64, 9), u);
+            }
+            let mut data = ct.clone();
+            let mut bufs = SgList::from_buf_split(AlignedBuf::new(bs * units), lens);
+            decrypt_out(&x, (lba, 9), bs, &mut data, &mut bufs);
+            let got = bufs.into_buf().unwrap();
+            assert!(
+                got.as_slice() == &expected[..],
+                "{} {lens:?} (seed {seed:#x})",
+                e.name()
+            );
+        }
+    }
+}

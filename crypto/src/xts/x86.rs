@@ -95,15 +95,40 @@ impl HwXts {
     /// untouched).
     #[inline]
     pub(super) fn unit<const ENCRYPT: bool>(&self, iv: u64, unit: &mut [u8]) {
-        debug_assert!(unit.len().is_multiple_of(16));
+        let p = unit.as_mut_ptr();
+        // SAFETY: `unit` is borrowed mutably, so `p` is valid for reads and writes of its
+        // length and nothing else reaches it meanwhile; source and destination are the same.
+        unsafe { self.raw::<ENCRYPT>(iv, p, p, unit.len()) }
+    }
+
+    /// Decrypts the data unit `src` into `dst`, which is reached only through raw stores (it
+    /// may be memory another party can change at any moment; the result is then unspecified,
+    /// but nothing here relies on it).
+    ///
+    /// # Safety
+    /// `dst` must be valid for writes of `src.len()` bytes and must not overlap `src`.
+    #[inline]
+    pub(super) unsafe fn decrypt_to(&self, iv: u64, src: &[u8], dst: *mut u8) {
+        // SAFETY: `src` is valid for reads of its length; the caller guarantees `dst` for
+        // writes of as many bytes, not overlapping `src`.
+        unsafe { self.raw::<false>(iv, src.as_ptr(), dst, src.len()) }
+    }
+
+    /// # Safety
+    /// `src` valid for reads and `dst` for writes of `len` bytes, the two either equal or not
+    /// overlapping.
+    #[inline]
+    unsafe fn raw<const ENCRYPT: bool>(&self, iv: u64, src: *const u8, dst: *mut u8, len: usize) {
+        debug_assert!(len.is_multiple_of(16));
         if self.vaes {
             // SAFETY: `vaes` is true only when `HwXts::new` saw `vaes_supported()`, i.e. every
-            // feature `unit_vaes` enables is present on this CPU.
-            unsafe { unit_vaes::<ENCRYPT>(&self.keys, iv, unit) }
+            // feature `unit_vaes` enables is present on this CPU; the caller guarantees the
+            // pointers.
+            unsafe { unit_vaes::<ENCRYPT>(&self.keys, iv, src, dst, len) }
         } else {
             // SAFETY: an `HwXts` exists only when `HwXts::new` saw `aesni_supported()`, the
-            // one feature `unit_aesni` enables.
-            unsafe { unit_aesni::<ENCRYPT>(&self.keys, iv, unit) }
+            // one feature `unit_aesni` enables; the caller guarantees the pointers.
+            unsafe { unit_aesni::<ENCRYPT>(&self.keys, iv, src, dst, len) }
         }
     }
 }
@@ -268,12 +293,21 @@ pub(crate) fn in_step(x: &mut [__m128i; NI_BLOCKS]) {
     }
 }
 
-/// XTS of one block with tweak `t` (`k` holds the round keys for the direction).
+/// XTS of the block at `src` into `dst` with tweak `t` (`k` holds the round keys for the
+/// direction).
+///
+/// # Safety
+/// `src` valid for reads and `dst` for writes of 16 bytes (no alignment requirement).
 #[inline]
 #[target_feature(enable = "aes")]
-fn xts_block<const ENCRYPT: bool>(b: &mut [u8; 16], t: __m128i, k: &[__m128i; ROUND_KEYS]) {
-    // SAFETY: `b` is valid for reads of 16 bytes; no alignment requirement.
-    let mut x = unsafe { _mm_loadu_si128(b.as_ptr().cast()) };
+unsafe fn xts_block<const ENCRYPT: bool>(
+    src: *const u8,
+    dst: *mut u8,
+    t: __m128i,
+    k: &[__m128i; ROUND_KEYS],
+) {
+    // SAFETY: the caller guarantees `src` for reads of 16 bytes; no alignment requirement.
+    let mut x = unsafe { _mm_loadu_si128(src.cast()) };
     x = _mm_xor_si128(_mm_xor_si128(x, t), k[0]);
     for rk in &k[1..ROUND_KEYS - 1] {
         x = round::<ENCRYPT>(x, *rk);
@@ -281,17 +315,28 @@ fn xts_block<const ENCRYPT: bool>(b: &mut [u8; 16], t: __m128i, k: &[__m128i; RO
     // The last round ends by XORing its key: XORing the tweak into that key applies the
     // tweak to the output.
     x = last_round::<ENCRYPT>(x, _mm_xor_si128(k[ROUND_KEYS - 1], t));
-    // SAFETY: `b` is valid for writes of 16 bytes; no alignment requirement.
-    unsafe { _mm_storeu_si128(b.as_mut_ptr().cast(), x) }
+    // SAFETY: the caller guarantees `dst` for writes of 16 bytes; no alignment requirement.
+    unsafe { _mm_storeu_si128(dst.cast(), x) }
 }
 
-/// The AES-NI transform of one unit (see [`HwXts::unit`]).
+/// The AES-NI transform of one unit of `len` bytes from `src` into `dst` (see [`HwXts::unit`]);
+/// a partial last block is left alone.
+///
+/// # Safety
+/// `src` valid for reads and `dst` for writes of `len` bytes, the two equal or not overlapping
+/// (each block is loaded before it is stored).
 #[target_feature(enable = "aes")]
-fn unit_aesni<const ENCRYPT: bool>(keys: &RoundKeys, iv: u64, unit: &mut [u8]) {
+unsafe fn unit_aesni<const ENCRYPT: bool>(
+    keys: &RoundKeys,
+    iv: u64,
+    src: *const u8,
+    dst: *mut u8,
+    len: usize,
+) {
     let k = if ENCRYPT { &keys.enc } else { &keys.dec };
     let mut t = first_tweak(&keys.tweak, iv);
-    let (chunks, rest) = unit.as_chunks_mut::<{ NI_BLOCKS * 16 }>();
-    for c in chunks {
+    let chunk = NI_BLOCKS * 16;
+    for at in (0..len / chunk).map(|c| c * chunk) {
         let mut tw = [t; NI_BLOCKS];
         for i in 1..NI_BLOCKS {
             tw[i] = mul_alpha(tw[i - 1]);
@@ -299,9 +344,9 @@ fn unit_aesni<const ENCRYPT: bool>(keys: &RoundKeys, iv: u64, unit: &mut [u8]) {
         t = mul_alpha(tw[NI_BLOCKS - 1]);
         let mut x = [_mm_setzero_si128(); NI_BLOCKS];
         for (i, x) in x.iter_mut().enumerate() {
-            // SAFETY: `c` is valid for reads of `NI_BLOCKS * 16` bytes and `i < NI_BLOCKS`;
-            // no alignment requirement.
-            let b = unsafe { _mm_loadu_si128(c.as_ptr().add(16 * i).cast()) };
+            // SAFETY: `at + 16 * i + 16 <= len`, inside `src` (valid for reads of `len`
+            // bytes); no alignment requirement.
+            let b = unsafe { _mm_loadu_si128(src.add(at + 16 * i).cast()) };
             *x = _mm_xor_si128(_mm_xor_si128(b, tw[i]), k[0]);
         }
         for rk in &k[1..ROUND_KEYS - 1] {
@@ -312,14 +357,15 @@ fn unit_aesni<const ENCRYPT: bool>(keys: &RoundKeys, iv: u64, unit: &mut [u8]) {
         }
         for (i, x) in x.iter().enumerate() {
             let y = last_round::<ENCRYPT>(*x, _mm_xor_si128(k[ROUND_KEYS - 1], tw[i]));
-            // SAFETY: `c` is valid for writes of `NI_BLOCKS * 16` bytes and
-            // `i < NI_BLOCKS`; no alignment requirement.
-            unsafe { _mm_storeu_si128(c.as_mut_ptr().add(16 * i).cast(), y) }
+            // SAFETY: `at + 16 * i + 16 <= len`, inside `dst` (valid for writes of `len`
+            // bytes); this chunk's blocks were all loaded above; no alignment requirement.
+            unsafe { _mm_storeu_si128(dst.add(at + 16 * i).cast(), y) }
         }
     }
     // Fewer than NI_BLOCKS blocks left: one at a time.
-    for b in rest.as_chunks_mut::<16>().0 {
-        xts_block::<ENCRYPT>(b, t, k);
+    for at in (len / chunk * chunk..len / 16 * 16).step_by(16) {
+        // SAFETY: `at + 16 <= len`, inside both buffers.
+        unsafe { xts_block::<ENCRYPT>(src.add(at), dst.add(at), t, k) };
         t = mul_alpha(t);
     }
 }
@@ -404,58 +450,71 @@ fn xts_regs<const ENCRYPT: bool>(
     }
 }
 
-/// The VAES + AVX-512 transform of one unit (see [`HwXts::unit`]).
+/// The VAES + AVX-512 transform of one unit of `len` bytes from `src` into `dst` (see
+/// [`HwXts::unit`]); a partial last block is left alone.
+///
+/// # Safety
+/// `src` valid for reads and `dst` for writes of `len` bytes, the two equal or not overlapping
+/// (each register of blocks is loaded before it is stored).
 #[target_feature(enable = "aes,avx512f,avx512bw,vaes,vpclmulqdq")]
-fn unit_vaes<const ENCRYPT: bool>(keys: &RoundKeys, iv: u64, unit: &mut [u8]) {
+unsafe fn unit_vaes<const ENCRYPT: bool>(
+    keys: &RoundKeys,
+    iv: u64,
+    src: *const u8,
+    dst: *mut u8,
+    len: usize,
+) {
     let rk = if ENCRYPT { &keys.enc } else { &keys.dec };
     let mut k = [_mm512_setzero_si512(); ROUND_KEYS];
     for (k, rk) in k.iter_mut().zip(rk) {
         *k = _mm512_broadcast_i32x4(*rk);
     }
     let mut t = first_tweaks(first_tweak(&keys.tweak, iv));
-    let (chunks, rest) = unit.as_chunks_mut::<{ VAES_BLOCKS * 16 }>();
-    for c in chunks {
+    let chunk = VAES_BLOCKS * 16;
+    for at in (0..len / chunk).map(|c| c * chunk) {
         let mut x = [_mm512_setzero_si512(); REGS];
         for (r, x) in x.iter_mut().enumerate() {
-            // SAFETY: `c` is valid for reads of `REGS * 64` bytes and `r < REGS`; no alignment
-            // requirement.
-            *x = unsafe { _mm512_loadu_si512(c.as_ptr().add(64 * r).cast()) };
+            // SAFETY: `at + 64 * r + 64 <= len`, inside `src` (valid for reads of `len`
+            // bytes); no alignment requirement.
+            *x = unsafe { _mm512_loadu_si512(src.add(at + 64 * r).cast()) };
         }
         xts_regs::<ENCRYPT>(&mut x, &t, &k);
         for (r, x) in x.iter().enumerate() {
-            // SAFETY: `c` is valid for writes of `REGS * 64` bytes and `r < REGS`; no alignment
-            // requirement.
-            unsafe { _mm512_storeu_si512(c.as_mut_ptr().add(64 * r).cast(), *x) }
+            // SAFETY: `at + 64 * r + 64 <= len`, inside `dst` (valid for writes of `len`
+            // bytes); this chunk was loaded above; no alignment requirement.
+            unsafe { _mm512_storeu_si512(dst.add(at + 64 * r).cast(), *x) }
         }
         for t in &mut t {
             *t = mul_x16(*t);
         }
     }
-    if rest.is_empty() {
+    let done = len / chunk * chunk;
+    let blocks = (len - done) / 16;
+    if blocks == 0 {
         return;
     }
     // Fewer than VAES_BLOCKS blocks left: `t` holds their tweaks. Masked loads and stores
     // touch only the blocks that exist; each mask bit covers a quadword, two per block.
-    let blocks = rest.len() / 16;
-    let p = rest.as_mut_ptr();
+    // SAFETY: `done <= len`: both stay inside (or one past) their buffers.
+    let (src, dst) = unsafe { (src.add(done), dst.add(done)) };
     let mut masks = [0u8; REGS];
     let mut x = [_mm512_setzero_si512(); REGS];
     for (r, (x, m)) in x.iter_mut().zip(&mut masks).enumerate() {
         let n = blocks.saturating_sub(4 * r).min(4);
         if n > 0 {
             *m = ((1u32 << (2 * n)) - 1) as u8;
-            // SAFETY: `n > 0` means `4 * r < blocks`, so `p + 64 r` lies inside `rest`; the
-            // mask reads only the first `16 n` bytes from there, which end at or before
-            // `16 * blocks <= rest.len()`. Masked-off quadwords are not accessed.
-            *x = unsafe { _mm512_maskz_loadu_epi64(*m, p.add(64 * r).cast()) };
+            // SAFETY: `n > 0` means `4 * r < blocks`, so `src + 64 r` lies inside the rest of
+            // `src`; the mask reads only the first `16 n` bytes from there, which end at or
+            // before `done + 16 * blocks <= len`. Masked-off quadwords are not accessed.
+            *x = unsafe { _mm512_maskz_loadu_epi64(*m, src.add(64 * r).cast()) };
         }
     }
     xts_regs::<ENCRYPT>(&mut x, &t, &k);
     for (r, (x, m)) in x.iter().zip(&masks).enumerate() {
         if *m != 0 {
             // SAFETY: as for the load: the mask writes only the `16 n` bytes of this
-            // register's blocks, all inside `rest`, which is borrowed mutably.
-            unsafe { _mm512_mask_storeu_epi64(p.add(64 * r).cast(), *m, *x) }
+            // register's blocks, all inside `dst`'s `len` bytes; every block was loaded above.
+            unsafe { _mm512_mask_storeu_epi64(dst.add(64 * r).cast(), *m, *x) }
         }
     }
 }
