@@ -260,6 +260,16 @@ pub(super) fn check_entry(e: &Entry, l: &CompressLayout) -> Result<(), String> {
     Ok(())
 }
 
+/// The CRC32C a map page or log block stores (bytes 4..8 of its header) and the CRC32C of the
+/// block with that field zero: equal if the block is intact.
+fn header_crcs(b: &[u8]) -> (u32, u32) {
+    let stored = u32::from_le_bytes(b[4..8].try_into().expect("4 bytes"));
+    let mut crc = crate::checksum::crc32c(&b[..4]);
+    crc = crate::checksum::crc32c_append(crc, &[0; 4]);
+    crc = crate::checksum::crc32c_append(crc, &b[8..]);
+    (stored, crc)
+}
+
 /// Decodes one map page slot: `Some((seq, page bytes))` if it is valid (an all-zero block is a
 /// valid empty page with sequence 0).
 pub(super) fn valid_page(b: &[u8], page: u64) -> Option<u64> {
@@ -269,10 +279,7 @@ pub(super) fn valid_page(b: &[u8], page: u64) -> Option<u64> {
     if &b[0..4] != PAGE_MAGIC {
         return None;
     }
-    let stored = u32::from_le_bytes(b[4..8].try_into().expect("4 bytes"));
-    let mut crc = crate::checksum::crc32c(&b[..4]);
-    crc = crate::checksum::crc32c_append(crc, &[0; 4]);
-    crc = crate::checksum::crc32c_append(crc, &b[8..]);
+    let (stored, crc) = header_crcs(b);
     let seq = u64::from_le_bytes(b[8..16].try_into().expect("8 bytes"));
     let index = u64::from_le_bytes(b[16..24].try_into().expect("8 bytes"));
     // A sequence number that cannot be incremented is no version a checkpoint wrote.
@@ -319,10 +326,7 @@ pub(super) fn valid_log_block(b: &[u8], per_block: usize) -> Option<usize> {
     if &b[0..4] != LOG_MAGIC {
         return None;
     }
-    let stored = u32::from_le_bytes(b[4..8].try_into().expect("4 bytes"));
-    let mut crc = crate::checksum::crc32c(&b[..4]);
-    crc = crate::checksum::crc32c_append(crc, &[0; 4]);
-    crc = crate::checksum::crc32c_append(crc, &b[8..]);
+    let (stored, crc) = header_crcs(b);
     let count = u32::from_le_bytes(b[8..12].try_into().expect("4 bytes")) as usize;
     (crc == stored && count <= per_block).then_some(count)
 }

@@ -29,6 +29,14 @@ fn file_base(path: &std::path::Path, blocks: u64) -> Arc<dyn Bdev> {
     file(path, BlockSize::B4096, blocks)
 }
 
+/// A base of 1024 blocks of 4 KiB, the options of a 4 MiB volume, and two versions of the
+/// volume's first 4 blocks (each block about four to one compressible).
+fn two_versions() -> (Arc<dyn Bdev>, CompressOptions, Vec<u8>, Vec<u8>) {
+    let a: Vec<u8> = (0..4).flat_map(|b| block(b, 4096, 1024)).collect();
+    let b: Vec<u8> = (0..4).flat_map(|x| block(x + 50, 4096, 1024)).collect();
+    (malloc(BlockSize::B4096, 1024), opts(4 << 20), a, b)
+}
+
 fn describe_u64(c: &CompressBdev, key: &str) -> u64 {
     c.describe()[key].as_u64().unwrap()
 }
@@ -216,33 +224,32 @@ fn acknowledged_writes_survive_a_crash_without_flush() {
     // The file lock of the forgotten bdev is still held: copy the image.
     let copy = dir.path().join("copy.img");
     std::fs::copy(&path, &copy).unwrap();
-    let z = CompressBdev::open("z", file_base(&copy, 512), &opts(4 << 20)).unwrap();
+    let reopen = || {
+        let z = CompressBdev::open("z", file_base(&copy, 512), &opts(4 << 20)).unwrap();
+        let ch = SyncChannel::new(z.open_channel().unwrap());
+        (z, ch)
+    };
+    let (z, mut ch) = reopen();
     z.check_consistency().unwrap();
-    let mut ch = SyncChannel::new(z.open_channel().unwrap());
     // The unflushed write was acknowledged: its map update is in the log.
     assert_eq!(ch.read(0, 8), (IoStatus::Success, b.clone()));
     // A clean close persists.
     assert_eq!(ch.write(0, &a), IoStatus::Success);
     drop(ch);
     drop(z);
-    let z = CompressBdev::open("z", file_base(&copy, 512), &opts(4 << 20)).unwrap();
-    let mut ch = SyncChannel::new(z.open_channel().unwrap());
+    let (z, mut ch) = reopen();
     assert_eq!(ch.read(0, 8), (IoStatus::Success, a));
     assert_eq!(ch.write(0, &b), IoStatus::Success);
     drop(ch);
     drop(z);
-    let z = CompressBdev::open("z", file_base(&copy, 512), &opts(4 << 20)).unwrap();
-    let mut ch = SyncChannel::new(z.open_channel().unwrap());
+    let (z, mut ch) = reopen();
     assert_eq!(ch.read(0, 8), (IoStatus::Success, b));
     z.check_consistency().unwrap();
 }
 
 #[test]
 fn a_torn_map_page_falls_back_to_its_previous_version() {
-    let base = malloc(BlockSize::B4096, 1024);
-    let o = opts(4 << 20);
-    let a: Vec<u8> = (0..4).flat_map(|b| block(b, 4096, 1024)).collect();
-    let b: Vec<u8> = (0..4).flat_map(|x| block(x + 50, 4096, 1024)).collect();
+    let (base, o, a, b) = two_versions();
     let z = CompressBdev::open("z", base.clone(), &o).unwrap();
     let l = z.layout();
     let mut ch = SyncChannel::new(z.open_channel().unwrap());
@@ -397,10 +404,7 @@ fn read_all(ch: &mut SyncChannel, blocks: u64) -> Vec<u8> {
 
 #[test]
 fn a_logged_update_whose_data_is_not_there_falls_back_to_the_previous_run() {
-    let base = malloc(BlockSize::B4096, 1024);
-    let o = opts(4 << 20);
-    let a: Vec<u8> = (0..4).flat_map(|b| block(b, 4096, 1024)).collect();
-    let b: Vec<u8> = (0..4).flat_map(|x| block(x + 50, 4096, 1024)).collect();
+    let (base, o, a, b) = two_versions();
     let z = CompressBdev::open("z", base.clone(), &o).unwrap();
     let mut ch = SyncChannel::new(z.open_channel().unwrap());
     assert_eq!(ch.write(0, &a), IoStatus::Success);
