@@ -8,7 +8,8 @@
 //!   at a time and speaks the vhost-user protocol ([`protocol`]): features, memory table,
 //!   vrings, config space, inflight region, back-end channel. It owns the connection state.
 //! - [`queue`]: each started virtqueue is a [`queue::VqPoller`] on reactor `queue % reactors`,
-//!   with its own channel of the bdev. It pops chains, validates them, submits one bdev request
+//!   with its own channel of the bdev. It pops chains, has [`blk::parse_request`] (a pure
+//!   function of a descriptor chain) validate them and say what to do, submits one bdev request
 //!   per virtio request with the guest's buffers as the scatter-gather list (no copy), and
 //!   completes them on the used ring.
 //! - [`virtq`]: the split ring, hardened against hostile drivers; [`memory`]: the guest memory
@@ -29,6 +30,7 @@
 //!
 //! This crate never imports `ferroblk-target`; both fronts speak only to `ferroblk-bdev`.
 
+pub mod blk;
 pub mod device;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -1,11 +1,11 @@
 //! One virtio-blk virtqueue served by one reactor (virtio 1.2 §5.2.6).
 //!
-//! The poller takes available chains, validates them, turns each into one bdev request whose
-//! buffers are the guest's own memory (no copy), submits it to the reactor's channel, and on
-//! completion writes the status byte, publishes the used entry and signals the guest unless it
-//! asked not to be. Bad requests complete with `VIRTIO_BLK_S_IOERR` or `VIRTIO_BLK_S_UNSUPP`; a
-//! driver that breaks the ring itself gets its queue stopped (the device needs a reset), and
-//! nothing else is affected.
+//! The poller takes available chains, has [`crate::blk::parse_request`] validate each and say
+//! what to do, turns each into one bdev request whose buffers are the guest's own memory (no
+//! copy), submits it to the reactor's channel, and on completion writes the status byte,
+//! publishes the used entry and signals the guest unless it asked not to be. Bad requests
+//! complete with `VIRTIO_BLK_S_IOERR` or `VIRTIO_BLK_S_UNSUPP`; a driver that breaks the ring
+//! itself gets its queue stopped (the device needs a reset), and nothing else is affected.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -17,6 +17,7 @@ use ferroblk_bdev::uring::{RingClient, ThreadRing};
 use ferroblk_bdev::{Channel, IoCompletion, IoRequest, IoSeg, IoStatus, IoType, SgList, Wake};
 use io_uring::{opcode, types};
 
+use crate::blk::{self, Action};
 use crate::inflight::InflightQueue;
 use crate::memory::GuestMemory;
 use crate::virtq::{Buf, QueueError, SplitQueue};
@@ -105,8 +106,8 @@ struct Slot {
     segs: Vec<IoSeg>,
 }
 
-/// Result of looking at one chain.
-enum Parsed {
+/// What the poller does with one chain.
+enum Step {
     Submit(IoRequest),
     Done(u8),
 }
@@ -298,155 +299,43 @@ impl VqPoller {
         self.to_notify = true;
     }
 
-    /// Copies `dst.len()` readable bytes of the chain starting at byte `off`; false if the
-    /// readable part is shorter or a buffer is outside guest memory.
-    fn copy_readable(chain: &[Buf], mut off: usize, dst: &mut [u8]) -> bool {
-        // Fast path: the header (or segment) lies in the first buffer, as Linux lays it out.
-        if let Some(b) = chain.first()
-            && !b.write
-            && !b.host.is_null()
-            && dst.len() == 16
-            && off + 16 <= b.len as usize
-        {
-            // SAFETY: `off + 16 <= b.len`, inside the mapped, readable guest buffer; an
-            // unaligned read copies the bytes once.
-            let v: [u8; 16] = unsafe { std::ptr::read_unaligned(b.host.add(off).cast()) };
-            dst.copy_from_slice(&v);
-            return true;
-        }
-        let mut done = 0;
-        for b in chain.iter().take_while(|b| !b.write) {
-            let len = b.len as usize;
-            if off >= len {
-                off -= len;
-                continue;
-            }
-            if b.host.is_null() {
-                return false;
-            }
-            let n = (len - off).min(dst.len() - done);
-            // SAFETY: `b.host..+len` is mapped guest memory (checked non-null by translation);
-            // `off + n <= len`.
-            unsafe { std::ptr::copy(b.host.add(off), dst.as_mut_ptr().add(done), n) };
-            done += n;
-            off = 0;
-            if done == dst.len() {
-                return true;
-            }
-        }
-        done == dst.len()
-    }
-
-    /// Turns the chain at `head` into a request.
-    fn parse(&mut self, head: u16) -> Result<Parsed, QueueError> {
+    /// Turns the chain at `head` into a request ([`blk::parse_request`]) and claims its slot.
+    fn parse(&mut self, head: u16) -> Result<Step, QueueError> {
         self.q.read_chain(&self.mem, head, &mut self.chain)?;
-        let chain = &self.chain;
-        let last = match chain.last() {
-            Some(b) if b.write && b.len >= 1 && !b.host.is_null() => *b,
-            _ => {
-                return Err(QueueError::Driver(format!(
-                    "chain {head} has no writable status byte"
-                )));
-            }
-        };
         let slot = &mut self.slots[head as usize];
+        // Checked before parsing: the segments of a slot in flight belong to its request.
         if slot.active {
             return Err(QueueError::Driver(format!(
                 "chain {head} is already in flight"
             )));
         }
-        // SAFETY: `last.host..+len` is mapped; `len >= 1`.
-        slot.status = unsafe { last.host.add(last.len as usize - 1) };
-        // The status byte is written at completion: start owning its line now.
-        crate::virtq::prefetch_write(slot.status);
+        let parsed = blk::parse_request(&self.chain, &self.params, &mut slot.segs)
+            .map_err(|e| QueueError::Driver(format!("chain {head} {e}")))?;
+        slot.status = parsed.status;
         slot.active = true;
         slot.written = 1;
-        slot.segs.clear();
-        let n_read = chain.iter().take_while(|b| !b.write).count();
-        if chain[n_read..].iter().any(|b| !b.write) {
-            return Ok(Parsed::Done(S_IOERR));
-        }
-        let mut hdr = [0u8; 16];
-        if !Self::copy_readable(chain, 0, &mut hdr) {
-            return Ok(Parsed::Done(S_IOERR));
-        }
-        let rtype = u32::from_le_bytes(hdr[0..4].try_into().expect("4 bytes"));
-        let sector = u64::from_le_bytes(hdr[8..16].try_into().expect("8 bytes"));
-        let shift = self.params.block_shift;
-        let readable: u64 = chain[..n_read].iter().map(|b| u64::from(b.len)).sum();
-        let to_blocks = |sector: u64, bytes: u64| -> Option<(u64, u32)> {
-            let byte_off = sector.checked_mul(512)?;
-            let mask = (1u64 << shift) - 1;
-            if byte_off & mask != 0 || bytes & mask != 0 || bytes == 0 {
-                return None;
+        Ok(match parsed.action {
+            Action::Complete(status) => Step::Done(status),
+            Action::GetId { len } => {
+                blk::write_id(&slot.segs, &self.params.serial[..len]);
+                slot.written = len as u32 + 1;
+                Step::Done(S_OK)
             }
-            Some((byte_off >> shift, u32::try_from(bytes >> shift).ok()?))
-        };
-        let status_or = |ok: Option<(u64, u32)>| ok.ok_or(());
-        Ok(match rtype {
-            T_IN | T_OUT | T_GET_ID => {
-                let write_data = rtype == T_OUT;
-                // Data: readable bytes after the header (OUT), or writable bytes before the
-                // status byte (IN, GET_ID).
-                let mut skip = if write_data { 16u64 } else { 0 };
-                let mut total = 0u64;
-                let bufs: &[Buf] = if write_data {
-                    &chain[..n_read]
-                } else {
-                    &chain[n_read..]
-                };
-                let nb = bufs.len();
-                for (i, b) in bufs.iter().enumerate() {
-                    let mut len = u64::from(b.len);
-                    if !write_data && i == nb - 1 {
-                        len -= 1; // the status byte
-                    }
-                    if skip >= len {
-                        skip -= len;
-                        continue;
-                    }
-                    if b.host.is_null() {
-                        return Ok(Parsed::Done(S_IOERR));
-                    }
-                    slot.segs.push(IoSeg {
-                        // SAFETY: `skip < len <= b.len`, inside the mapped buffer.
-                        base: unsafe { b.host.add(skip as usize) },
-                        len: (len - skip) as usize,
-                    });
-                    total += len - skip;
-                    skip = 0;
-                }
-                if rtype == T_GET_ID {
-                    let n = (total as usize).min(ID_BYTES);
-                    let mut left = n;
-                    let mut from = 0;
-                    for s in &slot.segs {
-                        let k = s.len.min(left);
-                        // SAFETY: `s` is a mapped, device-writable guest segment of `s.len` bytes.
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                self.params.serial[from..].as_ptr(),
-                                s.base,
-                                k,
-                            )
-                        };
-                        left -= k;
-                        from += k;
-                        if left == 0 {
-                            break;
-                        }
-                    }
-                    slot.written = n as u32 + 1;
-                    return Ok(Parsed::Done(if n > 0 { S_OK } else { S_IOERR }));
-                }
-                if slot.segs.len() > self.params.max_segments {
-                    return Ok(Parsed::Done(S_IOERR));
-                }
-                let Ok((off, nblocks)) = status_or(to_blocks(sector, total)) else {
-                    return Ok(Parsed::Done(S_IOERR));
-                };
-                if !write_data {
-                    slot.written = total as u32 + 1;
+            Action::Submit {
+                io_type,
+                offset_blocks,
+                num_blocks,
+                written,
+            } => {
+                let tag = u64::from(head);
+                slot.written = written;
+                if !matches!(io_type, IoType::Read | IoType::Write) {
+                    return Ok(Step::Submit(IoRequest::no_data(
+                        io_type,
+                        offset_blocks,
+                        num_blocks,
+                        tag,
+                    )));
                 }
                 let bufs = if slot.segs.len() <= ferroblk_bdev::buf::INLINE_SEGS {
                     // SAFETY: every segment is mapped guest memory kept alive by `self.mem`
@@ -456,58 +345,15 @@ impl VqPoller {
                     // SAFETY: as above.
                     unsafe { SgList::from_raw_vec(std::mem::take(&mut slot.segs)) }
                 };
-                let t = if write_data {
-                    IoType::Write
-                } else {
-                    IoType::Read
-                };
-                slot.flush_after = write_data
-                    && self.params.volatile_cache
-                    && !self.params.writeback.load(Ordering::Relaxed);
-                Parsed::Submit(IoRequest {
-                    io_type: t,
-                    offset_blocks: off,
-                    num_blocks: nblocks,
+                slot.flush_after = blk::flush_after(io_type, &self.params);
+                Step::Submit(IoRequest {
+                    io_type,
+                    offset_blocks,
+                    num_blocks,
                     bufs,
-                    tag: u64::from(head),
+                    tag,
                 })
             }
-            T_FLUSH => Parsed::Submit(IoRequest::no_data(IoType::Flush, 0, 0, u64::from(head))),
-            T_DISCARD | T_WRITE_ZEROES => {
-                // One 16-byte segment {le64 sector, le32 num_sectors, le32 flags}; the device
-                // advertises max_discard_seg = max_write_zeroes_seg = 1.
-                if readable != 32 {
-                    return Ok(Parsed::Done(S_IOERR));
-                }
-                let mut seg = [0u8; 16];
-                if !Self::copy_readable(chain, 16, &mut seg) {
-                    return Ok(Parsed::Done(S_IOERR));
-                }
-                let s_sector = u64::from_le_bytes(seg[0..8].try_into().expect("8 bytes"));
-                let s_count = u32::from_le_bytes(seg[8..12].try_into().expect("4 bytes"));
-                let flags = u32::from_le_bytes(seg[12..16].try_into().expect("4 bytes"));
-                let t = if rtype == T_DISCARD {
-                    if flags != 0 {
-                        return Ok(Parsed::Done(S_UNSUPP));
-                    }
-                    IoType::Unmap
-                } else {
-                    if flags & !WZ_FLAG_UNMAP != 0 {
-                        return Ok(Parsed::Done(S_UNSUPP));
-                    }
-                    if flags & WZ_FLAG_UNMAP != 0 && self.params.unmap_zeroes {
-                        IoType::Unmap
-                    } else {
-                        IoType::WriteZeroes
-                    }
-                };
-                let Ok((off, nblocks)) = status_or(to_blocks(s_sector, u64::from(s_count) * 512))
-                else {
-                    return Ok(Parsed::Done(S_IOERR));
-                };
-                Parsed::Submit(IoRequest::no_data(t, off, nblocks, u64::from(head)))
-            }
-            _ => Parsed::Done(S_UNSUPP),
         })
     }
 
@@ -524,11 +370,11 @@ impl VqPoller {
                 self.break_queue(e);
                 true
             }
-            Ok(Parsed::Done(status)) => {
+            Ok(Step::Done(status)) => {
                 self.complete(head, status);
                 true
             }
-            Ok(Parsed::Submit(io)) => self.submit(io),
+            Ok(Step::Submit(io)) => self.submit(io),
         }
     }
 
