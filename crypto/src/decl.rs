@@ -1,6 +1,6 @@
-//! Declarations of the encryption bdevs, one serde struct per kind, for the daemon's config file
-//! and RPC (which add them to their list of kinds as `kind = "crypt_xts"` and
-//! `kind = "crypt_gcm"`). Unknown fields are rejected.
+//! The encryption kinds of bdev, [`CryptXtsKind`] (`kind = "crypt_xts"`) and [`CryptGcmKind`]
+//! (`kind = "crypt_gcm"`): their declarations (one serde struct per kind, unknown fields
+//! rejected) and constructors, which a program adds to its list of kinds with [`add_kinds`].
 //!
 //! ```toml
 //! [[bdev]]
@@ -16,11 +16,12 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use ferroblk_bdev::{Bdev, BdevError};
+use ferroblk_bdev::decl::need_base;
+use ferroblk_bdev::{Bdev, BdevError, BdevKind, Kinds};
 use serde::{Deserialize, Serialize};
 
 use crate::gcm::GcmBdev;
-use crate::key::{Key, KeyHex};
+use crate::key::{AES256_KEY_LEN, Key, KeyHex, XTS_KEY_LEN};
 use crate::xts::XtsBdev;
 
 /// Where a declaration's key comes from.
@@ -52,7 +53,7 @@ fn check_one_key(key_file: &Option<PathBuf>, key_hex: &Option<KeyHex>) -> Result
 /// `kind = "crypt_xts"`: AES-256-XTS on `base`, dm-crypt `aes-xts-plain64` compatible.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct XtsSpec {
+pub struct XtsDecl {
     /// Unique name.
     pub name: String,
     /// The bdev it stacks on.
@@ -65,7 +66,7 @@ pub struct XtsSpec {
     pub key_hex: Option<KeyHex>,
 }
 
-impl XtsSpec {
+impl XtsDecl {
     /// Checks what needs no file or bdev: exactly one key source.
     pub fn validate(&self) -> Result<(), BdevError> {
         check_one_key(&self.key_file, &self.key_hex)
@@ -81,7 +82,7 @@ impl XtsSpec {
 /// `kind = "crypt_gcm"`: AES-256-GCM on `base`, formatted on first open of a zeroed base.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct GcmSpec {
+pub struct GcmDecl {
     /// Unique name.
     pub name: String,
     /// The bdev it stacks on.
@@ -94,7 +95,7 @@ pub struct GcmSpec {
     pub key_hex: Option<KeyHex>,
 }
 
-impl GcmSpec {
+impl GcmDecl {
     /// Checks what needs no file or bdev: exactly one key source.
     pub fn validate(&self) -> Result<(), BdevError> {
         check_one_key(&self.key_file, &self.key_hex)
@@ -106,6 +107,90 @@ impl GcmSpec {
         Ok(Arc::new(GcmBdev::open(&self.name, base, key)?))
     }
 }
+
+/// Adds the encryption kinds, `crypt_xts` and `crypt_gcm`, to a program's list of kinds.
+pub fn add_kinds(kinds: &mut Kinds) -> &mut Kinds {
+    kinds.add::<CryptXtsKind>().add::<CryptGcmKind>()
+}
+
+/// Loads the key as opening would and checks its length: what `check-config` runs.
+fn check_key(
+    key_file: &Option<PathBuf>,
+    key_hex: &Option<KeyHex>,
+    need: usize,
+) -> Result<(), BdevError> {
+    let (field, key) = match (key_file, key_hex) {
+        (Some(p), _) => ("key_file", Key::from_file(p)),
+        (None, Some(h)) => ("key_hex", h.key()),
+        (None, None) => return Ok(()), // validate() reported it.
+    };
+    match key {
+        Ok(k) if k.len() == need => Ok(()),
+        Ok(k) => Err(BdevError::invalid(
+            field,
+            format!("the key is {} bytes; this kind takes {need}", k.len()),
+        )),
+        Err(e) => Err(BdevError::invalid(field, e.to_string())),
+    }
+}
+
+/// Implements [`BdevKind`] for an encryption kind whose declaration has `name`, `base`,
+/// `key_file` and `key_hex`; the two differ only in their name, key length and constructor.
+macro_rules! crypt_kind {
+    ($(#[$doc:meta])* $kind:ident, $name:expr, $decl:ty, $key_len:expr) => {
+        $(#[$doc])*
+        pub struct $kind;
+
+        impl BdevKind for $kind {
+            const NAME: &'static str = $name;
+            type Config = $decl;
+            fn name(c: &$decl) -> &str {
+                &c.name
+            }
+            fn base(c: &$decl) -> Option<&str> {
+                Some(&c.base)
+            }
+            fn validate(c: &$decl) -> Result<(), BdevError> {
+                c.validate()
+            }
+            fn check(c: &$decl) -> Result<(), BdevError> {
+                check_key(&c.key_file, &c.key_hex, $key_len)
+            }
+            fn build(
+                c: &$decl,
+                base: Option<Arc<dyn Bdev>>,
+            ) -> Result<Arc<dyn Bdev>, BdevError> {
+                c.build(need_base(base)?)
+            }
+            fn inline_secret(c: &$decl) -> Option<&'static str> {
+                c.key_hex.as_ref().map(|_| "key_hex")
+            }
+            fn same_inline_secret(a: &$decl, b: &$decl) -> bool {
+                a.key_hex.is_some() && a.key_hex == b.key_hex
+            }
+            fn copy_inline_secret(from: &$decl, to: &mut $decl) {
+                if from.key_hex.is_some() {
+                    to.key_hex = from.key_hex.clone();
+                }
+            }
+        }
+    };
+}
+
+crypt_kind!(
+    /// `kind = "crypt_xts"`: AES-256-XTS, dm-crypt `aes-xts-plain64` compatible.
+    CryptXtsKind,
+    crate::xts::KIND,
+    XtsDecl,
+    XTS_KEY_LEN
+);
+crypt_kind!(
+    /// `kind = "crypt_gcm"`: AES-256-GCM authenticated encryption.
+    CryptGcmKind,
+    crate::gcm::KIND,
+    GcmDecl,
+    AES256_KEY_LEN
+);
 
 #[cfg(test)]
 mod tests {
@@ -122,7 +207,7 @@ mod tests {
 
     #[test]
     fn xts_spec_parses_builds_and_hides_the_key() {
-        let s: XtsSpec = toml::from_str(&format!(
+        let s: XtsDecl = toml::from_str(&format!(
             "name = \"x\"\nbase = \"m\"\nkey_hex = \"{HEX128}\"\n"
         ))
         .unwrap();
@@ -137,23 +222,23 @@ mod tests {
 
     #[test]
     fn unknown_fields_and_two_key_sources_are_refused() {
-        let e = toml::from_str::<GcmSpec>("name = \"g\"\nbase = \"m\"\nkey = \"x\"\n")
+        let e = toml::from_str::<GcmDecl>("name = \"g\"\nbase = \"m\"\nkey = \"x\"\n")
             .unwrap_err()
             .to_string();
         assert!(e.contains("unknown field"), "{e}");
-        let both: GcmSpec = toml::from_str(&format!(
+        let both: GcmDecl = toml::from_str(&format!(
             "name = \"g\"\nbase = \"m\"\nkey_file = \"/k\"\nkey_hex = \"{}\"\n",
             &HEX128[..64]
         ))
         .unwrap();
         assert_eq!(both.validate().unwrap_err().field(), Some("key_file"));
-        let none: GcmSpec = toml::from_str("name = \"g\"\nbase = \"m\"\n").unwrap();
+        let none: GcmDecl = toml::from_str("name = \"g\"\nbase = \"m\"\n").unwrap();
         assert!(none.validate().is_err());
     }
 
     #[test]
     fn bad_key_errors_name_the_field_without_the_key() {
-        let s: GcmSpec = toml::from_str(&format!(
+        let s: GcmDecl = toml::from_str(&format!(
             "name = \"g\"\nbase = \"m\"\nkey_hex = \"{HEX128}\"\n"
         ))
         .unwrap();
