@@ -3,7 +3,7 @@
 //! `bdev_create` RPC and the state file all parse a declaration through this list into a
 //! [`Decl`]; a new kind implements `ferroblk_bdev::BdevKind` and is added here, nowhere else.
 
-use std::ops::{Deref, DerefMut};
+use std::ops::Deref;
 use std::sync::OnceLock;
 
 pub use ferroblk_bdev::decl::{DeclError, field_path};
@@ -37,12 +37,6 @@ impl Deref for Decl {
     }
 }
 
-impl DerefMut for Decl {
-    fn deref_mut(&mut self) -> &mut BdevDecl {
-        &mut self.0
-    }
-}
-
 impl AsRef<BdevDecl> for Decl {
     fn as_ref(&self) -> &BdevDecl {
         &self.0
@@ -50,7 +44,7 @@ impl AsRef<BdevDecl> for Decl {
 }
 
 impl Serialize for Decl {
-    /// As written, `kind` first; keys serialize as `"<redacted>"`.
+    /// As written, with `kind`; keys serialize as `"<redacted>"`.
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         self.0.serialize(s)
     }

@@ -96,7 +96,7 @@ impl Objects {
                     self.bdev.iter_mut().find(|d| d.name() == s("name")),
                     size_of(s("name")),
                 ) {
-                    d.set_size(size);
+                    d.0.set_size(size);
                 }
             }
             "vhost_add" => {
@@ -234,7 +234,7 @@ impl Objects {
                     ),
                 ));
             };
-            c.copy_inline_secret(d);
+            c.copy_inline_secret(&mut d.0);
         }
         Ok(objects)
     }

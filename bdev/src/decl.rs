@@ -286,7 +286,9 @@ pub trait BdevKind: Send + Sync + 'static {
     }
     /// Checks the values that need no other bdev and no file (the name is checked apart);
     /// errors name the field.
-    fn validate(c: &Self::Config) -> Result<(), BdevError>;
+    fn validate(_c: &Self::Config) -> Result<(), BdevError> {
+        Ok(())
+    }
     /// Runs the checks opening runs (files, keys) without creating or changing anything: what
     /// `check-config` runs after [`validate`](Self::validate).
     fn check(_c: &Self::Config) -> Result<(), BdevError> {
@@ -376,7 +378,6 @@ impl<K: BdevKind> Declared for Typed<K> {
         }
     }
     fn to_json(&self) -> serde_json::Value {
-        // `kind` first, as a declaration is written.
         let mut m = serde_json::Map::new();
         m.insert("kind".into(), K::NAME.into());
         match serde_json::to_value(&self.0) {
@@ -404,8 +405,8 @@ impl<K: BdevKind> Declared for Typed<K> {
 
 /// The declaration of one bdev of any kind: what a `[[bdev]]` table of the configuration, the
 /// `bdev_create` RPC and an entry of the state file hold. Made by [`Kinds::parse`] or
-/// [`BdevDecl::new`]; serializes as the declaration is written, `kind` first, with secrets
-/// redacted.
+/// [`BdevDecl::new`]; serializes as the declaration is written (`kind` and the kind's fields),
+/// with secrets redacted.
 pub struct BdevDecl(Box<dyn Declared>);
 
 impl BdevDecl {
@@ -468,7 +469,7 @@ impl BdevDecl {
         self.0.copy_inline_secret(&mut *to.0);
     }
 
-    /// The declaration as JSON, `kind` first, with secrets redacted (for `bdev_list`, the
+    /// The declaration as JSON, `kind` and the kind's fields, with secrets redacted (for `bdev_list`, the
     /// state file).
     pub fn to_json(&self) -> serde_json::Value {
         self.0.to_json()
@@ -819,9 +820,6 @@ impl BdevKind for DelayKind {
     fn base(c: &DelayDecl) -> Option<&str> {
         Some(&c.base)
     }
-    fn validate(_s: &DelayDecl) -> Result<(), BdevError> {
-        Ok(())
-    }
     fn build(s: &DelayDecl, base: Option<Arc<dyn Bdev>>) -> Result<Arc<dyn Bdev>, BdevError> {
         Ok(Arc::new(DelayBdev::new(
             &s.name,
@@ -846,9 +844,6 @@ impl BdevKind for CrcKind {
     }
     fn base(c: &CrcDecl) -> Option<&str> {
         Some(&c.base)
-    }
-    fn validate(_s: &CrcDecl) -> Result<(), BdevError> {
-        Ok(())
     }
     fn build(s: &CrcDecl, base: Option<Arc<dyn Bdev>>) -> Result<Arc<dyn Bdev>, BdevError> {
         Ok(Arc::new(CrcBdev::open_with(
@@ -1122,6 +1117,67 @@ mod tests {
             creation_order(&s, &|_| false).unwrap_err().error.field(),
             Some("base")
         );
+    }
+
+    #[test]
+    fn a_declaration_keeps_its_kind_through_the_erasure() {
+        let s = specs(
+            "[[bdev]]\nkind = \"malloc\"\nname = \"m\"\nsize = 8192\n\
+             [[bdev]]\nkind = \"null\"\nname = \"m\"\nsize = 8192\n\
+             [[bdev]]\nkind = \"delay\"\nname = \"d\"\nbase = \"m\"\n",
+        );
+        // Same fields, other kind: not the same declaration.
+        assert_ne!(s[0], s[1]);
+        assert_eq!(s[0], s[0].clone());
+        assert_eq!(s[0].to_json()["kind"], "malloc");
+        assert_eq!(s[1].to_json()["kind"], "null");
+        assert_eq!((s[2].kind(), s[2].base()), ("delay", Some("m")));
+        // A resize is declared by the kinds with a size, ignored by the others.
+        let mut m = s[0].clone();
+        m.set_size(16384);
+        assert_eq!(m.to_json()["size"], 16384);
+        assert_ne!(m, s[0]);
+        let mut d = s[2].clone();
+        d.set_size(16384);
+        assert_eq!(d, s[2]);
+        assert_eq!(s[0].inline_secret(), None);
+        assert!(!s[0].same_inline_secret(&s[0]));
+        // An invalid name is refused before the kind's own checks.
+        let bad = BdevDecl::new::<NullKind>(NullDecl {
+            name: "a b".into(),
+            size: ByteSize(4096),
+            block_size: 4096,
+        });
+        assert_eq!(bad.validate().unwrap_err().field(), Some("name"));
+        assert_eq!(bad.check().unwrap_err().field(), Some("name"));
+    }
+
+    #[test]
+    fn unknown_or_missing_kinds_are_named() {
+        let kinds = Kinds::core();
+        let e = kinds
+            .parse(serde_json::json!({"kind": "crypt_xts"}))
+            .unwrap_err();
+        assert_eq!(e.field, "kind");
+        assert!(
+            e.message
+                .starts_with("unknown kind `crypt_xts`, expected one of `malloc`"),
+            "{e}"
+        );
+        let e = kinds.parse(serde_json::json!({"kind": 3})).unwrap_err();
+        assert_eq!(e.field, "kind");
+        let e = kinds.parse(serde_json::json!([1])).unwrap_err();
+        assert_eq!(e.field, ".");
+        let e = kinds
+            .parse(serde_json::json!({"kind": "error", "name": "e", "base": "m", "inject": {"ops": [1]}}))
+            .unwrap_err();
+        assert_eq!(e.field, "inject.ops[0]", "{e}");
+    }
+
+    #[test]
+    #[should_panic(expected = "listed twice")]
+    fn a_kind_cannot_be_listed_twice() {
+        Kinds::core().add::<CrcKind>();
     }
 
     #[test]

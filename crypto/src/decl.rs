@@ -50,61 +50,34 @@ fn check_one_key(key_file: &Option<PathBuf>, key_hex: &Option<KeyHex>) -> Result
     Ok(())
 }
 
-/// `kind = "crypt_xts"`: AES-256-XTS on `base`, dm-crypt `aes-xts-plain64` compatible.
+/// The declaration of `kind = "crypt_xts"` (AES-256-XTS on `base`, dm-crypt `aes-xts-plain64`
+/// compatible) and of `kind = "crypt_gcm"` (AES-256-GCM on `base`, formatted on first open of a
+/// zeroed base): the same fields, a key of 64 bytes for XTS (data key, then tweak key) and 32
+/// for GCM.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct XtsDecl {
+pub struct CryptDecl {
     /// Unique name.
     pub name: String,
     /// The bdev it stacks on.
     pub base: String,
-    /// File holding the 64-byte key, as 128 hex digits or raw bytes (mode 0600 or stricter).
+    /// File holding the key, as hex digits or raw bytes (mode 0600 or stricter).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_file: Option<PathBuf>,
-    /// The key as 128 hex digits (data key, then tweak key).
+    /// The key as hex digits (128 for XTS, 64 for GCM).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_hex: Option<KeyHex>,
 }
 
-impl XtsDecl {
+/// `kind = "crypt_xts"`.
+pub type XtsDecl = CryptDecl;
+/// `kind = "crypt_gcm"`.
+pub type GcmDecl = CryptDecl;
+
+impl CryptDecl {
     /// Checks what needs no file or bdev: exactly one key source.
     pub fn validate(&self) -> Result<(), BdevError> {
         check_one_key(&self.key_file, &self.key_hex)
-    }
-
-    /// Loads the key and stacks the bdev on `base`.
-    pub fn build(&self, base: Arc<dyn Bdev>) -> Result<Arc<dyn Bdev>, BdevError> {
-        let key = load_key(&self.key_file, &self.key_hex)?;
-        Ok(Arc::new(XtsBdev::new(&self.name, base, key)?))
-    }
-}
-
-/// `kind = "crypt_gcm"`: AES-256-GCM on `base`, formatted on first open of a zeroed base.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct GcmDecl {
-    /// Unique name.
-    pub name: String,
-    /// The bdev it stacks on.
-    pub base: String,
-    /// File holding the 32-byte key, as 64 hex digits or raw bytes (mode 0600 or stricter).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key_file: Option<PathBuf>,
-    /// The key as 64 hex digits.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key_hex: Option<KeyHex>,
-}
-
-impl GcmDecl {
-    /// Checks what needs no file or bdev: exactly one key source.
-    pub fn validate(&self) -> Result<(), BdevError> {
-        check_one_key(&self.key_file, &self.key_hex)
-    }
-
-    /// Loads the key and opens (or formats) the volume on `base`.
-    pub fn build(&self, base: Arc<dyn Bdev>) -> Result<Arc<dyn Bdev>, BdevError> {
-        let key = load_key(&self.key_file, &self.key_hex)?;
-        Ok(Arc::new(GcmBdev::open(&self.name, base, key)?))
     }
 }
 
@@ -137,38 +110,41 @@ fn check_key(
 /// Implements [`BdevKind`] for an encryption kind whose declaration has `name`, `base`,
 /// `key_file` and `key_hex`; the two differ only in their name, key length and constructor.
 macro_rules! crypt_kind {
-    ($(#[$doc:meta])* $kind:ident, $name:expr, $decl:ty, $key_len:expr) => {
+    ($(#[$doc:meta])* $kind:ident, $name:expr, $key_len:expr, $open:expr) => {
         $(#[$doc])*
         pub struct $kind;
 
         impl BdevKind for $kind {
             const NAME: &'static str = $name;
-            type Config = $decl;
-            fn name(c: &$decl) -> &str {
+            type Config = CryptDecl;
+            fn name(c: &CryptDecl) -> &str {
                 &c.name
             }
-            fn base(c: &$decl) -> Option<&str> {
+            fn base(c: &CryptDecl) -> Option<&str> {
                 Some(&c.base)
             }
-            fn validate(c: &$decl) -> Result<(), BdevError> {
+            fn validate(c: &CryptDecl) -> Result<(), BdevError> {
                 c.validate()
             }
-            fn check(c: &$decl) -> Result<(), BdevError> {
+            fn check(c: &CryptDecl) -> Result<(), BdevError> {
                 check_key(&c.key_file, &c.key_hex, $key_len)
             }
             fn build(
-                c: &$decl,
+                c: &CryptDecl,
                 base: Option<Arc<dyn Bdev>>,
             ) -> Result<Arc<dyn Bdev>, BdevError> {
-                c.build(need_base(base)?)
+                let base = need_base(base)?;
+                let key = load_key(&c.key_file, &c.key_hex)?;
+                let open: fn(&str, Arc<dyn Bdev>, Key) -> Result<Arc<dyn Bdev>, BdevError> = $open;
+                open(&c.name, base, key)
             }
-            fn inline_secret(c: &$decl) -> Option<&'static str> {
+            fn inline_secret(c: &CryptDecl) -> Option<&'static str> {
                 c.key_hex.as_ref().map(|_| "key_hex")
             }
-            fn same_inline_secret(a: &$decl, b: &$decl) -> bool {
+            fn same_inline_secret(a: &CryptDecl, b: &CryptDecl) -> bool {
                 a.key_hex.is_some() && a.key_hex == b.key_hex
             }
-            fn copy_inline_secret(from: &$decl, to: &mut $decl) {
+            fn copy_inline_secret(from: &CryptDecl, to: &mut CryptDecl) {
                 if from.key_hex.is_some() {
                     to.key_hex = from.key_hex.clone();
                 }
@@ -181,15 +157,15 @@ crypt_kind!(
     /// `kind = "crypt_xts"`: AES-256-XTS, dm-crypt `aes-xts-plain64` compatible.
     CryptXtsKind,
     crate::xts::KIND,
-    XtsDecl,
-    XTS_KEY_LEN
+    XTS_KEY_LEN,
+    |name, base, key| Ok(Arc::new(XtsBdev::new(name, base, key)?))
 );
 crypt_kind!(
     /// `kind = "crypt_gcm"`: AES-256-GCM authenticated encryption.
     CryptGcmKind,
     crate::gcm::KIND,
-    GcmDecl,
-    AES256_KEY_LEN
+    AES256_KEY_LEN,
+    |name, base, key| Ok(Arc::new(GcmBdev::open(name, base, key)?))
 );
 
 #[cfg(test)]
@@ -216,7 +192,7 @@ mod tests {
         assert!(!dbg.contains(&HEX128[..32]), "{dbg}");
         let json = serde_json::to_string(&s).unwrap();
         assert!(!json.contains(&HEX128[..32]), "{json}");
-        let b = s.build(malloc()).unwrap();
+        let b = CryptXtsKind::build(&s, Some(malloc())).unwrap();
         assert_eq!(b.info().kind(), crate::xts::KIND);
     }
 
@@ -242,8 +218,38 @@ mod tests {
             "name = \"g\"\nbase = \"m\"\nkey_hex = \"{HEX128}\"\n"
         ))
         .unwrap();
-        let e = s.build(malloc()).err().unwrap();
+        let e = CryptGcmKind::build(&s, Some(malloc())).err().unwrap();
         assert_eq!(e.field(), Some("key"), "{e}");
         assert!(!e.to_string().contains(&HEX128[..16]), "{e}");
+    }
+
+    #[test]
+    fn crypt_kinds_check_keys_and_keep_inline_ones_apart() {
+        let mut kinds = Kinds::core();
+        add_kinds(&mut kinds);
+        let parse = |v| kinds.parse(v).unwrap();
+        let gcm = parse(serde_json::json!({
+            "kind": "crypt_gcm", "name": "g", "base": "m", "key_hex": &HEX128[..64]
+        }));
+        let xts = parse(serde_json::json!({
+            "kind": "crypt_xts", "name": "g", "base": "m", "key_hex": &HEX128[..64]
+        }));
+        assert_eq!(gcm.inline_secret(), Some("key_hex"));
+        assert!(gcm.same_inline_secret(&gcm.clone()));
+        // Same text, other kind: not the same secret.
+        assert!(!gcm.same_inline_secret(&xts));
+        gcm.check().unwrap();
+        // 32 bytes where XTS takes 64: check-config names the field.
+        assert_eq!(xts.check().unwrap_err().field(), Some("key_hex"));
+        assert!(!gcm.to_json().to_string().contains(&HEX128[..16]));
+        // A saved declaration without its key takes it back from the configuration's.
+        let mut saved = parse(serde_json::json!({
+            "kind": "crypt_gcm", "name": "g", "base": "m", "key_file": "/k"
+        }));
+        assert_eq!(saved.inline_secret(), None);
+        gcm.copy_inline_secret(&mut saved);
+        assert!(saved.same_inline_secret(&gcm));
+        let c = saved.config::<CryptGcmKind>().unwrap();
+        assert!(c.key_hex.is_some());
     }
 }

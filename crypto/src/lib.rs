@@ -29,8 +29,8 @@
 //!   128 KiB, no allocation per request), per-block access to a scatter-gather list (each block
 //!   copied once into a one-block channel buffer, transformed there, copied back once). The
 //!   request slot table and the base channel with its retry queue are `ferroblk_bdev::stacked`'s.
-//! - [`decl`]: the kinds [`CryptXtsKind`] and [`CryptGcmKind`] with their declarations
-//!   [`XtsDecl`] and [`GcmDecl`] (`deny_unknown_fields`), added to a program's kinds by
+//! - [`decl`]: the kinds [`CryptXtsKind`] and [`CryptGcmKind`] with their declaration
+//!   [`CryptDecl`] (`deny_unknown_fields`), added to a program's kinds by
 //!   [`decl::add_kinds`]; [`error`]: [`CryptoError`].
 //!
 //! Rules both channels keep:
@@ -55,7 +55,7 @@ pub mod gcm;
 pub mod key;
 pub mod xts;
 
-pub use decl::{CryptGcmKind, CryptXtsKind, GcmDecl, XtsDecl};
+pub use decl::{CryptDecl, CryptGcmKind, CryptXtsKind, GcmDecl, XtsDecl};
 pub use error::CryptoError;
 pub use gcm::{GcmBdev, GcmLayout};
 pub use key::{Key, KeyError, KeyHex};
