@@ -209,9 +209,10 @@ impl Objects {
                     .cloned()
                     .collect();
                 for marker in markers {
-                    if o.remove(&marker) == Some(json!(true)) {
-                        let field = marker.trim_end_matches(FROM_CONFIG).to_string();
-                        from_config.push((i, field));
+                    if o.remove(&marker) == Some(json!(true))
+                        && let Some(field) = marker.strip_suffix(FROM_CONFIG)
+                    {
+                        from_config.push((i, field.to_string()));
                     }
                 }
             }
