@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ferroblk_bdev::decl::creation_order;
 use ferroblk_bdev::reactor::ReactorConfig;
-use ferroblk_bdev::spec::{BdevDecl, creation_order};
 
 use crate::decl::Decl;
 use ferroblk_target::subsystem::{ListenerSpec, SubsystemSpec};

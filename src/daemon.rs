@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use ferroblk_bdev::decl::creation_order;
 use ferroblk_bdev::reactor::{ReactorHandle, Reactors};
-use ferroblk_bdev::spec::{BdevDecl, creation_order};
 use ferroblk_bdev::sync::SyncChannel;
 use ferroblk_bdev::{BdevError, BdevRegistry, Caps, IoStatus};
 use ferroblk_target::subsystem::{ListenerSpec, NamespaceSpec, SubsystemSpec, Target, parse_uuid};
@@ -152,19 +152,7 @@ pub fn check(config: Option<&Path>) -> anyhow::Result<Result<String, Vec<String>
     let src = l.source();
     let mut problems = Vec::new();
     for (i, d) in l.cfg.bdev.iter().enumerate() {
-        let checked = d.validate().and_then(|()| match d {
-            Decl::File(f) => f.check(),
-            Decl::CryptXts(s) => {
-                check_key(&s.key_file, &s.key_hex, ferroblk_crypto::key::XTS_KEY_LEN)
-            }
-            Decl::CryptGcm(s) => check_key(
-                &s.key_file,
-                &s.key_hex,
-                ferroblk_crypto::key::AES256_KEY_LEN,
-            ),
-            _ => Ok(()),
-        });
-        if let Err(e) = checked {
+        if let Err(e) = d.check() {
             let field = e.field().map(|f| format!(".{f}")).unwrap_or_default();
             let msg = match &e {
                 BdevError::Invalid { reason, .. } => reason.clone(),
@@ -185,27 +173,6 @@ pub fn check(config: Option<&Path>) -> anyhow::Result<Result<String, Vec<String>
     }
     summary.push(')');
     Ok(Ok(summary))
-}
-
-/// Loads a `crypt_*` bdev's key as opening it does and checks its length.
-fn check_key(
-    file: &Option<PathBuf>,
-    hex: &Option<ferroblk_crypto::KeyHex>,
-    need: usize,
-) -> Result<(), BdevError> {
-    let (field, key) = match (file, hex) {
-        (Some(p), _) => ("key_file", ferroblk_crypto::Key::from_file(p)),
-        (None, Some(h)) => ("key_hex", h.key()),
-        (None, None) => return Ok(()), // validate() reported it.
-    };
-    match key {
-        Ok(k) if k.len() == need => Ok(()),
-        Ok(k) => Err(BdevError::invalid(
-            field,
-            format!("the key is {} bytes; this kind takes {need}", k.len()),
-        )),
-        Err(e) => Err(BdevError::invalid(field, e.to_string())),
-    }
 }
 
 /// The saved objects and where they are written.
@@ -627,15 +594,15 @@ impl DaemonState {
 /// Creates every declared bdev, bases first, leaving out each one that fails to open and every
 /// bdev stacked on it; returns those left out with their reasons. Declarations that do not
 /// validate as a whole (names, bases, cycles) are an error: (index, message).
-fn create_degraded<D: BdevDecl + Clone + 'static>(
+fn create_degraded(
     registry: &BdevRegistry,
-    specs: &[D],
+    decls: &[Decl],
 ) -> Result<BTreeMap<String, FailedBdev>, (usize, String)> {
-    let order = creation_order(specs, &|n| registry.get(n).is_some())
+    let order = creation_order(decls, &|n| registry.get(n).is_some())
         .map_err(|e| (e.index, reason(&e.error)))?;
     let mut failed: BTreeMap<String, FailedBdev> = BTreeMap::new();
     for i in order {
-        let d = &specs[i];
+        let d = &decls[i];
         let reason = match d.base() {
             Some(b) if failed.contains_key(b) => {
                 let reason = format!("its base '{b}' failed");
@@ -647,7 +614,7 @@ fn create_degraded<D: BdevDecl + Clone + 'static>(
                 );
                 Some(reason)
             }
-            _ => match registry.create(Arc::new(d.clone())) {
+            _ => match registry.create(d.0.clone()) {
                 Ok(_) => None,
                 Err(e) => {
                     let reason = reason(&e);

@@ -19,7 +19,6 @@ use std::time::Duration;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use ferroblk_bdev::BdevRegistry;
 use ferroblk_bdev::reactor::{ReactorConfig, Reactors};
-use ferroblk_bdev::spec::BdevDecl;
 
 /// ferroblk: a storage offload target (vhost-user-blk, NVMe-oF) over a per-core bdev chain.
 #[derive(Parser)]

@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use ferroblk_bdev::spec::BdevDecl;
 use ferroblk_bdev::{BdevError, ByteSize};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -415,8 +414,8 @@ fn bdev_list(state: &DaemonState, params: Value) -> Result<Value, RpcError> {
 
 fn bdev_create(state: &DaemonState, params: Value) -> Result<Value, RpcError> {
     let reg = &state.registry;
-    let spec: crate::decl::Decl = parse(params)?;
-    let b = reg.create(Arc::new(spec))?;
+    let decl: crate::decl::Decl = parse(params)?;
+    let b = reg.create(decl.0)?;
     // Declared again and opened: no longer a failed one.
     state
         .failed

@@ -23,9 +23,7 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use ferroblk_bdev::ByteSize;
-use ferroblk_bdev::spec::BdevDecl;
-use ferroblk_crypto::KeyHex;
+use ferroblk_bdev::BdevDecl;
 use ferroblk_target::subsystem::{ListenerSpec, NamespaceSpec, SubsystemSpec};
 use ferroblk_vhost::VhostSpec;
 use serde::{Deserialize, Serialize};
@@ -37,8 +35,9 @@ use crate::decl::Decl;
 /// Format version of the state file.
 const VERSION: u64 = 1;
 
-/// Marker replacing a `key_hex` that came inline from the configuration.
-const KEY_FROM_CONFIG: &str = "key_hex_from_config";
+/// Suffix of the marker replacing a secret that came inline from the configuration:
+/// `key_hex` is saved as `"key_hex_from_config": true`.
+const FROM_CONFIG: &str = "_from_config";
 
 /// A state file that cannot be read or used.
 #[derive(Debug, thiserror::Error)]
@@ -97,7 +96,7 @@ impl Objects {
                     self.bdev.iter_mut().find(|d| d.name() == s("name")),
                     size_of(s("name")),
                 ) {
-                    set_size(d, size);
+                    d.0.set_size(size);
                 }
             }
             "vhost_add" => {
@@ -148,18 +147,19 @@ impl Objects {
             .bdev
             .iter()
             .map(|d| {
-                let mut v = serde_json::to_value(d).unwrap_or(Value::Null);
-                if let Some(key) = inline_key(d)
+                let mut v = d.to_json();
+                if let Some(field) = d.inline_secret()
                     && let Some(m) = v.as_object_mut()
                 {
-                    m.remove("key_hex");
-                    if config_key(config, d.name()).is_some_and(|k| k == key) {
-                        m.insert(KEY_FROM_CONFIG.into(), json!(true));
+                    m.remove(field);
+                    if config_secret(config, d).is_some() {
+                        m.insert(format!("{field}{FROM_CONFIG}"), json!(true));
                     } else {
                         // `bdev_create` refuses such a key (see `check_create`): never reached.
                         tracing::error!(
                             bdev = d.name(),
-                            "key_hex not from the configuration: not saved"
+                            field,
+                            "inline secret not from the configuration: not saved"
                         );
                     }
                 }
@@ -203,8 +203,17 @@ impl Objects {
                 let Some(o) = b.as_object_mut() else {
                     continue;
                 };
-                if o.remove(KEY_FROM_CONFIG) == Some(json!(true)) {
-                    from_config.push(i);
+                let markers: Vec<String> = o
+                    .keys()
+                    .filter(|k| k.ends_with(FROM_CONFIG))
+                    .cloned()
+                    .collect();
+                for marker in markers {
+                    if o.remove(&marker) == Some(json!(true))
+                        && let Some(field) = marker.strip_suffix(FROM_CONFIG)
+                    {
+                        from_config.push((i, field.to_string()));
+                    }
                 }
             }
         }
@@ -212,15 +221,21 @@ impl Objects {
             let path = e.path().to_string();
             err(path, e.into_inner().to_string())
         })?;
-        for i in from_config {
-            let name = objects.bdev[i].name().to_string();
-            let key = config_key(config, &name).cloned().ok_or_else(|| {
-                err(
-                    format!("bdev[{i}].key_hex"),
-                    format!("bdev '{name}' takes its key_hex from the configuration, which no longer gives one"),
-                )
-            })?;
-            set_inline_key(&mut objects.bdev[i], key);
+        for (i, field) in from_config {
+            let d = &mut objects.bdev[i];
+            let given = config.iter().find(|c| {
+                c.name() == d.name() && c.kind() == d.kind() && c.inline_secret() == Some(&field)
+            });
+            let Some(c) = given else {
+                let name = d.name();
+                return Err(err(
+                    format!("bdev[{i}].{field}"),
+                    format!(
+                        "bdev '{name}' takes its {field} from the configuration, which no longer gives one"
+                    ),
+                ));
+            };
+            c.copy_inline_secret(&mut d.0);
         }
         Ok(objects)
     }
@@ -232,9 +247,9 @@ pub fn check_create(params: &Value, config: &[Decl]) -> Result<(), (String, Stri
     let Some(d) = parsed::<Decl>(params) else {
         return Ok(()); // The method reports what is wrong with its parameters.
     };
-    match inline_key(&d) {
-        Some(key) if config_key(config, d.name()) != Some(key) => Err((
-            "key_hex".into(),
+    match d.inline_secret() {
+        Some(field) if config_secret(config, &d).is_none() => Err((
+            field.into(),
             "a key given over the RPC is not written to the state file in clear, so it would \
              be lost at restart: give key_file (a file of mode 0600) instead"
                 .into(),
@@ -317,43 +332,19 @@ fn parsed<T: serde::de::DeserializeOwned>(v: &Value) -> Option<T> {
     serde_json::from_value(v.clone()).ok()
 }
 
-fn set_size(d: &mut Decl, size: u64) {
-    match d {
-        Decl::Malloc(s) => s.size = ByteSize(size),
-        Decl::Null(s) => s.size = ByteSize(size),
-        Decl::File(s) => s.size = Some(ByteSize(size)),
-        Decl::Compress(s) => s.size = ByteSize(size),
-        _ => {}
-    }
-}
-
-fn inline_key(d: &Decl) -> Option<&KeyHex> {
-    match d {
-        Decl::CryptXts(s) => s.key_hex.as_ref(),
-        Decl::CryptGcm(s) => s.key_hex.as_ref(),
-        _ => None,
-    }
-}
-
-fn set_inline_key(d: &mut Decl, key: KeyHex) {
-    match d {
-        Decl::CryptXts(s) => s.key_hex = Some(key),
-        Decl::CryptGcm(s) => s.key_hex = Some(key),
-        _ => {}
-    }
-}
-
-/// The inline key the configuration gives bdev `name`, if any.
-fn config_key<'a>(config: &'a [Decl], name: &str) -> Option<&'a KeyHex> {
+/// The configuration's declaration of `d`'s bdev, if it gives `d`'s inline secret.
+fn config_secret<'a>(config: &'a [Decl], d: &BdevDecl) -> Option<&'a Decl> {
     config
         .iter()
-        .find(|c| c.name() == name)
-        .and_then(inline_key)
+        .find(|c| c.name() == d.name())
+        .filter(|c| c.same_inline_secret(d))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ferroblk_bdev::ByteSize;
+    use ferroblk_bdev::decl::{DelayKind, FileKind};
 
     fn cfg(text: &str) -> Config {
         Config::parse(text, "t.toml").unwrap()
@@ -396,8 +387,8 @@ mod tests {
         let names: Vec<&str> = back.bdev.iter().map(|d| d.name()).collect();
         assert_eq!(names, ["m", "m2", "x", "z"]);
         // The configuration's key comes back from the configuration.
-        assert!(inline_key(&back.bdev[2]).is_some());
-        assert_eq!(inline_key(&back.bdev[2]), config_key(&c.bdev, "x"));
+        assert_eq!(back.bdev[2].inline_secret(), Some("key_hex"));
+        assert!(config_secret(&c.bdev, &back.bdev[2]).is_some());
         back.bdev[2].validate().unwrap();
         // Without the configuration's key the state file is refused, naming the field.
         let e = Objects::from_state_json(&text, "s.json", &[]).unwrap_err();
@@ -443,13 +434,9 @@ mod tests {
         o.record("bdev_list", &Value::Null, |_| None);
         let text = o.to_state_json(&c.bdev).to_string();
         let back = Objects::from_state_json(&text, "s.json", &c.bdev).unwrap();
-        let Decl::File(f) = &back.bdev[0] else {
-            panic!("{text}")
-        };
+        let f = back.bdev[0].config::<FileKind>().expect(&text);
         assert_eq!(f.size, Some(ByteSize(2 << 20)));
-        let Decl::Delay(d) = &back.bdev[1] else {
-            panic!("{text}")
-        };
+        let d = back.bdev[1].config::<DelayKind>().expect(&text);
         assert_eq!((d.read_us, d.write_us), (0, 0), "test knobs are not saved");
         assert_eq!(back.vhost[0].socket, Path::new("run/d.sock"));
         assert_eq!(back.subsystem[0].namespace[0].nsid, 3);

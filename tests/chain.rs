@@ -1,81 +1,23 @@
-//! A whole chain of transforms declared in TOML, `crc -> compress -> crypt_xts -> file`, created
-//! with the bdev registry from the declarations of the crates that define the kinds (as the
-//! daemon's own declaration type does), then run through the shared conformance suite,
+//! A whole chain of transforms declared in TOML, `crc -> compress -> crypt_xts -> file`, parsed
+//! through the daemon's own list of kinds (`src/decl.rs`, compiled in here as the fuzz target
+//! does) and created with the bdev registry, then run through the shared conformance suite,
 //! including a reopen from the same declarations.
 
 use std::sync::Arc;
 
 use ferroblk_bdev::conformance;
-use ferroblk_bdev::spec::{BdevDecl, BdevSpec};
 use ferroblk_bdev::sync::SyncChannel;
-use ferroblk_bdev::{Bdev, BdevError, BdevRegistry, IoStatus};
-use ferroblk_crypto::spec::XtsSpec;
+use ferroblk_bdev::{Bdev, BdevRegistry, IoStatus};
 use serde::Deserialize;
 
-/// The kinds this chain uses: the bdev crate's and `crypt_xts`.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(untagged)]
-enum Decl {
-    Core(BdevSpec),
-    Xts(TaggedXts),
-}
-
-/// `kind = "crypt_xts"` around the crypto crate's declaration.
-#[derive(Clone, Debug, Deserialize)]
-struct TaggedXts {
-    #[allow(dead_code)]
-    kind: XtsKind,
-    #[serde(flatten)]
-    spec: XtsSpec,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-#[serde(rename_all = "snake_case")]
-enum XtsKind {
-    CryptXts,
-}
-
-impl BdevDecl for Decl {
-    fn name(&self) -> &str {
-        match self {
-            Decl::Core(s) => s.name(),
-            Decl::Xts(s) => &s.spec.name,
-        }
-    }
-    fn kind(&self) -> &str {
-        match self {
-            Decl::Core(s) => s.kind(),
-            Decl::Xts(_) => "crypt_xts",
-        }
-    }
-    fn base(&self) -> Option<&str> {
-        match self {
-            Decl::Core(s) => s.base(),
-            Decl::Xts(s) => Some(&s.spec.base),
-        }
-    }
-    fn validate(&self) -> Result<(), BdevError> {
-        match self {
-            Decl::Core(s) => s.validate(),
-            Decl::Xts(s) => s.spec.validate(),
-        }
-    }
-    fn build(&self, base: Option<Arc<dyn Bdev>>) -> Result<Arc<dyn Bdev>, BdevError> {
-        match self {
-            Decl::Core(s) => s.build(base),
-            Decl::Xts(s) => s
-                .spec
-                .build(base.ok_or_else(|| BdevError::invalid("base", "missing"))?),
-        }
-    }
-    fn to_json(&self) -> serde_json::Value {
-        serde_json::Value::Null
-    }
-}
+/// The daemon's declarations: every kind, listed once.
+#[path = "../src/decl.rs"]
+#[allow(dead_code, unused_imports)]
+mod decl;
 
 #[derive(Deserialize)]
 struct Config {
-    bdev: Vec<Decl>,
+    bdev: Vec<decl::Decl>,
 }
 
 fn chain_toml(image: &std::path::Path) -> String {

@@ -20,8 +20,8 @@
 //!   base channel with its retry queue, formatting helpers); [`mdregion`]: the layout, header,
 //!   locking and channel of stacked bdevs that keep an entry per block in a metadata region at
 //!   the end of their base (`crc` here, `crypt_gcm` in ferroblk-crypto).
-//! - [`spec`]: declarations (config file and RPC share them); [`registry`]: the daemon's bdevs by
-//!   name; [`sync`]: blocking I/O for the control plane and tests.
+//! - [`decl`]: one [`BdevKind`] per kind of bdev (declaration, checks, constructor) and the
+//!   [`Kinds`] list that parses a declaration; [`registry`]: the daemon's bdevs by name; [`sync`]: blocking I/O for the control plane and tests.
 //! - `conformance` (feature `conformance`): the checks every bdev passes; `testing` (same
 //!   feature): helpers for bdev tests (bases, data patterns, tampering, concurrent writers).
 //!
@@ -37,6 +37,7 @@ pub mod compress;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 pub mod crc;
+pub mod decl;
 pub mod error;
 pub mod file;
 #[doc(hidden)]
@@ -47,7 +48,6 @@ pub mod malloc;
 pub mod mdregion;
 pub mod reactor;
 pub mod registry;
-pub mod spec;
 pub mod split;
 pub mod stacked;
 pub mod sync;
@@ -61,9 +61,9 @@ pub use bdev::{
     Bdev, BdevEvent, BdevInfo, BdevStats, Channel, ChannelOps, IoCompletion, IoRequest, Wake,
 };
 pub use buf::{AlignedBuf, IoSeg, SgList};
+pub use decl::{BdevDecl, BdevKind, ByteSize, Kinds};
 pub use error::BdevError;
 pub use registry::BdevRegistry;
-pub use spec::{BdevSpec, ByteSize};
 pub use types::{
     BlockSize, Caps, Geometry, IoStatus, IoType, MAX_EXPORT_IO_BYTES, MAX_EXPORT_SEGMENTS,
 };

@@ -5,15 +5,12 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use crate::bdev::Bdev;
+use crate::decl::{BdevDecl, DeclListError, creation_order};
 use crate::error::BdevError;
-use crate::spec::{BdevDecl, SpecError, creation_order};
-
-/// A shared declaration.
-pub type Decl = Arc<dyn BdevDecl>;
 
 struct Entry {
     bdev: Arc<dyn Bdev>,
-    spec: Decl,
+    decl: BdevDecl,
     claims: Vec<String>,
 }
 
@@ -30,35 +27,36 @@ impl BdevRegistry {
     }
 
     /// Creates every declared bdev, bases first. On error nothing of the list is kept.
-    pub fn create_all<D: BdevDecl + Clone + 'static>(&self, specs: &[D]) -> Result<(), SpecError> {
+    pub fn create_all<D: AsRef<BdevDecl>>(&self, decls: &[D]) -> Result<(), DeclListError> {
         let order = {
             let e = self.entries.lock().expect("registry lock");
-            creation_order(specs, &|n| e.contains_key(n))?
+            creation_order(decls, &|n| e.contains_key(n))?
         };
         let mut created: Vec<String> = Vec::new();
         for i in order {
-            if let Err(error) = self.create(Arc::new(specs[i].clone())) {
+            let d = decls[i].as_ref();
+            if let Err(error) = self.create(d.clone()) {
                 for name in created.iter().rev() {
                     let _ = self.delete(name);
                 }
-                return Err(SpecError { index: i, error });
+                return Err(DeclListError { index: i, error });
             }
-            created.push(specs[i].name().to_string());
+            created.push(d.name().to_string());
         }
         Ok(())
     }
 
     /// Creates one bdev; its base, if any, must exist.
-    pub fn create(&self, spec: Decl) -> Result<Arc<dyn Bdev>, BdevError> {
-        spec.validate()?;
-        let name = spec.name().to_string();
+    pub fn create(&self, decl: BdevDecl) -> Result<Arc<dyn Bdev>, BdevError> {
+        decl.validate()?;
+        let name = decl.name().to_string();
         let base =
             {
                 let e = self.entries.lock().expect("registry lock");
                 if e.contains_key(&name) {
                     return Err(BdevError::Exists(name));
                 }
-                match spec.base() {
+                match decl.base() {
                     Some(b) => Some(e.get(b).map(|x| x.bdev.clone()).ok_or_else(|| {
                         BdevError::invalid("base", format!("no bdev named '{b}'"))
                     })?),
@@ -66,18 +64,18 @@ impl BdevRegistry {
                 }
             };
         // Opening files may block: done without holding the lock.
-        let bdev = spec.build(base)?;
+        let bdev = decl.build(base)?;
         let mut e = self.entries.lock().expect("registry lock");
         if e.contains_key(&name) {
             return Err(BdevError::Exists(name));
         }
-        tracing::info!(bdev = %name, kind = spec.kind(), blocks = bdev.info().block_count(),
+        tracing::info!(bdev = %name, kind = decl.kind(), blocks = bdev.info().block_count(),
             block_size = bdev.info().block_size().bytes(), "bdev created");
         e.insert(
             name,
             Entry {
                 bdev: bdev.clone(),
-                spec,
+                decl,
                 claims: Vec::new(),
             },
         );
@@ -94,17 +92,17 @@ impl BdevRegistry {
     }
 
     /// Every bdev with its declaration and its users, by name.
-    pub fn list(&self) -> Vec<(Arc<dyn Bdev>, Decl, Vec<String>)> {
+    pub fn list(&self) -> Vec<(Arc<dyn Bdev>, BdevDecl, Vec<String>)> {
         let e = self.entries.lock().expect("registry lock");
         e.values()
             .map(|x| {
                 let mut users = x.claims.clone();
                 users.extend(
                     e.values()
-                        .filter(|o| o.spec.base() == Some(x.spec.name()))
-                        .map(|o| format!("bdev {}", o.spec.name())),
+                        .filter(|o| o.decl.base() == Some(x.decl.name()))
+                        .map(|o| format!("bdev {}", o.decl.name())),
                 );
-                (x.bdev.clone(), x.spec.clone(), users)
+                (x.bdev.clone(), x.decl.clone(), users)
             })
             .collect()
     }
@@ -137,8 +135,8 @@ impl BdevRegistry {
         let mut users = x.claims.clone();
         users.extend(
             e.values()
-                .filter(|o| o.spec.base() == Some(name))
-                .map(|o| format!("bdev {}", o.spec.name())),
+                .filter(|o| o.decl.base() == Some(name))
+                .map(|o| format!("bdev {}", o.decl.name())),
         );
         if x.bdev.info().open_channels() > 0 && users.is_empty() {
             users.push(format!("{} open channel(s)", x.bdev.info().open_channels()));
@@ -172,8 +170,8 @@ impl BdevRegistry {
     /// Every bdev, bases after the bdevs stacked on them (the order to flush and close them).
     pub fn top_down(&self) -> Vec<Arc<dyn Bdev>> {
         let list = self.list();
-        let specs: Vec<Decl> = list.iter().map(|(_, s, _)| s.clone()).collect();
-        match creation_order(&specs, &|_| false) {
+        let decls: Vec<&BdevDecl> = list.iter().map(|(_, d, _)| d).collect();
+        match creation_order(&decls, &|_| false) {
             Ok(order) => order.iter().rev().map(|&i| list[i].0.clone()).collect(),
             Err(_) => list.into_iter().map(|(b, _, _)| b).collect(),
         }

@@ -72,7 +72,7 @@ impl CryptoError {
 }
 
 impl From<CryptoError> for BdevError {
-    /// The control-plane error of the bdev layer (what `BdevSpec::build` and the registry
+    /// The control-plane error of the bdev layer (what `BdevDecl::build` and the registry
     /// return), naming the field at fault.
     fn from(e: CryptoError) -> BdevError {
         match e {

@@ -29,8 +29,9 @@
 //!   128 KiB, no allocation per request), per-block access to a scatter-gather list (each block
 //!   copied once into a one-block channel buffer, transformed there, copied back once). The
 //!   request slot table and the base channel with its retry queue are `ferroblk_bdev::stacked`'s.
-//! - [`spec`]: the declarations [`XtsSpec`] and [`GcmSpec`] (`deny_unknown_fields`) that the
-//!   daemon's config and RPC use; [`error`]: [`CryptoError`].
+//! - [`decl`]: the kinds [`CryptXtsKind`] and [`CryptGcmKind`] with their declaration
+//!   [`CryptDecl`] (`deny_unknown_fields`), added to a program's kinds by
+//!   [`decl::add_kinds`]; [`error`]: [`CryptoError`].
 //!
 //! Rules both channels keep:
 //! - A write is encrypted into a pool buffer, never in the caller's buffer; a read is decrypted
@@ -48,16 +49,16 @@
 //! write costs a metadata read-modify-write).
 
 pub mod common;
+pub mod decl;
 pub mod error;
 pub mod gcm;
 pub mod key;
-pub mod spec;
 #[cfg(test)]
 mod testing;
 pub mod xts;
 
+pub use decl::{CryptDecl, CryptGcmKind, CryptXtsKind, GcmDecl, XtsDecl};
 pub use error::CryptoError;
 pub use gcm::{GcmBdev, GcmLayout};
 pub use key::{Key, KeyError, KeyHex};
-pub use spec::{GcmSpec, XtsSpec};
 pub use xts::{XtsBdev, XtsCipher};
