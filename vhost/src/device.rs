@@ -22,26 +22,9 @@ use serde::{Deserialize, Serialize};
 use crate::inflight::{self, InflightRegion};
 use crate::memory::{GuestMemory, RegionDesc};
 use crate::protocol::{self, Message, ProtocolError, backend_req, pf, req};
-use crate::queue::{BlkParams, ID_BYTES, QueueCtl, VqPoller};
+use crate::queue::{BlkParams, QueueCtl, VqPoller};
+use crate::spec::{ID_BYTES, vf};
 use crate::virtq::{RingAddrs, SplitQueue};
-
-/// virtio feature bits (virtio 1.2 §5.2.3, §6).
-#[allow(missing_docs)]
-pub mod vf {
-    pub const BLK_SIZE_MAX: u64 = 1 << 1;
-    pub const BLK_SEG_MAX: u64 = 1 << 2;
-    pub const BLK_RO: u64 = 1 << 5;
-    pub const BLK_BLK_SIZE: u64 = 1 << 6;
-    pub const BLK_FLUSH: u64 = 1 << 9;
-    pub const BLK_TOPOLOGY: u64 = 1 << 10;
-    pub const BLK_CONFIG_WCE: u64 = 1 << 11;
-    pub const BLK_MQ: u64 = 1 << 12;
-    pub const BLK_DISCARD: u64 = 1 << 13;
-    pub const BLK_WRITE_ZEROES: u64 = 1 << 14;
-    pub const RING_INDIRECT_DESC: u64 = 1 << 28;
-    pub const RING_EVENT_IDX: u64 = 1 << 29;
-    pub const VERSION_1: u64 = 1 << 32;
-}
 
 /// Protocol features this back-end offers.
 pub const PROTOCOL_FEATURES: u64 = pf::MQ

@@ -11,6 +11,8 @@
 //!   with its own channel of the bdev. It pops chains, validates them, submits one bdev request
 //!   per virtio request with the guest's buffers as the scatter-gather list (no copy), and
 //!   completes them on the used ring.
+//! - [`spec`]: the virtio constants (feature bits, descriptor flags, virtio-blk request types
+//!   and status bytes) that the other modules import.
 //! - [`virtq`]: the split ring, hardened against hostile drivers; [`memory`]: the guest memory
 //!   map with bounds-checked translation; [`inflight`]: INFLIGHT_SHMFD tracking so a restarted
 //!   daemon resubmits what its predecessor had in flight. A front-end's descriptor is mapped
@@ -36,6 +38,7 @@ pub mod inflight;
 pub mod memory;
 pub mod protocol;
 pub mod queue;
+pub mod spec;
 pub mod virtq;
 
 pub use device::{ExportError, VhostExport, VhostSpec};
