@@ -715,11 +715,10 @@ impl TcpConn {
 
     /// Length of host-to-controller data the command carries, if any.
     fn data_in_len(&self, sqe: &Sqe) -> usize {
-        let opc = sqe.opc();
         let io = self.queue.as_ref().is_some_and(|q| q.qid != 0);
-        if opc == AdminOpcode::Fabrics as u8 {
-            return if sqe.fctype() == FabricsType::Connect as u8 {
-                1024
+        if sqe.admin_opcode() == Some(AdminOpcode::Fabrics) {
+            return if sqe.fabrics_type() == Some(FabricsType::Connect) {
+                ConnectData::LEN
             } else {
                 0
             };
@@ -727,7 +726,7 @@ impl TcpConn {
         if !io {
             return 0;
         }
-        match IoOpcode::from_u8(opc) {
+        match sqe.io_opcode() {
             Some(IoOpcode::Write | IoOpcode::Compare) => {
                 let rw = ReadWrite::from_sqe(sqe);
                 let bs = self.block_size(rw.nsid).unwrap_or(512);
@@ -744,7 +743,7 @@ impl TcpConn {
     /// cannot run.
     fn check_before_data(&self, sqe: &Sqe) -> Option<Status> {
         let q = self.queue.as_ref().filter(|q| q.qid != 0)?;
-        let opc = IoOpcode::from_u8(sqe.opc());
+        let opc = sqe.io_opcode();
         if !matches!(
             opc,
             Some(IoOpcode::Write | IoOpcode::Compare | IoOpcode::DatasetManagement)
@@ -800,8 +799,7 @@ impl TcpConn {
             self.fatal(super::pdu::Fes::PDU_SEQUENCE_ERROR, 0);
             return;
         }
-        let is_connect =
-            sqe.opc() == AdminOpcode::Fabrics as u8 && sqe.fctype() == FabricsType::Connect as u8;
+        let is_connect = sqe.fabrics_type() == Some(FabricsType::Connect);
         if self.queue.is_none() != is_connect {
             // Nothing but Connect before Connect, and no second Connect.
             if let Some(b) = icd {
@@ -823,7 +821,7 @@ impl TcpConn {
         // Dataset Management may describe a larger buffer than its NR ranges need (Linux sends
         // a whole page of ranges): take the buffer and use the first NR ranges.
         if self.queue.as_ref().is_some_and(|q| q.qid != 0)
-            && IoOpcode::from_u8(sqe.opc()) == Some(IoOpcode::DatasetManagement)
+            && sqe.io_opcode() == Some(IoOpcode::DatasetManagement)
             && (sgl.length as usize) >= want
             && (sgl.length as usize) <= 256 * DsmRange::LEN
         {
@@ -901,8 +899,8 @@ impl TcpConn {
 
     fn execute(&mut self, i: usize) {
         let sqe = self.slots[i].sqe;
-        let opc = sqe.opc();
-        if opc == AdminOpcode::Fabrics as u8 {
+        let opc = sqe.admin_opcode();
+        if opc == Some(AdminOpcode::Fabrics) {
             return self.fabrics(i, sqe);
         }
         let Some(q) = &self.queue else {
@@ -911,7 +909,7 @@ impl TcpConn {
         if q.qid == 0 {
             let ctrl = q.ctrl.clone();
             let cc_en = crate::spec::fabrics::Cc::from_u32(ctrl.cc.load(Ordering::Acquire)).en;
-            if !cc_en && opc != AdminOpcode::KeepAlive as u8 {
+            if !cc_en && opc != Some(AdminOpcode::KeepAlive) {
                 return self.complete_slot(i, Status::COMMAND_SEQUENCE_ERROR, 0, 0);
             }
             match admin::execute(&ctrl, &self.target, &sqe) {
@@ -947,14 +945,13 @@ impl TcpConn {
     }
 
     fn fabrics(&mut self, i: usize, sqe: Sqe) {
-        let ft = sqe.fctype();
-        match FabricsType::from_u8(ft) {
+        match sqe.fabrics_type() {
             Some(FabricsType::Connect) => self.connect(i, sqe),
-            Some(FabricsType::PropertyGet | FabricsType::PropertySet)
+            Some(ft @ (FabricsType::PropertyGet | FabricsType::PropertySet))
                 if self.queue.as_ref().is_some_and(|q| q.qid == 0) =>
             {
                 let ctrl = self.queue.as_ref().expect("admin queue").ctrl.clone();
-                let out = if ft == FabricsType::PropertyGet as u8 {
+                let out = if ft == FabricsType::PropertyGet {
                     admin::property_get(&ctrl, &sqe)
                 } else {
                     admin::property_set(&ctrl, &sqe)
@@ -1177,7 +1174,7 @@ impl TcpConn {
 
     fn io_command(&mut self, i: usize, sqe: Sqe) {
         let nsid = sqe.nsid();
-        let opc = IoOpcode::from_u8(sqe.opc());
+        let opc = sqe.io_opcode();
         if !matches!(
             opc,
             Some(
@@ -1317,7 +1314,7 @@ impl TcpConn {
             return;
         }
         let status = s.status;
-        let opc = IoOpcode::from_u8(s.sqe.opc());
+        let opc = s.sqe.io_opcode();
         let cid = s.cid;
         if status.is_success() && opc == Some(IoOpcode::Read) {
             let len = s.len;
@@ -1347,14 +1344,15 @@ impl TcpConn {
         }
         for c in done.drain(..) {
             let hint =
-                IoOpcode::from_u8(self.slots[c.tag as usize].sqe.opc()).map_or(IoType::Read, |o| {
-                    match o {
+                self.slots[c.tag as usize]
+                    .sqe
+                    .io_opcode()
+                    .map_or(IoType::Read, |o| match o {
                         IoOpcode::Write | IoOpcode::WriteZeroes | IoOpcode::DatasetManagement => {
                             IoType::Write
                         }
                         _ => IoType::Read,
-                    }
-                });
+                    });
             self.on_completion(c, hint);
         }
         self.done = done;
