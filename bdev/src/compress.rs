@@ -180,7 +180,7 @@ pub enum Algorithm {
     /// LZ4 block format (fast).
     #[default]
     Lz4,
-    /// zstd (better ratio, slower).
+    /// zstd (better ratio, slower); needs the `zstd` cargo feature (on by default).
     Zstd,
 }
 
@@ -254,6 +254,12 @@ impl CompressOptions {
             return Err(BdevError::invalid(
                 "zstd_level",
                 format!("{} is not a zstd level (1-22)", self.zstd_level),
+            ));
+        }
+        if self.algorithm == Algorithm::Zstd && !cfg!(feature = "zstd") {
+            return Err(BdevError::invalid(
+                "algorithm",
+                "zstd is not available: ferroblk was built without the `zstd` feature",
             ));
         }
         Ok(())
@@ -654,6 +660,7 @@ pub struct Consistency {
 struct CompressShared {
     layout: CompressLayout,
     algorithm: Algorithm,
+    #[cfg(feature = "zstd")]
     zstd_level: i32,
     map: Mutex<MapState>,
     chunk_locks: LockTable,
@@ -680,8 +687,9 @@ pub struct CompressBdev {
 /// Size of a channel's stored-data buffer: room for a whole compressor output.
 fn stored_buf_len(chunk: usize, bs: usize) -> usize {
     let lz4 = lz4_flex::block::get_maximum_output_size(chunk);
-    let zstd = zstd::zstd_safe::compress_bound(chunk);
-    lz4.max(zstd).max(chunk).next_multiple_of(bs)
+    #[cfg(feature = "zstd")]
+    let lz4 = lz4.max(zstd::zstd_safe::compress_bound(chunk));
+    lz4.max(chunk).next_multiple_of(bs)
 }
 
 impl CompressBdev {
@@ -830,6 +838,7 @@ impl CompressBdev {
             shared: Arc::new(CompressShared {
                 layout,
                 algorithm: opts.algorithm,
+                #[cfg(feature = "zstd")]
                 zstd_level: opts.zstd_level,
                 map: Mutex::new(map),
                 chunk_locks: LockTable::new(),
@@ -1354,7 +1363,9 @@ impl Bdev for CompressBdev {
                 })
                 .collect(),
             lz4_table: lz4_flex::block::CompressTable::large(),
+            #[cfg(feature = "zstd")]
             zstd_c: None,
+            #[cfg(feature = "zstd")]
             zstd_d: None,
             waiting: VecDeque::with_capacity(depth),
             lock_wait: VecDeque::with_capacity(op_slots),
@@ -1542,7 +1553,9 @@ struct CompressChannel {
     /// Free buffer pairs (plain chunk, stored data).
     bufs: Vec<(AlignedBuf, AlignedBuf)>,
     lz4_table: lz4_flex::block::CompressTable,
+    #[cfg(feature = "zstd")]
     zstd_c: Option<zstd::bulk::Compressor<'static>>,
+    #[cfg(feature = "zstd")]
     zstd_d: Option<zstd::bulk::Decompressor<'static>>,
     /// Requests with ops still to create, oldest first.
     waiting: VecDeque<u32>,
@@ -1708,6 +1721,9 @@ impl CompressChannel {
                 Ok(chunk)
             }
             K_LZ4 => lz4_flex::block::decompress_into(stored, plain).map_err(|e| e.to_string()),
+            #[cfg(not(feature = "zstd"))]
+            _ => Err("a zstd chunk, and this build has no zstd".to_string()),
+            #[cfg(feature = "zstd")]
             _ => {
                 let d = match &mut self.zstd_d {
                     Some(d) => d,
@@ -1795,6 +1811,10 @@ impl CompressChannel {
                     .ok()
                     .map(|n| (n, K_LZ4))
             }
+            // Refused by `CompressOptions::validate`: stored raw if it ever got here.
+            #[cfg(not(feature = "zstd"))]
+            Algorithm::Zstd => None,
+            #[cfg(feature = "zstd")]
             Algorithm::Zstd => {
                 let level = self.shared.zstd_level;
                 let c = match &mut self.zstd_c {
@@ -2559,13 +2579,30 @@ mod tests {
             &|| Arc::new(CompressBdev::open("z", malloc(BlockSize::B512, 16384), &o).unwrap()),
             false,
         );
-        let mut o = opts(8 << 20);
+        #[cfg(feature = "zstd")]
+        {
+            let mut o = opts(8 << 20);
+            o.algorithm = Algorithm::Zstd;
+            o.chunk_size = 64 << 10;
+            conformance::run(
+                &|| Arc::new(CompressBdev::open("z", malloc(BlockSize::B4096, 4096), &o).unwrap()),
+                false,
+            );
+        }
+    }
+
+    #[test]
+    fn zstd_is_refused_naming_algorithm_only_in_a_build_without_it() {
+        let mut o = opts(4 << 20);
         o.algorithm = Algorithm::Zstd;
-        o.chunk_size = 64 << 10;
-        conformance::run(
-            &|| Arc::new(CompressBdev::open("z", malloc(BlockSize::B4096, 4096), &o).unwrap()),
-            false,
-        );
+        let r = CompressBdev::open("z", malloc(BlockSize::B4096, 2048), &o);
+        if cfg!(feature = "zstd") {
+            assert!(r.is_ok(), "{:?}", r.err());
+        } else {
+            let e = r.err().expect("zstd refused");
+            assert_eq!(e.field(), Some("algorithm"));
+            assert!(e.to_string().contains("`zstd` feature"), "{e}");
+        }
     }
 
     #[test]
@@ -2583,6 +2620,9 @@ mod tests {
     #[test]
     fn data_of_ratio_two_takes_half_the_space() {
         for algorithm in [Algorithm::Lz4, Algorithm::Zstd] {
+            if algorithm == Algorithm::Zstd && !cfg!(feature = "zstd") {
+                continue;
+            }
             let mut o = opts(16 << 20);
             o.algorithm = algorithm;
             let z = CompressBdev::open("z", malloc(BlockSize::B4096, 4096), &o).unwrap();
@@ -2822,9 +2862,12 @@ mod tests {
         let e = CompressBdev::open("z", base.clone(), &o).err().unwrap();
         assert_eq!(e.field(), Some("chunk_size"));
         // Another algorithm is fine: chunks record theirs.
-        let mut o = opts(4 << 20);
-        o.algorithm = Algorithm::Zstd;
-        drop(CompressBdev::open("z", base, &o).unwrap());
+        #[cfg(feature = "zstd")]
+        {
+            let mut o = opts(4 << 20);
+            o.algorithm = Algorithm::Zstd;
+            drop(CompressBdev::open("z", base, &o).unwrap());
+        }
         let mut raw = SyncChannel::new(malloc(BlockSize::B4096, 4).open_channel().unwrap());
         assert_eq!(raw.write(0, &[1u8; 4096]), IoStatus::Success);
     }
