@@ -366,13 +366,7 @@ pub fn execute(ctrl: &Arc<Controller>, target: &Target, sqe: &Sqe) -> AdminOutco
                     }
                     let n = (req.nsq.max(req.ncq) + 1).min(MAX_IO_QUEUES);
                     ctrl.io_queues.store(n, Ordering::Release);
-                    with_dw0(
-                        NumberOfQueues {
-                            nsq: n - 1,
-                            ncq: n - 1,
-                        }
-                        .to_dword(),
-                    )
+                    with_dw0(NumberOfQueues::both(n).to_dword())
                 }
                 Some(FeatureId::AsyncEventConfig) => {
                     ctrl.aen_config.store(v, Ordering::Release);
@@ -393,16 +387,9 @@ pub fn execute(ctrl: &Arc<Controller>, target: &Target, sqe: &Sqe) -> AdminOutco
         AdminOpcode::GetFeatures => {
             let fid = (sqe.cdw10() & 0xff) as u8;
             match FeatureId::from_u8(fid) {
-                Some(FeatureId::NumberOfQueues) if !s.discovery => {
-                    let n = ctrl.io_queues.load(Ordering::Acquire);
-                    with_dw0(
-                        NumberOfQueues {
-                            nsq: n - 1,
-                            ncq: n - 1,
-                        }
-                        .to_dword(),
-                    )
-                }
+                Some(FeatureId::NumberOfQueues) if !s.discovery => with_dw0(
+                    NumberOfQueues::both(ctrl.io_queues.load(Ordering::Acquire)).to_dword(),
+                ),
                 Some(FeatureId::AsyncEventConfig) => {
                     with_dw0(ctrl.aen_config.load(Ordering::Acquire))
                 }

@@ -778,11 +778,7 @@ impl TcpConn {
         let cid = sqe.cid();
         self.advance_sqhd();
         if self.find_slot(cid).is_some() {
-            if let Some(b) = icd {
-                self.pool.put(b);
-            }
-            self.send_cqe(Cqe::new(cid, Status::COMMAND_ID_CONFLICT));
-            return;
+            return self.refuse_command(cid, None, icd, Status::COMMAND_ID_CONFLICT);
         }
         let active = self
             .slots
@@ -802,18 +798,10 @@ impl TcpConn {
         let is_connect = sqe.fabrics_type() == Some(FabricsType::Connect);
         if self.queue.is_none() != is_connect {
             // Nothing but Connect before Connect, and no second Connect.
-            if let Some(b) = icd {
-                self.pool.put(b);
-            }
-            self.send_cqe(Cqe::new(cid, Status::COMMAND_SEQUENCE_ERROR));
-            return;
+            return self.refuse_command(cid, None, icd, Status::COMMAND_SEQUENCE_ERROR);
         }
         if let Some(status) = self.check_before_data(&sqe) {
-            if let Some(b) = icd {
-                self.pool.put(b);
-            }
-            self.send_cqe(Cqe::new(cid, status));
-            return;
+            return self.refuse_command(cid, None, icd, status);
         }
         let mut want = self.data_in_len(&sqe);
         let i = self.alloc_slot(cid, sqe);
@@ -837,12 +825,7 @@ impl TcpConn {
         if want > MAX_TRANSFER || sgl.length as usize != want {
             tracing::debug!(peer = %self.peer, opc = sqe.opc(), want, sgl_len = sgl.length, icd_len,
                 "data length does not match the command");
-            if let Some(b) = icd {
-                self.pool.put(b);
-            }
-            self.free_slot(i);
-            self.send_cqe(Cqe::new(cid, Status::DATA_SGL_LENGTH_INVALID));
-            return;
+            return self.refuse_command(cid, Some(i), icd, Status::DATA_SGL_LENGTH_INVALID);
         }
         self.slots[i].len = want;
         if icd_len > 0 {
@@ -852,12 +835,8 @@ impl TcpConn {
                 || icd_len != want
                 || sgl.address != 0
             {
-                if let Some(b) = icd {
-                    self.pool.put(b);
-                }
-                self.free_slot(i);
-                self.send_cqe(Cqe::new(cid, Status::SGL_DESCRIPTOR_TYPE_INVALID));
-                return;
+                let status = Status::SGL_DESCRIPTOR_TYPE_INVALID;
+                return self.refuse_command(cid, Some(i), icd, status);
             }
             self.slots[i].buf = icd;
             self.slots[i].got = want;
@@ -865,9 +844,7 @@ impl TcpConn {
             return;
         }
         if sgl.sgl_type != sgl_type::TRANSPORT_DATA_BLOCK {
-            self.free_slot(i);
-            self.send_cqe(Cqe::new(cid, Status::SGL_DESCRIPTOR_TYPE_INVALID));
-            return;
+            return self.refuse_command(cid, Some(i), None, Status::SGL_DESCRIPTOR_TYPE_INVALID);
         }
         // Ask for the data (one R2T for the whole transfer; the host splits it in H2CData PDUs
         // of at most MAXH2CDATA).
@@ -881,6 +858,24 @@ impl TcpConn {
         };
         let n = self.encoder.r2t(&r, &mut self.scratch);
         self.push_header(n);
+    }
+
+    /// Ends command `cid` before it runs: its in-capsule data goes back to the pool, the slot it
+    /// took (if any) is freed, and the host gets `status`.
+    fn refuse_command(
+        &mut self,
+        cid: u16,
+        slot: Option<usize>,
+        icd: Option<AlignedBuf>,
+        status: Status,
+    ) {
+        if let Some(b) = icd {
+            self.pool.put(b);
+        }
+        if let Some(i) = slot {
+            self.free_slot(i);
+        }
+        self.send_cqe(Cqe::new(cid, status));
     }
 
     fn complete_slot(&mut self, i: usize, status: Status, dw0: u32, dw1: u32) {
