@@ -19,10 +19,11 @@ use io_uring::{opcode, types};
 
 use crate::inflight::InflightQueue;
 use crate::memory::GuestMemory;
-// The request types stay reachable here, where the fuzz hooks name them.
-pub use crate::spec::{ID_BYTES, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES};
 use crate::spec::{S_IOERR, S_OK, S_UNSUPP, WZ_FLAG_UNMAP};
 use crate::virtq::{Buf, QueueError, SplitQueue};
+
+// The request types stay reachable here, where the fuzz hooks name them.
+pub use crate::spec::{ID_BYTES, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES};
 
 /// Chain heads taken from the available ring at once (see `VqPoller::poll`).
 const POP_BATCH: usize = 32;
