@@ -23,7 +23,7 @@ use crate::inflight::{self, InflightRegion};
 use crate::memory::{GuestMemory, RegionDesc};
 use crate::protocol::{self, Message, ProtocolError, backend_req, pf, req};
 use crate::queue::{BlkParams, QueueCtl, VqPoller};
-use crate::spec::{ID_BYTES, blk_config, vf};
+use crate::spec::{ID_BYTES, vf};
 use crate::virtq::{RingAddrs, SplitQueue};
 
 /// Protocol features this back-end offers.
@@ -399,37 +399,36 @@ impl<'a> Conn<'a> {
     }
 
     /// The virtio-blk configuration space (virtio 1.2 §5.2.4).
-    fn config_space(&self) -> [u8; blk_config::LEN] {
-        use blk_config as f;
+    fn config_space(&self) -> [u8; 64] {
         let g = self.bdev.info().geometry();
         let bs = g.block_size.bytes();
-        let mut c = [0u8; f::LEN];
-        let put32 = |c: &mut [u8; f::LEN], off: usize, v: u32| {
+        let mut c = [0u8; 64];
+        let put32 = |c: &mut [u8; 64], off: usize, v: u32| {
             c[off..off + 4].copy_from_slice(&v.to_le_bytes())
         };
-        c[f::CAPACITY..f::CAPACITY + 8].copy_from_slice(&(g.size_bytes() / 512).to_le_bytes());
+        c[0..8].copy_from_slice(&(g.size_bytes() / 512).to_le_bytes());
         // A request carries at most seg_max × size_max bytes: no more than the largest I/O
         // every chain is tested with (MAX_EXPORT_IO_BYTES).
         let seg_max = self.seg_max();
         let size_max = (MAX_EXPORT_IO_BYTES / u64::from(seg_max)) as u32 & !4095;
-        put32(&mut c, f::SIZE_MAX, size_max.max(4096));
-        put32(&mut c, f::SEG_MAX, seg_max);
-        put32(&mut c, f::BLK_SIZE, bs);
-        c[f::PHYSICAL_BLOCK_EXP] = 0;
-        c[f::ALIGNMENT_OFFSET] = 0;
-        c[f::MIN_IO_SIZE..f::MIN_IO_SIZE + 2].copy_from_slice(&1u16.to_le_bytes());
+        put32(&mut c, 8, size_max.max(4096));
+        put32(&mut c, 12, seg_max);
+        put32(&mut c, 20, bs);
+        c[24] = 0; // physical_block_exp
+        c[25] = 0; // alignment_offset
+        c[26..28].copy_from_slice(&1u16.to_le_bytes()); // min_io_size, in logical blocks
         // opt_io_size: the chain's own largest transfer (larger requests are split).
         let opt_blocks = u64::from(g.max_transfer_blocks).min(MAX_EXPORT_IO_BYTES / u64::from(bs));
-        put32(&mut c, f::OPT_IO_SIZE, opt_blocks as u32);
-        c[f::WRITEBACK] = u8::from(self.shared.writeback.load(Ordering::Relaxed));
-        c[f::NUM_QUEUES..f::NUM_QUEUES + 2].copy_from_slice(&self.spec.num_queues.to_le_bytes());
+        put32(&mut c, 28, opt_blocks as u32);
+        c[32] = u8::from(self.shared.writeback.load(Ordering::Relaxed));
+        c[34..36].copy_from_slice(&self.spec.num_queues.to_le_bytes());
         let max_sectors = ((1u64 << 30) / 512) as u32;
-        put32(&mut c, f::MAX_DISCARD_SECTORS, max_sectors);
-        put32(&mut c, f::MAX_DISCARD_SEG, 1);
-        put32(&mut c, f::DISCARD_SECTOR_ALIGNMENT, bs / 512);
-        put32(&mut c, f::MAX_WRITE_ZEROES_SECTORS, max_sectors);
-        put32(&mut c, f::MAX_WRITE_ZEROES_SEG, 1);
-        c[f::WRITE_ZEROES_MAY_UNMAP] = u8::from(g.caps.contains(Caps::UNMAP_READS_ZEROES));
+        put32(&mut c, 36, max_sectors); // max_discard_sectors
+        put32(&mut c, 40, 1); // max_discard_seg
+        put32(&mut c, 44, bs / 512); // discard_sector_alignment
+        put32(&mut c, 48, max_sectors); // max_write_zeroes_sectors
+        put32(&mut c, 52, 1); // max_write_zeroes_seg
+        c[56] = u8::from(g.caps.contains(Caps::UNMAP_READS_ZEROES));
         c
     }
 
@@ -683,13 +682,10 @@ impl<'a> Conn<'a> {
                 if m.payload.len() != 12 + size || off + size > 256 {
                     return Err(m.bad(format!("config write of {size} bytes at {off}")));
                 }
-                // Only `writeback` is writable, with CONFIG_WCE.
-                let wb_at = blk_config::WRITEBACK;
-                let ok = if off <= wb_at
-                    && off + size > wb_at
-                    && self.features & vf::BLK_CONFIG_WCE != 0
+                // Only `writeback` (offset 32) is writable, with CONFIG_WCE.
+                let ok = if off <= 32 && off + size > 32 && self.features & vf::BLK_CONFIG_WCE != 0
                 {
-                    let wb = m.payload[12 + wb_at - off] != 0;
+                    let wb = m.payload[12 + 32 - off] != 0;
                     self.shared.writeback.store(wb, Ordering::Release);
                     tracing::info!(writeback = wb, "guest set the cache mode");
                     true
@@ -1023,58 +1019,11 @@ mod tests {
     }
 
     #[test]
-    fn config_space_fields_are_at_their_virtio_offsets() {
-        let r = reactors();
-        let bdev: Arc<dyn Bdev> = Arc::new(MallocBdev::new("m", BlockSize::B4096, 256, 0).unwrap());
-        let path = socket_path("config");
-        let spec = VhostSpec {
-            socket: path.clone(),
-            bdev: "m".into(),
-            num_queues: 3,
-            read_only: false,
-            serial: None,
-        };
-        let export = VhostExport::start(spec, bdev, r.handles().to_vec()).unwrap();
-        let front = Front::connect(&path);
-        // VHOST_USER_GET_CONFIG: offset, size, flags, then the space.
-        let mut p = vec![0u8; 12 + 64];
-        p[4..8].copy_from_slice(&64u32.to_le_bytes());
-        front.send(req::GET_CONFIG, &p, &[]).unwrap();
-        let m = protocol::recv(&front.0).unwrap();
-        assert_eq!(m.request, req::GET_CONFIG);
-        let c = &m.payload[12..];
-        let u16_at = |o: usize| u16::from_le_bytes(c[o..o + 2].try_into().unwrap());
-        let u32_at = |o: usize| u32::from_le_bytes(c[o..o + 4].try_into().unwrap());
-        // The offsets of virtio 1.2 §5.2.4 written out, not taken from `spec::blk_config`.
-        assert_eq!(
-            u64::from_le_bytes(c[0..8].try_into().unwrap()),
-            256 * 4096 / 512,
-            "capacity"
-        );
-        assert_eq!(u32_at(20), 4096, "blk_size");
-        assert_eq!(u16_at(26), 1, "min_io_size");
-        assert_eq!(u16_at(34), 3, "num_queues");
-        assert_eq!(u32_at(36), (1 << 30) / 512, "max_discard_sectors");
-        assert_eq!(u32_at(40), 1, "max_discard_seg");
-        assert_eq!(u32_at(44), 8, "discard_sector_alignment");
-        assert_eq!(u32_at(48), (1 << 30) / 512, "max_write_zeroes_sectors");
-        assert_eq!(u32_at(52), 1, "max_write_zeroes_seg");
-        drop(front);
-        drop(export);
-    }
-
-    #[test]
     fn a_front_end_offering_memory_its_file_does_not_have_is_dropped_and_others_are_served() {
         let r = reactors();
         let bdev: Arc<dyn Bdev> = Arc::new(MallocBdev::new("m", BlockSize::B4096, 256, 0).unwrap());
         let path = socket_path("liar");
-        let spec = VhostSpec {
-            socket: path.clone(),
-            bdev: "m".into(),
-            num_queues: 1,
-            read_only: false,
-            serial: None,
-        };
+        let spec = test_spec(path.clone(), "m", 1);
         let export = VhostExport::start(spec, bdev, r.handles().to_vec()).unwrap();
 
         // 64 MiB of guest memory claimed over a 1 MiB memfd, with the rings at 32 MiB: mapping
@@ -1131,6 +1080,40 @@ mod tests {
         r.shutdown(Duration::from_secs(5));
     }
 
+    /// A read-write export of `bdev` with `num_queues` queues on `socket`.
+    fn test_spec(socket: PathBuf, bdev: &str, num_queues: u16) -> VhostSpec {
+        VhostSpec {
+            socket,
+            bdev: bdev.into(),
+            num_queues,
+            read_only: false,
+            serial: None,
+        }
+    }
+
+    #[test]
+    fn config_space_fields_are_at_their_virtio_offsets() {
+        let r = reactors();
+        let bdev: Arc<dyn Bdev> = Arc::new(MallocBdev::new("m", BlockSize::B4096, 256, 0).unwrap());
+        let spec = test_spec("unused".into(), "m", 3);
+        let (shared, handles) = (test_shared(), r.handles().to_vec());
+        let (sock, _peer) = UnixStream::pair().unwrap();
+        let c = Conn::new(&spec, &bdev, &handles, &shared, sock).config_space();
+        let u16_at = |o: usize| u16::from_le_bytes(c[o..o + 2].try_into().unwrap());
+        let u32_at = |o: usize| u32::from_le_bytes(c[o..o + 4].try_into().unwrap());
+        // The offsets of `struct virtio_blk_config` (virtio 1.2 §5.2.4), written out.
+        let capacity = u64::from_le_bytes(c[0..8].try_into().unwrap());
+        assert_eq!(capacity, 256 * 4096 / 512, "capacity");
+        assert_eq!(u32_at(20), 4096, "blk_size");
+        assert_eq!(u16_at(26), 1, "min_io_size");
+        assert_eq!(u16_at(34), 3, "num_queues");
+        assert_eq!(u32_at(36), (1 << 30) / 512, "max_discard_sectors");
+        assert_eq!(u32_at(40), 1, "max_discard_seg");
+        assert_eq!(u32_at(44), 8, "discard_sector_alignment");
+        assert_eq!(u32_at(48), (1 << 30) / 512, "max_write_zeroes_sectors");
+        assert_eq!(u32_at(52), 1, "max_write_zeroes_seg");
+    }
+
     fn test_shared() -> Shared {
         Shared {
             stop: AtomicBool::new(false),
@@ -1166,13 +1149,7 @@ mod tests {
                 ..Delays::default()
             },
         ));
-        let spec = VhostSpec {
-            socket: "unused".into(),
-            bdev: "d".into(),
-            num_queues: 1,
-            read_only: false,
-            serial: None,
-        };
+        let spec = test_spec("unused".into(), "d", 1);
         let shared = test_shared();
         let handles = r.handles().to_vec();
         let mut d = Driver::new(8);

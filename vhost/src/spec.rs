@@ -1,6 +1,5 @@
 //! virtio constants this crate speaks (virtio 1.2), in one place: feature bits, the split
-//! virtqueue's flags and limits, the virtio-blk configuration layout, request types and status
-//! bytes. The
+//! virtqueue's flags and limits, and the virtio-blk request types and status bytes. The
 //! vhost-user protocol's own constants (message codes, protocol features) live in
 //! [`crate::protocol`].
 
@@ -32,45 +31,6 @@ pub const DESC_F_INDIRECT: u16 = 4;
 pub const AVAIL_F_NO_INTERRUPT: u16 = 1;
 /// Largest queue size (virtio 1.2 §2.7: 32768).
 pub const MAX_QUEUE_SIZE: u16 = 32768;
-
-/// Byte offsets of the fields of `struct virtio_blk_config` (virtio 1.2 §5.2.4), little-endian.
-pub mod blk_config {
-    /// Bytes of configuration space the device exposes (through `write_zeroes_may_unmap`,
-    /// padded).
-    pub const LEN: usize = 64;
-    /// `capacity` (u64), in 512-byte sectors.
-    pub const CAPACITY: usize = 0;
-    /// `size_max` (u32), largest segment, with `VIRTIO_BLK_F_SIZE_MAX`.
-    pub const SIZE_MAX: usize = 8;
-    /// `seg_max` (u32), segments per request, with `VIRTIO_BLK_F_SEG_MAX`.
-    pub const SEG_MAX: usize = 12;
-    /// `blk_size` (u32), with `VIRTIO_BLK_F_BLK_SIZE`.
-    pub const BLK_SIZE: usize = 20;
-    /// `topology.physical_block_exp` (u8), with `VIRTIO_BLK_F_TOPOLOGY`.
-    pub const PHYSICAL_BLOCK_EXP: usize = 24;
-    /// `topology.alignment_offset` (u8).
-    pub const ALIGNMENT_OFFSET: usize = 25;
-    /// `topology.min_io_size` (u16), in logical blocks.
-    pub const MIN_IO_SIZE: usize = 26;
-    /// `topology.opt_io_size` (u32), in logical blocks.
-    pub const OPT_IO_SIZE: usize = 28;
-    /// `writeback` (u8), with `VIRTIO_BLK_F_CONFIG_WCE`: the one field a driver writes.
-    pub const WRITEBACK: usize = 32;
-    /// `num_queues` (u16), with `VIRTIO_BLK_F_MQ`.
-    pub const NUM_QUEUES: usize = 34;
-    /// `max_discard_sectors` (u32), with `VIRTIO_BLK_F_DISCARD`.
-    pub const MAX_DISCARD_SECTORS: usize = 36;
-    /// `max_discard_seg` (u32).
-    pub const MAX_DISCARD_SEG: usize = 40;
-    /// `discard_sector_alignment` (u32), in 512-byte sectors.
-    pub const DISCARD_SECTOR_ALIGNMENT: usize = 44;
-    /// `max_write_zeroes_sectors` (u32), with `VIRTIO_BLK_F_WRITE_ZEROES`.
-    pub const MAX_WRITE_ZEROES_SECTORS: usize = 48;
-    /// `max_write_zeroes_seg` (u32).
-    pub const MAX_WRITE_ZEROES_SEG: usize = 52;
-    /// `write_zeroes_may_unmap` (u8).
-    pub const WRITE_ZEROES_MAY_UNMAP: usize = 56;
-}
 
 /// `VIRTIO_BLK_T_IN` (virtio 1.2 §5.2.6).
 pub const T_IN: u32 = 0;
