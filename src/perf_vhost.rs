@@ -10,29 +10,43 @@
 //! `min_completions = 0` in a busy loop, like SPDK's bdevperf), so it does not measure its own
 //! wake-ups; `--wait` sleeps on the queue's completion eventfd instead (`min_completions = 1`).
 //! Patterns, latency histogram and report follow `perf bdev` (see `perf.rs`).
+//!
+//! The client is the `blkio` cargo feature (on by default); a build without it keeps the
+//! command, which then says it was built without it.
 
+#[cfg(feature = "blkio")]
 use std::mem::MaybeUninit;
 use std::path::PathBuf;
+#[cfg(feature = "blkio")]
 use std::sync::Barrier;
+#[cfg(feature = "blkio")]
 use std::time::Instant;
 
+#[cfg(feature = "blkio")]
 use anyhow::{Context, bail};
+#[cfg(feature = "blkio")]
 use blkio::{Blkio, Blkioq, Completion, ReqFlags};
 
+use crate::perf::ClientJobArgs;
+#[cfg(feature = "blkio")]
 use crate::perf::{
-    ClientJob, ClientJobArgs, Histogram, JobResult, JobSpec, RunResult, next_rand, process_cpu_ns,
+    ClientJob, Histogram, JobResult, JobSpec, RunResult, next_rand, process_cpu_ns,
     run_queue_threads, thread_cpu_ns, ticks,
 };
+#[cfg(feature = "blkio")]
 use ferroblk_bdev::reactor::pin_to_cpu;
 
 /// libblkio's driver for a vhost-user-blk backend reached through a Unix socket.
+#[cfg(feature = "blkio")]
 const DRIVER: &str = "virtio-blk-vhost-user";
 
 /// Descriptors one virtio-blk request takes in the split ring (header, data, status): libblkio's
 /// virtio driver does not use indirect descriptors.
+#[cfg(feature = "blkio")]
 const DESCS_PER_REQ: usize = 3;
 
 /// The virtqueue size libblkio uses unless told otherwise.
+#[cfg(feature = "blkio")]
 const DEFAULT_QUEUE_SIZE: usize = 256;
 
 /// Options of `ferroblk perf vhost`.
@@ -47,6 +61,7 @@ pub struct VhostArgs {
 }
 
 /// What the device told us after `connect`.
+#[cfg(feature = "blkio")]
 #[derive(Clone, Debug)]
 struct DeviceInfo {
     capacity: u64,
@@ -56,6 +71,7 @@ struct DeviceInfo {
 }
 
 /// One queue thread's parameters.
+#[cfg(feature = "blkio")]
 struct QueueJob<'a> {
     index: usize,
     cpu: Option<usize>,
@@ -68,11 +84,13 @@ struct QueueJob<'a> {
     start: &'a Barrier,
 }
 
+#[cfg(feature = "blkio")]
 // SAFETY: `bufs` points into the memory region that `run` keeps allocated and mapped until every
 // queue thread has been joined, and no two jobs' buffer ranges overlap.
 unsafe impl Send for QueueJob<'_> {}
 
 /// Runs the benchmark described by `a` and prints its report.
+#[cfg(feature = "blkio")]
 pub fn run(a: &VhostArgs) -> anyhow::Result<()> {
     let ClientJob {
         spec,
@@ -191,6 +209,7 @@ pub fn run(a: &VhostArgs) -> anyhow::Result<()> {
 
 /// One queue's loop: `qd` slots, each with its own buffer, resubmitted as soon as it completes
 /// until the deadline, then drained.
+#[cfg(feature = "blkio")]
 fn run_queue(mut j: QueueJob<'_>) -> anyhow::Result<JobResult> {
     let pinned = j.cpu.map_or(Ok(()), pin_to_cpu);
     // Every thread reaches the barrier, even one that failed, so that none waits forever.
@@ -297,6 +316,7 @@ fn run_queue(mut j: QueueJob<'_>) -> anyhow::Result<JobResult> {
 }
 
 /// Prints the result as a table, or JSON with the keys of `perf bdev` where they apply.
+#[cfg(feature = "blkio")]
 fn report(a: &VhostArgs, dev: &DeviceInfo, spec: &JobSpec, r: &RunResult) {
     let mode = if a.job.wait { "wait" } else { "poll" };
     if a.job.json {
@@ -335,4 +355,31 @@ fn report(a: &VhostArgs, dev: &DeviceInfo, spec: &JobSpec, r: &RunResult) {
         "client: polling, so one busy core per queue"
     };
     r.print_table("queue", who);
+}
+
+/// Without the `blkio` feature there is no client: says so.
+#[cfg(not(feature = "blkio"))]
+pub fn run(_a: &VhostArgs) -> anyhow::Result<()> {
+    anyhow::bail!(
+        "perf vhost: ferroblk was built without the `blkio` feature (libblkio's vhost-user-blk \
+         client); rebuild with `--features blkio`"
+    )
+}
+
+#[cfg(all(test, not(feature = "blkio")))]
+mod tests {
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cmd {
+        #[command(flatten)]
+        args: super::VhostArgs,
+    }
+
+    #[test]
+    fn perf_vhost_says_it_was_built_without_blkio() {
+        let c = Cmd::try_parse_from(["perf-vhost", "--socket", "/nonexistent.sock"]).unwrap();
+        let e = super::run(&c.args).unwrap_err().to_string();
+        assert!(e.contains("without the `blkio` feature"), "{e}");
+    }
 }

@@ -93,14 +93,14 @@ const CMP_BASE_BLOCKS: u64 = 256;
 const SUPER_CRC_AT: usize = 68;
 
 /// The options the first input byte selects: bit 0-1 chunk size (4, 8, 16, 4 KiB), bit 2 logical
-/// size (16 or 40 chunks), bit 3 algorithm.
+/// size (16 or 40 chunks), bit 3 algorithm (zstd; LZ4 in a build without the `zstd` feature).
 fn compress_options(cfg: u8) -> CompressOptions {
     let chunk_size = [4u32 << 10, 8 << 10, 16 << 10, 4 << 10][usize::from(cfg & 3)];
     let chunks = if cfg & 4 == 0 { 16 } else { 40 };
     CompressOptions {
         size: u64::from(chunk_size) * chunks,
         chunk_size,
-        algorithm: if cfg & 8 == 0 {
+        algorithm: if cfg & 8 == 0 || !cfg!(feature = "zstd") {
             Algorithm::Lz4
         } else {
             Algorithm::Zstd

@@ -1,6 +1,6 @@
 //! Fault-injection bdevs that stack on any bdev, for tests: `error` fails chosen operations,
 //! `delay` holds completions back. Both show the stacked-bdev pattern: the channel owns its
-//! base's channel, and per-request context lives in a [`SlotTable`] sized at channel creation.
+//! base's channel, and per-request context lives in a [`Slots`] table sized at channel creation.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -9,60 +9,8 @@ use std::time::{Duration, Instant};
 
 use crate::bdev::{Bdev, BdevInfo, Channel, ChannelOps, IoCompletion, IoRequest, Wake};
 use crate::error::BdevError;
+use crate::stacked::{Slots, follow_base_size};
 use crate::types::{IoStatus, IoType};
-
-/// A fixed-capacity table of per-request context for stacked channels: no allocation after
-/// creation.
-pub struct SlotTable<T> {
-    slots: Vec<Option<T>>,
-    free: Vec<u32>,
-}
-
-impl<T> SlotTable<T> {
-    /// A table of `capacity` slots.
-    pub fn new(capacity: usize) -> SlotTable<T> {
-        SlotTable {
-            slots: (0..capacity).map(|_| None).collect(),
-            free: (0..capacity as u32).rev().collect(),
-        }
-    }
-
-    /// Stores `v`; returns its slot, or `None` when full.
-    pub fn insert(&mut self, v: T) -> Option<u32> {
-        let i = self.free.pop()?;
-        self.slots[i as usize] = Some(v);
-        Some(i)
-    }
-
-    /// Takes the value out of slot `i`.
-    pub fn remove(&mut self, i: u32) -> Option<T> {
-        let v = self.slots.get_mut(i as usize)?.take()?;
-        self.free.push(i);
-        Some(v)
-    }
-
-    /// Slots in use.
-    pub fn len(&self) -> usize {
-        self.slots.len() - self.free.len()
-    }
-
-    /// Whether no slot is in use.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-/// Makes a stacked bdev's info follow its base's size; returns the subscription, which the
-/// stacked bdev cancels when it is dropped (or the base would keep its listener forever).
-fn follow_base_size(base: &Arc<dyn Bdev>, info: &Arc<BdevInfo>) -> u64 {
-    let weak = Arc::downgrade(info);
-    base.info().subscribe(move |ev| {
-        let crate::bdev::BdevEvent::Resized { new_blocks, .. } = *ev;
-        if let Some(info) = weak.upgrade() {
-            info.set_block_count(new_blocks);
-        }
-    })
-}
 
 /// Which requests an `error` bdev fails.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -408,7 +356,7 @@ impl Bdev for DelayBdev {
         let depth = base.depth();
         let ops = DelayChannel {
             base,
-            ctx: SlotTable::new(depth),
+            ctx: Slots::new(depth),
             held: [
                 VecDeque::with_capacity(depth),
                 VecDeque::with_capacity(depth),
@@ -459,7 +407,7 @@ impl Bdev for DelayBdev {
 struct DelayChannel {
     base: Channel,
     /// Per request: the submitter's tag and the queue (0 read, 1 write, 2 other) it waits in.
-    ctx: SlotTable<(u64, usize)>,
+    ctx: Slots<(u64, usize)>,
     /// Completions waiting for their release time; FIFO per kind, so each queue is sorted.
     held: [VecDeque<(Instant, IoCompletion)>; 3],
     /// Microseconds per kind, read at each completion (one relaxed load).
@@ -474,12 +422,12 @@ impl ChannelOps for DelayChannel {
             IoType::Write => 1,
             _ => 2,
         };
-        let Some(slot) = self.ctx.insert((io.tag, kind)) else {
+        let Ok(slot) = self.ctx.insert((io.tag, kind)) else {
             return Err(io);
         };
         io.tag = u64::from(slot);
         self.base.submit(io).map_err(|mut io| {
-            let (tag, _) = self.ctx.remove(slot).expect("just inserted");
+            let (tag, _) = self.ctx.remove(slot);
             io.tag = tag;
             io
         })
@@ -489,7 +437,7 @@ impl ChannelOps for DelayChannel {
         self.base.poll(&mut self.scratch);
         let now = Instant::now();
         for mut c in self.scratch.drain(..) {
-            let (tag, kind) = self.ctx.remove(c.tag as u32).expect("known slot");
+            let (tag, kind) = self.ctx.remove(c.tag as u32);
             c.tag = tag;
             let delay = Duration::from_micros(self.delays[kind].load(Ordering::Relaxed));
             self.held[kind].push_back((now + delay, c));

@@ -1,5 +1,6 @@
-//! Plumbing shared by the stacked bdevs (`crc`, `compress`, and the crypto crate's `crypt_xts`
-//! and `crypt_gcm`): a slot table of per-request state, striped try-locks shared by the channels
+//! Plumbing shared by the stacked bdevs (`crc`, `compress`, `error`, `delay`, and the crypto
+//! crate's `crypt_xts` and `crypt_gcm`): a slot table of per-request state, a listener that makes
+//! a stacked bdev follow its base's size, striped try-locks shared by the channels
 //! of one bdev, a base channel with a queue of refused requests, and the helpers that format a
 //! base (when to format, how to zero it).
 //!
@@ -7,10 +8,11 @@
 //! created: all of it is sized when a channel opens.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::bdev::{Channel, IoCompletion, IoRequest, Wake};
+use crate::bdev::{Bdev, BdevEvent, BdevInfo, Channel, IoCompletion, IoRequest, Wake};
 use crate::sync::SyncChannel;
 use crate::types::{Caps, IoStatus, IoType};
 use crate::uring::ThreadRing;
@@ -91,6 +93,19 @@ impl<T> Slots<T> {
         self.free.push(i);
         v
     }
+}
+
+/// Makes a stacked bdev's `info` follow `base`'s block count; returns the subscription, which
+/// the stacked bdev cancels when it is dropped (or the base would keep its listener forever).
+/// The listener holds `info` weakly: a resize after the stacked bdev is gone changes nothing.
+pub fn follow_base_size(base: &Arc<dyn Bdev>, info: &Arc<BdevInfo>) -> u64 {
+    let weak = Arc::downgrade(info);
+    base.info().subscribe(move |ev| {
+        let BdevEvent::Resized { new_blocks, .. } = *ev;
+        if let Some(info) = weak.upgrade() {
+            info.set_block_count(new_blocks);
+        }
+    })
 }
 
 /// Striped reader/writer try-locks shared by every channel of a bdev: key `k` is guarded by

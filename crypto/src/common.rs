@@ -2,9 +2,9 @@
 //! request's scatter-gather list, and size following. (The slot table, the base queue and the
 //! GCM metadata region come from `ferroblk_bdev::stacked` and `ferroblk_bdev::mdregion`.)
 
-use std::sync::{Arc, Weak};
-
-use ferroblk_bdev::{AlignedBuf, Bdev, BdevEvent, BdevInfo, IoSeg, SgList};
+#[cfg(test)]
+use ferroblk_bdev::Bdev;
+use ferroblk_bdev::{AlignedBuf, IoSeg, SgList};
 
 /// Largest transfer of an encryption bdev, in bytes: one pool buffer holds a whole write.
 pub const MAX_TRANSFER_BYTES: usize = 128 << 10;
@@ -151,16 +151,8 @@ pub fn transform_units(
     }
 }
 
-/// Makes `info` follow `base`'s block count; returns the subscription to cancel on drop.
-pub fn follow_base_size(base: &Arc<dyn Bdev>, info: &Arc<BdevInfo>) -> u64 {
-    let weak: Weak<BdevInfo> = Arc::downgrade(info);
-    base.info().subscribe(move |ev| {
-        let BdevEvent::Resized { new_blocks, .. } = *ev;
-        if let Some(info) = weak.upgrade() {
-            info.set_block_count(new_blocks);
-        }
-    })
-}
+/// Size following is the stacked bdevs' one listener, shared with the bdev crate.
+pub use ferroblk_bdev::stacked::follow_base_size;
 
 /// Drives `bdev` from one thread at queue depth `qd` with `blocks`-block requests of `io_type`
 /// over its whole range for `secs` seconds; returns GB/s. For the benchmarks in tests.

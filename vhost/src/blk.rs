@@ -12,9 +12,10 @@ use std::sync::atomic::Ordering;
 
 use ferroblk_bdev::{IoSeg, IoType};
 
-use crate::queue::{
-    BlkParams, ID_BYTES, S_IOERR, S_UNSUPP, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT,
-    T_WRITE_ZEROES, WZ_FLAG_UNMAP,
+use crate::queue::BlkParams;
+use crate::spec::{
+    ID_BYTES, S_IOERR, S_UNSUPP, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES,
+    WZ_FLAG_UNMAP,
 };
 use crate::virtq::Buf;
 

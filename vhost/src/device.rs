@@ -22,26 +22,9 @@ use serde::{Deserialize, Serialize};
 use crate::inflight::{self, InflightRegion};
 use crate::memory::{GuestMemory, RegionDesc};
 use crate::protocol::{self, Message, ProtocolError, backend_req, pf, req};
-use crate::queue::{BlkParams, ID_BYTES, QueueCtl, VqPoller};
+use crate::queue::{BlkParams, QueueCtl, VqPoller};
+use crate::spec::{ID_BYTES, vf};
 use crate::virtq::{RingAddrs, SplitQueue};
-
-/// virtio feature bits (virtio 1.2 §5.2.3, §6).
-#[allow(missing_docs)]
-pub mod vf {
-    pub const BLK_SIZE_MAX: u64 = 1 << 1;
-    pub const BLK_SEG_MAX: u64 = 1 << 2;
-    pub const BLK_RO: u64 = 1 << 5;
-    pub const BLK_BLK_SIZE: u64 = 1 << 6;
-    pub const BLK_FLUSH: u64 = 1 << 9;
-    pub const BLK_TOPOLOGY: u64 = 1 << 10;
-    pub const BLK_CONFIG_WCE: u64 = 1 << 11;
-    pub const BLK_MQ: u64 = 1 << 12;
-    pub const BLK_DISCARD: u64 = 1 << 13;
-    pub const BLK_WRITE_ZEROES: u64 = 1 << 14;
-    pub const RING_INDIRECT_DESC: u64 = 1 << 28;
-    pub const RING_EVENT_IDX: u64 = 1 << 29;
-    pub const VERSION_1: u64 = 1 << 32;
-}
 
 /// Protocol features this back-end offers.
 pub const PROTOCOL_FEATURES: u64 = pf::MQ
@@ -1040,13 +1023,7 @@ mod tests {
         let r = reactors();
         let bdev: Arc<dyn Bdev> = Arc::new(MallocBdev::new("m", BlockSize::B4096, 256, 0).unwrap());
         let path = socket_path("liar");
-        let spec = VhostSpec {
-            socket: path.clone(),
-            bdev: "m".into(),
-            num_queues: 1,
-            read_only: false,
-            serial: None,
-        };
+        let spec = test_spec(path.clone(), "m", 1);
         let export = VhostExport::start(spec, bdev, r.handles().to_vec()).unwrap();
 
         // 64 MiB of guest memory claimed over a 1 MiB memfd, with the rings at 32 MiB: mapping
@@ -1103,6 +1080,40 @@ mod tests {
         r.shutdown(Duration::from_secs(5));
     }
 
+    /// A read-write export of `bdev` with `num_queues` queues on `socket`.
+    fn test_spec(socket: PathBuf, bdev: &str, num_queues: u16) -> VhostSpec {
+        VhostSpec {
+            socket,
+            bdev: bdev.into(),
+            num_queues,
+            read_only: false,
+            serial: None,
+        }
+    }
+
+    #[test]
+    fn config_space_fields_are_at_their_virtio_offsets() {
+        let r = reactors();
+        let bdev: Arc<dyn Bdev> = Arc::new(MallocBdev::new("m", BlockSize::B4096, 256, 0).unwrap());
+        let spec = test_spec("unused".into(), "m", 3);
+        let (shared, handles) = (test_shared(), r.handles().to_vec());
+        let (sock, _peer) = UnixStream::pair().unwrap();
+        let c = Conn::new(&spec, &bdev, &handles, &shared, sock).config_space();
+        let u16_at = |o: usize| u16::from_le_bytes(c[o..o + 2].try_into().unwrap());
+        let u32_at = |o: usize| u32::from_le_bytes(c[o..o + 4].try_into().unwrap());
+        // The offsets of `struct virtio_blk_config` (virtio 1.2 §5.2.4), written out.
+        let capacity = u64::from_le_bytes(c[0..8].try_into().unwrap());
+        assert_eq!(capacity, 256 * 4096 / 512, "capacity");
+        assert_eq!(u32_at(20), 4096, "blk_size");
+        assert_eq!(u16_at(26), 1, "min_io_size");
+        assert_eq!(u16_at(34), 3, "num_queues");
+        assert_eq!(u32_at(36), (1 << 30) / 512, "max_discard_sectors");
+        assert_eq!(u32_at(40), 1, "max_discard_seg");
+        assert_eq!(u32_at(44), 8, "discard_sector_alignment");
+        assert_eq!(u32_at(48), (1 << 30) / 512, "max_write_zeroes_sectors");
+        assert_eq!(u32_at(52), 1, "max_write_zeroes_seg");
+    }
+
     fn test_shared() -> Shared {
         Shared {
             stop: AtomicBool::new(false),
@@ -1138,13 +1149,7 @@ mod tests {
                 ..Delays::default()
             },
         ));
-        let spec = VhostSpec {
-            socket: "unused".into(),
-            bdev: "d".into(),
-            num_queues: 1,
-            read_only: false,
-            serial: None,
-        };
+        let spec = test_spec("unused".into(), "d", 1);
         let shared = test_shared();
         let handles = r.handles().to_vec();
         let mut d = Driver::new(8);

@@ -12,6 +12,8 @@
 //!   function of a descriptor chain) validate them and say what to do, submits one bdev request
 //!   per virtio request with the guest's buffers as the scatter-gather list (no copy), and
 //!   completes them on the used ring.
+//! - [`spec`]: the virtio constants (feature bits, descriptor flags, virtio-blk request types
+//!   and status bytes) that the other modules import.
 //! - [`virtq`]: the split ring, hardened against hostile drivers; [`memory`]: the guest memory
 //!   map with bounds-checked translation; [`inflight`]: INFLIGHT_SHMFD tracking so a restarted
 //!   daemon resubmits what its predecessor had in flight. A front-end's descriptor is mapped
@@ -38,6 +40,7 @@ pub mod inflight;
 pub mod memory;
 pub mod protocol;
 pub mod queue;
+pub mod spec;
 pub mod virtq;
 
 pub use device::{ExportError, VhostExport, VhostSpec};

@@ -20,33 +20,14 @@ use io_uring::{opcode, types};
 use crate::blk::{self, Action};
 use crate::inflight::InflightQueue;
 use crate::memory::GuestMemory;
+use crate::spec::{S_IOERR, S_OK, S_UNSUPP};
 use crate::virtq::{Buf, QueueError, SplitQueue};
 
-/// `VIRTIO_BLK_T_IN`.
-pub const T_IN: u32 = 0;
-/// `VIRTIO_BLK_T_OUT`.
-pub const T_OUT: u32 = 1;
-/// `VIRTIO_BLK_T_FLUSH`.
-pub const T_FLUSH: u32 = 4;
-/// `VIRTIO_BLK_T_GET_ID`.
-pub const T_GET_ID: u32 = 8;
-/// `VIRTIO_BLK_T_DISCARD`.
-pub const T_DISCARD: u32 = 11;
-/// `VIRTIO_BLK_T_WRITE_ZEROES`.
-pub const T_WRITE_ZEROES: u32 = 13;
-/// `VIRTIO_BLK_S_OK`.
-pub const S_OK: u8 = 0;
-/// `VIRTIO_BLK_S_IOERR`.
-pub const S_IOERR: u8 = 1;
-/// `VIRTIO_BLK_S_UNSUPP`.
-pub const S_UNSUPP: u8 = 2;
-/// `VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP`.
-pub const WZ_FLAG_UNMAP: u32 = 1;
+// The request types stay reachable here, where the fuzz hooks name them.
+pub use crate::spec::{ID_BYTES, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES};
 
 /// Chain heads taken from the available ring at once (see `VqPoller::poll`).
 const POP_BATCH: usize = 32;
-/// Length of the GET_ID answer.
-pub const ID_BYTES: usize = 20;
 
 /// Maps a bdev status to the virtio-blk status byte (the one place this happens).
 pub fn to_virtio_status(s: IoStatus) -> u8 {

@@ -8,17 +8,10 @@
 use std::sync::atomic::{Ordering, fence};
 
 use crate::memory::GuestMemory;
+use crate::spec::{AVAIL_F_NO_INTERRUPT, MAX_QUEUE_SIZE};
 
-/// `VIRTQ_DESC_F_NEXT`.
-pub const DESC_F_NEXT: u16 = 1;
-/// `VIRTQ_DESC_F_WRITE`: device-writable.
-pub const DESC_F_WRITE: u16 = 2;
-/// `VIRTQ_DESC_F_INDIRECT`.
-pub const DESC_F_INDIRECT: u16 = 4;
-/// `VIRTQ_AVAIL_F_NO_INTERRUPT`.
-pub const AVAIL_F_NO_INTERRUPT: u16 = 1;
-/// Largest queue size (virtio 1.2 §2.7: 32768).
-pub const MAX_QUEUE_SIZE: u16 = 32768;
+// The descriptor flags stay reachable here, where the fuzz hooks name them.
+pub use crate::spec::{DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
 
 /// One buffer of a descriptor chain, translated to host memory.
 #[derive(Clone, Copy, Debug)]

@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+#[cfg(feature = "zstd")]
+use super::format::K_ZSTD;
 use super::format::{
-    Entry, K_LZ4, K_RAW, K_ZSTD, LOG_HEADER, RECORD_BYTES, encode_page, encode_record,
-    seal_log_block,
+    Entry, K_LZ4, K_RAW, LOG_HEADER, RECORD_BYTES, encode_page, encode_record, seal_log_block,
 };
 use super::{Algorithm, CompressShared, Pending};
 use crate::bdev::{BdevInfo, Channel, ChannelOps, IoCompletion, IoRequest, Wake};
@@ -30,8 +31,9 @@ pub(super) const PAGE_WRITES_IN_FLIGHT: usize = 32;
 /// Size of a channel's stored-data buffer: room for a whole compressor output.
 fn stored_buf_len(chunk: usize, bs: usize) -> usize {
     let lz4 = lz4_flex::block::get_maximum_output_size(chunk);
-    let zstd = zstd::zstd_safe::compress_bound(chunk);
-    lz4.max(zstd).max(chunk).next_multiple_of(bs)
+    #[cfg(feature = "zstd")]
+    let lz4 = lz4.max(zstd::zstd_safe::compress_bound(chunk));
+    lz4.max(chunk).next_multiple_of(bs)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -153,7 +155,9 @@ pub(super) struct CompressChannel {
     /// Free buffer pairs (plain chunk, stored data).
     bufs: Vec<(AlignedBuf, AlignedBuf)>,
     lz4_table: lz4_flex::block::CompressTable,
+    #[cfg(feature = "zstd")]
     zstd_c: Option<zstd::bulk::Compressor<'static>>,
+    #[cfg(feature = "zstd")]
     zstd_d: Option<zstd::bulk::Decompressor<'static>>,
     /// Requests with ops still to create, oldest first.
     waiting: VecDeque<u32>,
@@ -210,7 +214,9 @@ impl CompressChannel {
                 })
                 .collect(),
             lz4_table: lz4_flex::block::CompressTable::large(),
+            #[cfg(feature = "zstd")]
             zstd_c: None,
+            #[cfg(feature = "zstd")]
             zstd_d: None,
             waiting: VecDeque::with_capacity(depth),
             lock_wait: VecDeque::with_capacity(op_slots),
@@ -375,6 +381,9 @@ impl CompressChannel {
                 Ok(chunk)
             }
             K_LZ4 => lz4_flex::block::decompress_into(stored, plain).map_err(|e| e.to_string()),
+            #[cfg(not(feature = "zstd"))]
+            _ => Err("a zstd chunk, and this build has no zstd".to_string()),
+            #[cfg(feature = "zstd")]
             _ => {
                 let d = match &mut self.zstd_d {
                     Some(d) => d,
@@ -462,6 +471,10 @@ impl CompressChannel {
                     .ok()
                     .map(|n| (n, K_LZ4))
             }
+            // Refused by `CompressOptions::validate`: stored raw if it ever got here.
+            #[cfg(not(feature = "zstd"))]
+            Algorithm::Zstd => None,
+            #[cfg(feature = "zstd")]
             Algorithm::Zstd => {
                 let level = self.shared.zstd_level;
                 let c = match &mut self.zstd_c {

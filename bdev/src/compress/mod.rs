@@ -164,7 +164,7 @@ pub enum Algorithm {
     /// LZ4 block format (fast).
     #[default]
     Lz4,
-    /// zstd (better ratio, slower).
+    /// zstd (better ratio, slower); needs the `zstd` cargo feature (on by default).
     Zstd,
 }
 
@@ -238,6 +238,12 @@ impl CompressOptions {
             return Err(BdevError::invalid(
                 "zstd_level",
                 format!("{} is not a zstd level (1-22)", self.zstd_level),
+            ));
+        }
+        if self.algorithm == Algorithm::Zstd && !cfg!(feature = "zstd") {
+            return Err(BdevError::invalid(
+                "algorithm",
+                "zstd is not available: ferroblk was built without the `zstd` feature",
             ));
         }
         Ok(())
@@ -339,6 +345,7 @@ pub struct Consistency {
 struct CompressShared {
     layout: CompressLayout,
     algorithm: Algorithm,
+    #[cfg(feature = "zstd")]
     zstd_level: i32,
     map: Mutex<MapState>,
     chunk_locks: LockTable,
@@ -508,6 +515,7 @@ impl CompressBdev {
             shared: Arc::new(CompressShared {
                 layout,
                 algorithm: opts.algorithm,
+                #[cfg(feature = "zstd")]
                 zstd_level: opts.zstd_level,
                 map: Mutex::new(map),
                 chunk_locks: LockTable::new(),

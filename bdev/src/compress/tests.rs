@@ -57,13 +57,30 @@ fn compress_passes_conformance_over_malloc() {
         &|| Arc::new(CompressBdev::open("z", malloc(BlockSize::B512, 16384), &o).unwrap()),
         false,
     );
-    let mut o = opts(8 << 20);
+    #[cfg(feature = "zstd")]
+    {
+        let mut o = opts(8 << 20);
+        o.algorithm = Algorithm::Zstd;
+        o.chunk_size = 64 << 10;
+        conformance::run(
+            &|| Arc::new(CompressBdev::open("z", malloc(BlockSize::B4096, 4096), &o).unwrap()),
+            false,
+        );
+    }
+}
+
+#[test]
+fn zstd_is_refused_naming_algorithm_only_in_a_build_without_it() {
+    let mut o = opts(4 << 20);
     o.algorithm = Algorithm::Zstd;
-    o.chunk_size = 64 << 10;
-    conformance::run(
-        &|| Arc::new(CompressBdev::open("z", malloc(BlockSize::B4096, 4096), &o).unwrap()),
-        false,
-    );
+    let r = CompressBdev::open("z", malloc(BlockSize::B4096, 2048), &o);
+    if cfg!(feature = "zstd") {
+        assert!(r.is_ok(), "{:?}", r.err());
+    } else {
+        let e = r.err().expect("zstd refused");
+        assert_eq!(e.field(), Some("algorithm"));
+        assert!(e.to_string().contains("`zstd` feature"), "{e}");
+    }
 }
 
 #[test]
@@ -81,6 +98,9 @@ fn compress_passes_conformance_over_file_with_reopen() {
 #[test]
 fn data_of_ratio_two_takes_half_the_space() {
     for algorithm in [Algorithm::Lz4, Algorithm::Zstd] {
+        if algorithm == Algorithm::Zstd && !cfg!(feature = "zstd") {
+            continue;
+        }
         let mut o = opts(16 << 20);
         o.algorithm = algorithm;
         let z = CompressBdev::open("z", malloc(BlockSize::B4096, 4096), &o).unwrap();
@@ -319,9 +339,12 @@ fn reopening_with_another_geometry_is_refused_and_names_the_field() {
     let e = CompressBdev::open("z", base.clone(), &o).err().unwrap();
     assert_eq!(e.field(), Some("chunk_size"));
     // Another algorithm is fine: chunks record theirs.
-    let mut o = opts(4 << 20);
-    o.algorithm = Algorithm::Zstd;
-    drop(CompressBdev::open("z", base, &o).unwrap());
+    #[cfg(feature = "zstd")]
+    {
+        let mut o = opts(4 << 20);
+        o.algorithm = Algorithm::Zstd;
+        drop(CompressBdev::open("z", base, &o).unwrap());
+    }
     let mut raw = SyncChannel::new(malloc(BlockSize::B4096, 4).open_channel().unwrap());
     assert_eq!(raw.write(0, &[1u8; 4096]), IoStatus::Success);
 }

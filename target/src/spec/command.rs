@@ -7,6 +7,7 @@
 //! views ([`Identify`], [`GetLogPage`], [`ReadWrite`] ...) decode the command dwords of one
 //! command; each has `from_sqe` (target side) and `to_sqe` (initiator side).
 
+use super::fabrics::FabricsType;
 use super::wire::{get_u32, get_u64, put_u16, put_u32, put_u64};
 
 /// Admin command opcodes (NVMe Base 2.0 Figure 28; NVMe-oF 1.1 Figure 19 for Fabrics 7Fh).
@@ -334,6 +335,31 @@ impl Sqe {
     #[inline]
     pub fn opc(&self) -> u8 {
         self.0[0]
+    }
+
+    /// OPC as an admin opcode (NVMe Base 2.0 Figure 28), or `None` for one the target does not
+    /// know.
+    #[inline]
+    pub fn admin_opcode(&self) -> Option<AdminOpcode> {
+        AdminOpcode::from_u8(self.opc())
+    }
+
+    /// OPC as an NVM I/O opcode (NVM Command Set 1.0 Figure 18), or `None` for one the target
+    /// does not know.
+    #[inline]
+    pub fn io_opcode(&self) -> Option<IoOpcode> {
+        IoOpcode::from_u8(self.opc())
+    }
+
+    /// For a Fabrics command (OPC 7Fh), its command type (NVMe-oF 1.1 Figure 20); `None` for
+    /// any other command or an unknown FCTYPE.
+    #[inline]
+    pub fn fabrics_type(&self) -> Option<FabricsType> {
+        if self.admin_opcode() == Some(AdminOpcode::Fabrics) {
+            FabricsType::from_u8(self.fctype())
+        } else {
+            None
+        }
     }
 
     /// Sets the opcode.
@@ -1019,5 +1045,22 @@ mod tests {
         assert_eq!(AdminOpcode::from_u8(0x18), Some(AdminOpcode::KeepAlive));
         assert_eq!(IoOpcode::from_u8(0x09), Some(IoOpcode::DatasetManagement));
         assert_eq!(IoOpcode::from_u8(0x03), None);
+    }
+
+    #[test]
+    fn typed_opcode_accessors_read_opc_and_fctype() {
+        let mut s = Sqe::new(AdminOpcode::Fabrics as u8, 1);
+        s.set_fctype(FabricsType::PropertyGet as u8);
+        assert_eq!(s.admin_opcode(), Some(AdminOpcode::Fabrics));
+        assert_eq!(s.fabrics_type(), Some(FabricsType::PropertyGet));
+        s.set_fctype(0x02);
+        assert_eq!(s.fabrics_type(), None, "unknown FCTYPE");
+        // FCTYPE is byte 04 of any command: it names a Fabrics type only under OPC 7Fh.
+        let mut w = Sqe::new(IoOpcode::Write as u8, 2);
+        w.set_fctype(FabricsType::Connect as u8);
+        assert_eq!(w.io_opcode(), Some(IoOpcode::Write));
+        assert_eq!(w.fabrics_type(), None);
+        assert_eq!(Sqe::new(0x03, 3).io_opcode(), None);
+        assert_eq!(Sqe::new(0x03, 3).admin_opcode(), None);
     }
 }

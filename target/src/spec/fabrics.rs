@@ -87,12 +87,13 @@ impl ConnectCommand {
     /// Decodes a Connect SQE (the caller checked OPC 7Fh and FCTYPE 01h).
     pub fn from_sqe(s: &Sqe) -> ConnectCommand {
         let b = s.as_bytes();
+        let at = usize::from;
         ConnectCommand {
-            recfmt: get_u16(b, 40),
-            qid: get_u16(b, 42),
-            sqsize: get_u16(b, 44),
-            cattr: b[46],
-            kato: get_u32(b, 48),
+            recfmt: get_u16(b, at(Self::OFFSET_RECFMT)),
+            qid: get_u16(b, at(Self::OFFSET_QID)),
+            sqsize: get_u16(b, at(Self::OFFSET_SQSIZE)),
+            cattr: b[at(Self::OFFSET_CATTR)],
+            kato: get_u32(b, at(Self::OFFSET_KATO)),
             sgl1: s.sgl1(),
         }
     }
@@ -103,11 +104,12 @@ impl ConnectCommand {
         s.set_fctype(FabricsType::Connect as u8);
         s.set_sgl1(&self.sgl1);
         let mut b = *s.as_bytes();
-        put_u16(&mut b, 40, self.recfmt);
-        put_u16(&mut b, 42, self.qid);
-        put_u16(&mut b, 44, self.sqsize);
-        b[46] = self.cattr;
-        put_u32(&mut b, 48, self.kato);
+        let at = usize::from;
+        put_u16(&mut b, at(Self::OFFSET_RECFMT), self.recfmt);
+        put_u16(&mut b, at(Self::OFFSET_QID), self.qid);
+        put_u16(&mut b, at(Self::OFFSET_SQSIZE), self.sqsize);
+        b[at(Self::OFFSET_CATTR)] = self.cattr;
+        put_u32(&mut b, at(Self::OFFSET_KATO), self.kato);
         Sqe::from_bytes(b)
     }
 }
@@ -153,6 +155,8 @@ impl ConnectDataError {
 impl ConnectData {
     /// Size of the Connect data in bytes.
     pub const LEN: usize = 1024;
+    /// Byte offset of HOSTID (16 bytes).
+    pub const OFFSET_HOSTID: u16 = 0;
     /// Byte offset of CNTLID.
     pub const OFFSET_CNTLID: u16 = 16;
     /// Byte offset of SUBNQN.
@@ -166,10 +170,11 @@ impl ConnectData {
             return Err(ConnectDataError::TooShort(b.len()));
         }
         let mut hostid = [0u8; 16];
-        hostid.copy_from_slice(&b[..16]);
+        let hostid_at = usize::from(Self::OFFSET_HOSTID);
+        hostid.copy_from_slice(&b[hostid_at..hostid_at + 16]);
         Ok(ConnectData {
             hostid,
-            cntlid: get_u16(b, 16),
+            cntlid: get_u16(b, usize::from(Self::OFFSET_CNTLID)),
             subnqn: parse_nqn(b, Self::OFFSET_SUBNQN, false)?,
             // Empty where the host has no NQN (SPDK's initiator without one): whether that is
             // acceptable is the subsystem's decision (any host allowed, or a host list).
@@ -178,12 +183,23 @@ impl ConnectData {
     }
 
     /// Encodes the data (NQNs truncated to 223 bytes).
-    pub fn to_bytes(&self) -> [u8; 1024] {
-        let mut b = [0u8; 1024];
-        b[..16].copy_from_slice(&self.hostid);
-        put_u16(&mut b, 16, self.cntlid);
-        put_nqn(&mut b, 256, NQN_MAX_LEN + 1, &self.subnqn);
-        put_nqn(&mut b, 512, NQN_MAX_LEN + 1, &self.hostnqn);
+    pub fn to_bytes(&self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        let at = usize::from;
+        b[at(Self::OFFSET_HOSTID)..at(Self::OFFSET_HOSTID) + 16].copy_from_slice(&self.hostid);
+        put_u16(&mut b, at(Self::OFFSET_CNTLID), self.cntlid);
+        put_nqn(
+            &mut b,
+            at(Self::OFFSET_SUBNQN),
+            NQN_MAX_LEN + 1,
+            &self.subnqn,
+        );
+        put_nqn(
+            &mut b,
+            at(Self::OFFSET_HOSTNQN),
+            NQN_MAX_LEN + 1,
+            &self.hostnqn,
+        );
         b
     }
 }

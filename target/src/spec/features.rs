@@ -180,6 +180,14 @@ impl NumberOfQueues {
         self.nsq as u32 | (self.ncq as u32) << 16
     }
 
+    /// `n` (at least 1) I/O submission and `n` I/O completion queues, as the target grants them.
+    pub const fn both(n: u16) -> NumberOfQueues {
+        NumberOfQueues {
+            nsq: n - 1,
+            ncq: n - 1,
+        }
+    }
+
     /// Whether a request is valid (neither count is FFFFh, i.e. 65536 queues).
     pub const fn is_valid_request(&self) -> bool {
         self.nsq != 0xffff && self.ncq != 0xffff
@@ -271,6 +279,8 @@ mod tests {
         assert_eq!(NumberOfQueues::from_dword(back.cdw11), nq);
         assert!(nq.is_valid_request());
         assert!(!NumberOfQueues::from_dword(0x0000_ffff).is_valid_request());
+        // Eight queues of each kind are 7 and 7, 0's based.
+        assert_eq!(NumberOfQueues::both(8).to_dword(), 0x0007_0007);
     }
 
     #[test]

@@ -257,12 +257,14 @@ pub fn log_page_transfer_len(numd_bytes: u64, sgl_len: u32) -> Option<usize> {
 /// data (Set Features payloads), if any.
 pub fn execute(ctrl: &Arc<Controller>, target: &Target, sqe: &Sqe) -> AdminOutcome {
     let s = &ctrl.subsystem;
-    let opc = sqe.opc();
     // Keep Alive and any admin command restart the keep-alive timer.
     ctrl.keep_alive();
+    let Some(opc) = sqe.admin_opcode() else {
+        return done(Status::INVALID_OPCODE);
+    };
     match opc {
-        x if x == AdminOpcode::KeepAlive as u8 => done(Status::SUCCESS),
-        x if x == AdminOpcode::Identify as u8 => {
+        AdminOpcode::KeepAlive => done(Status::SUCCESS),
+        AdminOpcode::Identify => {
             let id = Identify::from_sqe(sqe);
             match id.cns {
                 cns::CONTROLLER => with_data(identify_controller(ctrl, target)),
@@ -304,7 +306,7 @@ pub fn execute(ctrl: &Arc<Controller>, target: &Target, sqe: &Sqe) -> AdminOutco
                 _ => done(Status::INVALID_FIELD),
             }
         }
-        x if x == AdminOpcode::GetLogPage as u8 => {
+        AdminOpcode::GetLogPage => {
             let g = GetLogPage::from_sqe(sqe);
             let page: Vec<u8> = match LogPageId::from_u8(g.lid) {
                 Some(LogPageId::Discovery) if s.discovery => {
@@ -353,7 +355,7 @@ pub fn execute(ctrl: &Arc<Controller>, target: &Target, sqe: &Sqe) -> AdminOutco
             out[..n].copy_from_slice(&page[off..off + n]);
             with_data(out)
         }
-        x if x == AdminOpcode::SetFeatures as u8 => {
+        AdminOpcode::SetFeatures => {
             let fid = (sqe.cdw10() & 0xff) as u8;
             let v = sqe.cdw11();
             match FeatureId::from_u8(fid) {
@@ -364,13 +366,7 @@ pub fn execute(ctrl: &Arc<Controller>, target: &Target, sqe: &Sqe) -> AdminOutco
                     }
                     let n = (req.nsq.max(req.ncq) + 1).min(MAX_IO_QUEUES);
                     ctrl.io_queues.store(n, Ordering::Release);
-                    with_dw0(
-                        NumberOfQueues {
-                            nsq: n - 1,
-                            ncq: n - 1,
-                        }
-                        .to_dword(),
-                    )
+                    with_dw0(NumberOfQueues::both(n).to_dword())
                 }
                 Some(FeatureId::AsyncEventConfig) => {
                     ctrl.aen_config.store(v, Ordering::Release);
@@ -388,19 +384,12 @@ pub fn execute(ctrl: &Arc<Controller>, target: &Target, sqe: &Sqe) -> AdminOutco
                 _ => done(Status::INVALID_FIELD),
             }
         }
-        x if x == AdminOpcode::GetFeatures as u8 => {
+        AdminOpcode::GetFeatures => {
             let fid = (sqe.cdw10() & 0xff) as u8;
             match FeatureId::from_u8(fid) {
-                Some(FeatureId::NumberOfQueues) if !s.discovery => {
-                    let n = ctrl.io_queues.load(Ordering::Acquire);
-                    with_dw0(
-                        NumberOfQueues {
-                            nsq: n - 1,
-                            ncq: n - 1,
-                        }
-                        .to_dword(),
-                    )
-                }
+                Some(FeatureId::NumberOfQueues) if !s.discovery => with_dw0(
+                    NumberOfQueues::both(ctrl.io_queues.load(Ordering::Acquire)).to_dword(),
+                ),
                 Some(FeatureId::AsyncEventConfig) => {
                     with_dw0(ctrl.aen_config.load(Ordering::Acquire))
                 }
@@ -416,9 +405,9 @@ pub fn execute(ctrl: &Arc<Controller>, target: &Target, sqe: &Sqe) -> AdminOutco
                 _ => done(Status::INVALID_FIELD),
             }
         }
-        x if x == AdminOpcode::AsyncEventRequest as u8 => AdminOutcome::Aer,
+        AdminOpcode::AsyncEventRequest => AdminOutcome::Aer,
         // Abort: the command may have completed already; report "not aborted" (DW0 bit 0).
-        x if x == AdminOpcode::Abort as u8 => with_dw0(1),
+        AdminOpcode::Abort => with_dw0(1),
         _ => done(Status::INVALID_OPCODE),
     }
 }

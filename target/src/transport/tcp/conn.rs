@@ -715,11 +715,10 @@ impl TcpConn {
 
     /// Length of host-to-controller data the command carries, if any.
     fn data_in_len(&self, sqe: &Sqe) -> usize {
-        let opc = sqe.opc();
         let io = self.queue.as_ref().is_some_and(|q| q.qid != 0);
-        if opc == AdminOpcode::Fabrics as u8 {
-            return if sqe.fctype() == FabricsType::Connect as u8 {
-                1024
+        if sqe.admin_opcode() == Some(AdminOpcode::Fabrics) {
+            return if sqe.fabrics_type() == Some(FabricsType::Connect) {
+                ConnectData::LEN
             } else {
                 0
             };
@@ -727,7 +726,7 @@ impl TcpConn {
         if !io {
             return 0;
         }
-        match IoOpcode::from_u8(opc) {
+        match sqe.io_opcode() {
             Some(IoOpcode::Write | IoOpcode::Compare) => {
                 let rw = ReadWrite::from_sqe(sqe);
                 let bs = self.block_size(rw.nsid).unwrap_or(512);
@@ -744,7 +743,7 @@ impl TcpConn {
     /// cannot run.
     fn check_before_data(&self, sqe: &Sqe) -> Option<Status> {
         let q = self.queue.as_ref().filter(|q| q.qid != 0)?;
-        let opc = IoOpcode::from_u8(sqe.opc());
+        let opc = sqe.io_opcode();
         if !matches!(
             opc,
             Some(IoOpcode::Write | IoOpcode::Compare | IoOpcode::DatasetManagement)
@@ -779,11 +778,7 @@ impl TcpConn {
         let cid = sqe.cid();
         self.advance_sqhd();
         if self.find_slot(cid).is_some() {
-            if let Some(b) = icd {
-                self.pool.put(b);
-            }
-            self.send_cqe(Cqe::new(cid, Status::COMMAND_ID_CONFLICT));
-            return;
+            return self.refuse_command(cid, None, icd, Status::COMMAND_ID_CONFLICT);
         }
         let active = self
             .slots
@@ -800,22 +795,13 @@ impl TcpConn {
             self.fatal(super::pdu::Fes::PDU_SEQUENCE_ERROR, 0);
             return;
         }
-        let is_connect =
-            sqe.opc() == AdminOpcode::Fabrics as u8 && sqe.fctype() == FabricsType::Connect as u8;
+        let is_connect = sqe.fabrics_type() == Some(FabricsType::Connect);
         if self.queue.is_none() != is_connect {
             // Nothing but Connect before Connect, and no second Connect.
-            if let Some(b) = icd {
-                self.pool.put(b);
-            }
-            self.send_cqe(Cqe::new(cid, Status::COMMAND_SEQUENCE_ERROR));
-            return;
+            return self.refuse_command(cid, None, icd, Status::COMMAND_SEQUENCE_ERROR);
         }
         if let Some(status) = self.check_before_data(&sqe) {
-            if let Some(b) = icd {
-                self.pool.put(b);
-            }
-            self.send_cqe(Cqe::new(cid, status));
-            return;
+            return self.refuse_command(cid, None, icd, status);
         }
         let mut want = self.data_in_len(&sqe);
         let i = self.alloc_slot(cid, sqe);
@@ -823,7 +809,7 @@ impl TcpConn {
         // Dataset Management may describe a larger buffer than its NR ranges need (Linux sends
         // a whole page of ranges): take the buffer and use the first NR ranges.
         if self.queue.as_ref().is_some_and(|q| q.qid != 0)
-            && IoOpcode::from_u8(sqe.opc()) == Some(IoOpcode::DatasetManagement)
+            && sqe.io_opcode() == Some(IoOpcode::DatasetManagement)
             && (sgl.length as usize) >= want
             && (sgl.length as usize) <= 256 * DsmRange::LEN
         {
@@ -839,12 +825,7 @@ impl TcpConn {
         if want > MAX_TRANSFER || sgl.length as usize != want {
             tracing::debug!(peer = %self.peer, opc = sqe.opc(), want, sgl_len = sgl.length, icd_len,
                 "data length does not match the command");
-            if let Some(b) = icd {
-                self.pool.put(b);
-            }
-            self.free_slot(i);
-            self.send_cqe(Cqe::new(cid, Status::DATA_SGL_LENGTH_INVALID));
-            return;
+            return self.refuse_command(cid, Some(i), icd, Status::DATA_SGL_LENGTH_INVALID);
         }
         self.slots[i].len = want;
         if icd_len > 0 {
@@ -854,12 +835,8 @@ impl TcpConn {
                 || icd_len != want
                 || sgl.address != 0
             {
-                if let Some(b) = icd {
-                    self.pool.put(b);
-                }
-                self.free_slot(i);
-                self.send_cqe(Cqe::new(cid, Status::SGL_DESCRIPTOR_TYPE_INVALID));
-                return;
+                let status = Status::SGL_DESCRIPTOR_TYPE_INVALID;
+                return self.refuse_command(cid, Some(i), icd, status);
             }
             self.slots[i].buf = icd;
             self.slots[i].got = want;
@@ -867,9 +844,7 @@ impl TcpConn {
             return;
         }
         if sgl.sgl_type != sgl_type::TRANSPORT_DATA_BLOCK {
-            self.free_slot(i);
-            self.send_cqe(Cqe::new(cid, Status::SGL_DESCRIPTOR_TYPE_INVALID));
-            return;
+            return self.refuse_command(cid, Some(i), None, Status::SGL_DESCRIPTOR_TYPE_INVALID);
         }
         // Ask for the data (one R2T for the whole transfer; the host splits it in H2CData PDUs
         // of at most MAXH2CDATA).
@@ -883,6 +858,24 @@ impl TcpConn {
         };
         let n = self.encoder.r2t(&r, &mut self.scratch);
         self.push_header(n);
+    }
+
+    /// Ends command `cid` before it runs: its in-capsule data goes back to the pool, the slot it
+    /// took (if any) is freed, and the host gets `status`.
+    fn refuse_command(
+        &mut self,
+        cid: u16,
+        slot: Option<usize>,
+        icd: Option<AlignedBuf>,
+        status: Status,
+    ) {
+        if let Some(b) = icd {
+            self.pool.put(b);
+        }
+        if let Some(i) = slot {
+            self.free_slot(i);
+        }
+        self.send_cqe(Cqe::new(cid, status));
     }
 
     fn complete_slot(&mut self, i: usize, status: Status, dw0: u32, dw1: u32) {
@@ -901,8 +894,8 @@ impl TcpConn {
 
     fn execute(&mut self, i: usize) {
         let sqe = self.slots[i].sqe;
-        let opc = sqe.opc();
-        if opc == AdminOpcode::Fabrics as u8 {
+        let opc = sqe.admin_opcode();
+        if opc == Some(AdminOpcode::Fabrics) {
             return self.fabrics(i, sqe);
         }
         let Some(q) = &self.queue else {
@@ -911,7 +904,7 @@ impl TcpConn {
         if q.qid == 0 {
             let ctrl = q.ctrl.clone();
             let cc_en = crate::spec::fabrics::Cc::from_u32(ctrl.cc.load(Ordering::Acquire)).en;
-            if !cc_en && opc != AdminOpcode::KeepAlive as u8 {
+            if !cc_en && opc != Some(AdminOpcode::KeepAlive) {
                 return self.complete_slot(i, Status::COMMAND_SEQUENCE_ERROR, 0, 0);
             }
             match admin::execute(&ctrl, &self.target, &sqe) {
@@ -947,14 +940,13 @@ impl TcpConn {
     }
 
     fn fabrics(&mut self, i: usize, sqe: Sqe) {
-        let ft = sqe.fctype();
-        match FabricsType::from_u8(ft) {
+        match sqe.fabrics_type() {
             Some(FabricsType::Connect) => self.connect(i, sqe),
-            Some(FabricsType::PropertyGet | FabricsType::PropertySet)
+            Some(ft @ (FabricsType::PropertyGet | FabricsType::PropertySet))
                 if self.queue.as_ref().is_some_and(|q| q.qid == 0) =>
             {
                 let ctrl = self.queue.as_ref().expect("admin queue").ctrl.clone();
-                let out = if ft == FabricsType::PropertyGet as u8 {
+                let out = if ft == FabricsType::PropertyGet {
                     admin::property_get(&ctrl, &sqe)
                 } else {
                     admin::property_set(&ctrl, &sqe)
@@ -1177,7 +1169,7 @@ impl TcpConn {
 
     fn io_command(&mut self, i: usize, sqe: Sqe) {
         let nsid = sqe.nsid();
-        let opc = IoOpcode::from_u8(sqe.opc());
+        let opc = sqe.io_opcode();
         if !matches!(
             opc,
             Some(
@@ -1317,7 +1309,7 @@ impl TcpConn {
             return;
         }
         let status = s.status;
-        let opc = IoOpcode::from_u8(s.sqe.opc());
+        let opc = s.sqe.io_opcode();
         let cid = s.cid;
         if status.is_success() && opc == Some(IoOpcode::Read) {
             let len = s.len;
@@ -1347,14 +1339,15 @@ impl TcpConn {
         }
         for c in done.drain(..) {
             let hint =
-                IoOpcode::from_u8(self.slots[c.tag as usize].sqe.opc()).map_or(IoType::Read, |o| {
-                    match o {
+                self.slots[c.tag as usize]
+                    .sqe
+                    .io_opcode()
+                    .map_or(IoType::Read, |o| match o {
                         IoOpcode::Write | IoOpcode::WriteZeroes | IoOpcode::DatasetManagement => {
                             IoType::Write
                         }
                         _ => IoType::Read,
-                    }
-                });
+                    });
             self.on_completion(c, hint);
         }
         self.done = done;
