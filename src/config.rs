@@ -128,7 +128,7 @@ pub struct Config {
     pub listener: Vec<ListenerSpec>,
     /// The Prometheus endpoint (off unless `listen` is set).
     #[serde(default)]
-    pub metrics: crate::metrics::MetricsConfig,
+    pub metrics: MetricsConfig,
 }
 
 /// `[reactors]`.
@@ -456,6 +456,16 @@ port = 4420
         .to_vec(),
     );
     seeds
+}
+
+
+/// `[metrics]`: the Prometheus endpoint (`src/metrics.rs`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the Prometheus endpoint (`"127.0.0.1:9464"`); none: no endpoint.
+    #[serde(default)]
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 #[cfg(test)]

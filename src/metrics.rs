@@ -26,18 +26,9 @@ use prometheus_client::metrics::TypedMetric;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::{Registry, Unit};
-use serde::Deserialize;
 
 use crate::daemon::DaemonState;
 
-/// `[metrics]`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MetricsConfig {
-    /// Address of the Prometheus endpoint (`"127.0.0.1:9464"`); none: no endpoint.
-    #[serde(default)]
-    pub listen: Option<SocketAddr>,
-}
 
 /// Most bytes of request line and headers read from a client.
 pub const MAX_REQUEST: usize = 8192;
