@@ -458,7 +458,6 @@ port = 4420
     seeds
 }
 
-
 /// `[metrics]`: the Prometheus endpoint (`src/metrics.rs`).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

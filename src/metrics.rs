@@ -29,7 +29,6 @@ use prometheus_client::registry::{Registry, Unit};
 
 use crate::daemon::DaemonState;
 
-
 /// Most bytes of request line and headers read from a client.
 pub const MAX_REQUEST: usize = 8192;
 
