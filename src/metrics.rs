@@ -21,10 +21,12 @@ use std::time::{Duration, Instant};
 
 use ferroblk_bdev::{IoStatus, IoType};
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, text::encode};
-use prometheus_client::metrics::TypedMetric;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeMetric, MetricEncoder, NoLabelSet, text::encode,
+};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::daemon::DaemonState;
@@ -276,6 +278,53 @@ fn family<M: EncodeMetric + TypedMetric>(
     Ok(())
 }
 
+/// A histogram read from a bdev's sampled latency buckets at scrape time.
+#[derive(Debug)]
+struct LatencyHistogram {
+    sum_s: f64,
+    count: u64,
+    /// (upper bound in seconds, count in this bucket), as the encoder takes them.
+    buckets: Vec<(f64, u64)>,
+}
+
+impl LatencyHistogram {
+    fn from_stats(s: &ferroblk_bdev::BdevStats) -> LatencyHistogram {
+        let last = s.latency.len() - 1;
+        let buckets = s
+            .latency
+            .iter()
+            .enumerate()
+            .map(|(b, &n)| {
+                let le = if b == last {
+                    f64::INFINITY
+                } else {
+                    (1u64 << b) as f64 / 1e6
+                };
+                (le, n)
+            })
+            .collect();
+        LatencyHistogram {
+            sum_s: s.latency_sum_ns as f64 / 1e9,
+            count: s.latency.iter().sum(),
+            buckets,
+        }
+    }
+}
+
+impl EncodeMetric for LatencyHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> fmt::Result {
+        encoder.encode_histogram::<NoLabelSet>(self.sum_s, self.count, &self.buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+impl TypedMetric for LatencyHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
 fn counter(v: u64) -> ConstCounter<u64> {
     ConstCounter::new(v)
 }
@@ -395,6 +444,17 @@ fn encode_bdevs(e: &mut DescriptorEncoder, state: &DaemonState) -> fmt::Result {
         bdevs
             .iter()
             .map(|(i, s)| (name(i), counter(s.rejected)))
+            .collect(),
+    )?;
+    family(
+        e,
+        "ferroblk_bdev_latency",
+        "Latency of sampled requests on the bdev's channels, submit to completion (one request \
+         in LATENCY_SAMPLE_EVERY is timed)",
+        Some(&Unit::Seconds),
+        bdevs
+            .iter()
+            .map(|(i, s)| (name(i), LatencyHistogram::from_stats(s)))
             .collect(),
     )?;
     family(

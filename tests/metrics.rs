@@ -231,6 +231,29 @@ fn scrape_during_perf_shows_the_io_and_the_exposition_parses() {
             0.0
         );
     }
+    // Sampled latency histograms: the runs' requests were timed (one in 64), and the +Inf
+    // bucket holds every sample.
+    for b in ["vvol", "nvol"] {
+        let count = get(
+            &after,
+            &format!("ferroblk_bdev_latency_seconds_count{{bdev=\"{b}\"}}"),
+        );
+        assert!(count > 0.0, "{b}: latency samples");
+        assert_eq!(
+            get(
+                &after,
+                &format!("ferroblk_bdev_latency_seconds_bucket{{le=\"+Inf\",bdev=\"{b}\"}}")
+            ),
+            count,
+            "{b}: the +Inf bucket counts every sample"
+        );
+        assert!(
+            get(
+                &after,
+                &format!("ferroblk_bdev_latency_seconds_sum{{bdev=\"{b}\"}}")
+            ) > 0.0
+        );
+    }
     let busy: f64 = (0..2)
         .map(|r| {
             get(

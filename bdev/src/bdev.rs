@@ -152,6 +152,30 @@ pub struct Channel {
     /// Requests in flight in `ops` (a split request counts each child).
     ops_in_flight: usize,
     depth: usize,
+    /// Requests submitted, for latency sampling (one in [`LATENCY_SAMPLE_EVERY`]).
+    sample_tick: u32,
+    /// Sampled requests in flight: tag and submission time.
+    samples: [Option<(u64, Instant)>; LATENCY_SAMPLES],
+    /// How many of `samples` are in use.
+    sampled: usize,
+}
+
+/// One request in this many has its latency measured (two clock reads), so the histogram costs
+/// the hot path a counter and a compare, not a clock read per request.
+pub const LATENCY_SAMPLE_EVERY: u32 = 64;
+
+/// Most sampled requests in flight on one channel at once.
+const LATENCY_SAMPLES: usize = 4;
+
+/// Buckets of the latency histogram: bucket `b` counts latencies below 2^b µs (`b` <
+/// `LATENCY_BUCKETS - 1`); the last counts the rest.
+pub const LATENCY_BUCKETS: usize = 24;
+
+/// The bucket of a latency of `ns` nanoseconds.
+#[inline]
+pub fn latency_bucket(ns: u64) -> usize {
+    let us = ns / 1000;
+    ((u64::BITS - us.leading_zeros()) as usize).min(LATENCY_BUCKETS - 1)
 }
 
 impl Channel {
@@ -180,6 +204,9 @@ impl Channel {
             in_flight: 0,
             ops_in_flight: 0,
             depth,
+            sample_tick: 0,
+            samples: [None; LATENCY_SAMPLES],
+            sampled: 0,
         }
     }
 
@@ -214,6 +241,7 @@ impl Channel {
         }
         let t = io.io_type as usize;
         let bytes = self.info.block_size.to_bytes(u64::from(io.num_blocks));
+        let tag = io.tag;
         if self.split.needs_split(&io) {
             self.ops_in_flight += self.split.start(io, &mut *self.ops, &mut self.ready);
         } else {
@@ -223,7 +251,43 @@ impl Channel {
         self.in_flight += 1;
         self.stats.add(&self.stats.ops[t], 1);
         self.stats.add(&self.stats.bytes[t], bytes);
+        self.sample_tick = self.sample_tick.wrapping_add(1);
+        if self.sample_tick.is_multiple_of(LATENCY_SAMPLE_EVERY) && self.sampled < LATENCY_SAMPLES {
+            self.start_sample(tag);
+        }
         Ok(())
+    }
+
+    /// Starts measuring the latency of the request tagged `tag`.
+    #[cold]
+    fn start_sample(&mut self, tag: u64) {
+        if let Some(s) = self.samples.iter_mut().find(|s| s.is_none()) {
+            *s = Some((tag, Instant::now()));
+            self.sampled += 1;
+        }
+    }
+
+    /// Ends the samples among `done` and counts their latencies.
+    #[cold]
+    fn end_samples(&mut self, done: &[IoCompletion]) {
+        for c in done {
+            for s in &mut self.samples {
+                if let Some((tag, at)) = *s
+                    && tag == c.tag
+                {
+                    let ns = at.elapsed().as_nanos() as u64;
+                    let st = &self.stats;
+                    st.add(&st.latency[latency_bucket(ns)], 1);
+                    st.add(&st.latency_sum_ns, ns);
+                    *s = None;
+                    self.sampled -= 1;
+                    break;
+                }
+            }
+            if self.sampled == 0 {
+                return;
+            }
+        }
     }
 
     #[inline]
@@ -284,6 +348,9 @@ impl Channel {
         }
         let n = done.len() - start;
         self.in_flight -= n;
+        if self.sampled > 0 {
+            self.end_samples(&done[start..]);
+        }
         // The same one pass over the completions as a plain error count: a success costs a
         // compare, an error one counter update in its status's slot.
         for c in &done[start..] {
@@ -324,6 +391,10 @@ pub struct ChannelStats {
     /// Requests completed with an error, by [`IoStatus`] (the `Success` slot stays zero).
     errors_by_status: [AtomicU64; IoStatus::ALL.len()],
     rejected: AtomicU64,
+    /// Sampled latencies, by [`latency_bucket`].
+    latency: [AtomicU64; LATENCY_BUCKETS],
+    /// Sum of the sampled latencies, in nanoseconds.
+    latency_sum_ns: AtomicU64,
 }
 
 impl ChannelStats {
@@ -346,6 +417,11 @@ pub struct BdevStats {
     pub errors_by_status: [u64; IoStatus::ALL.len()],
     /// Requests the layer rejected before the bdev saw them (range, shape, capability).
     pub rejected: u64,
+    /// Latencies of sampled requests (one in [`LATENCY_SAMPLE_EVERY`], submit to completion
+    /// on the channel), by [`latency_bucket`].
+    pub latency: [u64; LATENCY_BUCKETS],
+    /// Sum of the sampled latencies, in nanoseconds.
+    pub latency_sum_ns: u64,
 }
 
 impl BdevStats {
@@ -360,6 +436,10 @@ impl BdevStats {
             self.errors += n;
         }
         self.rejected += c.rejected.load(Ordering::Relaxed);
+        for (sum, c) in self.latency.iter_mut().zip(&c.latency) {
+            *sum += c.load(Ordering::Relaxed);
+        }
+        self.latency_sum_ns += c.latency_sum_ns.load(Ordering::Relaxed);
     }
 
     /// The counters as JSON, keyed by I/O type name.

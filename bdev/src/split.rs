@@ -476,4 +476,23 @@ mod tests {
         assert_eq!(done[0].status, IoStatus::InvalidRequest);
         let _ = Arc::clone(ch.info());
     }
+
+    #[test]
+    fn one_request_in_sample_every_is_timed_into_the_histogram() {
+        use crate::bdev::{LATENCY_BUCKETS, LATENCY_SAMPLE_EVERY, latency_bucket};
+        assert_eq!(latency_bucket(0), 0);
+        assert_eq!(latency_bucket(999), 0);
+        assert_eq!(latency_bucket(1_000), 1);
+        assert_eq!(latency_bucket(3_999), 2);
+        assert_eq!(latency_bucket(u64::MAX), LATENCY_BUCKETS - 1);
+        let mut ch = channel(64, 4, None, 4);
+        let n = 10 * LATENCY_SAMPLE_EVERY as usize;
+        for i in 0..n {
+            let io = IoRequest::read(i as u64 % 64, 1, SgList::from_buf(AlignedBuf::new(BS)), 1);
+            ch.submit(io).unwrap();
+            drain(&mut ch, 1);
+        }
+        let s = ch.info().stats();
+        assert_eq!(s.latency.iter().sum::<u64>(), 10, "{:?}", s.latency);
+    }
 }
