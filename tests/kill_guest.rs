@@ -76,14 +76,7 @@ num_queues = 1
 
 const GUEST: &str = r#"#!/bin/bash
 set -euxo pipefail
-PORT=__PORT__
-say() {
-  exec 3<>/dev/tcp/10.0.2.2/$PORT
-  echo "$1" >&3
-  read -r -t 300 reply <&3
-  exec 3>&-
-  echo "host answered: $reply"
-}
+__SAY__
 for d in vda vdb vdc vdd; do [ -b /dev/$d ]; done
 # The host kills the daemon once the compress volume has taken 300 of these writes: in the
 # middle of the write phase on all four volumes. Then every acknowledged block is verified.
@@ -114,7 +107,7 @@ fn acknowledged_guest_writes_survive_a_daemon_kill_on_every_stacked_kind() {
     for v in VOLUMES {
         extra.extend(vhost_user_blk_args(v, &dir.join(format!("{v}.sock")), 1));
     }
-    let script = GUEST.replace("__PORT__", &host.port.to_string());
+    let script = host.script(GUEST);
     let out = lab.run(&script, &extra, Duration::from_secs(900)).unwrap();
     let log = std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
     assert!(

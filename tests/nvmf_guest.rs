@@ -57,14 +57,8 @@ port = {disc}
 
 const GUEST: &str = r#"#!/bin/bash
 set -euxo pipefail
-HP=__HOSTPORT__; P=__PORT__; D=__DISC__; NQN=__NQN__; PRIV=__PRIV__; OK_HOST=__OKHOST__
-say() {
-  exec 3<>/dev/tcp/10.0.2.2/$HP
-  echo "$1" >&3
-  read -r -t 300 reply <&3
-  exec 3>&-
-  echo "host answered: $reply"
-}
+P=__PORT__; D=__DISC__; NQN=__NQN__; PRIV=__PRIV__; OK_HOST=__OKHOST__
+__SAY__
 wait_dev() { for i in $(seq 100); do [ -b "$1" ] && return 0; sleep 0.1; done; return 1; }
 
 # Discovery on the discovery port lists the open subsystem, not the private one.
@@ -139,8 +133,8 @@ fn linux_host_uses_ferroblk_over_nvme_tcp() {
     // The guest's requests: "resize", "kill", "done".
     let host = GuestRequests::serve(&dir, daemon.clone(), "disk", 300, None);
 
-    let script = GUEST
-        .replace("__HOSTPORT__", &host.port.to_string())
+    let script = host
+        .script(GUEST)
         .replace("__PORT__", &port.to_string())
         .replace("__DISC__", &disc.to_string())
         .replace("__NQN__", NQN)

@@ -47,14 +47,7 @@ serial = "ferroblk-guest-test"
 
 const GUEST: &str = r#"#!/bin/bash
 set -euxo pipefail
-PORT=__PORT__
-say() {
-  exec 3<>/dev/tcp/10.0.2.2/$PORT
-  echo "$1" >&3
-  read -r -t 300 reply <&3
-  exec 3>&-
-  echo "host answered: $reply"
-}
+__SAY__
 dev=/dev/vda
 # Two virtqueues, 4 KiB logical blocks, the serial from GET_ID.
 test "$(ls /sys/block/vda/mq | wc -l)" -eq 2
@@ -160,7 +153,7 @@ fn linux_guest_uses_a_vhost_user_blk_disk() {
         Some("resubmitting inflight requests"),
     );
 
-    let script = GUEST.replace("__PORT__", &host.port.to_string());
+    let script = host.script(GUEST);
     let args = vhost_user_blk_args("disk0", &dir.join("vhost.sock"), 2);
     let out = lab.run(&script, &args, Duration::from_secs(900)).unwrap();
     let log = std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();

@@ -268,6 +268,18 @@ impl GuestRequests {
         }
     }
 
+    /// The guest script's side of these requests: a shell function `say WORD` that sends WORD
+    /// to this listener (at 10.0.2.2, the host's loopback as the guest sees it) and prints the
+    /// answer. Scripts put it where they write `__SAY__`.
+    pub fn script(&self, script: &str) -> String {
+        let say = format!(
+            "say() {{\n  exec 3<>/dev/tcp/10.0.2.2/{}\n  echo \"$1\" >&3\n  read -r -t 300 reply <&3\n  \
+             exec 3>&-\n  echo \"host answered: $reply\"\n}}",
+            self.port
+        );
+        script.replace("__SAY__", &say)
+    }
+
     /// How many writes were held in the daemon when a `kill` with `expect_after_restart` came
     /// (0 before).
     pub fn held_at_kill(&self) -> u64 {
