@@ -904,8 +904,8 @@ impl<'a> Conn<'a> {
 mod tests {
     use super::*;
     use crate::memory::memfd;
+    use crate::spec::{DESC_F_NEXT, DESC_F_WRITE};
     use crate::virtq::testing::{BASE, Driver, MEM};
-    use crate::virtq::{DESC_F_NEXT, DESC_F_WRITE};
     use ferroblk_bdev::BlockSize;
     use ferroblk_bdev::inject::{DelayBdev, Delays};
     use ferroblk_bdev::malloc::MallocBdev;

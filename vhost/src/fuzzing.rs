@@ -17,8 +17,9 @@ use ferroblk_bdev::{Bdev, BlockSize};
 
 use crate::memory::{GuestMemory, RegionDesc, memfd};
 use crate::protocol::{self, FLAG_NEED_REPLY, req};
-use crate::queue::{BlkParams, ID_BYTES, QueueCtl, VqPoller};
-use crate::virtq::{DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, RingAddrs, SplitQueue};
+use crate::queue::{BlkParams, QueueCtl, VqPoller};
+use crate::spec::{DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, ID_BYTES};
+use crate::virtq::{RingAddrs, SplitQueue};
 use crate::{VhostExport, VhostSpec};
 
 // ---------------------------------------------------------------------------------- vhost_msg
@@ -378,7 +379,7 @@ pub fn virtq_seeds() -> Vec<Vec<u8>> {
             heads.push(head);
         };
         let status = |k: u64| gpa(0x2f00 + k);
-        let h = hdr(&mut img, 0, crate::queue::T_OUT, 8);
+        let h = hdr(&mut img, 0, crate::spec::T_OUT, 8);
         chain(
             &mut img,
             &[
@@ -387,7 +388,7 @@ pub fn virtq_seeds() -> Vec<Vec<u8>> {
                 (status(0), 1, true),
             ],
         );
-        let h = hdr(&mut img, 1, crate::queue::T_IN, 8);
+        let h = hdr(&mut img, 1, crate::spec::T_IN, 8);
         chain(
             &mut img,
             &[
@@ -396,9 +397,9 @@ pub fn virtq_seeds() -> Vec<Vec<u8>> {
                 (status(1), 1, true),
             ],
         );
-        let h = hdr(&mut img, 2, crate::queue::T_FLUSH, 0);
+        let h = hdr(&mut img, 2, crate::spec::T_FLUSH, 0);
         chain(&mut img, &[(h, 16, false), (status(2), 1, true)]);
-        let h = hdr(&mut img, 3, crate::queue::T_GET_ID, 0);
+        let h = hdr(&mut img, 3, crate::spec::T_GET_ID, 0);
         chain(
             &mut img,
             &[
@@ -407,7 +408,7 @@ pub fn virtq_seeds() -> Vec<Vec<u8>> {
                 (status(3), 1, true),
             ],
         );
-        let h = hdr(&mut img, 4, crate::queue::T_WRITE_ZEROES, 0);
+        let h = hdr(&mut img, 4, crate::spec::T_WRITE_ZEROES, 0);
         let seg = 0x2000 + 16 * 5;
         img[seg..seg + 8].copy_from_slice(&8u64.to_le_bytes());
         img[seg + 8..seg + 12].copy_from_slice(&8u32.to_le_bytes());
@@ -415,7 +416,7 @@ pub fn virtq_seeds() -> Vec<Vec<u8>> {
         chain(&mut img, &[(h, 32, false), (status(4), 1, true)]);
         if cfg & 0x10 != 0 {
             // An indirect table at 0x2800: header, data, status.
-            let h = hdr(&mut img, 6, crate::queue::T_IN, 0);
+            let h = hdr(&mut img, 6, crate::spec::T_IN, 0);
             put_desc(&mut img, 0x2800, 0, h, 16, DESC_F_NEXT, 1);
             put_desc(
                 &mut img,

@@ -20,11 +20,8 @@ use io_uring::{opcode, types};
 use crate::blk::{self, Action};
 use crate::inflight::InflightQueue;
 use crate::memory::GuestMemory;
-use crate::spec::{S_IOERR, S_OK, S_UNSUPP};
+use crate::spec::{ID_BYTES, S_IOERR, S_OK, S_UNSUPP};
 use crate::virtq::{Buf, QueueError, SplitQueue};
-
-// The request types stay reachable here, where the fuzz hooks name them.
-pub use crate::spec::{ID_BYTES, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES};
 
 /// Chain heads taken from the available ring at once (see `VqPoller::poll`).
 const POP_BATCH: usize = 32;
@@ -538,8 +535,10 @@ impl Poller for VqPoller {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::spec::{
+        DESC_F_NEXT, DESC_F_WRITE, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES,
+    };
     use crate::virtq::testing::Driver;
-    use crate::virtq::{DESC_F_NEXT, DESC_F_WRITE};
     use ferroblk_bdev::malloc::MallocBdev;
     use ferroblk_bdev::{Bdev, BlockSize};
     use std::os::fd::FromRawFd;

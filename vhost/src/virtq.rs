@@ -8,10 +8,9 @@
 use std::sync::atomic::{Ordering, fence};
 
 use crate::memory::GuestMemory;
-use crate::spec::{AVAIL_F_NO_INTERRUPT, MAX_QUEUE_SIZE};
-
-// The descriptor flags stay reachable here, where the fuzz hooks name them.
-pub use crate::spec::{DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
+use crate::spec::{
+    AVAIL_F_NO_INTERRUPT, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, MAX_QUEUE_SIZE,
+};
 
 /// One buffer of a descriptor chain, translated to host memory.
 #[derive(Clone, Copy, Debug)]
