@@ -239,7 +239,8 @@ impl CompressDecl {
     }
 }
 
-fn block_size(bytes: u32) -> Result<BlockSize, BdevError> {
+/// The block size of a declaration's `block_size` field (512 or 4096); errors name the field.
+pub fn block_size(bytes: u32) -> Result<BlockSize, BdevError> {
     BlockSize::new(bytes).ok_or_else(|| {
         BdevError::invalid(
             "block_size",
@@ -248,7 +249,8 @@ fn block_size(bytes: u32) -> Result<BlockSize, BdevError> {
     })
 }
 
-fn blocks(size: ByteSize, bs: BlockSize) -> Result<u64, BdevError> {
+/// The blocks of a declaration's `size` field, which must be a positive multiple of `bs`.
+pub fn blocks(size: ByteSize, bs: BlockSize) -> Result<u64, BdevError> {
     let b = u64::from(bs.bytes());
     if size.0 == 0 || !size.0.is_multiple_of(b) {
         return Err(BdevError::invalid(

@@ -1,0 +1,134 @@
+//! `rbd`: a bdev on a Ceph RBD image.
+
+use std::sync::{Arc, Mutex};
+
+use ferroblk_bdev::bdev::BdevInfo;
+use ferroblk_bdev::{Bdev, BdevError, BlockSize, Caps, Channel};
+
+use crate::channel::{RBD_CHANNEL_DEPTH, RbdChannel};
+use crate::cluster::{Cluster, ClusterConfig};
+use crate::image::{Image, ImageSpec};
+
+/// The kind name.
+pub const KIND: &str = "rbd";
+
+/// Largest request passed to librbd whole: one default RBD object (4 MiB); larger ones are split
+/// by the channel layer.
+const MAX_TRANSFER_BYTES: u64 = 4 << 20;
+
+/// Most segments per request (`IOV_MAX`).
+const MAX_SEGMENTS: u32 = 1024;
+
+/// A bdev on an RBD image. Its size is the image's, rounded down to whole blocks.
+pub struct RbdBdev {
+    info: Arc<BdevInfo>,
+    image: Arc<Image>,
+    cluster: Arc<Cluster>,
+    spec: ImageSpec,
+    /// Serializes resizes (control plane).
+    resizing: Mutex<()>,
+}
+
+impl RbdBdev {
+    /// Connects (or reuses the connections to) the cluster and opens the image, creating it when
+    /// `spec.create_size` is set and it does not exist. Blocks the calling thread (control
+    /// plane); errors name the field at fault.
+    pub fn open(
+        name: &str,
+        cluster: &ClusterConfig,
+        spec: ImageSpec,
+        block_size: BlockSize,
+    ) -> Result<RbdBdev, BdevError> {
+        let cluster = Cluster::get(cluster)?;
+        let image = Image::open(cluster.clone(), &spec)?;
+        let bytes = image.size()?;
+        let blocks = bytes >> block_size.shift();
+        if blocks == 0 {
+            return Err(BdevError::invalid(
+                "image",
+                format!(
+                    "image '{}' is {bytes} bytes, smaller than one {}-byte block",
+                    spec.image,
+                    block_size.bytes()
+                ),
+            ));
+        }
+        let caps = Caps::ALL_IO | Caps::RETAINS_DATA | Caps::PERSISTENT;
+        let info = BdevInfo::builder(name, KIND, block_size, blocks, caps)
+            .max_transfer_blocks((MAX_TRANSFER_BYTES >> block_size.shift()) as u32)
+            .max_segments(MAX_SEGMENTS)
+            .read_only(spec.read_only)
+            .build();
+        tracing::info!(
+            bdev = name,
+            pool = %spec.pool,
+            image = %spec.image,
+            bytes,
+            connections = cluster.connections(),
+            "rbd image open"
+        );
+        Ok(RbdBdev {
+            info,
+            image: Arc::new(image),
+            cluster,
+            spec,
+            resizing: Mutex::new(()),
+        })
+    }
+
+    /// The connections its image uses, shared with the other images of the same cluster.
+    pub fn cluster(&self) -> &Arc<Cluster> {
+        &self.cluster
+    }
+}
+
+impl Bdev for RbdBdev {
+    fn info(&self) -> &Arc<BdevInfo> {
+        &self.info
+    }
+
+    fn open_channel(&self) -> Result<Channel, BdevError> {
+        let ops = RbdChannel::new(self.image.clone(), self.info.block_size().shift())?;
+        Ok(Channel::new(
+            self.info.clone(),
+            Box::new(ops),
+            RBD_CHANNEL_DEPTH,
+        ))
+    }
+
+    /// Grows the image in the cluster, then the bdev (exports hear of it through the bdev's
+    /// listeners). Shrinking is refused: it would discard data at the end of the image.
+    fn resize(&self, new_blocks: u64) -> Result<(), BdevError> {
+        let _one = self.resizing.lock().expect("resize lock");
+        if self.spec.read_only {
+            return Err(BdevError::invalid("size", "the image is open read-only"));
+        }
+        let old = self.info.block_count();
+        if new_blocks < old {
+            return Err(BdevError::invalid(
+                "size",
+                format!("an rbd volume only grows ({old} blocks now, {new_blocks} asked)"),
+            ));
+        }
+        let bytes = self.info.block_size().to_bytes(new_blocks);
+        if self.image.size()? < bytes {
+            self.image.resize(bytes)?;
+        }
+        self.info.set_block_count(new_blocks);
+        Ok(())
+    }
+
+    fn describe(&self) -> serde_json::Value {
+        let c = self.cluster.config();
+        serde_json::json!({
+            "pool": self.spec.pool,
+            "namespace": self.spec.namespace,
+            "image": self.spec.image,
+            "mon_host": c.mon_host,
+            "conf": c.conf,
+            "client": c.client,
+            "connections": self.cluster.connections(),
+            "read_only": self.spec.read_only,
+        })
+    }
+}
