@@ -39,6 +39,7 @@
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod initiator;
+pub mod queue;
 pub mod spec;
 pub mod subsystem;
 pub mod transport;
