@@ -13,7 +13,7 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 
-use fdwatch_shim::FdWatch;
+use ferroblk_bdev::uring::FdWatch;
 use ferroblk_bdev::{BdevError, ChannelOps, IoCompletion, IoRequest, IoStatus, IoType, Wake};
 
 use crate::ffi;
@@ -310,21 +310,6 @@ impl Drop for RbdChannel {
         }
         if waited {
             tracing::debug!("rbd channel closed after its requests in flight finished");
-        }
-    }
-}
-
-// TEMPORARY until `ferroblk_bdev::uring::FdWatch` lands on main: same signature, no poll (the
-// channel is polled by its caller's own timeouts meanwhile). Removed at the merge of main.
-mod fdwatch_shim {
-    use std::os::fd::BorrowedFd;
-    pub struct FdWatch;
-    impl FdWatch {
-        pub fn new(_fd: BorrowedFd<'_>, _events: u32) -> Result<FdWatch, ferroblk_bdev::BdevError> {
-            Ok(FdWatch)
-        }
-        pub fn take(&self) -> usize {
-            1
         }
     }
 }
