@@ -12,6 +12,10 @@ command -v losetup >/dev/null || need+=(mount)
 command -v cc >/dev/null || need+=(gcc)
 command -v qemu-storage-daemon >/dev/null || need+=(qemu-system-common)
 command -v fio >/dev/null || need+=(fio)
+# The rbd bdev links librbd; its tests run a single-node Ceph cluster.
+for p in ceph-mon ceph-osd ceph-common librbd-dev librados-dev; do
+  dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
+done
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
