@@ -41,18 +41,36 @@ fn the_rbd_example_serves_an_encrypted_rbd_volume_and_grows_it() {
 
     let mut daemon = start_daemon(d);
     let list = rpc(d, "bdev_list", "{}");
-    assert!(list.contains("\"rbd0\"") && list.contains("\"vol0\""), "{list}");
+    assert!(
+        list.contains("\"rbd0\"") && list.contains("\"vol0\""),
+        "{list}"
+    );
     let log = || std::fs::read_to_string(d.join("daemon.log")).unwrap_or_default();
-    assert!(d.join("run/vol0.sock").exists(), "no vhost-user socket:\n{}", log());
+    assert!(
+        d.join("run/vol0.sock").exists(),
+        "no vhost-user socket:\n{}",
+        log()
+    );
 
     let out = Command::new(BIN)
         .args(["perf", "nvmf", "--addr"])
         .arg(format!("127.0.0.1:{port}"))
-        .args(["--nqn", "nqn.2026-11.io.ferroblk:rbd", "--rw", "randrw", "--qd", "16"])
+        .args([
+            "--nqn",
+            "nqn.2026-11.io.ferroblk:rbd",
+            "--rw",
+            "randrw",
+            "--qd",
+            "16",
+        ])
         .args(["--time", "1", "--json"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["ios"].as_u64().unwrap() > 0, "{v}");
     assert_eq!(v["errors"], 0, "{v}");
@@ -69,7 +87,11 @@ fn the_rbd_example_serves_an_encrypted_rbd_volume_and_grows_it() {
             .map(|b| b.to_string())
             .unwrap()
     };
-    assert!(size("vol0").contains(&(2u64 << 30).to_string()), "{}", size("vol0"));
+    assert!(
+        size("vol0").contains(&(2u64 << 30).to_string()),
+        "{}",
+        size("vol0")
+    );
     let info = c.rbd_ok(&["info", "--format", "json", &format!("{POOL}/ferroblk-vol0")]);
     assert!(info.contains(&format!("\"size\":{}", 2u64 << 30)), "{info}");
     assert!(daemon.stop(), "the daemon did not stop cleanly");

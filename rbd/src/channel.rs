@@ -194,14 +194,15 @@ impl RbdChannel {
         let mut c: ffi::rbd_completion_t = std::ptr::null_mut();
         // SAFETY: `slot` lives in the hand-off, which the callback keeps alive (strong count
         // taken below before librbd can call it); `c` is a valid out-pointer.
-        let r =
-            unsafe { ffi::rbd_aio_create_completion(slot as *mut _, complete, &mut c) };
+        let r = unsafe { ffi::rbd_aio_create_completion(slot as *mut _, complete, &mut c) };
         if r < 0 {
             return r;
         }
         // SAFETY: one strong count per request in flight, given back by `complete`.
         unsafe { Arc::increment_strong_count(Arc::as_ptr(&self.handoff)) };
-        let io = self.reqs[i as usize].as_ref().expect("slot holds a request");
+        let io = self.reqs[i as usize]
+            .as_ref()
+            .expect("slot holds a request");
         let off = io.offset_blocks << self.shift;
         let len = u64::from(io.num_blocks) << self.shift;
         let img = self.image.raw();
@@ -275,7 +276,9 @@ impl ChannelOps for RbdChannel {
             let slot = &self.handoff.slots[i as usize];
             let next = slot.next.load(Ordering::Relaxed);
             let r = slot.result.load(Ordering::Relaxed);
-            let io = self.reqs[i as usize].take().expect("finished slot holds a request");
+            let io = self.reqs[i as usize]
+                .take()
+                .expect("finished slot holds a request");
             let st = status(r);
             if !st.is_ok() {
                 tracing::debug!(error = %ffi::errno(r), io_type = ?io.io_type, "rbd request failed");

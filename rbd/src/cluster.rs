@@ -18,7 +18,9 @@ use ferroblk_bdev::BdevError;
 use crate::ffi;
 
 /// How a client authenticates.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Auth {
     /// cephx with the key of `keyring` (or the configuration file's keyring).
@@ -160,7 +162,10 @@ fn set(h: &Rados, field: &str, option: &str, value: &str) -> Result<(), BdevErro
     if r < 0 {
         return Err(BdevError::invalid(
             field,
-            format!("librados refuses {option} = '{value}': {}", ffi::errno(r.into())),
+            format!(
+                "librados refuses {option} = '{value}': {}",
+                ffi::errno(r.into())
+            ),
         ));
     }
     Ok(())

@@ -154,7 +154,10 @@ impl RbdDecl {
             ));
         }
         if self.auth == Auth::None && self.keyring.is_some() {
-            return Err(BdevError::invalid("keyring", "auth = \"none\" takes no keyring"));
+            return Err(BdevError::invalid(
+                "keyring",
+                "auth = \"none\" takes no keyring",
+            ));
         }
         if !(1..=MAX_CONNECTIONS).contains(&self.connections) {
             return Err(BdevError::invalid(
@@ -163,7 +166,10 @@ impl RbdDecl {
             ));
         }
         if self.connect_timeout_secs == 0 {
-            return Err(BdevError::invalid("connect_timeout_secs", "must be at least 1"));
+            return Err(BdevError::invalid(
+                "connect_timeout_secs",
+                "must be at least 1",
+            ));
         }
         if self.op_timeout_secs == 0 {
             return Err(BdevError::invalid("op_timeout_secs", "must be at least 1"));
@@ -255,14 +261,29 @@ mod tests {
         let base = "name = \"r\"\npool = \"p\"\nimage = \"i\"\n";
         assert_eq!(field(base).as_deref(), Some("mon_host"));
         let base = format!("{base}mon_host = \"127.0.0.1\"\n");
-        assert_eq!(field(&format!("{base}create = true\n")).as_deref(), Some("size"));
         assert_eq!(
-            field(&format!("{base}create = true\nsize = 4096\nread_only = true\n")).as_deref(),
+            field(&format!("{base}create = true\n")).as_deref(),
+            Some("size")
+        );
+        assert_eq!(
+            field(&format!(
+                "{base}create = true\nsize = 4096\nread_only = true\n"
+            ))
+            .as_deref(),
             Some("read_only")
         );
-        assert_eq!(field(&format!("{base}size = 1000\n")).as_deref(), Some("size"));
-        assert_eq!(field(&format!("{base}connections = 0\n")).as_deref(), Some("connections"));
-        assert_eq!(field(&format!("{base}block_size = 1024\n")).as_deref(), Some("block_size"));
+        assert_eq!(
+            field(&format!("{base}size = 1000\n")).as_deref(),
+            Some("size")
+        );
+        assert_eq!(
+            field(&format!("{base}connections = 0\n")).as_deref(),
+            Some("connections")
+        );
+        assert_eq!(
+            field(&format!("{base}block_size = 1024\n")).as_deref(),
+            Some("block_size")
+        );
         assert_eq!(
             field(&format!("{base}auth = \"none\"\nkeyring = \"/k\"\n")).as_deref(),
             Some("keyring")

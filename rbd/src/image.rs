@@ -97,13 +97,18 @@ impl Image {
         if r < 0 {
             let why = match r {
                 // The namespace is part of where the image is looked up.
-                e if e == -libc::ENOENT => "no such image (set create = true and size to create it)"
-                    .to_string(),
+                e if e == -libc::ENOENT => {
+                    "no such image (set create = true and size to create it)".to_string()
+                }
                 e => ffi::errno(e.into()).to_string(),
             };
             return Err(BdevError::invalid(
                 "image",
-                format!("cannot open image '{}' in {}: {why}", spec.image, spec.where_()),
+                format!(
+                    "cannot open image '{}' in {}: {why}",
+                    spec.image,
+                    spec.where_()
+                ),
             ));
         }
         Ok(img)

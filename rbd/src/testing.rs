@@ -79,7 +79,9 @@ fn uuid() -> String {
 }
 
 fn check(what: &str, out: std::io::Result<Output>) -> String {
-    let out = out.unwrap_or_else(|e| panic!("{what}: {e} (are ceph-mon, ceph-osd and ceph-common installed?)"));
+    let out = out.unwrap_or_else(|e| {
+        panic!("{what}: {e} (are ceph-mon, ceph-osd and ceph-common installed?)")
+    });
     assert!(
         out.status.success(),
         "{what}: {}\n{}\n{}",
@@ -109,7 +111,10 @@ fn stop(child: &mut Child, grace: Duration) {
 impl TestCluster {
     /// Starts a cluster with pool [`POOL`]; panics with the failing step's output.
     pub fn start() -> TestCluster {
-        let dir = tempfile::Builder::new().prefix("ferroblk-ceph").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("ferroblk-ceph")
+            .tempdir()
+            .unwrap();
         let port = free_port();
         let d = dir.path();
         for sub in ["mon", "osd", "run"] {
@@ -186,7 +191,10 @@ impl TestCluster {
                 .output(),
         );
         c.start_osd();
-        check("ceph osd pool create", c.ceph(&["osd", "pool", "create", POOL, "8"]));
+        check(
+            "ceph osd pool create",
+            c.ceph(&["osd", "pool", "create", POOL, "8"]),
+        );
         check("rbd pool init", c.rbd(&["pool", "init", POOL]));
         c
     }

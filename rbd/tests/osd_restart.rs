@@ -84,7 +84,10 @@ fn verify(ch: &mut SyncChannel, acked: &[u8]) {
         } else {
             block_data(lba as u64, 4096, g)
         };
-        assert!(back == want, "block {lba}: not the last acknowledged write (generation {g})");
+        assert!(
+            back == want,
+            "block {lba}: not the last acknowledged write (generation {g})"
+        );
     }
 }
 
@@ -149,7 +152,10 @@ fn requests_fail_after_op_timeout_while_the_cluster_is_away_then_succeed_again()
             assert!(back == d);
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(60), "the volume never recovered: {st:?}");
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the volume never recovered: {st:?}"
+        );
     }
     assert_eq!(ch.write(3, &block_data(3, 4096, 1)), IoStatus::Success);
     assert_eq!(ch.flush(), IoStatus::Success);

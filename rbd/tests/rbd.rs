@@ -80,7 +80,10 @@ fn an_image_filled_by_rbd_import_reads_back_through_ferroblk() {
     let mut ch = SyncChannel::new(bdev.open_channel().unwrap());
     let (st, back) = ch.read(0, 768);
     assert_eq!(st, IoStatus::Success);
-    assert!(back == data, "ferroblk reads differently from what rbd import wrote");
+    assert!(
+        back == data,
+        "ferroblk reads differently from what rbd import wrote"
+    );
     assert_eq!(ch.write(0, &data[..4096]), IoStatus::ReadOnly);
 }
 
@@ -91,7 +94,8 @@ fn resize_grows_the_image_and_tells_the_listeners() {
     let bdev = open(&img, "create = true\nsize = \"1MiB\"\n");
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
     let s2 = seen.clone();
-    bdev.info().subscribe(move |ev| s2.lock().unwrap().push(*ev));
+    bdev.info()
+        .subscribe(move |ev| s2.lock().unwrap().push(*ev));
     let mut ch = SyncChannel::new(bdev.open_channel().unwrap());
     assert_eq!(ch.read(256, 1).0, IoStatus::InvalidRange);
     bdev.resize(1024).unwrap();
@@ -148,7 +152,11 @@ fn unreachable_monitors_fail_within_the_connect_timeout() {
     assert_eq!(e.field(), Some("mon_host"), "{e}");
     assert!(e.to_string().contains("cannot connect"), "{e}");
     // Bounded: well under the default timeout (not a performance assertion: 10 s vs 2 s).
-    assert!(t.elapsed() < std::time::Duration::from_secs(10), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        t.elapsed()
+    );
 }
 
 #[test]
@@ -174,8 +182,14 @@ fn a_keyring_the_cluster_refuses_is_an_error_naming_the_keyring() {
 
 #[test]
 fn images_of_one_cluster_share_its_connections() {
-    let a = open(&image("share"), "create = true\nsize = 4096\nconnections = 2\n");
-    let b = open(&image("share"), "create = true\nsize = 4096\nconnections = 2\n");
+    let a = open(
+        &image("share"),
+        "create = true\nsize = 4096\nconnections = 2\n",
+    );
+    let b = open(
+        &image("share"),
+        "create = true\nsize = 4096\nconnections = 2\n",
+    );
     assert!(Arc::ptr_eq(a.cluster(), b.cluster()));
     assert_eq!(a.cluster().connections(), 2);
     let other = open(&image("share"), "create = true\nsize = 4096\n");
