@@ -11,8 +11,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-3}; secs=${2:-5}
-cargo build --release -q -p ferroblk -p ferroblk-rbd --features ferroblk-rbd/testing \
-  --example ceph-cluster
+cargo build --release -q -p ferroblk
+cargo build --release -q -p ferroblk-rbd --features testing --example ceph-cluster
 bin=$(realpath out/release/ferroblk)
 work=$(mktemp -d /var/tmp/ferroblk-rbd.XXXX)
 mkfifo "$work/ctl"

@@ -11,6 +11,17 @@ use std::process::Command;
 use common::daemon::{BIN, free_port, rpc, start_daemon};
 use ferroblk_rbd::testing::{POOL, TestCluster};
 
+/// Bdev `name` in the daemon's `bdev_list`.
+fn bdev(dir: &Path, name: &str) -> serde_json::Value {
+    let list: serde_json::Value = serde_json::from_str(&rpc(dir, "bdev_list", "{}")).unwrap();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no bdev {name} in {list}"))
+}
+
 #[test]
 fn the_rbd_example_serves_an_encrypted_rbd_volume_and_grows_it() {
     let c = TestCluster::start();
@@ -77,22 +88,37 @@ fn the_rbd_example_serves_an_encrypted_rbd_volume_and_grows_it() {
 
     let r = rpc(d, "bdev_resize", r#"{"name": "rbd0", "size": "2GiB"}"#);
     assert!(r.contains(&(2u64 << 30).to_string()), "{r}");
-    let list: serde_json::Value = serde_json::from_str(&rpc(d, "bdev_list", "{}")).unwrap();
-    let size = |name: &str| {
-        list.as_array()
-            .or_else(|| list["bdevs"].as_array())
-            .unwrap()
-            .iter()
-            .find(|b| b["name"] == name)
-            .map(|b| b.to_string())
-            .unwrap()
-    };
-    assert!(
-        size("vol0").contains(&(2u64 << 30).to_string()),
-        "{}",
-        size("vol0")
-    );
+    let vol0 = bdev(d, "vol0");
+    assert_eq!(vol0["size"], 2u64 << 30, "{vol0}");
     let info = c.rbd_ok(&["info", "--format", "json", &format!("{POOL}/ferroblk-vol0")]);
     assert!(info.contains(&format!("\"size\":{}", 2u64 << 30)), "{info}");
+    assert!(daemon.stop(), "the daemon did not stop cleanly");
+}
+
+#[test]
+fn an_unreachable_cluster_fails_its_volume_and_the_daemon_serves_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Monitors nobody answers for.
+    let mon = free_port();
+    std::fs::write(
+        d.join("ferroblk.toml"),
+        format!(
+            "[rpc]\nsocket = \"rpc.sock\"\n\
+             [[bdev]]\nname = \"m\"\nkind = \"malloc\"\nsize = \"1MiB\"\n\
+             [[bdev]]\nname = \"r\"\nkind = \"rbd\"\nmon_host = \"v2:127.0.0.1:{mon}\"\n\
+             auth = \"none\"\npool = \"rbd\"\nimage = \"i\"\nconnect_timeout_secs = 1\n"
+        ),
+    )
+    .unwrap();
+    let mut daemon = start_daemon(d);
+    assert_eq!(bdev(d, "m")["state"], "online");
+    let r = bdev(d, "r");
+    assert_eq!(r["state"], "failed", "{r}");
+    let reason = r["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("mon_host: cannot connect to the cluster"),
+        "{reason}"
+    );
     assert!(daemon.stop(), "the daemon did not stop cleanly");
 }
