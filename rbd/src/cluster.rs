@@ -238,13 +238,18 @@ fn connect(config: &ClusterConfig) -> Result<Rados, BdevError> {
         } else {
             String::new()
         };
-        return Err(BdevError::invalid(
-            field,
-            format!(
+        let why = match (field, &config.keyring) {
+            ("keyring", Some(k)) => format!(
+                "the cluster refused client.{} with the key in {}: {e}",
+                config.client,
+                k.display()
+            ),
+            _ => format!(
                 "cannot connect to the cluster as client.{}{timeout}: {e}",
                 config.client
             ),
-        ));
+        };
+        return Err(BdevError::invalid(field, why));
     }
     Ok(h)
 }
