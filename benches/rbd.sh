@@ -43,8 +43,8 @@ job() { # rw (randwrite|randread) rbd-io-type
   for i in $(seq "$runs"); do
     j=$("$bin" perf bdev --config "$work/rbd.toml" --qd 32 --bs 4096 --rw "$1" --time "$secs" \
           --json 2>/dev/null)
-    read -r iops cpu < <(echo "$j" | python3 -c 'import json,sys; j=json.load(sys.stdin); print(round(j["iops"]), round(j["process_cpu_ns_per_io"]))')
-    echo "$1 ferroblk run $i: $iops IOPS, process CPU $cpu ns/IO"
+    read -r iops cpu rcpu < <(echo "$j" | python3 -c 'import json,sys; j=json.load(sys.stdin); print(round(j["iops"]), round(j["process_cpu_ns_per_io"]), round(j["reactor_cpu_ns_per_io"]))')
+    echo "$1 ferroblk run $i: $iops IOPS, process CPU $cpu ns/IO (reactor $rcpu)"
     f+=("$iops"); fc+=("$cpu")
     read -r iops cpu < <(python3 - "$conf" "$2" "$ops" <<'PY'
 import resource, subprocess, sys, re
