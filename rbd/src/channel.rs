@@ -66,7 +66,7 @@ impl Handoff {
         }
         // SAFETY: `fd` is a fresh descriptor nothing else owns.
         let eventfd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(Arc::new_cyclic(|me| Handoff {
+        let h = Arc::new_cyclic(|me| Handoff {
             slots: (0..depth)
                 .map(|i| Slot {
                     handoff: me.as_ptr(),
@@ -77,7 +77,9 @@ impl Handoff {
                 .collect(),
             head: AtomicU32::new(EMPTY),
             eventfd,
-        }))
+        });
+        debug_assert!(h.slots.iter().all(|s| std::ptr::eq(s.handoff, Arc::as_ptr(&h))));
+        Ok(h)
     }
 
     /// Publishes a finished slot (any thread).
