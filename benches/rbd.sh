@@ -11,9 +11,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-3}; secs=${2:-5}
-cargo build --release -q -p ferroblk
+. benches/common.sh
+bin=$(bench_bin)
 cargo build --release -q -p ferroblk-rbd --features testing --example ceph-cluster
-bin=$(realpath out/release/ferroblk)
 work=$(mktemp -d /var/tmp/ferroblk-rbd.XXXX)
 mkfifo "$work/ctl"
 # The cluster runs until its stdin (the fifo) closes.
