@@ -78,7 +78,11 @@ impl Handoff {
             head: AtomicU32::new(EMPTY),
             eventfd,
         });
-        debug_assert!(h.slots.iter().all(|s| std::ptr::eq(s.handoff, Arc::as_ptr(&h))));
+        debug_assert!(
+            h.slots
+                .iter()
+                .all(|s| std::ptr::eq(s.handoff, Arc::as_ptr(&h)))
+        );
         Ok(h)
     }
 
