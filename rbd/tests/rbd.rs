@@ -146,15 +146,14 @@ fn unreachable_monitors_fail_within_the_connect_timeout() {
          image = \"u\"\nconnect_timeout_secs = 2\n"
     ))
     .unwrap();
-    let t = std::time::Instant::now();
     let e = d.open().err().unwrap();
     assert_eq!(e.field(), Some("mon_host"), "{e}");
-    assert!(e.to_string().contains("cannot connect"), "{e}");
-    // Bounded: well under the default timeout (not a performance assertion: 10 s vs 2 s).
+    // librados gave up on the monitors after the declared timeout (ETIMEDOUT), not on another
+    // error.
     assert!(
-        t.elapsed() < std::time::Duration::from_secs(10),
-        "{:?}",
-        t.elapsed()
+        e.to_string()
+            .starts_with("mon_host: cannot connect to the cluster as client.admin within 2 s"),
+        "{e}"
     );
 }
 
