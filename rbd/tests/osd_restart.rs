@@ -117,7 +117,8 @@ fn writes_stall_while_the_osd_restarts_then_complete_and_nothing_is_lost() {
                 at_restart = completed;
                 phase = 2;
             }
-            2 if t.elapsed() > Duration::from_secs(60) => panic!("writes never resumed"),
+            // A hang guard, not a measurement.
+            1 if t.elapsed() > Duration::from_secs(300) => panic!("writes never resumed"),
             _ => {}
         }
         phase == 2
