@@ -29,7 +29,7 @@ fn open(c: &TestCluster, image: &str, op_timeout_secs: u64) -> ferroblk_rbd::Rbd
 fn write_load(
     ch: &mut SyncChannel,
     acked: &mut [u8],
-    mut until: impl FnMut(usize) -> bool,
+    mut until: impl FnMut(usize, usize) -> bool,
 ) -> Vec<IoStatus> {
     let mut rng = ferroblk_bdev::testing::Rng(7);
     let mut gen_of: HashMap<u64, (u64, u8)> = HashMap::new();
@@ -41,7 +41,7 @@ fn write_load(
     let mut completed = 0usize;
     let mut stopping = false;
     loop {
-        stopping = stopping || until(completed);
+        stopping = stopping || until(completed, ch.channel().in_flight());
         while !stopping && ch.channel().in_flight() < QD {
             let lba = rng.below(BLOCKS);
             if busy[lba as usize] {
@@ -102,10 +102,12 @@ fn writes_stall_while_the_osd_restarts_then_complete_and_nothing_is_lost() {
     let mut phase = 0;
     let mut at_stop = 0;
     let mut at_restart = 0;
-    let failed = write_load(&mut ch, &mut acked, |completed| {
+    let mut in_flight_at_stop = 0;
+    let failed = write_load(&mut ch, &mut acked, |completed, in_flight| {
         match phase {
             0 if t.elapsed() > Duration::from_secs(1) => {
                 at_stop = completed;
+                in_flight_at_stop = in_flight;
                 // Stopping the OSD blocks this thread (a clean stop: memstore saves what it
                 // holds); the writes in flight stay in flight.
                 c.stop_osd();
@@ -124,6 +126,8 @@ fn writes_stall_while_the_osd_restarts_then_complete_and_nothing_is_lost() {
         phase == 2
     });
     assert!(failed.is_empty(), "writes failed: {failed:?}");
+    // Writes were in flight when the OSD went away; they completed (successfully) after.
+    assert!(in_flight_at_stop > 0);
     assert!(at_stop > 0 && at_restart > at_stop);
     assert_eq!(ch.flush(), IoStatus::Success);
     verify(&mut ch, &acked);
