@@ -86,6 +86,26 @@ fn the_rbd_example_serves_an_encrypted_rbd_volume_and_grows_it() {
     assert!(v["ios"].as_u64().unwrap() > 0, "{v}");
     assert_eq!(v["errors"], 0, "{v}");
 
+    // A volume on an image that does not exist, over the RPC: refused, naming the field; the
+    // daemon keeps serving.
+    let params = format!(
+        r#"{{"kind": "rbd", "name": "rbd1", "mon_host": "{}", "auth": "none", "pool": "{POOL}", "image": "nosuch"}}"#,
+        c.mon_host()
+    );
+    let out = Command::new(BIN)
+        .args(["rpc", "--socket"])
+        .arg(d.join("rpc.sock"))
+        .args(["bdev_create", &params])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("image") && err.contains("no such image"),
+        "{err}"
+    );
+    assert_eq!(bdev(d, "vol0")["state"], "online");
+
     let r = rpc(d, "bdev_resize", r#"{"name": "rbd0", "size": "2GiB"}"#);
     assert!(r.contains(&(2u64 << 30).to_string()), "{r}");
     let vol0 = bdev(d, "vol0");
