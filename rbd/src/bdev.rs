@@ -7,6 +7,7 @@ use ferroblk_bdev::{Bdev, BdevError, BlockSize, Caps, Channel};
 
 use crate::channel::{RBD_CHANNEL_DEPTH, RbdChannel};
 use crate::cluster::{Cluster, ClusterConfig};
+use crate::ffi;
 use crate::image::{Image, ImageSpec};
 
 /// The kind name.
@@ -19,8 +20,43 @@ const MAX_TRANSFER_BYTES: u64 = 4 << 20;
 /// Most segments per request (`IOV_MAX`).
 const MAX_SEGMENTS: u32 = 1024;
 
-/// A bdev on an RBD image. Its size is the image's, rounded down to whole blocks.
+/// What librbd's header-update callback needs: the image, to read its size, and the bdev's info,
+/// to grow it.
+struct SizeWatch {
+    image: Arc<Image>,
+    info: Arc<BdevInfo>,
+}
+
+/// librbd's header-update callback (a librbd thread, which may call librbd, as rbd-nbd's and
+/// rbd-ggate's watchers do): an image grown by someone else (`rbd resize`) grows the bdev.
+unsafe extern "C" fn header_updated(arg: *mut std::ffi::c_void) {
+    // SAFETY: `arg` is the `SizeWatch` boxed in `RbdBdev`, which unregisters the callback (and
+    // waits for a running one) before it drops the box.
+    let w = unsafe { &*(arg as *const SizeWatch) };
+    match w.image.size() {
+        Ok(bytes) => {
+            let blocks = bytes >> w.info.block_size().shift();
+            let now = w.info.block_count();
+            if blocks > now {
+                w.info.set_block_count(blocks);
+            } else if blocks < now {
+                tracing::warn!(
+                    bdev = %w.info.name(),
+                    blocks,
+                    now,
+                    "the rbd image was shrunk outside ferroblk; the volume keeps its size"
+                );
+            }
+        }
+        Err(e) => tracing::warn!(bdev = %w.info.name(), error = %e, "rbd header update"),
+    }
+}
+
+/// A bdev on an RBD image. Its size is the image's, rounded down to whole blocks; it follows
+/// the image when someone else grows it.
 pub struct RbdBdev {
+    /// The registered header-update watch and its callback's argument.
+    watch: Option<(u64, Box<SizeWatch>)>,
     info: Arc<BdevInfo>,
     image: Arc<Image>,
     cluster: Arc<Cluster>,
@@ -67,9 +103,35 @@ impl RbdBdev {
             connections = cluster.connections(),
             "rbd image open"
         );
+        let image = Arc::new(image);
+        let watch = if spec.read_only {
+            // A read-only open sets no watch on the header: there is nothing to be told.
+            None
+        } else {
+            let w = Box::new(SizeWatch {
+                image: image.clone(),
+                info: info.clone(),
+            });
+            let mut handle = 0u64;
+            let arg = &*w as *const SizeWatch as *mut std::ffi::c_void;
+            // SAFETY: an open image; `arg` points into the box, kept until `rbd_update_unwatch`
+            // in `Drop`.
+            let r = unsafe { ffi::rbd_update_watch(image.raw(), &mut handle, header_updated, arg) };
+            if r < 0 {
+                tracing::warn!(
+                    bdev = name,
+                    error = %ffi::errno(r.into()),
+                    "cannot watch the rbd image's header: a resize made outside ferroblk will not be seen"
+                );
+                None
+            } else {
+                Some((handle, w))
+            }
+        };
         Ok(RbdBdev {
+            watch,
             info,
-            image: Arc::new(image),
+            image,
             cluster,
             spec,
             resizing: Mutex::new(()),
@@ -79,6 +141,21 @@ impl RbdBdev {
     /// The connections its image uses, shared with the other images of the same cluster.
     pub fn cluster(&self) -> &Arc<Cluster> {
         &self.cluster
+    }
+}
+
+impl Drop for RbdBdev {
+    fn drop(&mut self) {
+        if let Some((handle, w)) = self.watch.take() {
+            // SAFETY: the handle came from `rbd_update_watch` on this open image; librbd waits
+            // for a running callback before it returns, after which `w` may go.
+            let r = unsafe { ffi::rbd_update_unwatch(self.image.raw(), handle) };
+            if r < 0 {
+                // The callback may still be registered: leak its argument rather than free it.
+                tracing::warn!(error = %ffi::errno(r.into()), "rbd_update_unwatch failed");
+                std::mem::forget(w);
+            }
+        }
     }
 }
 

@@ -17,6 +17,8 @@ pub type rbd_image_t = *mut c_void;
 pub type rbd_completion_t = *mut c_void;
 /// `rbd_callback_t`: called from a librbd thread when a request completes.
 pub type rbd_callback_t = unsafe extern "C" fn(cb: rbd_completion_t, arg: *mut c_void);
+/// `rbd_update_callback_t`: called from a librbd thread when the image's header changed.
+pub type rbd_update_callback_t = unsafe extern "C" fn(arg: *mut c_void);
 
 unsafe extern "C" {
     pub fn rados_create2(
@@ -58,6 +60,13 @@ unsafe extern "C" {
     pub fn rbd_close(image: rbd_image_t) -> c_int;
     pub fn rbd_get_size(image: rbd_image_t, size: *mut u64) -> c_int;
     pub fn rbd_resize(image: rbd_image_t, size: u64) -> c_int;
+    pub fn rbd_update_watch(
+        image: rbd_image_t,
+        handle: *mut u64,
+        watch_cb: rbd_update_callback_t,
+        arg: *mut c_void,
+    ) -> c_int;
+    pub fn rbd_update_unwatch(image: rbd_image_t, handle: u64) -> c_int;
 
     pub fn rbd_aio_create_completion(
         cb_arg: *mut c_void,

@@ -11,7 +11,8 @@
 //! - [`image`]: one open image (I/O context and librbd handle); open, create and resize block the
 //!   calling thread and run on the control plane only.
 //! - [`bdev`]: [`RbdBdev`], the control plane (geometry, grow-only resize that notifies the
-//!   bdev's listeners and so every export).
+//!   bdev's listeners and so every export; librbd's header watch grows it when the image is
+//!   grown elsewhere).
 //! - `channel`: each reactor's channel. Reads, writes, discards, write-zeroes and flushes go to
 //!   `rbd_aio_*` with the request's own segments (no copy); librbd's threads hand completions
 //!   back through a per-channel lock-free stack and an eventfd that the reactor watches, so no

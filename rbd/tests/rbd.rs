@@ -195,3 +195,35 @@ fn images_of_one_cluster_share_its_connections() {
     let mut ch = SyncChannel::new(b.open_channel().unwrap());
     assert_eq!(ch.write(0, &block_data(0, 4096, 1)), IoStatus::Success);
 }
+
+#[test]
+fn an_image_grown_with_the_rbd_cli_grows_the_volume() {
+    let c = shared();
+    let img = image("grown");
+    let bdev = open(&img, "create = true\nsize = \"1MiB\"\n");
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    bdev.info()
+        .subscribe(move |ev| s2.lock().unwrap().push(*ev));
+    c.rbd_ok(&["resize", "--size", "8M", &format!("{POOL}/{img}")]);
+    // librbd tells the bdev from its header watch; wait for it (a hang guard, not a timing).
+    let t = std::time::Instant::now();
+    while bdev.info().block_count() != 2048 {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(120),
+            "the volume did not follow the image's new size"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(
+        seen.lock().unwrap().as_slice(),
+        [BdevEvent::Resized {
+            old_blocks: 256,
+            new_blocks: 2048
+        }]
+    );
+    let mut ch = SyncChannel::new(bdev.open_channel().unwrap());
+    let d = block_data(2047, 4096, 8);
+    assert_eq!(ch.write(2047, &d), IoStatus::Success);
+    assert_eq!(ch.read(2047, 1), (IoStatus::Success, d));
+}
