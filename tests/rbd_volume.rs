@@ -113,6 +113,15 @@ fn the_rbd_example_serves_an_encrypted_rbd_volume_and_grows_it() {
     let info = c.rbd_ok(&["info", "--format", "json", &format!("{POOL}/ferroblk-vol0")]);
     assert!(info.contains(&format!("\"size\":{}", 2u64 << 30)), "{info}");
     assert!(daemon.stop(), "the daemon did not stop cleanly");
+
+    // Restarted, the daemon opens the grown image again (the state file has its size).
+    let mut daemon = start_daemon(d);
+    let vol0 = bdev(d, "vol0");
+    assert_eq!(
+        (&vol0["state"], &vol0["size"]),
+        (&"online".into(), &(2u64 << 30).into())
+    );
+    assert!(daemon.stop(), "the daemon did not stop cleanly");
 }
 
 #[test]
