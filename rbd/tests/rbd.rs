@@ -32,6 +32,15 @@ fn image(prefix: &str) -> String {
     format!("{prefix}{}", N.fetch_add(1, Ordering::Relaxed))
 }
 
+/// The events `bdev` tells its listeners from now on.
+fn events(bdev: &RbdBdev) -> Arc<std::sync::Mutex<Vec<BdevEvent>>> {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    bdev.info()
+        .subscribe(move |ev| s2.lock().unwrap().push(*ev));
+    seen
+}
+
 #[test]
 fn rbd_passes_conformance_4k_and_512() {
     for (bs, img) in [(4096, image("conf4k")), (512, image("conf512"))] {
@@ -92,10 +101,7 @@ fn resize_grows_the_image_and_tells_the_listeners() {
     let c = shared();
     let img = image("resize");
     let bdev = open(&img, "create = true\nsize = \"1MiB\"\n");
-    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let s2 = seen.clone();
-    bdev.info()
-        .subscribe(move |ev| s2.lock().unwrap().push(*ev));
+    let seen = events(&bdev);
     let mut ch = SyncChannel::new(bdev.open_channel().unwrap());
     assert_eq!(ch.read(256, 1).0, IoStatus::InvalidRange);
     bdev.resize(1024).unwrap();
@@ -201,10 +207,7 @@ fn an_image_grown_with_the_rbd_cli_grows_the_volume() {
     let c = shared();
     let img = image("grown");
     let bdev = open(&img, "create = true\nsize = \"1MiB\"\n");
-    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let s2 = seen.clone();
-    bdev.info()
-        .subscribe(move |ev| s2.lock().unwrap().push(*ev));
+    let seen = events(&bdev);
     c.rbd_ok(&["resize", "--size", "8M", &format!("{POOL}/{img}")]);
     // librbd tells the bdev from its header watch; wait for it (a hang guard, not a timing).
     let t = std::time::Instant::now();
