@@ -93,6 +93,8 @@ fn linux_guest_uses_an_rbd_volume_and_sees_it_grow() {
     let script = host.script(GUEST);
     let args = vhost_user_blk_args("disk0", &dir.join("vhost.sock"), 2);
     let run = lab.run(&script, &args, Duration::from_secs(900)).unwrap();
+    // Stopped before any check (the guest is gone): a failing check must not leave it running.
+    let stopped = daemon.lock().unwrap().stop();
     let daemon_log = || std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
     if let Err(e) = run.ensure_success() {
         panic!("{e:#}\n--- daemon log ---\n{}", daemon_log());
@@ -109,5 +111,5 @@ fn linux_guest_uses_an_rbd_volume_and_sees_it_grow() {
         image[48 << 20..52 << 20] == pattern()[..],
         "the guest's data is not in the image"
     );
-    assert!(daemon.lock().unwrap().stop(), "daemon exits cleanly");
+    assert!(stopped, "daemon exits cleanly");
 }

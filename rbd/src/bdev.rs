@@ -8,7 +8,7 @@ use ferroblk_bdev::{Bdev, BdevError, BlockSize, Caps, Channel};
 use crate::channel::{RBD_CHANNEL_DEPTH, RbdChannel};
 use crate::cluster::{Cluster, ClusterConfig};
 use crate::ffi;
-use crate::image::{Image, ImageSpec};
+use crate::image::{Image, ImageSpec, bounded};
 
 /// The kind name.
 pub const KIND: &str = "rbd";
@@ -147,14 +147,21 @@ impl RbdBdev {
 impl Drop for RbdBdev {
     fn drop(&mut self) {
         if let Some((handle, w)) = self.watch.take() {
-            // SAFETY: the handle came from `rbd_update_watch` on this open image; librbd waits
-            // for a running callback before it returns, after which `w` may go.
-            let r = unsafe { ffi::rbd_update_unwatch(self.image.raw(), handle) };
-            if r < 0 {
-                // The callback may still be registered: leak its argument rather than free it.
-                tracing::warn!(error = %ffi::errno(r.into()), "rbd_update_unwatch failed");
-                std::mem::forget(w);
-            }
+            let c = self.cluster.config();
+            let bound = c.op_timeout + c.connect_timeout;
+            // The watch's argument moves to the unregistering thread, which frees it only once
+            // librbd has returned (having waited for a running callback).
+            bounded("unwatch an rbd image", bound, move || {
+                let image = w.image.raw();
+                // SAFETY: the handle came from `rbd_update_watch` on this open image (kept open
+                // by `w`'s `Arc`).
+                let r = unsafe { ffi::rbd_update_unwatch(image, handle) };
+                if r < 0 {
+                    // The callback may still be registered: leak its argument rather than free it.
+                    tracing::warn!(error = %ffi::errno(r.into()), "rbd_update_unwatch failed");
+                    std::mem::forget(w);
+                }
+            });
         }
     }
 }

@@ -3,6 +3,7 @@
 
 use std::ffi::CString;
 use std::sync::Arc;
+use std::time::Duration;
 
 use ferroblk_bdev::BdevError;
 
@@ -174,16 +175,60 @@ impl ImageSpec {
     }
 }
 
-impl Drop for Image {
-    fn drop(&mut self) {
-        if !self.raw.is_null() {
-            // SAFETY: the image is open and no channel holds it (each holds an `Arc` of it).
-            let r = unsafe { ffi::rbd_close(self.raw) };
-            if r < 0 {
-                tracing::warn!(error = %ffi::errno(r.into()), "closing an rbd image failed");
+/// librbd and librados handles moved to the thread that closes them.
+struct Handles(ffi::rbd_image_t, ffi::rados_ioctx_t);
+
+// SAFETY: librbd's image handle and librados' I/O context may be used from any thread; the
+// closing thread is the only one left using them.
+unsafe impl Send for Handles {}
+
+/// Runs `f`, a call that may wait on the cluster (closing an image, unregistering a watch), on
+/// its own thread and waits for it at most `bound`: a cluster that went away must not hang the
+/// control plane (deleting a volume, the daemon's exit). A call still running after `bound` is
+/// left to finish on its own; it keeps everything it owns (the cluster's connections among
+/// them) allocated until then.
+pub(crate) fn bounded(what: &'static str, bound: Duration, f: impl FnOnce() + Send + 'static) {
+    let (done, wait) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("rbd-close".into())
+        .spawn(move || {
+            f();
+            let _ = done.send(());
+        });
+    match spawned {
+        Ok(_) => {
+            if wait.recv_timeout(bound).is_err() {
+                tracing::warn!(
+                    what,
+                    seconds = bound.as_secs(),
+                    "the cluster did not answer; left to finish in the background"
+                );
             }
         }
-        // SAFETY: the context was created in `open` and the image on it is closed.
-        unsafe { ffi::rados_ioctx_destroy(self.ioctx) };
+        Err(e) => tracing::warn!(what, error = %e, "cannot start a thread; left open"),
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        let h = Handles(self.raw, self.ioctx);
+        // Kept alive by the closing thread: the I/O context and image go before the connection.
+        let cluster = self._cluster.clone();
+        let c = cluster.config();
+        let bound = c.op_timeout + c.connect_timeout;
+        bounded("close an rbd image", bound, move || {
+            let h = h;
+            if !h.0.is_null() {
+                // SAFETY: the image is open and no channel holds it (each holds an `Arc` of
+                // it); this thread is its last user.
+                let r = unsafe { ffi::rbd_close(h.0) };
+                if r < 0 {
+                    tracing::warn!(error = %ffi::errno(r.into()), "closing an rbd image failed");
+                }
+            }
+            // SAFETY: the context was created in `open` and the image on it is closed.
+            unsafe { ffi::rados_ioctx_destroy(h.1) };
+            drop(cluster);
+        });
     }
 }

@@ -264,6 +264,16 @@ impl TestCluster {
         }
     }
 
+    /// Kills both daemons at once (SIGKILL), as a crash or a lost network would take them.
+    pub fn kill(&self) {
+        for d in [&self.osd, &self.mon] {
+            if let Some(mut c) = d.lock().unwrap().take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+
     /// Stops both daemons, the OSD first.
     pub fn stop(&self) {
         self.stop_osd();

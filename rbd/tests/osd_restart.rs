@@ -165,3 +165,17 @@ fn requests_fail_after_op_timeout_while_the_cluster_is_away_then_succeed_again()
     assert_eq!(ch.write(3, &block_data(3, 4096, 1)), IoStatus::Success);
     assert_eq!(ch.flush(), IoStatus::Success);
 }
+
+#[test]
+fn a_volume_whose_cluster_is_gone_still_closes() {
+    let c = TestCluster::start();
+    let bdev = open(&c, "gone", 2);
+    let mut ch = SyncChannel::new(bdev.open_channel().unwrap());
+    // A write takes the image's exclusive lock, which closing gives back to the cluster.
+    assert_eq!(ch.write(0, &block_data(0, 4096, 1)), IoStatus::Success);
+    drop(ch);
+    c.kill();
+    // Closing waits on the cluster at most op_timeout + connect_timeout, then leaves the close
+    // to finish in the background: dropping returns (the test would hang otherwise).
+    drop(bdev);
+}
