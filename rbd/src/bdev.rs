@@ -6,9 +6,9 @@ use ferroblk_bdev::bdev::BdevInfo;
 use ferroblk_bdev::{Bdev, BdevError, BlockSize, Caps, Channel};
 
 use crate::channel::{RBD_CHANNEL_DEPTH, RbdChannel};
-use crate::cluster::{Cluster, ClusterConfig};
+use crate::cluster::{Cluster, ClusterConfig, bounded};
 use crate::ffi;
-use crate::image::{Image, ImageSpec, bounded};
+use crate::image::{Image, ImageSpec};
 
 /// The kind name.
 pub const KIND: &str = "rbd";

@@ -94,6 +94,45 @@ pub struct Cluster {
     next: AtomicUsize,
 }
 
+/// Runs `f`, a call that may wait on the cluster (closing an image, unregistering a watch), on
+/// its own thread and waits for it at most `bound`: a cluster that went away must not hang the
+/// control plane (deleting a volume, the daemon's exit). A call still running after `bound` is
+/// left to finish on its own; it keeps everything it owns (the cluster's connections among
+/// them) allocated until then.
+pub(crate) fn bounded(what: &'static str, bound: Duration, f: impl FnOnce() + Send + 'static) {
+    let (done, wait) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("rbd-close".into())
+        .spawn(move || {
+            f();
+            let _ = done.send(());
+        });
+    match spawned {
+        Ok(_) => {
+            if wait.recv_timeout(bound).is_err() {
+                tracing::warn!(
+                    what,
+                    seconds = bound.as_secs(),
+                    "the cluster did not answer; left to finish in the background"
+                );
+            }
+        }
+        Err(e) => tracing::warn!(what, error = %e, "cannot start a thread; left open"),
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // `rados_shutdown` talks to the monitors: bounded like closing an image.
+        let handles = std::mem::take(&mut self.handles);
+        bounded(
+            "shut down rados connections",
+            self.config.connect_timeout,
+            move || drop(handles),
+        );
+    }
+}
+
 /// Clusters connected now, by configuration (control plane only).
 fn registry() -> &'static Mutex<HashMap<ClusterConfig, Weak<Cluster>>> {
     static CLUSTERS: std::sync::OnceLock<Mutex<HashMap<ClusterConfig, Weak<Cluster>>>> =

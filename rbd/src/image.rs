@@ -3,11 +3,10 @@
 
 use std::ffi::CString;
 use std::sync::Arc;
-use std::time::Duration;
 
 use ferroblk_bdev::BdevError;
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, bounded};
 use crate::ffi;
 
 /// Where an image lives and how to open it.
@@ -181,33 +180,6 @@ struct Handles(ffi::rbd_image_t, ffi::rados_ioctx_t);
 // SAFETY: librbd's image handle and librados' I/O context may be used from any thread; the
 // closing thread is the only one left using them.
 unsafe impl Send for Handles {}
-
-/// Runs `f`, a call that may wait on the cluster (closing an image, unregistering a watch), on
-/// its own thread and waits for it at most `bound`: a cluster that went away must not hang the
-/// control plane (deleting a volume, the daemon's exit). A call still running after `bound` is
-/// left to finish on its own; it keeps everything it owns (the cluster's connections among
-/// them) allocated until then.
-pub(crate) fn bounded(what: &'static str, bound: Duration, f: impl FnOnce() + Send + 'static) {
-    let (done, wait) = std::sync::mpsc::channel();
-    let spawned = std::thread::Builder::new()
-        .name("rbd-close".into())
-        .spawn(move || {
-            f();
-            let _ = done.send(());
-        });
-    match spawned {
-        Ok(_) => {
-            if wait.recv_timeout(bound).is_err() {
-                tracing::warn!(
-                    what,
-                    seconds = bound.as_secs(),
-                    "the cluster did not answer; left to finish in the background"
-                );
-            }
-        }
-        Err(e) => tracing::warn!(what, error = %e, "cannot start a thread; left open"),
-    }
-}
 
 impl Drop for Image {
     fn drop(&mut self) {
