@@ -22,7 +22,10 @@
 //!
 //! A cluster that goes away: requests fail with an I/O error after `op_timeout_secs`
 //! (`rados_osd_op_timeout`); the reactor never waits on the cluster; once the cluster is back,
-//! new requests succeed.
+//! new requests succeed. Exception: librbd does not bound taking the image's exclusive lock, so
+//! on an image that had not taken it (no write yet) when the whole cluster went away, a write
+//! or flush stays in flight until the cluster returns. Closing is bounded
+//! (`op_timeout_secs + connect_timeout_secs`, then left to finish in the background).
 
 pub mod bdev;
 mod channel;
