@@ -1,5 +1,5 @@
-//! The kinds of bdev the daemon accepts, listed once ([`kinds`]): those of `ferroblk-bdev` and
-//! the encryption kinds of `ferroblk-crypto`. The config file's `[[bdev]]` tables, the
+//! The kinds of bdev the daemon accepts, listed once ([`kinds`]): those of `ferroblk-bdev`, the
+//! encryption kinds of `ferroblk-crypto` and the remote `nvmf` kind of `ferroblk-target`. The config file's `[[bdev]]` tables, the
 //! `bdev_create` RPC and the state file all parse a declaration through this list into a
 //! [`Decl`]; a new kind implements `ferroblk_bdev::BdevKind` and is added here, nowhere else.
 
@@ -10,12 +10,13 @@ pub use ferroblk_bdev::decl::{DeclError, field_path};
 use ferroblk_bdev::{BdevDecl, Kinds};
 use serde::{Deserialize, Deserializer, Serialize};
 
-/// Every kind a declaration may name: the bdev crate's, then the encryption kinds.
+/// Every kind a declaration may name: the bdev crate's, the encryption kinds, then `nvmf`.
 pub fn kinds() -> &'static Kinds {
     static KINDS: OnceLock<Kinds> = OnceLock::new();
     KINDS.get_or_init(|| {
         let mut k = Kinds::core();
         ferroblk_crypto::decl::add_kinds(&mut k);
+        ferroblk_target::remote::add_kinds(&mut k);
         k
     })
 }
@@ -123,12 +124,13 @@ mod tests {
                 "crc",
                 "compress",
                 "crypt_xts",
-                "crypt_gcm"
+                "crypt_gcm",
+                "nvmf"
             ]
         );
         let e = Decl::from_json(serde_json::json!({"kind": "floppy"})).unwrap_err();
         assert!(
-            e.message.ends_with("expected one of `malloc`, `null`, `file`, `error`, `delay`, `crc`, `compress`, `crypt_xts`, `crypt_gcm`"),
+            e.message.ends_with("expected one of `malloc`, `null`, `file`, `error`, `delay`, `crc`, `compress`, `crypt_xts`, `crypt_gcm`, `nvmf`"),
             "{e}"
         );
     }

@@ -28,8 +28,10 @@
 //!   reactors round-robin; [`transport::tcp::admission`] bounds their number, gives ICReq and
 //!   Connect deadlines, and evicts unidentified connections to make room for new hosts.
 //! - [`initiator`]: the host side over the same codec (connect, admin, I/O queues with a
-//!   non-blocking submit/poll API), used by `ferroblk perf nvmf` and the tests; later the
-//!   remote-volume bdev.
+//!   non-blocking submit/poll API), used by `ferroblk perf nvmf`, the tests and [`remote`].
+//! - [`remote`]: the `nvmf` bdev, a remote NVMe/TCP namespace over one or several paths
+//!   through the initiator (a bdev kind that lives here so `ferroblk-bdev` never depends on a
+//!   front).
 //!
 //! Not yet: a `Transport` trait (RDMA), zero-copy receive into pooled buffers (data is copied
 //! once between the socket buffers and the request buffers).
@@ -39,6 +41,7 @@
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod initiator;
+pub mod remote;
 pub mod spec;
 pub mod subsystem;
 pub mod transport;

@@ -69,7 +69,9 @@ pub use controller::{
 };
 pub use error::{Error, RejectReason, Rejected};
 pub use io::{IoCommand, IoQueue, encode_ranges};
-pub use queue::{Completion, DIRECT_READ_MIN, HOST_PATHING_ERROR, MAX_DEPTH, QueueStats, Xfer};
+pub use queue::{
+    CmdData, Completion, DIRECT_READ_MIN, HOST_PATHING_ERROR, MAX_DEPTH, QueueStats, Xfer,
+};
 
 #[cfg(doc)]
 use crate::transport::tcp::pdu::Role;

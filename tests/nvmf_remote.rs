@@ -1,0 +1,471 @@
+//! The `nvmf` bdev against a second, real ferroblk process as its remote: the conformance
+//! suite; paths cut under verified write load (failover and round robin: no error reaches
+//! the caller, no acknowledged write is lost, a cut path reconnects); a remote killed for good
+//! (held I/O fails after `ctrl_loss_tmo`, never hangs); a remote resize reaching the bdev's
+//! listeners; a remote that refuses us (an error naming the field). A path is cut by a TCP
+//! relay in this test process between the bdev and the remote's listener: closing the relay's
+//! connections and its listening socket is, for the bdev, exactly a network path that fails
+//! (the remote target behind it stays the real daemon).
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::daemon::{Daemon, free_port, rpc, start_daemon};
+use ferroblk_bdev::conformance::{self, pattern};
+use ferroblk_bdev::uring::ThreadRing;
+use ferroblk_bdev::{AlignedBuf, Bdev, BdevEvent, Channel, IoRequest, IoStatus, SgList, Wake};
+use ferroblk_target::remote::{NvmfBdev, NvmfDecl, PathDecl, Policy};
+
+const NQN: &str = "nqn.2026-12.io.ferroblk:remote";
+
+/// Starts a ferroblk exporting a malloc bdev `ram` of `size` as namespace 1 of [`NQN`] on a
+/// free port (hosts: any, or only `host`); returns it and its port.
+fn remote(dir: &Path, size: &str, host: Option<&str>) -> (Daemon, u16) {
+    let port = free_port();
+    let hosts = match host {
+        Some(h) => format!("hosts = [\"{h}\"]\n"),
+        None => "allow_any_host = true\n".into(),
+    };
+    let cfg = format!(
+        "[reactors]\ncount = 1\n\
+         [rpc]\nsocket = \"rpc.sock\"\n\
+         [[bdev]]\nname = \"ram\"\nkind = \"malloc\"\nsize = \"{size}\"\n\
+         [[subsystem]]\nnqn = \"{NQN}\"\n{hosts}\
+         [[subsystem.namespace]]\nnsid = 1\nbdev = \"ram\"\n\
+         [[listener]]\naddr = \"127.0.0.1\"\nport = {port}\n"
+    );
+    std::fs::write(dir.join("ferroblk.toml"), cfg).unwrap();
+    (start_daemon(dir), port)
+}
+
+fn decl(name: &str, ports: &[u16]) -> NvmfDecl {
+    NvmfDecl {
+        name: name.into(),
+        subnqn: NQN.into(),
+        nsid: None,
+        paths: ports
+            .iter()
+            .map(|&port| PathDecl {
+                addr: "127.0.0.1".into(),
+                port,
+            })
+            .collect(),
+        policy: Policy::Failover,
+        hostnqn: None,
+        ctrl_loss_tmo: 30.0,
+        reconnect_delay: 0.1,
+        io_queues: 8,
+        queue_depth: 64,
+        hdr_digest: false,
+        data_digest: false,
+    }
+}
+
+#[test]
+fn nvmf_bdev_passes_the_conformance_suite_against_a_second_ferroblk() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_d, port) = remote(dir.path(), "64MiB", None);
+    let d = decl("remote0", &[port]);
+    let open = || -> Arc<dyn Bdev> { Arc::new(NvmfBdev::connect(&d).unwrap()) };
+    conformance::run(&open, true);
+    // The same with digests on, through two paths taken in turn.
+    let mut d2 = decl("remote1", &[port, port]);
+    d2.policy = Policy::RoundRobin;
+    d2.hdr_digest = true;
+    d2.data_digest = true;
+    let open2 = || -> Arc<dyn Bdev> { Arc::new(NvmfBdev::connect(&d2).unwrap()) };
+    conformance::run(&open2, false);
+}
+
+#[test]
+fn a_remote_that_refuses_us_is_an_error_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let allowed = "nqn.2026-12.io.ferroblk:host-allowed";
+    let (_d, port) = remote(dir.path(), "16MiB", Some(allowed));
+    let err = |d: &NvmfDecl| {
+        NvmfBdev::connect(d)
+            .err()
+            .expect("connect must fail")
+            .field()
+            .map(str::to_string)
+    };
+    // Not on the allow-list.
+    let mut d = decl("r", &[port]);
+    d.hostnqn = Some("nqn.2026-12.io.ferroblk:host-other".into());
+    assert_eq!(err(&d).as_deref(), Some("hostnqn"));
+    // Allowed, but no such subsystem.
+    let mut d = decl("r", &[port]);
+    d.hostnqn = Some(allowed.into());
+    d.subnqn = "nqn.2026-12.io.ferroblk:nothing-here".into();
+    assert_eq!(err(&d).as_deref(), Some("subnqn"));
+    // No such namespace.
+    let mut d = decl("r", &[port]);
+    d.hostnqn = Some(allowed.into());
+    d.nsid = Some(7);
+    assert_eq!(err(&d).as_deref(), Some("nsid"));
+    // Nothing listens.
+    let d = decl("r", &[free_port()]);
+    assert_eq!(err(&d).as_deref(), Some("paths"));
+    // Checked before any connection.
+    let mut d = decl("r", &[port]);
+    d.paths[0].addr = "localhost".into();
+    assert_eq!(err(&d).as_deref(), Some("paths[0].addr"));
+    let mut d = decl("r", &[port]);
+    d.paths.clear();
+    assert_eq!(err(&d).as_deref(), Some("paths"));
+    let mut d = decl("r", &[port]);
+    d.ctrl_loss_tmo = -1.0;
+    assert_eq!(err(&d).as_deref(), Some("ctrl_loss_tmo"));
+    // And the allowed host connects.
+    let mut d = decl("r", &[port]);
+    d.hostnqn = Some(allowed.into());
+    NvmfBdev::connect(&d).unwrap();
+}
+
+/// A TCP relay from a loopback port to `target`; [`Relay::cut`] closes its listening socket
+/// and every connection through it.
+struct Relay {
+    port: u16,
+    stop: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl Relay {
+    fn start(port: u16, target: SocketAddr) -> Relay {
+        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let conns = Arc::new(Mutex::new(Vec::new()));
+        let (stop2, conns2) = (stop.clone(), conns.clone());
+        let accept = std::thread::spawn(move || {
+            while !stop2.load(Ordering::Acquire) {
+                let Ok((a, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(2));
+                    continue;
+                };
+                a.set_nonblocking(false).unwrap();
+                let Ok(b) = TcpStream::connect(target) else {
+                    continue;
+                };
+                a.set_nodelay(true).unwrap();
+                b.set_nodelay(true).unwrap();
+                let mut c = conns2.lock().unwrap();
+                c.push(a.try_clone().unwrap());
+                c.push(b.try_clone().unwrap());
+                for (mut from, mut to) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)]
+                {
+                    std::thread::spawn(move || {
+                        let mut buf = vec![0u8; 256 * 1024];
+                        while let Ok(n) = from.read(&mut buf) {
+                            if n == 0 || to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = from.shutdown(Shutdown::Both);
+                        let _ = to.shutdown(Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Relay {
+            port,
+            stop,
+            conns,
+            accept: Some(accept),
+        }
+    }
+
+    fn cut(mut self) -> u16 {
+        self.stop.store(true, Ordering::Release);
+        self.accept.take().unwrap().join().unwrap();
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+        self.port
+    }
+}
+
+/// Verified random writes at a queue depth on one channel driven by this thread: each block
+/// written carries its LBA and a generation; the generation of every acknowledged write is
+/// kept; errors are counted.
+struct Load {
+    ch: Channel,
+    bs: usize,
+    blocks: u64,
+    next_gen: u64,
+    acked: HashMap<u64, u64>,
+    in_flight: HashMap<u64, (u64, u32, u64)>,
+    busy: Vec<bool>,
+    errors: Vec<String>,
+    rng: u64,
+    tag: u64,
+    done: Vec<ferroblk_bdev::IoCompletion>,
+}
+
+impl Load {
+    fn new(bdev: &Arc<dyn Bdev>, blocks: u64) -> Load {
+        let ch = bdev.open_channel().unwrap();
+        Load {
+            bs: bdev.info().block_size().bytes() as usize,
+            ch,
+            blocks,
+            next_gen: 1,
+            acked: HashMap::new(),
+            in_flight: HashMap::new(),
+            busy: vec![false; blocks as usize],
+            errors: Vec::new(),
+            rng: 0x9e37_79b9_7f4a_7c15,
+            tag: 0,
+            done: Vec::new(),
+        }
+    }
+
+    fn rand(&mut self) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng
+    }
+
+    /// Keeps `qd` writes in flight until `acks` more are acknowledged.
+    fn run(&mut self, qd: usize, acks: u64) {
+        let target = self.acked_count() + acks;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while self.acked_count() < target {
+            assert!(Instant::now() < deadline, "load stalled: {:?}", self.errors);
+            while self.ch.in_flight() < qd {
+                let n = 1 + (self.rand() % 8) as u32;
+                let lba = self.rand() % (self.blocks - u64::from(n));
+                if (lba..lba + u64::from(n)).any(|b| self.busy[b as usize]) {
+                    break;
+                }
+                let generation = self.next_gen;
+                self.next_gen += 1;
+                let mut buf = AlignedBuf::new(n as usize * self.bs);
+                for k in 0..u64::from(n) {
+                    let blk =
+                        &mut buf.as_mut_slice()[k as usize * self.bs..(k as usize + 1) * self.bs];
+                    pattern(blk, lba + k, self.bs, generation);
+                }
+                // Three segments, to cross segment boundaries inside commands.
+                let third = (n as usize * self.bs / 3) & !511;
+                let lens = [third, third, n as usize * self.bs - 2 * third];
+                let lens: &[usize] = if third == 0 { &lens[2..] } else { &lens };
+                self.tag += 1;
+                let io = IoRequest::write(lba, n, SgList::from_buf_split(buf, lens), self.tag);
+                self.ch.submit(io).expect("in flight below depth");
+                for b in lba..lba + u64::from(n) {
+                    self.busy[b as usize] = true;
+                }
+                self.in_flight.insert(self.tag, (lba, n, generation));
+            }
+            self.poll();
+        }
+    }
+
+    fn poll(&mut self) {
+        if self.ch.poll(&mut self.done) == 0 {
+            match self.ch.wake() {
+                Wake::Immediate => {}
+                Wake::At(t) => std::thread::sleep(t.saturating_duration_since(Instant::now())),
+                Wake::Event => {
+                    if let Ok(r) = ThreadRing::current() {
+                        r.wait(Some(Duration::from_millis(1)));
+                    }
+                }
+            }
+        }
+        for c in self.done.drain(..) {
+            let (lba, n, generation) = self.in_flight.remove(&c.tag).unwrap();
+            for b in lba..lba + u64::from(n) {
+                self.busy[b as usize] = false;
+                if c.status == IoStatus::Success {
+                    self.acked.insert(b, generation);
+                }
+            }
+            if c.status != IoStatus::Success {
+                self.errors.push(format!("write {lba}+{n}: {}", c.status));
+            }
+        }
+    }
+
+    fn acked_count(&self) -> u64 {
+        self.next_gen - 1 - self.in_flight.len() as u64
+    }
+
+    fn drain(&mut self) {
+        while !self.in_flight.is_empty() {
+            self.poll();
+        }
+    }
+
+    /// Reads every written block back: each must hold its last acknowledged generation.
+    fn verify(&mut self) {
+        let mut sync = ferroblk_bdev::sync::SyncChannel::new(std::mem::replace(
+            &mut self.ch,
+            placeholder_channel(),
+        ));
+        let mut want = vec![0u8; self.bs];
+        let mut lost = Vec::new();
+        for (&lba, &generation) in &self.acked {
+            let (st, got) = sync.read(lba, 1);
+            assert_eq!(st, IoStatus::Success, "read back {lba}");
+            pattern(&mut want, lba, self.bs, generation);
+            if got != want {
+                lost.push(lba);
+            }
+        }
+        assert!(
+            lost.is_empty(),
+            "acknowledged writes lost at {} blocks: {:?}",
+            lost.len(),
+            &lost[..lost.len().min(10)]
+        );
+    }
+}
+
+fn placeholder_channel() -> Channel {
+    let m: Arc<dyn Bdev> = ferroblk_bdev::testing::malloc(ferroblk_bdev::BlockSize::B4096, 1);
+    m.open_channel().unwrap()
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < Duration::from_secs(60), "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn path_up(b: &Arc<dyn Bdev>, i: usize) -> bool {
+    b.describe()["paths"][i]["state"] == "up"
+}
+
+fn cut_paths_under_load(policy: Policy) {
+    let dir = tempfile::tempdir().unwrap();
+    let (_d, port) = remote(dir.path(), "64MiB", None);
+    let target: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (pa, pb) = (free_port(), free_port());
+    let a = Relay::start(pa, target);
+    let b = Relay::start(pb, target);
+    let mut d = decl("mp", &[pa, pb]);
+    d.policy = policy;
+    d.ctrl_loss_tmo = 60.0;
+    let bdev: Arc<dyn Bdev> = Arc::new(NvmfBdev::connect(&d).unwrap());
+    let mut load = Load::new(&bdev, 4096);
+    load.run(32, 2000);
+    // Path A fails with writes in flight on it (failover sends everything there).
+    let pa = a.cut();
+    load.run(32, 2000);
+    wait_until("path A seen down", || !path_up(&bdev, 0));
+    // A comes back and is reconnected; then B fails.
+    let a = Relay::start(pa, target);
+    wait_until("path A reconnected", || path_up(&bdev, 0));
+    load.run(32, 1000);
+    let pb = b.cut();
+    load.run(32, 2000);
+    // B returns; A fails.
+    let b = Relay::start(pb, target);
+    wait_until("path B reconnected", || path_up(&bdev, 1));
+    let _ = a.cut();
+    load.run(32, 2000);
+    load.drain();
+    assert!(
+        load.errors.is_empty(),
+        "errors seen by the caller: {:?}",
+        &load.errors
+    );
+    let info = bdev.describe();
+    assert!(info["retried"].as_u64().unwrap() > 0, "{info}");
+    assert!(info["reconnects"].as_u64().unwrap() >= 2, "{info}");
+    load.verify();
+    drop(load);
+    drop(b);
+}
+
+#[test]
+fn cut_paths_under_load_fail_over_without_errors_or_lost_writes() {
+    cut_paths_under_load(Policy::Failover);
+}
+
+#[test]
+fn cut_paths_under_round_robin_load_lose_nothing() {
+    cut_paths_under_load(Policy::RoundRobin);
+}
+
+#[test]
+fn a_remote_that_never_returns_fails_io_after_ctrl_loss_tmo() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut d, port) = remote(dir.path(), "16MiB", None);
+    let mut dd = decl("gone", &[port]);
+    dd.ctrl_loss_tmo = 1.0;
+    dd.reconnect_delay = 0.2;
+    let bdev: Arc<dyn Bdev> = Arc::new(NvmfBdev::connect(&dd).unwrap());
+    let mut load = Load::new(&bdev, 1024);
+    load.run(8, 200);
+    load.drain();
+    assert!(load.errors.is_empty(), "{:?}", load.errors);
+    d.kill().unwrap();
+    d.wait().unwrap();
+    // Writes submitted now are held, then fail with an error: none hangs, none succeeds.
+    let (tx, rx) = mpsc::channel();
+    let b2 = bdev.clone();
+    std::thread::spawn(move || {
+        let mut ch = ferroblk_bdev::sync::SyncChannel::new(b2.open_channel().unwrap());
+        let statuses: Vec<IoStatus> = (0..4).map(|i| ch.write(i, &[7u8; 4096])).collect();
+        tx.send(statuses).unwrap();
+    });
+    let statuses = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("I/O hung on a remote that is gone");
+    assert!(
+        statuses.iter().all(|s| *s == IoStatus::Aborted),
+        "{statuses:?}"
+    );
+    assert!(bdev.describe()["failed_no_path"].as_u64().unwrap() >= 4);
+    assert!(!path_up(&bdev, 0));
+}
+
+#[test]
+fn a_remote_resize_reaches_the_bdevs_listeners() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_d, port) = remote(dir.path(), "16MiB", None);
+    let bdev: Arc<dyn Bdev> = Arc::new(NvmfBdev::connect(&decl("grow", &[port])).unwrap());
+    assert_eq!(bdev.info().block_count(), 4096);
+    let (tx, rx) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    bdev.info().subscribe(move |e| {
+        let _ = tx.lock().unwrap().send(*e);
+    });
+    rpc(
+        dir.path(),
+        "bdev_resize",
+        r#"{"name": "ram", "size": "32MiB"}"#,
+    );
+    let e = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("no resize event");
+    assert_eq!(
+        e,
+        BdevEvent::Resized {
+            old_blocks: 4096,
+            new_blocks: 8192
+        }
+    );
+    // The new blocks are usable at once.
+    let mut ch = ferroblk_bdev::sync::SyncChannel::new(bdev.open_channel().unwrap());
+    assert_eq!(ch.write(8191, &[5u8; 4096]), IoStatus::Success);
+    assert_eq!(ch.read(8191, 1).1, vec![5u8; 4096]);
+    // bdev_resize on the nvmf bdev accepts the remote's size and refuses another one.
+    bdev.resize(8192).unwrap();
+    assert_eq!(bdev.resize(9000).unwrap_err().field(), Some("size"));
+}
