@@ -2,7 +2,8 @@
 //! suite; paths cut under verified write load (failover and round robin: no error reaches
 //! the caller, no acknowledged write is lost, a cut path reconnects); a remote killed for good
 //! (held I/O fails after `ctrl_loss_tmo`, never hangs); a remote resize reaching the bdev's
-//! listeners; a remote that refuses us (an error naming the field). A path is cut by a TCP
+//! listeners; a remote that refuses us (an error naming the field); and an `nvmf` bdev in a
+//! daemon, exported again over NVMe/TCP. A path is cut by a TCP
 //! relay in this test process between the bdev and the remote's listener: closing the relay's
 //! connections and its listening socket is, for the bdev, exactly a network path that fails
 //! (the remote target behind it stays the real daemon).
@@ -22,6 +23,7 @@ use common::daemon::{Daemon, free_port, rpc, start_daemon};
 use ferroblk_bdev::conformance::{self, pattern};
 use ferroblk_bdev::uring::ThreadRing;
 use ferroblk_bdev::{AlignedBuf, Bdev, BdevEvent, Channel, IoRequest, IoStatus, SgList, Wake};
+use ferroblk_target::initiator::{ConnectOptions, Controller, IoQueue, IoQueueOptions};
 use ferroblk_target::remote::{NvmfBdev, NvmfDecl, PathDecl, Policy};
 
 const NQN: &str = "nqn.2026-12.io.ferroblk:remote";
@@ -468,4 +470,80 @@ fn a_remote_resize_reaches_the_bdevs_listeners() {
     // bdev_resize on the nvmf bdev accepts the remote's size and refuses another one.
     bdev.resize(8192).unwrap();
     assert_eq!(bdev.resize(9000).unwrap_err().field(), Some("size"));
+}
+
+/// Connects an initiator to `port`'s [`NQN`]-like subsystem `nqn`: controller, one queue.
+fn initiator(port: u16, nqn: &str) -> (Controller, IoQueue, u32) {
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let c = Controller::connect(&ConnectOptions::new(addr, nqn)).unwrap();
+    let nsid = c.active_namespaces().unwrap()[0];
+    c.set_number_of_queues(1).unwrap();
+    let o = IoQueueOptions {
+        depth: c.cap().mqes.min(32),
+        ..IoQueueOptions::default()
+    };
+    let q = c.connect_io_queue(1, &o).unwrap();
+    (c, q, nsid)
+}
+
+#[test]
+fn an_nvmf_bdev_in_the_daemon_is_exported_again_over_nvme_tcp() {
+    let dir_a = tempfile::tempdir().unwrap();
+    let (_a, port_a) = remote(dir_a.path(), "32MiB", None);
+    let dir_b = tempfile::tempdir().unwrap();
+    let port_b = free_port();
+    let nqn_b = "nqn.2026-12.io.ferroblk:reexport";
+    let cfg = format!(
+        "[reactors]\ncount = 2\n\
+         [rpc]\nsocket = \"rpc.sock\"\n\
+         [[bdev]]\nname = \"far\"\nkind = \"nvmf\"\nsubnqn = \"{NQN}\"\n\
+         paths = [{{ addr = \"127.0.0.1\", port = {port_a} }}]\nctrl_loss_tmo = 5\n\
+         [[subsystem]]\nnqn = \"{nqn_b}\"\nallow_any_host = true\n\
+         [[subsystem.namespace]]\nnsid = 1\nbdev = \"far\"\n\
+         [[listener]]\naddr = \"127.0.0.1\"\nport = {port_b}\n"
+    );
+    std::fs::write(dir_b.path().join("ferroblk.toml"), cfg).unwrap();
+    let _b = start_daemon(dir_b.path());
+
+    // Written through B (1 MiB: split by B's export, sent to A through the nvmf bdev) ...
+    let (_cb, mut qb, nsb) = initiator(port_b, nqn_b);
+    let mut data = vec![0u8; 1 << 20];
+    pattern(&mut data, 1000, 4096, 9);
+    qb.write(nsb, 1000, 256, &mut data.clone()).unwrap();
+    qb.flush(nsb).unwrap();
+    // ... read back through B, and straight from A.
+    let mut back = vec![0u8; 1 << 20];
+    qb.read(nsb, 1000, 256, &mut back).unwrap();
+    assert!(back == data, "read through B differs");
+    let (_ca, mut qa, nsa) = initiator(port_a, NQN);
+    let mut direct = vec![0u8; 1 << 20];
+    qa.read(nsa, 1000, 256, &mut direct).unwrap();
+    assert!(direct == data, "the remote holds other data");
+
+    // bdev_list shows the path; a create the remote refuses names the field, and B keeps
+    // serving.
+    let list = rpc(dir_b.path(), "bdev_list", "{}");
+    assert!(
+        list.contains("\"state\": \"up\"") || list.contains("\"state\":\"up\""),
+        "{list}"
+    );
+    let bad = format!(
+        r#"{{"kind": "nvmf", "name": "bad", "subnqn": "nqn.2026-12.io.ferroblk:none",
+            "paths": [{{"addr": "127.0.0.1", "port": {port_a}}}]}}"#
+    );
+    let out = std::process::Command::new(common::daemon::BIN)
+        .args(["rpc", "--socket"])
+        .arg(dir_b.path().join("rpc.sock"))
+        .args(["bdev_create", &bad])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "bdev_create of a refused remote succeeded"
+    );
+    assert!(err.contains("subnqn"), "{err}");
+    let mut again = vec![0u8; 1 << 20];
+    qb.read(nsb, 1000, 256, &mut again).unwrap();
+    assert!(again == data);
 }
