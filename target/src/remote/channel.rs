@@ -35,7 +35,7 @@ use super::path::{Shared, ana};
 use crate::initiator::{Completion, IoCommand, IoQueue, RejectReason};
 use crate::spec::Status;
 use crate::spec::command::DsmRange;
-use crate::spec::status::{StatusCodeType, from_nvme_status};
+use crate::spec::status::{StatusCodeType, from_nvme_status, path};
 
 /// Most blocks of one Write Zeroes command (NLB is a 0's based 16-bit field).
 const MAX_WRITE_ZEROES_BLOCKS: u64 = 1 << 16;
@@ -88,6 +88,19 @@ pub struct NvmfChannel {
 
 fn is_path_error(s: Status) -> bool {
     s.sct == StatusCodeType::Path || s == Status::TRANSIENT_TRANSPORT_ERROR
+}
+
+/// The ANA state a path-related status implies (NVMe Base 2.0 §8.20.3.5).
+fn ana_state_of_status(s: Status) -> Option<u8> {
+    if s.sct != StatusCodeType::Path {
+        return None;
+    }
+    match s.sc {
+        path::ANA_INACCESSIBLE => Some(ana::INACCESSIBLE),
+        path::ANA_PERSISTENT_LOSS => Some(ana::PERSISTENT_LOSS),
+        path::ANA_TRANSITION => Some(ana::CHANGE),
+        _ => None,
+    }
 }
 
 impl NvmfChannel {
@@ -342,7 +355,8 @@ impl NvmfChannel {
         }
     }
 
-    fn handle_completions(&mut self) {
+    /// Handles the completions path `path`'s queue returned.
+    fn handle_completions(&mut self, path: usize) {
         let mut cq = std::mem::take(&mut self.cq);
         for mut c in cq.drain(..) {
             let slot = (c.tag & 0xffff_ffff) as usize;
@@ -354,6 +368,12 @@ impl NvmfChannel {
             if status.is_success() {
                 self.finish(slot, IoStatus::Success, sg);
             } else if is_path_error(status) {
+                if let Some(state) = ana_state_of_status(status) {
+                    // The controller told us the namespace's state changed: steer away now;
+                    // the control thread reads the ANA log page again.
+                    self.shared.paths[path].set_ana(state);
+                    self.shared.kick();
+                }
                 self.shared.retried.fetch_add(1, Ordering::Relaxed);
                 self.hold(c.tag, sg);
             } else {
@@ -421,9 +441,9 @@ impl ChannelOps for NvmfChannel {
             if q.poll(&mut self.cq).is_err() {
                 self.drop_queue(i);
             }
-        }
-        if !self.cq.is_empty() {
-            self.handle_completions();
+            if !self.cq.is_empty() {
+                self.handle_completions(i);
+            }
         }
         if !self.held.is_empty() {
             self.retry_held();

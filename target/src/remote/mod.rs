@@ -433,3 +433,92 @@ impl Bdev for NvmfBdev {
         self.shared.describe()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kinds() -> Kinds {
+        let mut k = Kinds::core();
+        add_kinds(&mut k);
+        k
+    }
+
+    #[test]
+    fn a_declaration_parses_with_defaults_and_refuses_unknown_fields() {
+        let v = serde_json::json!({
+            "kind": "nvmf", "name": "r", "subnqn": "nqn.2026-12.io.x:v",
+            "paths": [{"addr": "127.0.0.1", "port": 4420}, {"addr": "::1", "port": 4421}],
+            "policy": "round_robin"
+        });
+        let d = kinds().parse(v).unwrap();
+        assert_eq!(d.kind(), KIND);
+        d.validate().unwrap();
+        let mut j = d.to_json();
+        j.as_object_mut().unwrap().remove("kind");
+        let c: NvmfDecl = serde_json::from_value(j).unwrap();
+        assert_eq!(c.policy, Policy::RoundRobin);
+        assert_eq!((c.ctrl_loss_tmo, c.reconnect_delay), (30.0, 1.0));
+        assert_eq!((c.io_queues, c.queue_depth), (64, 128));
+        assert_eq!(c.addrs().unwrap()[1].to_string(), "[::1]:4421");
+        let e = kinds()
+            .parse(serde_json::json!({
+                "kind": "nvmf", "name": "r", "subnqn": "n", "paths": [], "ctrl_loss": 3
+            }))
+            .unwrap_err();
+        assert_eq!(e.field, "ctrl_loss", "{e}");
+        let e = kinds()
+            .parse(serde_json::json!({
+                "kind": "nvmf", "name": "r", "subnqn": "n",
+                "paths": [{"addr": "127.0.0.1", "port": 1, "x": 1}]
+            }))
+            .unwrap_err();
+        assert!(e.field.starts_with("paths"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        let ok = NvmfDecl {
+            name: "r".into(),
+            subnqn: "nqn.2026-12.io.x:v".into(),
+            nsid: None,
+            paths: vec![PathDecl {
+                addr: "127.0.0.1".into(),
+                port: 4420,
+            }],
+            policy: Policy::Failover,
+            hostnqn: None,
+            ctrl_loss_tmo: 1.5,
+            reconnect_delay: 0.1,
+            io_queues: 4,
+            queue_depth: 32,
+            hdr_digest: false,
+            data_digest: false,
+        };
+        ok.validate().unwrap();
+        let field = |f: &dyn Fn(&mut NvmfDecl)| {
+            let mut d = ok.clone();
+            f(&mut d);
+            d.validate().unwrap_err().field().unwrap().to_string()
+        };
+        assert_eq!(field(&|d| d.subnqn.clear()), "subnqn");
+        assert_eq!(field(&|d| d.hostnqn = Some("x".repeat(300))), "hostnqn");
+        assert_eq!(field(&|d| d.nsid = Some(0)), "nsid");
+        assert_eq!(field(&|d| d.paths.clear()), "paths");
+        assert_eq!(field(&|d| d.paths[0].addr = "host".into()), "paths[0].addr");
+        assert_eq!(field(&|d| d.paths[0].port = 0), "paths[0].port");
+        assert_eq!(field(&|d| d.ctrl_loss_tmo = f64::NAN), "ctrl_loss_tmo");
+        assert_eq!(field(&|d| d.reconnect_delay = -1.0), "reconnect_delay");
+        assert_eq!(field(&|d| d.io_queues = 0), "io_queues");
+        assert_eq!(field(&|d| d.queue_depth = 0), "queue_depth");
+    }
+
+    #[test]
+    fn ana_states_rank_optimized_first_and_exclude_unusable_ones() {
+        use path::ana;
+        assert!(ana::rank(ana::OPTIMIZED) < ana::rank(ana::NON_OPTIMIZED));
+        for s in [ana::INACCESSIBLE, ana::PERSISTENT_LOSS, ana::CHANGE, 0] {
+            assert_eq!(ana::rank(s), None);
+        }
+    }
+}

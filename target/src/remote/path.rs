@@ -22,6 +22,8 @@ use ferroblk_bdev::bdev::BdevInfo;
 
 use super::Policy;
 use crate::initiator::{ConnectOptions, Controller, Error as InitError, IoQueue, IoQueueOptions};
+use crate::spec::identify::cmic;
+use crate::spec::log::{LogPageId, ana_state_of};
 
 /// How often the control thread checks the controllers and the namespace size.
 pub const REFRESH: Duration = Duration::from_secs(1);
@@ -102,6 +104,11 @@ impl PathShared {
     /// The ANA state.
     pub fn ana(&self) -> u8 {
         self.ana.load(Ordering::Relaxed)
+    }
+
+    /// Records the ANA state the controller reported (or implied by a command's status).
+    pub fn set_ana(&self, state: u8) {
+        self.ana.store(state, Ordering::Relaxed);
     }
 
     /// The controller's generation.
@@ -307,6 +314,7 @@ fn setup(shared: &Shared, i: usize, c: Controller) -> Option<Arc<Controller>> {
             return None;
         }
     };
+    refresh_ana(shared, i, &c);
     let c = Arc::new(c);
     shared.set_up(i, c.clone(), granted);
     Some(c)
@@ -419,6 +427,7 @@ fn control(shared: Arc<Shared>, mut paths: Vec<PathCtl>) {
 fn check(shared: &Shared, i: usize, c: &Controller) -> bool {
     match c.namespace(shared.nsid) {
         Ok(ns) => {
+            refresh_ana(shared, i, c);
             if ns.blocks != shared.info.block_count() {
                 tracing::info!(bdev = %shared.info.name(), addr = %shared.paths[i].addr, blocks = ns.blocks, "nvmf: the remote namespace was resized");
                 shared.info.set_block_count(ns.blocks);
@@ -436,6 +445,31 @@ fn check(shared: &Shared, i: usize, c: &Controller) -> bool {
         }
     }
 }
+
+/// Reads the namespace's ANA state through path `i` from the ANA log page when the controller
+/// reports ANA (Identify Controller CMIC bit 3); a controller that does not is optimized.
+fn refresh_ana(shared: &Shared, i: usize, c: &Controller) {
+    let state = if c.identify().cmic & cmic::ANA_REPORTING != 0 {
+        let lid = LogPageId::AsymmetricNamespaceAccess as u8;
+        match c.get_log_page(lid, 0, 0, ANA_LOG_LEN) {
+            Ok(page) => ana_state_of(&page, shared.nsid).unwrap_or(ana::OPTIMIZED),
+            Err(e) => {
+                tracing::debug!(bdev = %shared.info.name(), error = %e, "nvmf: ANA log page");
+                return;
+            }
+        }
+    } else {
+        ana::OPTIMIZED
+    };
+    let path = &shared.paths[i];
+    if path.ana() != state {
+        tracing::info!(bdev = %shared.info.name(), addr = %path.addr, state, "nvmf: ANA state");
+        path.set_ana(state);
+    }
+}
+
+/// Bytes of the ANA log page read (header and the groups of a small subsystem).
+const ANA_LOG_LEN: usize = 4096;
 
 fn reconnect(shared: &Shared, i: usize, p: &mut PathCtl) {
     let opts = ConnectOptions {

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The `nvmf` bdev against the initiator it is built on, same remote, same run: a ferroblk
+# serving a null namespace from one reactor pinned to CPU 0 is driven alternately by
+#   A: `ferroblk perf nvmf` (the initiator's I/O queue, polled by one thread on CPU 1), and
+#   B: `ferroblk perf bdev` on an `nvmf` bdev to that remote (one reactor on CPU 1),
+# at the same queue depth, block size and pattern. Each job runs `runs` times per side (A, B,
+# A, B, ...); prints every run, the medians and B/A (target: >= 0.9).
+#   usage: benches/nvmf-bdev.sh [runs=3] [seconds=5]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+runs=${1:-3}; secs=${2:-5}
+bin=$(realpath out/release/ferroblk 2>/dev/null || true)
+[ -x "$bin" ] || { cargo build --release; bin=$(realpath out/release/ferroblk); }
+work=$(mktemp -d /var/tmp/ferroblk-nvmf-bdev.XXXX)
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+nqn=nqn.2026-12.io.ferroblk:bench-remote
+cat > "$work/t.toml" <<TOML
+[reactors]
+cpus = [0]
+[rpc]
+socket = "$work/rpc.sock"
+[[bdev]]
+name = "null0"
+kind = "null"
+size = "64GiB"
+[[subsystem]]
+nqn = "$nqn"
+allow_any_host = true
+[[subsystem.namespace]]
+nsid = 1
+bdev = "null0"
+[[listener]]
+addr = "127.0.0.1"
+port = $port
+TOML
+cat > "$work/c.toml" <<TOML
+[reactors]
+cpus = [1]
+[[bdev]]
+name = "remote"
+kind = "nvmf"
+subnqn = "$nqn"
+paths = [{ addr = "127.0.0.1", port = $port }]
+TOML
+"$bin" serve --config "$work/t.toml" >"$work/t.log" 2>&1 &
+pid=$!
+trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$work"' EXIT
+for _ in $(seq 200); do [ -S "$work/rpc.sock" ] && break; sleep 0.05; done
+job() { # name qd bs rw
+  local a=() b=()
+  for i in $(seq "$runs"); do
+    ja=$("$bin" perf nvmf --addr 127.0.0.1:$port --nqn "$nqn" --cpus 1 \
+          --qd "$2" --bs "$3" --rw "$4" --time "$secs" --json 2>/dev/null)
+    jb=$("$bin" perf bdev --config "$work/c.toml" --bdev remote --cpus 1 \
+          --qd "$2" --bs "$3" --rw "$4" --time "$secs" --json 2>/dev/null)
+    ia=$(echo "$ja" | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["iops"]))')
+    ib=$(echo "$jb" | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["iops"]))')
+    echo "$1 run $i: perf nvmf $ia IOPS, perf bdev on nvmf $ib IOPS"
+    a+=("$ia"); b+=("$ib")
+  done
+  python3 - "$1" "${a[*]}" "${b[*]}" <<'PY'
+import statistics as s, sys
+n = sys.argv[1]; a, b = ([float(x) for x in v.split()] for v in sys.argv[2:4])
+print(f"median {n}: perf nvmf {s.median(a):.0f} IOPS, nvmf bdev {s.median(b):.0f} IOPS, "
+      f"bdev/initiator {s.median(b) / s.median(a):.2f}")
+PY
+}
+job "4k-randread-qd1" 1 4096 randread
+job "4k-randread-qd32" 32 4096 randread
+job "4k-randwrite-qd32" 32 4096 randwrite
+job "128k-read-qd16" 16 128K read
