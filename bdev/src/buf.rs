@@ -76,6 +76,11 @@ impl AlignedBuf {
     pub fn as_mut_ptr(&mut self) -> *mut u8 {
         self.ptr.as_ptr()
     }
+
+    /// The alignment it was allocated with.
+    pub fn align(&self) -> usize {
+        self.align
+    }
 }
 
 impl Drop for AlignedBuf {

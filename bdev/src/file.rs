@@ -630,12 +630,11 @@ impl ChannelOps for FileChannel {
         loop {
             // Gather a batch first: completing a CQE may push a continuation SQE.
             let mut n = 0;
-            self.client.ring().flush();
-            self.client.ring().reap();
-            // `take` drains everything routed to us; keep only what fits and re-queue nothing:
-            // the batch buffer is large enough for the common case, the rest is handled inline.
+            // `poll` drains everything routed to us (on a reactor, the reactor routed it this
+            // turn); keep only what fits and re-queue nothing: the batch buffer is large enough
+            // for the common case, the rest is handled inline.
             let mut overflow: Vec<(u32, i32)> = Vec::new();
-            self.client.take(|slot, res, _| {
+            self.client.poll(|slot, res, _| {
                 if n < cqes.len() {
                     cqes[n] = (slot, res);
                     n += 1;

@@ -32,6 +32,7 @@
 
 pub mod bdev;
 pub mod buf;
+pub mod bufpool;
 pub mod checksum;
 pub mod compress;
 #[cfg(any(test, feature = "conformance"))]

@@ -10,17 +10,15 @@
 //! as a multishot poll on the same ring), or the earliest timer. An idle daemon therefore costs
 //! nothing, and a busy one makes no system call per I/O beyond the batched submit.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use io_uring::{opcode, types};
-
 use crate::bdev::Wake;
 use crate::error::BdevError;
-use crate::uring::{RingClient, ThreadRing};
+use crate::uring::{FdWatch, ThreadRing};
 
 /// Work a reactor runs on every turn of its loop.
 pub trait Poller {
@@ -344,17 +342,6 @@ pub fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {
     }
 }
 
-/// Arms a multishot poll of the inbox eventfd on the thread's ring.
-fn arm_inbox(client: &RingClient, fd: i32) {
-    let sqe = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
-        .multi(true)
-        .build();
-    // SAFETY: the eventfd stays open for the reactor's life (the handle's Arc is held by `run`).
-    if !unsafe { client.push(sqe, 0) } {
-        tracing::error!("cannot arm the reactor inbox poll");
-    }
-}
-
 fn drain_eventfd(fd: i32) {
     let mut v: u64 = 0;
     // SAFETY: reads at most 8 bytes into a live u64; the fd is non-blocking.
@@ -369,9 +356,15 @@ fn run(
     idle_poll: Duration,
 ) {
     let fd = wake_fd.as_raw_fd();
-    let inbox = ring.register(64);
-    arm_inbox(&inbox, fd);
-    ring.flush();
+    // The reactor is the one reaper of its thread's ring: once per turn, below.
+    ring.set_driven();
+    let inbox = match FdWatch::new(wake_fd.as_fd(), libc::POLLIN as u32) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::error!(reactor = core.id, error = %e, "cannot watch the reactor inbox");
+            return;
+        }
+    };
     let mut idle_since: Option<Instant> = None;
     let stats = core.stats.clone();
     // Start of the period (busy or idle polling) not yet added to the time counters.
@@ -379,16 +372,10 @@ fn run(
     let mut busy_turns_unaccounted = 0u32;
     loop {
         let mut work = 0usize;
-        // Inbox wake-ups: re-arm the multishot poll if the kernel ended it.
-        let mut rearm = false;
-        inbox.take(|_, _, flags| {
-            if !io_uring::cqueue::more(flags) {
-                rearm = true;
-            }
-        });
-        if rearm {
-            arm_inbox(&inbox, fd);
-        }
+        // Route every completion (socket and eventfd readiness, file I/O) to its owner; the
+        // pollers below only take theirs.
+        ring.reap();
+        inbox.take();
         while let Ok(m) = rx.try_recv() {
             m(&mut core);
             work += 1;

@@ -8,6 +8,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -31,6 +32,9 @@ struct Client {
 
 struct RingInner {
     ring: RefCell<IoUring>,
+    /// Set when a reactor runs on this thread: it alone reaps the completion queue, once per
+    /// turn of its loop, and clients only take what it routed to them.
+    driven: Cell<bool>,
     clients: RefCell<Vec<Client>>,
     unsubmitted: Cell<u32>,
     routed: Cell<usize>,
@@ -73,6 +77,7 @@ impl ThreadRing {
                 .map_err(BdevError::Uring)?;
             let inner = Rc::new(RingInner {
                 ring: RefCell::new(ring),
+                driven: Cell::new(false),
                 clients: RefCell::new(Vec::new()),
                 unsubmitted: Cell::new(0),
                 routed: Cell::new(0),
@@ -128,7 +133,15 @@ impl ThreadRing {
         }
     }
 
-    /// Routes every completion in the queue to its client; returns how many.
+    /// Makes the calling thread's reactor the one reaper of this ring: from now on
+    /// [`RingClient::poll`] only takes what the reactor routed.
+    pub fn set_driven(&self) {
+        self.inner.driven.set(true);
+    }
+
+    /// Routes every completion in the queue to its client; returns how many. A reactor calls
+    /// this once per turn (and after it slept); code not run by a reactor uses
+    /// [`RingClient::poll`] or [`ThreadRing::wait`].
     pub fn reap(&self) -> usize {
         let mut ring = self.inner.ring.borrow_mut();
         if ring.submission().taskrun() {
@@ -269,11 +282,127 @@ impl RingClient {
         !self.ring.inner.clients.borrow()[self.index].cqes.is_empty()
     }
 
-    /// Flushes submissions, routes completions and takes this client's (a channel's `poll`).
+    /// Takes this client's completions (a channel's `poll`). On a thread no reactor drives, it
+    /// first flushes submissions and routes completions itself.
     pub fn poll(&self, f: impl FnMut(u32, i32, u32)) -> usize {
-        self.ring.flush();
-        self.ring.reap();
+        if !self.ring.inner.driven.get() {
+            self.ring.flush();
+            self.ring.reap();
+        }
         self.take(f)
+    }
+}
+
+/// Readiness of one file descriptor (a socket, an eventfd), watched by a poll on the calling
+/// thread's ring: the one way fronts and bdevs wait for an fd on a reactor.
+///
+/// A *persistent* watch ([`FdWatch::new`]) is a multishot poll, armed at once and re-armed
+/// whenever the kernel ends it; a *one-shot* watch ([`FdWatch::once`]) is armed by
+/// [`FdWatch::arm`] and reports once (a socket's POLLOUT while a send waits). A reactor with no
+/// other work sleeps until a watched fd is ready. Dropping the watch cancels its poll (the
+/// kernel holds a reference to the polled file while a poll is armed, so a closed socket would
+/// otherwise stay allocated until the ring is destroyed).
+///
+/// The owner keeps the fd open for as long as the watch exists.
+pub struct FdWatch {
+    client: RingClient,
+    fd: i32,
+    events: u32,
+    multishot: bool,
+    armed: Cell<bool>,
+}
+
+/// The slot of a watch's poll in its client.
+const WATCH_SLOT: u32 = 0;
+
+impl FdWatch {
+    /// Watches `fd` for `events` (`libc::POLLIN as u32`, ...) until dropped.
+    pub fn new(fd: BorrowedFd<'_>, events: u32) -> Result<FdWatch, BdevError> {
+        let w = FdWatch::with(fd, events, true)?;
+        w.arm();
+        Ok(w)
+    }
+
+    /// A watch that reports `events` once per [`arm`](Self::arm).
+    pub fn once(fd: BorrowedFd<'_>, events: u32) -> Result<FdWatch, BdevError> {
+        FdWatch::with(fd, events, false)
+    }
+
+    fn with(fd: BorrowedFd<'_>, events: u32, multishot: bool) -> Result<FdWatch, BdevError> {
+        Ok(FdWatch {
+            client: ThreadRing::current()?.register(4),
+            fd: fd.as_raw_fd(),
+            events,
+            multishot,
+            armed: Cell::new(false),
+        })
+    }
+
+    /// Arms the poll unless it is armed; submits at once.
+    pub fn arm(&self) {
+        if self.armed.get() {
+            return;
+        }
+        let sqe = io_uring::opcode::PollAdd::new(types::Fd(self.fd), self.events)
+            .multi(self.multishot)
+            .build();
+        // SAFETY: a poll refers to no memory; the fd is kept open by the watch's owner (see the
+        // type's doc), and a completion after the watch is dropped is discarded by the client
+        // generation check.
+        if unsafe { self.client.push(sqe, WATCH_SLOT) } {
+            self.armed.set(true);
+            self.client.ring().flush();
+        } else {
+            tracing::error!(fd = self.fd, "io_uring full: cannot arm an fd watch");
+        }
+    }
+
+    /// Whether the poll is armed.
+    pub fn is_armed(&self) -> bool {
+        self.armed.get()
+    }
+
+    /// How many readiness reports arrived since the last call (0: none). A persistent watch
+    /// whose poll the kernel ended is re-armed here.
+    pub fn take(&self) -> usize {
+        let mut ended = None;
+        let n = self.client.poll(|slot, res, flags| {
+            if slot == WATCH_SLOT && !io_uring::cqueue::more(flags) {
+                ended = Some(res);
+            }
+        });
+        match ended {
+            None => {}
+            Some(res) if res < 0 && res != -libc::ECANCELED => {
+                // A poll the kernel refuses (a closed fd) would fail again: leave it disarmed;
+                // the owner sees the fd's own error when it next uses it.
+                self.armed.set(false);
+                tracing::warn!(fd = self.fd, error = res, "fd watch ended with an error");
+            }
+            Some(_) => {
+                self.armed.set(false);
+                if self.multishot {
+                    self.arm();
+                }
+            }
+        }
+        n
+    }
+
+    /// Whether a report waits to be taken.
+    pub fn is_ready(&self) -> bool {
+        self.client.has_completions()
+    }
+}
+
+impl Drop for FdWatch {
+    fn drop(&mut self) {
+        if self.armed.get() && !self.client.cancel(WATCH_SLOT) {
+            tracing::warn!(
+                fd = self.fd,
+                "io_uring full: an fd watch stays armed, keeping its file until the thread's ring is gone"
+            );
+        }
     }
 }
 
@@ -294,7 +423,7 @@ impl Drop for RingClient {
 mod tests {
     use super::*;
     use io_uring::opcode;
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 
     /// Reaps until `n` completions are routed to `client` (or a second passes).
     fn take_n(client: &RingClient, n: usize) -> Vec<(u32, i32, u32)> {
@@ -305,6 +434,73 @@ mod tests {
             client.poll(|s, r, f| got.push((s, r, f)));
         }
         got
+    }
+
+    fn eventfd() -> OwnedFd {
+        // SAFETY: eventfd has no memory preconditions; checked below.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: `fd` is a fresh descriptor nothing else owns.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    }
+
+    fn kick(fd: &OwnedFd) {
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from a live u64 to the eventfd.
+        unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    /// Waits until `w` reports (or a second passes); returns how many reports.
+    fn wait_watch(w: &FdWatch) -> usize {
+        let t = std::time::Instant::now();
+        loop {
+            let n = w.take();
+            if n > 0 || t.elapsed() > Duration::from_secs(1) {
+                return n;
+            }
+            ThreadRing::current()
+                .unwrap()
+                .wait(Some(Duration::from_millis(10)));
+        }
+    }
+
+    #[test]
+    fn fd_watch_reports_readiness_until_dropped() {
+        let fd = eventfd();
+        let w = FdWatch::new(fd.as_fd(), libc::POLLIN as u32).unwrap();
+        assert!(w.is_armed());
+        assert_eq!(w.take(), 0, "nothing written yet");
+        kick(&fd);
+        assert_eq!(wait_watch(&w), 1);
+        assert!(w.is_armed(), "a persistent watch stays armed");
+        // Level-triggered: drain the counter, then a second write reports again.
+        let mut v = 0u64;
+        // SAFETY: reads 8 bytes into a live u64 from the non-blocking eventfd.
+        unsafe { libc::read(fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        kick(&fd);
+        assert!(wait_watch(&w) >= 1);
+        drop(w);
+        // The cancel's completions go to a dropped client: nothing is left routed.
+        let ring = ThreadRing::current().unwrap();
+        ring.wait(Some(Duration::from_millis(20)));
+        assert_eq!(ring.routed_pending(), 0);
+    }
+
+    #[test]
+    fn one_shot_watch_reports_once_per_arm() {
+        let fd = eventfd();
+        kick(&fd);
+        let w = FdWatch::once(fd.as_fd(), libc::POLLIN as u32).unwrap();
+        assert!(!w.is_armed());
+        w.arm();
+        assert_eq!(wait_watch(&w), 1);
+        assert!(!w.is_armed(), "reported once, then disarmed");
+        ThreadRing::current()
+            .unwrap()
+            .wait(Some(Duration::from_millis(20)));
+        assert_eq!(w.take(), 0, "no second report without arm");
+        w.arm();
+        assert_eq!(wait_watch(&w), 1);
     }
 
     #[test]

@@ -41,6 +41,7 @@
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod initiator;
+pub mod queue;
 pub mod remote;
 pub mod spec;
 pub mod subsystem;

@@ -8,14 +8,13 @@
 //! itself gets its queue stopped (the device needs a reset), and nothing else is affected.
 
 use std::collections::VecDeque;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
 use ferroblk_bdev::reactor::Poller;
-use ferroblk_bdev::uring::{RingClient, ThreadRing};
+use ferroblk_bdev::uring::FdWatch;
 use ferroblk_bdev::{Channel, IoCompletion, IoRequest, IoSeg, IoStatus, IoType, SgList, Wake};
-use io_uring::{opcode, types};
 
 use crate::blk::{self, Action};
 use crate::inflight::InflightQueue;
@@ -97,9 +96,10 @@ pub struct VqPoller {
     /// I/O into guest memory before the memory may be unmapped.
     ch: Channel,
     mem: Arc<GuestMemory>,
+    /// Readiness of `kick` (declared first: dropping it ends the poll on the kick's file).
+    kick_watch: FdWatch,
     kick: OwnedFd,
     call: Option<OwnedFd>,
-    kick_client: RingClient,
     slots: Vec<Slot>,
     chain: Vec<Buf>,
     done: Vec<IoCompletion>,
@@ -135,8 +135,8 @@ impl VqPoller {
         // one count, and a blocking read of an empty eventfd would stall the reactor (and every
         // queue on it) for good. The front-end only writes its kick eventfd, which never blocks.
         set_nonblocking(&kick).map_err(|e| format!("kick fd cannot be made non-blocking: {e}"))?;
-        let ring = ThreadRing::current().map_err(|e| e.to_string())?;
-        let kick_client = ring.register(16);
+        let kick_watch =
+            FdWatch::new(kick.as_fd(), libc::POLLIN as u32).map_err(|e| e.to_string())?;
         let size = q.size();
         let mut resubmit = VecDeque::with_capacity(POP_BATCH);
         if let Some(inf) = inflight.as_mut() {
@@ -169,9 +169,9 @@ impl VqPoller {
             q,
             mem,
             ch,
+            kick_watch,
             kick,
             call,
-            kick_client,
             slots,
             chain: Vec::with_capacity(size as usize),
             done: Vec::with_capacity(size as usize),
@@ -185,7 +185,6 @@ impl VqPoller {
             kicks_enabled: true,
             index,
         };
-        p.arm_kick();
         Ok(p)
     }
 
@@ -194,33 +193,12 @@ impl VqPoller {
         self.q.last_avail()
     }
 
-    fn arm_kick(&self) {
-        let sqe = opcode::PollAdd::new(types::Fd(self.kick.as_raw_fd()), libc::POLLIN as u32)
-            .multi(true)
-            .build();
-        // SAFETY: the poll refers to the kick eventfd, which this poller owns; `Drop` cancels
-        // the poll (the kernel holds its own reference to the file meanwhile) and a late
-        // completion after drop is discarded by the ring's client generation check.
-        if !unsafe { self.kick_client.push(sqe, 0) } {
-            tracing::error!(queue = self.index, "cannot arm the kick eventfd poll");
-        }
-        self.kick_client.ring().flush();
-    }
-
     fn drain_kicks(&mut self) -> usize {
-        let mut rearm = false;
-        let n = self.kick_client.take(|_, _, flags| {
-            if !io_uring::cqueue::more(flags) {
-                rearm = true;
-            }
-        });
+        let n = self.kick_watch.take();
         if n > 0 {
             let mut v = 0u64;
             // SAFETY: reads 8 bytes into a live u64 from a non-blocking eventfd.
             unsafe { libc::read(self.kick.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
-        }
-        if rearm {
-            self.arm_kick();
         }
         n
     }
@@ -405,19 +383,6 @@ fn set_nonblocking(fd: &OwnedFd) -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
-}
-
-impl Drop for VqPoller {
-    fn drop(&mut self) {
-        // An armed multishot poll keeps the kick eventfd's file alive in the kernel: end it,
-        // or every reconnect of the front-end would leak one.
-        if !self.kick_client.cancel(0) {
-            tracing::warn!(
-                queue = self.index,
-                "io_uring full: the kick poll stays armed, keeping its eventfd until the reactor exits"
-            );
-        }
-    }
 }
 
 impl Poller for VqPoller {

@@ -17,17 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-// TEMPORARY until main's `ferroblk_bdev::uring::FdWatch` is merged: no watch (the channel
-// polls its queues while commands are in flight).
-struct FdWatch;
-impl FdWatch {
-    fn new(_fd: BorrowedFd<'_>, _events: u32) -> Result<FdWatch, ()> {
-        Err(())
-    }
-    fn take(&self) -> usize {
-        0
-    }
-}
+use ferroblk_bdev::uring::FdWatch;
 use ferroblk_bdev::{ChannelOps, IoCompletion, IoRequest, IoStatus, IoType, SgList, Wake};
 
 use super::Policy;

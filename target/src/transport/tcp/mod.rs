@@ -13,3 +13,4 @@ pub mod admission;
 pub mod conn;
 pub mod listener;
 pub mod pdu;
+pub mod send;

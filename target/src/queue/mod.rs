@@ -1,0 +1,608 @@
+//! The transport-independent NVMe queue: what one submission/completion queue pair of a
+//! controller does whatever carries its capsules (NVMe-oF 1.1 §2–3; Linux's nvmet `core.c` and
+//! SPDK's `ctrlr.c` keep the same split).
+//!
+//! A transport (NVMe/TCP's connection today; RDMA next) owns the wire: it decodes capsules and
+//! hands each command to [`NvmeQueue::command`], moves command data when the queue asks
+//! ([`Transport::request_data`], then [`NvmeQueue::receive_data`] / [`NvmeQueue::data_received`]),
+//! and sends what the queue gives it through [`Transport`]: completion entries, read data,
+//! admin data. The queue owns everything else:
+//!
+//! - command slots (the CID → slot table; a slot index is the transfer tag), SQ head and SQ
+//!   flow control, queue-full and CID-conflict checks;
+//! - Fabrics commands: [`connect`] (an admin queue creates a controller, an I/O queue joins
+//!   one), Property Get/Set, Disconnect;
+//! - admin commands ([`crate::subsystem::admin`]), asynchronous event requests, keep-alive and
+//!   controller teardown;
+//! - NVM I/O commands ([`io`]): the checks made before any data is asked for (a write to a
+//!   missing namespace or out-of-range LBA fails before R2T), the mapping onto requests on this
+//!   reactor's bdev channels (one per namespace), retries when a channel is full, and their
+//!   completions.
+//!
+//! Buffers for command data come from the reactor's pool ([`ferroblk_bdev::bufpool`]); a
+//! transport gives a read's buffer back to the pool once it has sent it.
+
+pub mod connect;
+pub mod io;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use ferroblk_bdev::reactor::ReactorHandle;
+use ferroblk_bdev::{AlignedBuf, Channel, IoCompletion, IoRequest, Wake, bufpool};
+
+use crate::spec::command::{
+    AdminOpcode, DsmRange, IoOpcode, SglDescriptor, Sqe, sgl_subtype, sgl_type,
+};
+use crate::spec::fabrics::FabricsType;
+use crate::spec::{Cqe, Status};
+use crate::subsystem::admin::{self, AER_SLOTS, AdminOutcome, MAX_TRANSFER};
+use crate::subsystem::{Controller, Namespace, Target};
+
+/// What the queue asks of the transport that carries it.
+pub trait Transport {
+    /// Sends a completion queue entry (SQ head and SQ identifier already filled in).
+    fn send_cqe(&mut self, cqe: &Cqe);
+    /// Sends the first `len` bytes of `buf` to the host as command `cid`'s data, then gives
+    /// `buf` back to the reactor's pool ([`bufpool::put`]).
+    fn send_read_data(&mut self, cid: u16, buf: AlignedBuf, len: usize);
+    /// Sends a small payload (an admin command's data) to the host.
+    fn send_data(&mut self, cid: u16, data: &[u8]);
+    /// Asks the host for command `cid`'s `len` bytes of data, for the transfer tagged `ttag`
+    /// (NVMe/TCP: an R2T). The data comes back through [`NvmeQueue::receive_data`].
+    fn request_data(&mut self, cid: u16, ttag: u16, len: usize);
+    /// The host broke the queue's protocol (more commands outstanding than the queue has
+    /// entries): end the connection with a transport-level error.
+    fn sequence_error(&mut self);
+    /// A Connect was refused: `field` had `value`, refused because `why` (for the log).
+    fn connect_refused(&mut self, field: &str, value: &dyn std::fmt::Debug, why: &str);
+    /// Connect succeeded: the connection is a queue now (no more handshake deadline; reserve
+    /// what serving it needs).
+    fn connected(&mut self);
+}
+
+/// Where a command slot is in its life.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SlotState {
+    Free,
+    /// Data requested from the host; not yet all there.
+    AwaitData,
+    /// Running: bdev requests in flight (or about to be).
+    Exec,
+}
+
+/// One outstanding command.
+pub(crate) struct Slot {
+    pub(crate) state: SlotState,
+    pub(crate) cid: u16,
+    pub(crate) sqe: Sqe,
+    /// Command data (host-to-controller, or read into for controller-to-host).
+    pub(crate) buf: Option<AlignedBuf>,
+    /// Data length of the command.
+    pub(crate) len: usize,
+    /// Host-to-controller bytes received so far.
+    pub(crate) got: usize,
+    /// Bdev requests still in flight.
+    pub(crate) pending: u32,
+    /// First error status seen.
+    pub(crate) status: Status,
+    /// Data the host sent with a Compare, kept to check against the read.
+    pub(crate) compare: Option<AlignedBuf>,
+    /// A FUA write: flush this namespace after the write completes.
+    pub(crate) flush_nsid: Option<u32>,
+}
+
+/// This reactor's channel to one namespace.
+pub(crate) struct NsChan {
+    pub(crate) ns: Arc<Namespace>,
+    pub(crate) ch: Channel,
+    /// The namespace left the subsystem (or was replaced): the channel stays only until the
+    /// commands already accepted for it are done; new commands are refused.
+    pub(crate) draining: bool,
+}
+
+/// What Connect bound the queue to.
+pub(crate) struct Bound {
+    pub(crate) qid: u16,
+    pub(crate) ctrl: Arc<Controller>,
+    /// Channels by NSID (I/O queues only).
+    pub(crate) ns: Vec<Option<NsChan>>,
+    pub(crate) ns_gen: u64,
+}
+
+/// Why [`NvmeQueue::receive_data`] refused data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DataError {
+    /// No transfer with this tag and CID waits for data.
+    NoTransfer,
+    /// The data is not the next part of the transfer, or runs past its end.
+    OutOfRange,
+}
+
+/// One NVMe queue's state, transport apart. See the module documentation.
+pub struct NvmeQueue {
+    pub(crate) target: Arc<Target>,
+    pub(crate) reactor: ReactorHandle,
+    pub(crate) peer: String,
+    pub(crate) bound: Option<Bound>,
+    pub(crate) slots: Vec<Slot>,
+    pub(crate) done: Vec<IoCompletion>,
+    /// Requests a full channel handed back, by NSID, retried first and in order.
+    pub(crate) retry: VecDeque<(u32, IoRequest)>,
+    sqhd: u16,
+    pub(crate) sqsize: u16,
+    pub(crate) flow_control: bool,
+    /// CIDs of outstanding Asynchronous Event Requests (admin queue).
+    aers: Vec<u16>,
+    closing: bool,
+}
+
+impl NvmeQueue {
+    /// A queue not yet connected; `peer` names the host in logs.
+    pub fn new(target: Arc<Target>, reactor: ReactorHandle, peer: String) -> NvmeQueue {
+        NvmeQueue {
+            target,
+            reactor,
+            peer,
+            bound: None,
+            slots: Vec::new(),
+            done: Vec::new(),
+            retry: VecDeque::new(),
+            sqhd: 0,
+            sqsize: admin::QUEUE_ENTRIES,
+            flow_control: true,
+            aers: Vec::new(),
+            closing: false,
+        }
+    }
+
+    /// The host, as given to [`new`](Self::new).
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    /// Whether Connect succeeded.
+    pub fn is_connected(&self) -> bool {
+        self.bound.is_some()
+    }
+
+    /// Whether the queue is closing: it takes no new command and finishes what runs.
+    pub fn is_closing(&self) -> bool {
+        self.closing
+    }
+
+    /// Closes the queue (idempotent): an admin queue's controller leaves its subsystem.
+    pub fn close(&mut self, why: &str) {
+        if self.closing {
+            return;
+        }
+        // Connections that never identified themselves are counted and reported by the
+        // transport's admission, not logged one by one.
+        if self.bound.is_some() {
+            tracing::info!(peer = %self.peer, reason = why, "NVMe queue closing");
+        } else {
+            tracing::debug!(peer = %self.peer, reason = why, "NVMe queue closing");
+        }
+        self.closing = true;
+        self.remove_controller();
+    }
+
+    fn remove_controller(&self) {
+        if let Some(b) = &self.bound
+            && b.qid == 0
+        {
+            b.ctrl.subsystem.remove_controller(b.ctrl.cntlid);
+        }
+    }
+
+    /// Bdev requests in flight or waiting to be retried.
+    pub fn in_flight(&self) -> usize {
+        self.bound.as_ref().map_or(0, |b| {
+            b.ns.iter()
+                .flatten()
+                .map(|n| n.ch.in_flight())
+                .sum::<usize>()
+        }) + self.retry.len()
+    }
+
+    /// What would wake the reactor for this queue.
+    pub fn wake(&self) -> Wake {
+        let mut w = Wake::Event;
+        if let Some(b) = &self.bound {
+            for n in b.ns.iter().flatten() {
+                w = w.min(n.ch.wake());
+            }
+            if b.qid == 0
+                && let Some(d) = b.ctrl.keep_alive_deadline()
+            {
+                w = w.min(Wake::At(d));
+            }
+            if b.qid == 0 && !self.aers.is_empty() && b.ctrl.has_events() {
+                w = Wake::Immediate;
+            }
+        }
+        if !self.retry.is_empty() || (self.closing && self.in_flight() == 0) {
+            w = Wake::Immediate;
+        }
+        w
+    }
+
+    /// Work that does not wait for the host, run before the transport reads new commands:
+    /// controller teardown and keep-alive expiry, namespace changes, requests to retry.
+    pub fn service(&mut self) -> usize {
+        if let Some(b) = &self.bound
+            && b.ctrl.dead.load(Ordering::Acquire)
+        {
+            self.close("controller torn down");
+        }
+        if let Some(b) = &self.bound
+            && b.qid == 0
+            && let Some(deadline) = b.ctrl.keep_alive_deadline()
+            && Instant::now() > deadline
+            && !self.closing
+        {
+            tracing::warn!(peer = %self.peer, cntlid = b.ctrl.cntlid, "keep-alive timeout");
+            self.close("keep-alive timeout");
+        }
+        self.refresh_namespaces();
+        self.resubmit()
+    }
+
+    /// Work after the transport took new commands: bdev completions, asynchronous events.
+    pub fn complete<T: Transport>(&mut self, t: &mut T) -> usize {
+        let n = self.reap(t);
+        self.deliver_events(t);
+        n
+    }
+
+    // ------------------------------------------------------------------ commands
+
+    fn advance_sqhd(&mut self) {
+        self.sqhd = (self.sqhd + 1) % self.sqsize.max(1);
+    }
+
+    /// Sends `cqe` with this queue's SQ head and identifier.
+    pub(crate) fn send_cqe<T: Transport>(&self, t: &mut T, mut cqe: Cqe) {
+        cqe.sqhd = if self.flow_control { self.sqhd } else { 0xffff };
+        cqe.sqid = self.bound.as_ref().map_or(0, |b| b.qid);
+        t.send_cqe(&cqe);
+    }
+
+    /// A command whose capsule arrived damaged (NVMe/TCP: a data digest mismatch): it never
+    /// started, and completes with `status`.
+    pub fn refuse_capsule<T: Transport>(&mut self, t: &mut T, cid: u16, status: Status) {
+        self.advance_sqhd();
+        self.send_cqe(t, Cqe::new(cid, status));
+    }
+
+    /// Fails the transfer `ttag` of command `cid` with `status` if it is waiting for data.
+    pub fn fail_transfer<T: Transport>(&mut self, t: &mut T, ttag: u16, cid: u16, status: Status) {
+        let i = ttag as usize;
+        if self
+            .slots
+            .get(i)
+            .is_some_and(|s| s.state == SlotState::AwaitData && s.cid == cid)
+        {
+            self.complete_slot(t, i, status, 0, 0);
+        }
+    }
+
+    fn find_slot(&self, cid: u16) -> Option<usize> {
+        self.slots
+            .iter()
+            .position(|s| s.state != SlotState::Free && s.cid == cid)
+    }
+
+    fn free_slot(&mut self, i: usize) {
+        let s = &mut self.slots[i];
+        s.state = SlotState::Free;
+        if let Some(b) = s.buf.take() {
+            bufpool::put(b);
+        }
+        if let Some(b) = s.compare.take() {
+            bufpool::put(b);
+        }
+    }
+
+    fn alloc_slot(&mut self, cid: u16, sqe: Sqe) -> usize {
+        let i = match self.slots.iter().position(|s| s.state == SlotState::Free) {
+            Some(i) => i,
+            None => {
+                self.slots.push(Slot {
+                    state: SlotState::Free,
+                    cid: 0,
+                    sqe,
+                    buf: None,
+                    len: 0,
+                    got: 0,
+                    pending: 0,
+                    status: Status::SUCCESS,
+                    compare: None,
+                    flush_nsid: None,
+                });
+                self.slots.len() - 1
+            }
+        };
+        let s = &mut self.slots[i];
+        s.state = SlotState::Exec;
+        s.cid = cid;
+        s.sqe = sqe;
+        s.len = 0;
+        s.got = 0;
+        s.pending = 0;
+        s.status = Status::SUCCESS;
+        s.flush_nsid = None;
+        i
+    }
+
+    /// Takes a new command, with its in-capsule data (`icd`, `icd_len` bytes) if it carried
+    /// any: checks it, then runs it or asks the host for its data.
+    pub fn command<T: Transport>(
+        &mut self,
+        t: &mut T,
+        sqe: Sqe,
+        icd: Option<AlignedBuf>,
+        icd_len: usize,
+    ) {
+        let cid = sqe.cid();
+        self.advance_sqhd();
+        if self.find_slot(cid).is_some() {
+            return self.refuse_command(t, cid, None, icd, Status::COMMAND_ID_CONFLICT);
+        }
+        let active = self
+            .slots
+            .iter()
+            .filter(|s| s.state != SlotState::Free)
+            .count();
+        if active >= usize::from(self.sqsize) {
+            // More commands outstanding than the queue has entries: the host ignores SQ flow
+            // control. End the connection rather than grow without bound.
+            if let Some(b) = icd {
+                bufpool::put(b);
+            }
+            tracing::warn!(peer = %self.peer, active, "host overflows its submission queue");
+            t.sequence_error();
+            self.close("submission queue overflow");
+            return;
+        }
+        let is_connect = sqe.fabrics_type() == Some(FabricsType::Connect);
+        if self.bound.is_none() != is_connect {
+            // Nothing but Connect before Connect, and no second Connect.
+            return self.refuse_command(t, cid, None, icd, Status::COMMAND_SEQUENCE_ERROR);
+        }
+        if let Some(status) = self.check_before_data(&sqe) {
+            return self.refuse_command(t, cid, None, icd, status);
+        }
+        let mut want = self.data_in_len(&sqe);
+        let i = self.alloc_slot(cid, sqe);
+        let sgl: SglDescriptor = sqe.sgl1();
+        // Dataset Management may describe a larger buffer than its NR ranges need (Linux sends
+        // a whole page of ranges): take the buffer and use the first NR ranges.
+        if self.is_io_queue()
+            && sqe.io_opcode() == Some(IoOpcode::DatasetManagement)
+            && (sgl.length as usize) >= want
+            && (sgl.length as usize) <= 256 * DsmRange::LEN
+        {
+            want = sgl.length as usize;
+        }
+        if want == 0 {
+            if let Some(b) = icd {
+                bufpool::put(b);
+            }
+            self.execute(t, i);
+            return;
+        }
+        if want > MAX_TRANSFER || sgl.length as usize != want {
+            tracing::debug!(peer = %self.peer, opc = sqe.opc(), want, sgl_len = sgl.length, icd_len,
+                "data length does not match the command");
+            return self.refuse_command(t, cid, Some(i), icd, Status::DATA_SGL_LENGTH_INVALID);
+        }
+        self.slots[i].len = want;
+        if icd_len > 0 {
+            // In-capsule data: SGL Data Block with an offset address (NVMe/TCP §3.3.3.1).
+            if sgl.sgl_type != sgl_type::DATA_BLOCK
+                || sgl.subtype != sgl_subtype::OFFSET
+                || icd_len != want
+                || sgl.address != 0
+            {
+                let status = Status::SGL_DESCRIPTOR_TYPE_INVALID;
+                return self.refuse_command(t, cid, Some(i), icd, status);
+            }
+            self.slots[i].buf = icd;
+            self.slots[i].got = want;
+            self.execute(t, i);
+            return;
+        }
+        if sgl.sgl_type != sgl_type::TRANSPORT_DATA_BLOCK {
+            let status = Status::SGL_DESCRIPTOR_TYPE_INVALID;
+            return self.refuse_command(t, cid, Some(i), None, status);
+        }
+        // Ask for the data, all of it in one transfer.
+        self.slots[i].buf = Some(bufpool::get(want));
+        self.slots[i].state = SlotState::AwaitData;
+        t.request_data(cid, i as u16, want);
+    }
+
+    /// Stores `data` at `offset` of transfer `ttag` (command `cid`). Returns whether the
+    /// transfer is now complete, after which the transport calls
+    /// [`data_received`](Self::data_received). The data must arrive in order.
+    pub fn receive_data(
+        &mut self,
+        ttag: u16,
+        cid: u16,
+        offset: usize,
+        data: &[u8],
+    ) -> Result<bool, DataError> {
+        let s = self
+            .slots
+            .get_mut(ttag as usize)
+            .filter(|s| s.state == SlotState::AwaitData && s.cid == cid)
+            .ok_or(DataError::NoTransfer)?;
+        if offset != s.got || offset + data.len() > s.len {
+            return Err(DataError::OutOfRange);
+        }
+        let buf = s
+            .buf
+            .as_mut()
+            .expect("a transfer awaiting data has a buffer");
+        buf.as_mut_slice()[offset..offset + data.len()].copy_from_slice(data);
+        s.got += data.len();
+        Ok(s.got == s.len)
+    }
+
+    /// All of transfer `ttag`'s data arrived: the command runs.
+    pub fn data_received<T: Transport>(&mut self, t: &mut T, ttag: u16) {
+        let i = ttag as usize;
+        debug_assert!(self.slots[i].got == self.slots[i].len);
+        self.slots[i].state = SlotState::Exec;
+        self.execute(t, i);
+    }
+
+    /// Ends command `cid` before it runs: its in-capsule data goes back to the pool, the slot it
+    /// took (if any) is freed, and the host gets `status`.
+    fn refuse_command<T: Transport>(
+        &mut self,
+        t: &mut T,
+        cid: u16,
+        slot: Option<usize>,
+        icd: Option<AlignedBuf>,
+        status: Status,
+    ) {
+        if let Some(b) = icd {
+            bufpool::put(b);
+        }
+        if let Some(i) = slot {
+            self.free_slot(i);
+        }
+        self.send_cqe(t, Cqe::new(cid, status));
+    }
+
+    pub(crate) fn complete_slot<T: Transport>(
+        &mut self,
+        t: &mut T,
+        i: usize,
+        status: Status,
+        dw0: u32,
+        dw1: u32,
+    ) {
+        let cid = self.slots[i].cid;
+        self.free_slot(i);
+        self.send_cqe(
+            t,
+            Cqe {
+                dw0,
+                dw1,
+                sqhd: 0,
+                sqid: 0,
+                cid,
+                status,
+                phase: false,
+            },
+        );
+    }
+
+    fn execute<T: Transport>(&mut self, t: &mut T, i: usize) {
+        let sqe = self.slots[i].sqe;
+        let opc = sqe.admin_opcode();
+        if opc == Some(AdminOpcode::Fabrics) {
+            return self.fabrics(t, i, sqe);
+        }
+        let Some(b) = &self.bound else {
+            return self.complete_slot(t, i, Status::COMMAND_SEQUENCE_ERROR, 0, 0);
+        };
+        if b.qid != 0 {
+            return self.io_command(t, i, sqe);
+        }
+        let ctrl = b.ctrl.clone();
+        let cc_en = crate::spec::fabrics::Cc::from_u32(ctrl.cc.load(Ordering::Acquire)).en;
+        if !cc_en && opc != Some(AdminOpcode::KeepAlive) {
+            return self.complete_slot(t, i, Status::COMMAND_SEQUENCE_ERROR, 0, 0);
+        }
+        match admin::execute(&ctrl, &self.target, &sqe) {
+            AdminOutcome::Done {
+                status,
+                dw0,
+                dw1,
+                data,
+            } => {
+                if let Some(d) = data
+                    && status.is_success()
+                {
+                    let n = d.len().min(sqe.sgl1().length as usize);
+                    if n > 0 {
+                        t.send_data(sqe.cid(), &d[..n]);
+                    }
+                }
+                self.complete_slot(t, i, status, dw0, dw1);
+            }
+            AdminOutcome::Aer => {
+                let cid = sqe.cid();
+                self.free_slot(i);
+                if self.aers.len() >= AER_SLOTS {
+                    let status = Status::ASYNC_EVENT_REQUEST_LIMIT_EXCEEDED;
+                    self.send_cqe(t, Cqe::new(cid, status));
+                } else {
+                    self.aers.push(cid);
+                }
+            }
+        }
+    }
+
+    fn fabrics<T: Transport>(&mut self, t: &mut T, i: usize, sqe: Sqe) {
+        match sqe.fabrics_type() {
+            Some(FabricsType::Connect) => self.connect(t, i, sqe),
+            Some(ft @ (FabricsType::PropertyGet | FabricsType::PropertySet))
+                if self.bound.as_ref().is_some_and(|b| b.qid == 0) =>
+            {
+                let ctrl = self.bound.as_ref().expect("admin queue").ctrl.clone();
+                let out = if ft == FabricsType::PropertyGet {
+                    admin::property_get(&ctrl, &sqe)
+                } else {
+                    admin::property_set(&ctrl, &sqe)
+                };
+                if let AdminOutcome::Done {
+                    status, dw0, dw1, ..
+                } = out
+                {
+                    self.complete_slot(t, i, status, dw0, dw1);
+                }
+            }
+            Some(FabricsType::Disconnect) => {
+                self.complete_slot(t, i, Status::SUCCESS, 0, 0);
+                self.close("Disconnect");
+            }
+            _ => self.complete_slot(t, i, Status::INVALID_FIELD, 0, 0),
+        }
+    }
+
+    fn deliver_events<T: Transport>(&mut self, t: &mut T) {
+        let Some(b) = &self.bound else { return };
+        if b.qid != 0 || self.aers.is_empty() {
+            return;
+        }
+        let ctrl = b.ctrl.clone();
+        while !self.aers.is_empty() {
+            let Some(ev) = ctrl.take_event() else { break };
+            let cid = self.aers.remove(0);
+            self.send_cqe(t, Cqe::with_dw0(cid, Status::SUCCESS, ev.to_dw0()));
+        }
+    }
+
+    /// Whether this is a connected I/O queue.
+    pub(crate) fn is_io_queue(&self) -> bool {
+        self.bound.as_ref().is_some_and(|b| b.qid != 0)
+    }
+
+    /// The queue's identifier, once connected.
+    pub fn qid(&self) -> Option<u16> {
+        self.bound.as_ref().map(|b| b.qid)
+    }
+}
+
+impl Drop for NvmeQueue {
+    fn drop(&mut self) {
+        self.remove_controller();
+    }
+}
