@@ -31,6 +31,11 @@ const NQN: &str = "nqn.2026-12.io.ferroblk:remote";
 /// Starts a ferroblk exporting a malloc bdev `ram` of `size` as namespace 1 of [`NQN`] on a
 /// free port (hosts: any, or only `host`); returns it and its port.
 fn remote(dir: &Path, size: &str, host: Option<&str>) -> (Daemon, u16) {
+    remote_bs(dir, size, 4096, host)
+}
+
+/// [`remote`] with a block size.
+fn remote_bs(dir: &Path, size: &str, block_size: u32, host: Option<&str>) -> (Daemon, u16) {
     let port = free_port();
     let hosts = match host {
         Some(h) => format!("hosts = [\"{h}\"]\n"),
@@ -39,7 +44,7 @@ fn remote(dir: &Path, size: &str, host: Option<&str>) -> (Daemon, u16) {
     let cfg = format!(
         "[reactors]\ncount = 1\n\
          [rpc]\nsocket = \"rpc.sock\"\n\
-         [[bdev]]\nname = \"ram\"\nkind = \"malloc\"\nsize = \"{size}\"\n\
+         [[bdev]]\nname = \"ram\"\nkind = \"malloc\"\nsize = \"{size}\"\nblock_size = {block_size}\n\
          [[subsystem]]\nnqn = \"{NQN}\"\n{hosts}\
          [[subsystem.namespace]]\nnsid = 1\nbdev = \"ram\"\n\
          [[listener]]\naddr = \"127.0.0.1\"\nport = {port}\n"
@@ -546,4 +551,28 @@ fn an_nvmf_bdev_in_the_daemon_is_exported_again_over_nvme_tcp() {
     let mut again = vec![0u8; 1 << 20];
     qb.read(nsb, 1000, 256, &mut again).unwrap();
     assert!(again == data);
+}
+
+#[test]
+fn write_zeroes_beyond_one_commands_reach_is_sent_in_pieces() {
+    let dir = tempfile::tempdir().unwrap();
+    // 512-byte blocks: 131,072 of them, so one request spans two Write Zeroes commands.
+    let (_d, port) = remote_bs(dir.path(), "64MiB", 512, None);
+    let bdev = NvmfBdev::connect(&decl("wz", &[port])).unwrap();
+    let mut ch = ferroblk_bdev::sync::SyncChannel::new(bdev.open_channel().unwrap());
+    let mut data = vec![0u8; 4096];
+    for lba in [0u64, 65_535, 65_536, 99_992, 120_000] {
+        pattern(&mut data, lba, 512, 4);
+        assert_eq!(ch.write(lba, &data), IoStatus::Success);
+    }
+    assert_eq!(ch.write_zeroes(0, 100_000), IoStatus::Success);
+    for lba in [0u64, 65_535, 65_536, 99_992] {
+        let (st, got) = ch.read(lba, 8);
+        assert_eq!(st, IoStatus::Success);
+        assert!(got.iter().all(|&b| b == 0), "blocks at {lba} not zeroed");
+    }
+    let (_, got) = ch.read(120_000, 8);
+    pattern(&mut data, 120_000, 512, 4);
+    assert!(got == data, "a block outside the range changed");
+    assert_eq!(ch.unmap(0, 131_072), IoStatus::Success);
 }

@@ -320,7 +320,8 @@ impl NvmfChannel {
     /// Resubmits held commands; fails them once no path was usable for `ctrl_loss_tmo`.
     fn retry_held(&mut self) {
         self.acquire_queues();
-        for _ in 0..self.held.len() {
+        let before = self.held.len();
+        for _ in 0..before {
             let (tag, sg) = self.held.pop_front().expect("counted");
             if let Err(sg) = self.dispatch(tag, sg) {
                 self.held.push_front((tag, sg));
@@ -330,6 +331,10 @@ impl NvmfChannel {
         if self.held.is_empty() {
             self.held_since = None;
             return;
+        }
+        if self.held.len() < before {
+            // A path takes commands (a long Write Zeroes waits for queue slots, not a path).
+            self.held_since = Some(Instant::now());
         }
         let waited = self
             .held_since
