@@ -13,26 +13,10 @@ bin=$(realpath out/release/ferroblk 2>/dev/null || true)
 [ -x "$bin" ] || { cargo build --release; bin=$(realpath out/release/ferroblk); }
 work=$(mktemp -d /var/tmp/ferroblk-nvmf-bdev.XXXX)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-nqn=nqn.2026-12.io.ferroblk:bench-remote
-cat > "$work/t.toml" <<TOML
-[reactors]
-cpus = [0]
-[rpc]
-socket = "$work/rpc.sock"
-[[bdev]]
-name = "null0"
-kind = "null"
-size = "64GiB"
-[[subsystem]]
-nqn = "$nqn"
-allow_any_host = true
-[[subsystem.namespace]]
-nsid = 1
-bdev = "null0"
-[[listener]]
-addr = "127.0.0.1"
-port = $port
-TOML
+# The remote: configs/bench-null.toml on a free port, its sockets in the work directory.
+nqn=nqn.2026-11.io.ferroblk:bench-null
+sed -e "s|^port = 4420|port = $port|" -e "s|run/bench-null-rpc.sock|$work/rpc.sock|" \
+    -e "s|run/bench-null.sock|$work/vhost.sock|" configs/bench-null.toml > "$work/t.toml"
 cat > "$work/c.toml" <<TOML
 [reactors]
 cpus = [1]

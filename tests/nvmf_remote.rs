@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use common::daemon::{Daemon, free_port, rpc, start_daemon};
 use ferroblk_bdev::conformance::{self, pattern};
-use ferroblk_bdev::uring::ThreadRing;
-use ferroblk_bdev::{AlignedBuf, Bdev, BdevEvent, Channel, IoRequest, IoStatus, SgList, Wake};
+use ferroblk_bdev::sync::SyncChannel;
+use ferroblk_bdev::{AlignedBuf, Bdev, BdevEvent, IoRequest, IoStatus, SgList};
 use ferroblk_target::initiator::{ConnectOptions, Controller, IoQueue, IoQueueOptions};
 use ferroblk_target::remote::{NvmfBdev, NvmfDecl, PathDecl, Policy};
 
@@ -205,7 +205,7 @@ impl Relay {
 /// written carries its LBA and a generation; the generation of every acknowledged write is
 /// kept; errors are counted.
 struct Load {
-    ch: Channel,
+    ch: SyncChannel,
     bs: usize,
     blocks: u64,
     next_gen: u64,
@@ -220,7 +220,7 @@ struct Load {
 
 impl Load {
     fn new(bdev: &Arc<dyn Bdev>, blocks: u64) -> Load {
-        let ch = bdev.open_channel().unwrap();
+        let ch = SyncChannel::new(bdev.open_channel().unwrap());
         Load {
             bs: bdev.info().block_size().bytes() as usize,
             ch,
@@ -249,7 +249,7 @@ impl Load {
         let deadline = Instant::now() + Duration::from_secs(120);
         while self.acked_count() < target {
             assert!(Instant::now() < deadline, "load stalled: {:?}", self.errors);
-            while self.ch.in_flight() < qd {
+            while self.ch.channel().in_flight() < qd {
                 let n = 1 + (self.rand() % 8) as u32;
                 let lba = self.rand() % (self.blocks - u64::from(n));
                 if (lba..lba + u64::from(n)).any(|b| self.busy[b as usize]) {
@@ -269,7 +269,7 @@ impl Load {
                 let lens: &[usize] = if third == 0 { &lens[2..] } else { &lens };
                 self.tag += 1;
                 let io = IoRequest::write(lba, n, SgList::from_buf_split(buf, lens), self.tag);
-                self.ch.submit(io).expect("in flight below depth");
+                self.ch.channel().submit(io).expect("in flight below depth");
                 for b in lba..lba + u64::from(n) {
                     self.busy[b as usize] = true;
                 }
@@ -280,17 +280,7 @@ impl Load {
     }
 
     fn poll(&mut self) {
-        if self.ch.poll(&mut self.done) == 0 {
-            match self.ch.wake() {
-                Wake::Immediate => {}
-                Wake::At(t) => std::thread::sleep(t.saturating_duration_since(Instant::now())),
-                Wake::Event => {
-                    if let Ok(r) = ThreadRing::current() {
-                        r.wait(Some(Duration::from_millis(1)));
-                    }
-                }
-            }
-        }
+        self.ch.poll_once(&mut self.done);
         for c in self.done.drain(..) {
             let (lba, n, generation) = self.in_flight.remove(&c.tag).unwrap();
             for b in lba..lba + u64::from(n) {
@@ -317,14 +307,10 @@ impl Load {
 
     /// Reads every written block back: each must hold its last acknowledged generation.
     fn verify(&mut self) {
-        let mut sync = ferroblk_bdev::sync::SyncChannel::new(std::mem::replace(
-            &mut self.ch,
-            placeholder_channel(),
-        ));
         let mut want = vec![0u8; self.bs];
         let mut lost = Vec::new();
         for (&lba, &generation) in &self.acked {
-            let (st, got) = sync.read(lba, 1);
+            let (st, got) = self.ch.read(lba, 1);
             assert_eq!(st, IoStatus::Success, "read back {lba}");
             pattern(&mut want, lba, self.bs, generation);
             if got != want {
@@ -338,11 +324,6 @@ impl Load {
             &lost[..lost.len().min(10)]
         );
     }
-}
-
-fn placeholder_channel() -> Channel {
-    let m: Arc<dyn Bdev> = ferroblk_bdev::testing::malloc(ferroblk_bdev::BlockSize::B4096, 1);
-    m.open_channel().unwrap()
 }
 
 fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
@@ -427,7 +408,7 @@ fn a_remote_that_never_returns_fails_io_after_ctrl_loss_tmo() {
     let (tx, rx) = mpsc::channel();
     let b2 = bdev.clone();
     std::thread::spawn(move || {
-        let mut ch = ferroblk_bdev::sync::SyncChannel::new(b2.open_channel().unwrap());
+        let mut ch = SyncChannel::new(b2.open_channel().unwrap());
         let statuses: Vec<IoStatus> = (0..4).map(|i| ch.write(i, &[7u8; 4096])).collect();
         tx.send(statuses).unwrap();
     });
@@ -469,7 +450,7 @@ fn a_remote_resize_reaches_the_bdevs_listeners() {
         }
     );
     // The new blocks are usable at once.
-    let mut ch = ferroblk_bdev::sync::SyncChannel::new(bdev.open_channel().unwrap());
+    let mut ch = SyncChannel::new(bdev.open_channel().unwrap());
     assert_eq!(ch.write(8191, &[5u8; 4096]), IoStatus::Success);
     assert_eq!(ch.read(8191, 1).1, vec![5u8; 4096]);
     // bdev_resize on the nvmf bdev accepts the remote's size and refuses another one.
@@ -559,7 +540,7 @@ fn write_zeroes_beyond_one_commands_reach_is_sent_in_pieces() {
     // 512-byte blocks: 131,072 of them, so one request spans two Write Zeroes commands.
     let (_d, port) = remote_bs(dir.path(), "64MiB", 512, None);
     let bdev = NvmfBdev::connect(&decl("wz", &[port])).unwrap();
-    let mut ch = ferroblk_bdev::sync::SyncChannel::new(bdev.open_channel().unwrap());
+    let mut ch = SyncChannel::new(bdev.open_channel().unwrap());
     let mut data = vec![0u8; 4096];
     for lba in [0u64, 65_535, 65_536, 99_992, 120_000] {
         pattern(&mut data, lba, 512, 4);
