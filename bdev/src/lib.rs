@@ -7,7 +7,11 @@
 //!   completion and takes work only as messages; it spins while busy and sleeps in
 //!   `io_uring_enter` when idle.
 //! - [`uring`]: one io_uring per thread, shared by every file channel and the reactor's own
-//!   wake-ups on that thread.
+//!   wake-ups on that thread; the reactor alone reaps it and routes each completion to its
+//!   client. [`uring::FdWatch`] is the one way fronts and bdevs wait for an fd (socket, kick or
+//!   completion eventfd) on a reactor.
+//! - [`bufpool`]: one buffer pool per reactor (size classes 4 KiB–1 MiB, a byte budget per
+//!   class), shared by the NVMe-oF queues and the transforms.
 //! - [`bdev`]: the API. [`Bdev`] is the control plane (name, geometry, resize, listeners), shared
 //!   by all reactors; [`Channel`] is the data plane, one per reactor per bdev, owned by that
 //!   reactor and never shared. A request ([`IoRequest`]) owns its scatter-gather buffers

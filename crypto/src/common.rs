@@ -4,7 +4,7 @@
 
 #[cfg(test)]
 use ferroblk_bdev::Bdev;
-use ferroblk_bdev::{AlignedBuf, IoSeg, SgList};
+use ferroblk_bdev::{AlignedBuf, IoSeg, SgList, bufpool};
 
 /// Largest transfer of an encryption bdev, in bytes: one pool buffer holds a whole write.
 pub const MAX_TRANSFER_BYTES: usize = 128 << 10;
@@ -16,56 +16,66 @@ pub const SMALL_BUFS: usize = 128;
 /// metadata of unmap chunks).
 pub const LARGE_BUFS: usize = 16;
 
-/// The buffers a channel encrypts into, allocated when the channel opens: [`SMALL_BUFS`]
-/// buffers of [`SMALL_BUF`] bytes and [`LARGE_BUFS`] of [`MAX_TRANSFER_BYTES`].
+/// A channel's share of its reactor's buffer pool ([`ferroblk_bdev::bufpool`]): at most
+/// [`SMALL_BUFS`] buffers of [`SMALL_BUF`] bytes and [`LARGE_BUFS`] of [`MAX_TRANSFER_BYTES`]
+/// at a time. The bound is the channel's back-pressure (a request that finds no buffer waits);
+/// the memory itself is the reactor's, kept for whichever channel or queue needs it next.
 pub struct BufPool {
-    small: Vec<AlignedBuf>,
-    large: Vec<AlignedBuf>,
+    small: usize,
+    large: usize,
+    align: usize,
 }
 
 impl BufPool {
-    /// Allocates the pool; `align` is the base's buffer alignment.
+    /// A full share; `align` is the base's buffer alignment.
     pub fn new(align: usize) -> BufPool {
-        let align = align.max(4096);
         BufPool {
-            small: (0..SMALL_BUFS)
-                .map(|_| AlignedBuf::with_align(SMALL_BUF, align))
-                .collect(),
-            large: (0..LARGE_BUFS)
-                .map(|_| AlignedBuf::with_align(MAX_TRANSFER_BYTES, align))
-                .collect(),
+            small: SMALL_BUFS,
+            large: LARGE_BUFS,
+            align: align.max(4096),
         }
     }
 
-    /// A buffer of at least `len` bytes (at most [`MAX_TRANSFER_BYTES`]), or `None` when every
-    /// fitting buffer is in use.
+    fn alloc(&self, len: usize) -> AlignedBuf {
+        if self.align <= bufpool::MIN_POOLED {
+            bufpool::get(len)
+        } else {
+            AlignedBuf::with_align(len, self.align)
+        }
+    }
+
+    /// A buffer of at least `len` bytes (at most [`MAX_TRANSFER_BYTES`]), or `None` when the
+    /// channel holds every fitting buffer of its share.
     pub fn take(&mut self, len: usize) -> Option<AlignedBuf> {
         debug_assert!(len <= MAX_TRANSFER_BYTES);
-        if len <= SMALL_BUF
-            && let Some(b) = self.small.pop()
-        {
-            return Some(b);
+        if len <= SMALL_BUF && self.small > 0 {
+            self.small -= 1;
+            return Some(self.alloc(SMALL_BUF));
         }
-        self.large.pop()
+        self.take_large()
     }
 
     /// A large buffer, or `None`.
     pub fn take_large(&mut self) -> Option<AlignedBuf> {
-        self.large.pop()
+        (self.large > 0).then(|| {
+            self.large -= 1;
+            self.alloc(MAX_TRANSFER_BYTES)
+        })
     }
 
     /// Whether `take(len)` would succeed.
     pub fn can_take(&self, len: usize) -> bool {
-        (len <= SMALL_BUF && !self.small.is_empty()) || !self.large.is_empty()
+        (len <= SMALL_BUF && self.small > 0) || self.large > 0
     }
 
     /// Gives a buffer back.
     pub fn put(&mut self, buf: AlignedBuf) {
         if buf.len() >= MAX_TRANSFER_BYTES {
-            self.large.push(buf);
+            self.large += 1;
         } else {
-            self.small.push(buf);
+            self.small += 1;
         }
+        bufpool::put(buf);
     }
 }
 

@@ -24,9 +24,10 @@
 //!   (layout, header framing, formatting, the channel with its metadata read-modify-write under
 //!   striped locks shared by all channels) is `ferroblk_bdev::mdregion`, shared with the `crc`
 //!   bdev; `gcm` supplies the header fields and what an entry is.
-//! - `common`: per-channel state that both use: the buffer pool (allocated when the channel
-//!   opens: [`SMALL_BUFS`](common::SMALL_BUFS) × 16 KiB and [`LARGE_BUFS`](common::LARGE_BUFS) ×
-//!   128 KiB, no allocation per request), per-block access to a scatter-gather list (each block
+//! - `common`: per-channel state that both use: the channel's share of its reactor's buffer
+//!   pool (`ferroblk_bdev::bufpool`; at most [`SMALL_BUFS`](common::SMALL_BUFS) × 16 KiB and
+//!   [`LARGE_BUFS`](common::LARGE_BUFS) × 128 KiB at a time, no allocation per request once the
+//!   reactor's pool is warm), per-block access to a scatter-gather list (each block
 //!   copied once into a one-block channel buffer, transformed there, copied back once). The
 //!   request slot table and the base channel with its retry queue are `ferroblk_bdev::stacked`'s.
 //! - [`decl`]: the kinds [`CryptXtsKind`] and [`CryptGcmKind`] with their declaration

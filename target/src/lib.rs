@@ -22,19 +22,25 @@
 //! - [`subsystem`]: subsystems, namespaces (bdev + NSID + stable NGUID/UUID), the host
 //!   allow-list, controllers (CC/CSTS, features, AER slots, keep-alive) and the discovery
 //!   subsystem and its log; [`subsystem::admin`] runs the admin commands.
-//! - [`transport::tcp::conn`]: one connection = one NVMe queue, a poller on one reactor:
-//!   ICReq/ICResp, command slots, in-capsule data and R2T/H2CData, C2HData, CapsuleResp,
-//!   keep-alive, C2HTermReq on fatal errors; [`transport::tcp::listener`] hands connections to
-//!   reactors round-robin; [`transport::tcp::admission`] bounds their number, gives ICReq and
-//!   Connect deadlines, and evicts unidentified connections to make room for new hosts.
+//! - [`queue`]: the transport-independent NVMe queue, [`queue::NvmeQueue`]: CID slots, SQ head
+//!   and flow control, Fabrics Connect ([`queue::connect`]), admin commands, asynchronous
+//!   events, keep-alive, and NVM I/O commands on the reactor's bdev channels ([`queue::io`]).
+//!   A transport feeds it commands and data and implements [`queue::Transport`] (send a CQE,
+//!   send read data, ask the host for write data).
+//! - [`transport::tcp::conn`]: one NVMe/TCP connection = one [`queue::NvmeQueue`], a poller on
+//!   one reactor: socket reads, ICReq/ICResp, capsules and H2CData into the queue, R2T,
+//!   C2HTermReq on fatal errors; [`transport::tcp::send`] is its zero-copy send stream;
+//!   [`transport::tcp::listener`] hands connections to reactors round-robin;
+//!   [`transport::tcp::admission`] bounds their number, gives ICReq and Connect deadlines, and
+//!   evicts unidentified connections to make room for new hosts.
 //! - [`initiator`]: the host side over the same codec (connect, admin, I/O queues with a
 //!   non-blocking submit/poll API), used by `ferroblk perf nvmf`, the tests and [`remote`].
 //! - [`remote`]: the `nvmf` bdev, a remote NVMe/TCP namespace over one or several paths
 //!   through the initiator (a bdev kind that lives here so `ferroblk-bdev` never depends on a
 //!   front).
 //!
-//! Not yet: a `Transport` trait (RDMA), zero-copy receive into pooled buffers (data is copied
-//! once between the socket buffers and the request buffers).
+//! Not yet: zero-copy receive into the command's buffer (write data is copied once from the
+//! receive buffer).
 //!
 //! This crate never imports `ferroblk-vhost`; both fronts speak only to `ferroblk-bdev`.
 
