@@ -16,6 +16,20 @@ use ferroblk_target::remote::{NvmfBdev, NvmfDecl, PathDecl, Policy};
 #[global_allocator]
 static GLOBAL: CountingAlloc = CountingAlloc;
 
+/// Waits until every path has a spare I/O queue connected.
+fn spares_ready(bdev: &Arc<dyn Bdev>) {
+    let t = std::time::Instant::now();
+    loop {
+        let d = bdev.describe();
+        let paths = d["paths"].as_array().unwrap();
+        if paths.iter().all(|p| p["spare_queues"].as_u64() >= Some(1)) {
+            return;
+        }
+        assert!(t.elapsed().as_secs() < 30, "no spare queues: {d}");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 #[test]
 fn nvmf_hot_path_makes_no_heap_allocation() {
     let a = allocations();
@@ -61,11 +75,16 @@ fn nvmf_hot_path_makes_no_heap_allocation() {
             data_digest: true,
         };
         let bdev: Arc<dyn Bdev> = Arc::new(NvmfBdev::connect(&decl).unwrap());
+        // A channel takes its queues from the paths' spares when it opens (registering their
+        // sockets with the ring allocates, once); one opened before the control thread has
+        // connected them would take them later, inside the measured rounds.
+        spares_ready(&bdev);
         assert_eq!(
             steady_state_allocations(&bdev, 16, 50),
             0,
             "{policy:?}: one-block requests"
         );
+        spares_ready(&bdev);
         assert_eq!(
             steady_state_allocations_sized(&bdev, 8, 20, 64),
             0,

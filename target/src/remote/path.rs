@@ -235,6 +235,7 @@ impl Shared {
                     "addr": p.addr.to_string(),
                     "state": if p.is_up() { "up" } else { "down" },
                     "ana_state": p.ana(),
+                    "spare_queues": lock(&p.pool).spares.len(),
                 })
             })
             .collect();
