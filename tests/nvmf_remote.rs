@@ -1,6 +1,7 @@
 //! The `nvmf` bdev against a second, real ferroblk process as its remote: the conformance
-//! suite; paths cut under verified write load (failover and round robin: no error reaches
-//! the caller, no acknowledged write is lost, a cut path reconnects); a remote killed for good
+//! suite; the ferroblk process of one path SIGKILLed and restarted under verified write load,
+//! and paths cut under such load (failover and round robin): no error reaches the caller, no
+//! acknowledged write is lost, a lost path reconnects; a remote killed for good
 //! (held I/O fails after `ctrl_loss_tmo`, never hangs); a remote resize reaching the bdev's
 //! listeners; a remote that refuses us (an error naming the field); and an `nvmf` bdev in a
 //! daemon, exported again over NVMe/TCP. A path is cut by a TCP
@@ -556,4 +557,53 @@ fn write_zeroes_beyond_one_commands_reach_is_sent_in_pieces() {
     pattern(&mut data, 120_000, 512, 4);
     assert!(got == data, "a block outside the range changed");
     assert_eq!(ch.unmap(0, 131_072), IoStatus::Success);
+}
+
+/// Writes B's configuration: an `nvmf` bdev to A's namespace, exported again as namespace 1
+/// of [`NQN`] on `port` (so that B is a second path to the same volume).
+fn relay_daemon(dir: &Path, port_a: u16, port: u16) -> Daemon {
+    let cfg = format!(
+        "[reactors]\ncount = 1\n\
+         [rpc]\nsocket = \"rpc.sock\"\n\
+         [[bdev]]\nname = \"far\"\nkind = \"nvmf\"\nsubnqn = \"{NQN}\"\n\
+         paths = [{{ addr = \"127.0.0.1\", port = {port_a} }}]\n\
+         [[subsystem]]\nnqn = \"{NQN}\"\nallow_any_host = true\n\
+         [[subsystem.namespace]]\nnsid = 1\nbdev = \"far\"\n\
+         [[listener]]\naddr = \"127.0.0.1\"\nport = {port}\n"
+    );
+    std::fs::write(dir.join("ferroblk.toml"), cfg).unwrap();
+    start_daemon(dir)
+}
+
+#[test]
+fn killing_the_ferroblk_of_one_path_under_load_loses_nothing() {
+    // Two ferroblk processes serve the same volume: A holds it, B exports A's namespace again
+    // through its own nvmf bdev. The bdev under test prefers B (path 0), whose process is
+    // SIGKILLed under verified writes, then started again.
+    let dir_a = tempfile::tempdir().unwrap();
+    let (_a, port_a) = remote(dir_a.path(), "64MiB", None);
+    let dir_b = tempfile::tempdir().unwrap();
+    let port_b = free_port();
+    let mut b = relay_daemon(dir_b.path(), port_a, port_b);
+    let mut d = decl("two", &[port_b, port_a]);
+    d.ctrl_loss_tmo = 60.0;
+    let bdev: Arc<dyn Bdev> = Arc::new(NvmfBdev::connect(&d).unwrap());
+    let mut load = Load::new(&bdev, 4096);
+    load.run(32, 2000);
+    b.kill().unwrap();
+    b.wait().unwrap();
+    load.run(32, 2000);
+    wait_until("path B seen down", || !path_up(&bdev, 0));
+    let _b = relay_daemon(dir_b.path(), port_a, port_b);
+    wait_until("path B reconnected", || path_up(&bdev, 0));
+    load.run(32, 2000);
+    load.drain();
+    assert!(
+        load.errors.is_empty(),
+        "errors seen by the caller: {:?}",
+        &load.errors
+    );
+    let info = bdev.describe();
+    assert!(info["retried"].as_u64().unwrap() > 0, "{info}");
+    load.verify();
 }
