@@ -306,6 +306,22 @@ impl Load {
         }
     }
 
+    /// After paths failed under the load: waits for what is in flight, then checks that no
+    /// error reached the caller, that the bdev retried commands on another path, and that
+    /// every acknowledged write reads back; returns the bdev's `describe`.
+    fn nothing_lost(&mut self, bdev: &Arc<dyn Bdev>) -> serde_json::Value {
+        self.drain();
+        assert!(
+            self.errors.is_empty(),
+            "errors seen by the caller: {:?}",
+            &self.errors
+        );
+        let info = bdev.describe();
+        assert!(info["retried"].as_u64().unwrap() > 0, "{info}");
+        self.verify();
+        info
+    }
+
     /// Reads every written block back: each must hold its last acknowledged generation.
     fn verify(&mut self) {
         let mut want = vec![0u8; self.bs];
@@ -367,16 +383,8 @@ fn cut_paths_under_load(policy: Policy) {
     wait_until("path B reconnected", || path_up(&bdev, 1));
     let _ = a.cut();
     load.run(32, 2000);
-    load.drain();
-    assert!(
-        load.errors.is_empty(),
-        "errors seen by the caller: {:?}",
-        &load.errors
-    );
-    let info = bdev.describe();
-    assert!(info["retried"].as_u64().unwrap() > 0, "{info}");
+    let info = load.nothing_lost(&bdev);
     assert!(info["reconnects"].as_u64().unwrap() >= 2, "{info}");
-    load.verify();
     drop(load);
     drop(b);
 }
@@ -597,13 +605,5 @@ fn killing_the_ferroblk_of_one_path_under_load_loses_nothing() {
     let _b = relay_daemon(dir_b.path(), port_a, port_b);
     wait_until("path B reconnected", || path_up(&bdev, 0));
     load.run(32, 2000);
-    load.drain();
-    assert!(
-        load.errors.is_empty(),
-        "errors seen by the caller: {:?}",
-        &load.errors
-    );
-    let info = bdev.describe();
-    assert!(info["retried"].as_u64().unwrap() > 0, "{info}");
-    load.verify();
+    load.nothing_lost(&bdev);
 }
