@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -142,6 +142,8 @@ fn a_remote_that_refuses_us_is_an_error_naming_the_field() {
 /// and every connection through it.
 struct Relay {
     port: u16,
+    /// Bytes relayed from the bdev to the remote.
+    sent: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<TcpStream>>>,
     accept: Option<JoinHandle<()>>,
@@ -153,7 +155,8 @@ impl Relay {
         listener.set_nonblocking(true).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let conns = Arc::new(Mutex::new(Vec::new()));
-        let (stop2, conns2) = (stop.clone(), conns.clone());
+        let sent = Arc::new(AtomicU64::new(0));
+        let (stop2, conns2, sent2) = (stop.clone(), conns.clone(), sent.clone());
         let accept = std::thread::spawn(move || {
             while !stop2.load(Ordering::Acquire) {
                 let Ok((a, _)) = listener.accept() else {
@@ -169,13 +172,19 @@ impl Relay {
                 let mut c = conns2.lock().unwrap();
                 c.push(a.try_clone().unwrap());
                 c.push(b.try_clone().unwrap());
-                for (mut from, mut to) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)]
-                {
+                let to_remote = (a.try_clone().unwrap(), b.try_clone().unwrap());
+                for (mut from, mut to, count) in [
+                    (to_remote.0, to_remote.1, Some(sent2.clone())),
+                    (b, a, None),
+                ] {
                     std::thread::spawn(move || {
                         let mut buf = vec![0u8; 256 * 1024];
                         while let Ok(n) = from.read(&mut buf) {
                             if n == 0 || to.write_all(&buf[..n]).is_err() {
                                 break;
+                            }
+                            if let Some(c) = &count {
+                                c.fetch_add(n as u64, Ordering::Relaxed);
                             }
                         }
                         let _ = from.shutdown(Shutdown::Both);
@@ -186,6 +195,7 @@ impl Relay {
         });
         Relay {
             port,
+            sent,
             stop,
             conns,
             accept: Some(accept),
@@ -368,7 +378,17 @@ fn cut_paths_under_load(policy: Policy) {
     let bdev: Arc<dyn Bdev> = Arc::new(NvmfBdev::connect(&d).unwrap());
     let mut load = Load::new(&bdev, 4096);
     load.run(32, 2000);
-    // Path A fails with writes in flight on it (failover sends everything there).
+    // The policy at work: 2,000 writes of 4-32 KiB are ~36 MiB; the control plane sends a
+    // few KiB per path.
+    let (to_a, to_b) = (
+        a.sent.load(Ordering::Relaxed),
+        b.sent.load(Ordering::Relaxed),
+    );
+    match policy {
+        Policy::Failover => assert!(to_a > 8 << 20 && to_b < 1 << 20, "{to_a} {to_b}"),
+        Policy::RoundRobin => assert!(to_a > 8 << 20 && to_b > 8 << 20, "{to_a} {to_b}"),
+    }
+    // Path A fails with writes in flight on it.
     let pa = a.cut();
     load.run(32, 2000);
     wait_until("path A seen down", || !path_up(&bdev, 0));
