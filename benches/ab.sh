@@ -16,34 +16,13 @@ work=$(mktemp -d /var/tmp/ferroblk-ab.XXXX)
 pid=
 cleanup() { [ -n "$pid" ] && { kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; }; rm -rf "$work"; }
 trap cleanup EXIT
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+. benches/common.sh
+port=$(free_port)
 hz=$(getconf CLK_TCK)
 printf '%s' "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f202122232425262728292a2b2c2d2e2f303132333435363738393a3b3c3d3e3f" > "$work/xts.key"
 printf '%s' "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f" > "$work/gcm.key"
 chmod 600 "$work"/*.key
-cat > "$work/t.toml" <<TOML
-[reactors]
-cpus = [0]
-[rpc]
-socket = "$work/rpc.sock"
-[[bdev]]
-name = "null0"
-kind = "null"
-size = "64GiB"
-[[subsystem]]
-nqn = "nqn.2026-12.io.ferroblk:ab"
-allow_any_host = true
-[[subsystem.namespace]]
-nsid = 1
-bdev = "null0"
-[[listener]]
-addr = "127.0.0.1"
-port = $port
-[[vhost]]
-socket = "$work/vhost.sock"
-bdev = "null0"
-num_queues = 1
-TOML
+null_target_config "$work/t.toml" "$work/rpc.sock" "$port" nqn.2026-12.io.ferroblk:ab 64GiB "$work/vhost.sock"
 cat > "$work/c.toml" <<TOML
 [reactors]
 cpus = [0]
@@ -70,8 +49,8 @@ key_file = "$work/gcm.key"
 TOML
 start() { # bin
   "$1" serve --config "$work/t.toml" >"$work/d.log" 2>&1 & pid=$!
-  for _ in $(seq 200); do [ -S "$work/vhost.sock" ] && [ -S "$work/rpc.sock" ] && return 0; sleep 0.05; done
-  echo "daemon did not start" >&2; cat "$work/d.log" >&2; exit 1
+  wait_sock "$work/vhost.sock" && wait_sock "$work/rpc.sock" && return 0
+  cat "$work/d.log" >&2; exit 1
 }
 stop() { kill "$pid"; wait "$pid" 2>/dev/null || true; pid=; rm -f "$work"/*.sock; }
 field() { python3 -c "import json,sys; j=json.load(sys.stdin); print(round(j['iops']), round(j['mean_us'],2))"; }
@@ -86,13 +65,13 @@ job() { # name bin kind qd bs rw
   fi
   start "$bin"
   local t0 t1 ios
-  t0=$(awk '{print $14+$15}' /proc/$pid/stat)
+  t0=$(cpu_ticks $pid)
   if [ "$kind" = nvmf ]; then
     out=$("$B" perf nvmf --addr 127.0.0.1:$port --nqn nqn.2026-12.io.ferroblk:ab --cpus 1 --qd "$qd" --bs "$bs" --rw "$rw" --time "$secs" --wait --json 2>/dev/null)
   else
     out=$("$B" perf vhost --socket "$work/vhost.sock" --cpus 1 --qd "$qd" --bs "$bs" --rw "$rw" --time "$secs" --json 2>/dev/null)
   fi
-  t1=$(awk '{print $14+$15}' /proc/$pid/stat)
+  t1=$(cpu_ticks $pid)
   stop
   read -r iops ios < <(echo "$out" | python3 -c 'import json,sys; j=json.load(sys.stdin); print(round(j["iops"]), j["ios"])')
   cpu=$(python3 -c "print(round(($t1-$t0)/$hz*1e9/max($ios,1)))")

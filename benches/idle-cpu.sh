@@ -5,8 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cfg=$(realpath "${1:-configs/quickstart.toml}"); secs=${2:-30}
-bin=$(realpath out/release/ferroblk 2>/dev/null || true)
-[ -x "$bin" ] || { cargo build --release; bin=$(realpath out/release/ferroblk); }
+. benches/common.sh
+bin=$(bench_bin)
 work=$(mktemp -d /var/tmp/ferroblk-idle.XXXX)
 cd "$work"
 "$bin" serve --config "$cfg" >/dev/null 2>&1 &
@@ -14,9 +14,9 @@ pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$work"' EXIT
 sleep 3
 hz=$(getconf CLK_TCK)
-t0=$(awk '{print $14+$15}' /proc/$pid/stat)
+t0=$(cpu_ticks $pid)
 sleep "$secs"
-t1=$(awk '{print $14+$15}' /proc/$pid/stat)
+t1=$(cpu_ticks $pid)
 python3 -c "
 ticks=$t1-$t0
 print(f'idle daemon: {ticks} ticks of CPU in $secs s = {100*ticks/$hz/$secs:.3f}% of one core (threads: $(ls /proc/$pid/task | wc -l))')"

@@ -6,42 +6,24 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 nq=${1:-64}; secs=${2:-30}
-bin=$(realpath out/release/ferroblk 2>/dev/null || true)
-[ -x "$bin" ] || { cargo build --release; bin=$(realpath out/release/ferroblk); }
+. benches/common.sh
+bin=$(bench_bin)
 work=$(mktemp -d /var/tmp/ferroblk-nvidle.XXXX)
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-cat > "$work/t.toml" <<TOML
-[reactors]
-cpus = [0]
-[rpc]
-socket = "$work/rpc.sock"
-[[bdev]]
-name = "null0"
-kind = "null"
-size = "1GiB"
-[[subsystem]]
-nqn = "nqn.2026-11.io.ferroblk:idle"
-allow_any_host = true
-[[subsystem.namespace]]
-nsid = 1
-bdev = "null0"
-[[listener]]
-addr = "127.0.0.1"
-port = $port
-TOML
+port=$(free_port)
+null_target_config "$work/t.toml" "$work/rpc.sock" "$port" nqn.2026-11.io.ferroblk:idle 1GiB
 "$bin" serve --config "$work/t.toml" >"$work/t.log" 2>&1 &
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$work"' EXIT
-for _ in $(seq 200); do [ -S "$work/rpc.sock" ] && break; sleep 0.05; done
+wait_sock "$work/rpc.sock"
 "$bin" perf nvmf --addr 127.0.0.1:$port --nqn nqn.2026-11.io.ferroblk:idle --queues "$nq" \
   --qd 1 --hold $((secs + 6)) >/dev/null 2>&1 &
 hold=$!
 sleep 3
 conns=$("$bin" rpc --socket "$work/rpc.sock" nvmf_subsystem_list | python3 -c 'import json,sys; print(len(json.load(sys.stdin)[0]["controllers"]))')
 hz=$(getconf CLK_TCK)
-t0=$(awk '{print $14+$15}' /proc/$pid/stat)
+t0=$(cpu_ticks $pid)
 sleep "$secs"
-t1=$(awk '{print $14+$15}' /proc/$pid/stat)
+t1=$(cpu_ticks $pid)
 wait $hold || true
 python3 -c "
 t=$t1-$t0

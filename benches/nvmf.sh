@@ -8,42 +8,24 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-3}; secs=${2:-5}
-bin=$(realpath out/release/ferroblk 2>/dev/null || true)
-[ -x "$bin" ] || { cargo build --release; bin=$(realpath out/release/ferroblk); }
+. benches/common.sh
+bin=$(bench_bin)
 work=$(mktemp -d /var/tmp/ferroblk-nvmf.XXXX)
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-cat > "$work/t.toml" <<TOML
-[reactors]
-cpus = [0]
-[rpc]
-socket = "$work/rpc.sock"
-[[bdev]]
-name = "null0"
-kind = "null"
-size = "64GiB"
-[[subsystem]]
-nqn = "nqn.2026-11.io.ferroblk:bench"
-allow_any_host = true
-[[subsystem.namespace]]
-nsid = 1
-bdev = "null0"
-[[listener]]
-addr = "127.0.0.1"
-port = $port
-TOML
+port=$(free_port)
+null_target_config "$work/t.toml" "$work/rpc.sock" "$port" nqn.2026-11.io.ferroblk:bench 64GiB
 "$bin" serve --config "$work/t.toml" >"$work/t.log" 2>&1 &
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$work"' EXIT
-for _ in $(seq 200); do [ -S "$work/rpc.sock" ] && break; sleep 0.05; done
+wait_sock "$work/rpc.sock"
 hz=$(getconf CLK_TCK)
 mode=--wait; [ "${POLL:-0}" = 1 ] && mode=
 job() { # name qd bs rw
   local vals=() ; local cpus=() ; local lat=()
   for i in $(seq "$runs"); do
-    t0=$(awk '{print $14+$15}' /proc/$pid/stat)
+    t0=$(cpu_ticks $pid)
     j=$("$bin" perf nvmf --addr 127.0.0.1:$port --nqn nqn.2026-11.io.ferroblk:bench --cpus 1 \
           --qd "$2" --bs "$3" --rw "$4" --time "$secs" $mode --json 2>/dev/null)
-    t1=$(awk '{print $14+$15}' /proc/$pid/stat)
+    t1=$(cpu_ticks $pid)
     read -r iops mib mean ios < <(echo "$j" | python3 -c 'import json,sys; j=json.load(sys.stdin); print(round(j["iops"]), round(j["mib_s"]), round(j["mean_us"],2), j["ios"])')
     cpu=$(python3 -c "print(round(($t1-$t0)/$hz*1e9/max($ios,1)))")
     echo "$1 run $i: $iops IOPS, $mib MiB/s, mean $mean us, target CPU $cpu ns/IO"

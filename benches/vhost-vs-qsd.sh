@@ -8,8 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-5}; secs=${2:-5}
 command -v qemu-storage-daemon >/dev/null || { apt-get update -qq && apt-get install -y -qq qemu-system-common; }
-bin=$(realpath out/release/ferroblk 2>/dev/null || true)
-[ -x "$bin" ] || { cargo build --release; bin=$(realpath out/release/ferroblk); }
+. benches/common.sh
+bin=$(bench_bin)
 work=$(mktemp -d /var/tmp/ferroblk-vq.XXXX)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; rm -rf "$work"; }
@@ -29,7 +29,6 @@ socket = "$work/ferroblk.sock"
 bdev = "null0"
 num_queues = 1
 TOML
-wait_sock() { for _ in $(seq 200); do [ -S "$1" ] && return 0; sleep 0.05; done; echo "no socket $1" >&2; exit 1; }
 start_ferroblk() { "$bin" serve --config "$work/f.toml" >"$work/f.log" 2>&1 & pids+=($!); wait_sock "$work/ferroblk.sock"; }
 start_qsd() {
   taskset -c 0 qemu-storage-daemon \

@@ -229,6 +229,12 @@ impl TcpConn {
             // SAFETY: the kernel initialised `n` bytes after `len`.
             unsafe { self.rx.set_len(len + n as usize) };
             total += n as usize;
+            if (n as usize) < spare {
+                // A short read drained the socket: whatever arrives next is reported by the
+                // read watch (a new readiness for every arrival), so the `recv` that would only
+                // say EAGAIN is saved.
+                self.readable = false;
+            }
         }
         total
     }
