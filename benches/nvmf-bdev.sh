@@ -10,14 +10,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-3}; secs=${2:-5}
-bin=$(realpath out/release/ferroblk 2>/dev/null || true)
-[ -x "$bin" ] || { cargo build --release; bin=$(realpath out/release/ferroblk); }
+. benches/common.sh
+bin=$(bench_bin)
 work=$(mktemp -d /var/tmp/ferroblk-nvmf-bdev.XXXX)
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-# The remote: configs/bench-null.toml on a free port, its sockets in the work directory.
-nqn=nqn.2026-11.io.ferroblk:bench-null
-sed -e "s|^port = 4420|port = $port|" -e "s|run/bench-null-rpc.sock|$work/rpc.sock|" \
-    -e "s|run/bench-null.sock|$work/vhost.sock|" configs/bench-null.toml > "$work/t.toml"
+port=$(free_port)
+nqn=nqn.2026-11.io.ferroblk:bench-remote
+null_target_config "$work/t.toml" "$work/rpc.sock" "$port" "$nqn" 64GiB
 cat > "$work/c.toml" <<TOML
 [reactors]
 cpus = [1]
@@ -30,7 +28,7 @@ TOML
 "$bin" serve --config "$work/t.toml" >"$work/t.log" 2>&1 &
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$work"' EXIT
-for _ in $(seq 200); do [ -S "$work/rpc.sock" ] && break; sleep 0.05; done
+wait_sock "$work/rpc.sock"
 iops() { python3 -c 'import json,sys; print(round(json.load(sys.stdin)["iops"]))'; }
 job() { # name qd bs rw
   local a=() w=() b=()
