@@ -39,8 +39,9 @@
 //!   through the initiator (a bdev kind that lives here so `ferroblk-bdev` never depends on a
 //!   front).
 //!
-//! Not yet: zero-copy receive into the command's buffer (write data is copied once from the
-//! receive buffer).
+//! Write data goes into the command's buffer as it arrives: what came with earlier bytes is
+//! copied once from the receive buffer, the rest of a large H2CData PDU is received there
+//! directly.
 //!
 //! This crate never imports `ferroblk-vhost`; both fronts speak only to `ferroblk-bdev`.
 

@@ -425,9 +425,54 @@ impl NvmeQueue {
         t.request_data(cid, i as u16, want);
     }
 
-    /// Stores `data` at `offset` of transfer `ttag` (command `cid`). Returns whether the
-    /// transfer is now complete, after which the transport calls
-    /// [`data_received`](Self::data_received). The data must arrive in order.
+    /// Checks that transfer `ttag` of command `cid` waits for `len` bytes at `offset` (the next
+    /// bytes it expects, inside its length), before any of them is taken.
+    pub fn check_transfer(
+        &self,
+        ttag: u16,
+        cid: u16,
+        offset: usize,
+        len: usize,
+    ) -> Result<(), DataError> {
+        let s = self
+            .slots
+            .get(ttag as usize)
+            .filter(|s| s.state == SlotState::AwaitData && s.cid == cid)
+            .ok_or(DataError::NoTransfer)?;
+        if offset != s.got || offset + len > s.len {
+            return Err(DataError::OutOfRange);
+        }
+        Ok(())
+    }
+
+    /// The part of transfer `ttag`'s buffer still to be filled (from the bytes received so
+    /// far to its end), for a transport that receives into it directly; then
+    /// [`advance_transfer`](Self::advance_transfer). `None` if the transfer does not wait for
+    /// data.
+    pub fn transfer_buf(&mut self, ttag: u16, cid: u16) -> Option<&mut [u8]> {
+        let s = self
+            .slots
+            .get_mut(ttag as usize)
+            .filter(|s| s.state == SlotState::AwaitData && s.cid == cid)?;
+        let (got, len) = (s.got, s.len);
+        Some(&mut s.buf.as_mut()?.as_mut_slice()[got..len])
+    }
+
+    /// Records that `n` more bytes of transfer `ttag` are in its buffer; returns whether it is
+    /// complete, after which the transport calls [`data_received`](Self::data_received).
+    pub fn advance_transfer(&mut self, ttag: u16, n: usize) -> bool {
+        let s = &mut self.slots[ttag as usize];
+        debug_assert!(s.state == SlotState::AwaitData && s.got + n <= s.len);
+        s.got += n;
+        s.got == s.len
+    }
+
+    /// Stores `data` at `offset` of transfer `ttag` (command `cid`): [`check_transfer`], a
+    /// copy into [`transfer_buf`], [`advance_transfer`].
+    ///
+    /// [`check_transfer`]: Self::check_transfer
+    /// [`transfer_buf`]: Self::transfer_buf
+    /// [`advance_transfer`]: Self::advance_transfer
     pub fn receive_data(
         &mut self,
         ttag: u16,
@@ -435,21 +480,10 @@ impl NvmeQueue {
         offset: usize,
         data: &[u8],
     ) -> Result<bool, DataError> {
-        let s = self
-            .slots
-            .get_mut(ttag as usize)
-            .filter(|s| s.state == SlotState::AwaitData && s.cid == cid)
-            .ok_or(DataError::NoTransfer)?;
-        if offset != s.got || offset + data.len() > s.len {
-            return Err(DataError::OutOfRange);
-        }
-        let buf = s
-            .buf
-            .as_mut()
-            .expect("a transfer awaiting data has a buffer");
-        buf.as_mut_slice()[offset..offset + data.len()].copy_from_slice(data);
-        s.got += data.len();
-        Ok(s.got == s.len)
+        self.check_transfer(ttag, cid, offset, data.len())?;
+        let dst = self.transfer_buf(ttag, cid).ok_or(DataError::NoTransfer)?;
+        dst[..data.len()].copy_from_slice(data);
+        Ok(self.advance_transfer(ttag, data.len()))
     }
 
     /// All of transfer `ttag`'s data arrived: the command runs.

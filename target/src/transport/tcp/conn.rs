@@ -19,7 +19,9 @@ use ferroblk_bdev::uring::FdWatch;
 use ferroblk_bdev::{AlignedBuf, Wake, bufpool};
 
 use super::admission::{Stage, Ticket};
-use super::pdu::{Decoded, Fes, IcResp, Negotiated, PduDecoder, PduError, PduHeader, R2t};
+use super::pdu::{
+    DIGEST_LEN, DataDigest, Decoded, Fes, IcResp, Negotiated, PduDecoder, PduError, PduHeader, R2t,
+};
 use super::send::{Flushed, MAX_H2C_DATA, SendStream};
 use crate::queue::{DataError, NvmeQueue, Transport};
 use crate::spec::{Cqe, Status};
@@ -33,6 +35,24 @@ const RX_CAPACITY: usize = 256 * 1024;
 const RX_HANDSHAKE: usize = 2048;
 /// Pending response bytes above which the connection stops reading new commands.
 const TX_HIGH_WATER: usize = 8 << 20;
+
+/// Data bytes still to come of an H2CData PDU above which they are received straight into the
+/// command's buffer rather than through the receive buffer.
+const DIRECT_RECV_MIN: usize = 16 * 1024;
+
+/// An H2CData PDU whose header has been taken: its data goes into the command's buffer as it
+/// arrives (copied from the receive buffer, or received there directly), then its data digest,
+/// if any, is checked.
+#[derive(Clone, Copy)]
+struct RxData {
+    ttag: u16,
+    cid: u16,
+    /// Data bytes of the PDU still to come.
+    left: usize,
+    /// The running data digest, when one follows the data.
+    digest: Option<DataDigest>,
+    last: bool,
+}
 
 /// The transport side the queue talks to: the send stream, and the admission ticket.
 struct Wire {
@@ -96,6 +116,8 @@ pub struct TcpConn {
     write_watch: FdWatch,
     readable: bool,
     rx: Vec<u8>,
+    /// The H2CData PDU whose header was taken and whose data is arriving.
+    rx_data: Option<RxData>,
     decoder: PduDecoder,
     /// ICReq/ICResp done.
     established: bool,
@@ -135,6 +157,7 @@ impl TcpConn {
             write_watch,
             readable: true,
             rx: Vec::with_capacity(RX_HANDSHAKE),
+            rx_data: None,
             decoder: PduDecoder::controller(IN_CAPSULE_DATA),
             established: false,
             finished: false,
@@ -198,6 +221,13 @@ impl TcpConn {
     fn read_socket(&mut self) -> usize {
         let mut total = 0;
         while self.readable && !self.queue.is_closing() {
+            if let Some(d) = self.rx_data
+                && self.rx.is_empty()
+                && d.left >= DIRECT_RECV_MIN
+            {
+                total += self.recv_direct(d);
+                continue;
+            }
             if self.rx.len() == self.rx.capacity() {
                 break; // full: the parser must consume first
             }
@@ -243,6 +273,60 @@ impl TcpConn {
         let mut pos = 0;
         let mut handled = 0;
         while !self.queue.is_closing() {
+            if let Some(d) = self.rx_data {
+                // Data of the H2CData PDU in progress, then its digest.
+                let avail = self.rx.len() - pos;
+                if d.left > 0 {
+                    let n = d.left.min(avail);
+                    if n == 0 {
+                        break;
+                    }
+                    let dst = self
+                        .queue
+                        .transfer_buf(d.ttag, d.cid)
+                        .expect("checked when the header arrived");
+                    dst[..n].copy_from_slice(&self.rx[pos..pos + n]);
+                    pos += n;
+                    self.data_arrived(n);
+                } else {
+                    if avail < DIGEST_LEN {
+                        break;
+                    }
+                    let ok = d
+                        .digest
+                        .is_none_or(|g| g.matches(&self.rx[pos..pos + DIGEST_LEN]));
+                    pos += DIGEST_LEN;
+                    self.data_done(ok);
+                    handled += 1;
+                }
+                continue;
+            }
+            if let Ok(Decoded::Ready(l)) = self.decoder.decode_header(&self.rx[pos..])
+                && let PduHeader::H2cData(h) = l.header
+            {
+                // An H2CData PDU: its data goes to the command's buffer as it arrives, once the
+                // header (and padding) is in.
+                if self.rx.len() - pos < l.data.start {
+                    break;
+                }
+                pos += l.data.start;
+                let (off, len) = (h.datao as usize, h.datal as usize);
+                match self.queue.check_transfer(h.ttag, h.cccid, off, len) {
+                    // An H2CData for no outstanding R2T (§3.6.2.8).
+                    Err(DataError::NoTransfer) => self.fatal(Fes::PDU_SEQUENCE_ERROR),
+                    Err(DataError::OutOfRange) => self.fatal(Fes::DATA_TRANSFER_OUT_OF_RANGE),
+                    Ok(()) => {
+                        self.rx_data = Some(RxData {
+                            ttag: h.ttag,
+                            cid: h.cccid,
+                            left: len,
+                            digest: l.data_digest.then(DataDigest::new),
+                            last: h.last,
+                        });
+                    }
+                }
+                continue;
+            }
             let r = self.decoder.decode(&self.rx[pos..]);
             match r {
                 Ok(Decoded::NeedMore(n)) => {
@@ -306,6 +390,79 @@ impl TcpConn {
         handled
     }
 
+    /// Receives the data of the H2CData PDU in progress straight into the command's buffer.
+    fn recv_direct(&mut self, d: RxData) -> usize {
+        let fd = self.wire.ticket.sock.as_raw_fd();
+        let dst = self
+            .queue
+            .transfer_buf(d.ttag, d.cid)
+            .expect("checked when the header arrived");
+        let want = d.left.min(dst.len());
+        // SAFETY: receives into `want` bytes of the command's buffer, which `dst` borrows.
+        let n = unsafe { libc::recv(fd, dst.as_mut_ptr().cast(), want, libc::MSG_DONTWAIT) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            match e.kind() {
+                std::io::ErrorKind::WouldBlock => self.readable = false,
+                std::io::ErrorKind::Interrupted => {}
+                _ => self.close("receive failed"),
+            }
+            return 0;
+        }
+        if n == 0 {
+            self.close("host closed the connection");
+            return 0;
+        }
+        let n = n as usize;
+        if n < want {
+            // Drained: the read watch reports the next arrival.
+            self.readable = false;
+        }
+        self.data_arrived(n);
+        n
+    }
+
+    /// `n` more data bytes of the H2CData PDU in progress are in the command's buffer (just
+    /// after those before them).
+    fn data_arrived(&mut self, n: usize) {
+        let d = self.rx_data.as_mut().expect("a PDU in progress");
+        if let Some(g) = d.digest.as_mut() {
+            let dst = self
+                .queue
+                .transfer_buf(d.ttag, d.cid)
+                .expect("checked when the header arrived");
+            g.update(&dst[..n]);
+        }
+        d.left -= n;
+        let (ttag, left, digest) = (d.ttag, d.left, d.digest.is_some());
+        self.queue.advance_transfer(ttag, n);
+        if left == 0 && !digest {
+            self.data_done(true);
+        }
+    }
+
+    /// The H2CData PDU in progress has ended, its data digest matching (or absent) if
+    /// `digest_ok`.
+    fn data_done(&mut self, digest_ok: bool) {
+        let d = self.rx_data.take().expect("a PDU in progress");
+        let status = Status::TRANSIENT_TRANSPORT_ERROR;
+        if !digest_ok {
+            // Not fatal: the command fails with Transient Transport Error.
+            tracing::warn!(peer = %self.queue.peer(), "data digest mismatch");
+            self.queue
+                .fail_transfer(&mut self.wire, d.ttag, d.cid, status);
+            return;
+        }
+        match self.queue.transfer_buf(d.ttag, d.cid).map(|b| b.is_empty()) {
+            Some(true) if !d.last => {
+                // All the data, but the host did not mark it the last PDU.
+                self.fatal(Fes::PDU_SEQUENCE_ERROR);
+            }
+            Some(true) => self.queue.data_received(&mut self.wire, d.ttag),
+            _ => {}
+        }
+    }
+
     fn handle_pdu(&mut self, h: PduHeader, data: std::ops::Range<usize>) {
         match h {
             PduHeader::IcReq(req) => {
@@ -344,21 +501,6 @@ impl TcpConn {
                     // Connect succeeded: the full-size receive buffer a queue needs, so that
                     // serving it allocates nothing per command.
                     self.rx.reserve_exact(RX_CAPACITY - self.rx.len());
-                }
-            }
-            PduHeader::H2cData(d) => {
-                let part = &self.rx[data];
-                match self
-                    .queue
-                    .receive_data(d.ttag, d.cccid, d.datao as usize, part)
-                {
-                    // An H2CData for no outstanding R2T (§3.6.2.8).
-                    Err(DataError::NoTransfer) => self.fatal(Fes::PDU_SEQUENCE_ERROR),
-                    Err(DataError::OutOfRange) => self.fatal(Fes::DATA_TRANSFER_OUT_OF_RANGE),
-                    Ok(false) => {}
-                    // All the data, but the host did not mark it the last PDU.
-                    Ok(true) if !d.last => self.fatal(Fes::PDU_SEQUENCE_ERROR),
-                    Ok(true) => self.queue.data_received(&mut self.wire, d.ttag),
                 }
             }
             // PDUs only a host receives: the decoder already refuses them for a controller.
