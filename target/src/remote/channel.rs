@@ -172,8 +172,9 @@ impl NvmfChannel {
         }
     }
 
-    /// Closes path `i`'s queue after its connection failed: collects the commands it failed,
-    /// gives its queue identifier back, and asks the control thread for a new one.
+    /// Closes path `i`'s queue after its connection failed: collects the commands it failed
+    /// (they are held for another path), gives its queue identifier back, and asks the control
+    /// thread for a new one.
     fn drop_queue(&mut self, i: usize) {
         let p = &mut self.paths[i];
         p.watch = None;
@@ -188,6 +189,10 @@ impl NvmfChannel {
         }
         drop(q);
         self.shared.kick();
+        // The commands the queue failed go to the held queue now, whoever called.
+        if !self.cq.is_empty() {
+            self.handle_completions(i);
+        }
     }
 
     /// The path the next command goes to: among those with a live queue and a usable ANA
