@@ -1,7 +1,8 @@
 //! The `nvmf` bdev against a second, real ferroblk process as its remote: the conformance
 //! suite; the ferroblk process of one path SIGKILLed and restarted under verified write load,
-//! and paths cut under such load (failover and round robin): no error reaches the caller, no
-//! acknowledged write is lost, a lost path reconnects; a remote killed for good
+//! and paths cut (or gone silent) under such load (failover and round robin): no error
+//! reaches the caller, no acknowledged write is lost, a lost path reconnects; a remote killed
+//! for good
 //! (held I/O fails after `ctrl_loss_tmo`, never hangs); a remote resize reaching the bdev's
 //! listeners; a remote that refuses us (an error naming the field); and an `nvmf` bdev in a
 //! daemon, exported again over NVMe/TCP. A path is cut by a TCP
@@ -144,6 +145,8 @@ struct Relay {
     port: u16,
     /// Bytes relayed from the bdev to the remote.
     sent: Arc<AtomicU64>,
+    /// Set: nothing more is relayed, connections stay open (a remote that stopped answering).
+    frozen: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<TcpStream>>>,
     accept: Option<JoinHandle<()>>,
@@ -156,7 +159,9 @@ impl Relay {
         let stop = Arc::new(AtomicBool::new(false));
         let conns = Arc::new(Mutex::new(Vec::new()));
         let sent = Arc::new(AtomicU64::new(0));
+        let frozen = Arc::new(AtomicBool::new(false));
         let (stop2, conns2, sent2) = (stop.clone(), conns.clone(), sent.clone());
+        let frozen2 = frozen.clone();
         let accept = std::thread::spawn(move || {
             while !stop2.load(Ordering::Acquire) {
                 let Ok((a, _)) = listener.accept() else {
@@ -173,13 +178,18 @@ impl Relay {
                 c.push(a.try_clone().unwrap());
                 c.push(b.try_clone().unwrap());
                 let to_remote = (a.try_clone().unwrap(), b.try_clone().unwrap());
+                let frozen = frozen2.clone();
                 for (mut from, mut to, count) in [
                     (to_remote.0, to_remote.1, Some(sent2.clone())),
                     (b, a, None),
                 ] {
+                    let frozen = frozen.clone();
                     std::thread::spawn(move || {
                         let mut buf = vec![0u8; 256 * 1024];
                         while let Ok(n) = from.read(&mut buf) {
+                            while frozen.load(Ordering::Acquire) {
+                                std::thread::sleep(Duration::from_millis(50));
+                            }
                             if n == 0 || to.write_all(&buf[..n]).is_err() {
                                 break;
                             }
@@ -196,10 +206,15 @@ impl Relay {
         Relay {
             port,
             sent,
+            frozen,
             stop,
             conns,
             accept: Some(accept),
         }
+    }
+
+    fn freeze(&self) {
+        self.frozen.store(true, Ordering::Release);
     }
 
     fn cut(mut self) -> u16 {
@@ -626,4 +641,27 @@ fn killing_the_ferroblk_of_one_path_under_load_loses_nothing() {
     wait_until("path B reconnected", || path_up(&bdev, 0));
     load.run(32, 2000);
     load.nothing_lost(&bdev);
+}
+
+#[test]
+fn a_path_that_stops_answering_is_left_for_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_d, port) = remote(dir.path(), "64MiB", None);
+    let target: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (a, b) = (
+        Relay::start(free_port(), target),
+        Relay::start(free_port(), target),
+    );
+    let mut d = decl("hang", &[a.port, b.port]);
+    d.ctrl_loss_tmo = 120.0;
+    let bdev: Arc<dyn Bdev> = Arc::new(NvmfBdev::connect(&d).unwrap());
+    let mut load = Load::new(&bdev, 4096);
+    load.run(32, 1000);
+    // Path A goes silent with writes in flight: no error, no close. Its keep-alive times out,
+    // the control thread declares it lost, and what waited on it completes through B.
+    a.freeze();
+    load.run(32, 1000);
+    assert!(!path_up(&bdev, 0));
+    load.nothing_lost(&bdev);
+    drop(b);
 }

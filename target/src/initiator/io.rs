@@ -353,6 +353,13 @@ impl IoQueue {
         )
     }
 
+    /// Closes the connection at once: every command in flight completes, at the next
+    /// [`IoQueue::poll`], with [`super::HOST_PATHING_ERROR`] and its buffer (to be retried
+    /// elsewhere). For a controller that stopped answering.
+    pub fn abort(&mut self) {
+        self.q.close();
+    }
+
     /// Sends the Fabrics Disconnect when the controller supports it (Identify OFCS bit 0),
     /// then closes the connection. Commands still in flight are lost.
     pub fn disconnect(mut self) -> Result<(), Error> {

@@ -179,13 +179,17 @@ impl NvmfChannel {
         let p = &mut self.paths[i];
         p.watch = None;
         let Some(mut q) = p.q.take() else { return };
+        // What already arrived completes normally; then a live queue (a path declared lost)
+        // fails what it still has in flight, as a dead one already did.
+        let _ = q.poll(&mut self.cq);
+        q.abort();
         let _ = q.poll(&mut self.cq);
         let path = &self.shared.paths[i];
         tracing::debug!(bdev = %self.shared.info.name(), addr = %path.addr, qid = q.qid(), "nvmf: I/O queue lost");
         if let Ok(mut pool) = path.pool.lock()
             && path.generation() == p.generation
         {
-            pool.free_qids.push(q.qid());
+            pool.release(q.qid());
         }
         drop(q);
         self.shared.kick();
@@ -431,6 +435,13 @@ impl ChannelOps for NvmfChannel {
         for i in 0..self.paths.len() {
             let p = &mut self.paths[i];
             let Some(q) = p.q.as_mut() else { continue };
+            let path = &self.shared.paths[i];
+            if q.in_flight() > 0 && (!path.is_up() || path.generation() != p.generation) {
+                // The control thread found the controller gone (a remote that stopped
+                // answering keeps its sockets open): what waits on this queue goes elsewhere.
+                self.drop_queue(i);
+                continue;
+            }
             let ready = match &p.watch {
                 Some(w) => w.take() > 0,
                 None => q.in_flight() > 0,
@@ -470,6 +481,8 @@ impl ChannelOps for NvmfChannel {
         if !self.held.is_empty() {
             return Wake::At(Instant::now() + HELD_RETRY);
         }
+        // Commands in flight: their completions wake the reactor, and so does a path the
+        // control thread declares lost (it shuts the path's sockets down).
         Wake::Event
     }
 }
@@ -489,7 +502,9 @@ impl Drop for NvmfChannel {
             if let Some(q) = p.q.take()
                 && path.generation() == p.generation
             {
-                pool.free_qids.push(q.qid());
+                pool.release(q.qid());
+                drop(pool);
+                drop(q);
             }
         }
         self.shared.kick();

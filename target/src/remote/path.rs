@@ -13,6 +13,7 @@
 //! [`SPARES`] I/O queues ready per path (more while channels wait).
 
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
@@ -68,6 +69,30 @@ pub struct PathPool {
     pub free_qids: Vec<u16>,
     /// Channels waiting for a queue of this path.
     pub waiting: usize,
+    /// The sockets of the current controller's I/O queues (spare or in a channel), by queue
+    /// identifier: shut down when the controller is declared lost, so that a channel sleeping
+    /// on a silent socket wakes and moves its commands. An entry leaves (under the lock)
+    /// before its queue is closed, so a descriptor here is always open.
+    sockets: Vec<(u16, RawFd)>,
+}
+
+impl PathPool {
+    /// Queue `qid` of the current controller is closed (by a channel, after this call):
+    /// its identifier is free again.
+    pub fn release(&mut self, qid: u16) {
+        self.sockets.retain(|(q, _)| *q != qid);
+        self.free_qids.push(qid);
+    }
+
+    /// Shuts down every socket of the current controller's I/O queues: their owners see the
+    /// connection end and fail over.
+    fn shut_down_sockets(&mut self) {
+        for (_, fd) in self.sockets.drain(..) {
+            // SAFETY: `fd` is an open socket: entries leave `sockets` under this lock before
+            // their queue closes it. shutdown(2) only changes the connection's state.
+            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        }
+    }
 }
 
 /// One path's shared state.
@@ -269,6 +294,7 @@ impl Shared {
         {
             let mut pool = lock(&p.pool);
             pool.spares.clear();
+            pool.sockets.clear();
             pool.free_qids = (1..=granted).rev().collect();
         }
         p.generation.fetch_add(1, Ordering::AcqRel);
@@ -339,7 +365,11 @@ fn refill(shared: &Shared, i: usize, p: &mut PathCtl) {
         };
         match c.connect_io_queue(qid, &shared.qopts) {
             Ok(q) => {
-                lock(&path.pool).spares.push((q, generation));
+                let mut pool = lock(&path.pool);
+                if path.generation() == generation {
+                    pool.sockets.push((qid, q.as_raw_fd()));
+                    pool.spares.push((q, generation));
+                }
             }
             Err(e) => {
                 tracing::warn!(bdev = %shared.info.name(), addr = %path.addr, qid, error = %e, "nvmf: connecting an I/O queue failed");
@@ -359,7 +389,11 @@ fn refill(shared: &Shared, i: usize, p: &mut PathCtl) {
 fn lost(shared: &Shared, i: usize, p: &mut PathCtl) {
     shared.set_down(i);
     lock(&shared.ctrls)[i] = None;
-    lock(&shared.paths[i].pool).spares.clear();
+    {
+        let mut pool = lock(&shared.paths[i].pool);
+        pool.shut_down_sockets();
+        pool.spares.clear();
+    }
     p.ctrl = None;
     p.backoff = shared.reconnect_delay;
     p.next_attempt = Instant::now() + shared.reconnect_delay;
