@@ -10,7 +10,10 @@
 //! It wakes when kicked (a channel lost a queue or wants one) or every
 //! [`REFRESH`]: it checks each controller (Identify Namespace, which also catches a resize
 //! of the remote namespace), reconnects lost ones with back-off, and keeps
-//! [`SPARES`] I/O queues ready per path (more while channels wait).
+//! [`SPARES`] I/O queues ready per path (more while channels wait). When it declares a
+//! controller lost it shuts down the sockets of that controller's I/O queues, so that a
+//! channel sleeping on one (a remote that stopped answering closes nothing) wakes and moves
+//! its commands to another path.
 
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
