@@ -603,8 +603,8 @@ fn create_degraded(
     let mut failed: BTreeMap<String, FailedBdev> = BTreeMap::new();
     for i in order {
         let d = &decls[i];
-        let reason = match d.base() {
-            Some(b) if failed.contains_key(b) => {
+        let reason = match d.bases().into_iter().find(|b| failed.contains_key(*b)) {
+            Some(b) => {
                 let reason = format!("its base '{b}' failed");
                 tracing::error!(
                     bdev = d.name(),

@@ -435,7 +435,12 @@ fn bdev_delete(state: &DaemonState, params: Value) -> Result<Value, RpcError> {
         if failed.contains_key(&p.name) {
             let users: Vec<String> = failed
                 .iter()
-                .filter(|(_, f)| f.spec["base"] == p.name.as_str())
+                .filter(|(_, f)| {
+                    f.spec["base"] == p.name.as_str()
+                        || f.spec["children"]
+                            .as_array()
+                            .is_some_and(|c| c.iter().any(|c| c == p.name.as_str()))
+                })
                 .map(|(n, _)| format!("bdev {n}"))
                 .collect();
             if !users.is_empty() {
