@@ -264,6 +264,12 @@ impl DaemonState {
                 .map(|b| b.info().geometry().size_bytes())
         };
         p.objects.record(method, &params, size_of);
+        if let Some(name) = params.get("name").and_then(serde_json::Value::as_str)
+            && let Some(d) = self.registry.decl(name)
+        {
+            let bases: Vec<String> = d.bases().iter().map(|b| b.to_string()).collect();
+            p.objects.set_bases(name, &bases);
+        }
         let text = serde_json::to_string_pretty(&p.objects.to_state_json(&p.config_bdevs))
             .unwrap_or_default();
         if let Err(e) = crate::state::write_atomic(&p.path, text.as_bytes()) {
