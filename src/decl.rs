@@ -122,13 +122,14 @@ mod tests {
                 "delay",
                 "crc",
                 "compress",
+                "mirror",
                 "crypt_xts",
                 "crypt_gcm"
             ]
         );
         let e = Decl::from_json(serde_json::json!({"kind": "floppy"})).unwrap_err();
         assert!(
-            e.message.ends_with("expected one of `malloc`, `null`, `file`, `error`, `delay`, `crc`, `compress`, `crypt_xts`, `crypt_gcm`"),
+            e.message.ends_with("expected one of `malloc`, `null`, `file`, `error`, `delay`, `crc`, `compress`, `mirror`, `crypt_xts`, `crypt_gcm`"),
             "{e}"
         );
     }

@@ -116,10 +116,7 @@ fn rebuild_one(s: &Arc<Shared>, i: usize) -> Result<u64, String> {
         if full { l.regions } else { s.dirty.count() },
         Ordering::Release,
     );
-    if s.state[i]
-        .compare_exchange(DEGRADED, REBUILDING, Ordering::AcqRel, Ordering::Acquire)
-        .is_err()
-    {
+    if !s.move_state(i, |st| st == DEGRADED, REBUILDING) {
         return Err("the child is not degraded".into());
     }
     tracing::info!(bdev = %s.info.name(), child = i, full, regions = p.total.load(Ordering::Relaxed),
@@ -128,6 +125,9 @@ fn rebuild_one(s: &Arc<Shared>, i: usize) -> Result<u64, String> {
     for r in 0..l.regions {
         if !full && !s.dirty.get(r) {
             continue;
+        }
+        if s.stopping.load(Ordering::Acquire) {
+            return Err("the mirror is closing".into());
         }
         lock_region(s, r)?;
         let res = if full || s.dirty.get(r) {
@@ -151,9 +151,7 @@ fn rebuild_one(s: &Arc<Shared>, i: usize) -> Result<u64, String> {
         return Err("flushing the rebuilt child failed".into());
     }
     s.md_lock_blocking();
-    let done = s.state[i]
-        .compare_exchange(REBUILDING, HEALTHY, Ordering::AcqRel, Ordering::Acquire)
-        .is_ok();
+    let done = s.move_state(i, |st| st == REBUILDING, HEALTHY);
     if done {
         s.full[i].store(false, Ordering::Release);
         s.sb_version.fetch_add(1, Ordering::AcqRel);
