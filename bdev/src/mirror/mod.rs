@@ -382,11 +382,6 @@ impl Drop for MirrorBdev {
     }
 }
 
-/// What opening found on one child.
-struct Found {
-    sb: Option<Superblock>,
-}
-
 fn read_superblock(
     ch: &mut SyncChannel,
     block: u64,
@@ -474,14 +469,14 @@ impl MirrorBdev {
                 BdevError::invalid(field.clone(), format!("opening a channel failed: {e}"))
             })?);
             let sb = read_superblock(&mut ch, layout.sb_block, &field)?;
-            found.push(Found { sb });
+            found.push(sb);
             chans.push(Some(ch));
         }
         // The newest superblock of this mirror is the authority.
         let authority = found
             .iter()
             .enumerate()
-            .filter_map(|(i, f)| f.sb.as_ref().map(|s| (i, s)))
+            .filter_map(|(i, f)| f.as_ref().map(|s| (i, s)))
             .max_by_key(|(_, s)| s.generation)
             .map(|(i, s)| (i, s.clone()));
         let info = BdevInfo::builder(name, KIND, bs, layout.data_blocks, caps)
@@ -566,12 +561,12 @@ impl MirrorBdev {
                 shared.persisted.merge(bs, 0, &bm);
                 for (i, f) in found.iter().enumerate() {
                     let field = format!("children[{i}]");
-                    let member = f.sb.as_ref().and_then(|s| {
+                    let member = f.as_ref().and_then(|s| {
                         (s.mirror_id == asb.mirror_id)
                             .then(|| asb.ids.iter().position(|&id| id == s.self_id && id != 0))
                             .flatten()
                     });
-                    if let Some(s) = &f.sb
+                    if let Some(s) = f
                         && s.mirror_id != asb.mirror_id
                     {
                         return Err(BdevError::invalid(
@@ -883,16 +878,6 @@ impl Bdev for MirrorBdev {
             "regions_copied": r.copied.load(Ordering::Acquire),
             "rebuilds_completed": r.rebuilds.load(Ordering::Acquire),
         })
-    }
-
-    fn control(&self, op: &str, params: serde_json::Value) -> Result<serde_json::Value, BdevError> {
-        match op {
-            "mirror_status" => Ok(self.describe()),
-            _ => Err(BdevError::Unsupported {
-                what: format!("'{op}' on a mirror bdev (it has: mirror_status)"),
-            }),
-        }
-        .inspect(|_| drop(params))
     }
 
     fn add_base(&self, base: Arc<dyn Bdev>) -> Result<serde_json::Value, BdevError> {
