@@ -192,7 +192,7 @@ mod tests {
         assert!(!dbg.contains(&HEX128[..32]), "{dbg}");
         let json = serde_json::to_string(&s).unwrap();
         assert!(!json.contains(&HEX128[..32]), "{json}");
-        let b = CryptXtsKind::build(&s, Some(malloc())).unwrap();
+        let b = CryptXtsKind::build(&s, vec![malloc()]).unwrap();
         assert_eq!(b.info().kind(), crate::xts::KIND);
     }
 
@@ -218,7 +218,7 @@ mod tests {
             "name = \"g\"\nbase = \"m\"\nkey_hex = \"{HEX128}\"\n"
         ))
         .unwrap();
-        let e = CryptGcmKind::build(&s, Some(malloc())).err().unwrap();
+        let e = CryptGcmKind::build(&s, vec![malloc()]).err().unwrap();
         assert_eq!(e.field(), Some("key"), "{e}");
         assert!(!e.to_string().contains(&HEX128[..16]), "{e}");
     }
