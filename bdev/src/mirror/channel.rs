@@ -571,7 +571,10 @@ impl ChannelOps for MirrorChannel {
         if self.s.epoch.load(Ordering::Relaxed) != self.epoch {
             self.follow_membership();
         }
-        for i in 0..MAX_CHILDREN {
+        let mut open = self.present;
+        while open != 0 {
+            let i = open.trailing_zeros() as usize;
+            open &= open - 1;
             let Some(q) = self.children[i].as_mut() else {
                 continue;
             };
