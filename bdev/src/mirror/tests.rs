@@ -34,7 +34,9 @@ fn error_on(base: Arc<dyn Bdev>, name: &str) -> Arc<ErrorBdev> {
 
 fn fail_all(e: &ErrorBdev) {
     e.inject(Some(ErrorRule {
-        ops: vec!["read".into(), "write".into(), "flush".into()],
+        ops: ["read", "write", "flush", "unmap", "write_zeroes"]
+            .map(String::from)
+            .to_vec(),
         status: "media_error".into(),
         count: None,
         every: None,
@@ -367,4 +369,54 @@ fn bad_declarations_name_their_field() {
         Some("child"),
         "a mirror is not its own child"
     );
+}
+
+#[test]
+fn large_unmaps_while_degraded_go_in_pieces_and_resync() {
+    // One-block regions: an unmap of 1,000 blocks locks and marks 1,000 regions, in pieces,
+    // across the boundary of two bitmap blocks (32,768 regions each).
+    let blocks = 40_000;
+    let eb = error_on(malloc("b", blocks), "eb");
+    let m = MirrorBdev::open(
+        "mir",
+        vec![malloc("a", blocks), eb.clone() as Arc<dyn Bdev>],
+        4096,
+        true,
+    )
+    .unwrap();
+    let mut ch = SyncChannel::new(m.open_channel().unwrap());
+    write_gen(&mut ch, 32_000, 2_000, 1);
+    fail_all(&eb);
+    assert_eq!(ch.unmap(32_100, 1_000), IoStatus::Success);
+    assert_eq!(ch.write_zeroes(33_500, 100), IoStatus::Success);
+    write_gen(&mut ch, 32_050, 1, 2);
+    assert_eq!(m.child_states(), ["healthy", "degraded"]);
+    assert_eq!(m.dirty_regions(), 1_101);
+    let expect = |l: u64| -> Option<u8> {
+        match l {
+            32_050 => Some(2),
+            32_100..33_100 | 33_500..33_600 => None,
+            _ => Some(1),
+        }
+    };
+    let check = |ch: &mut SyncChannel| {
+        let (st, got) = ch.read(32_000, 2_000);
+        assert_eq!(st, IoStatus::Success);
+        for (i, b) in got.chunks(4096).enumerate() {
+            let l = 32_000 + i as u64;
+            match expect(l) {
+                Some(g) => assert!(b == block_data(l, 4096, g), "lba {l}"),
+                None => assert!(b.iter().all(|&x| x == 0), "lba {l} reads zeroes"),
+            }
+        }
+    };
+    check(&mut ch);
+    eb.inject(None).unwrap();
+    m.add_child(eb.clone()).unwrap();
+    wait_rebuilt(&m);
+    assert_eq!(m.regions_copied(), 1_101);
+    assert_eq!(m.child_states(), ["healthy", "healthy"]);
+    check(&mut ch);
+    drop(ch);
+    assert_children_equal(&m);
 }
