@@ -420,3 +420,34 @@ fn large_unmaps_while_degraded_go_in_pieces_and_resync() {
     drop(ch);
     assert_children_equal(&m);
 }
+
+#[test]
+fn a_child_failing_a_flush_is_rebuilt_whole() {
+    let eb = error_on(malloc("b", 1024), "eb");
+    let m = MirrorBdev::open(
+        "mir",
+        vec![malloc("a", 1024), eb.clone() as Arc<dyn Bdev>],
+        REGION,
+        true,
+    )
+    .unwrap();
+    let mut ch = SyncChannel::new(m.open_channel().unwrap());
+    write_gen(&mut ch, 0, 8, 1);
+    eb.inject(Some(ErrorRule {
+        ops: vec!["flush".into()],
+        status: "media_error".into(),
+        count: Some(1),
+        every: None,
+    }))
+    .unwrap();
+    assert_eq!(ch.flush(), IoStatus::Success, "the other child flushed");
+    assert_eq!(m.child_states(), ["healthy", "degraded"]);
+    assert_eq!(m.describe()["children"][1]["full_rebuild"], true);
+    // It may have lost writes it had acknowledged: every region is copied, not just dirty ones.
+    assert_eq!(m.dirty_regions(), 0);
+    m.add_child(eb.clone()).unwrap();
+    wait_rebuilt(&m);
+    assert_eq!(m.regions_copied(), m.shared.layout.regions);
+    drop(ch);
+    assert_children_equal(&m);
+}
