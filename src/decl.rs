@@ -82,7 +82,7 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(w.bdev[1].kind(), "crypt_xts");
-        assert_eq!(w.bdev[1].base(), Some("m"));
+        assert_eq!(w.bdev[1].bases(), ["m"]);
         let json = w.bdev[1].to_json().to_string();
         assert!(!json.contains(&hex[..16]), "{json}");
         let reg = ferroblk_bdev::BdevRegistry::new();
@@ -122,13 +122,14 @@ mod tests {
                 "delay",
                 "crc",
                 "compress",
+                "mirror",
                 "crypt_xts",
                 "crypt_gcm"
             ]
         );
         let e = Decl::from_json(serde_json::json!({"kind": "floppy"})).unwrap_err();
         assert!(
-            e.message.ends_with("expected one of `malloc`, `null`, `file`, `error`, `delay`, `crc`, `compress`, `crypt_xts`, `crypt_gcm`"),
+            e.message.ends_with("expected one of `malloc`, `null`, `file`, `error`, `delay`, `crc`, `compress`, `mirror`, `crypt_xts`, `crypt_gcm`"),
             "{e}"
         );
     }
@@ -147,7 +148,7 @@ mod tests {
         .unwrap();
         assert_eq!(w.bdev[1].kind(), "compress");
         assert_eq!(w.bdev[2].kind(), "crc");
-        assert_eq!(w.bdev[2].base(), Some("z"));
+        assert_eq!(w.bdev[2].bases(), ["z"]);
         assert_eq!(w.bdev[1].to_json()["algorithm"], "lz4");
         let reg = ferroblk_bdev::BdevRegistry::new();
         reg.create_all(&w.bdev).unwrap();
