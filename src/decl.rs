@@ -83,7 +83,7 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(w.bdev[1].kind(), "crypt_xts");
-        assert_eq!(w.bdev[1].base(), Some("m"));
+        assert_eq!(w.bdev[1].bases(), ["m"]);
         let json = w.bdev[1].to_json().to_string();
         assert!(!json.contains(&hex[..16]), "{json}");
         let reg = ferroblk_bdev::BdevRegistry::new();
@@ -123,6 +123,7 @@ mod tests {
                 "delay",
                 "crc",
                 "compress",
+                "mirror",
                 "crypt_xts",
                 "crypt_gcm",
                 "nvmf"
@@ -130,7 +131,7 @@ mod tests {
         );
         let e = Decl::from_json(serde_json::json!({"kind": "floppy"})).unwrap_err();
         assert!(
-            e.message.ends_with("expected one of `malloc`, `null`, `file`, `error`, `delay`, `crc`, `compress`, `crypt_xts`, `crypt_gcm`, `nvmf`"),
+            e.message.ends_with("expected one of `malloc`, `null`, `file`, `error`, `delay`, `crc`, `compress`, `mirror`, `crypt_xts`, `crypt_gcm`, `nvmf`"),
             "{e}"
         );
     }
@@ -149,7 +150,7 @@ mod tests {
         .unwrap();
         assert_eq!(w.bdev[1].kind(), "compress");
         assert_eq!(w.bdev[2].kind(), "crc");
-        assert_eq!(w.bdev[2].base(), Some("z"));
+        assert_eq!(w.bdev[2].bases(), ["z"]);
         assert_eq!(w.bdev[1].to_json()["algorithm"], "lz4");
         let reg = ferroblk_bdev::BdevRegistry::new();
         reg.create_all(&w.bdev).unwrap();

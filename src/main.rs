@@ -269,7 +269,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         .bdev
                         .iter()
                         .map(|s| s.name())
-                        .filter(|n| !cfg.bdev.iter().any(|s| s.base() == Some(*n)))
+                        .filter(|n| !cfg.bdev.iter().any(|s| s.stacks_on(n)))
                         .collect();
                     match tops[..] {
                         [one] => one.to_string(),
