@@ -205,7 +205,7 @@ impl BdevKind for NvmfKind {
     fn validate(c: &NvmfDecl) -> Result<(), BdevError> {
         c.validate()
     }
-    fn build(c: &NvmfDecl, _base: Option<Arc<dyn Bdev>>) -> Result<Arc<dyn Bdev>, BdevError> {
+    fn build(c: &NvmfDecl, _bases: Vec<Arc<dyn Bdev>>) -> Result<Arc<dyn Bdev>, BdevError> {
         Ok(Arc::new(NvmfBdev::connect(c)?))
     }
 }
