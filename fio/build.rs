@@ -56,6 +56,19 @@ fn main() {
             "cargo:warning=fio is not installed: the engine is built for {version} unchecked"
         ),
     }
+    // The fio tests include the root package's daemon helpers (tests/common/daemon.rs), which
+    // name the daemon binary by cargo's variable for the root package's tests; here it is the
+    // same workspace build of it, found from this build's output directory
+    // (<target>/<profile>/build/ferroblk-fio-*/out).
+    if let Some(profile_dir) = std::env::var_os("OUT_DIR")
+        .map(PathBuf::from)
+        .and_then(|o| o.ancestors().nth(3).map(PathBuf::from))
+    {
+        println!(
+            "cargo:rustc-env=CARGO_BIN_EXE_ferroblk={}",
+            profile_dir.join("ferroblk").display()
+        );
+    }
     cc::Build::new()
         .file("src/shim.c")
         .include(&src)

@@ -127,7 +127,7 @@ impl BdevBackend {
 }
 
 impl Backend for BdevBackend {
-    fn submit(&mut self, op: Op, offset: u64, buf: *mut u8, len: usize, tag: u64) -> Submit {
+    unsafe fn submit(&mut self, op: Op, offset: u64, buf: *mut u8, len: usize, tag: u64) -> Submit {
         let lba = offset >> self.shift;
         let blocks = (len >> self.shift) as u32;
         let io = match op {

@@ -129,7 +129,11 @@ pub enum Submit {
 pub trait Backend {
     /// Starts `op` on `len` bytes at byte `offset` with fio's buffer `buf` (no copy where the
     /// path allows); `tag` comes back with its completion.
-    fn submit(&mut self, op: Op, offset: u64, buf: *mut u8, len: usize, tag: u64) -> Submit;
+    ///
+    /// # Safety
+    /// For a read or write, `buf` is valid for reads and writes of `len` bytes and nothing else
+    /// touches it until the request's completion has come out of [`Backend::poll`].
+    unsafe fn submit(&mut self, op: Op, offset: u64, buf: *mut u8, len: usize, tag: u64) -> Submit;
     /// Sends what `submit` queued, if the backend batches.
     fn commit(&mut self) {}
     /// Appends finished requests as `(tag, errno)` (0: success); returns how many.
@@ -243,7 +247,10 @@ impl Engine {
     }
 
     /// Submits one request of fio's.
-    pub fn submit(
+    ///
+    /// # Safety
+    /// As for [`Backend::submit`].
+    pub unsafe fn submit(
         &mut self,
         file: usize,
         op: Op,
@@ -259,7 +266,8 @@ impl Engine {
         if op != Op::Flush && (!offset.is_multiple_of(bs) || !len.is_multiple_of(bs) || len == 0) {
             return FFIO_FAILED;
         }
-        match b.submit(op, offset, buf, len as usize, tag) {
+        // SAFETY: the caller's promise on `buf`, passed on.
+        match unsafe { b.submit(op, offset, buf, len as usize, tag) } {
             Submit::Queued => FFIO_QUEUED,
             Submit::Busy => FFIO_BUSY,
         }
@@ -479,8 +487,9 @@ pub unsafe extern "C" fn ffio_queue(
         3 => Op::Flush,
         _ => return FFIO_FAILED,
     };
-    // SAFETY: the caller's promise.
-    unsafe { engine(e) }.submit(file as usize, op, offset, buf.cast(), len, io_u as u64)
+    // SAFETY: the caller's promises on `e` and on `buf` (fio's io_u buffer, left alone by fio
+    // until the io_u comes back from `event`).
+    unsafe { engine(e).submit(file as usize, op, offset, buf.cast(), len, io_u as u64) }
 }
 
 /// Sends what was queued.

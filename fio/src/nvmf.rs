@@ -203,7 +203,7 @@ impl NvmfBackend {
 }
 
 impl Backend for NvmfBackend {
-    fn submit(&mut self, op: Op, offset: u64, buf: *mut u8, len: usize, tag: u64) -> Submit {
+    unsafe fn submit(&mut self, op: Op, offset: u64, buf: *mut u8, len: usize, tag: u64) -> Submit {
         let Some(slot) = self.free.pop() else {
             return Submit::Busy;
         };

@@ -125,9 +125,18 @@ static void get_opts(struct thread_data *td, struct ffio_opts *o)
 	o->config = eo ? eo->config : NULL;
 }
 
+/* fio's log_err (which also reaches a fio client in client/server mode), looked up at run
+ * time so that the Rust test harness, which links this file without fio, links. */
+typedef ssize_t (*log_err_fn)(const char *fmt, ...);
+
 static void fail(struct thread_data *td, int err, const char *what, const char *msg)
 {
-	log_err("ferroblk: %s\n", msg);
+	log_err_fn log = (log_err_fn)dlsym(RTLD_DEFAULT, "log_err");
+
+	if (log)
+		log("ferroblk: %s\n", msg);
+	else
+		fprintf(stderr, "ferroblk: %s\n", msg);
 	td_verror(td, err, what);
 }
 
@@ -310,7 +319,9 @@ __attribute__((constructor)) static void ffio_load(void)
 {
 	ffio_check_version();
 	if (!version_ok) {
-		ffio_version_error(NULL);
+		/* Silent in a program that is not fio at all (the Rust test harness). */
+		if (dlsym(RTLD_DEFAULT, "td_io_init"))
+			ffio_version_error(NULL);
 		ioengine.version = -1;
 		ioengine.options = NULL;
 		ioengine.option_struct_size = 0;

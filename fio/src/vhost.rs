@@ -127,7 +127,7 @@ impl VhostBackend {
 }
 
 impl Backend for VhostBackend {
-    fn submit(&mut self, op: Op, offset: u64, buf: *mut u8, len: usize, tag: u64) -> Submit {
+    unsafe fn submit(&mut self, op: Op, offset: u64, buf: *mut u8, len: usize, tag: u64) -> Submit {
         if self.in_flight >= self.depth {
             return Submit::Busy;
         }
