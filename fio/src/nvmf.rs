@@ -5,9 +5,9 @@
 //! ns=1'` (fio splits file names at `:`, so the NQN's colons are escaped, as with SPDK's
 //! plugin). Each fio thread connects its own controller (admin queue and keep-alive) and one
 //! I/O queue of `iodepth` entries, submits without blocking and polls the queue's socket in
-//! `getevents`. The initiator moves an owned `Vec<u8>` through each command, so each in-flight
-//! slot owns one buffer allocated at open and fio's data is copied into it (writes) or out of it
-//! (reads): one copy per I/O, no allocation.
+//! `getevents`. Reads and writes lend fio's io_u buffer to the queue
+//! (`IoQueue::submit_borrowed`): write data goes to the socket from it and read data lands in
+//! it, with no copy; only a trim's range list uses the slot's own small buffer.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -138,14 +138,6 @@ pub fn probe(file: &str) -> Result<Volume, Error> {
     Ok(v)
 }
 
-/// A request in flight: where a read's data goes.
-#[derive(Clone, Copy)]
-struct Pending {
-    tag: u64,
-    read_to: *mut u8,
-    len: usize,
-}
-
 /// One fio thread's controller and I/O queue.
 pub struct NvmfBackend {
     // Declared first: the queue closes before the controller shuts down (see `Drop`).
@@ -154,9 +146,11 @@ pub struct NvmfBackend {
     nsid: u32,
     volume: Volume,
     shift: u32,
-    /// Each slot's buffer while it is free (taken at submit, put back at completion).
+    /// Each slot's range-list buffer while it is free (taken by a trim, put back at its
+    /// completion).
     bufs: Vec<Vec<u8>>,
-    pending: Vec<Option<Pending>>,
+    /// The fio tag of each slot's request in flight.
+    pending: Vec<Option<u64>>,
     free: Vec<usize>,
     done: Vec<Completion>,
 }
@@ -187,14 +181,15 @@ impl NvmfBackend {
                 },
             )
             .map_err(|e| fail("connect I/O queue 1", e))?;
-        let max = c.volume.max_transfer as usize;
         Ok(NvmfBackend {
             queue: Some(queue),
             ctrl: Some(c.ctrl),
             nsid: c.nsid,
             shift: c.volume.block_size.trailing_zeros(),
             volume: c.volume,
-            bufs: (0..depth).map(|_| Vec::with_capacity(max)).collect(),
+            bufs: (0..depth)
+                .map(|_| Vec::with_capacity(DsmRange::LEN))
+                .collect(),
             pending: vec![None; depth],
             free: (0..depth).rev().collect(),
             done: Vec::with_capacity(depth),
@@ -207,28 +202,28 @@ impl Backend for NvmfBackend {
         let Some(slot) = self.free.pop() else {
             return Submit::Busy;
         };
-        let mut b = std::mem::take(&mut self.bufs[slot]);
         let slba = offset >> self.shift;
         let nlb = (len >> self.shift) as u32;
         let nsid = self.nsid;
-        let cmd = match op {
-            Op::Read => {
-                b.resize(len, 0);
-                IoCommand::Read { nsid, slba, nlb }
-            }
-            Op::Write => {
-                b.clear();
-                // SAFETY: `buf` is fio's io_u buffer of `len` bytes, not written by fio while
-                // the io_u is queued.
-                b.extend_from_slice(unsafe { std::slice::from_raw_parts(buf, len) });
-                IoCommand::Write {
-                    nsid,
-                    slba,
-                    nlb,
-                    fua: false,
-                }
+        let q = self.queue.as_mut().expect("open until dropped");
+        let r = match op {
+            Op::Read | Op::Write => {
+                let cmd = if op == Op::Read {
+                    IoCommand::Read { nsid, slba, nlb }
+                } else {
+                    IoCommand::Write {
+                        nsid,
+                        slba,
+                        nlb,
+                        fua: false,
+                    }
+                };
+                // SAFETY: `buf` is fio's io_u buffer of `len` bytes (this function's contract),
+                // untouched by fio until the completion comes out of `poll`.
+                unsafe { q.submit_borrowed(cmd, buf, len, slot as u64) }.map_err(|_| Vec::new())
             }
             Op::Trim => {
+                let mut b = std::mem::take(&mut self.bufs[slot]);
                 b.clear();
                 b.resize(DsmRange::LEN, 0);
                 DsmRange {
@@ -237,29 +232,22 @@ impl Backend for NvmfBackend {
                     slba,
                 }
                 .write_to(&mut b);
-                IoCommand::Deallocate { nsid, nr: 1 }
+                q.submit(IoCommand::Deallocate { nsid, nr: 1 }, b, slot as u64)
+                    .map_err(|r| r.buf)
             }
-            Op::Flush => {
-                b.clear();
-                IoCommand::Flush { nsid }
-            }
+            Op::Flush => q
+                .submit(IoCommand::Flush { nsid }, Vec::new(), slot as u64)
+                .map_err(|r| r.buf),
         };
-        let q = self.queue.as_mut().expect("open until dropped");
-        match q.submit(cmd, b, slot as u64) {
+        match r {
             Ok(()) => {
-                self.pending[slot] = Some(Pending {
-                    tag,
-                    read_to: if op == Op::Read {
-                        buf
-                    } else {
-                        std::ptr::null_mut()
-                    },
-                    len,
-                });
+                self.pending[slot] = Some(tag);
                 Submit::Queued
             }
-            Err(r) => {
-                self.bufs[slot] = r.buf;
+            Err(b) => {
+                if op == Op::Trim {
+                    self.bufs[slot] = b;
+                }
                 self.free.push(slot);
                 Submit::Busy
             }
@@ -279,18 +267,20 @@ impl Backend for NvmfBackend {
         let mut n = 0;
         for c in self.done.drain(..) {
             let slot = c.tag as usize;
-            let Some(p) = self.pending.get_mut(slot).and_then(Option::take) else {
+            let Some(tag) = self.pending.get_mut(slot).and_then(Option::take) else {
                 continue;
             };
-            let ok = c.status().is_success();
-            if ok && !p.read_to.is_null() {
-                // SAFETY: `read_to` is the io_u buffer of `len` bytes fio handed over at submit
-                // and does not touch until this completion; the command's buffer is that long.
-                unsafe { std::ptr::copy_nonoverlapping(c.buf.as_ptr(), p.read_to, p.len) };
+            let errno = if c.status().is_success() {
+                0
+            } else {
+                libc::EIO
+            };
+            if c.buf.capacity() > 0 {
+                // A trim's range list comes back for the slot's next trim.
+                self.bufs[slot] = c.buf;
             }
-            self.bufs[slot] = c.buf;
             self.free.push(slot);
-            out.push((p.tag, if ok { 0 } else { libc::EIO }));
+            out.push((tag, errno));
             n += 1;
         }
         match r {

@@ -210,6 +210,28 @@ create = true
     );
 }
 
+/// A random trim job over 4 MiB: every trim completes without error.
+fn trims(engine_args: &[&str]) {
+    let mut args = vec![
+        "--name=trim",
+        "--thread",
+        "--rw=randtrim",
+        "--bs=64k",
+        "--iodepth=8",
+        "--size=4M",
+    ];
+    args.extend_from_slice(engine_args);
+    let out = fio(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("trim: IOPS="), "{stdout}");
+    assert!(stdout.contains("err= 0"), "{stdout}");
+}
+
 #[test]
 fn bdev_mode_trims() {
     let dir = tempfile::tempdir().unwrap();
@@ -217,23 +239,11 @@ fn bdev_mode_trims() {
         dir.path(),
         "[[bdev]]\nname = \"ram\"\nkind = \"malloc\"\nsize = \"16MiB\"\n",
     );
-    let out = fio(&[
-        "--name=trim",
-        "--thread",
-        "--rw=randtrim",
-        "--bs=64k",
-        "--size=4M",
+    trims(&[
         "--ferroblk_mode=bdev",
         &format!("--ferroblk_config={cfg}"),
         "--filename=ram",
     ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}{stdout}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(stdout.contains("trim: IOPS="), "{stdout}");
 }
 
 /// A daemon exporting a malloc volume over NVMe/TCP on `port` and over vhost-user.
@@ -274,6 +284,7 @@ fn nvmf_mode_verifies_against_ferroblk() {
         ],
         "8M",
     );
+    trims(&["--ferroblk_mode=nvmf", &target]);
     let e = fails(&[
         "--ferroblk_mode=nvmf",
         &format!("--filename=trtype=tcp traddr=127.0.0.1 trsvcid={port} subnqn=nqn.x\\:none"),
@@ -288,6 +299,7 @@ fn vhost_mode_verifies_against_ferroblk() {
     let mut d = start_exporting(dir.path(), free_port());
     let sock = format!("--filename={}", dir.path().join("vhost.sock").display());
     verify(&["--ferroblk_mode=vhost", &sock], "16M");
+    trims(&["--ferroblk_mode=vhost", &sock]);
     assert!(d.stop(), "the daemon did not stop cleanly");
 }
 

@@ -224,6 +224,28 @@ impl IoQueue {
         self.q.submit(sqe, xfer, buf, tag)
     }
 
+    /// As [`IoQueue::submit`], with the caller's memory (`len` bytes at `buf`) as the data:
+    /// written to the controller from it, or read from the controller straight into it, with
+    /// no copy. The [`Completion`]'s `buf` is empty; a rejected request leaves the memory
+    /// untouched (the [`Rejected`] buffer is empty too).
+    ///
+    /// # Safety
+    /// `buf` is valid for reads and writes of `len` bytes, and nothing else reads or writes it,
+    /// from this call until the command's completion has come out of [`IoQueue::poll`] (or the
+    /// queue is dropped).
+    #[inline]
+    pub unsafe fn submit_borrowed(
+        &mut self,
+        cmd: IoCommand,
+        buf: *mut u8,
+        len: usize,
+        tag: u64,
+    ) -> Result<(), Rejected> {
+        let (sqe, xfer) = cmd.to_sqe();
+        // SAFETY: the caller's promise, passed on unchanged.
+        unsafe { self.q.submit_borrowed(sqe, xfer, buf, len, tag) }
+    }
+
     /// Queues any command (vendor specific, Compare ...): its CID and SGL1 are set here.
     pub fn submit_raw(
         &mut self,

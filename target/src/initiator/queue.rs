@@ -133,6 +133,68 @@ pub(crate) struct QueueParams {
     pub max_in_capsule: usize,
 }
 
+/// A command's data buffer: owned, and handed back in its [`Completion`], or the caller's
+/// memory ([`Queue::submit_borrowed`]), which the queue reads and writes in place and never
+/// references after the command completes.
+#[derive(Debug)]
+pub(crate) enum CmdBuf {
+    /// The caller's `Vec`, moved in and back.
+    Owned(Vec<u8>),
+    /// The caller's memory, `len` bytes at `ptr`.
+    Borrowed {
+        /// Start.
+        ptr: *mut u8,
+        /// Length in bytes.
+        len: usize,
+    },
+}
+
+// SAFETY: a borrowed buffer is memory the submitter promised (`Queue::submit_borrowed`) stays
+// valid and untouched by anyone else until the command completes, whichever thread drives the
+// queue; an owned one is a `Vec`.
+unsafe impl Send for CmdBuf {}
+
+impl Default for CmdBuf {
+    fn default() -> CmdBuf {
+        CmdBuf::Owned(Vec::new())
+    }
+}
+
+impl CmdBuf {
+    fn len(&self) -> usize {
+        match self {
+            CmdBuf::Owned(v) => v.len(),
+            CmdBuf::Borrowed { len, .. } => *len,
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match self {
+            CmdBuf::Owned(v) => v,
+            // SAFETY: valid for `len` bytes and not touched by the submitter until the
+            // command completes (`Queue::submit_borrowed`'s contract); the slot holding it is
+            // busy until then.
+            CmdBuf::Borrowed { ptr, len } => unsafe { std::slice::from_raw_parts(*ptr, *len) },
+        }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        match self {
+            CmdBuf::Owned(v) => v,
+            // SAFETY: as in `bytes`; `&mut self` makes this the queue's only view of it.
+            CmdBuf::Borrowed { ptr, len } => unsafe { std::slice::from_raw_parts_mut(*ptr, *len) },
+        }
+    }
+
+    /// The owned buffer back (empty for a borrowed one: the caller still has its memory).
+    fn into_vec(self) -> Vec<u8> {
+        match self {
+            CmdBuf::Owned(v) => v,
+            CmdBuf::Borrowed { .. } => Vec::new(),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Slot {
     busy: bool,
@@ -142,7 +204,7 @@ struct Slot {
     to_host: bool,
     to_ctrl: bool,
     in_capsule: bool,
-    buf: Vec<u8>,
+    buf: CmdBuf,
     /// Transmit items that still reference `buf`.
     tx_refs: u32,
     /// A C2HData of this command failed its data digest.
@@ -317,18 +379,41 @@ impl Queue {
         buf: Vec<u8>,
         tag: u64,
     ) -> Result<(), Rejected> {
-        self.submit_inner(sqe, xfer, buf, tag, false)
+        self.submit_inner(sqe, xfer, CmdBuf::Owned(buf), tag, false)
+    }
+
+    /// As [`Queue::submit`] with the caller's memory as the data buffer, read (to the
+    /// controller) or written (from it) in place; the completion's `buf` is empty.
+    ///
+    /// # Safety
+    /// `ptr` is valid for reads and writes of `len` bytes, and nothing else reads or writes
+    /// it, from now until the command's completion has been taken from the queue or the queue
+    /// is dropped.
+    pub(crate) unsafe fn submit_borrowed(
+        &mut self,
+        sqe: Sqe,
+        xfer: Xfer,
+        ptr: *mut u8,
+        len: usize,
+        tag: u64,
+    ) -> Result<(), Rejected> {
+        self.submit_inner(sqe, xfer, CmdBuf::Borrowed { ptr, len }, tag, false)
     }
 
     fn submit_inner(
         &mut self,
         mut sqe: Sqe,
         xfer: Xfer,
-        buf: Vec<u8>,
+        buf: CmdBuf,
         tag: u64,
         internal: bool,
     ) -> Result<(), Rejected> {
-        let reject = |reason, buf| Err(Rejected { reason, buf });
+        let reject = |reason, buf: CmdBuf| {
+            Err(Rejected {
+                reason,
+                buf: buf.into_vec(),
+            })
+        };
         if self.dead {
             return reject(RejectReason::Disconnected, buf);
         }
@@ -402,7 +487,7 @@ impl Queue {
         let digest = self
             .neg
             .is_some_and(|n| n.ddgst)
-            .then(|| DataDigest::of(&[&s.buf[start..end]]));
+            .then(|| DataDigest::of(&[&s.buf.bytes()[start..end]]));
         self.tx.push_back(TxItem {
             kind: TxKind::Data { slot, start, end },
             pdu_start: false,
@@ -458,7 +543,7 @@ impl Queue {
         timeout: Duration,
         what: &'static str,
     ) -> Result<Completion, Error> {
-        self.submit_inner(sqe, xfer, buf, 0, true)
+        self.submit_inner(sqe, xfer, CmdBuf::Owned(buf), 0, true)
             .map_err(|r| match r.reason {
                 RejectReason::Disconnected => Error::Disconnected,
                 RejectReason::Full => Error::Invalid("no free command slot"),
@@ -536,7 +621,7 @@ impl Queue {
                 let bytes: &[u8] = match &item.kind {
                     TxKind::Header { bytes, len } => &bytes[..usize::from(*len)],
                     TxKind::Data { slot, start, end } => {
-                        &self.slots[usize::from(*slot)].buf[*start..*end]
+                        &self.slots[usize::from(*slot)].buf.bytes()[*start..*end]
                     }
                     TxKind::Digest(d) => d,
                 };
@@ -659,11 +744,12 @@ impl Queue {
                     let want = end - pos;
                     let n = if avail > 0 {
                         let n = want.min(avail);
-                        s.buf[pos..pos + n].copy_from_slice(&self.rx[self.rx_lo..self.rx_lo + n]);
+                        s.buf.bytes_mut()[pos..pos + n]
+                            .copy_from_slice(&self.rx[self.rx_lo..self.rx_lo + n]);
                         self.rx_lo += n;
                         n
                     } else if want >= DIRECT_READ_MIN {
-                        match (&self.sock).read(&mut s.buf[pos..end]) {
+                        match (&self.sock).read(&mut s.buf.bytes_mut()[pos..end]) {
                             Ok(0) => return Err(Error::Closed),
                             Ok(n) => n,
                             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
@@ -677,7 +763,7 @@ impl Queue {
                         continue;
                     };
                     if let Some(d) = digest.as_mut() {
-                        d.update(&s.buf[pos..pos + n]);
+                        d.update(&s.buf.bytes()[pos..pos + n]);
                     }
                     let pos = pos + n;
                     self.rx_state = if pos < end {
@@ -890,7 +976,7 @@ impl Queue {
         self.done.push(Completion {
             tag: s.tag,
             cqe,
-            buf: std::mem::take(&mut s.buf),
+            buf: std::mem::take(&mut s.buf).into_vec(),
             opcode: s.opcode,
             internal: s.internal,
             lost,

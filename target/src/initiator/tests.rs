@@ -274,6 +274,51 @@ fn own_target_round_trip_with_digests() {
 }
 
 #[test]
+fn borrowed_buffers_are_written_and_read_in_place() {
+    let t = OwnTarget::start();
+    let ctrl = Controller::connect(&ConnectOptions::new(t.addr, NQN)).expect("connect");
+    ctrl.set_number_of_queues(1).expect("set features");
+    let io = IoQueueOptions {
+        depth: 8,
+        ..IoQueueOptions::default()
+    };
+    let mut q = ctrl.connect_io_queue(1, &io).expect("io queue");
+    // A small write (in the capsule) and a large one (by R2T), then both read back in place.
+    for (slba, len) in [(0u64, 4096usize), (2048, 256 << 10)] {
+        let nlb = (len / 512) as u32;
+        let mut w = pattern(slba + 7, len);
+        let mut r = vec![0u8; len];
+        let mut done = Vec::new();
+        let write = IoCommand::Write {
+            nsid: 1,
+            slba,
+            nlb,
+            fua: false,
+        };
+        // SAFETY: `w` outlives the command, which completes before `done` is checked.
+        unsafe { q.submit_borrowed(write, w.as_mut_ptr(), len, 1) }.expect("submit");
+        while done.is_empty() {
+            q.wait(Some(T)).expect("wait");
+            q.poll(&mut done).expect("poll");
+        }
+        assert!(done[0].status().is_success());
+        assert!(done[0].buf.is_empty());
+        done.clear();
+        let read = IoCommand::Read { nsid: 1, slba, nlb };
+        // SAFETY: `r` outlives the command, which completes before `r` is read.
+        unsafe { q.submit_borrowed(read, r.as_mut_ptr(), len, 2) }.expect("submit");
+        while done.is_empty() {
+            q.wait(Some(T)).expect("wait");
+            q.poll(&mut done).expect("poll");
+        }
+        assert!(done[0].status().is_success());
+        assert!(r == w, "data read back in place at {slba}");
+    }
+    q.disconnect().expect("disconnect");
+    ctrl.shutdown().expect("shutdown");
+}
+
+#[test]
 fn connect_to_unknown_subsystem_is_a_typed_error() {
     let t = OwnTarget::start();
     let e = Controller::connect(&ConnectOptions::new(t.addr, "nqn.2026-11.io.ferroblk:nope"))
