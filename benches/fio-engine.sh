@@ -22,30 +22,12 @@ pid=
 cleanup() { [ -n "$pid" ] && { kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; }; rm -rf "$work"; }
 trap cleanup EXIT
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-cat > "$work/f.toml" <<TOML
-[reactors]
-cpus = [0]
-[rpc]
-socket = "$work/rpc.sock"
-[[bdev]]
-name = "null0"
-kind = "null"
-size = "64GiB"
-block_size = 4096
-[[vhost]]
-socket = "$work/vhost.sock"
-bdev = "null0"
-num_queues = 1
-[[subsystem]]
-nqn = "nqn.2024-01.io.ferroblk:bench"
-allow_any_host = true
-[[subsystem.namespace]]
-nsid = 1
-bdev = "null0"
-[[listener]]
-addr = "127.0.0.1"
-port = $port
-TOML
+nqn=$(sed -n 's/^nqn = "\(.*\)"/\1/p' configs/bench-null.toml)
+# configs/bench-null.toml (a null bdev, a vhost export and an NVMe/TCP subsystem, one reactor on
+# CPU 0) with its sockets in the work directory and a free port.
+sed -e "s|^socket = \"run/bench-null-rpc.sock\"|socket = \"$work/rpc.sock\"|" \
+    -e "s|^socket = \"run/bench-null.sock\"|socket = \"$work/vhost.sock\"|" \
+    -e "s|^port = .*|port = $port|" configs/bench-null.toml > "$work/f.toml"
 # In-process cells use the same file: the bdev mode and `perf bdev` ignore its fronts.
 "$bin" serve --config "$work/f.toml" >"$work/daemon.log" 2>&1 & pid=$!
 for _ in $(seq 200); do [ -S "$work/vhost.sock" ] && break; sleep 0.05; done
@@ -72,7 +54,7 @@ j = json.load(sys.stdin)
 print(round(j["iops"]), round(j["reactor_cpu_ns_per_io"]))' \
     || { cat "$work/perf.err" >&2; return 1; }
 }
-nvmf="trtype=tcp traddr=127.0.0.1 trsvcid=$port subnqn=nqn.2024-01.io.ferroblk\\:bench ns=1"
+nvmf="trtype=tcp traddr=127.0.0.1 trsvcid=$port subnqn=${nqn//:/\\:} ns=1"
 cells=(fio-null fio-bdev perf-bdev fio-vhost perf-vhost fio-nvmf perf-nvmf)
 run_cell() {
   case $1 in
@@ -82,7 +64,7 @@ run_cell() {
     fio-vhost)  fio_job 1 --ioengine="external:$so" --ferroblk_mode=vhost --filename="$work/vhost.sock" ;;
     perf-vhost) perf_job vhost --socket "$work/vhost.sock" --cpus 1 ;;
     fio-nvmf)   fio_job 1 --ioengine="external:$so" --ferroblk_mode=nvmf --filename="$nvmf" ;;
-    perf-nvmf)  perf_job nvmf --addr "127.0.0.1:$port" --nqn nqn.2024-01.io.ferroblk:bench --nsid 1 --cpus 1 ;;
+    perf-nvmf)  perf_job nvmf --addr "127.0.0.1:$port" --nqn "$nqn" --nsid 1 --cpus 1 ;;
   esac
 }
 declare -A iops ns

@@ -6,6 +6,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+#[path = "../../tests/common/chain.rs"]
+mod chain;
 #[path = "../../tests/common/daemon.rs"]
 #[allow(dead_code)]
 mod daemon;
@@ -13,6 +15,7 @@ mod daemon;
 #[allow(dead_code)]
 mod qsd;
 
+use chain::chain_toml;
 use daemon::{free_port, start_daemon};
 
 /// The engine cargo built for this profile (`out/<profile>/libferroblk_fio.so`).
@@ -165,41 +168,7 @@ fn bdev_mode_verifies_on_a_file() {
 #[test]
 fn bdev_mode_verifies_on_a_transform_chain() {
     let dir = tempfile::tempdir().unwrap();
-    let key = "0f1e2d3c4b5a69788796a5b4c3d2e1f0".repeat(2)
-        + &"00112233445566778899aabbccddeeff".repeat(2);
-    let cfg = write_config(
-        dir.path(),
-        &format!(
-            r#"
-[[bdev]]
-kind = "crc"
-name = "checked"
-base = "packed"
-
-[[bdev]]
-kind = "compress"
-name = "packed"
-base = "secret"
-size = "32MiB"
-chunk_size = "16KiB"
-format = "if_unformatted"
-
-[[bdev]]
-kind = "crypt_xts"
-name = "secret"
-base = "disk"
-key_hex = "{key}"
-
-[[bdev]]
-kind = "file"
-name = "disk"
-path = "{}"
-size = "24MiB"
-create = true
-"#,
-            dir.path().join("chain.img").display()
-        ),
-    );
+    let cfg = write_config(dir.path(), &chain_toml(&dir.path().join("chain.img")));
     verify(
         &[
             "--ferroblk_mode=bdev",
