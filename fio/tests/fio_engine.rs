@@ -360,3 +360,46 @@ fn bad_options_fail_with_a_clear_message() {
     assert!(!out.status.success(), "{e}");
     assert!(e.contains("needs --thread"), "{e}");
 }
+
+/// The load-time version check: the shim built as for another fio (only the version it was
+/// built for differs) is refused by this fio with a message saying what to rebuild, before fio
+/// reads its option table.
+#[test]
+fn a_fio_of_another_version_refuses_the_engine_with_a_clear_message() {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let src = std::env::var_os("FIO_SRC")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| manifest.join("../out/fio-src"));
+    let dir = tempfile::tempdir().unwrap();
+    let so = dir.path().join("other-fio.so");
+    let st = Command::new("cc")
+        .args([
+            "-shared",
+            "-fPIC",
+            "-std=gnu99",
+            "-D_GNU_SOURCE",
+            "-include",
+        ])
+        .arg(src.join("config-host.h"))
+        .arg("-I")
+        .arg(&src)
+        .arg("-DFERROBLK_FIO_VERSION=\"fio-0.0\"")
+        .arg("-o")
+        .arg(&so)
+        .arg(manifest.join("src/shim.c"))
+        .status()
+        .unwrap();
+    assert!(st.success(), "cc shim.c");
+    let out = Command::new("fio")
+        .args(["--name=x", "--filename=x", "--size=1M"])
+        .arg(format!("--ioengine=external:{}", so.display()))
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{e}");
+    assert!(
+        e.contains("built against fio-0.0 (ioengine ops version 31) but loaded by fio-"),
+        "{e}"
+    );
+    assert!(e.contains("fio/fetch-headers.sh"), "{e}");
+}
