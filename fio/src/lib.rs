@@ -233,6 +233,13 @@ pub const FFIO_FAILED: c_int = 2;
 impl Engine {
     /// Opens every file of a job on the calling thread.
     pub fn open(o: &Options, depth: usize, files: &[&str]) -> Result<Engine, Error> {
+        if o.mode == Mode::Vhost && files.len() > 1 {
+            // fio's io_u buffers are one region, shared with one back-end.
+            return Err(Error::Option(format!(
+                "ferroblk_mode=vhost takes one socket per job ({} given): run one job per socket",
+                files.len()
+            )));
+        }
         let backends = files
             .iter()
             .map(|f| open_backend(o, f, depth))

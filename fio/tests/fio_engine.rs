@@ -215,7 +215,7 @@ fn bdev_mode_trims() {
     ]);
 }
 
-/// A daemon exporting a malloc volume over NVMe/TCP on `port` and over vhost-user.
+/// A daemon exporting a malloc volume over NVMe/TCP on `port` and over vhost-user (twice).
 fn start_exporting(dir: &Path, port: u16) -> daemon::Daemon {
     ensure_daemon();
     std::fs::write(
@@ -224,6 +224,7 @@ fn start_exporting(dir: &Path, port: u16) -> daemon::Daemon {
             "[reactors]\ncount = 1\n[rpc]\nsocket = \"rpc.sock\"\n\
              [[bdev]]\nname = \"vol0\"\nkind = \"malloc\"\nsize = \"64MiB\"\n\
              [[vhost]]\nsocket = \"vhost.sock\"\nbdev = \"vol0\"\n\
+             [[vhost]]\nsocket = \"vhost2.sock\"\nbdev = \"vol0\"\n\
              [[subsystem]]\nnqn = \"nqn.2024-01.io.ferroblk:vol0\"\nallow_any_host = true\n\
              [[subsystem.namespace]]\nnsid = 1\nbdev = \"vol0\"\n\
              [[listener]]\naddr = \"127.0.0.1\"\nport = {port}\n"
@@ -269,6 +270,14 @@ fn vhost_mode_verifies_against_ferroblk() {
     let sock = format!("--filename={}", dir.path().join("vhost.sock").display());
     verify(&["--ferroblk_mode=vhost", &sock], "16M");
     trims(&["--ferroblk_mode=vhost", &sock]);
+    // One job's buffers are one region shared with one back-end: two sockets are refused.
+    let two = format!(
+        "--filename={}:{}",
+        dir.path().join("vhost.sock").display(),
+        dir.path().join("vhost2.sock").display()
+    );
+    let e = fails(&["--ferroblk_mode=vhost", &two]);
+    assert!(e.contains("takes one socket per job (2 given)"), "{e}");
     assert!(d.stop(), "the daemon did not stop cleanly");
 }
 
