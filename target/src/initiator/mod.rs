@@ -5,8 +5,9 @@
 //!
 //! ## Architecture
 //! What flows in: commands from the caller (admin requests as method calls, I/O as
-//! [`IoCommand`]s with an owned buffer and a tag). What flows out: bytes on one TCP connection
-//! per queue, and [`Completion`]s (tag, CQE, the buffer back).
+//! [`IoCommand`]s with an owned buffer, or the caller's memory lent with
+//! [`IoQueue::submit_borrowed`], and a tag). What flows out: bytes on one TCP connection per
+//! queue, and [`Completion`]s (tag, CQE, the owned buffer back).
 //!
 //! - `queue` (private): the engine. One connection, one NVMe queue: ICReq/ICResp, CID slots
 //!   (the CID is the slot index), capsule encoding with in-capsule data up to IOCCSZ, R2T →
