@@ -51,7 +51,9 @@ perf_job() { # perf subcommand and its options: prints "IOPS NS_PER_IO"
     | python3 -c '
 import json, sys
 j = json.load(sys.stdin)
-print(round(j["iops"]), round(j["reactor_cpu_ns_per_io"]))' \
+# CPU time of the I/O threads per I/O: reactor (bdev), queue threads (nvmf), client (vhost).
+ns = j.get("reactor_cpu_ns_per_io", j.get("client_cpu_ns_per_io"))
+print(round(j["iops"]), round(ns))' \
     || { cat "$work/perf.err" >&2; return 1; }
 }
 nvmf="trtype=tcp traddr=127.0.0.1 trsvcid=$port subnqn=${nqn//:/\\:} ns=1"
@@ -84,7 +86,7 @@ for line in sys.stdin:
     a, n = rest.split("|")
     rows[name] = ([float(x) for x in a.split()], [float(x) for x in n.split()])
 base = s.median(rows["fio-null"][1])
-print(f"{\"cell\":<11} {\"IOPS\":>9} {\"ns/IO\":>6} {\"min-max ns/IO\":>14} {\"vs fio null\":>11}")
+print("%-11s %9s %6s %14s %11s" % ("cell", "IOPS", "ns/IO", "min-max ns/IO", "vs fio null"))
 for name, (a, n) in rows.items():
     print(f"{name:<11} {s.median(a):>9.0f} {s.median(n):>6.0f} {min(n):>6.0f}-{max(n):<7.0f} {s.median(n) / base:>10.2f}x")
 pairs = [("fio-bdev", "perf-bdev"), ("fio-vhost", "perf-vhost"), ("fio-nvmf", "perf-nvmf")]

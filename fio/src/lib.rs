@@ -25,6 +25,9 @@
 //!   job, the completions gathered by `getevents` until `event` hands them out, and the io_u
 //!   buffer memory. A backend is a bdev channel, an NVMe/TCP I/O queue or a libblkio queue,
 //!   opened by and polled on the fio thread itself: no thread is added per I/O or per job.
+//!   The engine has no `commit`: what `queue` accepted goes out when fio next asks for
+//!   completions (`getevents`), all at once (one `writev` to an NVMe/TCP socket, one vhost-user
+//!   kick), as SPDK's socket layer batches sends; fio then accounts the submission itself.
 //! - Sizes: `get_file_size` (fio's main process, before the jobs start) probes each volume,
 //!   checks fio's block sizes and alignments against the volume's block size, and reports the
 //!   volume's size.
@@ -134,8 +137,6 @@ pub trait Backend {
     /// For a read or write, `buf` is valid for reads and writes of `len` bytes and nothing else
     /// touches it until the request's completion has come out of [`Backend::poll`].
     unsafe fn submit(&mut self, op: Op, offset: u64, buf: *mut u8, len: usize, tag: u64) -> Submit;
-    /// Sends what `submit` queued, if the backend batches.
-    fn commit(&mut self) {}
     /// Appends finished requests as `(tag, errno)` (0: success); returns how many.
     fn poll(&mut self, out: &mut Vec<(u64, i32)>) -> Result<usize, Error>;
     /// The volume.
@@ -277,13 +278,6 @@ impl Engine {
         match unsafe { b.submit(op, offset, buf, len as usize, tag) } {
             Submit::Queued => FFIO_QUEUED,
             Submit::Busy => FFIO_BUSY,
-        }
-    }
-
-    /// Sends what was queued.
-    pub fn commit(&mut self) {
-        for b in &mut self.backends {
-            b.commit();
         }
     }
 
@@ -497,17 +491,6 @@ pub unsafe extern "C" fn ffio_queue(
     // SAFETY: the caller's promises on `e` and on `buf` (fio's io_u buffer, left alone by fio
     // until the io_u comes back from `event`).
     unsafe { engine(e).submit(file as usize, op, offset, buf.cast(), len, io_u as u64) }
-}
-
-/// Sends what was queued.
-///
-/// # Safety
-/// As for [`engine`].
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn ffio_commit(e: *mut c_void) -> c_int {
-    // SAFETY: the caller's promise.
-    unsafe { engine(e) }.commit();
-    0
 }
 
 /// Polls completions (`getevents`): how many, or -1 with a message.

@@ -254,13 +254,6 @@ impl Backend for NvmfBackend {
         }
     }
 
-    fn commit(&mut self) {
-        // Sends the queued capsules now, so the target starts on them while fio prepares more.
-        if let Some(q) = self.queue.as_mut() {
-            let _ = q.poll(&mut self.done);
-        }
-    }
-
     fn poll(&mut self, out: &mut Vec<(u64, i32)>) -> Result<usize, Error> {
         let q = self.queue.as_mut().expect("open until dropped");
         let r = q.poll(&mut self.done);

@@ -39,7 +39,6 @@ extern void *ffio_open(const struct ffio_opts *o, unsigned int iodepth, unsigned
 		       const char *const *names, char *err, size_t errlen);
 extern int ffio_queue(void *e, unsigned int file, int ddir, unsigned long long offset,
 		      void *buf, unsigned long long len, void *io_u);
-extern int ffio_commit(void *e);
 extern int ffio_getevents(void *e, unsigned int min, unsigned int max, long long timeout_ns,
 			  char *err, size_t errlen);
 extern void *ffio_event(void *e, int i, int *error);
@@ -170,16 +169,17 @@ static int ffio_init(struct thread_data *td)
 	struct ffio_opts o;
 	const char *names[td->o.nr_files ? td->o.nr_files : 1];
 	struct fio_file *f;
-	unsigned int i;
+	unsigned int i, n = 0;
 	char err[ERRLEN] = "";
 	void *e;
 
 	if (ffio_version_error(td))
 		return 1;
 	get_opts(td, &o);
+	/* Index i is the file's fileno, which queue() passes back. */
 	for_each_file(td, f, i)
-		names[i] = f->file_name;
-	e = ffio_open(&o, td->o.iodepth, td->o.nr_files, names, err, sizeof(err));
+		names[n++] = f->file_name;
+	e = ffio_open(&o, td->o.iodepth, n, names, err, sizeof(err));
 	if (!e) {
 		fail(td, EINVAL, "ferroblk init", err);
 		return 1;
@@ -228,11 +228,6 @@ static enum fio_q_status ffio_queue_io(struct thread_data *td, struct io_u *io_u
 		return FIO_Q_COMPLETED;
 	}
 	return FIO_Q_QUEUED;
-}
-
-static int ffio_commit_io(struct thread_data *td)
-{
-	return ffio_commit(td->io_ops_data);
 }
 
 static int ffio_get_events(struct thread_data *td, unsigned int min, unsigned int max,
@@ -300,7 +295,9 @@ struct ioengine_ops ioengine = {
 	.flags = FIO_RAWIO | FIO_DISKLESSIO | FIO_NOEXTEND | FIO_NODISKUTIL | FIO_MEMALIGN,
 	.init = ffio_init,
 	.queue = ffio_queue_io,
-	.commit = ffio_commit_io,
+	/* No commit: what queue() accepted goes out at the next getevents, in one batch (one
+	 * writev to the NVMe/TCP socket, one vhost-user kick), and fio accounts the submission
+	 * itself. */
 	.getevents = ffio_get_events,
 	.event = ffio_get_event,
 	.cleanup = ffio_cleanup,

@@ -68,8 +68,6 @@ pub struct VhostBackend {
     depth: usize,
     in_flight: usize,
     completions: Vec<MaybeUninit<Completion>>,
-    /// Completions `commit` found, for the next `poll`.
-    ready: Vec<(u64, i32)>,
 }
 
 impl VhostBackend {
@@ -106,11 +104,10 @@ impl VhostBackend {
             completions: std::iter::repeat_with(MaybeUninit::uninit)
                 .take(depth.max(1))
                 .collect(),
-            ready: Vec::with_capacity(depth),
         })
     }
 
-    /// Runs the queue once without waiting; completions go to `out`.
+    /// Submits what was queued (one kick) and takes what completed, without waiting.
     fn step(&mut self, out: &mut Vec<(u64, i32)>) -> Result<usize, Error> {
         let n = self
             .queue
@@ -145,17 +142,8 @@ impl Backend for VhostBackend {
         Submit::Queued
     }
 
-    fn commit(&mut self) {
-        let mut ready = std::mem::take(&mut self.ready);
-        let _ = self.step(&mut ready);
-        self.ready = ready;
-    }
-
     fn poll(&mut self, out: &mut Vec<(u64, i32)>) -> Result<usize, Error> {
-        let mut n = self.ready.len();
-        out.append(&mut self.ready);
-        n += self.step(out)?;
-        Ok(n)
+        self.step(out)
     }
 
     fn volume(&self) -> Volume {
