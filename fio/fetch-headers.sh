@@ -32,7 +32,9 @@ SRC
   apt-get update -qq
 fi
 
-work=$(mktemp -d "${dest%/*}/.fio-src.XXXXXX" 2>/dev/null || { mkdir -p "${dest%/*}"; mktemp -d "${dest%/*}/.fio-src.XXXXXX"; })
+parent=$(dirname "$dest")
+mkdir -p "$parent"
+work=$(mktemp -d "$parent/.fio-src.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 ( cd "$work" && apt-get source -qq "fio=$version" >/dev/null 2>&1 ) \
   || ( apt-get update -qq && cd "$work" && apt-get source -qq "fio=$version" >/dev/null ) \
