@@ -60,6 +60,8 @@ fn verify(engine_args: &[&str], size: &str) {
         "--verify=crc32c",
         "--do_verify=1",
         "--verify_fatal=1",
+        // No verify state file left in the working directory.
+        "--verify_state_save=0",
         "--output-format=json",
     ];
     let size = format!("--size={size}");
