@@ -13,25 +13,21 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-5}; secs=${2:-5}; qd=${3:-32}; bs=4096
 command -v fio >/dev/null || { apt-get update -qq && apt-get install -y -qq fio; }
+. benches/common.sh
 bash fio/fetch-headers.sh >/dev/null
 cargo build --release -p ferroblk -p ferroblk-fio
-bin=$(realpath out/release/ferroblk)
+bin=$(bench_bin)
 so=$(realpath out/release/libferroblk_fio.so)
 work=$(mktemp -d /var/tmp/ferroblk-fio-bench.XXXX)
-pid=
-cleanup() { [ -n "$pid" ] && { kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; }; rm -rf "$work"; }
-trap cleanup EXIT
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-nqn=$(sed -n 's/^nqn = "\(.*\)"/\1/p' configs/bench-null.toml)
-# configs/bench-null.toml (a null bdev, a vhost export and an NVMe/TCP subsystem, one reactor on
-# CPU 0) with its sockets in the work directory and a free port.
-sed -e "s|^socket = \"run/bench-null-rpc.sock\"|socket = \"$work/rpc.sock\"|" \
-    -e "s|^socket = \"run/bench-null.sock\"|socket = \"$work/vhost.sock\"|" \
-    -e "s|^port = .*|port = $port|" configs/bench-null.toml > "$work/f.toml"
-# In-process cells use the same file: the bdev mode and `perf bdev` ignore its fronts.
-"$bin" serve --config "$work/f.toml" >"$work/daemon.log" 2>&1 & pid=$!
-for _ in $(seq 200); do [ -S "$work/vhost.sock" ] && break; sleep 0.05; done
-[ -S "$work/vhost.sock" ] || { echo "daemon did not start:"; cat "$work/daemon.log"; exit 1; } >&2
+port=$(free_port)
+nqn=nqn.2026-11.io.ferroblk:bench
+# One reactor on CPU 0 serving the null bdev `null0` over NVMe/TCP and vhost-user; the
+# in-process cells (bdev mode, `perf bdev`) build the same bdev from the same file.
+null_target_config "$work/f.toml" "$work/rpc.sock" "$port" "$nqn" 64GiB "$work/vhost.sock"
+"$bin" serve --config "$work/f.toml" >"$work/daemon.log" 2>&1 &
+pid=$!
+trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$work"' EXIT
+wait_sock "$work/vhost.sock" || { cat "$work/daemon.log" >&2; exit 1; }
 
 fio_job() { # CPU, then engine options: prints "IOPS NS_PER_IO"
   local cpu=$1; shift
