@@ -1,9 +1,7 @@
 //! `ferroblk`: the daemon (`serve`), its control client (`rpc`), the benchmark (`perf`) and a
 //! configuration checker (`check-config`).
 
-mod config;
 mod daemon;
-mod decl;
 mod metrics;
 mod notify;
 mod perf;
@@ -15,6 +13,8 @@ mod state;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+
+use ferroblk::{config, decl};
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use ferroblk_bdev::BdevRegistry;

@@ -12,6 +12,7 @@ command -v losetup >/dev/null || need+=(mount)
 command -v cc >/dev/null || need+=(gcc)
 command -v qemu-storage-daemon >/dev/null || need+=(qemu-system-common)
 command -v fio >/dev/null || need+=(fio)
+command -v dpkg-source >/dev/null || need+=(dpkg-dev)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -25,6 +26,10 @@ fi
 # A one-shot build gains nothing from incremental compilation, which doubles the build
 # directory's size on disk.
 export CARGO_INCREMENTAL=0
+
+# The fio engine (fio/) is built against the installed fio's own configured source tree.
+echo "== fio headers"
+bash fio/fetch-headers.sh
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
