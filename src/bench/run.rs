@@ -48,8 +48,18 @@ struct Environment {
     engine_lib: Option<String>,
     /// Text of each target's bdev-engine configuration (`{run}` not yet replaced).
     bdev_configs: Vec<Option<String>>,
-    /// Text of each ferroblk service's configuration, per target and start entry.
+    /// Text of each ferroblk service's configuration, per group of [`start_groups`] and entry.
     daemon_configs: Vec<Vec<Option<String>>>,
+}
+
+/// What a spec starts, in groups: the spec's own `[[start]]` (shared by every target), then
+/// each target's; with the key prefix that names them.
+fn start_groups(c: &Checked) -> Vec<(String, &[Service])> {
+    let mut v = vec![("start".to_string(), &c.spec.start[..])];
+    for (i, t) in c.spec.targets.iter().enumerate() {
+        v.push((format!("target[{i}].start"), &t.start[..]));
+    }
+    v
 }
 
 fn read_named(path: &str, field: &str) -> anyhow::Result<String> {
@@ -95,8 +105,23 @@ fn environment(c: &Checked, o: &Options) -> anyhow::Result<Environment> {
     } else {
         None
     };
+    let (bdev_configs, daemon_configs) = configs(c)?;
+    Ok(Environment {
+        fio_version,
+        engine_lib,
+        bdev_configs,
+        daemon_configs,
+    })
+}
+
+/// The ferroblk configurations a spec names (files read, inline text as is), per target for
+/// the bdev engine and per start group for daemons, all parsed as `serve` would; and every
+/// peer's program found.
+type Configs = (Vec<Option<String>>, Vec<Vec<Option<String>>>);
+
+fn configs(c: &Checked) -> anyhow::Result<Configs> {
+    let file = c.file.display();
     let mut bdev_configs = Vec::new();
-    let mut daemon_configs = Vec::new();
     for (i, t) in c.spec.targets.iter().enumerate() {
         bdev_configs.push(match (&t.ferroblk_config, &t.ferroblk_toml) {
             (Some(p), _) => Some(read_named(
@@ -106,12 +131,15 @@ fn environment(c: &Checked, o: &Options) -> anyhow::Result<Environment> {
             (None, Some(text)) => Some(text.clone()),
             _ => None,
         });
+    }
+    let mut daemon_configs = Vec::new();
+    for (prefix, starts) in start_groups(c) {
         let mut per = Vec::new();
-        for (k, s) in t.start.iter().enumerate() {
+        for (k, s) in starts.iter().enumerate() {
             per.push(match (&s.ferroblk_config, &s.ferroblk_toml) {
                 (Some(p), _) => Some(read_named(
                     p,
-                    &format!("{file}: target[{i}].start[{k}].ferroblk_config"),
+                    &format!("{file}: {prefix}[{k}].ferroblk_config"),
                 )?),
                 (None, Some(text)) => Some(text.clone()),
                 _ => None,
@@ -119,20 +147,42 @@ fn environment(c: &Checked, o: &Options) -> anyhow::Result<Environment> {
             if let Some(cmd) = &s.command
                 && !on_path(&cmd[0])
             {
-                anyhow::bail!(
-                    "{file}: target[{i}].start[{k}].command: '{}' is not installed",
-                    cmd[0]
-                );
+                anyhow::bail!("{file}: {prefix}[{k}].command: '{}' is not installed", cmd[0]);
             }
         }
         daemon_configs.push(per);
     }
-    Ok(Environment {
-        fio_version,
-        engine_lib,
-        bdev_configs,
-        daemon_configs,
-    })
+    check_configs(c, &bdev_configs, &daemon_configs)?;
+    Ok((bdev_configs, daemon_configs))
+}
+
+/// Parses every ferroblk configuration a spec gives (with `{run}` standing for a scratch
+/// directory) as `serve` would, so that a bad one fails before anything starts.
+fn check_configs(
+    c: &Checked,
+    bdev_configs: &[Option<String>],
+    daemon_configs: &[Vec<Option<String>>],
+) -> anyhow::Result<()> {
+    let file = c.file.display();
+    let run = "/var/tmp/ferroblk-bench.check";
+    let key = |inline: bool| if inline { "ferroblk_toml" } else { "ferroblk_config" };
+    for (i, (t, text)) in c.spec.targets.iter().zip(bdev_configs).enumerate() {
+        if let Some(text) = text {
+            let field = format!("target[{i}].{}", key(t.ferroblk_toml.is_some()));
+            crate::config::Config::parse(&text.replace("{run}", run), &field)
+                .map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
+        }
+    }
+    for ((prefix, starts), texts) in start_groups(c).into_iter().zip(daemon_configs) {
+        for (k, (s, text)) in starts.iter().zip(texts).enumerate() {
+            if let Some(text) = text {
+                let field = format!("{prefix}[{k}].{}", key(s.ferroblk_toml.is_some()));
+                crate::config::Config::parse(&text.replace("{run}", run), &field)
+                    .map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The spec's hash: CRC-64/NVME over the spec as parsed and the text of every file it names.
@@ -595,8 +645,6 @@ pub fn run(spec: &Path, o: &Options) -> anyhow::Result<Outcome> {
     let logs = dir.path.join("logs");
     std::fs::create_dir_all(&logs)?;
 
-    // Start every target that has runs left.
-    let mut procs: Vec<TargetProcs> = Vec::new();
     let mut resolved = Vec::new();
     for (i, t) in c.spec.targets.iter().enumerate() {
         let bdev_cfg = match &env.bdev_configs[i] {
@@ -613,35 +661,35 @@ pub fn run(spec: &Path, o: &Options) -> anyhow::Result<Outcome> {
             env.engine_lib.as_deref(),
             bdev_cfg.as_deref(),
         ));
-        let left = points
-            .iter()
-            .any(|p| (0..m.repeats).any(|rep| !is_done(&CellKey::new(&t.name, p), rep)));
+    }
+    // Start everything (shared, then each target's) when any run is left.
+    let mut procs: Vec<TargetProcs> = Vec::new();
+    let left = skipped < total;
+    for (g, (prefix, starts)) in start_groups(&c).into_iter().enumerate() {
         let mut tp = TargetProcs {
             procs: Vec::new(),
             broken: None,
         };
-        if left {
-            for (k, s) in t.start.iter().enumerate() {
-                if stop.load(Ordering::Relaxed) {
+        for (k, s) in starts.iter().enumerate() {
+            if !left || stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let what = format!("{prefix}[{k}]");
+            let name = match g {
+                0 => format!("start{k}"),
+                _ => format!("{}-start{k}", c.spec.targets[g - 1].name),
+            };
+            let started = start_of(s, &env.daemon_configs[g][k], &scratch.0, &name, &run_s)
+                .and_then(|start| {
+                    let log = logs.join(format!("{name}.log"));
+                    Running::spawn(what.clone(), start, log, &stop)
+                });
+            match started {
+                Ok(r) => tp.procs.push(r),
+                Err(e) => {
+                    progress.note(&format!("{e:#}"));
+                    tp.broken = Some(format!("{e:#}"));
                     break;
-                }
-                let what = format!("target '{}' start[{k}]", t.name);
-                match start_of(s, &env.daemon_configs[i][k], &scratch.0, &t.name, k, &run_s) {
-                    Ok(start) => {
-                        let log = logs.join(format!("{}-start{k}.log", t.name));
-                        match Running::spawn(what, start, log, &stop) {
-                            Ok(r) => tp.procs.push(r),
-                            Err(e) => {
-                                tp.broken = Some(format!("{e:#}"));
-                                progress.note(&format!("{e:#}"));
-                                break;
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        tp.broken = Some(format!("{what}: {e:#}"));
-                        break;
-                    }
                 }
             }
         }
@@ -674,7 +722,9 @@ pub fn run(spec: &Path, o: &Options) -> anyhow::Result<Outcome> {
                     error,
                     fio_file,
                 };
-                if let Some(why) = &procs[ti].broken {
+                // The shared group, then the target's own.
+                let groups = [0, ti + 1];
+                if let Some(why) = groups.iter().find_map(|&g| procs[g].broken.clone()) {
                     let r = record(None, Some(format!("target not running: {why}")), None);
                     failed_now.push(key.clone());
                     dir.append(&r)?;
@@ -685,8 +735,10 @@ pub fn run(spec: &Path, o: &Options) -> anyhow::Result<Outcome> {
                     ));
                     continue;
                 }
-                if let Some(why) = procs[ti].check(&stop) {
-                    progress.note(&format!("{why}; restarted"));
+                for g in groups {
+                    if let Some(why) = procs[g].check(&stop) {
+                        progress.note(&format!("{why}; restarted"));
+                    }
                 }
                 let args = fio::args(&c, ti, &resolved[ti], p, &run_s);
                 let outcome = run_fio(&o.fio, &args, limit, &stop);
@@ -718,8 +770,10 @@ pub fn run(spec: &Path, o: &Options) -> anyhow::Result<Outcome> {
                                 if !ok {
                                     why = format!("fio failed: {why}");
                                 }
-                                if let Some(died) = procs[ti].check(&stop) {
-                                    why = format!("{why}; target died: {died}");
+                                for g in groups {
+                                    if let Some(died) = procs[g].check(&stop) {
+                                        why = format!("{why}; target died: {died}");
+                                    }
                                 }
                                 (
                                     record(None, Some(why.clone()), fio_file),
@@ -738,7 +792,8 @@ pub fn run(spec: &Path, o: &Options) -> anyhow::Result<Outcome> {
         }
     }
     progress.finish();
-    for tp in &mut procs {
+    // Targets' own processes first, then the shared ones.
+    for tp in procs.iter_mut().rev() {
         tp.stop();
     }
     drop(scratch);
@@ -759,24 +814,23 @@ pub fn run(spec: &Path, o: &Options) -> anyhow::Result<Outcome> {
     Ok(Outcome::Done { failed })
 }
 
-/// How to start service `s` of target `name`: its configuration (read earlier) written with
+/// How to start service `s` (files named after `name`): its configuration (read earlier) written with
 /// `{run}` replaced.
 fn start_of(
     s: &Service,
     config_text: &Option<String>,
     scratch: &Path,
     name: &str,
-    k: usize,
     run: &str,
 ) -> anyhow::Result<Start> {
     let sub = |x: &str| x.replace("{run}", run);
     match (config_text, &s.command) {
         (Some(text), _) => {
-            let config = scratch.join(format!("{name}-daemon{k}.toml"));
+            let config = scratch.join(format!("{name}-daemon.toml"));
             std::fs::write(&config, sub(text))?;
             Ok(Start::Ferroblk {
                 config,
-                notify: scratch.join(format!("{name}-notify{k}.sock")),
+                notify: scratch.join(format!("{name}-notify.sock")),
             })
         }
         (None, Some(argv)) => Ok(Start::Peer {
@@ -785,5 +839,47 @@ fn start_of(
             ready_tcp: s.ready_tcp.clone(),
         }),
         (None, None) => anyhow::bail!("nothing to start"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_specs_configurations_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/matrix");
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let c = super::super::spec::load(&path).unwrap();
+                configs(&c).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            }
+        }
+    }
+
+    #[test]
+    fn a_bad_daemon_configuration_is_refused_before_anything_starts() {
+        let text = r#"
+[matrix]
+name = "t"
+rw = ["randread"]
+bs = ["4K"]
+iodepth = [1]
+runtime = 1
+[[start]]
+ferroblk_toml = """
+[[bdev]]
+name = "x"
+kind = "nul"
+"""
+[[target]]
+name = "f"
+engine = "io_uring"
+filename = "/dev/null"
+"#;
+        let c = super::super::spec::parse(text, "s.toml").unwrap();
+        let e = format!("{:#}", configs(&c).unwrap_err());
+        assert!(e.contains("start[0].ferroblk_toml") && e.contains("bdev[0].kind"), "{e}");
     }
 }

@@ -21,6 +21,11 @@ pub struct Spec {
     /// The ways to reach a volume, run in turn for every cell.
     #[serde(rename = "target")]
     pub targets: Vec<Target>,
+    /// What to start for several targets (a daemon exporting one volume twice); each target's
+    /// own `start` is for what only it needs. Everything starts before the first run and stops
+    /// after the last.
+    #[serde(default)]
+    pub start: Vec<Service>,
 }
 
 /// `[matrix]`: what every target runs.
@@ -520,63 +525,9 @@ fn check(spec: Spec, file: &str) -> Result<Checked, (String, String)> {
             return Err((p("trsvcid"), "port 0".into()));
         }
         check_fio_options(&p("fio"), &t.fio)?;
-        for (k, s) in t.start.iter().enumerate() {
-            let sp = |f: &str| format!("target[{i}].start[{k}].{f}");
-            let kinds = [
-                s.ferroblk_config.is_some(),
-                s.ferroblk_toml.is_some(),
-                s.command.is_some(),
-            ];
-            match kinds.iter().filter(|&&b| b).count() {
-                1 => {}
-                0 => {
-                    return Err((
-                        format!("target[{i}].start[{k}]"),
-                        "give one of ferroblk_config, ferroblk_toml, command".into(),
-                    ));
-                }
-                _ => {
-                    return Err((
-                        format!("target[{i}].start[{k}]"),
-                        "give only one of ferroblk_config, ferroblk_toml, command".into(),
-                    ));
-                }
-            }
-            if let Some(cmd) = &s.command {
-                if cmd.is_empty() || cmd[0].is_empty() {
-                    return Err((sp("command"), "empty command".into()));
-                }
-                if s.ready_path.is_none() && s.ready_tcp.is_none() {
-                    return Err((
-                        sp("command"),
-                        "a peer needs ready_path or ready_tcp to know it is up".into(),
-                    ));
-                }
-            } else if s.ready_path.is_some() || s.ready_tcp.is_some() {
-                let f = if s.ready_path.is_some() {
-                    "ready_path"
-                } else {
-                    "ready_tcp"
-                };
-                return Err((
-                    sp(f),
-                    "a ferroblk daemon is ready when it says so (READY=1): only for a command"
-                        .into(),
-                ));
-            }
-            if let Some(a) = &s.ready_tcp {
-                match a.parse::<std::net::SocketAddr>() {
-                    Ok(sa) if sa.ip().is_loopback() => {}
-                    _ => {
-                        return Err((
-                            sp("ready_tcp"),
-                            format!("'{a}': a loopback ADDRESS:PORT (127.0.0.1:4420)"),
-                        ));
-                    }
-                }
-            }
-        }
+        check_starts(&format!("target[{i}].start"), &t.start)?;
     }
+    check_starts("start", &spec.start)?;
     Ok(Checked {
         spec,
         file: PathBuf::from(file),
@@ -584,6 +535,67 @@ fn check(spec: Spec, file: &str) -> Result<Checked, (String, String)> {
         bs,
         sizes,
     })
+}
+
+/// Checks `[[start]]` entries at `prefix` (`start`, `target[0].start`).
+fn check_starts(prefix: &str, starts: &[Service]) -> Result<(), (String, String)> {
+    for (k, s) in starts.iter().enumerate() {
+        let sp = |f: &str| format!("{prefix}[{k}].{f}");
+        let kinds = [
+            s.ferroblk_config.is_some(),
+            s.ferroblk_toml.is_some(),
+            s.command.is_some(),
+        ];
+        match kinds.iter().filter(|&&b| b).count() {
+            1 => {}
+            0 => {
+                return Err((
+                    format!("{prefix}[{k}]"),
+                    "give one of ferroblk_config, ferroblk_toml, command".into(),
+                ));
+            }
+            _ => {
+                return Err((
+                    format!("{prefix}[{k}]"),
+                    "give only one of ferroblk_config, ferroblk_toml, command".into(),
+                ));
+            }
+        }
+        if let Some(cmd) = &s.command {
+            if cmd.is_empty() || cmd[0].is_empty() {
+                return Err((sp("command"), "empty command".into()));
+            }
+            if s.ready_path.is_none() && s.ready_tcp.is_none() {
+                return Err((
+                    sp("command"),
+                    "a peer needs ready_path or ready_tcp to know it is up".into(),
+                ));
+            }
+        } else if s.ready_path.is_some() || s.ready_tcp.is_some() {
+            let f = if s.ready_path.is_some() {
+                "ready_path"
+            } else {
+                "ready_tcp"
+            };
+            return Err((
+                sp(f),
+                "a ferroblk daemon is ready when it says so (READY=1): only for a command"
+                    .into(),
+            ));
+        }
+        if let Some(a) = &s.ready_tcp {
+            match a.parse::<std::net::SocketAddr>() {
+                Ok(sa) if sa.ip().is_loopback() => {}
+                _ => {
+                    return Err((
+                        sp("ready_tcp"),
+                        format!("'{a}': a loopback ADDRESS:PORT (127.0.0.1:4420)"),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The options the runner sets itself: a spec's `fio` tables may not override them.
@@ -689,7 +701,7 @@ ferroblk_toml = "x"
         let e = err(&GOOD.replace("ramp = 1", "ramp = 1\nrepeat = 3"));
         assert_eq!(e.path, "matrix.repeat");
         assert!(e.message.contains("unknown field"), "{e}");
-        assert_eq!(e.line, Some(11));
+        assert_eq!(e.line, Some(10));
         let e = err(&GOOD.replace("ferroblk_toml = \"x\"", "ferroblk_tom = \"x\""));
         assert_eq!(e.path, "target[1].start[0].ferroblk_tom");
     }
