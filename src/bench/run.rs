@@ -147,7 +147,10 @@ fn configs(c: &Checked) -> anyhow::Result<Configs> {
             if let Some(cmd) = &s.command
                 && !on_path(&cmd[0])
             {
-                anyhow::bail!("{file}: {prefix}[{k}].command: '{}' is not installed", cmd[0]);
+                anyhow::bail!(
+                    "{file}: {prefix}[{k}].command: '{}' is not installed",
+                    cmd[0]
+                );
             }
         }
         daemon_configs.push(per);
@@ -165,7 +168,13 @@ fn check_configs(
 ) -> anyhow::Result<()> {
     let file = c.file.display();
     let run = "/var/tmp/ferroblk-bench.check";
-    let key = |inline: bool| if inline { "ferroblk_toml" } else { "ferroblk_config" };
+    let key = |inline: bool| {
+        if inline {
+            "ferroblk_toml"
+        } else {
+            "ferroblk_config"
+        }
+    };
     for (i, (t, text)) in c.spec.targets.iter().zip(bdev_configs).enumerate() {
         if let Some(text) = text {
             let field = format!("target[{i}].{}", key(t.ferroblk_toml.is_some()));
@@ -880,6 +889,9 @@ filename = "/dev/null"
 "#;
         let c = super::super::spec::parse(text, "s.toml").unwrap();
         let e = format!("{:#}", configs(&c).unwrap_err());
-        assert!(e.contains("start[0].ferroblk_toml") && e.contains("bdev[0].kind"), "{e}");
+        assert!(
+            e.contains("start[0].ferroblk_toml") && e.contains("bdev[0].kind"),
+            "{e}"
+        );
     }
 }

@@ -579,8 +579,7 @@ fn check_starts(prefix: &str, starts: &[Service]) -> Result<(), (String, String)
             };
             return Err((
                 sp(f),
-                "a ferroblk daemon is ready when it says so (READY=1): only for a command"
-                    .into(),
+                "a ferroblk daemon is ready when it says so (READY=1): only for a command".into(),
             ));
         }
         if let Some(a) = &s.ready_tcp {
