@@ -353,6 +353,13 @@ impl Running {
     }
 }
 
+impl Drop for Running {
+    /// A runner that ends early (an error, a panic) stops what it started all the same.
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// SIGTERM to `child`, SIGKILL if it has not exited within `grace`; reaped either way.
 fn terminate(child: &mut Child, grace: Duration) {
     // SAFETY: `kill(2)` on the PID of a child we spawned and have not yet reaped (it cannot
