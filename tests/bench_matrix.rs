@@ -26,6 +26,26 @@ fn bench(args: &[&str]) -> Output {
         .expect("run ferroblk bench")
 }
 
+/// `bench matrix SPEC --out OUT`.
+fn matrix(spec: &Path, out: &Path) -> Output {
+    bench(&[
+        "matrix",
+        spec.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ])
+}
+
+/// `bench compare A B --out OUT`.
+fn compare(a: &Path, b: &Path, out: &Path) -> Output {
+    let (a, b, out) = (
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    bench(&["compare", a, b, "--out", out])
+}
+
 fn text(o: &Output) -> String {
     format!(
         "status {}\nstdout:\n{}\nstderr:\n{}",
@@ -196,13 +216,7 @@ fn interrupted_run_resumes_without_running_a_cell_twice() {
     );
     std::fs::remove_file(d.path().join("peer.ready")).unwrap();
 
-    let o = Command::new(BIN)
-        .args(["bench", "matrix"])
-        .arg(&spec)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let o = matrix(&spec, &out);
     assert!(o.status.success(), "{}", text(&o));
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("resuming"),
@@ -239,13 +253,7 @@ fn interrupted_run_resumes_without_running_a_cell_twice() {
             .replace("[1, 4]", "[1, 2]"),
     )
     .unwrap();
-    let o = Command::new(BIN)
-        .args(["bench", "matrix"])
-        .arg(&spec)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let o = matrix(&spec, &out);
     assert!(!o.status.success());
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("another spec"),
@@ -269,12 +277,7 @@ size = "8MiB"
 "#,
     );
     let out = d.path().join("res");
-    let o = bench(&[
-        "matrix",
-        spec.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = matrix(&spec, &out);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(peer_gone(&d.path().join("peer.pid")), "peer left running");
     let r = results(&out);
@@ -319,12 +322,7 @@ fn bad_spec_fails_before_anything_starts() {
         };
         std::fs::write(&spec, t).unwrap();
         let out = d.path().join("never");
-        let o = bench(&[
-            "matrix",
-            spec.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ]);
+        let o = matrix(&spec, &out);
         assert!(!o.status.success());
         let err = String::from_utf8_lossy(&o.stderr);
         let key = if key.is_empty() { "matrix.bs[0]" } else { key };
@@ -341,22 +339,11 @@ fn compare_reports_ratios_and_noise() {
     let (a, b) = (d.path().join("a"), d.path().join("b"));
     for out in [&a, &b] {
         std::fs::remove_file(d.path().join("peer.ready")).ok();
-        let o = bench(&[
-            "matrix",
-            spec.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ]);
+        let o = matrix(&spec, out);
         assert!(o.status.success(), "{}", text(&o));
     }
     let cmp = d.path().join("cmp");
-    let o = bench(&[
-        "compare",
-        a.to_str().unwrap(),
-        b.to_str().unwrap(),
-        "--out",
-        cmp.to_str().unwrap(),
-    ]);
+    let o = compare(&a, &b, &cmp);
     assert!(o.status.success(), "{}", text(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("B/A"));
     let rows: Vec<csv::StringRecord> = csv::Reader::from_path(cmp.join("compare.csv"))
@@ -374,13 +361,7 @@ fn compare_reports_ratios_and_noise() {
         assert!(cmp.join(p).exists(), "{p}");
     }
     // A directory against itself: every ratio is 1 and within noise.
-    let o = bench(&[
-        "compare",
-        a.to_str().unwrap(),
-        a.to_str().unwrap(),
-        "--out",
-        cmp.to_str().unwrap(),
-    ]);
+    let o = compare(&a, &a, &cmp);
     assert!(o.status.success(), "{}", text(&o));
     let mut rd = csv::Reader::from_path(cmp.join("compare.csv")).unwrap();
     let head = rd.headers().unwrap().clone();

@@ -62,8 +62,19 @@ fn start_groups(c: &Checked) -> Vec<(String, &[Service])> {
     v
 }
 
-fn read_named(path: &str, field: &str) -> anyhow::Result<String> {
-    std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{field}: cannot read {path}: {e}"))
+/// A ferroblk configuration given as a file (`file`, read; `field` names it in errors) or
+/// inline (`inline`), if either.
+fn config_text(
+    file: &Option<String>,
+    inline: &Option<String>,
+    field: &str,
+) -> anyhow::Result<Option<String>> {
+    match (file, inline) {
+        (Some(path), _) => std::fs::read_to_string(path)
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("{field}: cannot read {path}: {e}")),
+        (None, inline) => Ok(inline.clone()),
+    }
 }
 
 fn on_path(prog: &str) -> bool {
@@ -123,27 +134,15 @@ fn configs(c: &Checked) -> anyhow::Result<Configs> {
     let file = c.file.display();
     let mut bdev_configs = Vec::new();
     for (i, t) in c.spec.targets.iter().enumerate() {
-        bdev_configs.push(match (&t.ferroblk_config, &t.ferroblk_toml) {
-            (Some(p), _) => Some(read_named(
-                p,
-                &format!("{file}: target[{i}].ferroblk_config"),
-            )?),
-            (None, Some(text)) => Some(text.clone()),
-            _ => None,
-        });
+        let field = format!("{file}: target[{i}].ferroblk_config");
+        bdev_configs.push(config_text(&t.ferroblk_config, &t.ferroblk_toml, &field)?);
     }
     let mut daemon_configs = Vec::new();
     for (prefix, starts) in start_groups(c) {
         let mut per = Vec::new();
         for (k, s) in starts.iter().enumerate() {
-            per.push(match (&s.ferroblk_config, &s.ferroblk_toml) {
-                (Some(p), _) => Some(read_named(
-                    p,
-                    &format!("{file}: {prefix}[{k}].ferroblk_config"),
-                )?),
-                (None, Some(text)) => Some(text.clone()),
-                _ => None,
-            });
+            let field = format!("{file}: {prefix}[{k}].ferroblk_config");
+            per.push(config_text(&s.ferroblk_config, &s.ferroblk_toml, &field)?);
             if let Some(cmd) = &s.command
                 && !on_path(&cmd[0])
             {
