@@ -375,3 +375,96 @@ fn compare_reports_ratios_and_noise() {
     let o = bench(&["compare", a.to_str().unwrap(), d.path().to_str().unwrap()]);
     assert!(!o.status.success());
 }
+
+#[test]
+fn ferroblk_daemon_is_started_until_ready_and_stopped_cleanly() {
+    let d = tempfile::tempdir().unwrap();
+    let spec = small_spec(d.path(), "").with_file_name("daemon.toml");
+    std::fs::write(
+        &spec,
+        r#"
+[matrix]
+name = "daemon"
+rw = ["randread"]
+bs = ["4K"]
+iodepth = [1]
+runtime = 0.5
+repeats = 1
+
+[[target]]
+name = "file"
+engine = "io_uring"
+filename = "{run}/f.img"
+size = "8MiB"
+[[target.start]]
+ferroblk_toml = """
+[reactors]
+count = 1
+[rpc]
+socket = "{run}/rpc.sock"
+[[bdev]]
+name = "null0"
+kind = "null"
+size = "64MiB"
+block_size = 4096
+[[vhost]]
+socket = "{run}/null0.sock"
+bdev = "null0"
+"""
+"#,
+    )
+    .unwrap();
+    let out = d.path().join("res");
+    let o = matrix(&spec, &out);
+    assert!(o.status.success(), "{}", text(&o));
+    let log = std::fs::read_to_string(out.join("logs/file-start0.log")).unwrap();
+    // Ready before the first run (its export listened), stopped by SIGTERM after the last:
+    // drained, flushed, and told its (kept) notify socket that it was stopping.
+    assert!(log.contains("vhost-user-blk export listening"), "{log}");
+    assert!(log.contains("shutting down reason=\"SIGTERM\""), "{log}");
+    assert!(log.contains("stopped"), "{log}");
+    assert!(!log.contains("cannot notify"), "{log}");
+}
+
+#[test]
+fn a_peer_that_dies_is_restarted_for_the_next_run() {
+    let d = tempfile::tempdir().unwrap();
+    let starts = d.path().join("starts");
+    let spec = small_spec(d.path(), "").with_file_name("dies.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            r#"
+[matrix]
+name = "dies"
+rw = ["randread"]
+bs = ["4K"]
+iodepth = [1, 2, 4]
+runtime = 1.5
+repeats = 1
+
+[[target]]
+name = "file"
+engine = "io_uring"
+filename = "{{run}}/f.img"
+size = "8MiB"
+[[target.start]]
+command = ["sh", "-c", "echo started >> {starts}; touch {{run}}/peer.ready; exec sleep 1"]
+ready_path = "{{run}}/peer.ready"
+"#,
+            starts = starts.display()
+        ),
+    )
+    .unwrap();
+    let out = d.path().join("res");
+    let o = matrix(&spec, &out);
+    assert!(o.status.success(), "{}", text(&o));
+    // Started once, then again before each later run (it lives a second, a run longer).
+    let n = std::fs::read_to_string(&starts).unwrap().lines().count();
+    assert_eq!(n, 3, "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("died"),
+        "{}",
+        text(&o)
+    );
+}

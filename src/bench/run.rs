@@ -3,6 +3,7 @@
 //! started (also on Ctrl-C), then write the reports.
 
 use std::io::{IsTerminal, Read};
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -213,6 +214,8 @@ struct Running {
     what: String,
     child: Child,
     log: PathBuf,
+    /// A daemon's readiness socket, kept open so that its `STOPPING=1` finds it.
+    _notify: Option<UnixDatagram>,
     /// How to start it again after it died.
     start: Start,
 }
@@ -280,6 +283,7 @@ impl Running {
             what,
             child,
             log,
+            _notify: None,
             start,
         };
         let t0 = Instant::now();
@@ -317,6 +321,7 @@ impl Running {
                 _ => false,
             };
             if ready {
+                r._notify = notify;
                 return Ok(r);
             }
             if stop.load(Ordering::Relaxed) || t0.elapsed() > Duration::from_secs(60) {
@@ -394,6 +399,15 @@ impl TargetProcs {
         let mut died = None;
         for p in &mut self.procs {
             if let Some(why) = p.died() {
+                // The dead peer's socket would pass for the new one's readiness.
+                if let Start::Peer {
+                    ready_path: Some(path),
+                    ..
+                } = &p.start
+                    && std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
+                {
+                    let _ = std::fs::remove_file(path);
+                }
                 match Running::spawn(p.what.clone(), p.start.clone(), p.log.clone(), stop) {
                     Ok(n) => *p = n,
                     Err(e) => self.broken = Some(format!("{why}; restart failed: {e:#}")),
