@@ -114,6 +114,10 @@ fn quick_spec_produces_every_report() {
         md.contains("# Matrix `quick`") && md.contains("| bs | QD |"),
         "{md}"
     );
+    assert!(
+        md.contains("`ferroblk bench matrix benches/matrix/quick.toml --out "),
+        "{md}"
+    );
     assert!(!md.contains("failed") && !md.contains(" – "), "{md}");
     for rw in h["rw"].as_array().unwrap() {
         let rw = rw.as_str().unwrap().replace(':', "");
@@ -245,6 +249,15 @@ fn interrupted_run_resumes_without_running_a_cell_twice() {
     assert_eq!(seen.len(), 4, "a run ran twice: {all:#?}");
     assert_every_cell_holds_numbers(&results(&out), 2, 2);
 
+    // The same spec shortened on the command line is another spec: refused.
+    let (spec_s, out_s) = (spec.to_str().unwrap(), out.to_str().unwrap());
+    let o = bench(&["matrix", spec_s, "--out", out_s, "--runtime", "1"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("another spec"),
+        "{}",
+        text(&o)
+    );
     // Another spec is refused in this directory, which is left as it was.
     std::fs::write(
         &spec,

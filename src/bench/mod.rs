@@ -54,6 +54,15 @@ pub struct MatrixArgs {
     /// Run again the cells a previous run of this directory recorded as failed.
     #[arg(long)]
     pub retry_failed: bool,
+    /// Measured seconds per run, in place of the spec's `runtime` (a shortened run).
+    #[arg(long)]
+    pub runtime: Option<f64>,
+    /// Unmeasured seconds per run, in place of the spec's `ramp`.
+    #[arg(long)]
+    pub ramp: Option<f64>,
+    /// Runs per cell, in place of the spec's `repeats`.
+    #[arg(long)]
+    pub repeats: Option<u32>,
 }
 
 /// `bench compare`.
@@ -84,6 +93,15 @@ pub fn main(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
                 engine_lib: a.engine_lib,
                 fio: a.fio,
                 retry_failed: a.retry_failed,
+                overrides: spec::Overrides {
+                    runtime: a.runtime,
+                    ramp: a.ramp,
+                    repeats: a.repeats,
+                },
+                command: std::iter::once("ferroblk".to_string())
+                    .chain(std::env::args().skip(1))
+                    .collect::<Vec<_>>()
+                    .join(" "),
             };
             match run::run(&a.spec, &o)? {
                 run::Outcome::Done { failed: 0 } => {

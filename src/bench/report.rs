@@ -120,10 +120,10 @@ fn markdown(r: &Results) -> String {
     }
     let _ = writeln!(
         s,
-        "`ferroblk bench matrix {}`: {}, {} run(s) of {} s (ramp {} s) per cell, targets \
-         alternating cell by cell; each figure is the median of the runs ± half their range \
-         (as a percentage of the median). Spec hash `{}`.\n",
-        h.spec_file, h.fio_version, h.repeats, h.runtime, h.ramp, h.spec_hash
+        "`{}`: {}, {} run(s) of {} s (ramp {} s) per cell, targets alternating cell by cell; \
+         each figure is the median of the runs ± half their range (as a percentage of the \
+         median). Spec hash `{}`.\n",
+        h.command, h.fio_version, h.repeats, h.runtime, h.ramp, h.spec_hash
     );
     let targets: Vec<String> = h
         .targets

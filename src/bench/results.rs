@@ -20,6 +20,8 @@ pub struct Header {
     pub description: String,
     /// The spec file as given.
     pub spec_file: String,
+    /// The command that ran it (the first time, for a resumed run).
+    pub command: String,
     /// CRC-64/NVME of the spec (as parsed) and of every file it names, in hex.
     pub spec_hash: String,
     /// Targets: (name, engine).
@@ -46,12 +48,13 @@ pub struct Header {
 
 impl Header {
     /// The header of `c` with hash `hash`.
-    pub fn new(c: &Checked, hash: String, fio_version: String) -> Header {
+    pub fn new(c: &Checked, hash: String, fio_version: String, command: String) -> Header {
         let m = &c.spec.matrix;
         Header {
             name: m.name.clone(),
             description: m.description.clone(),
             spec_file: c.file.display().to_string(),
+            command,
             spec_hash: hash,
             targets: c
                 .spec

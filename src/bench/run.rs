@@ -29,6 +29,10 @@ pub struct Options {
     pub fio: String,
     /// Run again the cells a previous run recorded as failed.
     pub retry_failed: bool,
+    /// Settings in place of the spec's.
+    pub overrides: super::spec::Overrides,
+    /// The command line, for the reports.
+    pub command: String,
 }
 
 /// How a matrix run ended.
@@ -615,9 +619,15 @@ fn fio_message(stderr: &str, fallback: &str) -> String {
 
 /// `bench matrix`: runs `spec` into `o.out`.
 pub fn run(spec: &Path, o: &Options) -> anyhow::Result<Outcome> {
-    let c = super::spec::load(spec)?;
+    o.overrides.check().map_err(|e| anyhow::anyhow!(e))?;
+    let c = super::spec::load_with(spec, &o.overrides)?;
     let env = environment(&c, o)?;
-    let header = Header::new(&c, spec_hash(&c, &env), env.fio_version.clone());
+    let header = Header::new(
+        &c,
+        spec_hash(&c, &env),
+        env.fio_version.clone(),
+        o.command.clone(),
+    );
     let (dir, records) = Dir::open_for(&o.out, &header)?;
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {

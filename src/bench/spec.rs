@@ -280,6 +280,50 @@ impl Checked {
     }
 }
 
+/// Settings given on the command line in place of the spec's (a shortened run); they are part
+/// of what the spec's hash covers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Overrides {
+    /// `matrix.runtime`.
+    pub runtime: Option<f64>,
+    /// `matrix.ramp`.
+    pub ramp: Option<f64>,
+    /// `matrix.repeats`.
+    pub repeats: Option<u32>,
+}
+
+impl Overrides {
+    /// Checks the values as the spec's own would be; the error names the option.
+    pub fn check(&self) -> Result<(), String> {
+        if let Some(r) = self.runtime
+            && !(0.5..=86_400.0).contains(&r)
+        {
+            return Err(format!("--runtime {r}: must be 0.5 to 86400 seconds"));
+        }
+        if let Some(r) = self.ramp
+            && !(0.0..=86_400.0).contains(&r)
+        {
+            return Err(format!("--ramp {r}: must be 0 to 86400 seconds"));
+        }
+        if let Some(n) = self.repeats
+            && !(1..=1000).contains(&n)
+        {
+            return Err(format!("--repeats {n}: must be 1 to 1000"));
+        }
+        Ok(())
+    }
+}
+
+/// Reads and checks a spec file, with `ov` in place of its settings.
+pub fn load_with(file: &Path, ov: &Overrides) -> Result<Checked, ConfigError> {
+    let mut c = load(file)?;
+    let m = &mut c.spec.matrix;
+    m.runtime = ov.runtime.unwrap_or(m.runtime);
+    m.ramp = ov.ramp.unwrap_or(m.ramp);
+    m.repeats = ov.repeats.unwrap_or(m.repeats);
+    Ok(c)
+}
+
 /// Reads and checks a spec file.
 pub fn load(file: &Path) -> Result<Checked, ConfigError> {
     let name = file.display().to_string();
