@@ -348,7 +348,16 @@ fn bad_spec_fails_before_anything_starts() {
 #[test]
 fn compare_reports_ratios_and_noise() {
     let d = tempfile::tempdir().unwrap();
-    let spec = small_spec(d.path(), "");
+    let spec = small_spec(
+        d.path(),
+        r#"
+[[target]]
+name = "aio"
+engine = "libaio"
+filename = "{run}/aio.img"
+size = "8MiB"
+"#,
+    );
     let (a, b) = (d.path().join("a"), d.path().join("b"));
     for out in [&a, &b] {
         std::fs::remove_file(d.path().join("peer.ready")).ok();
@@ -364,7 +373,7 @@ fn compare_reports_ratios_and_noise() {
         .records()
         .map(Result::unwrap)
         .collect();
-    assert_eq!(rows.len(), 2);
+    assert_eq!(rows.len(), 4);
     for p in [
         "compare.md",
         "ratio-iops.svg",
@@ -384,8 +393,28 @@ fn compare_reports_ratios_and_noise() {
         assert_eq!(row[ratio].parse::<f64>().unwrap(), 1.0);
         assert_eq!(&row[noise], "true");
     }
+    // Two targets of one matrix.
+    let (a_s, cmp_s) = (a.to_str().unwrap(), cmp.to_str().unwrap());
+    let o = bench(&["compare", a_s, a_s, "--out", cmp_s, "--targets", "file,aio"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("Target `aio` (B) against target `file` (A)")
+    );
+    let mut rd = csv::Reader::from_path(cmp.join("compare.csv")).unwrap();
+    let rows: Vec<csv::StringRecord> = rd.records().map(Result::unwrap).collect();
+    assert_eq!(rows.len(), 2);
+    for row in &rows {
+        assert_eq!(&row[0], "file");
+        assert!(
+            row[ratio]
+                .parse::<f64>()
+                .is_ok_and(|r| r.is_finite() && r > 0.0)
+        );
+    }
     // Directories with nothing in common are refused.
-    let o = bench(&["compare", a.to_str().unwrap(), d.path().to_str().unwrap()]);
+    let o = bench(&["compare", a_s, d.path().to_str().unwrap()]);
+    assert!(!o.status.success());
+    let o = bench(&["compare", a_s, a_s, "--targets", "file,nothing"]);
     assert!(!o.status.success());
 }
 

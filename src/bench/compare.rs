@@ -12,11 +12,11 @@ use super::report::rw_stem;
 use super::results::{CellKey, Results, Stat, write_atomic};
 use super::spec::bs_label;
 
-/// The figures compared: (metric, name in reports, higher is better).
-const COMPARED: [(&str, &str, bool); 3] = [
-    ("iops", "IOPS", true),
-    ("bw_mib_s", "MiB/s", true),
-    ("p99_us", "p99 µs", false),
+/// The figures compared: (metric, name in reports).
+const COMPARED: [(&str, &str); 3] = [
+    ("iops", "IOPS"),
+    ("bw_mib_s", "MiB/s"),
+    ("p99_us", "p99 µs"),
 ];
 
 /// One metric of one cell in both directories.
@@ -53,15 +53,25 @@ pub struct Row {
     pub ratios: Vec<Option<Ratio>>,
 }
 
+/// Which targets to set side by side: by default each target of A with B's of the same name;
+/// `Some((x, y))` sets B's target `y` against A's target `x` (two targets of one matrix: give
+/// the same directory twice).
+pub type Pair<'a> = Option<(&'a str, &'a str)>;
+
 /// The rows of `a` against `b`, in `a`'s order.
-pub fn rows(a: &Results, b: &Results) -> Vec<Row> {
+pub fn rows(a: &Results, b: &Results, pair: Pair) -> Vec<Row> {
     a.cells
         .iter()
+        .filter(|ca| pair.is_none_or(|(x, _)| ca.key.target == x))
         .filter_map(|ca| {
-            let cb = b.cell(&ca.key)?;
+            let mut kb = ca.key.clone();
+            if let Some((_, y)) = pair {
+                kb.target = y.to_string();
+            }
+            let cb = b.cell(&kb)?;
             let ratios = COMPARED
                 .iter()
-                .map(|(m, _, _)| {
+                .map(|(m, _)| {
                     let (sa, sb) = (ca.stat(m)?, cb.stat(m)?);
                     (sa.median > 0.0 && sa.min > 0.0).then_some(Ratio { a: sa, b: sb })
                 })
@@ -75,10 +85,10 @@ pub fn rows(a: &Results, b: &Results) -> Vec<Row> {
 }
 
 /// Compares `a` with `b`, writes the reports into `out`, returns the Markdown.
-pub fn compare(a: &Path, b: &Path, out: &Path) -> anyhow::Result<String> {
+pub fn compare(a: &Path, b: &Path, pair: Pair, out: &Path) -> anyhow::Result<String> {
     let ra = Results::load(a)?;
     let rb = Results::load(b)?;
-    let rows = rows(&ra, &rb);
+    let rows = rows(&ra, &rb, pair);
     if rows.is_empty() {
         anyhow::bail!(
             "{} and {} have no cell in common (targets {:?} and {:?})",
@@ -89,11 +99,11 @@ pub fn compare(a: &Path, b: &Path, out: &Path) -> anyhow::Result<String> {
         );
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let md = markdown(&ra, &rb, a, b, &rows);
+    let md = markdown(&ra, &rb, a, b, pair, &rows);
     write_atomic(&out.join("compare.md"), md.as_bytes())?;
     write_csv(&rows, &out.join("compare.csv"))?;
-    for (i, (m, name, _)) in COMPARED.iter().enumerate() {
-        let f = figure(&ra, &rows, i, name);
+    for (i, (m, name)) in COMPARED.iter().enumerate() {
+        let f = figure(&ra, &rows, i, name, pair);
         plot::render(
             &f,
             &out.join(format!("ratio-{}", m.trim_end_matches("_us"))),
@@ -102,8 +112,11 @@ pub fn compare(a: &Path, b: &Path, out: &Path) -> anyhow::Result<String> {
     Ok(md)
 }
 
-fn markdown(ra: &Results, rb: &Results, a: &Path, b: &Path, rows: &[Row]) -> String {
+fn markdown(ra: &Results, rb: &Results, a: &Path, b: &Path, pair: Pair, rows: &[Row]) -> String {
     let mut s = String::new();
+    if let Some((x, y)) = pair {
+        let _ = writeln!(s, "# Target `{y}` (B) against target `{x}` (A)\n");
+    }
     let _ = writeln!(
         s,
         "# `{}` (B) against `{}` (A)\n\nA: `{}` (spec hash `{}`, {}); B: `{}` (spec hash `{}`, {}). \
@@ -120,7 +133,7 @@ fn markdown(ra: &Results, rb: &Results, a: &Path, b: &Path, rows: &[Row]) -> Str
     );
     let mut head = "| cell |".to_string();
     let mut rule = "|---|".to_string();
-    for (_, name, _) in COMPARED {
+    for (_, name) in COMPARED {
         let _ = write!(head, " A {name} | B {name} | B/A |");
         rule.push_str("---:|---:|---:|");
     }
@@ -172,7 +185,7 @@ fn write_csv(rows: &[Row], path: &Path) -> anyhow::Result<()> {
         .iter()
         .map(|s| s.to_string())
         .collect();
-    for (m, _, _) in COMPARED {
+    for (m, _) in COMPARED {
         for f in [
             "a_median",
             "a_spread",
@@ -222,7 +235,7 @@ fn write_csv(rows: &[Row], path: &Path) -> anyhow::Result<()> {
 }
 
 /// Ratio of metric `mi` against queue depth: a panel per (rw, jobs, bs), a line per target.
-fn figure(ra: &Results, rows: &[Row], mi: usize, name: &str) -> Figure {
+fn figure(ra: &Results, rows: &[Row], mi: usize, name: &str, pair: Pair) -> Figure {
     let h = &ra.header;
     let mut panels = Vec::new();
     for rw in &h.rw {
@@ -231,8 +244,12 @@ fn figure(ra: &Results, rows: &[Row], mi: usize, name: &str) -> Figure {
                 let series: Vec<Series> = h
                     .targets
                     .iter()
+                    .filter(|(t, _)| pair.is_none_or(|(x, _)| t == x))
                     .map(|(t, _)| Series {
-                        name: t.clone(),
+                        name: match pair {
+                            Some((x, y)) => format!("{y} / {x}"),
+                            None => t.clone(),
+                        },
                         points: h
                             .iodepth
                             .iter()

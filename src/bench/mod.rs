@@ -75,6 +75,10 @@ pub struct CompareArgs {
     /// Where to write compare.md, compare.csv and the ratio plots (default: B/compare).
     #[arg(long, short)]
     pub out: Option<PathBuf>,
+    /// Set target Y of B against target X of A (X,Y), instead of each target against its
+    /// namesake; two targets of one matrix: give its directory as A and B.
+    #[arg(long, value_name = "X,Y")]
+    pub targets: Option<String>,
 }
 
 /// Runs a `bench` subcommand.
@@ -120,7 +124,14 @@ pub fn main(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
         }
         BenchCmd::Compare(a) => {
             let out = a.out.unwrap_or_else(|| a.b.join("compare"));
-            let md = compare::compare(&a.a, &a.b, &out)?;
+            let pair = match &a.targets {
+                Some(t) => match t.split_once(',') {
+                    Some((x, y)) if !x.is_empty() && !y.is_empty() => Some((x, y)),
+                    _ => anyhow::bail!("--targets {t}: expected X,Y (two target names)"),
+                },
+                None => None,
+            };
+            let md = compare::compare(&a.a, &a.b, pair, &out)?;
             print!("{md}");
             Ok(ExitCode::SUCCESS)
         }
