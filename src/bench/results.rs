@@ -21,6 +21,7 @@ pub struct Header {
     /// The spec file as given.
     pub spec_file: String,
     /// The command that ran it (the first time, for a resumed run).
+    #[serde(default)]
     pub command: String,
     /// CRC-64/NVME of the spec (as parsed) and of every file it names, in hex.
     pub spec_hash: String,
