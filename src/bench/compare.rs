@@ -69,6 +69,9 @@ pub fn rows(a: &Results, b: &Results, pair: Pair) -> Vec<Row> {
                 kb.target = y.to_string();
             }
             let cb = b.cell(&kb)?;
+            if ca.status == "n/a" || cb.status == "n/a" {
+                return None;
+            }
             let ratios = COMPARED
                 .iter()
                 .map(|(m, _)| {

@@ -23,6 +23,7 @@ pub fn cell_text(c: Option<&Cell>, metric: &str) -> String {
         }
         None => match c.map(|c| c.status.as_str()) {
             Some("failed") => "failed".into(),
+            Some("n/a") => "n/a".into(),
             _ => "–".into(),
         },
     }

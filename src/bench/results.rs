@@ -27,6 +27,9 @@ pub struct Header {
     pub spec_hash: String,
     /// Targets: (name, engine).
     pub targets: Vec<(String, String)>,
+    /// Per target, the job counts it runs (empty: every one of `numjobs`).
+    #[serde(default)]
+    pub target_jobs: Vec<Vec<u32>>,
     /// `rw` axis labels.
     pub rw: Vec<String>,
     /// `bs` axis, bytes.
@@ -63,6 +66,12 @@ impl Header {
                 .iter()
                 .map(|t| (t.name.clone(), t.engine.name().to_string()))
                 .collect(),
+            target_jobs: c
+                .spec
+                .targets
+                .iter()
+                .map(|t| t.numjobs.clone().unwrap_or_default())
+                .collect(),
             rw: c.rw.iter().map(|r| r.label()).collect(),
             bs: c.bs.clone(),
             iodepth: m.iodepth.clone(),
@@ -73,6 +82,13 @@ impl Header {
             fio_version,
             spec: serde_json::to_value(&c.spec).unwrap_or_default(),
         }
+    }
+
+    /// Whether the cell `key` is run (its target takes its job count).
+    pub fn applies(&self, key: &CellKey) -> bool {
+        let i = self.targets.iter().position(|(n, _)| *n == key.target);
+        i.and_then(|i| self.target_jobs.get(i))
+            .is_none_or(|j| j.is_empty() || j.contains(&key.numjobs))
     }
 
     /// Every cell key, in run order (point, then target).
@@ -349,7 +365,7 @@ pub struct Cell {
     /// Engine of its target.
     pub engine: String,
     /// `ok` (every repeat ran), `failed` (one failed: `error` says why), `incomplete` (the run
-    /// was interrupted before its repeats ended).
+    /// was interrupted before its repeats ended), `n/a` (the target does not run this job count).
     pub status: String,
     /// The first failure's message.
     pub error: Option<String>,
@@ -391,7 +407,9 @@ impl Results {
             let mine: Vec<&RunRecord> = records.iter().filter(|r| r.cell == key).collect();
             let error = mine.iter().find_map(|r| r.error.clone());
             let ok: Vec<Metrics> = mine.iter().filter_map(|r| r.metrics).collect();
-            let status = if error.is_some() {
+            let status = if !header.applies(&key) {
+                "n/a"
+            } else if error.is_some() {
                 "failed"
             } else if ok.len() as u32 >= header.repeats {
                 "ok"

@@ -661,10 +661,17 @@ pub fn run(spec: &Path, o: &Options) -> anyhow::Result<Outcome> {
     let points = c.points();
     let m = &c.spec.matrix;
     let n_t = c.spec.targets.len();
-    let total = (points.len() * n_t) as u64 * u64::from(m.repeats);
+    let cells = points
+        .iter()
+        .map(|p| (0..n_t).filter(|&ti| c.applies(ti, p)).count())
+        .sum::<usize>();
+    let total = cells as u64 * u64::from(m.repeats);
     let mut skipped = 0u64;
     for p in &points {
-        for t in &c.spec.targets {
+        for (ti, t) in c.spec.targets.iter().enumerate() {
+            if !c.applies(ti, p) {
+                continue;
+            }
             for rep in 0..m.repeats {
                 if is_done(&CellKey::new(&t.name, p), rep) {
                     skipped += 1;
@@ -747,7 +754,7 @@ pub fn run(spec: &Path, o: &Options) -> anyhow::Result<Outcome> {
                     break 'points;
                 }
                 let key = CellKey::new(&t.name, p);
-                if is_done(&key, rep) {
+                if !c.applies(ti, p) || is_done(&key, rep) {
                     continue;
                 }
                 if failed_now.contains(&key) {

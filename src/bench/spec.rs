@@ -135,6 +135,9 @@ pub struct Target {
     pub subnqn: Option<String>,
     /// nvmf: the namespace (default 1).
     pub ns: Option<u32>,
+    /// The job counts of `matrix.numjobs` this target runs (default: all). A vhost-user-blk
+    /// back-end serves one front-end at a time, so a vhost target takes one job.
+    pub numjobs: Option<Vec<u32>>,
     /// fio options added to this target's runs (`key = value`).
     #[serde(default)]
     pub fio: BTreeMap<String, toml::Value>,
@@ -272,6 +275,14 @@ impl Checked {
             }
         }
         v
+    }
+
+    /// Whether target `ti` runs at `p` (its `numjobs`, if it lists them).
+    pub fn applies(&self, ti: usize, p: &Point) -> bool {
+        self.spec.targets[ti]
+            .numjobs
+            .as_ref()
+            .is_none_or(|j| j.contains(&p.numjobs))
     }
 
     /// Whether any target uses ferroblk's external fio engine.
@@ -569,6 +580,19 @@ fn check(spec: Spec, file: &str) -> Result<Checked, (String, String)> {
             return Err((p("trsvcid"), "port 0".into()));
         }
         check_fio_options(&p("fio"), &t.fio)?;
+        if let Some(jobs) = &t.numjobs {
+            if jobs.is_empty() {
+                return Err((p("numjobs"), "empty: the target would never run".into()));
+            }
+            for (k, j) in jobs.iter().enumerate() {
+                if !m.numjobs.contains(j) {
+                    return Err((
+                        format!("target[{i}].numjobs[{k}]"),
+                        format!("{j} is not in matrix.numjobs"),
+                    ));
+                }
+            }
+        }
         check_starts(&format!("target[{i}].start"), &t.start)?;
     }
     check_starts("start", &spec.start)?;
@@ -826,6 +850,26 @@ ferroblk_toml = "x"
         );
         assert_eq!(err(&nvmf).path, "target[1].traddr");
         assert!(parse(&nvmf.replace("10.0.0.1", "127.0.0.1"), "s").is_ok());
+    }
+
+    #[test]
+    fn target_job_counts_are_within_the_axis() {
+        let one = GOOD.replace(
+            "socket = \"{run}/vhost.sock\"",
+            "socket = \"{run}/vhost.sock\"\nnumjobs = [1]",
+        );
+        let c = parse(&one, "s").unwrap();
+        let runs = c.points().iter().filter(|p| c.applies(1, p)).count();
+        assert_eq!(runs, c.points().len() / 2);
+        assert!(c.points().iter().all(|p| c.applies(0, p)));
+        assert_eq!(
+            err(&one.replace("numjobs = [1]\n", "numjobs = [4]\n")).path,
+            "target[1].numjobs[0]"
+        );
+        assert_eq!(
+            err(&one.replace("numjobs = [1]\n", "numjobs = []\n")).path,
+            "target[1].numjobs"
+        );
     }
 
     #[test]
