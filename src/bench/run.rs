@@ -605,11 +605,13 @@ fn run_fio(
 
 /// fio's own words on a failure: its stderr's last lines, without blank ones.
 fn fio_message(stderr: &str, fallback: &str) -> String {
-    let lines: Vec<&str> = stderr
+    let mut lines: Vec<&str> = stderr
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())
         .collect();
+    // Each job of a group says the same.
+    lines.dedup();
     if lines.is_empty() {
         fallback.to_string()
     } else {
