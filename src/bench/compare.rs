@@ -117,16 +117,19 @@ pub fn compare(a: &Path, b: &Path, pair: Pair, out: &Path) -> anyhow::Result<Str
 
 fn markdown(ra: &Results, rb: &Results, a: &Path, b: &Path, pair: Pair, rows: &[Row]) -> String {
     let mut s = String::new();
-    if let Some((x, y)) = pair {
-        let _ = writeln!(s, "# Target `{y}` (B) against target `{x}` (A)\n");
-    }
+    let _ = match pair {
+        Some((x, y)) => writeln!(s, "# Target `{y}` (B) against target `{x}` (A)\n"),
+        None => writeln!(
+            s,
+            "# `{}` (B) against `{}` (A)\n",
+            rb.header.name, ra.header.name
+        ),
+    };
     let _ = writeln!(
         s,
-        "# `{}` (B) against `{}` (A)\n\nA: `{}` (spec hash `{}`, {}); B: `{}` (spec hash `{}`, {}). \
-         Ratios are B/A of the medians; spread is half the range of a cell's runs; *noise* \
-         marks a cell whose two ranges of runs overlap (the difference is within noise).\n",
-        rb.header.name,
-        ra.header.name,
+        "A: `{}` (spec hash `{}`, {}); B: `{}` (spec hash `{}`, {}). Ratios are B/A of the \
+         medians; spread is half the range of a cell's runs; *noise* marks a cell whose two \
+         ranges of runs overlap (the difference is within noise).\n",
         a.display(),
         ra.header.spec_hash,
         ra.header.fio_version,
@@ -143,19 +146,29 @@ fn markdown(ra: &Results, rb: &Results, a: &Path, b: &Path, pair: Pair, rows: &[
     let _ = writeln!(s, "{head}\n{rule}");
     let mut noisy = 0;
     for r in rows {
-        let _ = write!(s, "| {} |", r.key.label());
+        let label = match pair {
+            // One target on each side: the cell is its point.
+            Some(_) => r
+                .key
+                .label()
+                .split_once(' ')
+                .map(|x| x.1.to_string())
+                .unwrap_or_default(),
+            None => r.key.label(),
+        };
+        let _ = write!(s, "| {label} |");
         for ratio in &r.ratios {
             match ratio {
                 Some(q) => {
                     let flag = if q.within_noise() { " *noise*" } else { "" };
                     let _ = write!(
                         s,
-                        " {} ±{:.1}% | {} ±{:.1}% | {:.3}{flag} |",
+                        " {} ±{:.1}% | {} ±{:.1}% | {}{flag} |",
                         plot::si(q.a.median),
                         q.a.spread() * 100.0,
                         plot::si(q.b.median),
                         q.b.spread() * 100.0,
-                        q.median()
+                        ratio_text(q.median())
                     );
                 }
                 None => s.push_str(" – | – | – |"),
@@ -179,6 +192,15 @@ fn markdown(ra: &Results, rb: &Results, a: &Path, b: &Path, pair: Pair, rows: &[
         rows.len()
     );
     s
+}
+
+/// A ratio: three decimals, four below 0.1.
+fn ratio_text(r: f64) -> String {
+    if r >= 0.1 {
+        format!("{r:.3}")
+    } else {
+        format!("{r:.4}")
+    }
 }
 
 fn write_csv(rows: &[Row], path: &Path) -> anyhow::Result<()> {
