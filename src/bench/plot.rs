@@ -72,6 +72,17 @@ pub fn si(v: f64) -> String {
     }
 }
 
+/// Line colours, distinct on white (Okabe-Ito, without its yellow).
+const PALETTE: [RGBColor; 7] = [
+    RGBColor(213, 94, 0),
+    RGBColor(0, 114, 178),
+    RGBColor(0, 158, 115),
+    RGBColor(204, 121, 167),
+    RGBColor(86, 180, 233),
+    RGBColor(230, 159, 0),
+    RGBColor(0, 0, 0),
+];
+
 const COLS: usize = 3;
 const PANEL_W: u32 = 420;
 const PANEL_H: u32 = 300;
@@ -131,8 +142,10 @@ fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, f: &Figure) -> Result<
                 )))
                 .map_err(e)?;
         }
-        for (si, s) in p.series.iter().enumerate() {
-            let color = Palette99::pick(si).to_rgba();
+        // A series without points (a target that does not run these cells) has no line and
+        // no legend entry; colours stay tied to the series' place.
+        for (si, s) in p.series.iter().enumerate().filter(|(_, s)| !s.points.is_empty()) {
+            let color = PALETTE[si % PALETTE.len()].to_rgba();
             let pts: Vec<(f64, f64)> = s.points.iter().map(|q| (q.0 as f64, q.1)).collect();
             chart
                 .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
