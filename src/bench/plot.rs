@@ -144,7 +144,12 @@ fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, f: &Figure) -> Result<
         }
         // A series without points (a target that does not run these cells) has no line and
         // no legend entry; colours stay tied to the series' place.
-        for (si, s) in p.series.iter().enumerate().filter(|(_, s)| !s.points.is_empty()) {
+        for (si, s) in p
+            .series
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.points.is_empty())
+        {
             let color = PALETTE[si % PALETTE.len()].to_rgba();
             let pts: Vec<(f64, f64)> = s.points.iter().map(|q| (q.0 as f64, q.1)).collect();
             chart
