@@ -492,6 +492,85 @@ mod tests {
     }
 
     #[test]
+    fn gather_marks_each_cell_ok_failed_incomplete_or_not_run() {
+        let c = crate::bench::spec::parse(
+            r#"
+[matrix]
+name = "g"
+rw = ["randread"]
+bs = ["4K"]
+iodepth = [1, 2]
+numjobs = [1, 2]
+runtime = 1
+repeats = 2
+[[target]]
+name = "a"
+engine = "io_uring"
+filename = "/x"
+[[target]]
+name = "b"
+engine = "io_uring"
+filename = "/y"
+numjobs = [1]
+"#,
+            "g.toml",
+        )
+        .unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let h = Header::new(&c, "h".into(), "fio-x".into(), "cmd".into());
+        let (dir, old) = Dir::open_for(&d.path().join("r"), &h).unwrap();
+        assert!(old.is_empty());
+        let m = Metrics {
+            iops: 10.0,
+            bw_mib_s: 1.0,
+            lat_mean_us: 1.0,
+            p99_us: 2.0,
+            read_iops: 10.0,
+            write_iops: 0.0,
+            cpu_usr: 0.0,
+            cpu_sys: 0.0,
+        };
+        let key = |t: &str, qd, j| CellKey {
+            target: t.into(),
+            rw: "randread".into(),
+            bs: 4096,
+            iodepth: qd,
+            numjobs: j,
+        };
+        let rec = |cell, repeat, ok: bool| RunRecord {
+            cell,
+            repeat,
+            metrics: ok.then_some(m),
+            error: (!ok).then(|| "fio failed: x".to_string()),
+            fio_file: None,
+        };
+        dir.append(&rec(key("a", 1, 1), 0, true)).unwrap();
+        dir.append(&rec(key("a", 1, 1), 1, true)).unwrap();
+        dir.append(&rec(key("b", 1, 1), 0, false)).unwrap();
+        dir.append(&rec(key("a", 2, 1), 0, true)).unwrap();
+        let r = Results::gather(&dir, true).unwrap();
+        assert_eq!(r.cells.len(), 2 * 2 * 2);
+        let status = |k: CellKey| r.cell(&k).unwrap().status.clone();
+        assert_eq!(status(key("a", 1, 1)), "ok");
+        assert_eq!(status(key("b", 1, 1)), "failed");
+        assert_eq!(status(key("a", 2, 1)), "incomplete");
+        assert_eq!(status(key("b", 2, 2)), "n/a");
+        assert_eq!(status(key("a", 2, 2)), "incomplete");
+        assert_eq!(
+            r.cell(&key("a", 1, 1))
+                .unwrap()
+                .stat("iops")
+                .unwrap()
+                .median,
+            10.0
+        );
+        // The same spec resumes; another is refused.
+        assert_eq!(Dir::open_for(&d.path().join("r"), &h).unwrap().1.len(), 4);
+        let other = Header::new(&c, "other".into(), "fio-x".into(), "cmd".into());
+        assert!(Dir::open_for(&d.path().join("r"), &other).is_err());
+    }
+
+    #[test]
     fn a_torn_last_journal_line_is_ignored() {
         let d = tempfile::tempdir().unwrap();
         let dir = Dir {
