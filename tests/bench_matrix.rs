@@ -343,6 +343,26 @@ fn bad_spec_fails_before_anything_starts() {
         assert!(!out.exists(), "nothing may run");
         assert!(!d.path().join("peer.pid").exists(), "nothing may start");
     }
+    // ferroblk's engine where the spec says it is, and it is not there.
+    let t = text0
+        .replace(
+            "repeats = 2",
+            "repeats = 2\nengine_lib = \"/nonexistent/libferroblk_fio.so\"",
+        )
+        .replace(
+            "engine = \"io_uring\"\nfilename = \"{run}/small.img\"",
+            "engine = \"vhost\"\nsocket = \"{run}/v.sock\"",
+        );
+    std::fs::write(&spec, t).unwrap();
+    let out = d.path().join("never");
+    let o = matrix(&spec, &out);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("target[0].engine") && err.contains("/nonexistent/libferroblk_fio.so"),
+        "{err}"
+    );
+    assert!(!out.exists() && !d.path().join("peer.pid").exists());
 }
 
 #[test]

@@ -45,7 +45,8 @@ pub struct MatrixArgs {
     /// resumed if it holds runs of this same spec, and refused otherwise.
     #[arg(long, short)]
     pub out: Option<PathBuf>,
-    /// ferroblk's fio engine (default: libferroblk_fio.so beside this program).
+    /// ferroblk's fio engine (default: the spec's `engine_lib`, else libferroblk_fio.so beside
+    /// this program).
     #[arg(long)]
     pub engine_lib: Option<PathBuf>,
     /// The fio program.

@@ -96,7 +96,7 @@ fn environment(c: &Checked, o: &Options) -> anyhow::Result<Environment> {
     let file = c.file.display();
     let fio_version = fio::version(&o.fio).map_err(|e| anyhow::anyhow!("{e}"))?;
     let engine_lib = if c.needs_engine_lib() {
-        let lib = match &o.engine_lib {
+        let lib = match o.engine_lib.as_ref().or(c.spec.matrix.engine_lib.as_ref()) {
             Some(p) => p.clone(),
             None => std::env::current_exe()
                 .context("locating this program")?
@@ -112,7 +112,7 @@ fn environment(c: &Checked, o: &Options) -> anyhow::Result<Environment> {
                 .expect("needs_engine_lib");
             anyhow::bail!(
                 "{file}: target[{i}].engine: '{}' is ferroblk's fio engine, and {} does not \
-                 exist (build it, or give its path with --engine-lib)",
+                 exist (build it, or give its path with --engine-lib or matrix.engine_lib)",
                 t.engine.name(),
                 lib.display()
             );

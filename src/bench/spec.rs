@@ -57,6 +57,9 @@ pub struct Matrix {
     /// fio options added to every run (`key = value`).
     #[serde(default)]
     pub fio: BTreeMap<String, toml::Value>,
+    /// ferroblk's fio engine (`libferroblk_fio.so`) when it is not beside the `ferroblk`
+    /// binary; `--engine-lib` overrides it.
+    pub engine_lib: Option<PathBuf>,
 }
 
 fn one_job() -> Vec<u32> {
