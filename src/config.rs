@@ -96,6 +96,47 @@ fn line_of(text: &str, path: &str) -> Option<usize> {
     span.map(|s| line_at(text, s.start))
 }
 
+impl ConfigError {
+    /// An error about the field at `path` of TOML `text` (read from `file`), with its line.
+    pub fn at(text: &str, file: &str, path: String, message: String) -> ConfigError {
+        ConfigError {
+            file: file.to_string(),
+            line: line_of(text, &path),
+            path,
+            message,
+        }
+    }
+}
+
+/// Deserializes TOML `text` (read from `file`) into `T`, every error naming the field's path
+/// and line: the daemon's configuration and `bench matrix` specs parse through it.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    file: &str,
+) -> Result<T, ConfigError> {
+    let de = toml::Deserializer::new(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let inner = e.inner();
+        let (path, message) = crate::decl::field_path("", &e.path().to_string(), inner.message());
+        if path.is_empty() {
+            // The file as a whole (TOML syntax): the parser's own position.
+            return ConfigError {
+                file: file.to_string(),
+                line: inner.span().map(|s| line_at(text, s.start)),
+                path: "(file)".into(),
+                message,
+            };
+        }
+        let line = line_of(text, &path).or(inner.span().map(|s| line_at(text, s.start)));
+        ConfigError {
+            file: file.to_string(),
+            line,
+            path,
+            message,
+        }
+    })
+}
+
 /// The whole file.
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -262,34 +303,8 @@ impl Config {
 
     /// Parses and checks configuration text; `file` names it in errors.
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
-        let err = |path: String, message: String| ConfigError {
-            file: file.to_string(),
-            line: line_of(text, &path),
-            path,
-            message,
-        };
-        let de = toml::Deserializer::new(text);
-        let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
-            let inner = e.inner();
-            let (path, message) =
-                crate::decl::field_path("", &e.path().to_string(), inner.message());
-            if path.is_empty() {
-                // The file as a whole (TOML syntax): the parser's own position.
-                return ConfigError {
-                    file: file.to_string(),
-                    line: inner.span().map(|s| line_at(text, s.start)),
-                    path: "(file)".into(),
-                    message,
-                };
-            }
-            let line = line_of(text, &path).or(inner.span().map(|s| line_at(text, s.start)));
-            ConfigError {
-                file: file.to_string(),
-                line,
-                path,
-                message,
-            }
-        })?;
+        let err = |path: String, message: String| ConfigError::at(text, file, path, message);
+        let cfg: Config = parse_toml(text, file)?;
         cfg.reactors
             .to_reactor_config()
             .map_err(|(p, m)| err(p, m))?;

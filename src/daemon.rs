@@ -264,6 +264,12 @@ impl DaemonState {
                 .map(|b| b.info().geometry().size_bytes())
         };
         p.objects.record(method, &params, size_of);
+        if let Some(name) = params.get("name").and_then(serde_json::Value::as_str)
+            && let Some(d) = self.registry.decl(name)
+        {
+            let bases: Vec<String> = d.bases().iter().map(|b| b.to_string()).collect();
+            p.objects.set_bases(name, &bases);
+        }
         let text = serde_json::to_string_pretty(&p.objects.to_state_json(&p.config_bdevs))
             .unwrap_or_default();
         if let Err(e) = crate::state::write_atomic(&p.path, text.as_bytes()) {
@@ -603,8 +609,8 @@ fn create_degraded(
     let mut failed: BTreeMap<String, FailedBdev> = BTreeMap::new();
     for i in order {
         let d = &decls[i];
-        let reason = match d.base() {
-            Some(b) if failed.contains_key(b) => {
+        let reason = match d.bases().into_iter().find(|b| failed.contains_key(*b)) {
+            Some(b) => {
                 let reason = format!("its base '{b}' failed");
                 tracing::error!(
                     bdev = d.name(),

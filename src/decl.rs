@@ -1,5 +1,6 @@
-//! The kinds of bdev the daemon accepts, listed once ([`kinds`]): those of `ferroblk-bdev` and
-//! the encryption kinds of `ferroblk-crypto` and `rbd` of `ferroblk-rbd`. The config file's `[[bdev]]` tables, the
+//! The kinds of bdev the daemon accepts, listed once ([`kinds`]): those of `ferroblk-bdev`, the
+//! encryption kinds of `ferroblk-crypto`, the remote `nvmf` kind of `ferroblk-target` and `rbd`
+//! of `ferroblk-rbd`. The config file's `[[bdev]]` tables, the
 //! `bdev_create` RPC and the state file all parse a declaration through this list into a
 //! [`Decl`]; a new kind implements `ferroblk_bdev::BdevKind` and is added here, nowhere else.
 
@@ -10,12 +11,13 @@ pub use ferroblk_bdev::decl::{DeclError, field_path};
 use ferroblk_bdev::{BdevDecl, Kinds};
 use serde::{Deserialize, Deserializer, Serialize};
 
-/// Every kind a declaration may name: the bdev crate's, the encryption kinds, then `rbd`.
+/// Every kind a declaration may name: the bdev crate's, the encryption kinds, `nvmf`, then `rbd`.
 pub fn kinds() -> &'static Kinds {
     static KINDS: OnceLock<Kinds> = OnceLock::new();
     KINDS.get_or_init(|| {
         let mut k = Kinds::core();
         ferroblk_crypto::decl::add_kinds(&mut k);
+        ferroblk_target::remote::add_kinds(&mut k);
         ferroblk_rbd::add_kinds(&mut k);
         k
     })
@@ -83,7 +85,7 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(w.bdev[1].kind(), "crypt_xts");
-        assert_eq!(w.bdev[1].base(), Some("m"));
+        assert_eq!(w.bdev[1].bases(), ["m"]);
         let json = w.bdev[1].to_json().to_string();
         assert!(!json.contains(&hex[..16]), "{json}");
         let reg = ferroblk_bdev::BdevRegistry::new();
@@ -123,14 +125,16 @@ mod tests {
                 "delay",
                 "crc",
                 "compress",
+                "mirror",
                 "crypt_xts",
                 "crypt_gcm",
+                "nvmf",
                 "rbd"
             ]
         );
         let e = Decl::from_json(serde_json::json!({"kind": "floppy"})).unwrap_err();
         assert!(
-            e.message.ends_with("expected one of `malloc`, `null`, `file`, `error`, `delay`, `crc`, `compress`, `crypt_xts`, `crypt_gcm`, `rbd`"),
+            e.message.ends_with("expected one of `malloc`, `null`, `file`, `error`, `delay`, `crc`, `compress`, `mirror`, `crypt_xts`, `crypt_gcm`, `nvmf`, `rbd`"),
             "{e}"
         );
     }
@@ -149,7 +153,7 @@ mod tests {
         .unwrap();
         assert_eq!(w.bdev[1].kind(), "compress");
         assert_eq!(w.bdev[2].kind(), "crc");
-        assert_eq!(w.bdev[2].base(), Some("z"));
+        assert_eq!(w.bdev[2].bases(), ["z"]);
         assert_eq!(w.bdev[1].to_json()["algorithm"], "lz4");
         let reg = ferroblk_bdev::BdevRegistry::new();
         reg.create_all(&w.bdev).unwrap();

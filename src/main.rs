@@ -1,9 +1,8 @@
-//! `ferroblk`: the daemon (`serve`), its control client (`rpc`), the benchmark (`perf`) and a
-//! configuration checker (`check-config`).
+//! `ferroblk`: the daemon (`serve`), its control client (`rpc`), the benchmarks (`perf`, and fio
+//! matrices with `bench`) and a configuration checker (`check-config`).
 
-mod config;
+mod bench;
 mod daemon;
-mod decl;
 mod metrics;
 mod notify;
 mod perf;
@@ -15,6 +14,8 @@ mod state;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+
+use ferroblk::{config, decl};
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use ferroblk_bdev::BdevRegistry;
@@ -91,6 +92,11 @@ enum Cmd {
     Perf {
         #[command(subcommand)]
         what: PerfCmd,
+    },
+    /// fio performance matrices: run one from a spec, compare two results directories.
+    Bench {
+        #[command(subcommand)]
+        what: bench::BenchCmd,
     },
     /// Run every check `serve` runs (the configuration, its state file, each bdev's file and
     /// key) without opening sockets or changing anything; report every problem found.
@@ -201,6 +207,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        Cmd::Bench { what } => bench::main(what),
         Cmd::CheckConfig { config } => match daemon::check(config.as_deref())? {
             Ok(summary) => {
                 println!("{summary}");
@@ -269,7 +276,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         .bdev
                         .iter()
                         .map(|s| s.name())
-                        .filter(|n| !cfg.bdev.iter().any(|s| s.base() == Some(*n)))
+                        .filter(|n| !cfg.bdev.iter().any(|s| s.stacks_on(n)))
                         .collect();
                     match tops[..] {
                         [one] => one.to_string(),

@@ -227,6 +227,18 @@ pub static METHODS: &[Method] = &[
         handler: bdev_delay_set,
     },
     Method {
+        name: "mirror_add_child",
+        params: "name child",
+        about: "Adds bdev `child` to mirror `name` (rebuilt whole, online), or takes back a degraded child of that name (its dirty regions resynced); progress in `bdev_list`.",
+        handler: mirror_add_child,
+    },
+    Method {
+        name: "mirror_remove_child",
+        params: "name child",
+        about: "Removes child `child` from mirror `name` (not its last healthy child).",
+        handler: mirror_remove_child,
+    },
+    Method {
         name: "vhost_add",
         params: "socket bdev num_queues? read_only? serial?",
         about: "Exports a bdev as a vhost-user-blk device on a Unix socket.",
@@ -435,7 +447,12 @@ fn bdev_delete(state: &DaemonState, params: Value) -> Result<Value, RpcError> {
         if failed.contains_key(&p.name) {
             let users: Vec<String> = failed
                 .iter()
-                .filter(|(_, f)| f.spec["base"] == p.name.as_str())
+                .filter(|(_, f)| {
+                    f.spec["base"] == p.name.as_str()
+                        || f.spec["children"]
+                            .as_array()
+                            .is_some_and(|c| c.iter().any(|c| c == p.name.as_str()))
+                })
                 .map(|(n, _)| format!("bdev {n}"))
                 .collect();
             if !users.is_empty() {
@@ -505,6 +522,23 @@ fn bdev_delay_set(state: &DaemonState, params: Value) -> Result<Value, RpcError>
         }
     }
     Ok(b.control("delay_set", Value::Object(d))?)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChildParams {
+    name: String,
+    child: String,
+}
+
+fn mirror_add_child(state: &DaemonState, params: Value) -> Result<Value, RpcError> {
+    let p: ChildParams = parse(params)?;
+    Ok(state.registry.add_base(&p.name, &p.child)?)
+}
+
+fn mirror_remove_child(state: &DaemonState, params: Value) -> Result<Value, RpcError> {
+    let p: ChildParams = parse(params)?;
+    Ok(state.registry.remove_base(&p.name, &p.child)?)
 }
 
 fn vhost_add(state: &DaemonState, params: Value) -> Result<Value, RpcError> {

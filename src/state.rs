@@ -141,6 +141,14 @@ impl Objects {
         }
     }
 
+    /// Declares bdev `name` again with the bases it has now (after a mirror's child was added
+    /// or removed).
+    pub fn set_bases(&mut self, name: &str, bases: &[String]) {
+        if let Some(d) = self.bdev.iter_mut().find(|d| d.name() == name) {
+            d.0.set_bases(bases);
+        }
+    }
+
     /// The state file's contents: no key in clear (see the module documentation).
     pub fn to_state_json(&self, config: &[Decl]) -> Value {
         let bdev: Vec<Value> = self
@@ -283,6 +291,8 @@ pub const SAVED_METHODS: &[&str] = &[
     "nvmf_host_add",
     "nvmf_host_remove",
     "nvmf_listener_add",
+    "mirror_add_child",
+    "mirror_remove_child",
 ];
 
 /// Reads the state file at `path` if there is one.

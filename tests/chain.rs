@@ -15,47 +15,14 @@ use serde::Deserialize;
 #[allow(dead_code, unused_imports)]
 mod decl;
 
+/// The chain's declarations (shared with the fio engine's tests).
+#[path = "common/chain.rs"]
+mod chain_config;
+use chain_config::chain_toml;
+
 #[derive(Deserialize)]
 struct Config {
     bdev: Vec<decl::Decl>,
-}
-
-fn chain_toml(image: &std::path::Path) -> String {
-    let key = "0f1e2d3c4b5a69788796a5b4c3d2e1f0".repeat(2)
-        + &"00112233445566778899aabbccddeeff".repeat(2);
-    format!(
-        r#"
-# Top first, as an operator would read it; the registry creates bases first.
-[[bdev]]
-kind = "crc"
-name = "checked"
-base = "packed"
-
-[[bdev]]
-kind = "compress"
-name = "packed"
-base = "secret"
-size = "32MiB"          # logical, over a 16 MiB file
-chunk_size = "16KiB"
-algorithm = "lz4"
-# crypt_xts on a new file reads encrypted zeroes, not zeroes: format what has no superblock.
-format = "if_unformatted"
-
-[[bdev]]
-kind = "crypt_xts"
-name = "secret"
-base = "disk"
-key_hex = "{key}"
-
-[[bdev]]
-kind = "file"
-name = "disk"
-path = "{path}"
-size = "16MiB"
-create = true
-"#,
-        path = image.display()
-    )
 }
 
 /// Creates the chain from its declarations; returns the top.

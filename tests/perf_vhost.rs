@@ -3,104 +3,16 @@
 //! reaches the backend. Skipped, with a message, where qemu-storage-daemon (Debian's
 //! `qemu-system-common`) is missing and cannot be installed.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
 
 use serde_json::Value;
 
+mod common;
+
+use common::qsd::{QSD, Qsd, qsd_available};
+
 const BIN: &str = env!("CARGO_BIN_EXE_ferroblk");
-const QSD: &str = "qemu-storage-daemon";
-
-fn qsd_runs() -> bool {
-    Command::new(QSD)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-fn apt_get(args: &[&str]) -> bool {
-    Command::new("apt-get")
-        .args(args)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// Whether qemu-storage-daemon is there, installing `qemu-system-common` once if it is not.
-fn qsd_available() -> bool {
-    static CHECKED: Mutex<Option<bool>> = Mutex::new(None);
-    let mut g = CHECKED.lock().unwrap_or_else(|e| e.into_inner());
-    *g.get_or_insert_with(|| {
-        if qsd_runs() {
-            return true;
-        }
-        eprintln!("{QSD} missing: installing qemu-system-common");
-        let install = ["install", "-y", "-qq", "qemu-system-common"];
-        (apt_get(&install) || (apt_get(&["update", "-qq"]) && apt_get(&install))) && qsd_runs()
-    })
-}
-
-/// A qemu-storage-daemon exporting one block node over vhost-user-blk; killed (by PID) on drop.
-struct Qsd {
-    child: Child,
-    sock: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Qsd {
-    /// Starts `--blockdev {blockdev},node-name=n0` exported on a socket in a fresh directory.
-    fn start(blockdev: &str, writable: bool, queues: u32) -> Qsd {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("vhost.sock");
-        let export = format!(
-            "type=vhost-user-blk,id=exp0,node-name=n0,addr.type=unix,addr.path={},writable={},num-queues={queues}",
-            sock.display(),
-            if writable { "on" } else { "off" },
-        );
-        let mut child = Command::new(QSD)
-            .args(["--blockdev", &format!("{blockdev},node-name=n0")])
-            .args(["--export", &export])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn qemu-storage-daemon");
-        let t0 = Instant::now();
-        while !sock.exists() {
-            if let Some(st) = child.try_wait().unwrap() {
-                panic!("{QSD} exited at start: {st}");
-            }
-            if t0.elapsed() > Duration::from_secs(20) {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("{QSD} did not create {}", sock.display());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Qsd {
-            child,
-            sock,
-            _dir: dir,
-        }
-    }
-
-    /// Runs `ferroblk perf vhost` for half a second against this export.
-    fn perf(&self, extra: &[&str]) -> Result<Value, String> {
-        perf(&self.sock, extra)
-    }
-}
-
-impl Drop for Qsd {
-    fn drop(&mut self) {
-        // Child::kill signals this child's PID only.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn perf(sock: &Path, extra: &[&str]) -> Result<Value, String> {
     let out = Command::new(BIN)
@@ -137,15 +49,17 @@ fn perf_vhost_reads_a_null_export() {
     }
     let qsd = Qsd::start("driver=null-co,size=67108864,read-zeroes=on", false, 2);
 
-    let v = qsd.perf(&["--qd", "8"]).unwrap();
+    let v = perf(&qsd.sock, &["--qd", "8"]).unwrap();
     check_ran(&v, "randread qd 8 (polling)");
     assert_eq!(v["mode"], "poll");
     assert_eq!(v["device"]["capacity"], 67_108_864);
 
     // Two queues (one thread each), sleeping on the completion eventfd.
-    let v = qsd
-        .perf(&["--rw", "read", "--queues", "2", "--qd", "4", "--wait"])
-        .unwrap();
+    let v = perf(
+        &qsd.sock,
+        &["--rw", "read", "--queues", "2", "--qd", "4", "--wait"],
+    )
+    .unwrap();
     check_ran(&v, "read, 2 queues, --wait");
     assert_eq!(v["mode"], "wait");
     let queues = v["queues"].as_array().unwrap();
@@ -153,10 +67,10 @@ fn perf_vhost_reads_a_null_export() {
     assert!(queues.iter().all(|q| q["ios"].as_u64() > Some(0)), "{v}");
 
     // The export is read-only: a write job must fail up front and say why.
-    let e = qsd.perf(&["--rw", "randwrite"]).unwrap_err();
+    let e = perf(&qsd.sock, &["--rw", "randwrite"]).unwrap_err();
     assert!(e.contains("writable"), "{e}");
     // More queues than the backend offers.
-    let e = qsd.perf(&["--queues", "3"]).unwrap_err();
+    let e = perf(&qsd.sock, &["--queues", "3"]).unwrap_err();
     assert!(e.contains("queue"), "{e}");
 }
 
@@ -172,16 +86,19 @@ fn perf_vhost_writes_reach_a_file_export() {
     std::fs::write(&img, vec![0u8; SIZE]).unwrap();
     let qsd = Qsd::start(&format!("driver=file,filename={}", img.display()), true, 1);
     check_ran(
-        &qsd.perf(&["--rw", "randwrite", "--qd", "4"]).unwrap(),
+        &perf(&qsd.sock, &["--rw", "randwrite", "--qd", "4"]).unwrap(),
         "randwrite",
     );
     check_ran(
-        &qsd.perf(&["--rw", "randrw", "--mix", "50", "--qd", "4", "--wait"])
-            .unwrap(),
+        &perf(
+            &qsd.sock,
+            &["--rw", "randrw", "--mix", "50", "--qd", "4", "--wait"],
+        )
+        .unwrap(),
         "randrw 50%",
     );
     check_ran(
-        &qsd.perf(&["--rw", "randread", "--qd", "4"]).unwrap(),
+        &perf(&qsd.sock, &["--rw", "randread", "--qd", "4"]).unwrap(),
         "randread",
     );
     drop(qsd);

@@ -16,6 +16,7 @@ command -v fio >/dev/null || need+=(fio)
 for p in ceph-mon ceph-osd ceph-common librbd-dev librados-dev; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
+command -v dpkg-source >/dev/null || need+=(dpkg-dev)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -29,6 +30,10 @@ fi
 # A one-shot build gains nothing from incremental compilation, which doubles the build
 # directory's size on disk.
 export CARGO_INCREMENTAL=0
+
+# The fio engine (fio/) is built against the installed fio's own configured source tree.
+echo "== fio headers"
+bash fio/fetch-headers.sh
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -685,6 +685,22 @@ pub trait Bdev: Send + Sync {
         Vec::new()
     }
 
+    /// Adds a base at run time (a mirror's new or returning child); returns `describe()`.
+    fn add_base(&self, base: Arc<dyn Bdev>) -> Result<serde_json::Value, BdevError> {
+        let _ = base;
+        Err(BdevError::Unsupported {
+            what: format!("adding a base to a {} bdev", self.info().kind()),
+        })
+    }
+
+    /// Removes the base named `name` at run time; returns `describe()`.
+    fn remove_base(&self, name: &str) -> Result<serde_json::Value, BdevError> {
+        let _ = name;
+        Err(BdevError::Unsupported {
+            what: format!("removing a base of a {} bdev", self.info().kind()),
+        })
+    }
+
     /// Kind-specific facts for `bdev_list` (paths, settings).
     fn describe(&self) -> serde_json::Value {
         serde_json::Value::Null

@@ -282,9 +282,10 @@ pub trait BdevKind: Send + Sync + 'static {
 
     /// The bdev's name.
     fn name(c: &Self::Config) -> &str;
-    /// The base it stacks on, for stacked kinds.
-    fn base(_c: &Self::Config) -> Option<&str> {
-        None
+    /// The bases it stacks on, for stacked kinds (one for most, several for `mirror`), each
+    /// with the field that names it.
+    fn bases(_c: &Self::Config) -> Vec<BaseRef<'_>> {
+        Vec::new()
     }
     /// Checks the values that need no other bdev and no file (the name is checked apart);
     /// errors name the field.
@@ -296,11 +297,15 @@ pub trait BdevKind: Send + Sync + 'static {
     fn check(_c: &Self::Config) -> Result<(), BdevError> {
         Ok(())
     }
-    /// Creates the bdev on `base`, the already created base of a stacked kind.
-    fn build(c: &Self::Config, base: Option<Arc<dyn Bdev>>) -> Result<Arc<dyn Bdev>, BdevError>;
+    /// Creates the bdev on `bases`, the already created bases of a stacked kind, in the order
+    /// [`bases`](Self::bases) names them.
+    fn build(c: &Self::Config, bases: Vec<Arc<dyn Bdev>>) -> Result<Arc<dyn Bdev>, BdevError>;
     /// Records that the bdev was resized to `bytes`, so that it is declared again at that size;
     /// kinds without a size ignore it.
     fn set_size(_c: &mut Self::Config, _bytes: u64) {}
+    /// Records that the bases changed at run time (a mirror's children), so that it is declared
+    /// again with them; kinds whose bases are fixed ignore it.
+    fn set_bases(_c: &mut Self::Config, _bases: &[String]) {}
     /// The field of a secret given inline (`key_hex`) that this declaration carries, if any:
     /// it serializes redacted and is never saved in clear.
     fn inline_secret(_c: &Self::Config) -> Option<&'static str> {
@@ -319,11 +324,12 @@ pub trait BdevKind: Send + Sync + 'static {
 trait Declared: Send + Sync + fmt::Debug {
     fn kind(&self) -> &'static str;
     fn name(&self) -> &str;
-    fn base(&self) -> Option<&str>;
+    fn bases(&self) -> Vec<BaseRef<'_>>;
     fn validate(&self) -> Result<(), BdevError>;
     fn check(&self) -> Result<(), BdevError>;
-    fn build(&self, base: Option<Arc<dyn Bdev>>) -> Result<Arc<dyn Bdev>, BdevError>;
+    fn build(&self, bases: Vec<Arc<dyn Bdev>>) -> Result<Arc<dyn Bdev>, BdevError>;
     fn set_size(&mut self, bytes: u64);
+    fn set_bases(&mut self, bases: &[String]);
     fn inline_secret(&self) -> Option<&'static str>;
     fn same_inline_secret(&self, other: &dyn Declared) -> bool;
     fn copy_inline_secret(&self, to: &mut dyn Declared);
@@ -350,8 +356,8 @@ impl<K: BdevKind> Declared for Typed<K> {
     fn name(&self) -> &str {
         K::name(&self.0)
     }
-    fn base(&self) -> Option<&str> {
-        K::base(&self.0)
+    fn bases(&self) -> Vec<BaseRef<'_>> {
+        K::bases(&self.0)
     }
     fn validate(&self) -> Result<(), BdevError> {
         K::validate(&self.0)
@@ -359,11 +365,14 @@ impl<K: BdevKind> Declared for Typed<K> {
     fn check(&self) -> Result<(), BdevError> {
         K::check(&self.0)
     }
-    fn build(&self, base: Option<Arc<dyn Bdev>>) -> Result<Arc<dyn Bdev>, BdevError> {
-        K::build(&self.0, base)
+    fn build(&self, bases: Vec<Arc<dyn Bdev>>) -> Result<Arc<dyn Bdev>, BdevError> {
+        K::build(&self.0, bases)
     }
     fn set_size(&mut self, bytes: u64) {
         K::set_size(&mut self.0, bytes);
+    }
+    fn set_bases(&mut self, bases: &[String]) {
+        K::set_bases(&mut self.0, bases);
     }
     fn inline_secret(&self) -> Option<&'static str> {
         K::inline_secret(&self.0)
@@ -427,9 +436,19 @@ impl BdevDecl {
         self.0.name()
     }
 
-    /// The base it stacks on, for stacked kinds.
-    pub fn base(&self) -> Option<&str> {
-        self.0.base()
+    /// The names of the bases it stacks on (none for a base kind).
+    pub fn bases(&self) -> Vec<&str> {
+        self.0.bases().into_iter().map(|b| b.name).collect()
+    }
+
+    /// The bases it stacks on, each with the field that names it.
+    pub fn base_refs(&self) -> Vec<BaseRef<'_>> {
+        self.0.bases()
+    }
+
+    /// Whether it stacks on the bdev named `name`.
+    pub fn stacks_on(&self, name: &str) -> bool {
+        self.0.bases().iter().any(|b| b.name == name)
     }
 
     /// Checks what needs no other bdev (name, sizes, block sizes, rules); errors name the field.
@@ -445,15 +464,21 @@ impl BdevDecl {
         self.0.check()
     }
 
-    /// Creates the bdev on its (already created) base.
-    pub fn build(&self, base: Option<Arc<dyn Bdev>>) -> Result<Arc<dyn Bdev>, BdevError> {
+    /// Creates the bdev on its (already created) bases, in the order [`bases`](Self::bases)
+    /// names them.
+    pub fn build(&self, bases: Vec<Arc<dyn Bdev>>) -> Result<Arc<dyn Bdev>, BdevError> {
         self.validate()?;
-        self.0.build(base)
+        self.0.build(bases)
     }
 
     /// Declares the bdev at its new size after a resize (kinds without a size ignore it).
     pub fn set_size(&mut self, bytes: u64) {
         self.0.set_size(bytes);
+    }
+
+    /// Declares the bdev with the bases it has now (kinds whose bases are fixed ignore it).
+    pub fn set_bases(&mut self, bases: &[String]) {
+        self.0.set_bases(bases);
     }
 
     /// The field of the secret given inline (`key_hex`) that it carries, if any.
@@ -545,7 +570,8 @@ fn parse_kind<K: BdevKind>(v: serde_json::Value) -> Result<BdevDecl, DeclError> 
 }
 
 impl Kinds {
-    /// This crate's kinds: `malloc`, `null`, `file`, `error`, `delay`, `crc`, `compress`.
+    /// This crate's kinds: `malloc`, `null`, `file`, `error`, `delay`, `crc`, `compress`,
+    /// `mirror`.
     pub fn core() -> Kinds {
         let mut k = Kinds {
             entries: Vec::new(),
@@ -556,7 +582,8 @@ impl Kinds {
             .add::<ErrorKind>()
             .add::<DelayKind>()
             .add::<CrcKind>()
-            .add::<CompressKind>();
+            .add::<CompressKind>()
+            .add::<crate::mirror::MirrorKind>();
         k
     }
 
@@ -692,9 +719,29 @@ fn is_field_path(s: &str) -> bool {
     !s.is_empty() && !want_ident
 }
 
-/// The base of a stacked kind, which the registry creates first.
-pub fn need_base(base: Option<Arc<dyn Bdev>>) -> Result<Arc<dyn Bdev>, BdevError> {
-    base.ok_or_else(|| BdevError::invalid("base", "the base bdev is missing"))
+/// A base a declaration names: the field that names it (`base`, `children[1]`) and the bdev.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BaseRef<'a> {
+    /// Path of the field naming it, for errors.
+    pub field: String,
+    /// The base bdev's name.
+    pub name: &'a str,
+}
+
+/// The one base of a kind whose field `base` names it.
+pub fn one_base(name: &str) -> Vec<BaseRef<'_>> {
+    vec![BaseRef {
+        field: "base".into(),
+        name,
+    }]
+}
+
+/// The one base of a stacked kind, which the registry creates first.
+pub fn need_base(bases: Vec<Arc<dyn Bdev>>) -> Result<Arc<dyn Bdev>, BdevError> {
+    bases
+        .into_iter()
+        .next()
+        .ok_or_else(|| BdevError::invalid("base", "the base bdev is missing"))
 }
 
 /// `kind = "malloc"`: a RAM bdev.
@@ -718,7 +765,7 @@ impl BdevKind for MallocKind {
         }
         Ok(())
     }
-    fn build(s: &MallocDecl, _base: Option<Arc<dyn Bdev>>) -> Result<Arc<dyn Bdev>, BdevError> {
+    fn build(s: &MallocDecl, _base: Vec<Arc<dyn Bdev>>) -> Result<Arc<dyn Bdev>, BdevError> {
         let bs = block_size(s.block_size)?;
         let n = blocks(s.size, bs)?;
         let max = match s.max_size {
@@ -744,7 +791,7 @@ impl BdevKind for NullKind {
     fn validate(s: &NullDecl) -> Result<(), BdevError> {
         blocks(s.size, block_size(s.block_size)?).map(drop)
     }
-    fn build(s: &NullDecl, _base: Option<Arc<dyn Bdev>>) -> Result<Arc<dyn Bdev>, BdevError> {
+    fn build(s: &NullDecl, _base: Vec<Arc<dyn Bdev>>) -> Result<Arc<dyn Bdev>, BdevError> {
         let bs = block_size(s.block_size)?;
         Ok(Arc::new(NullBdev::new(&s.name, bs, blocks(s.size, bs)?)?))
     }
@@ -775,7 +822,7 @@ impl BdevKind for FileKind {
     fn check(s: &FileDecl) -> Result<(), BdevError> {
         s.check()
     }
-    fn build(s: &FileDecl, _base: Option<Arc<dyn Bdev>>) -> Result<Arc<dyn Bdev>, BdevError> {
+    fn build(s: &FileDecl, _base: Vec<Arc<dyn Bdev>>) -> Result<Arc<dyn Bdev>, BdevError> {
         Ok(Arc::new(FileBdev::open(&s.name, &s.options()?)?))
     }
     fn set_size(c: &mut FileDecl, bytes: u64) {
@@ -792,8 +839,8 @@ impl BdevKind for ErrorKind {
     fn name(c: &ErrorDecl) -> &str {
         &c.name
     }
-    fn base(c: &ErrorDecl) -> Option<&str> {
-        Some(&c.base)
+    fn bases(c: &ErrorDecl) -> Vec<BaseRef<'_>> {
+        one_base(&c.base)
     }
     fn validate(s: &ErrorDecl) -> Result<(), BdevError> {
         match &s.inject {
@@ -801,7 +848,7 @@ impl BdevKind for ErrorKind {
             None => Ok(()),
         }
     }
-    fn build(s: &ErrorDecl, base: Option<Arc<dyn Bdev>>) -> Result<Arc<dyn Bdev>, BdevError> {
+    fn build(s: &ErrorDecl, base: Vec<Arc<dyn Bdev>>) -> Result<Arc<dyn Bdev>, BdevError> {
         Ok(Arc::new(ErrorBdev::new(
             &s.name,
             need_base(base)?,
@@ -819,10 +866,10 @@ impl BdevKind for DelayKind {
     fn name(c: &DelayDecl) -> &str {
         &c.name
     }
-    fn base(c: &DelayDecl) -> Option<&str> {
-        Some(&c.base)
+    fn bases(c: &DelayDecl) -> Vec<BaseRef<'_>> {
+        one_base(&c.base)
     }
-    fn build(s: &DelayDecl, base: Option<Arc<dyn Bdev>>) -> Result<Arc<dyn Bdev>, BdevError> {
+    fn build(s: &DelayDecl, base: Vec<Arc<dyn Bdev>>) -> Result<Arc<dyn Bdev>, BdevError> {
         Ok(Arc::new(DelayBdev::new(
             &s.name,
             need_base(base)?,
@@ -844,10 +891,10 @@ impl BdevKind for CrcKind {
     fn name(c: &CrcDecl) -> &str {
         &c.name
     }
-    fn base(c: &CrcDecl) -> Option<&str> {
-        Some(&c.base)
+    fn bases(c: &CrcDecl) -> Vec<BaseRef<'_>> {
+        one_base(&c.base)
     }
-    fn build(s: &CrcDecl, base: Option<Arc<dyn Bdev>>) -> Result<Arc<dyn Bdev>, BdevError> {
+    fn build(s: &CrcDecl, base: Vec<Arc<dyn Bdev>>) -> Result<Arc<dyn Bdev>, BdevError> {
         Ok(Arc::new(CrcBdev::open_with(
             &s.name,
             need_base(base)?,
@@ -865,13 +912,13 @@ impl BdevKind for CompressKind {
     fn name(c: &CompressDecl) -> &str {
         &c.name
     }
-    fn base(c: &CompressDecl) -> Option<&str> {
-        Some(&c.base)
+    fn bases(c: &CompressDecl) -> Vec<BaseRef<'_>> {
+        one_base(&c.base)
     }
     fn validate(s: &CompressDecl) -> Result<(), BdevError> {
         s.options().map(drop)
     }
-    fn build(s: &CompressDecl, base: Option<Arc<dyn Bdev>>) -> Result<Arc<dyn Bdev>, BdevError> {
+    fn build(s: &CompressDecl, base: Vec<Arc<dyn Bdev>>) -> Result<Arc<dyn Bdev>, BdevError> {
         Ok(Arc::new(CompressBdev::open(
             &s.name,
             need_base(base)?,
@@ -928,51 +975,61 @@ pub fn creation_order<D: AsRef<BdevDecl>>(
         }
     }
     for (i, s) in decls.iter().enumerate() {
-        if let Some(b) = s.base()
-            && !by_name.contains_key(b)
-            && !existing(b)
-        {
-            return Err(DeclListError {
-                index: i,
-                error: BdevError::invalid("base", format!("no bdev named '{b}'")),
-            });
+        for b in s.base_refs() {
+            if !by_name.contains_key(b.name) && !existing(b.name) {
+                return Err(DeclListError {
+                    index: i,
+                    error: BdevError::invalid(b.field, format!("no bdev named '{}'", b.name)),
+                });
+            }
         }
     }
-    // Depth-first topological sort; a grey node met again is a cycle.
+    // Depth-first topological sort over every base; a grey node met again is a cycle.
     let mut state = vec![0u8; decls.len()];
     let mut order = Vec::with_capacity(decls.len());
     for start in 0..decls.len() {
-        let mut path = Vec::new();
-        let mut cur = start;
-        loop {
-            if state[cur] == 2 {
-                break;
-            }
-            if state[cur] == 1 {
-                let names: Vec<&str> = path.iter().map(|&i: &usize| decls[i].name()).collect();
-                return Err(DeclListError {
-                    index: cur,
-                    error: BdevError::invalid(
-                        "base",
-                        format!(
-                            "stacking cycle: {} -> {}",
-                            names.join(" -> "),
-                            decls[cur].name()
-                        ),
-                    ),
-                });
-            }
-            state[cur] = 1;
-            path.push(cur);
-            match decls[cur].base().and_then(|b| by_name.get(b)) {
-                Some(&next) => cur = next,
-                None => break,
-            }
+        if state[start] != 0 {
+            continue;
         }
-        for &i in path.iter().rev() {
-            if state[i] == 1 {
-                state[i] = 2;
-                order.push(i);
+        // (declaration, index of its next base to visit); the stack is the grey path.
+        let mut stack: Vec<(usize, usize)> = vec![(start, 0)];
+        state[start] = 1;
+        while let Some(&mut (cur, ref mut next)) = stack.last_mut() {
+            let refs = decls[cur].base_refs();
+            let Some(b) = refs.get(*next) else {
+                state[cur] = 2;
+                order.push(cur);
+                stack.pop();
+                continue;
+            };
+            *next += 1;
+            let Some(&dep) = by_name.get(b.name) else {
+                continue;
+            };
+            match state[dep] {
+                0 => {
+                    state[dep] = 1;
+                    stack.push((dep, 0));
+                }
+                1 => {
+                    let from = stack.iter().position(|&(i, _)| i == dep).unwrap_or(0);
+                    let names: Vec<&str> = stack[from..]
+                        .iter()
+                        .map(|&(i, _)| decls[i].name())
+                        .collect();
+                    return Err(DeclListError {
+                        index: cur,
+                        error: BdevError::invalid(
+                            b.field.clone(),
+                            format!(
+                                "stacking cycle: {} -> {}",
+                                names.join(" -> "),
+                                decls[dep].name()
+                            ),
+                        ),
+                    });
+                }
+                _ => {}
             }
         }
     }
@@ -1133,7 +1190,7 @@ mod tests {
         assert_eq!(s[0], s[0].clone());
         assert_eq!(s[0].to_json()["kind"], "malloc");
         assert_eq!(s[1].to_json()["kind"], "null");
-        assert_eq!((s[2].kind(), s[2].base()), ("delay", Some("m")));
+        assert_eq!((s[2].kind(), s[2].bases()), ("delay", vec!["m"]));
         // A resize is declared by the kinds with a size, ignored by the others.
         let mut m = s[0].clone();
         m.set_size(16384);

@@ -19,7 +19,8 @@
 //!   the request back (back-pressure) instead of queueing or allocating.
 //! - Base bdevs: [`malloc`] (RAM, and `null`), [`file`] (regular file or block device over
 //!   io_uring). Stacked bdevs: [`inject`] (`error`, `delay`), [`crc`] (per-block CRC32C),
-//!   [`compress`]; a stacked channel owns its base's channel.
+//!   [`compress`], [`mirror`] (RAID-1 over several bases); a stacked channel owns its base's
+//!   channel.
 //! - [`stacked`]: plumbing every stacked bdev uses (request slot table, striped try-locks, the
 //!   base channel with its retry queue, formatting helpers); [`mdregion`]: the layout, header,
 //!   locking and channel of stacked bdevs that keep an entry per block in a metadata region at
@@ -51,6 +52,7 @@ pub mod inject;
 pub mod integrity;
 pub mod malloc;
 pub mod mdregion;
+pub mod mirror;
 pub mod reactor;
 pub mod registry;
 pub mod split;

@@ -46,25 +46,26 @@ impl BdevRegistry {
         Ok(())
     }
 
-    /// Creates one bdev; its base, if any, must exist.
+    /// Creates one bdev; its bases, if any, must exist.
     pub fn create(&self, decl: BdevDecl) -> Result<Arc<dyn Bdev>, BdevError> {
         decl.validate()?;
         let name = decl.name().to_string();
-        let base =
-            {
-                let e = self.entries.lock().expect("registry lock");
-                if e.contains_key(&name) {
-                    return Err(BdevError::Exists(name));
-                }
-                match decl.base() {
-                    Some(b) => Some(e.get(b).map(|x| x.bdev.clone()).ok_or_else(|| {
-                        BdevError::invalid("base", format!("no bdev named '{b}'"))
-                    })?),
-                    None => None,
-                }
-            };
+        let bases = {
+            let e = self.entries.lock().expect("registry lock");
+            if e.contains_key(&name) {
+                return Err(BdevError::Exists(name));
+            }
+            decl.base_refs()
+                .into_iter()
+                .map(|b| {
+                    e.get(b.name).map(|x| x.bdev.clone()).ok_or_else(|| {
+                        BdevError::invalid(b.field, format!("no bdev named '{}'", b.name))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        };
         // Opening files may block: done without holding the lock.
-        let bdev = decl.build(base)?;
+        let bdev = decl.build(bases)?;
         let mut e = self.entries.lock().expect("registry lock");
         if e.contains_key(&name) {
             return Err(BdevError::Exists(name));
@@ -99,7 +100,7 @@ impl BdevRegistry {
                 let mut users = x.claims.clone();
                 users.extend(
                     e.values()
-                        .filter(|o| o.decl.base() == Some(x.decl.name()))
+                        .filter(|o| o.decl.stacks_on(x.decl.name()))
                         .map(|o| format!("bdev {}", o.decl.name())),
                 );
                 (x.bdev.clone(), x.decl.clone(), users)
@@ -135,7 +136,7 @@ impl BdevRegistry {
         let mut users = x.claims.clone();
         users.extend(
             e.values()
-                .filter(|o| o.decl.base() == Some(name))
+                .filter(|o| o.decl.stacks_on(name))
                 .map(|o| format!("bdev {}", o.decl.name())),
         );
         if x.bdev.info().open_channels() > 0 && users.is_empty() {
@@ -150,6 +151,60 @@ impl BdevRegistry {
         e.remove(name);
         tracing::info!(bdev = %name, "bdev deleted");
         Ok(())
+    }
+
+    /// Adds bdev `base` to the bases of `name` at run time (a mirror's new or returning
+    /// child); the declaration follows. Returns what the bdev reports.
+    pub fn add_base(&self, name: &str, base: &str) -> Result<serde_json::Value, BdevError> {
+        let (b, child) = {
+            let e = self.entries.lock().expect("registry lock");
+            let b = e
+                .get(name)
+                .ok_or_else(|| BdevError::NotFound(name.into()))?;
+            let c = e
+                .get(base)
+                .ok_or_else(|| BdevError::invalid("child", format!("no bdev named '{base}'")))?;
+            (b.bdev.clone(), c.bdev.clone())
+        };
+        if stacks_on(&child, name) {
+            return Err(BdevError::invalid(
+                "child",
+                format!("'{base}' is stacked on '{name}': that would be a cycle"),
+            ));
+        }
+        let v = b.add_base(child)?;
+        self.follow_bases(name, &b);
+        Ok(v)
+    }
+
+    /// Removes bdev `base` from the bases of `name` at run time; the declaration follows.
+    pub fn remove_base(&self, name: &str, base: &str) -> Result<serde_json::Value, BdevError> {
+        let b = self
+            .get(name)
+            .ok_or_else(|| BdevError::NotFound(name.into()))?;
+        let v = b.remove_base(base)?;
+        self.follow_bases(name, &b);
+        Ok(v)
+    }
+
+    fn follow_bases(&self, name: &str, b: &Arc<dyn Bdev>) {
+        let names: Vec<String> = b
+            .bases()
+            .iter()
+            .map(|x| x.info().name().to_string())
+            .collect();
+        if let Some(x) = self.entries.lock().expect("registry lock").get_mut(name) {
+            x.decl.set_bases(&names);
+        }
+    }
+
+    /// The declaration of `name` as it is now.
+    pub fn decl(&self, name: &str) -> Option<BdevDecl> {
+        self.entries
+            .lock()
+            .expect("registry lock")
+            .get(name)
+            .map(|e| e.decl.clone())
     }
 
     /// Resizes a bdev to `size` bytes (a multiple of its block size).
@@ -176,4 +231,9 @@ impl BdevRegistry {
             Err(_) => list.into_iter().map(|(b, _, _)| b).collect(),
         }
     }
+}
+
+/// Whether `b` is `name` or stacked on it, through any chain of bases.
+fn stacks_on(b: &Arc<dyn Bdev>, name: &str) -> bool {
+    b.info().name() == name || b.bases().iter().any(|x| stacks_on(x, name))
 }

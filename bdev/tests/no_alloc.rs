@@ -9,6 +9,7 @@ use ferroblk_bdev::crc::CrcBdev;
 use ferroblk_bdev::file::{DirectMode, FileBdev, FileOptions};
 use ferroblk_bdev::inject::{DelayBdev, Delays, ErrorBdev};
 use ferroblk_bdev::malloc::{MallocBdev, NullBdev};
+use ferroblk_bdev::mirror::MirrorBdev;
 use ferroblk_bdev::testing::{CountingAlloc, allocations, steady_state_allocations};
 use ferroblk_bdev::{Bdev, BlockSize};
 
@@ -67,6 +68,21 @@ fn hot_path_makes_no_heap_allocation() {
                     "z",
                     Arc::new(MallocBdev::new("m2", BlockSize::B4096, 2048, 2048).unwrap()),
                     &CompressOptions::new(4 << 20),
+                )
+                .unwrap(),
+            ),
+        ),
+        (
+            "mirror over two malloc",
+            Arc::new(
+                MirrorBdev::open(
+                    "mir",
+                    vec![
+                        Arc::new(MallocBdev::new("a", BlockSize::B4096, 1024, 1024).unwrap()),
+                        Arc::new(MallocBdev::new("b", BlockSize::B4096, 1024, 1024).unwrap()),
+                    ],
+                    1 << 20,
+                    true,
                 )
                 .unwrap(),
             ),

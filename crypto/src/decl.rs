@@ -16,7 +16,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use ferroblk_bdev::decl::need_base;
+use ferroblk_bdev::decl::{BaseRef, need_base, one_base};
 use ferroblk_bdev::{Bdev, BdevError, BdevKind, Kinds};
 use serde::{Deserialize, Serialize};
 
@@ -120,8 +120,8 @@ macro_rules! crypt_kind {
             fn name(c: &CryptDecl) -> &str {
                 &c.name
             }
-            fn base(c: &CryptDecl) -> Option<&str> {
-                Some(&c.base)
+            fn bases(c: &CryptDecl) -> Vec<BaseRef<'_>> {
+                one_base(&c.base)
             }
             fn validate(c: &CryptDecl) -> Result<(), BdevError> {
                 c.validate()
@@ -131,7 +131,7 @@ macro_rules! crypt_kind {
             }
             fn build(
                 c: &CryptDecl,
-                base: Option<Arc<dyn Bdev>>,
+                base: Vec<Arc<dyn Bdev>>,
             ) -> Result<Arc<dyn Bdev>, BdevError> {
                 let base = need_base(base)?;
                 let key = load_key(&c.key_file, &c.key_hex)?;
@@ -192,7 +192,7 @@ mod tests {
         assert!(!dbg.contains(&HEX128[..32]), "{dbg}");
         let json = serde_json::to_string(&s).unwrap();
         assert!(!json.contains(&HEX128[..32]), "{json}");
-        let b = CryptXtsKind::build(&s, Some(malloc())).unwrap();
+        let b = CryptXtsKind::build(&s, vec![malloc()]).unwrap();
         assert_eq!(b.info().kind(), crate::xts::KIND);
     }
 
@@ -218,7 +218,7 @@ mod tests {
             "name = \"g\"\nbase = \"m\"\nkey_hex = \"{HEX128}\"\n"
         ))
         .unwrap();
-        let e = CryptGcmKind::build(&s, Some(malloc())).err().unwrap();
+        let e = CryptGcmKind::build(&s, vec![malloc()]).err().unwrap();
         assert_eq!(e.field(), Some("key"), "{e}");
         assert!(!e.to_string().contains(&HEX128[..16]), "{e}");
     }

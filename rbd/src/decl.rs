@@ -229,7 +229,7 @@ impl BdevKind for RbdKind {
     fn check(c: &RbdDecl) -> Result<(), BdevError> {
         c.check()
     }
-    fn build(c: &RbdDecl, _base: Option<Arc<dyn Bdev>>) -> Result<Arc<dyn Bdev>, BdevError> {
+    fn build(c: &RbdDecl, _bases: Vec<Arc<dyn Bdev>>) -> Result<Arc<dyn Bdev>, BdevError> {
         Ok(Arc::new(c.open()?))
     }
     fn set_size(c: &mut RbdDecl, bytes: u64) {

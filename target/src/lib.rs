@@ -34,8 +34,10 @@
 //!   [`transport::tcp::admission`] bounds their number, gives ICReq and Connect deadlines, and
 //!   evicts unidentified connections to make room for new hosts.
 //! - [`initiator`]: the host side over the same codec (connect, admin, I/O queues with a
-//!   non-blocking submit/poll API), used by `ferroblk perf nvmf` and the tests; later the
-//!   remote-volume bdev.
+//!   non-blocking submit/poll API), used by `ferroblk perf nvmf`, the tests and [`remote`].
+//! - [`remote`]: the `nvmf` bdev, a remote NVMe/TCP namespace over one or several paths
+//!   through the initiator (a bdev kind that lives here so `ferroblk-bdev` never depends on a
+//!   front).
 //!
 //! Write data goes into the command's buffer as it arrives: what came with earlier bytes is
 //! copied once from the receive buffer, the rest of a large H2CData PDU is received there
@@ -47,6 +49,7 @@
 pub mod fuzzing;
 pub mod initiator;
 pub mod queue;
+pub mod remote;
 pub mod spec;
 pub mod subsystem;
 pub mod transport;

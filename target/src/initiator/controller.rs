@@ -299,6 +299,12 @@ impl Controller {
         })
     }
 
+    /// Whether the admin queue's connection is still up (a keep-alive or command failure
+    /// tears it down).
+    pub fn is_connected(&self) -> bool {
+        !lock(&self.admin).is_dead()
+    }
+
     /// Whether the header and data digests are enabled on the admin queue.
     pub fn digests(&self) -> (bool, bool) {
         let n = lock(&self.admin).negotiated();

@@ -16,8 +16,10 @@
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::Duration;
 
-use super::error::{Error, Rejected};
-use super::queue::{Completion, Queue, QueueStats, Xfer};
+use ferroblk_bdev::SgList;
+
+use super::error::{Error, RejectReason, Rejected};
+use super::queue::{CmdData, Completion, Queue, QueueStats, Xfer};
 use crate::spec::command::{
     DatasetManagement, DsmRange, IoOpcode, ReadWrite, SglDescriptor, Sqe, WriteZeroes,
 };
@@ -224,6 +226,25 @@ impl IoQueue {
         self.q.submit(sqe, xfer, buf, tag)
     }
 
+    /// [`IoQueue::submit`] with the data in a bdev request's scatter-gather list: written
+    /// from its segments and read into them, without a copy. The list's length is the
+    /// transfer. A full or disconnected queue hands the list back with the reason.
+    #[inline]
+    pub fn submit_sg(
+        &mut self,
+        cmd: IoCommand,
+        sg: SgList,
+        tag: u64,
+    ) -> Result<(), (RejectReason, SgList)> {
+        let (sqe, xfer) = cmd.to_sqe();
+        self.q
+            .submit_data(sqe, xfer, CmdData::Sg(sg), tag)
+            .map_err(|(r, d)| match d {
+                CmdData::Sg(l) => (r, l),
+                CmdData::Vec(_) => unreachable!("submitted a list"),
+            })
+    }
+
     /// Queues any command (vendor specific, Compare ...): its CID and SGL1 are set here.
     pub fn submit_raw(
         &mut self,
@@ -330,6 +351,13 @@ impl IoQueue {
             IoCommand::Deallocate { nsid, nr },
             &mut encode_ranges(ranges),
         )
+    }
+
+    /// Closes the connection at once: every command in flight completes, at the next
+    /// [`IoQueue::poll`], with [`super::HOST_PATHING_ERROR`] and its buffer (to be retried
+    /// elsewhere). For a controller that stopped answering.
+    pub fn abort(&mut self) {
+        self.q.close();
     }
 
     /// Sends the Fabrics Disconnect when the controller supports it (Identify OFCS bit 0),

@@ -5,8 +5,9 @@
 //!
 //! ## Architecture
 //! What flows in: commands from the caller (admin requests as method calls, I/O as
-//! [`IoCommand`]s with an owned buffer and a tag). What flows out: bytes on one TCP connection
-//! per queue, and [`Completion`]s (tag, CQE, the buffer back).
+//! [`IoCommand`]s with an owned buffer, or a bdev request's scatter-gather list lent with
+//! [`IoQueue::submit_sg`], and a tag). What flows out: bytes on one TCP connection per queue,
+//! and [`Completion`]s (tag, CQE, the buffer or list back).
 //!
 //! - `queue` (private): the engine. One connection, one NVMe queue: ICReq/ICResp, CID slots
 //!   (the CID is the slot index), capsule encoding with in-capsule data up to IOCCSZ, R2T →
@@ -69,7 +70,9 @@ pub use controller::{
 };
 pub use error::{Error, RejectReason, Rejected};
 pub use io::{IoCommand, IoQueue, encode_ranges};
-pub use queue::{Completion, DIRECT_READ_MIN, HOST_PATHING_ERROR, MAX_DEPTH, QueueStats, Xfer};
+pub use queue::{
+    CmdData, Completion, DIRECT_READ_MIN, HOST_PATHING_ERROR, MAX_DEPTH, QueueStats, Xfer,
+};
 
 #[cfg(doc)]
 use crate::transport::tcp::pdu::Role;

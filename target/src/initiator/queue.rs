@@ -25,6 +25,8 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
+use ferroblk_bdev::SgList;
+
 use super::error::{Error, RejectReason, Rejected};
 use crate::spec::command::{SglDescriptor, Sqe};
 use crate::spec::completion::Cqe;
@@ -55,6 +57,25 @@ pub enum Xfer {
     FromController,
 }
 
+/// A command's data: a vector the queue owns until completion, or a bdev request's
+/// scatter-gather list, sent from and received into its segments without a copy.
+#[derive(Debug)]
+pub enum CmdData {
+    /// An owned buffer.
+    Vec(Vec<u8>),
+    /// Segments the caller keeps valid until the list comes back ([`SgList`]'s contract).
+    Sg(SgList),
+}
+
+impl CmdData {
+    fn len(&self) -> usize {
+        match self {
+            CmdData::Vec(v) => v.len(),
+            CmdData::Sg(s) => s.total_len(),
+        }
+    }
+}
+
 /// A finished command: its tag, its completion queue entry, its buffer.
 #[derive(Debug)]
 pub struct Completion {
@@ -64,8 +85,11 @@ pub struct Completion {
     /// synthesizes a successful entry; for commands lost with the connection the status is
     /// Host Pathing Error; for a data digest mismatch Transient Transport Error.
     pub cqe: Cqe,
-    /// The buffer given at submission (read data in it for reads).
+    /// The buffer given at submission (read data in it for reads); empty for a command
+    /// submitted with a scatter-gather list.
     pub buf: Vec<u8>,
+    /// The scatter-gather list given at submission ([`CmdData::Sg`]); empty otherwise.
+    pub sg: SgList,
     /// The command's opcode.
     pub opcode: u8,
     internal: bool,
@@ -143,12 +167,83 @@ struct Slot {
     to_ctrl: bool,
     in_capsule: bool,
     buf: Vec<u8>,
+    /// The command's segments when it was submitted with a list (then `buf` is empty).
+    sg: Option<SgList>,
     /// Transmit items that still reference `buf`.
     tx_refs: u32,
     /// A C2HData of this command failed its data digest.
     digest_error: bool,
     /// A completion held back until `tx_refs` drops to 0.
     held: Option<Cqe>,
+}
+
+impl Slot {
+    /// Bytes of the command's data.
+    fn data_len(&self) -> usize {
+        match &self.sg {
+            Some(sg) => sg.total_len(),
+            None => self.buf.len(),
+        }
+    }
+
+    /// Calls `f` on the data bytes `start..end` in order, one contiguous piece at a time, until
+    /// it returns `false`.
+    fn pieces<'a>(&'a self, start: usize, end: usize, mut f: impl FnMut(&'a [u8]) -> bool) {
+        let Some(sg) = &self.sg else {
+            f(&self.buf[start..end]);
+            return;
+        };
+        let mut off = 0;
+        for seg in sg.segments() {
+            let (lo, hi) = (off, off + seg.len);
+            off = hi;
+            if hi <= start {
+                continue;
+            }
+            if lo >= end {
+                return;
+            }
+            let a = start.max(lo) - lo;
+            let b = end.min(hi) - lo;
+            // SAFETY: the slot owns `sg` from submission until `finish_as` hands it back, and
+            // SgList's constructors make their callers keep every segment valid for reads and
+            // writes of its length for that whole time; `a..b` lies inside this segment.
+            let piece = unsafe { std::slice::from_raw_parts(seg.base.add(a), b - a) };
+            if !f(piece) {
+                return;
+            }
+        }
+    }
+
+    /// The longest contiguous run of data bytes from `pos`, at most up to `end`.
+    fn piece_mut(&mut self, pos: usize, end: usize) -> &mut [u8] {
+        let Some(sg) = &self.sg else {
+            return &mut self.buf[pos..end];
+        };
+        let mut off = 0;
+        for seg in sg.segments() {
+            if pos < off + seg.len {
+                let a = pos - off;
+                let b = (end - off).min(seg.len);
+                // SAFETY: as in `pieces`: the segment is valid for writes of its length while
+                // the slot owns the list, `a..b` lies inside it, and `&mut self` makes this the
+                // queue's only reference to those bytes.
+                return unsafe { std::slice::from_raw_parts_mut(seg.base.add(a), b - a) };
+            }
+            off += seg.len;
+        }
+        &mut []
+    }
+
+    /// Copies `src` into the data at `pos`.
+    fn copy_in(&mut self, pos: usize, src: &[u8]) {
+        match &mut self.sg {
+            Some(sg) => {
+                sg.copy_from_slice(pos, src);
+            }
+            None => self.buf[pos..pos + src.len()].copy_from_slice(src),
+        }
+    }
 }
 
 enum TxKind {
@@ -317,18 +412,36 @@ impl Queue {
         buf: Vec<u8>,
         tag: u64,
     ) -> Result<(), Rejected> {
-        self.submit_inner(sqe, xfer, buf, tag, false)
+        self.submit_data(sqe, xfer, CmdData::Vec(buf), tag)
+            .map_err(|(reason, d)| Rejected {
+                reason,
+                buf: match d {
+                    CmdData::Vec(v) => v,
+                    CmdData::Sg(_) => unreachable!("submitted a vector"),
+                },
+            })
+    }
+
+    /// [`Queue::submit`] with either kind of data; a refused command hands its data back.
+    pub(crate) fn submit_data(
+        &mut self,
+        sqe: Sqe,
+        xfer: Xfer,
+        data: CmdData,
+        tag: u64,
+    ) -> Result<(), (RejectReason, CmdData)> {
+        self.submit_inner(sqe, xfer, data, tag, false)
     }
 
     fn submit_inner(
         &mut self,
         mut sqe: Sqe,
         xfer: Xfer,
-        buf: Vec<u8>,
+        buf: CmdData,
         tag: u64,
         internal: bool,
-    ) -> Result<(), Rejected> {
-        let reject = |reason, buf| Err(Rejected { reason, buf });
+    ) -> Result<(), (RejectReason, CmdData)> {
+        let reject = |reason, buf| Err((reason, buf));
         if self.dead {
             return reject(RejectReason::Disconnected, buf);
         }
@@ -361,6 +474,10 @@ impl Queue {
         let n = self.enc.capsule_cmd(&sqe, icd, &mut hdr);
         self.push_header(&hdr[..n], true);
         let s = &mut self.slots[usize::from(cid)];
+        let (buf, sg) = match buf {
+            CmdData::Vec(v) => (v, None),
+            CmdData::Sg(l) => (Vec::new(), Some(l)),
+        };
         *s = Slot {
             busy: true,
             internal,
@@ -370,6 +487,7 @@ impl Queue {
             to_ctrl: xfer == Xfer::ToController,
             in_capsule,
             buf,
+            sg,
             tx_refs: 0,
             digest_error: false,
             held: None,
@@ -399,10 +517,14 @@ impl Queue {
     fn push_data(&mut self, slot: u16, start: usize, end: usize) {
         let s = &mut self.slots[usize::from(slot)];
         s.tx_refs += 1;
-        let digest = self
-            .neg
-            .is_some_and(|n| n.ddgst)
-            .then(|| DataDigest::of(&[&s.buf[start..end]]));
+        let digest = self.neg.is_some_and(|n| n.ddgst).then(|| {
+            let mut d = DataDigest::new();
+            s.pieces(start, end, |p| {
+                d.update(p);
+                true
+            });
+            d.value()
+        });
         self.tx.push_back(TxItem {
             kind: TxKind::Data { slot, start, end },
             pdu_start: false,
@@ -458,8 +580,8 @@ impl Queue {
         timeout: Duration,
         what: &'static str,
     ) -> Result<Completion, Error> {
-        self.submit_inner(sqe, xfer, buf, 0, true)
-            .map_err(|r| match r.reason {
+        self.submit_inner(sqe, xfer, CmdData::Vec(buf), 0, true)
+            .map_err(|(reason, _)| match reason {
                 RejectReason::Disconnected => Error::Disconnected,
                 RejectReason::Full => Error::Invalid("no free command slot"),
                 RejectReason::TooLarge => Error::Invalid("buffer larger than the queue allows"),
@@ -532,16 +654,26 @@ impl Queue {
         while !self.tx.is_empty() {
             let mut iov = [IoSlice::new(&[]); MAX_IOV];
             let mut n = 0;
-            for item in self.tx.iter().take(MAX_IOV) {
+            for item in self.tx.iter() {
+                if n == MAX_IOV {
+                    break;
+                }
+                let skip = if n == 0 { self.tx_off } else { 0 };
                 let bytes: &[u8] = match &item.kind {
                     TxKind::Header { bytes, len } => &bytes[..usize::from(*len)],
                     TxKind::Data { slot, start, end } => {
-                        &self.slots[usize::from(*slot)].buf[*start..*end]
+                        // A scatter-gather command's range may span several segments: one
+                        // iovec each (a partly sent range resumes at `tx_off`).
+                        self.slots[usize::from(*slot)].pieces(start + skip, *end, |p| {
+                            iov[n] = IoSlice::new(p);
+                            n += 1;
+                            n < MAX_IOV
+                        });
+                        continue;
                     }
                     TxKind::Digest(d) => d,
                 };
-                let bytes = if n == 0 { &bytes[self.tx_off..] } else { bytes };
-                iov[n] = IoSlice::new(bytes);
+                iov[n] = IoSlice::new(&bytes[skip..]);
                 n += 1;
             }
             let written = match (&self.sock).write_vectored(&iov[..n]) {
@@ -659,11 +791,11 @@ impl Queue {
                     let want = end - pos;
                     let n = if avail > 0 {
                         let n = want.min(avail);
-                        s.buf[pos..pos + n].copy_from_slice(&self.rx[self.rx_lo..self.rx_lo + n]);
+                        s.copy_in(pos, &self.rx[self.rx_lo..self.rx_lo + n]);
                         self.rx_lo += n;
                         n
                     } else if want >= DIRECT_READ_MIN {
-                        match (&self.sock).read(&mut s.buf[pos..end]) {
+                        match (&self.sock).read(s.piece_mut(pos, end)) {
                             Ok(0) => return Err(Error::Closed),
                             Ok(n) => n,
                             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
@@ -677,7 +809,10 @@ impl Queue {
                         continue;
                     };
                     if let Some(d) = digest.as_mut() {
-                        d.update(&s.buf[pos..pos + n]);
+                        s.pieces(pos, pos + n, |p| {
+                            d.update(p);
+                            true
+                        });
                     }
                     let pos = pos + n;
                     self.rx_state = if pos < end {
@@ -794,7 +929,7 @@ impl Queue {
                 if !ok_slot {
                     return Err(self.violation(Fes::INVALID_HEADER_FIELD, 8, l, "C2HData CCCID"));
                 }
-                let len = self.slots[usize::from(d.cccid)].buf.len();
+                let len = self.slots[usize::from(d.cccid)].data_len();
                 let (start, datal) = (d.datao as usize, d.datal as usize);
                 if start.checked_add(datal).is_none_or(|end| end > len) {
                     return Err(self.violation(
@@ -823,7 +958,7 @@ impl Queue {
                 if !ok_slot {
                     return Err(self.violation(Fes::INVALID_HEADER_FIELD, 8, l, "R2T CCCID"));
                 }
-                let len = self.slots[usize::from(r.cccid)].buf.len();
+                let len = self.slots[usize::from(r.cccid)].data_len();
                 let (start, r2tl) = (r.r2to as usize, r.r2tl as usize);
                 if start.checked_add(r2tl).is_none_or(|end| end > len) {
                     return Err(self.violation(
@@ -891,6 +1026,7 @@ impl Queue {
             tag: s.tag,
             cqe,
             buf: std::mem::take(&mut s.buf),
+            sg: s.sg.take().unwrap_or_default(),
             opcode: s.opcode,
             internal: s.internal,
             lost,

@@ -128,6 +128,13 @@ pub struct NvmeQueue {
     pub(crate) peer: String,
     pub(crate) bound: Option<Bound>,
     pub(crate) slots: Vec<Slot>,
+    /// Indices of free slots (reused last-freed first).
+    free: Vec<u16>,
+    /// Slots in use.
+    active: usize,
+    /// One bit per CID in use (8 KiB, from the first command after Connect; before it a queue
+    /// has at most its Connect outstanding).
+    cids: Vec<u64>,
     pub(crate) done: Vec<IoCompletion>,
     /// Requests a full channel handed back, by NSID, retried first and in order.
     pub(crate) retry: VecDeque<(u32, IoRequest)>,
@@ -148,6 +155,9 @@ impl NvmeQueue {
             peer,
             bound: None,
             slots: Vec::new(),
+            free: Vec::new(),
+            active: 0,
+            cids: Vec::new(),
             done: Vec::new(),
             retry: VecDeque::new(),
             sqhd: 0,
@@ -289,26 +299,55 @@ impl NvmeQueue {
         }
     }
 
-    fn find_slot(&self, cid: u16) -> Option<usize> {
-        self.slots
-            .iter()
-            .position(|s| s.state != SlotState::Free && s.cid == cid)
+    /// Whether a command with this CID is outstanding.
+    fn cid_in_use(&self, cid: u16) -> bool {
+        if self.cids.is_empty() {
+            return self
+                .slots
+                .iter()
+                .any(|s| s.state != SlotState::Free && s.cid == cid);
+        }
+        self.cids[usize::from(cid) / 64] & (1 << (cid % 64)) != 0
+    }
+
+    fn mark_cid(&mut self, cid: u16, used: bool) {
+        if self.cids.is_empty() {
+            if self.bound.is_none() {
+                return;
+            }
+            // Connected: from now on CIDs are tracked in the bitmap.
+            self.cids = vec![0; (usize::from(u16::MAX) + 1) / 64];
+            for s in self.slots.iter().filter(|s| s.state != SlotState::Free) {
+                self.cids[usize::from(s.cid) / 64] |= 1 << (s.cid % 64);
+            }
+        }
+        let (w, bit) = (usize::from(cid) / 64, 1u64 << (cid % 64));
+        if used {
+            self.cids[w] |= bit;
+        } else {
+            self.cids[w] &= !bit;
+        }
     }
 
     fn free_slot(&mut self, i: usize) {
         let s = &mut self.slots[i];
+        debug_assert!(s.state != SlotState::Free);
         s.state = SlotState::Free;
+        let cid = s.cid;
         if let Some(b) = s.buf.take() {
             bufpool::put(b);
         }
         if let Some(b) = s.compare.take() {
             bufpool::put(b);
         }
+        self.free.push(i as u16);
+        self.active -= 1;
+        self.mark_cid(cid, false);
     }
 
     fn alloc_slot(&mut self, cid: u16, sqe: Sqe) -> usize {
-        let i = match self.slots.iter().position(|s| s.state == SlotState::Free) {
-            Some(i) => i,
+        let i = match self.free.pop() {
+            Some(i) => usize::from(i),
             None => {
                 self.slots.push(Slot {
                     state: SlotState::Free,
@@ -334,6 +373,8 @@ impl NvmeQueue {
         s.pending = 0;
         s.status = Status::SUCCESS;
         s.flush_nsid = None;
+        self.active += 1;
+        self.mark_cid(cid, true);
         i
     }
 
@@ -348,14 +389,10 @@ impl NvmeQueue {
     ) {
         let cid = sqe.cid();
         self.advance_sqhd();
-        if self.find_slot(cid).is_some() {
+        if self.cid_in_use(cid) {
             return self.refuse_command(t, cid, None, icd, Status::COMMAND_ID_CONFLICT);
         }
-        let active = self
-            .slots
-            .iter()
-            .filter(|s| s.state != SlotState::Free)
-            .count();
+        let active = self.active;
         if active >= usize::from(self.sqsize) {
             // More commands outstanding than the queue has entries: the host ignores SQ flow
             // control. End the connection rather than grow without bound.

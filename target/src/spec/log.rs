@@ -6,7 +6,7 @@
 use super::fabrics::NQN_FIELD_LEN;
 use super::status::Status;
 use super::wire::{
-    get_str, get_u16, get_u64, put_ascii, put_nqn, put_u16, put_u32, put_u64, put_u128,
+    get_str, get_u16, get_u32, get_u64, put_ascii, put_nqn, put_u16, put_u32, put_u64, put_u128,
 };
 
 /// Log Page Identifiers (NVMe Base 2.0 Figure 202).
@@ -377,9 +377,61 @@ pub fn discovery_log_page(genctr: u64, entries: &[DiscoveryLogEntry]) -> Vec<u8>
     v
 }
 
+/// Bytes of the Asymmetric Namespace Access log page header (NVMe Base 2.0 Figure 206).
+pub const ANA_LOG_HEADER_LEN: usize = 16;
+/// Bytes of an ANA Group Descriptor before its NSID list (Figure 207).
+pub const ANA_GROUP_DESCRIPTOR_LEN: usize = 32;
+/// Offset of ANAGRPID in Identify Namespace (bytes 95:92).
+pub const IDENTIFY_NS_ANAGRPID: usize = 92;
+
+/// The ANA state (Figure 207, byte 16 bits 3:0) that the ANA log page `page` gives namespace
+/// `nsid`, found in the NSID list of its group (the page as read without RGO). `None` if the
+/// page does not list it or is cut short.
+pub fn ana_state_of(page: &[u8], nsid: u32) -> Option<u8> {
+    if page.len() < ANA_LOG_HEADER_LEN {
+        return None;
+    }
+    let ngrps = get_u16(page, 8);
+    let mut off = ANA_LOG_HEADER_LEN;
+    for _ in 0..ngrps {
+        let desc = page.get(off..off + ANA_GROUP_DESCRIPTOR_LEN)?;
+        let nnsid = get_u32(desc, 4) as usize;
+        let state = desc[16] & 0x0f;
+        let list = off + ANA_GROUP_DESCRIPTOR_LEN;
+        let ids = page.get(list..list.checked_add(nnsid.checked_mul(4)?)?)?;
+        if ids.chunks_exact(4).any(|b| get_u32(b, 0) == nsid) {
+            return Some(state);
+        }
+        off = list + nnsid * 4;
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ana_state_is_found_in_its_groups_nsid_list() {
+        // Two groups: 1 (optimized) with NSIDs 3 and 4, 2 (inaccessible) with NSID 1.
+        let mut p = vec![0u8; ANA_LOG_HEADER_LEN + 2 * ANA_GROUP_DESCRIPTOR_LEN + 12];
+        p[8] = 2;
+        let g1 = ANA_LOG_HEADER_LEN;
+        p[g1] = 1;
+        p[g1 + 4] = 2;
+        p[g1 + 16] = 0x01;
+        p[g1 + 32] = 3;
+        p[g1 + 36] = 4;
+        let g2 = g1 + 40;
+        p[g2] = 2;
+        p[g2 + 4] = 1;
+        p[g2 + 16] = 0x03;
+        p[g2 + 32] = 1;
+        assert_eq!(ana_state_of(&p, 4), Some(0x01));
+        assert_eq!(ana_state_of(&p, 1), Some(0x03));
+        assert_eq!(ana_state_of(&p, 2), None);
+        assert_eq!(ana_state_of(&p[..g2 + 8], 1), None, "cut short");
+    }
 
     #[test]
     fn error_log_entry_layout() {

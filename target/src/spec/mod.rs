@@ -31,4 +31,4 @@ pub mod wire;
 pub use command::{AdminOpcode, IoOpcode, SglDescriptor, Sqe};
 pub use completion::Cqe;
 pub use fabrics::FabricsType;
-pub use status::{Status, StatusCodeType, to_nvme_status};
+pub use status::{Status, StatusCodeType, from_nvme_status, to_nvme_status};

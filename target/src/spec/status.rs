@@ -421,9 +421,51 @@ pub fn to_nvme_status(status: IoStatus, io_type: IoType) -> Status {
     }
 }
 
+/// The bdev status of a remote controller's completion (the `nvmf` bdev's view of the wire,
+/// the inverse of [`to_nvme_status`] where one exists): range and field errors keep their
+/// meaning, media and integrity errors theirs, aborts are [`IoStatus::Aborted`]; anything
+/// else a remote can answer is a [`IoStatus::MediaError`] (the request failed, not the caller).
+pub fn from_nvme_status(status: Status) -> IoStatus {
+    use StatusCodeType as T;
+    match (status.sct, status.sc) {
+        (T::Generic, generic::SUCCESS) => IoStatus::Success,
+        (T::Generic, generic::LBA_OUT_OF_RANGE) => IoStatus::InvalidRange,
+        (T::Generic, generic::INVALID_FIELD | generic::DATA_SGL_LENGTH_INVALID) => {
+            IoStatus::InvalidRequest
+        }
+        (T::Generic, generic::INVALID_OPCODE) => IoStatus::Unsupported,
+        (T::Generic, generic::NAMESPACE_WRITE_PROTECTED) => IoStatus::ReadOnly,
+        (T::Generic, generic::CAPACITY_EXCEEDED) => IoStatus::NoSpace,
+        (
+            T::Generic,
+            generic::ABORT_REQUESTED | generic::ABORTED_SQ_DELETION | generic::ABORTED_POWER_LOSS,
+        ) => IoStatus::Aborted,
+        (
+            T::MediaError,
+            media::END_TO_END_GUARD_CHECK_ERROR
+            | media::END_TO_END_APPLICATION_TAG_CHECK_ERROR
+            | media::END_TO_END_REFERENCE_TAG_CHECK_ERROR,
+        ) => IoStatus::IntegrityError,
+        _ => IoStatus::MediaError,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remote_statuses_map_back_to_bdev_statuses() {
+        for s in IoStatus::ALL {
+            for t in [IoType::Read, IoType::Write] {
+                assert_eq!(from_nvme_status(to_nvme_status(s, t)), s, "{s:?} {t:?}");
+            }
+        }
+        assert_eq!(
+            from_nvme_status(Status::path(path::HOST_PATHING_ERROR)),
+            IoStatus::MediaError
+        );
+    }
 
     #[test]
     fn status_field_bit_layout() {
