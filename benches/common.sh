@@ -2,12 +2,13 @@
 # a free loopback port, waiting for a daemon's socket, a one-reactor null-namespace target
 # config, a process's CPU time, and medians of alternating A/B runs.
 
-# The release binary (built if missing).
+# The release binary: built if missing, or always built with the cargo arguments given (a
+# feature the script needs, e.g. `--features rbd`).
 bench_bin() {
   local b
   b=$(realpath out/release/ferroblk 2>/dev/null || true)
-  if [ ! -x "$b" ]; then
-    cargo build --release >&2
+  if [ ! -x "$b" ] || [ $# -gt 0 ]; then
+    cargo build --release -q "$@" >&2
     b=$(realpath out/release/ferroblk)
   fi
   echo "$b"

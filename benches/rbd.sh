@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-3}; secs=${2:-5}
 . benches/common.sh
-bin=$(bench_bin)
+bin=$(bench_bin --features rbd)
 cargo build --release -q -p ferroblk-rbd --features testing --example ceph-cluster
 work=$(mktemp -d /var/tmp/ferroblk-rbd.XXXX)
 mkfifo "$work/ctl"

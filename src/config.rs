@@ -395,18 +395,17 @@ pub fn fuzz_parse(data: &[u8]) {
 /// listeners (the example files in `configs/` are seeds too).
 #[cfg(test)]
 fn fuzz_seeds() -> Vec<Vec<u8>> {
-    let mut seeds: Vec<Vec<u8>> = [
-        "bench-null",
-        "chain-malloc-error-delay",
-        "quickstart",
-        "rbd",
-    ]
-    .iter()
-    .map(|f| {
-        std::fs::read(format!("{}/configs/{f}.toml", env!("CARGO_MANIFEST_DIR")))
-            .expect("example config")
-    })
-    .collect();
+    let mut files = vec!["bench-null", "chain-malloc-error-delay", "quickstart"];
+    if cfg!(feature = "rbd") {
+        files.push("rbd");
+    }
+    let mut seeds: Vec<Vec<u8>> = files
+        .iter()
+        .map(|f| {
+            std::fs::read(format!("{}/configs/{f}.toml", env!("CARGO_MANIFEST_DIR")))
+                .expect("example config")
+        })
+        .collect();
     seeds.push(
         br#"[reactors]
 count = 1

@@ -38,12 +38,12 @@ bash fio/fetch-headers.sh
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
-cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked --features ferroblk/rbd -- -D warnings
 # From here on a failure is remembered, not fatal, so that every failing test and target is
 # reported in one run.
 status=0
 echo "== cargo test"
-cargo test --workspace --locked --no-fail-fast || status=1
+cargo test --workspace --locked --features ferroblk/rbd --no-fail-fast || status=1
 
 # Every fuzz target over its checked-in corpus, then briefly on new inputs (fuzz/run.sh;
 # installs nightly and cargo-fuzz when missing).
