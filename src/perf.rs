@@ -290,6 +290,61 @@ impl Histogram {
     }
 }
 
+/// Where a perf job's next I/O goes and whether it reads: `perf bdev`, `perf nvmf` and
+/// `perf vhost` pick alike, from the job's pattern and read mix.
+pub(crate) struct Picker {
+    rng: u64,
+    seq: u64,
+    ios: u64,
+    random: bool,
+    read_pct: u32,
+}
+
+impl Picker {
+    /// The picker of job `index` (reactor or queue) over a volume of `ios` I/Os of the job's
+    /// size: its own random sequence, and its own start for sequential patterns.
+    pub(crate) fn new(spec: &JobSpec, index: usize, ios: u64) -> Picker {
+        Picker {
+            rng: 0x9E37_79B9_7F4A_7C15 ^ (index as u64 + 1),
+            seq: (index as u64) * (ios / 16 + 1),
+            ios,
+            random: spec.pattern.random(),
+            read_pct: spec.pattern.read_pct(spec.mix),
+        }
+    }
+
+    /// The next I/O: its index in I/O-size units, and whether it is a read.
+    #[inline]
+    pub(crate) fn next(&mut self) -> (u64, bool) {
+        let r = next_rand(&mut self.rng);
+        let idx = if self.random {
+            (r >> 16) % self.ios
+        } else {
+            self.seq = (self.seq + 1) % self.ios;
+            self.seq
+        };
+        let read =
+            self.read_pct == 100 || (self.read_pct > 0 && (r % 100) < u64::from(self.read_pct));
+        (idx, read)
+    }
+}
+
+/// Pins the calling load thread (queue `index`) to `cpu`, if given, then waits at `start` for
+/// the others. Every thread reaches the barrier, even one whose pinning failed, so that none
+/// waits forever.
+pub(crate) fn pin_and_wait(
+    cpu: Option<usize>,
+    start: &std::sync::Barrier,
+    index: usize,
+) -> anyhow::Result<()> {
+    let pinned = cpu.map_or(Ok(()), ferroblk_bdev::reactor::pin_to_cpu);
+    start.wait();
+    if let (Err(e), Some(cpu)) = (pinned, cpu) {
+        return Err(anyhow::Error::new(e).context(format!("pin queue {index} to CPU {cpu}")));
+    }
+    Ok(())
+}
+
 /// xorshift64*: the offsets and read/write choices of every perf job.
 #[inline]
 pub(crate) fn next_rand(x: &mut u64) -> u64 {
@@ -362,12 +417,10 @@ struct PerfJob {
     ch: Channel,
     spec: JobSpec,
     blocks_per_io: u32,
-    ios_in_bdev: u64,
     bufs: Vec<Option<AlignedBuf>>,
     started_at: Vec<u64>,
     free: Vec<u32>,
-    rng: u64,
-    seq: u64,
+    picker: Picker,
     done: Vec<IoCompletion>,
     hist: Histogram,
     ios: u64,
@@ -385,11 +438,6 @@ struct PerfJob {
 }
 
 impl PerfJob {
-    #[inline]
-    fn next_rand(&mut self) -> u64 {
-        next_rand(&mut self.rng)
-    }
-
     fn finish(&mut self) {
         let Some(tx) = self.report.take() else { return };
         let elapsed = self.start.elapsed();
@@ -417,16 +465,8 @@ impl Poller for PerfJob {
         }
         let mut work = 0;
         if !self.stopping {
-            let read_pct = self.spec.pattern.read_pct(self.spec.mix);
             while let Some(slot) = self.free.pop() {
-                let r = self.next_rand();
-                let idx = if self.spec.pattern.random() {
-                    (r >> 16) % self.ios_in_bdev
-                } else {
-                    self.seq = (self.seq + 1) % self.ios_in_bdev;
-                    self.seq
-                };
-                let read = read_pct == 100 || (read_pct > 0 && (r % 100) < u64::from(read_pct));
+                let (idx, read) = self.picker.next();
                 let buf = self.bufs[slot as usize]
                     .take()
                     .expect("free slot has its buffer");
@@ -588,7 +628,6 @@ pub fn run(
             let mut job = PerfJob {
                 ch,
                 blocks_per_io,
-                ios_in_bdev,
                 bufs: (0..qd)
                     .map(|_| {
                         let mut b = AlignedBuf::new(spec.io_size);
@@ -598,8 +637,7 @@ pub fn run(
                     .collect(),
                 started_at: vec![0; qd],
                 free: (0..qd as u32).collect(),
-                rng: 0x9E37_79B9_7F4A_7C15 ^ (reactor as u64 + 1),
-                seq: (reactor as u64) * (ios_in_bdev / 16 + 1),
+                picker: Picker::new(&spec, reactor, ios_in_bdev),
                 done: Vec::with_capacity(qd),
                 hist: Histogram::default(),
                 ios: 0,

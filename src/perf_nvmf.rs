@@ -20,10 +20,9 @@ use ferroblk_target::initiator::{
 };
 
 use crate::perf::{
-    ClientJob, ClientJobArgs, Histogram, JobResult, JobSpec, RunResult, next_rand, process_cpu_ns,
-    run_queue_threads, thread_cpu_ns, ticks,
+    ClientJob, ClientJobArgs, Histogram, JobResult, JobSpec, Picker, RunResult, pin_and_wait,
+    process_cpu_ns, run_queue_threads, thread_cpu_ns, ticks,
 };
-use ferroblk_bdev::reactor::pin_to_cpu;
 
 /// Options of `ferroblk perf nvmf`.
 #[derive(clap::Args, Debug)]
@@ -204,18 +203,10 @@ pub fn run(a: &NvmfArgs) -> anyhow::Result<()> {
 /// One queue's loop: `qd` slots, each with its own buffer, resubmitted as soon as it completes
 /// until the deadline, then drained.
 fn run_queue(j: QueueJob<'_>) -> anyhow::Result<JobResult> {
-    let pinned = j.cpu.map_or(Ok(()), pin_to_cpu);
-    // Every thread reaches the barrier, even one that failed, so that none waits forever.
-    j.start.wait();
-    if let (Err(e), Some(cpu)) = (pinned, j.cpu) {
-        return Err(anyhow::Error::new(e).context(format!("pin queue {} to CPU {cpu}", j.index)));
-    }
+    pin_and_wait(j.cpu, j.start, j.index)?;
     let spec = j.spec;
     let qd = spec.qd;
-    let read_pct = spec.pattern.read_pct(spec.mix);
-    let random = spec.pattern.random();
-    let mut rng = 0x9E37_79B9_7F4A_7C15 ^ (j.index as u64 + 1);
-    let mut seq = (j.index as u64) * (j.ios_in_dev / 16 + 1);
+    let mut picker = Picker::new(spec, j.index, j.ios_in_dev);
     let mut started_at = vec![0u64; qd];
     let mut done: Vec<Completion> = Vec::with_capacity(qd);
     let mut hist = Histogram::default();
@@ -225,14 +216,7 @@ fn run_queue(j: QueueJob<'_>) -> anyhow::Result<JobResult> {
 
     // Queues one command for `slot` with its buffer; it goes out with the next `poll`.
     let mut submit = |q: &mut IoQueue, slot: usize, buf: Vec<u8>, started_at: &mut [u64]| {
-        let r = next_rand(&mut rng);
-        let idx = if random {
-            (r >> 16) % j.ios_in_dev
-        } else {
-            seq = (seq + 1) % j.ios_in_dev;
-            seq
-        };
-        let read = read_pct == 100 || (read_pct > 0 && (r % 100) < u64::from(read_pct));
+        let (idx, read) = picker.next();
         let slba = idx * u64::from(j.blocks_per_io);
         let cmd = if read {
             IoCommand::Read {

@@ -30,11 +30,9 @@ use blkio::{Blkio, Blkioq, Completion, ReqFlags};
 use crate::perf::ClientJobArgs;
 #[cfg(feature = "blkio")]
 use crate::perf::{
-    ClientJob, Histogram, JobResult, JobSpec, RunResult, next_rand, process_cpu_ns,
+    ClientJob, Histogram, JobResult, JobSpec, Picker, RunResult, pin_and_wait, process_cpu_ns,
     run_queue_threads, thread_cpu_ns, ticks,
 };
-#[cfg(feature = "blkio")]
-use ferroblk_bdev::reactor::pin_to_cpu;
 
 /// libblkio's driver for a vhost-user-blk backend reached through a Unix socket.
 #[cfg(feature = "blkio")]
@@ -211,19 +209,11 @@ pub fn run(a: &VhostArgs) -> anyhow::Result<()> {
 /// until the deadline, then drained.
 #[cfg(feature = "blkio")]
 fn run_queue(mut j: QueueJob<'_>) -> anyhow::Result<JobResult> {
-    let pinned = j.cpu.map_or(Ok(()), pin_to_cpu);
-    // Every thread reaches the barrier, even one that failed, so that none waits forever.
-    j.start.wait();
-    if let (Err(e), Some(cpu)) = (pinned, j.cpu) {
-        return Err(anyhow::Error::new(e).context(format!("pin queue {} to CPU {cpu}", j.index)));
-    }
+    pin_and_wait(j.cpu, j.start, j.index)?;
     let spec = j.spec;
     let qd = spec.qd;
     let io_size = spec.io_size;
-    let read_pct = spec.pattern.read_pct(spec.mix);
-    let random = spec.pattern.random();
-    let mut rng = 0x9E37_79B9_7F4A_7C15 ^ (j.index as u64 + 1);
-    let mut seq = (j.index as u64) * (j.ios_in_dev / 16 + 1);
+    let mut picker = Picker::new(spec, j.index, j.ios_in_dev);
     let mut started_at = vec![0u64; qd];
     let mut completions: Vec<MaybeUninit<Completion>> = std::iter::repeat_with(MaybeUninit::uninit)
         .take(qd)
@@ -234,14 +224,7 @@ fn run_queue(mut j: QueueJob<'_>) -> anyhow::Result<JobResult> {
 
     // Queues one request for `slot`; the notification goes out with the next `do_io`.
     let mut submit = |q: &mut Blkioq, slot: usize, started_at: &mut [u64]| {
-        let r = next_rand(&mut rng);
-        let idx = if random {
-            (r >> 16) % j.ios_in_dev
-        } else {
-            seq = (seq + 1) % j.ios_in_dev;
-            seq
-        };
-        let read = read_pct == 100 || (read_pct > 0 && (r % 100) < u64::from(read_pct));
+        let (idx, read) = picker.next();
         let off = idx * io_size as u64;
         // The slot's buffer: inside this queue's part of the mapped region (see `QueueJob`).
         let buf = j.bufs.wrapping_add(slot * io_size);
