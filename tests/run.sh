@@ -42,6 +42,10 @@ cargo clippy --workspace --all-targets --locked --features ferroblk/rbd -- -D wa
 # From here on a failure is remembered, not fatal, so that every failing test and target is
 # reported in one run.
 status=0
+# Everything built first as `cargo build` lays it out (the fio engine's shared library beside the
+# binary, where `bench matrix` finds it), then tested.
+echo "== cargo build"
+cargo build --workspace --locked --features ferroblk/rbd || status=1
 echo "== cargo test"
 cargo test --workspace --locked --features ferroblk/rbd --no-fail-fast || status=1
 
