@@ -123,7 +123,7 @@ pub struct Config {
     /// NVMe-oF subsystems.
     #[serde(default)]
     pub subsystem: Vec<SubsystemSpec>,
-    /// NVMe/TCP listeners (every subsystem and the discovery service on each).
+    /// NVMe/TCP and NVMe/RDMA listeners (every subsystem and the discovery service on each).
     #[serde(default)]
     pub listener: Vec<ListenerSpec>,
     /// The Prometheus endpoint (off unless `listen` is set).

@@ -191,7 +191,7 @@ impl NvmeQueue {
                 if len > MAX_TRANSFER {
                     return self.complete_slot(t, i, Status::INVALID_FIELD, 0, 0);
                 }
-                if opc == Some(IoOpcode::Read) && sqe.sgl1().length as usize != len {
+                if opc == Some(IoOpcode::Read) && self.sgl_len(&sqe) != len {
                     return self.complete_slot(t, i, Status::DATA_SGL_LENGTH_INVALID, 0, 0);
                 }
                 if opc == Some(IoOpcode::Compare) {

@@ -137,6 +137,9 @@ pub struct NvmeQueue {
     /// CIDs of outstanding Asynchronous Event Requests (admin queue).
     aers: Vec<u16>,
     closing: bool,
+    /// The transport names host memory with Keyed SGL Data Blocks (RDMA) rather than
+    /// Transport SGL Data Blocks (TCP).
+    keyed_sgl: bool,
 }
 
 impl NvmeQueue {
@@ -155,6 +158,32 @@ impl NvmeQueue {
             flow_control: true,
             aers: Vec::new(),
             closing: false,
+            keyed_sgl: false,
+        }
+    }
+
+    /// A queue whose transport names host memory with Keyed SGL Data Blocks (NVMe/RDMA)
+    /// instead of Transport SGL Data Blocks (NVMe/TCP).
+    pub fn with_keyed_sgl(mut self) -> NvmeQueue {
+        self.keyed_sgl = true;
+        self
+    }
+
+    /// The data length SGL1 of `sqe` describes: a Keyed SGL Data Block's 24-bit length on a
+    /// keyed transport, the 32-bit Length of any other descriptor.
+    pub(crate) fn sgl_len(&self, sqe: &Sqe) -> usize {
+        match sqe.keyed_sgl1() {
+            Some(k) if self.keyed_sgl => k.length as usize,
+            _ => sqe.sgl1().length as usize,
+        }
+    }
+
+    /// Whether SGL1 of `sqe` names host memory the way this queue's transport moves it.
+    fn is_transport_sgl(&self, sqe: &Sqe) -> bool {
+        if self.keyed_sgl {
+            sqe.keyed_sgl1().is_some()
+        } else {
+            sqe.sgl1().sgl_type == sgl_type::TRANSPORT_DATA_BLOCK
         }
     }
 
@@ -378,14 +407,15 @@ impl NvmeQueue {
         let mut want = self.data_in_len(&sqe);
         let i = self.alloc_slot(cid, sqe);
         let sgl: SglDescriptor = sqe.sgl1();
+        let sgl_len = self.sgl_len(&sqe);
         // Dataset Management may describe a larger buffer than its NR ranges need (Linux sends
         // a whole page of ranges): take the buffer and use the first NR ranges.
         if self.is_io_queue()
             && sqe.io_opcode() == Some(IoOpcode::DatasetManagement)
-            && (sgl.length as usize) >= want
-            && (sgl.length as usize) <= 256 * DsmRange::LEN
+            && sgl_len >= want
+            && sgl_len <= 256 * DsmRange::LEN
         {
-            want = sgl.length as usize;
+            want = sgl_len;
         }
         if want == 0 {
             if let Some(b) = icd {
@@ -394,8 +424,8 @@ impl NvmeQueue {
             self.execute(t, i);
             return;
         }
-        if want > MAX_TRANSFER || sgl.length as usize != want {
-            tracing::debug!(peer = %self.peer, opc = sqe.opc(), want, sgl_len = sgl.length, icd_len,
+        if want > MAX_TRANSFER || sgl_len != want {
+            tracing::debug!(peer = %self.peer, opc = sqe.opc(), want, sgl_len, icd_len,
                 "data length does not match the command");
             return self.refuse_command(t, cid, Some(i), icd, Status::DATA_SGL_LENGTH_INVALID);
         }
@@ -415,7 +445,7 @@ impl NvmeQueue {
             self.execute(t, i);
             return;
         }
-        if sgl.sgl_type != sgl_type::TRANSPORT_DATA_BLOCK {
+        if !self.is_transport_sgl(&sqe) {
             let status = Status::SGL_DESCRIPTOR_TYPE_INVALID;
             return self.refuse_command(t, cid, Some(i), None, status);
         }
@@ -564,7 +594,7 @@ impl NvmeQueue {
                 if let Some(d) = data
                     && status.is_success()
                 {
-                    let n = d.len().min(sqe.sgl1().length as usize);
+                    let n = d.len().min(self.sgl_len(&sqe));
                     if n > 0 {
                         t.send_data(sqe.cid(), &d[..n]);
                     }

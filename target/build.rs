@@ -1,0 +1,13 @@
+//! Compiles the NVMe/RDMA transport's verbs shim (`src/transport/rdma/shim.c`) against
+//! rdma-core's headers (Debian: `libibverbs-dev`, `librdmacm-dev`) and links the libraries.
+
+fn main() {
+    println!("cargo:rerun-if-changed=src/transport/rdma/shim.c");
+    cc::Build::new()
+        .file("src/transport/rdma/shim.c")
+        .warnings(true)
+        .extra_warnings(true)
+        .compile("ferroblk_rdma_shim");
+    println!("cargo:rustc-link-lib=dylib=rdmacm");
+    println!("cargo:rustc-link-lib=dylib=ibverbs");
+}

@@ -1,0 +1,21 @@
+//! NVMe/RDMA (NVMe-oF 1.1 §7.3): the NVMe queue over an RDMA reliable-connected queue pair,
+//! on rdma-core (RoCE v2, InfiniBand, iWARP; soft-RoCE `rdma_rxe` in the tests).
+//!
+//! - [`wire`]: pure parsing and checks of what a host sends besides NVMe commands: the RDMA
+//!   CM private data of its connect request (RECFMT, QID, HRQSIZE, HSQSIZE), the reply
+//!   (CRQSIZE) and reject formats, and received command capsules (SQE, in-capsule data, Keyed
+//!   SGL Data Block).
+//! - [`listener`]: one thread per listening address on its RDMA CM event channel; checks
+//!   connect requests and hands them to reactors round-robin.
+//! - [`conn`]: one queue pair = one [`crate::queue::NvmeQueue`], a poller on one reactor:
+//!   capsules by SEND/RECV, host data by RDMA READ / WRITE, completions from a completion
+//!   channel watched by the reactor (spin while busy, sleep when idle).
+//! - `ffi`: the rdma-core calls, through a C shim (see its documentation for why).
+//!
+//! Only the target side exists: the initiator library, `perf nvmf` and the remote bdev speak
+//! NVMe/TCP only so far.
+
+pub mod conn;
+mod ffi;
+pub mod listener;
+pub mod wire;
