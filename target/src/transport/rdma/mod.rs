@@ -19,3 +19,6 @@ pub mod conn;
 mod ffi;
 pub mod listener;
 pub mod wire;
+
+#[cfg(test)]
+mod hostile_tests;
