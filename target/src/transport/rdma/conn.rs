@@ -165,6 +165,10 @@ struct Wire {
     read_wait: VecDeque<u16>,
     sends_out: usize,
     rdma_out: usize,
+    /// Send queue entries: work beyond them waits in `cqe_wait` / `rdma_wait`.
+    sq_depth: usize,
+    cqe_wait: VecDeque<Cqe>,
+    rdma_wait: VecDeque<u16>,
     /// Set while a CQE that belongs to no entry is sent (a refused duplicate CID).
     bypass: bool,
     /// The queue pair failed (or the host broke the protocol): close.
@@ -200,7 +204,19 @@ impl Wire {
         }
     }
 
+    fn sq_full(&self) -> bool {
+        self.sends_out + self.rdma_out >= self.sq_depth
+    }
+
     fn post_cqe(&mut self, cqe: &Cqe) {
+        if self.sq_full() || !self.cqe_wait.is_empty() {
+            self.cqe_wait.push_back(*cqe);
+            return;
+        }
+        self.send_now(cqe);
+    }
+
+    fn send_now(&mut self, cqe: &Cqe) {
         let b = cqe.to_bytes();
         // SAFETY: an inline SEND copies the 16 bytes into the work request before returning.
         let rc = unsafe {
@@ -222,6 +238,10 @@ impl Wire {
     /// used up).
     fn next_chunk(&mut self, e: usize) {
         if self.broken.is_some() {
+            return;
+        }
+        if self.sq_full() {
+            self.rdma_wait.push_back(e as u16);
             return;
         }
         let en = &self.entries[e];
@@ -265,6 +285,19 @@ impl Wire {
             self.break_queue(format!("post RDMA operation: errno {rc}"));
         } else {
             self.rdma_out += 1;
+        }
+    }
+
+    /// Posts the work that waited for send queue room, oldest first.
+    fn drain_waits(&mut self) {
+        while !self.sq_full() && self.broken.is_none() {
+            if let Some(c) = self.cqe_wait.pop_front() {
+                self.send_now(&c);
+            } else if let Some(e) = self.rdma_wait.pop_front() {
+                self.next_chunk(e as usize);
+            } else {
+                break;
+            }
         }
     }
 
@@ -415,12 +448,14 @@ impl RdmaConn {
         let entries = usize::from(r.req.entries());
         let max_reads = r.initiator_depth.clamp(1, MAX_READS);
         let mut cc_fd = 0;
-        // Send queue: per command an RDMA operation and a SEND at most.
+        // Send queue: per command an RDMA operation and a SEND at most; more (SENDs whose
+        // completion is not reaped yet) wait for room.
+        let sq_depth = 2 * entries + 8;
         // SAFETY: the id is live; out-pointers to locals.
         let rc = unsafe {
             ffi::fb_qp_create(
                 obj.id,
-                (2 * entries + 8) as u32,
+                sq_depth as u32,
                 entries as u32,
                 MAX_INLINE,
                 &mut obj.qp,
@@ -480,6 +515,9 @@ impl RdmaConn {
             read_wait: VecDeque::with_capacity(entries),
             sends_out: 0,
             rdma_out: 0,
+            sq_depth,
+            cqe_wait: VecDeque::with_capacity(entries),
+            rdma_wait: VecDeque::with_capacity(entries),
             bypass: false,
             broken: None,
         };
@@ -558,6 +596,7 @@ impl RdmaConn {
             for c in &wc[..n as usize] {
                 self.completion(c);
             }
+            self.wire.drain_waits();
             total += n as usize;
         }
         total
@@ -656,16 +695,22 @@ impl RdmaConn {
             Move::FromHost { ttag } => {
                 let cid = en.cid;
                 let src = &self.wire.obj.regions[1].buf.as_slice()[e * CHUNK..e * CHUNK + n];
-                match self.queue.transfer_buf(ttag, cid) {
-                    Some(dst) if dst.len() >= n => dst[..n].copy_from_slice(src),
-                    _ => return,
-                }
-                self.wire.entries[e].off += n;
-                let complete = self.queue.advance_transfer(ttag, n);
-                if complete {
+                let landed = match self.queue.transfer_buf(ttag, cid) {
+                    Some(dst) if dst.len() >= n => {
+                        dst[..n].copy_from_slice(src);
+                        true
+                    }
+                    // The queue no longer waits for this data (it is closing).
+                    _ => false,
+                };
+                if !landed {
+                    self.wire.entries[e].mv = Move::Idle;
+                } else if self.queue.advance_transfer(ttag, n) {
+                    self.wire.entries[e].off += n;
                     self.wire.entries[e].mv = Move::Idle;
                     self.queue.data_received(&mut self.wire, ttag);
                 } else {
+                    self.wire.entries[e].off += n;
                     self.wire.next_chunk(e);
                 }
                 if let Some(w) = self.wire.read_wait.pop_front() {
@@ -738,7 +783,9 @@ impl Poller for RdmaConn {
         n += self.work();
         if self.queue.is_closing()
             && self.queue.in_flight() == 0
-            && (self.wire.rdma_out == 0 && self.wire.sends_out == 0
+            && (self.wire.rdma_out == 0
+                && self.wire.sends_out == 0
+                && self.wire.cqe_wait.is_empty()
                 || self.disconnected
                 || self.wire.broken.is_some())
         {
