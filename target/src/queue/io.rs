@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use ferroblk_bdev::{Caps, IoCompletion, IoRequest, IoType, SgList, bufpool};
+use ferroblk_bdev::{Caps, IoCompletion, IoRequest, IoType, SgList};
 
 use super::{NsChan, NvmeQueue, SlotState, Transport};
 use crate::spec::command::{
@@ -197,7 +197,7 @@ impl NvmeQueue {
                 if opc == Some(IoOpcode::Compare) {
                     self.slots[i].compare = self.slots[i].buf.take();
                 }
-                let buf = bufpool::get(len);
+                let buf = t.data_buf(len);
                 self.slots[i].len = len;
                 self.slots[i].pending = 1;
                 let io = IoRequest::read(rw.slba, rw.nlb, SgList::from_buf_prefix(buf, len), tag);
@@ -261,6 +261,9 @@ impl NvmeQueue {
         let i = c.tag as usize;
         let s = &mut self.slots[i];
         if s.state != SlotState::Exec {
+            if let Some(b) = c.bufs.into_buf() {
+                t.release_buf(b);
+            }
             return;
         }
         s.pending -= 1;

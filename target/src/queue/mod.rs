@@ -19,8 +19,9 @@
 //!   reactor's bdev channels (one per namespace), retries when a channel is full, and their
 //!   completions.
 //!
-//! Buffers for command data come from the reactor's pool ([`ferroblk_bdev::bufpool`]); a
-//! transport gives a read's buffer back to the pool once it has sent it.
+//! Buffers for command data come from the transport ([`Transport::data_buf`]: the reactor's
+//! pool, [`ferroblk_bdev::bufpool`], or registered memory for RDMA) and go back to it
+//! ([`Transport::release_buf`]); a transport takes a read's buffer back once it has sent it.
 
 pub mod connect;
 pub mod io;
@@ -46,8 +47,18 @@ pub trait Transport {
     /// Sends a completion queue entry (SQ head and SQ identifier already filled in).
     fn send_cqe(&mut self, cqe: &Cqe);
     /// Sends the first `len` bytes of `buf` to the host as command `cid`'s data, then gives
-    /// `buf` back to the reactor's pool ([`bufpool::put`]).
+    /// `buf` back ([`release_buf`](Self::release_buf)).
     fn send_read_data(&mut self, cid: u16, buf: AlignedBuf, len: usize);
+    /// A buffer of at least `len` bytes for command data (contents unspecified): the
+    /// reactor's pool, unless the transport needs memory of its own (RDMA: registered).
+    fn data_buf(&mut self, len: usize) -> AlignedBuf {
+        bufpool::get(len)
+    }
+    /// Takes back a buffer of command data the queue is done with (from
+    /// [`data_buf`](Self::data_buf), or in-capsule data the transport gave).
+    fn release_buf(&mut self, buf: AlignedBuf) {
+        bufpool::put(buf);
+    }
     /// Sends a small payload (an admin command's data) to the host.
     fn send_data(&mut self, cid: u16, data: &[u8]);
     /// Asks the host for command `cid`'s `len` bytes of data, for the transfer tagged `ttag`
@@ -324,14 +335,14 @@ impl NvmeQueue {
             .position(|s| s.state != SlotState::Free && s.cid == cid)
     }
 
-    fn free_slot(&mut self, i: usize) {
+    fn free_slot<T: Transport>(&mut self, t: &mut T, i: usize) {
         let s = &mut self.slots[i];
         s.state = SlotState::Free;
         if let Some(b) = s.buf.take() {
-            bufpool::put(b);
+            t.release_buf(b);
         }
         if let Some(b) = s.compare.take() {
-            bufpool::put(b);
+            t.release_buf(b);
         }
     }
 
@@ -389,7 +400,7 @@ impl NvmeQueue {
             // More commands outstanding than the queue has entries: the host ignores SQ flow
             // control. End the connection rather than grow without bound.
             if let Some(b) = icd {
-                bufpool::put(b);
+                t.release_buf(b);
             }
             tracing::warn!(peer = %self.peer, active, "host overflows its submission queue");
             t.sequence_error();
@@ -419,7 +430,7 @@ impl NvmeQueue {
         }
         if want == 0 {
             if let Some(b) = icd {
-                bufpool::put(b);
+                t.release_buf(b);
             }
             self.execute(t, i);
             return;
@@ -450,7 +461,7 @@ impl NvmeQueue {
             return self.refuse_command(t, cid, Some(i), None, status);
         }
         // Ask for the data, all of it in one transfer.
-        self.slots[i].buf = Some(bufpool::get(want));
+        self.slots[i].buf = Some(t.data_buf(want));
         self.slots[i].state = SlotState::AwaitData;
         t.request_data(cid, i as u16, want);
     }
@@ -535,10 +546,10 @@ impl NvmeQueue {
         status: Status,
     ) {
         if let Some(b) = icd {
-            bufpool::put(b);
+            t.release_buf(b);
         }
         if let Some(i) = slot {
-            self.free_slot(i);
+            self.free_slot(t, i);
         }
         self.send_cqe(t, Cqe::new(cid, status));
     }
@@ -552,7 +563,7 @@ impl NvmeQueue {
         dw1: u32,
     ) {
         let cid = self.slots[i].cid;
-        self.free_slot(i);
+        self.free_slot(t, i);
         self.send_cqe(
             t,
             Cqe {
@@ -603,7 +614,7 @@ impl NvmeQueue {
             }
             AdminOutcome::Aer => {
                 let cid = sqe.cid();
-                self.free_slot(i);
+                self.free_slot(t, i);
                 if self.aers.len() >= AER_SLOTS {
                     let status = Status::ASYNC_EVENT_REQUEST_LIMIT_EXCEEDED;
                     self.send_cqe(t, Cqe::new(cid, status));

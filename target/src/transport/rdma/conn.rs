@@ -2,29 +2,23 @@
 //!
 //! The poller owns the queue pair's verbs objects (protection domain, completion channel,
 //! completion queue, RC queue pair; `ffi`), its CM id (migrated to its own event channel so
-//! that a disconnect reaches this reactor), and two memory regions registered once when the
-//! queue is set up: the receive buffers (one command capsule each, SQE + in-capsule data,
-//! always posted) and the staging area (one chunk per command the host may have outstanding).
-//! Per command:
+//! that a disconnect reaches this reactor), the receive buffers (one memory region registered
+//! at setup: one command capsule each, SQE + in-capsule data, always posted) and the
+//! registered command buffers ([`RegPool`], which the queue takes its data buffers from through
+//! [`Transport::data_buf`]). Per command:
 //!
 //! - a RECV completion carries a capsule: its SQE (and in-capsule data, copied into a pool
 //!   buffer) goes to the [`NvmeQueue`], the receive buffer is posted again at once;
-//! - host write data (a Keyed SGL Data Block) is fetched by RDMA READ, chunk by chunk, into
-//!   the command's staging chunk and copied into the command's buffer
-//!   ([`NvmeQueue::transfer_buf`]); at most the negotiated initiator depth of READs are
-//!   outstanding, the rest wait in order;
-//! - read data (and admin data) go back by RDMA WRITE through the same chunk, then the CQE by
-//!   SEND (inline: no memory region needed), which the host sees after the data (RC ordering).
+//! - host write data (a Keyed SGL Data Block) is fetched by one RDMA READ straight into the
+//!   command's buffer ([`NvmeQueue::transfer_buf`]); at most the negotiated initiator depth of
+//!   READs are outstanding, the rest wait in order;
+//! - read data (and admin data, copied into a registered buffer) go to the host by one RDMA
+//!   WRITE from the read's own buffer, then the CQE by SEND (inline: no memory region), which
+//!   the host sees after the data (RC ordering).
 //!
 //! Completions wake the reactor through the completion channel's fd ([`FdWatch`]); while the
 //! reactor spins the CQ is only polled, and before it sleeps the notification is re-armed and
 //! the CQ looked at once more ([`Poller::prepare_sleep`]): an idle queue costs no CPU.
-//!
-//! The staging copy: the reactor's buffer pool ([`ferroblk_bdev::bufpool`]) hands out buffers
-//! that may be freed and reallocated, so they cannot be registered once; registering per I/O is
-//! what the design forbids. Data therefore crosses one registered chunk per command (one copy
-//! each way). Registering the pool itself (a hook in the pool for its allocations) would remove
-//! the copy.
 
 use std::collections::VecDeque;
 use std::os::fd::BorrowedFd;
@@ -35,6 +29,7 @@ use ferroblk_bdev::uring::FdWatch;
 use ferroblk_bdev::{AlignedBuf, Wake, bufpool};
 
 use super::ffi;
+use super::regpool::RegPool;
 use super::wire::{CAPSULE_MAX, CmRequest, DataDesc, cm_reply, parse_capsule};
 use crate::queue::{NvmeQueue, Transport};
 use crate::spec::command::KeyedSglDescriptor;
@@ -42,8 +37,6 @@ use crate::spec::{Cqe, Status};
 use crate::subsystem::Target;
 use crate::transport::tcp::admission::Admission;
 
-/// Bytes of one command's staging chunk: the most one RDMA READ or WRITE moves.
-pub const CHUNK: usize = 64 * 1024;
 /// Most RDMA READs one queue has outstanding, whatever the host offers.
 pub const MAX_READS: u8 = 16;
 /// Bytes a SEND carries inline (a CQE).
@@ -82,6 +75,7 @@ struct QpObjects {
     id: *mut ffi::CmId,
     qp: *mut ffi::Qp,
     regions: Vec<Region>,
+    pool: RegPool,
 }
 
 impl Drop for QpObjects {
@@ -95,10 +89,13 @@ impl Drop for QpObjects {
             for r in self.regions.drain(..) {
                 ffi::fb_dereg_mr(r.mr);
             }
+            self.pool.dereg_all();
             if !self.qp.is_null() {
                 ffi::fb_qp_free(self.qp);
             }
-            ffi::fb_destroy_id(self.id);
+            if !self.id.is_null() {
+                ffi::fb_destroy_id(self.id);
+            }
             if !self.ch.is_null() {
                 ffi::fb_channel_destroy(self.ch);
             }
@@ -139,11 +136,8 @@ struct Entry {
     cid: u16,
     keyed: Option<KeyedSglDescriptor>,
     mv: Move,
-    /// Bytes moved so far, of `len`.
-    off: usize,
     len: usize,
-    /// Bytes of the RDMA operation in flight (0: none).
-    busy: usize,
+    /// The data going to the host (a registered buffer).
     out: Option<AlignedBuf>,
     /// The completion, held until the data to the host is written.
     cqe: Option<Cqe>,
@@ -162,13 +156,14 @@ struct Wire {
     by_cid: Box<[u16]>,
     reads_out: u8,
     max_reads: u8,
-    read_wait: VecDeque<u16>,
+    /// Entries whose host data is to be fetched (RDMA READ), in order.
+    fetch: VecDeque<u16>,
     sends_out: usize,
     rdma_out: usize,
-    /// Send queue entries: work beyond them waits in `cqe_wait` / `rdma_wait`.
+    /// Send queue entries: work beyond them waits in `cqe_wait` / `write_wait` / `fetch`.
     sq_depth: usize,
     cqe_wait: VecDeque<Cqe>,
-    rdma_wait: VecDeque<u16>,
+    write_wait: VecDeque<u16>,
     /// Set while a CQE that belongs to no entry is sent (a refused duplicate CID).
     bypass: bool,
     /// The queue pair failed (or the host broke the protocol): close.
@@ -176,10 +171,6 @@ struct Wire {
 }
 
 impl Wire {
-    fn staging(&mut self, e: usize) -> &mut [u8] {
-        &mut self.obj.regions[1].buf.as_mut_slice()[e * CHUNK..(e + 1) * CHUNK]
-    }
-
     fn break_queue(&mut self, why: String) {
         if self.broken.is_none() {
             tracing::warn!(peer = %self.peer, reason = %why, "NVMe/RDMA queue failed");
@@ -234,50 +225,28 @@ impl Wire {
         }
     }
 
-    /// Posts the next RDMA operation of entry `e` (a READ waits if the initiator depth is
-    /// used up).
-    fn next_chunk(&mut self, e: usize) {
-        if self.broken.is_some() {
-            return;
-        }
-        if self.sq_full() {
-            self.rdma_wait.push_back(e as u16);
-            return;
-        }
-        let en = &self.entries[e];
-        let k = en.keyed.expect("checked before data moves");
-        let n = (en.len - en.off).min(CHUNK);
-        let (write, raddr) = (en.mv == Move::ToHost, k.address.wrapping_add(en.off as u64));
-        if !write {
-            if self.reads_out >= self.max_reads {
-                self.read_wait.push_back(e as u16);
-                return;
-            }
-            self.reads_out += 1;
-        } else {
-            let off = en.off;
-            let src = &en.out.as_ref().expect("data to send").as_slice()[off..off + n];
-            // Copied before the borrow of the staging chunk below.
-            let src: *const u8 = src.as_ptr();
-            let dst = self.staging(e);
-            // SAFETY: `src` points at `n` bytes of the entry's own buffer, distinct from the
-            // staging region.
-            unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), n) };
-        }
-        self.entries[e].busy = n;
-        let lkey = self.obj.regions[1].lkey;
-        let local = self.staging(e).as_mut_ptr();
-        // SAFETY: `local` is `n` ≤ CHUNK bytes of entry e's chunk of the registered staging
-        // region, untouched until the completion; the QP is live.
+    /// Posts an RDMA READ (`write` false) or WRITE of `len` bytes at `local` for entry `e`,
+    /// against its keyed SGL.
+    fn post_rdma(&mut self, e: usize, write: bool, local: *mut u8, len: usize) {
+        let Some(k) = self.entries[e].keyed else {
+            return self.break_queue("data moved without a keyed SGL".into());
+        };
+        let Some(lkey) = self.obj.pool.lkey(local) else {
+            return self.break_queue("command data outside registered memory".into());
+        };
+        // SAFETY: `local` starts a lent buffer of the registered pool of at least `len` bytes
+        // (a command's buffer), which stays allocated and untouched by the queue until the
+        // completion (a READ's target waits for data; a WRITE's source is held in the entry);
+        // the QP is live.
         let rc = unsafe {
             ffi::fb_post_rdma(
                 self.obj.qp,
                 (KIND_RDMA << KIND_SHIFT) | e as u64,
                 write as i32,
                 local.cast(),
-                n as u32,
+                len as u32,
                 lkey,
-                raddr,
+                k.address,
                 k.key,
             )
         };
@@ -288,13 +257,31 @@ impl Wire {
         }
     }
 
+    /// Writes entry `e`'s data to the host (or waits for send queue room).
+    fn post_write(&mut self, e: usize) {
+        if self.broken.is_some() {
+            return;
+        }
+        if self.sq_full() {
+            self.write_wait.push_back(e as u16);
+            return;
+        }
+        let len = self.entries[e].len;
+        let local = self.entries[e]
+            .out
+            .as_mut()
+            .expect("data to send")
+            .as_mut_ptr();
+        self.post_rdma(e, true, local, len);
+    }
+
     /// Posts the work that waited for send queue room, oldest first.
     fn drain_waits(&mut self) {
         while !self.sq_full() && self.broken.is_none() {
             if let Some(c) = self.cqe_wait.pop_front() {
                 self.send_now(&c);
-            } else if let Some(e) = self.rdma_wait.pop_front() {
-                self.next_chunk(e as usize);
+            } else if let Some(e) = self.write_wait.pop_front() {
+                self.post_write(e as usize);
             } else {
                 break;
             }
@@ -311,35 +298,35 @@ impl Wire {
     fn free_entry(&mut self, e: usize) {
         let en = &mut self.entries[e];
         en.used = false;
+        let cid = en.cid;
         if let Some(b) = en.out.take() {
-            bufpool::put(b);
+            self.release_buf(b);
         }
-        self.by_cid[en.cid as usize] = 0;
+        self.by_cid[cid as usize] = 0;
         self.free.push(e as u16);
     }
 
     /// Starts moving `len` bytes of `buf` to the host for command `cid`.
     fn start_to_host(&mut self, cid: u16, buf: AlignedBuf, len: usize) {
         let Some(e) = self.entry_of(cid) else {
-            bufpool::put(buf);
+            self.release_buf(buf);
             return;
         };
         let en = &mut self.entries[e];
         match en.keyed {
             Some(k) if (k.length as usize) >= len && len > 0 => {
                 en.mv = Move::ToHost;
-                en.off = 0;
                 en.len = len;
                 en.out = Some(buf);
-                self.next_chunk(e);
+                self.post_write(e);
             }
             k => {
-                bufpool::put(buf);
                 en.fail = Some(if k.is_none() {
                     Status::SGL_DESCRIPTOR_TYPE_INVALID
                 } else {
                     Status::DATA_SGL_LENGTH_INVALID
                 });
+                self.release_buf(buf);
             }
         }
     }
@@ -373,8 +360,27 @@ impl Transport for Wire {
         self.start_to_host(cid, buf, len);
     }
 
+    fn data_buf(&mut self, len: usize) -> AlignedBuf {
+        // SAFETY: the QP is live; the pool registers in its protection domain only.
+        match unsafe { self.obj.pool.get(self.obj.qp, len) } {
+            Some(b) => b,
+            None => {
+                // Not registered: an RDMA operation on it breaks the queue with a clear
+                // reason rather than move data with a wrong key.
+                tracing::debug!(peer = %self.peer, len, "memory registration failed");
+                bufpool::get(len)
+            }
+        }
+    }
+
+    fn release_buf(&mut self, buf: AlignedBuf) {
+        if let Err(b) = self.obj.pool.put(buf) {
+            bufpool::put(b);
+        }
+    }
+
     fn send_data(&mut self, cid: u16, data: &[u8]) {
-        let mut b = bufpool::get(data.len());
+        let mut b = self.data_buf(data.len());
         b.as_mut_slice()[..data.len()].copy_from_slice(data);
         self.start_to_host(cid, b, data.len());
     }
@@ -383,9 +389,8 @@ impl Transport for Wire {
         let Some(e) = self.entry_of(cid) else { return };
         let en = &mut self.entries[e];
         en.mv = Move::FromHost { ttag };
-        en.off = 0;
         en.len = len;
-        self.next_chunk(e);
+        self.fetch.push_back(e as u16);
     }
 
     fn sequence_error(&mut self) {
@@ -422,30 +427,29 @@ impl RdmaConn {
         r: &Request,
     ) -> std::io::Result<RdmaConn> {
         let err = |rc: i32| std::io::Error::from_raw_os_error(rc);
+        let entries = usize::from(r.req.entries());
         let mut obj = QpObjects {
             ch: std::ptr::null_mut(),
             id: r.id,
             qp: std::ptr::null_mut(),
             regions: Vec::new(),
+            // Two buffers per command at most (Compare), and admin data.
+            pool: RegPool::new(2 * entries + 8),
         };
         let mut ch_fd = 0;
         // SAFETY: out-pointers to locals.
         let rc = unsafe { ffi::fb_channel_create(&mut obj.ch, &mut ch_fd) };
         if rc != 0 {
-            obj.id = std::ptr::null_mut();
-            std::mem::forget(obj);
+            drop_without_id(obj);
             return Err(err(rc));
         }
         // SAFETY: the id and channel are live; the listener acknowledged the request event.
         let rc = unsafe { ffi::fb_migrate(obj.id, obj.ch) };
         if rc != 0 {
             // The id stays with the caller (it rejects it): free only the channel.
-            // SAFETY: the channel has no id on it.
-            unsafe { ffi::fb_channel_destroy(obj.ch) };
-            std::mem::forget(obj);
+            drop_without_id(obj);
             return Err(err(rc));
         }
-        let entries = usize::from(r.req.entries());
         let max_reads = r.initiator_depth.clamp(1, MAX_READS);
         let mut cc_fd = 0;
         // Send queue: per command an RDMA operation and a SEND at most; more (SENDs whose
@@ -470,11 +474,9 @@ impl RdmaConn {
         if rc != 0 {
             return fail(obj, err(rc));
         }
-        for len in [entries * CAPSULE_MAX, entries * CHUNK] {
-            match Region::new(obj.qp, len) {
-                Ok(r) => obj.regions.push(r),
-                Err(e) => return fail(obj, e),
-            }
+        match Region::new(obj.qp, entries * CAPSULE_MAX) {
+            Ok(r) => obj.regions.push(r),
+            Err(e) => return fail(obj, e),
         }
         // SAFETY: both fds belong to objects `obj` keeps open for as long as the watches live
         // (the watches are fields dropped before `wire`).
@@ -500,9 +502,7 @@ impl RdmaConn {
                     cid: 0,
                     keyed: None,
                     mv: Move::Idle,
-                    off: 0,
                     len: 0,
-                    busy: 0,
                     out: None,
                     cqe: None,
                     fail: None,
@@ -512,12 +512,12 @@ impl RdmaConn {
             by_cid: vec![0u16; 1 << 16].into_boxed_slice(),
             reads_out: 0,
             max_reads,
-            read_wait: VecDeque::with_capacity(entries),
+            fetch: VecDeque::with_capacity(entries),
             sends_out: 0,
             rdma_out: 0,
             sq_depth,
             cqe_wait: VecDeque::with_capacity(entries),
-            rdma_wait: VecDeque::with_capacity(entries),
+            write_wait: VecDeque::with_capacity(entries),
             bypass: false,
             broken: None,
         };
@@ -597,6 +597,7 @@ impl RdmaConn {
                 self.completion(c);
             }
             self.wire.drain_waits();
+            self.start_fetches();
             total += n as usize;
         }
         total
@@ -683,53 +684,59 @@ impl RdmaConn {
         en.mv = Move::Idle;
         en.cqe = None;
         en.fail = None;
-        en.busy = 0;
         self.wire.by_cid[cid as usize] = e + 1;
         self.queue.command(&mut self.wire, sqe, icd, icd_len);
+        self.start_fetches();
+    }
+
+    /// Posts the RDMA READs of the host data commands wait for, in order, while the initiator
+    /// depth and the send queue allow.
+    fn start_fetches(&mut self) {
+        while let Some(&e) = self.wire.fetch.front() {
+            if self.wire.broken.is_some()
+                || self.wire.reads_out >= self.wire.max_reads
+                || self.wire.sq_full()
+            {
+                return;
+            }
+            self.wire.fetch.pop_front();
+            let e = usize::from(e);
+            let en = &self.wire.entries[e];
+            let Move::FromHost { ttag } = en.mv else {
+                continue;
+            };
+            let (cid, len) = (en.cid, en.len);
+            // The whole transfer, into the command's (registered) buffer.
+            let Some(dst) = self.queue.transfer_buf(ttag, cid) else {
+                self.wire.entries[e].mv = Move::Idle;
+                continue;
+            };
+            debug_assert_eq!(dst.len(), len);
+            let local = dst.as_mut_ptr();
+            self.wire.reads_out += 1;
+            self.wire.post_rdma(e, false, local, len);
+        }
     }
 
     fn rdma_done(&mut self, e: usize) {
         let en = &mut self.wire.entries[e];
-        let n = std::mem::take(&mut en.busy);
-        match en.mv {
+        match std::mem::replace(&mut en.mv, Move::Idle) {
             Move::FromHost { ttag } => {
-                let cid = en.cid;
-                let src = &self.wire.obj.regions[1].buf.as_slice()[e * CHUNK..e * CHUNK + n];
-                let landed = match self.queue.transfer_buf(ttag, cid) {
-                    Some(dst) if dst.len() >= n => {
-                        dst[..n].copy_from_slice(src);
-                        true
-                    }
-                    // The queue no longer waits for this data (it is closing).
-                    _ => false,
-                };
-                if !landed {
-                    self.wire.entries[e].mv = Move::Idle;
-                } else if self.queue.advance_transfer(ttag, n) {
-                    self.wire.entries[e].off += n;
-                    self.wire.entries[e].mv = Move::Idle;
+                let (cid, len) = (en.cid, en.len);
+                // The data is in the command's buffer, unless the queue stopped waiting for it.
+                if self.queue.transfer_buf(ttag, cid).is_some()
+                    && self.queue.advance_transfer(ttag, len)
+                {
                     self.queue.data_received(&mut self.wire, ttag);
-                } else {
-                    self.wire.entries[e].off += n;
-                    self.wire.next_chunk(e);
-                }
-                if let Some(w) = self.wire.read_wait.pop_front() {
-                    self.wire.next_chunk(w as usize);
                 }
             }
             Move::ToHost => {
-                en.off += n;
-                if en.off < en.len {
-                    self.wire.next_chunk(e);
-                } else {
-                    en.mv = Move::Idle;
-                    if let Some(b) = en.out.take() {
-                        bufpool::put(b);
-                    }
-                    if let Some(cqe) = en.cqe.take() {
-                        self.wire.free_entry(e);
-                        self.wire.post_cqe(&cqe);
-                    }
+                if let Some(b) = en.out.take() {
+                    self.wire.release_buf(b);
+                }
+                if let Some(cqe) = self.wire.entries[e].cqe.take() {
+                    self.wire.free_entry(e);
+                    self.wire.post_cqe(&cqe);
                 }
             }
             Move::Idle => {}
@@ -752,22 +759,17 @@ impl RdmaConn {
 
 /// Drops the objects of a queue whose id the caller keeps (to reject it).
 fn drop_without_id(mut obj: QpObjects) {
-    // SAFETY: the pointers are live or null; the id is left alone (null here).
-    unsafe {
-        if !obj.qp.is_null() {
-            ffi::fb_qp_destroy_qp(obj.qp);
-        }
-        for r in obj.regions.drain(..) {
-            ffi::fb_dereg_mr(r.mr);
-        }
-        if !obj.qp.is_null() {
-            ffi::fb_qp_free(obj.qp);
-        }
-        if !obj.ch.is_null() {
-            ffi::fb_channel_destroy(obj.ch);
-        }
+    obj.id = std::ptr::null_mut();
+    drop(obj);
+}
+
+impl Drop for RdmaConn {
+    fn drop(&mut self) {
+        // The queue pair goes before the NVMe queue frees its command buffers: no RDMA
+        // operation can still reach them (the rest goes with `wire`).
+        // SAFETY: the QP is live; destroying it twice is a no-op in the shim.
+        unsafe { ffi::fb_qp_destroy_qp(self.wire.obj.qp) };
     }
-    std::mem::forget(obj);
 }
 
 impl Poller for RdmaConn {

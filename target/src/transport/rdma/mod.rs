@@ -10,6 +10,7 @@
 //! - [`conn`]: one queue pair = one [`crate::queue::NvmeQueue`], a poller on one reactor:
 //!   capsules by SEND/RECV, host data by RDMA READ / WRITE, completions from a completion
 //!   channel watched by the reactor (spin while busy, sleep when idle).
+//! - `regpool`: the registered command buffers of a queue pair (registered once, lent again).
 //! - `ffi`: the rdma-core calls, through a C shim (see its documentation for why).
 //!
 //! Only the target side exists: the initiator library, `perf nvmf` and the remote bdev speak
@@ -18,6 +19,7 @@
 pub mod conn;
 mod ffi;
 pub mod listener;
+mod regpool;
 pub mod wire;
 
 #[cfg(test)]
