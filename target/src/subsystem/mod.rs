@@ -127,6 +127,13 @@ impl ListenerSpec {
         }
     }
 
+    /// [`validate`](Self::validate) as the I/O error starting a listener returns.
+    pub fn validate_io(&self) -> std::io::Result<()> {
+        self.validate().map_err(|(field, why)| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{field}: {why}"))
+        })
+    }
+
     /// Checks the values that need no socket; errors name the field.
     pub fn validate(&self) -> Result<(), (String, String)> {
         if self.addr.parse::<std::net::IpAddr>().is_err() {

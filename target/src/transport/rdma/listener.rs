@@ -59,9 +59,7 @@ impl Listener {
         target: Arc<Target>,
         reactors: Vec<ReactorHandle>,
     ) -> std::io::Result<Listener> {
-        spec.validate().map_err(|(field, why)| {
-            std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{field}: {why}"))
-        })?;
+        spec.validate_io()?;
         let addr = CString::new(spec.addr.clone()).map_err(std::io::Error::other)?;
         let port = CString::new(spec.port.to_string()).map_err(std::io::Error::other)?;
         let mut ch = std::ptr::null_mut();

@@ -21,6 +21,3 @@ mod ffi;
 pub mod listener;
 mod regpool;
 pub mod wire;
-
-#[cfg(test)]
-mod hostile_tests;

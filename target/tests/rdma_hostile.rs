@@ -1,23 +1,24 @@
-//! Hostile NVMe/RDMA commands against a real [`NvmeQueue`] in keyed-SGL mode (what an
-//! [`super::conn::RdmaConn`] drives), on a real reactor with a malloc namespace; the transport
-//! is a recorder, so no RDMA device is needed: Keyed SGL Data Blocks whose length is not the
+//! Hostile NVMe/RDMA commands against a real `NvmeQueue` in keyed-SGL mode (what the RDMA
+//! transport's queue pair poller drives), on a real reactor with a malloc namespace; the
+//! transport is a recorder, so no RDMA device is needed: Keyed SGL Data Blocks whose length is not the
 //! command's, descriptors of another transport, and a host with more commands outstanding
 //! than its queue has entries.
 
+mod common;
+
 use std::sync::Arc;
 
-use ferroblk_bdev::malloc::MallocBdev;
-use ferroblk_bdev::reactor::{ReactorConfig, ReactorHandle, Reactors};
-use ferroblk_bdev::{AlignedBuf, BlockSize, bufpool};
+use ferroblk_bdev::reactor::ReactorHandle;
+use ferroblk_bdev::{AlignedBuf, bufpool};
 
-use crate::queue::{NvmeQueue, Transport};
-use crate::spec::command::{
+use ferroblk_target::queue::{NvmeQueue, Transport};
+use ferroblk_target::spec::command::{
     IoOpcode, KeyedSglDescriptor, ReadWrite, SglDescriptor, Sqe, sgl_subtype,
 };
-use crate::spec::fabrics::{ConnectCommand, ConnectData, PropertySet};
-use crate::spec::features::SetFeatures;
-use crate::spec::{Cqe, Status};
-use crate::subsystem::{SubsystemSpec, Target};
+use ferroblk_target::spec::fabrics::{ConnectCommand, ConnectData};
+use ferroblk_target::spec::features::SetFeatures;
+use ferroblk_target::spec::{Cqe, Status};
+use ferroblk_target::subsystem::Target;
 
 const NQN: &str = "nqn.2026-11.io.ferroblk:rdma-hostile";
 const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:11111111-2222-3333-4444-555555555555";
@@ -112,12 +113,7 @@ fn io_queue(target: Arc<Target>, r: ReactorHandle, sqsize: u16) -> (NvmeQueue, N
     let c = connect(&mut admin, &mut t, 0, 31, 0xffff);
     assert!(c.status.is_success(), "{c:?}");
     let cntlid = c.dw0 as u16;
-    let en = PropertySet {
-        attrib: 2,
-        ofst: 0x14,
-        value: 0x0046_0001,
-    }
-    .to_sqe(1);
+    let en = common::cc_enable(1);
     admin.command(&mut t, en, None, 0);
     let nq = SetFeatures {
         fid: 7,
@@ -135,24 +131,7 @@ fn io_queue(target: Arc<Target>, r: ReactorHandle, sqsize: u16) -> (NvmeQueue, N
 
 /// Runs `f` on a reactor of a target exporting a 1 MiB malloc namespace.
 fn on_target(f: impl FnOnce(Arc<Target>, ReactorHandle) + Send + 'static) {
-    let reactors = Reactors::start(&ReactorConfig {
-        cpus: vec![None],
-        idle_poll: std::time::Duration::from_micros(50),
-    })
-    .unwrap();
-    let target = Arc::new(Target::new());
-    let s = target
-        .add_subsystem(&SubsystemSpec {
-            nqn: NQN.into(),
-            serial: None,
-            model: "t".into(),
-            allow_any_host: true,
-            hosts: vec![],
-            namespace: vec![],
-        })
-        .unwrap();
-    let bdev = Arc::new(MallocBdev::new("m", BlockSize::B4096, 256, 256).unwrap());
-    s.add_namespace(1, bdev, None).unwrap();
+    let (reactors, target, _) = common::target_on(NQN, common::malloc_1m());
     let r = reactors.handles()[0].clone();
     let r2 = r.clone();
     r.call(move |_| f(target, r2))
