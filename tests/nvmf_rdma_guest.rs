@@ -2,7 +2,8 @@
 //! target over soft-RoCE, all inside one QEMU guest: `rdma_rxe` on the guest's eth0, ferroblk
 //! (this build's binary, read from the host's root over 9p) listening on RDMA at the guest's
 //! address, then discovery (RDMA entries), connect with several I/O queues, fio write+verify
-//! (small and large, more than one staging chunk), discard, the host allow-list, disconnect.
+//! (4 KiB to 1 MiB), discard, a live resize seen through an asynchronous event, a listener added
+//! over the RPC, the host allow-list, disconnect.
 
 mod common;
 
@@ -31,8 +32,11 @@ count = 2
 socket = "$W/rpc.sock"
 [[bdev]]
 name = "disk"
-kind = "malloc"
+kind = "file"
+path = "$W/disk.img"
 size = "128MiB"
+create = true
+direct = "never"
 [[bdev]]
 name = "ram"
 kind = "malloc"
@@ -83,6 +87,22 @@ fio --name=big --filename=/dev/nvme0n1 --ioengine=libaio --direct=1 --rw=randwri
 dd if=/dev/urandom of=/dev/nvme0n1 bs=1M count=2 seek=80 oflag=direct status=none
 blkdiscard -o $((80 << 20)) -l $((1 << 20)) /dev/nvme0n1
 dd if=/dev/nvme0n1 bs=1M skip=80 count=1 iflag=direct status=none | cmp -n $((1 << 20)) - /dev/zero
+
+# Live resize: an asynchronous event (an AER completion over RDMA) makes the host re-read it.
+$BIN rpc --socket $W/rpc.sock bdev_resize name='"disk"' size='"192MiB"'
+for i in $(seq 120); do
+  [ "$(cat /sys/block/nvme0n1/size)" -eq $((192 << 20 >> 9)) ] && break
+  sleep 0.5
+done
+test "$(cat /sys/block/nvme0n1/size)" -eq $((192 << 20 >> 9))
+nvme disconnect -n $NQN
+
+# A second RDMA listener added over the RPC serves discovery and I/O.
+$BIN rpc --socket $W/rpc.sock nvmf_listener_add trtype='"rdma"' addr="\"$A\"" port=4421
+nvme discover -t rdma -a $A -s 4421 | grep -q "trsvcid: *4421"
+nvme connect -t rdma -a $A -s 4421 -n $NQN -i 1
+wait_dev /dev/nvme0n1
+dd if=/dev/nvme0n1 bs=1M count=1 iflag=direct status=none of=/dev/null
 nvme disconnect -n $NQN
 
 # The allow-list: a host not on it is refused; the listed one gets in.
