@@ -4,7 +4,7 @@
 //! completion queue, RC queue pair; `ffi`), its CM id (migrated to its own event channel so
 //! that a disconnect reaches this reactor), the receive buffers (one memory region registered
 //! at setup: one command capsule each, SQE + in-capsule data, always posted) and the
-//! registered command buffers ([`RegPool`], which the queue takes its data buffers from through
+//! registered command buffers (`regpool`, which the queue takes its data buffers from through
 //! [`Transport::data_buf`]). Per command:
 //!
 //! - a RECV completion carries a capsule: its SQE (and in-capsule data, copied into a pool
