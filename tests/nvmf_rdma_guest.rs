@@ -3,7 +3,7 @@
 //! (this build's binary, read from the host's root over 9p) listening on RDMA at the guest's
 //! address, then discovery (RDMA entries), connect with several I/O queues, fio write+verify
 //! (4 KiB to 1 MiB), discard, a live resize seen through an asynchronous event, a listener added
-//! over the RPC, the host allow-list, disconnect.
+//! over the RPC, a non-NVMe RDMA client rejected, the host allow-list, disconnect.
 
 mod common;
 
@@ -104,6 +104,11 @@ nvme connect -t rdma -a $A -s 4421 -n $NQN -i 1
 wait_dev /dev/nvme0n1
 dd if=/dev/nvme0n1 bs=1M count=1 iflag=direct status=none of=/dev/null
 nvme disconnect -n $NQN
+
+# A client that is not an NVMe host (rping: no NVMe/RDMA private data) is rejected at the
+# RDMA CM; the daemon serves on (the connects below).
+if timeout 30 rping -c -a $A -p 4420 -C 1; then echo "rping was accepted"; exit 1; fi
+grep -q "bad NVMe/RDMA private data" $W/log
 
 # The allow-list: a host not on it is refused; the listed one gets in.
 if nvme connect -t rdma -a $A -s 4420 -n $PRIV --hostnqn=nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-00000000dead; then

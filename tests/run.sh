@@ -13,7 +13,7 @@ command -v cc >/dev/null || need+=(gcc)
 command -v qemu-storage-daemon >/dev/null || need+=(qemu-system-common)
 command -v fio >/dev/null || need+=(fio)
 # NVMe/RDMA: rdma-core's headers to build, its userspace (soft-RoCE provider) for the guest lab.
-for p in libibverbs-dev librdmacm-dev rdma-core ibverbs-providers ibverbs-utils; do
+for p in libibverbs-dev librdmacm-dev rdma-core ibverbs-providers ibverbs-utils rdmacm-utils; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -20,7 +20,7 @@ SELF=$(readlink -f "${BASH_SOURCE[0]}")
 
 PACKAGES=(qemu-system-x86 busybox-static cpio kmod xz-utils zstd fio nvme-cli
           dmsetup cryptsetup-bin util-linux python3 iproute2 rdma-core ibverbs-providers
-          ibverbs-utils)
+          ibverbs-utils rdmacm-utils)
 # Modules put in the initramfs and loaded at boot (dependencies are added from
 # modules.dep). Built-in or missing ones are skipped.
 # shellcheck disable=SC2206  # FERROBLK_LAB_EXTRA_MODULES: space-separated names

@@ -190,7 +190,10 @@ fn cm_loop(
         let req = match CmRequest::parse(pd) {
             Ok(r) => r,
             Err(st) => {
-                admission.log_connect_refused(&peer, st.field(), &pd, "bad NVMe/RDMA private data");
+                // The fields (RECFMT, QID, HRQSIZE, HSQSIZE), not the reserved bytes after them.
+                let fields = &pd[..pd.len().min(CmRequest::FIELDS)];
+                let why = "bad NVMe/RDMA private data";
+                admission.log_connect_refused(&peer, st.field(), &fields, why);
                 reject(ev.id, st);
                 continue;
             }
