@@ -3,7 +3,8 @@
 //! (this build's binary, read from the host's root over 9p) listening on RDMA at the guest's
 //! address, then discovery (RDMA entries), connect with several I/O queues, fio write+verify
 //! (4 KiB to 1 MiB), discard, a live resize seen through an asynchronous event, a listener added
-//! over the RPC, a non-NVMe RDMA client rejected, the host allow-list, disconnect.
+//! over the RPC, a non-NVMe RDMA client rejected, the host allow-list, disconnect, and the RDMA
+//! device removed under I/O.
 
 mod common;
 
@@ -121,7 +122,24 @@ dd if=/tmp/pattern of=/dev/nvme0n1 bs=64k oflag=direct status=none
 dd if=/dev/nvme0n1 bs=64k count=16 iflag=direct status=none | cmp - /tmp/pattern
 nvme disconnect -n $PRIV
 
-# The daemon is still serving after all of it, and stops cleanly.
+# The RDMA device goes away under I/O: the host's queues and the listener let go of it,
+# the daemon keeps running and stops cleanly (rxe finishes the removal once the process has
+# closed the device: it cannot take a device from a running process).
+nvme connect -t rdma -a $A -s 4420 -n $NQN -i 2
+wait_dev /dev/nvme0n1
+(fio --name=gone --filename=/dev/nvme0n1 --ioengine=libaio --direct=1 --rw=randrw --bs=4k \
+    --iodepth=8 --time_based --runtime=30 >/dev/null 2>&1 || true) &
+sleep 2
+closed0=$(grep -c 'NVMe queue closing' $W/log)
+rdma link delete rxe0 &
+for i in $(seq 100); do grep -q "RDMA device of the NVMe/RDMA listener removed" $W/log && break; sleep 0.3; done
+grep -q "RDMA device of the NVMe/RDMA listener removed" $W/log
+# Its admin queue and both I/O queues are closed.
+for i in $(seq 100); do [ "$(grep -c 'NVMe queue closing' $W/log)" -ge $((closed0 + 3)) ] && break; sleep 0.3; done
+test "$(grep -c 'NVMe queue closing' $W/log)" -ge $((closed0 + 3))
+nvme disconnect-all || true
+
+# The daemon is still running after all of it, and stops cleanly.
 kill -0 $FB
 kill -TERM $FB
 wait $FB

@@ -25,8 +25,35 @@ const BACKLOG: i32 = 128;
 
 struct Cm {
     ch: *mut ffi::EventChannel,
+    /// The listening id; null while its RDMA device is gone.
     id: *mut ffi::CmId,
     fd: RawFd,
+    /// Where to listen again after a device removal.
+    addr: CString,
+    port: CString,
+}
+
+impl Cm {
+    /// Listens again after the device went away (its address may be back).
+    fn relisten(&mut self) {
+        let mut id = std::ptr::null_mut();
+        let mut bound = 0u16;
+        // SAFETY: NUL-terminated strings and out-pointers to locals; the channel is live.
+        let rc = unsafe {
+            ffi::fb_listen(
+                self.ch,
+                self.addr.as_ptr(),
+                self.port.as_ptr(),
+                BACKLOG,
+                &mut id,
+                &mut bound,
+            )
+        };
+        if rc == 0 {
+            self.id = id;
+            tracing::info!(addr = ?self.addr, port = bound, "NVMe/RDMA listener listening again");
+        }
+    }
 }
 
 // SAFETY: the channel and listening id are used by the listener thread only, once moved there.
@@ -34,9 +61,12 @@ unsafe impl Send for Cm {}
 
 impl Drop for Cm {
     fn drop(&mut self) {
-        // SAFETY: both are live and owned here; the id goes before its channel.
+        // SAFETY: both are live (or the id null) and owned here; the id goes before its
+        // channel.
         unsafe {
-            ffi::fb_destroy_id(self.id);
+            if !self.id.is_null() {
+                ffi::fb_destroy_id(self.id);
+            }
             ffi::fb_channel_destroy(self.ch);
         }
     }
@@ -87,7 +117,14 @@ impl Listener {
             unsafe { ffi::fb_channel_destroy(ch) };
             return Err(std::io::Error::from_raw_os_error(rc));
         }
-        let cm = Cm { ch, id, fd };
+        let port = CString::new(bound.to_string()).expect("digits have no NUL");
+        let cm = Cm {
+            ch,
+            id,
+            fd,
+            addr,
+            port,
+        };
         let ip: std::net::IpAddr = spec.addr.parse().map_err(std::io::Error::other)?;
         let admission = Arc::new(Admission::new(
             (ip, bound).into(),
@@ -163,7 +200,7 @@ fn reject(id: *mut ffi::CmId, st: RejectStatus) {
 }
 
 fn cm_loop(
-    cm: Cm,
+    mut cm: Cm,
     target: Arc<Target>,
     reactors: Vec<ReactorHandle>,
     admission: Arc<Admission>,
@@ -177,6 +214,18 @@ fn cm_loop(
         // SAFETY: the channel is live; `ev` is a valid out-pointer.
         if unsafe { ffi::fb_get_event(cm.ch, &mut ev) } != 0 {
             wait_readable(cm.fd);
+            if cm.id.is_null() {
+                cm.relisten();
+            }
+            continue;
+        }
+        if ev.event == ffi::event::DEVICE_REMOVAL && ev.id == cm.id {
+            // The device must be let go of (its removal waits for every user): listen again
+            // once the address is back.
+            tracing::warn!(addr = ?cm.addr, "RDMA device of the NVMe/RDMA listener removed");
+            // SAFETY: the listening id is live and its event acknowledged.
+            unsafe { ffi::fb_destroy_id(cm.id) };
+            cm.id = std::ptr::null_mut();
             continue;
         }
         if ev.event != ffi::event::CONNECT_REQUEST {
