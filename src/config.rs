@@ -164,7 +164,7 @@ pub struct Config {
     /// NVMe-oF subsystems.
     #[serde(default)]
     pub subsystem: Vec<SubsystemSpec>,
-    /// NVMe/TCP listeners (every subsystem and the discovery service on each).
+    /// NVMe/TCP and NVMe/RDMA listeners (every subsystem and the discovery service on each).
     #[serde(default)]
     pub listener: Vec<ListenerSpec>,
     /// The Prometheus endpoint (off unless `listen` is set).
@@ -719,6 +719,32 @@ mod tests {
             e.path, "listener[1]",
             "same endpoint, other limits: still twice"
         );
+        let e = parse_err(&format!(
+            "{base}[[listener]]\ntrtype = \"fc\"\naddr = \"127.0.0.1\"\nport = 4420\n"
+        ));
+        assert!(e.path.starts_with("listener[0]"), "{e}");
+        assert!(
+            e.to_string().contains("rdma"),
+            "the accepted values are named: {e}"
+        );
+    }
+
+    #[test]
+    fn rdma_listener_is_its_own_endpoint_beside_tcp() {
+        let text = "[[listener]]\naddr = \"10.0.0.1\"\nport = 4420\n\
+                    [[listener]]\ntrtype = \"rdma\"\naddr = \"10.0.0.1\"\nport = 4420\n";
+        let c = Config::parse(text, "t.toml").unwrap();
+        let kinds: Vec<_> = c.listener.iter().map(|l| l.trtype).collect();
+        assert_eq!(
+            kinds,
+            [
+                ferroblk_target::subsystem::Trtype::Tcp,
+                ferroblk_target::subsystem::Trtype::Rdma
+            ]
+        );
+        let twice =
+            format!("{text}[[listener]]\ntrtype = \"rdma\"\naddr = \"10.0.0.1\"\nport = 4420\n");
+        assert_eq!(parse_err(&twice).path, "listener[2]");
     }
 
     #[test]

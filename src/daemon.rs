@@ -17,7 +17,10 @@ use ferroblk_bdev::decl::creation_order;
 use ferroblk_bdev::reactor::{ReactorHandle, Reactors};
 use ferroblk_bdev::sync::SyncChannel;
 use ferroblk_bdev::{BdevError, BdevRegistry, Caps, IoStatus};
+use ferroblk_target::subsystem::Trtype;
 use ferroblk_target::subsystem::{ListenerSpec, NamespaceSpec, SubsystemSpec, Target, parse_uuid};
+#[cfg(feature = "rdma")]
+use ferroblk_target::transport::rdma::listener::Listener as RdmaListener;
 use ferroblk_target::transport::tcp::listener::Listener;
 use ferroblk_vhost::{VhostExport, VhostSpec};
 
@@ -198,6 +201,9 @@ pub struct DaemonState {
     pub target: Arc<Target>,
     /// NVMe/TCP listeners.
     pub listeners: Mutex<Vec<Listener>>,
+    /// NVMe/RDMA listeners.
+    #[cfg(feature = "rdma")]
+    pub rdma_listeners: Mutex<Vec<RdmaListener>>,
     /// Declared bdevs that failed to open at start (or stack on one that did), by name.
     pub failed: Mutex<BTreeMap<String, FailedBdev>>,
     /// Declared exports left out at start because their bdev failed.
@@ -399,8 +405,17 @@ impl DaemonState {
         Ok(())
     }
 
-    /// Starts an NVMe/TCP listener.
+    /// Starts an NVMe/TCP or NVMe/RDMA listener.
     pub fn add_listener(&self, spec: ListenerSpec) -> Result<(), crate::rpc::RpcError> {
+        if spec.trtype == Trtype::Rdma {
+            #[cfg(feature = "rdma")]
+            return self.add_rdma_listener(spec);
+            #[cfg(not(feature = "rdma"))]
+            return Err(crate::rpc::RpcError::field(
+                "trtype",
+                "this ferroblk was built without NVMe/RDMA (cargo feature `rdma`, which links rdma-core)",
+            ));
+        }
         let mut ls = self.listeners.lock().expect("listeners lock");
         if ls.iter().any(|l| *l.spec() == spec) {
             return Err(crate::rpc::RpcError::exists(format!(
@@ -411,6 +426,27 @@ impl DaemonState {
         let l = Listener::start(spec.clone(), self.target.clone(), self.reactors.clone()).map_err(
             |e| crate::rpc::RpcError::system(format!("listen on {}:{}: {e}", spec.addr, spec.port)),
         )?;
+        self.target.add_listener(spec);
+        ls.push(l);
+        Ok(())
+    }
+
+    #[cfg(feature = "rdma")]
+    fn add_rdma_listener(&self, spec: ListenerSpec) -> Result<(), crate::rpc::RpcError> {
+        let mut ls = self.rdma_listeners.lock().expect("listeners lock");
+        if ls.iter().any(|l| l.spec().same_endpoint(&spec)) {
+            return Err(crate::rpc::RpcError::exists(format!(
+                "RDMA listener {}:{} exists",
+                spec.addr, spec.port
+            )));
+        }
+        let l = RdmaListener::start(spec.clone(), self.target.clone(), self.reactors.clone())
+            .map_err(|e| {
+                crate::rpc::RpcError::system(format!(
+                    "RDMA listen on {}:{}: {e}",
+                    spec.addr, spec.port
+                ))
+            })?;
         self.target.add_listener(spec);
         ls.push(l);
         Ok(())
@@ -499,6 +535,8 @@ pub fn serve(config: Option<&Path>, strict: bool) -> anyhow::Result<()> {
         vhost: Mutex::new(BTreeMap::new()),
         target: Arc::new(Target::new()),
         listeners: Mutex::new(Vec::new()),
+        #[cfg(feature = "rdma")]
+        rdma_listeners: Mutex::new(Vec::new()),
         failed: Mutex::new(failed),
         failed_exports: Mutex::new(Vec::new()),
         shutdown: Mutex::new(Some(tx)),
@@ -558,6 +596,8 @@ pub fn serve(config: Option<&Path>, strict: bool) -> anyhow::Result<()> {
     // connections drain when the reactors stop them.
     std::mem::take(&mut *state.vhost.lock().expect("vhost lock"));
     std::mem::take(&mut *state.listeners.lock().expect("listeners lock"));
+    #[cfg(feature = "rdma")]
+    std::mem::take(&mut *state.rdma_listeners.lock().expect("listeners lock"));
     reactors.shutdown(DRAIN);
     flush_all(&registry);
     state.shutdown.lock().expect("shutdown lock").take();
@@ -760,14 +800,18 @@ fn print_banner(cfg: &Config, state: &DaemonState, socket: &Path) {
         println!("  NVMe/TCP: no subsystem or listener configured ([[subsystem]], [[listener]])");
     }
     for l in &cfg.listener {
+        let (name, t) = match l.trtype {
+            Trtype::Tcp => ("NVMe/TCP", "tcp"),
+            Trtype::Rdma => ("NVMe/RDMA", "rdma"),
+        };
         println!(
-            "  NVMe/TCP listener {}:{} (discovery and I/O). From a Linux host:",
+            "  {name} listener {}:{} (discovery and I/O). From a Linux host:",
             l.addr, l.port
         );
-        println!("    nvme discover -t tcp -a {} -s {}", l.addr, l.port);
+        println!("    nvme discover -t {t} -a {} -s {}", l.addr, l.port);
         for s in &cfg.subsystem {
             println!(
-                "    nvme connect -t tcp -a {} -s {} -n {}",
+                "    nvme connect -t {t} -a {} -s {} -n {}",
                 l.addr, l.port, s.nqn
             );
         }

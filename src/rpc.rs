@@ -301,7 +301,7 @@ pub static METHODS: &[Method] = &[
     Method {
         name: "nvmf_listener_add",
         params: "addr port ic_timeout_ms? connect_timeout_ms? max_unidentified_per_peer?",
-        about: "Starts an NVMe/TCP listener like a [[listener]] table.",
+        about: "Starts an NVMe/TCP or NVMe/RDMA listener like a [[listener]] table.",
         handler: nvmf_listener_add,
     },
     Method {

@@ -64,7 +64,7 @@ pub struct Objects {
     /// NVMe-oF subsystems with their namespaces and hosts.
     #[serde(default)]
     pub subsystem: Vec<SubsystemSpec>,
-    /// NVMe/TCP listeners.
+    /// NVMe/TCP and NVMe/RDMA listeners.
     #[serde(default)]
     pub listener: Vec<ListenerSpec>,
 }

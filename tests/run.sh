@@ -17,6 +17,10 @@ for p in ceph-mon ceph-osd ceph-common librbd-dev librados-dev; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 command -v dpkg-source >/dev/null || need+=(dpkg-dev)
+# NVMe/RDMA: rdma-core's headers to build, its userspace (soft-RoCE provider) for the guest lab.
+for p in libibverbs-dev librdmacm-dev rdma-core ibverbs-providers ibverbs-utils rdmacm-utils; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || need+=("$p")
+done
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -38,16 +42,16 @@ bash fio/fetch-headers.sh
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
-cargo clippy --workspace --all-targets --locked --features ferroblk/rbd -- -D warnings
+cargo clippy --workspace --all-targets --locked --features ferroblk/rbd,ferroblk/rdma -- -D warnings
 # From here on a failure is remembered, not fatal, so that every failing test and target is
 # reported in one run.
 status=0
 # Everything built first as `cargo build` lays it out (the fio engine's shared library beside the
 # binary, where `bench matrix` finds it), then tested.
 echo "== cargo build"
-cargo build --workspace --locked --features ferroblk/rbd || status=1
+cargo build --workspace --locked --features ferroblk/rbd,ferroblk/rdma || status=1
 echo "== cargo test"
-cargo test --workspace --locked --features ferroblk/rbd --no-fail-fast || status=1
+cargo test --workspace --locked --features ferroblk/rbd,ferroblk/rdma --no-fail-fast || status=1
 
 # Every fuzz target over its checked-in corpus, then briefly on new inputs (fuzz/run.sh;
 # installs nightly and cargo-fuzz when missing).

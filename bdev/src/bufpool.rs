@@ -19,14 +19,16 @@ pub const MAX_POOLED: usize = 1 << 20;
 /// Bytes a thread keeps per class.
 pub const CLASS_BUDGET: usize = 8 << 20;
 
-const CLASSES: usize = (MAX_POOLED / MIN_POOLED).trailing_zeros() as usize + 1;
+/// Number of size classes (4 KiB, 8 KiB, ... [`MAX_POOLED`]).
+pub const CLASSES: usize = (MAX_POOLED / MIN_POOLED).trailing_zeros() as usize + 1;
 
 thread_local! {
     static POOL: RefCell<[Vec<AlignedBuf>; CLASSES]> = RefCell::new(Default::default());
 }
 
-/// The class of a buffer of `len` bytes, if pooled.
-fn class(len: usize) -> Option<usize> {
+/// The class of a buffer of `len` bytes, if pooled (its size is `MIN_POOLED << class`). Other
+/// pools of the same shape (the NVMe/RDMA transport's registered buffers) use it too.
+pub fn class(len: usize) -> Option<usize> {
     (len <= MAX_POOLED)
         .then(|| (len.max(MIN_POOLED).next_power_of_two() / MIN_POOLED).trailing_zeros() as usize)
 }

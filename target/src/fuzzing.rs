@@ -1,5 +1,6 @@
-//! Fuzz target bodies (not a public API): the NVMe/TCP PDU decoder, and NVMe admin, Fabrics
-//! and I/O commands sent to a live target over loopback. Called by the cargo-fuzz targets in
+//! Fuzz target bodies (not a public API): the NVMe/TCP PDU decoder, the NVMe/RDMA connect
+//! private data and capsule parsers, and NVMe admin, Fabrics and I/O commands sent to a live
+//! target over loopback. Called by the cargo-fuzz targets in
 //! `fuzz/` and replayed over the checked-in corpus by the tests below.
 
 use std::io::{Read, Write};
@@ -551,6 +552,83 @@ pub fn nvmf_admin_seeds() -> Vec<Vec<u8>> {
     vec![admin, io]
 }
 
+// ----------------------------------------------------------------------------------- rdma_wire
+
+/// Feeds arbitrary bytes to the NVMe/RDMA parsers of what a host sends besides commands: byte 0
+/// bit 0 picks the RDMA CM connect request's private data (clear) or a received command
+/// capsule (set); the rest is the input. Accepted private data must describe queue sizes a
+/// queue can take; a refusal must encode as a reject; a capsule must be split where its SQE
+/// ends, and a keyed descriptor only read from a capsule without in-capsule data.
+pub fn rdma_wire(input: &[u8]) {
+    use crate::subsystem::admin::QUEUE_ENTRIES;
+    use crate::transport::rdma::wire::{
+        CAPSULE_MAX, CapsuleError, CmRequest, DataDesc, parse_capsule,
+    };
+    let Some((&sel, rest)) = input.split_first() else {
+        return;
+    };
+    if sel & 1 == 0 {
+        match CmRequest::parse(rest) {
+            Ok(r) => {
+                assert!(rest.len() >= CmRequest::FIELDS);
+                assert!((2..=QUEUE_ENTRIES).contains(&r.entries()));
+                assert!(r.hrqsize >= 1 && r.hrqsize <= QUEUE_ENTRIES);
+            }
+            Err(st) => assert_eq!(st.private_data()[2..], (st as u16).to_le_bytes()),
+        }
+        return;
+    }
+    match parse_capsule(rest) {
+        Ok((sqe, icd, desc)) => {
+            assert_eq!(Sqe::LEN + icd, rest.len());
+            assert_eq!(sqe.as_bytes()[..], rest[..Sqe::LEN]);
+            if let DataDesc::Keyed(k) = desc {
+                assert_eq!(icd, 0);
+                assert!(k.length < 1 << 24);
+            }
+        }
+        Err(CapsuleError::Short(n)) => assert!(n < Sqe::LEN && n == rest.len()),
+        Err(CapsuleError::Long(n)) => assert!(n > CAPSULE_MAX && n == rest.len()),
+    }
+}
+
+/// Seeds: Linux's admin and I/O queue connect requests, and capsules with a keyed descriptor
+/// and with in-capsule data.
+pub fn rdma_wire_seeds() -> Vec<Vec<u8>> {
+    use crate::spec::command::{KeyedSglDescriptor, sgl_subtype};
+    let req = |qid: u16, hrq: u16, hsq: u16| {
+        let mut b = vec![0u8; 33];
+        b[3..5].copy_from_slice(&qid.to_le_bytes());
+        b[5..7].copy_from_slice(&hrq.to_le_bytes());
+        b[7..9].copy_from_slice(&hsq.to_le_bytes());
+        b
+    };
+    let rw = ReadWrite {
+        nsid: 1,
+        slba: 8,
+        nlb: 2,
+        ..ReadWrite::default()
+    };
+    let mut keyed = vec![1u8];
+    let mut sqe = rw.to_sqe(IoOpcode::Read, 5, &SglDescriptor::transport_data_block(0));
+    let mut b = *sqe.as_bytes();
+    b[24..40].copy_from_slice(
+        &KeyedSglDescriptor {
+            address: 0x7f00_0000_1000,
+            length: 8192,
+            key: 0x1234_5678,
+            subtype: sgl_subtype::INVALIDATE_KEY,
+        }
+        .to_bytes(),
+    );
+    keyed.extend_from_slice(&b);
+    sqe = rw.to_sqe(IoOpcode::Write, 6, &SglDescriptor::in_capsule(0, 8192));
+    let mut icd = vec![1u8];
+    icd.extend_from_slice(sqe.as_bytes());
+    icd.extend(std::iter::repeat_n(0xa5, 8192));
+    vec![req(0, 32, 31), req(1, 128, 127), keyed, icd]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -559,6 +637,11 @@ mod tests {
     #[test]
     fn tcp_pdu_corpus_replays() {
         replay("tcp_pdu", &tcp_pdu_seeds(), tcp_pdu);
+    }
+
+    #[test]
+    fn rdma_wire_corpus_replays() {
+        replay("rdma_wire", &rdma_wire_seeds(), rdma_wire);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! # ferroblk-target
 //!
-//! The NVMe-oF front: NVMe/TCP transport, subsystems, discovery, and the initiator (host side).
+//! The NVMe-oF front: NVMe/TCP and NVMe/RDMA transports, subsystems, discovery, and the
+//! initiator (host side, NVMe/TCP).
 //!
 //! ## Architecture (read this first)
 //! What flows in is bytes from a TCP socket; what flows out is bdev requests
@@ -33,6 +34,10 @@
 //!   [`transport::tcp::listener`] hands connections to reactors round-robin;
 //!   [`transport::tcp::admission`] bounds their number, gives ICReq and Connect deadlines, and
 //!   evicts unidentified connections to make room for new hosts.
+//! - [`transport::rdma`]: NVMe/RDMA on rdma-core: an RDMA CM listener thread, one queue pair
+//!   per [`queue::NvmeQueue`] on a reactor (capsules by SEND/RECV, data by RDMA READ/WRITE,
+//!   completions from a completion channel), and pure parsers of the connect private data and
+//!   capsules ([`transport::rdma::wire`]).
 //! - [`initiator`]: the host side over the same codec (connect, admin, I/O queues with a
 //!   non-blocking submit/poll API), used by `ferroblk perf nvmf`, the tests and [`remote`].
 //! - [`remote`]: the `nvmf` bdev, a remote NVMe/TCP namespace over one or several paths

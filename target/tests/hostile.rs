@@ -12,7 +12,7 @@ use std::time::Duration;
 use ferroblk_target::spec::command::{
     AdminOpcode, GetLogPage, IoOpcode, ReadWrite, SglDescriptor, Sqe,
 };
-use ferroblk_target::spec::fabrics::{ConnectCommand, ConnectData, PropertySet};
+use ferroblk_target::spec::fabrics::{ConnectCommand, ConnectData};
 use ferroblk_target::spec::log::LogPageId;
 use ferroblk_target::spec::{Cqe, Status};
 use ferroblk_target::subsystem::admin::MAX_TRANSFER;
@@ -145,12 +145,7 @@ fn enabled_controller(addr: SocketAddr, digests: bool) -> (Host, Host) {
     let c = a.connect(0, 0xffff);
     assert!(c.status.is_success(), "{:?}", c.status);
     let cntlid = c.dw0 as u16;
-    let ps = PropertySet {
-        attrib: 2,
-        ofst: 0x14,
-        value: 0x0046_0001,
-    }
-    .to_sqe(2);
+    let ps = common::cc_enable(2);
     assert!(a.command(&ps, &[]).0.status.is_success());
     let mut q = Host::new(addr);
     q.ic(digests, digests);

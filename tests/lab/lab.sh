@@ -19,13 +19,15 @@ NETDEV_EXTRA=${FERROBLK_LAB_NETDEV_EXTRA:-}
 SELF=$(readlink -f "${BASH_SOURCE[0]}")
 
 PACKAGES=(qemu-system-x86 busybox-static cpio kmod xz-utils zstd fio nvme-cli
-          dmsetup cryptsetup-bin util-linux python3)
+          dmsetup cryptsetup-bin util-linux python3 iproute2 rdma-core ibverbs-providers
+          ibverbs-utils rdmacm-utils)
 # Modules put in the initramfs and loaded at boot (dependencies are added from
 # modules.dep). Built-in or missing ones are skipped.
 # shellcheck disable=SC2206  # FERROBLK_LAB_EXTRA_MODULES: space-separated names
 MODULES=(virtio_pci virtio_blk virtio_net 9pnet_virtio 9p
          nvme_core nvme_fabrics nvme_tcp dm_mod dm_crypt xts aesni_intel
          crc32c_intel crc32c_generic af_alg algif_skcipher algif_hash loop ext4 configfs
+         rdma_rxe ib_uverbs rdma_ucm crc32_generic nvme_rdma
          ${FERROBLK_LAB_EXTRA_MODULES:-})
 
 log() { echo "lab: $*" >&2; }

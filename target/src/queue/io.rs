@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use ferroblk_bdev::{Caps, IoCompletion, IoRequest, IoType, SgList, bufpool};
+use ferroblk_bdev::{Caps, IoCompletion, IoRequest, IoType, SgList};
 
 use super::{NsChan, NvmeQueue, SlotState, Transport};
 use crate::spec::command::{
@@ -191,13 +191,13 @@ impl NvmeQueue {
                 if len > MAX_TRANSFER {
                     return self.complete_slot(t, i, Status::INVALID_FIELD, 0, 0);
                 }
-                if opc == Some(IoOpcode::Read) && sqe.sgl1().length as usize != len {
+                if opc == Some(IoOpcode::Read) && self.sgl_len(&sqe) != len {
                     return self.complete_slot(t, i, Status::DATA_SGL_LENGTH_INVALID, 0, 0);
                 }
                 if opc == Some(IoOpcode::Compare) {
                     self.slots[i].compare = self.slots[i].buf.take();
                 }
-                let buf = bufpool::get(len);
+                let buf = t.data_buf(len);
                 self.slots[i].len = len;
                 self.slots[i].pending = 1;
                 let io = IoRequest::read(rw.slba, rw.nlb, SgList::from_buf_prefix(buf, len), tag);
@@ -261,6 +261,9 @@ impl NvmeQueue {
         let i = c.tag as usize;
         let s = &mut self.slots[i];
         if s.state != SlotState::Exec {
+            if let Some(b) = c.bufs.into_buf() {
+                t.release_buf(b);
+            }
             return;
         }
         s.pending -= 1;

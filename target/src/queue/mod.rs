@@ -19,8 +19,9 @@
 //!   reactor's bdev channels (one per namespace), retries when a channel is full, and their
 //!   completions.
 //!
-//! Buffers for command data come from the reactor's pool ([`ferroblk_bdev::bufpool`]); a
-//! transport gives a read's buffer back to the pool once it has sent it.
+//! Buffers for command data come from the transport ([`Transport::data_buf`]: the reactor's
+//! pool, [`ferroblk_bdev::bufpool`], or registered memory for RDMA) and go back to it
+//! ([`Transport::release_buf`]); a transport takes a read's buffer back once it has sent it.
 
 pub mod connect;
 pub mod io;
@@ -46,8 +47,18 @@ pub trait Transport {
     /// Sends a completion queue entry (SQ head and SQ identifier already filled in).
     fn send_cqe(&mut self, cqe: &Cqe);
     /// Sends the first `len` bytes of `buf` to the host as command `cid`'s data, then gives
-    /// `buf` back to the reactor's pool ([`bufpool::put`]).
+    /// `buf` back ([`release_buf`](Self::release_buf)).
     fn send_read_data(&mut self, cid: u16, buf: AlignedBuf, len: usize);
+    /// A buffer of at least `len` bytes for command data (contents unspecified): the
+    /// reactor's pool, unless the transport needs memory of its own (RDMA: registered).
+    fn data_buf(&mut self, len: usize) -> AlignedBuf {
+        bufpool::get(len)
+    }
+    /// Takes back a buffer of command data the queue is done with (from
+    /// [`data_buf`](Self::data_buf), or in-capsule data the transport gave).
+    fn release_buf(&mut self, buf: AlignedBuf) {
+        bufpool::put(buf);
+    }
     /// Sends a small payload (an admin command's data) to the host.
     fn send_data(&mut self, cid: u16, data: &[u8]);
     /// Asks the host for command `cid`'s `len` bytes of data, for the transfer tagged `ttag`
@@ -144,6 +155,9 @@ pub struct NvmeQueue {
     /// CIDs of outstanding Asynchronous Event Requests (admin queue).
     aers: Vec<u16>,
     closing: bool,
+    /// The transport names host memory with Keyed SGL Data Blocks (RDMA) rather than
+    /// Transport SGL Data Blocks (TCP).
+    keyed_sgl: bool,
 }
 
 impl NvmeQueue {
@@ -165,6 +179,32 @@ impl NvmeQueue {
             flow_control: true,
             aers: Vec::new(),
             closing: false,
+            keyed_sgl: false,
+        }
+    }
+
+    /// A queue whose transport names host memory with Keyed SGL Data Blocks (NVMe/RDMA)
+    /// instead of Transport SGL Data Blocks (NVMe/TCP).
+    pub fn with_keyed_sgl(mut self) -> NvmeQueue {
+        self.keyed_sgl = true;
+        self
+    }
+
+    /// The data length SGL1 of `sqe` describes: a Keyed SGL Data Block's 24-bit length on a
+    /// keyed transport, the 32-bit Length of any other descriptor.
+    pub(crate) fn sgl_len(&self, sqe: &Sqe) -> usize {
+        match sqe.keyed_sgl1() {
+            Some(k) if self.keyed_sgl => k.length as usize,
+            _ => sqe.sgl1().length as usize,
+        }
+    }
+
+    /// Whether SGL1 of `sqe` names host memory the way this queue's transport moves it.
+    fn is_transport_sgl(&self, sqe: &Sqe) -> bool {
+        if self.keyed_sgl {
+            sqe.keyed_sgl1().is_some()
+        } else {
+            sqe.sgl1().sgl_type == sgl_type::TRANSPORT_DATA_BLOCK
         }
     }
 
@@ -329,16 +369,16 @@ impl NvmeQueue {
         }
     }
 
-    fn free_slot(&mut self, i: usize) {
+    fn free_slot<T: Transport>(&mut self, t: &mut T, i: usize) {
         let s = &mut self.slots[i];
         debug_assert!(s.state != SlotState::Free);
         s.state = SlotState::Free;
         let cid = s.cid;
         if let Some(b) = s.buf.take() {
-            bufpool::put(b);
+            t.release_buf(b);
         }
         if let Some(b) = s.compare.take() {
-            bufpool::put(b);
+            t.release_buf(b);
         }
         self.free.push(i as u16);
         self.active -= 1;
@@ -397,7 +437,7 @@ impl NvmeQueue {
             // More commands outstanding than the queue has entries: the host ignores SQ flow
             // control. End the connection rather than grow without bound.
             if let Some(b) = icd {
-                bufpool::put(b);
+                t.release_buf(b);
             }
             tracing::warn!(peer = %self.peer, active, "host overflows its submission queue");
             t.sequence_error();
@@ -415,24 +455,25 @@ impl NvmeQueue {
         let mut want = self.data_in_len(&sqe);
         let i = self.alloc_slot(cid, sqe);
         let sgl: SglDescriptor = sqe.sgl1();
+        let sgl_len = self.sgl_len(&sqe);
         // Dataset Management may describe a larger buffer than its NR ranges need (Linux sends
         // a whole page of ranges): take the buffer and use the first NR ranges.
         if self.is_io_queue()
             && sqe.io_opcode() == Some(IoOpcode::DatasetManagement)
-            && (sgl.length as usize) >= want
-            && (sgl.length as usize) <= 256 * DsmRange::LEN
+            && sgl_len >= want
+            && sgl_len <= 256 * DsmRange::LEN
         {
-            want = sgl.length as usize;
+            want = sgl_len;
         }
         if want == 0 {
             if let Some(b) = icd {
-                bufpool::put(b);
+                t.release_buf(b);
             }
             self.execute(t, i);
             return;
         }
-        if want > MAX_TRANSFER || sgl.length as usize != want {
-            tracing::debug!(peer = %self.peer, opc = sqe.opc(), want, sgl_len = sgl.length, icd_len,
+        if want > MAX_TRANSFER || sgl_len != want {
+            tracing::debug!(peer = %self.peer, opc = sqe.opc(), want, sgl_len, icd_len,
                 "data length does not match the command");
             return self.refuse_command(t, cid, Some(i), icd, Status::DATA_SGL_LENGTH_INVALID);
         }
@@ -452,12 +493,12 @@ impl NvmeQueue {
             self.execute(t, i);
             return;
         }
-        if sgl.sgl_type != sgl_type::TRANSPORT_DATA_BLOCK {
+        if !self.is_transport_sgl(&sqe) {
             let status = Status::SGL_DESCRIPTOR_TYPE_INVALID;
             return self.refuse_command(t, cid, Some(i), None, status);
         }
         // Ask for the data, all of it in one transfer.
-        self.slots[i].buf = Some(bufpool::get(want));
+        self.slots[i].buf = Some(t.data_buf(want));
         self.slots[i].state = SlotState::AwaitData;
         t.request_data(cid, i as u16, want);
     }
@@ -542,10 +583,10 @@ impl NvmeQueue {
         status: Status,
     ) {
         if let Some(b) = icd {
-            bufpool::put(b);
+            t.release_buf(b);
         }
         if let Some(i) = slot {
-            self.free_slot(i);
+            self.free_slot(t, i);
         }
         self.send_cqe(t, Cqe::new(cid, status));
     }
@@ -559,7 +600,7 @@ impl NvmeQueue {
         dw1: u32,
     ) {
         let cid = self.slots[i].cid;
-        self.free_slot(i);
+        self.free_slot(t, i);
         self.send_cqe(
             t,
             Cqe {
@@ -601,7 +642,7 @@ impl NvmeQueue {
                 if let Some(d) = data
                     && status.is_success()
                 {
-                    let n = d.len().min(sqe.sgl1().length as usize);
+                    let n = d.len().min(self.sgl_len(&sqe));
                     if n > 0 {
                         t.send_data(sqe.cid(), &d[..n]);
                     }
@@ -610,7 +651,7 @@ impl NvmeQueue {
             }
             AdminOutcome::Aer => {
                 let cid = sqe.cid();
-                self.free_slot(i);
+                self.free_slot(t, i);
                 if self.aers.len() >= AER_SLOTS {
                     let status = Status::ASYNC_EVENT_REQUEST_LIMIT_EXCEEDED;
                     self.send_cqe(t, Cqe::new(cid, status));

@@ -194,6 +194,52 @@ pub mod sgl_subtype {
     pub const OFFSET: u8 = 0x1;
     /// Ah Transport specific (NVMe/TCP Transport SGL Data Block).
     pub const TRANSPORT_SPECIFIC: u8 = 0xa;
+    /// Fh Invalidate Key: a Keyed SGL Data Block whose key the controller may invalidate with
+    /// its response (NVMe-oF 1.1 §7.3.2, RDMA Send with Invalidate).
+    pub const INVALIDATE_KEY: u8 = 0xf;
+}
+
+/// A Keyed SGL Data Block descriptor (NVMe Base 2.0 Figure 122; the RDMA transport's way to
+/// name host memory): bytes 7:0 Address, 10:8 Length, 14:11 Key, 15 SGL Identifier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyedSglDescriptor {
+    /// Host memory address.
+    pub address: u64,
+    /// Length in bytes (24 bits).
+    pub length: u32,
+    /// The remote key (RDMA rkey) of the host's memory region.
+    pub key: u32,
+    /// Descriptor sub type ([`sgl_subtype::ADDRESS`] or [`sgl_subtype::INVALIDATE_KEY`]).
+    pub subtype: u8,
+}
+
+impl KeyedSglDescriptor {
+    /// Decodes 16 bytes, or `None` if the SGL Identifier is not a Keyed SGL Data Block with
+    /// the Address or Invalidate Key sub type.
+    pub fn parse(b: &[u8; 16]) -> Option<KeyedSglDescriptor> {
+        let (ty, subtype) = (b[15] >> 4, b[15] & 0xf);
+        if ty != sgl_type::KEYED_DATA_BLOCK
+            || !matches!(subtype, sgl_subtype::ADDRESS | sgl_subtype::INVALIDATE_KEY)
+        {
+            return None;
+        }
+        Some(KeyedSglDescriptor {
+            address: get_u64(b, 0),
+            length: u32::from_le_bytes([b[8], b[9], b[10], 0]),
+            key: get_u32(b, 11),
+            subtype,
+        })
+    }
+
+    /// Encodes into 16 bytes.
+    pub fn to_bytes(&self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        put_u64(&mut b, 0, self.address);
+        b[8..11].copy_from_slice(&self.length.to_le_bytes()[..3]);
+        put_u32(&mut b, 11, self.key);
+        b[15] = (sgl_type::KEYED_DATA_BLOCK << 4) | (self.subtype & 0xf);
+        b
+    }
 }
 
 /// An SGL descriptor as found in SGL1 of the DPTR field (NVMe Base 2.0 §4.1.2, Figure 116):
@@ -427,6 +473,13 @@ impl Sqe {
         let mut d = [0u8; 16];
         d.copy_from_slice(&self.0[24..40]);
         SglDescriptor::parse(&d)
+    }
+
+    /// SGL1 as a Keyed SGL Data Block, if it is one.
+    pub fn keyed_sgl1(&self) -> Option<KeyedSglDescriptor> {
+        let mut d = [0u8; 16];
+        d.copy_from_slice(&self.0[24..40]);
+        KeyedSglDescriptor::parse(&d)
     }
 
     /// Sets SGL1.
@@ -918,6 +971,32 @@ mod tests {
         assert_eq!(s.psdt(), psdt::SGL_MPTR_CONTIGUOUS);
         assert_eq!(Sqe::parse(b).unwrap(), s);
         assert_eq!(Sqe::parse(&b[..63]), None);
+    }
+
+    #[test]
+    fn keyed_sgl_has_a_24_bit_length_and_a_key() {
+        let d = KeyedSglDescriptor {
+            address: 0x1122_3344_5566_7788,
+            length: 0x12_3456,
+            key: 0xdead_beef,
+            subtype: sgl_subtype::INVALIDATE_KEY,
+        };
+        let b = d.to_bytes();
+        assert_eq!(&b[8..11], &[0x56, 0x34, 0x12], "Length, bytes 10:8");
+        assert_eq!(
+            &b[11..15],
+            &0xdead_beefu32.to_le_bytes(),
+            "Key, bytes 14:11"
+        );
+        assert_eq!(b[15], 0x4f, "SGL Identifier");
+        assert_eq!(KeyedSglDescriptor::parse(&b), Some(d));
+        let mut other = b;
+        other[15] = 0x41; // keyed, offset sub type: not a keyed data block we take
+        assert_eq!(KeyedSglDescriptor::parse(&other), None);
+        assert_eq!(
+            KeyedSglDescriptor::parse(&SglDescriptor::in_capsule(0, 8).to_bytes()),
+            None
+        );
     }
 
     #[test]

@@ -181,6 +181,17 @@ pub mod trtype {
     pub const INTRA_HOST: u8 = 0xfe;
 }
 
+/// RDMA Transport Specific Address Subtype (TSAS; NVMe-oF 1.1 Figure 40): byte 0 RDMA_QPTYPE,
+/// byte 1 RDMA_PRTYPE, byte 2 RDMA_CMS, bytes 9:8 RDMA_PKEY.
+pub mod rdma_tsas {
+    /// RDMA_QPTYPE 1h: Reliable Connected.
+    pub const QPTYPE_RELIABLE_CONNECTED: u8 = 1;
+    /// RDMA_PRTYPE 1h: no provider specified.
+    pub const PRTYPE_NOT_SPECIFIED: u8 = 1;
+    /// RDMA_CMS 1h: RDMA_IP_CM (the RDMA connection manager over IP addresses).
+    pub const CMS_RDMA_CM: u8 = 1;
+}
+
 /// Address Family (ADRFAM; NVMe-oF 1.1 Figure 38).
 pub mod adrfam {
     /// 1h IPv4.

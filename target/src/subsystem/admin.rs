@@ -198,7 +198,10 @@ fn identify_controller(ctrl: &Controller, target: &Target) -> Vec<u8> {
         } else {
             vwc::FLUSH_BROADCAST_SUPPORTED
         },
-        sgls: sgls::SUPPORTED | sgls::OFFSET | sgls::TRANSPORT_DATA_BLOCK,
+        // Both transports' descriptors: a controller lives on one association, whose queues
+        // each take only their own transport's kind (NvmeQueue::with_keyed_sgl); Linux's
+        // nvme-rdma refuses a controller without Keyed SGL Data Block support.
+        sgls: sgls::SUPPORTED | sgls::KEYED_DATA_BLOCK | sgls::OFFSET | sgls::TRANSPORT_DATA_BLOCK,
         subnqn: s.nqn.clone(),
         ioccsz: (IN_CAPSULE_DATA + 64) / 16,
         iorcsz: 1,

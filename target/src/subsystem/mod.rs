@@ -62,10 +62,31 @@ pub struct NamespaceSpec {
     pub uuid: Option<String>,
 }
 
-/// Declaration of a TCP listener (`[[listener]]`).
+/// The transport of a listener (`trtype`; NVMe-oF 1.1 Figure 38).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Trtype {
+    /// NVMe/TCP.
+    #[default]
+    Tcp,
+    /// NVMe/RDMA (RoCE, InfiniBand, iWARP) through the RDMA connection manager.
+    Rdma,
+}
+
+impl Trtype {
+    /// Whether this is NVMe/TCP (the default, left out when a declaration is saved).
+    pub fn is_tcp(&self) -> bool {
+        *self == Trtype::Tcp
+    }
+}
+
+/// Declaration of a listener (`[[listener]]`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerSpec {
+    /// Transport: `tcp` (default) or `rdma` (`addr` is then an address of an RDMA device).
+    #[serde(default, skip_serializing_if = "Trtype::is_tcp")]
+    pub trtype: Trtype,
     /// IP address to listen on.
     pub addr: String,
     /// TCP port (4420 for I/O, 8009 for discovery by convention; every listener serves both).
@@ -97,12 +118,20 @@ impl ListenerSpec {
     /// A listener on `addr`:`port` with the default handshake limits.
     pub fn new(addr: impl Into<String>, port: u16) -> ListenerSpec {
         ListenerSpec {
+            trtype: Trtype::Tcp,
             addr: addr.into(),
             port,
             ic_timeout_ms: default_handshake_timeout_ms(),
             connect_timeout_ms: default_handshake_timeout_ms(),
             max_unidentified_per_peer: default_max_unidentified_per_peer(),
         }
+    }
+
+    /// [`validate`](Self::validate) as the I/O error starting a listener returns.
+    pub fn validate_io(&self) -> std::io::Result<()> {
+        self.validate().map_err(|(field, why)| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{field}: {why}"))
+        })
     }
 
     /// Checks the values that need no socket; errors name the field.
@@ -132,7 +161,7 @@ impl ListenerSpec {
 
     /// Whether `other` is the same address and port (the listener's identity).
     pub fn same_endpoint(&self, other: &ListenerSpec) -> bool {
-        self.addr == other.addr && self.port == other.port
+        self.trtype == other.trtype && self.addr == other.addr && self.port == other.port
     }
 }
 
@@ -693,7 +722,9 @@ impl Target {
     /// The discovery log entries `hostnqn` may see: each subsystem it is allowed into, on each
     /// listener.
     pub fn discovery_entries(&self, hostnqn: &str) -> Vec<crate::spec::log::DiscoveryLogEntry> {
-        use crate::spec::log::{DiscoveryLogEntry, adrfam, subtype, tcp_sectype, treq, trtype};
+        use crate::spec::log::{
+            DiscoveryLogEntry, adrfam, rdma_tsas, subtype, tcp_sectype, treq, trtype,
+        };
         let mut out = Vec::new();
         for (portid, l) in self.listeners().iter().enumerate() {
             let v6 = l.addr.contains(':');
@@ -702,9 +733,20 @@ impl Target {
                     continue;
                 }
                 let mut tsas = [0u8; 256];
-                tsas[0] = tcp_sectype::NONE;
+                let tr = match l.trtype {
+                    Trtype::Tcp => {
+                        tsas[0] = tcp_sectype::NONE;
+                        trtype::TCP
+                    }
+                    Trtype::Rdma => {
+                        tsas[0] = rdma_tsas::QPTYPE_RELIABLE_CONNECTED;
+                        tsas[1] = rdma_tsas::PRTYPE_NOT_SPECIFIED;
+                        tsas[2] = rdma_tsas::CMS_RDMA_CM;
+                        trtype::RDMA
+                    }
+                };
                 out.push(DiscoveryLogEntry {
-                    trtype: trtype::TCP,
+                    trtype: tr,
                     adrfam: if v6 { adrfam::IPV6 } else { adrfam::IPV4 },
                     subtype: subtype::NVME,
                     treq: treq::SECURE_CHANNEL_NOT_REQUIRED,

@@ -1,5 +1,6 @@
 //! NVMe-oF transports: the wire under a [`crate::queue::NvmeQueue`], which holds everything
-//! NVMe. Only NVMe/TCP exists so far ([`tcp`]); its PDU codec is pure (no sockets), so the
-//! connection and the initiator share it.
+//! NVMe. NVMe/TCP ([`tcp`]; its PDU codec is pure (no sockets), so the connection and the
+//! initiator share it) and NVMe/RDMA ([`rdma`], target side only).
 
+pub mod rdma;
 pub mod tcp;

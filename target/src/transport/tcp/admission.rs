@@ -180,7 +180,7 @@ impl Admission {
     ) {
         if let Some(suppressed) = self.connect_log.allow(self.now_ms()) {
             tracing::warn!(peer, field, value = ?value, reason = why, suppressed,
-                "NVMe/TCP Connect refused");
+                "NVMe-oF Connect refused");
         }
     }
 }

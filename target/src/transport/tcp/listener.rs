@@ -42,9 +42,7 @@ impl Listener {
         target: Arc<Target>,
         reactors: Vec<ReactorHandle>,
     ) -> std::io::Result<Listener> {
-        spec.validate().map_err(|(field, why)| {
-            std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{field}: {why}"))
-        })?;
+        spec.validate_io()?;
         let ip: std::net::IpAddr = spec.addr.parse().map_err(|_| {
             std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
