@@ -151,7 +151,12 @@ fn linux_host_uses_ferroblk_over_nvme_rdma_on_soft_roce() {
     let lab =
         Lab::prepare().unwrap_or_else(|e| panic!("the guest lab could not be prepared: {e:#}"));
     let script = GUEST
-        .replace("__BIN__", env!("CARGO_BIN_EXE_ferroblk"))
+        .replace(
+            "__BIN__",
+            // The host tree as the guest sees it whole: a build under /tmp is hidden by the
+            // guest's own /tmp otherwise.
+            &format!("/run/lab/host{}", env!("CARGO_BIN_EXE_ferroblk")),
+        )
         .replace("__NQN__", NQN)
         .replace("__PRIV__", PRIVATE)
         .replace("__OKHOST__", ALLOWED_HOST)

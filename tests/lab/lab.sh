@@ -106,6 +106,9 @@ mount -t devpts devpts $R/dev/pts
 for d in dev/shm tmp run var/tmp; do mount -t tmpfs tmpfs $R/$d; done
 # Kernel modules, for `modprobe -d /run/lab MOD` inside the script.
 mkdir -p $R/run/lab/lib/modules && mount -o bind /lib/modules $R/run/lab/lib/modules
+# The whole host tree again, without the tmpfs above: host paths under /tmp, /run or /var/tmp
+# (a build directory, say) are /run/lab/host/<path> in the guest.
+mkdir -p $R/run/lab/host && mount -o bind $R $R/run/lab/host
 cp /lab-script $R/tmp/lab-script && chmod 755 $R/tmp/lab-script
 
 echo "LAB-READY uptime=$(cut -d" " -f1 /proc/uptime)s kernel=$(uname -r)"
