@@ -388,11 +388,6 @@ impl FdWatch {
         }
         n
     }
-
-    /// Whether a report waits to be taken.
-    pub fn is_ready(&self) -> bool {
-        self.client.has_completions()
-    }
 }
 
 impl Drop for FdWatch {

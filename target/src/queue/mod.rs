@@ -706,11 +706,6 @@ impl NvmeQueue {
     pub(crate) fn is_io_queue(&self) -> bool {
         self.bound.as_ref().is_some_and(|b| b.qid != 0)
     }
-
-    /// The queue's identifier, once connected.
-    pub fn qid(&self) -> Option<u16> {
-        self.bound.as_ref().map(|b| b.qid)
-    }
 }
 
 impl Drop for NvmeQueue {

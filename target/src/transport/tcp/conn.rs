@@ -233,38 +233,15 @@ impl TcpConn {
             }
             let len = self.rx.len();
             let spare = self.rx.capacity() - len;
-            // SAFETY: receives into the vector's spare capacity, then sets the length to what
-            // the kernel wrote.
-            let n = unsafe {
-                libc::recv(
-                    self.wire.ticket.sock.as_raw_fd(),
-                    self.rx.as_mut_ptr().add(len).cast(),
-                    spare,
-                    libc::MSG_DONTWAIT,
-                )
+            // SAFETY: `len` is within the vector's allocation.
+            let spare_ptr = unsafe { self.rx.as_mut_ptr().add(len) };
+            // SAFETY: the vector's spare capacity, `spare` bytes after its length.
+            let Some(n) = (unsafe { self.recv_into(spare_ptr, spare) }) else {
+                break;
             };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                match e.kind() {
-                    std::io::ErrorKind::WouldBlock => self.readable = false,
-                    std::io::ErrorKind::Interrupted => continue,
-                    _ => self.close("receive failed"),
-                }
-                break;
-            }
-            if n == 0 {
-                self.close("host closed the connection");
-                break;
-            }
             // SAFETY: the kernel initialised `n` bytes after `len`.
-            unsafe { self.rx.set_len(len + n as usize) };
-            total += n as usize;
-            if (n as usize) < spare {
-                // A short read drained the socket: whatever arrives next is reported by the
-                // read watch (a new readiness for every arrival), so the `recv` that would only
-                // say EAGAIN is saved.
-                self.readable = false;
-            }
+            unsafe { self.rx.set_len(len + n) };
+            total += n;
         }
         total
     }
@@ -392,34 +369,53 @@ impl TcpConn {
 
     /// Receives the data of the H2CData PDU in progress straight into the command's buffer.
     fn recv_direct(&mut self, d: RxData) -> usize {
-        let fd = self.wire.ticket.sock.as_raw_fd();
         let dst = self
             .queue
             .transfer_buf(d.ttag, d.cid)
             .expect("checked when the header arrived");
         let want = d.left.min(dst.len());
-        // SAFETY: receives into `want` bytes of the command's buffer, which `dst` borrows.
-        let n = unsafe { libc::recv(fd, dst.as_mut_ptr().cast(), want, libc::MSG_DONTWAIT) };
+        let buf = dst.as_mut_ptr();
+        // SAFETY: `want` bytes of the command's buffer, which stays in its slot (the slot waits
+        // for this data) while the socket is read.
+        match unsafe { self.recv_into(buf, want) } {
+            Some(n) if n > 0 => {
+                self.data_arrived(n);
+                n
+            }
+            _ => 0,
+        }
+    }
+
+    /// One non-blocking `recv` of at most `len` bytes into `buf`: the bytes received (0 when
+    /// interrupted: try again), or `None` when there is nothing now or the connection is
+    /// closing. A short read drained the socket: whatever arrives next is reported by the read
+    /// watch (a new readiness for every arrival), so the `recv` that would only say EAGAIN is
+    /// saved.
+    ///
+    /// # Safety
+    /// `buf` is valid for writes of `len` bytes.
+    unsafe fn recv_into(&mut self, buf: *mut u8, len: usize) -> Option<usize> {
+        let fd = self.wire.ticket.sock.as_raw_fd();
+        // SAFETY: the caller's promise on `buf` and `len`.
+        let n = unsafe { libc::recv(fd, buf.cast(), len, libc::MSG_DONTWAIT) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
             match e.kind() {
                 std::io::ErrorKind::WouldBlock => self.readable = false,
-                std::io::ErrorKind::Interrupted => {}
+                std::io::ErrorKind::Interrupted => return Some(0),
                 _ => self.close("receive failed"),
             }
-            return 0;
+            return None;
         }
         if n == 0 {
             self.close("host closed the connection");
-            return 0;
+            return None;
         }
         let n = n as usize;
-        if n < want {
-            // Drained: the read watch reports the next arrival.
+        if n < len {
             self.readable = false;
         }
-        self.data_arrived(n);
-        n
+        Some(n)
     }
 
     /// `n` more data bytes of the H2CData PDU in progress are in the command's buffer (just
