@@ -7,7 +7,8 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use ferroblk_target::spec::command::{
     AdminOpcode, GetLogPage, IoOpcode, ReadWrite, SglDescriptor, Sqe,
@@ -348,24 +349,36 @@ fn a_host_opening_too_many_connections_is_bounded() {
 }
 
 /// A bdev that lets only `depth` requests into each channel (the rest are handed back, as a
-/// full device does), over a base whose writes take a while: an I/O queue deeper than that
-/// keeps commands waiting in the connection's retry queue.
+/// full device does), and completes nothing while its gate is shut: an I/O queue deeper than
+/// that keeps commands waiting in the connection's retry queue for as long as the test wants.
 struct Shallow {
     base: Arc<dyn ferroblk_bdev::Bdev>,
     depth: usize,
+    open: Arc<AtomicBool>,
 }
 
-struct ShallowChannel(ferroblk_bdev::Channel);
+struct ShallowChannel {
+    base: ferroblk_bdev::Channel,
+    open: Arc<AtomicBool>,
+}
 
 impl ferroblk_bdev::bdev::ChannelOps for ShallowChannel {
     fn submit(&mut self, io: ferroblk_bdev::IoRequest) -> Result<(), ferroblk_bdev::IoRequest> {
-        self.0.submit(io)
+        self.base.submit(io)
     }
     fn poll(&mut self, done: &mut Vec<ferroblk_bdev::IoCompletion>) -> usize {
-        self.0.poll(done)
+        if !self.open.load(Ordering::Acquire) {
+            return 0;
+        }
+        self.base.poll(done)
     }
     fn wake(&self) -> ferroblk_bdev::Wake {
-        self.0.wake()
+        if self.open.load(Ordering::Acquire) {
+            self.base.wake()
+        } else {
+            // Look at the gate again soon.
+            ferroblk_bdev::Wake::At(Instant::now() + Duration::from_millis(1))
+        }
     }
 }
 
@@ -374,10 +387,13 @@ impl ferroblk_bdev::Bdev for Shallow {
         self.base.info()
     }
     fn open_channel(&self) -> Result<ferroblk_bdev::Channel, ferroblk_bdev::BdevError> {
-        let ch = self.base.open_channel()?;
+        let base = self.base.open_channel()?;
         Ok(ferroblk_bdev::Channel::new(
             self.base.info().clone(),
-            Box::new(ShallowChannel(ch)),
+            Box::new(ShallowChannel {
+                base,
+                open: self.open.clone(),
+            }),
             self.depth,
         ))
     }
@@ -385,27 +401,36 @@ impl ferroblk_bdev::Bdev for Shallow {
 
 #[test]
 fn removing_a_namespace_with_commands_waiting_for_its_channel_completes_them() {
-    let slow = ferroblk_bdev::inject::DelayBdev::new(
-        "slow",
-        common::malloc_1m(),
-        ferroblk_bdev::inject::Delays {
-            read: Duration::ZERO,
-            write: Duration::from_millis(20),
-            other: Duration::ZERO,
-        },
-    );
+    let open = Arc::new(AtomicBool::new(false));
     let shallow = Arc::new(Shallow {
-        base: Arc::new(slow),
+        base: common::malloc_1m(),
         depth: 2,
+        open: open.clone(),
     });
     let r = common::rig(NQN, shallow);
     let (addr, s) = (r.addr, r.subsystem.clone());
 
     let (_a, mut q) = enabled_controller(addr, false);
+    let read = |cid: u16, nsid: u32| {
+        ReadWrite {
+            nsid,
+            slba: 0,
+            nlb: 1,
+            ..Default::default()
+        }
+        .to_sqe(
+            IoOpcode::Read,
+            cid,
+            &SglDescriptor::transport_data_block(4096),
+        )
+    };
 
-    // 16 writes at once: 2 in the channel (20 ms each), 14 waiting for room.
+    // 16 writes at once: 2 in the channel, 14 waiting for room, none completing while the
+    // gate is shut. Then a read of a namespace that does not exist: the queue takes commands
+    // in order, so its refusal says every write before it was accepted.
     const N: u16 = 16;
     let mut pdus = Vec::new();
+    let mut out = [0u8; 256];
     for cid in 0..N {
         let rw = ReadWrite {
             nsid: 1,
@@ -414,44 +439,38 @@ fn removing_a_namespace_with_commands_waiting_for_its_channel_completes_them() {
             ..Default::default()
         };
         let sqe = rw.to_sqe(IoOpcode::Write, cid, &SglDescriptor::in_capsule(0, 4096));
-        let mut out = [0u8; 256];
         let n = q.enc.capsule_cmd(&sqe, 4096, &mut out);
         pdus.extend_from_slice(&out[..n]);
         pdus.extend_from_slice(&[cid as u8; 4096]);
     }
+    let n = q.enc.capsule_cmd(&read(40, 7), 0, &mut out);
+    pdus.extend_from_slice(&out[..n]);
     q.send(&pdus);
-    std::thread::sleep(Duration::from_millis(5));
-    // The namespace goes away while most of them wait.
-    assert!(s.remove_namespace(1).is_some());
-    // A new command for it while they drain is refused, not run on the removed bdev.
-    std::thread::sleep(Duration::from_millis(20));
-    let late = ReadWrite {
-        nsid: 1,
-        slba: 0,
-        nlb: 1,
-        ..Default::default()
+    match q.recv() {
+        Some((PduHeader::CapsuleResp(r), _)) if r.cqe.cid == 40 => {
+            assert_eq!(r.cqe.status, Status::INVALID_NAMESPACE)
+        }
+        other => panic!("expected the marker's refusal first, got {other:?}"),
     }
-    .to_sqe(
-        IoOpcode::Read,
-        50,
-        &SglDescriptor::transport_data_block(4096),
-    );
-    let mut out = [0u8; 256];
-    let n = q.enc.capsule_cmd(&late, 0, &mut out);
+
+    // The namespace goes away while the writes wait. A new command for it is refused, not
+    // run on the removed bdev, and answered before any of the held writes.
+    assert!(s.remove_namespace(1).is_some());
+    let n = q.enc.capsule_cmd(&read(50, 1), 0, &mut out);
     q.send(&out[..n]);
+    match q.recv() {
+        Some((PduHeader::CapsuleResp(r), _)) if r.cqe.cid == 50 => {
+            assert_eq!(r.cqe.status, Status::INVALID_NAMESPACE)
+        }
+        other => panic!("expected the refusal while the writes are held, got {other:?}"),
+    }
+
     // Every accepted command still gets its answer (they were accepted for that namespace),
     // and the reactor keeps serving.
+    open.store(true, Ordering::Release);
     let mut answered = std::collections::HashSet::new();
-    while answered.len() < N as usize + 1 {
+    while answered.len() < N as usize {
         match q.recv() {
-            Some((PduHeader::CapsuleResp(r), _)) if r.cqe.cid == 50 => {
-                assert_eq!(r.cqe.status, Status::INVALID_NAMESPACE);
-                assert!(
-                    answered.len() < N as usize,
-                    "the refusal comes while the writes still drain"
-                );
-                answered.insert(50);
-            }
             Some((PduHeader::CapsuleResp(r), _)) => {
                 assert!(r.cqe.status.is_success(), "{:?}", r.cqe.status);
                 assert!(
@@ -466,18 +485,10 @@ fn removing_a_namespace_with_commands_waiting_for_its_channel_completes_them() {
             ),
         }
     }
-    let rw = ReadWrite {
-        nsid: 1,
-        slba: 0,
-        nlb: 1,
-        ..Default::default()
-    };
-    let rd = rw.to_sqe(
-        IoOpcode::Read,
-        99,
-        &SglDescriptor::transport_data_block(4096),
+    assert_eq!(
+        q.command(&read(99, 1), &[]).0.status,
+        Status::INVALID_NAMESPACE
     );
-    assert_eq!(q.command(&rd, &[]).0.status, Status::INVALID_NAMESPACE);
 }
 
 #[test]
@@ -604,4 +615,51 @@ fn get_log_page_with_a_huge_numd_allocates_nothing_of_that_size() {
     assert!(c.status.is_success(), "{:?}", c.status);
     assert_eq!(data.len(), 4096);
     assert!(data[512..].iter().all(|&b| b == 0));
+}
+
+#[test]
+fn h2c_data_whose_last_flag_disagrees_with_the_data_ends_the_connection() {
+    let r = common::rig(NQN, common::malloc_1m());
+    // (bytes sent in the one H2CData PDU of an 8 KiB R2T, its LAST_PDU flag)
+    for (datal, last, what) in [
+        (4096, true, "marked the last PDU with half the data"),
+        (8192, false, "all the data, not marked the last PDU"),
+    ] {
+        let (_a, mut q) = enabled_controller(r.addr, false);
+        let w = ReadWrite {
+            nsid: 1,
+            slba: 0,
+            nlb: 2,
+            ..Default::default()
+        }
+        .to_sqe(
+            IoOpcode::Write,
+            7,
+            &SglDescriptor::transport_data_block(8192),
+        );
+        let mut out = [0u8; 256];
+        let n = q.enc.capsule_cmd(&w, 0, &mut out);
+        q.send(&out[..n]);
+        let Some((PduHeader::R2t(r2t), _)) = q.recv() else {
+            panic!("a valid write asks for its data");
+        };
+        assert_eq!(r2t.r2tl, 8192);
+        let h = H2cData {
+            cccid: 7,
+            ttag: r2t.ttag,
+            datao: 0,
+            datal,
+            last,
+        };
+        let n = q.enc.h2c_data(&h, &mut out);
+        q.send(&out[..n]);
+        q.send(&vec![9u8; datal as usize]);
+        match q.recv() {
+            Some((PduHeader::C2hTermReq(t), _)) => {
+                assert_eq!(t.fes, Fes::PDU_SEQUENCE_ERROR, "{what}")
+            }
+            other => panic!("{what}: expected C2HTermReq, got {other:?}"),
+        }
+    }
+    good_host_round_trip(r.addr, 3);
 }

@@ -52,6 +52,8 @@ struct RxData {
     /// The running data digest, when one follows the data.
     digest: Option<DataDigest>,
     last: bool,
+    /// The command's whole transfer is in its buffer (this PDU brought its last bytes).
+    complete: bool,
 }
 
 /// The transport side the queue talks to: the send stream, and the admission ticket.
@@ -299,6 +301,7 @@ impl TcpConn {
                             left: len,
                             digest: l.data_digest.then(DataDigest::new),
                             last: h.last,
+                            complete: false,
                         });
                     }
                 }
@@ -430,9 +433,8 @@ impl TcpConn {
             g.update(&dst[..n]);
         }
         d.left -= n;
-        let (ttag, left, digest) = (d.ttag, d.left, d.digest.is_some());
-        self.queue.advance_transfer(ttag, n);
-        if left == 0 && !digest {
+        d.complete = self.queue.advance_transfer(d.ttag, n);
+        if d.left == 0 && d.digest.is_none() {
             self.data_done(true);
         }
     }
@@ -449,13 +451,12 @@ impl TcpConn {
                 .fail_transfer(&mut self.wire, d.ttag, d.cid, status);
             return;
         }
-        match self.queue.transfer_buf(d.ttag, d.cid).map(|b| b.is_empty()) {
-            Some(true) if !d.last => {
-                // All the data, but the host did not mark it the last PDU.
-                self.fatal(Fes::PDU_SEQUENCE_ERROR);
-            }
-            Some(true) => self.queue.data_received(&mut self.wire, d.ttag),
-            _ => {}
+        match (d.complete, d.last) {
+            (true, true) => self.queue.data_received(&mut self.wire, d.ttag),
+            (false, false) => {}
+            // All the data but not marked the last PDU, or marked the last PDU of an R2T
+            // (one per command, for all its data) before all of it came (§3.6.2.8).
+            (true, false) | (false, true) => self.fatal(Fes::PDU_SEQUENCE_ERROR),
         }
     }
 
