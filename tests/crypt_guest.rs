@@ -21,13 +21,14 @@ mod common;
 
 use std::collections::HashSet;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use common::daemon::start_daemon;
-use common::lab::{Lab, vhost_user_blk_args};
+use common::guest::{GuestTest, config_head};
+use common::lab::vhost_user_blk_args;
 use ferroblk_bdev::file::{DirectMode, FileBdev, FileOptions};
 use ferroblk_bdev::sync::SyncChannel;
 use ferroblk_bdev::{Bdev, BlockSize, IoStatus};
@@ -144,11 +145,7 @@ impl Volume {
 
 fn config(dir: &Path) -> String {
     format!(
-        r#"
-[reactors]
-count = 1
-[rpc]
-socket = "{dir}/rpc.sock"
+        r#"{head}
 # The raw image: the guest sees the ciphertext and decrypts it with dm-crypt.
 [[bdev]]
 name = "raw"
@@ -161,12 +158,12 @@ bdev = "raw"
 num_queues = 1
 serial = "ferroblk-crypt-test"
 "#,
+        head = config_head(dir),
         dir = dir.display()
     )
 }
 
-const GUEST: &str = r#"#!/bin/bash
-set -euxo pipefail
+const GUEST: &str = r#"
 dev=/dev/vda
 # The raw export: 4 KiB logical blocks, the image's size.
 test "$(cat /sys/block/vda/queue/logical_block_size)" -eq 4096
@@ -216,7 +213,7 @@ bad=$(dd if=/dev/mapper/fblk-swapped bs=1M skip=$hmib count=$rmib iflag=direct s
 test "$bad" != __HOST_SHA__
 dmsetup remove fblk-swapped
 dmsetup ls
-echo GUEST-CRYPT-OK
+echo GUEST-ALL-OK
 "#;
 
 /// Every 16-byte block of `plain` (the plaintext's AES blocks).
@@ -229,12 +226,8 @@ fn aes_blocks(plain: &[u8]) -> impl Iterator<Item = u128> + '_ {
 #[test]
 fn dm_crypt_in_a_linux_guest_opens_ferroblk_xts_volumes_and_back() {
     let started = Instant::now();
-    let lab = match Lab::prepare() {
-        Ok(l) => l,
-        Err(e) => panic!("the guest lab could not be prepared: {e:#}"),
-    };
-    let tmp = tempfile::tempdir().unwrap();
-    let dir: PathBuf = tmp.path().to_path_buf();
+    let t = GuestTest::new(config);
+    let dir = &t.dir;
     let img = dir.join("disk.img");
 
     // 1. The host writes its plaintext through the XTS volume, then lets go of the image.
@@ -270,8 +263,7 @@ fn dm_crypt_in_a_linux_guest_opens_ferroblk_xts_volumes_and_back() {
     let swapped = line(&format!("{}{}", &KEY_HEX[64..], &KEY_HEX[..64]));
 
     // 2. The daemon exports the raw image.
-    std::fs::write(dir.join("ferroblk.toml"), config(&dir)).unwrap();
-    let mut daemon = start_daemon(&dir);
+    let mut daemon = start_daemon(dir);
 
     // 3. The guest: dm-crypt reads the host's data and writes its own.
     let script = GUEST
@@ -284,14 +276,8 @@ fn dm_crypt_in_a_linux_guest_opens_ferroblk_xts_volumes_and_back() {
         .replace("__TABLE_SWAPPED__", &swapped)
         .replace("__TABLE__", &line(KEY_HEX));
     let args = vhost_user_blk_args("crypt0", &dir.join("vhost.sock"), 1);
-    let out = lab.run(&script, &args, Duration::from_secs(300)).unwrap();
-    let log = std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
-    assert!(
-        out.success() && out.output.contains("GUEST-CRYPT-OK"),
-        "guest checks failed (status {}):\n{}\n--- daemon log ---\n{log}",
-        out.status,
-        out.output
-    );
+    let out = t.run(&script, &args);
+    let log = t.daemon_log();
     let marker = |name: &str| -> String {
         out.output
             .lines()

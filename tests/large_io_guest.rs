@@ -11,10 +11,10 @@
 mod common;
 
 use std::path::Path;
-use std::time::Duration;
 
 use common::daemon::{free_port, rpc, start_daemon};
-use common::lab::{Lab, vhost_user_blk_args};
+use common::guest::{GuestTest, config_head};
+use common::lab::vhost_user_blk_args;
 
 const NQN: &str = "nqn.2026-12.io.ferroblk:large-io";
 
@@ -22,12 +22,7 @@ fn config(dir: &Path, port: u16) -> String {
     let key = "0f1e2d3c4b5a69788796a5b4c3d2e1f0".repeat(2)
         + &"00112233445566778899aabbccddeeff".repeat(2);
     format!(
-        r#"
-[reactors]
-count = 2
-[rpc]
-socket = "{dir}/rpc.sock"
-
+        r#"{head}
 [[bdev]]
 name = "ram"
 kind = "malloc"
@@ -84,14 +79,13 @@ bdev = "chain"
 addr = "127.0.0.1"
 port = {port}
 "#,
+        head = config_head(dir),
         dir = dir.display()
     )
 }
 
-const GUEST: &str = r#"#!/bin/bash
-set -euxo pipefail
+const GUEST: &str = r#"
 P=__PORT__; NQN=__NQN__
-wait_dev() { for i in $(seq 100); do [ -b "$1" ] && return 0; sleep 0.1; done; return 1; }
 nvme connect -t tcp -a 10.0.2.2 -s $P -n $NQN -i 2
 wait_dev /dev/nvme0n1
 wait_dev /dev/nvme0n2
@@ -112,10 +106,8 @@ test "$(cat /sys/block/vda/queue/optimal_io_size)" -eq 131072
 test "$(cat /sys/block/nvme0n1/queue/optimal_io_size)" -eq 131072
 
 for dev in /dev/vda /dev/vdb /dev/nvme0n1 /dev/nvme0n2; do
-  fio --name=seq1m --filename=$dev --ioengine=libaio --direct=1 --rw=write --bs=1M \
-      --iodepth=4 --size=12M --verify=crc32c --verify_fatal=1
-  fio --name=range --filename=$dev --ioengine=libaio --direct=1 --rw=randwrite \
-      --bsrange=4k-1M --iodepth=8 --size=24M --offset=16M --verify=crc32c --verify_fatal=1 \
+  fio_verify $dev seq1m --rw=write --bs=1M --iodepth=4 --size=12M
+  fio_verify $dev range --rw=randwrite --bsrange=4k-1M --iodepth=8 --size=24M --offset=16M \
       --randseed=7
 done
 
@@ -131,32 +123,23 @@ echo GUEST-ALL-OK
 
 #[test]
 fn linux_hosts_send_the_largest_advertised_io_through_transform_chains() {
-    let lab =
-        Lab::prepare().unwrap_or_else(|e| panic!("the guest lab could not be prepared: {e:#}"));
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().to_path_buf();
     let port = free_port();
-    std::fs::write(dir.join("ferroblk.toml"), config(&dir, port)).unwrap();
-    let mut daemon = start_daemon(&dir);
+    let t = GuestTest::new(|dir| config(dir, port));
+    let dir = &t.dir;
+    let mut daemon = start_daemon(dir);
 
     let mut extra = vhost_user_blk_args("xts", &dir.join("xts.sock"), 2);
     extra.extend(vhost_user_blk_args("chain", &dir.join("chain.sock"), 2));
     let script = GUEST
         .replace("__PORT__", &port.to_string())
         .replace("__NQN__", NQN);
-    let out = lab.run(&script, &extra, Duration::from_secs(900)).unwrap();
-    let log = std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
-    assert!(
-        out.success() && out.output.contains("GUEST-ALL-OK"),
-        "large I/O through crypt_xts and crc->compress->crypt_xts->file over vhost-user-blk \
-         and NVMe/TCP failed (status {}):\n{}\n--- daemon log ---\n{log}",
-        out.status,
-        out.output
-    );
+    // Large I/O through crypt_xts and crc->compress->crypt_xts->file over vhost-user-blk and
+    // NVMe/TCP.
+    t.run(&script, &extra);
 
     // The hosts did send requests past the transforms' 128 KiB: the exported bdevs saw
     // writes averaging above it, and no request failed.
-    let list: serde_json::Value = serde_json::from_str(&rpc(&dir, "bdev_list", "{}")).unwrap();
+    let list: serde_json::Value = serde_json::from_str(&rpc(dir, "bdev_list", "{}")).unwrap();
     for name in ["xts", "chain"] {
         let b = list
             .as_array()

@@ -6,12 +6,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use common::daemon::{GuestRequests, free_port, start_daemon};
-use common::lab::Lab;
+use common::guest::{GuestTest, config_head};
 
 const NQN: &str = "nqn.2026-11.io.ferroblk:guest";
 const PRIVATE: &str = "nqn.2026-11.io.ferroblk:private";
@@ -19,11 +18,7 @@ const ALLOWED_HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:11111111-2222-3333-4
 
 fn config(dir: &Path, port: u16, disc: u16) -> String {
     format!(
-        r#"
-[reactors]
-count = 2
-[rpc]
-socket = "{dir}/rpc.sock"
+        r#"{head}
 [[bdev]]
 name = "disk"
 kind = "file"
@@ -51,15 +46,14 @@ port = {port}
 addr = "127.0.0.1"
 port = {disc}
 "#,
+        head = config_head(dir),
         dir = dir.display()
     )
 }
 
-const GUEST: &str = r#"#!/bin/bash
-set -euxo pipefail
+const GUEST: &str = r#"
 P=__PORT__; D=__DISC__; NQN=__NQN__; PRIV=__PRIV__; OK_HOST=__OKHOST__
 __SAY__
-wait_dev() { for i in $(seq 100); do [ -b "$1" ] && return 0; sleep 0.1; done; return 1; }
 
 # Discovery on the discovery port lists the open subsystem, not the private one.
 nvme discover -t tcp -a 10.0.2.2 -s $D | tee /tmp/disc
@@ -76,34 +70,26 @@ nvme id-ctrl /dev/nvme0 | tee /tmp/idctrl
 grep -q "subnqn *: $NQN" /tmp/idctrl
 nvme id-ns /dev/nvme0n1 | grep -q "nsze *: 0x10000"
 test "$(ls /sys/class/nvme/nvme0 | grep -c '^nvme0c\|^nvme0n' || true)" -ge 1
-fio --name=verify --filename=/dev/nvme0n1 --ioengine=libaio --direct=1 --rw=randwrite --bs=4k \
-    --iodepth=16 --numjobs=2 --size=8M --offset_increment=8M --verify=crc32c --verify_fatal=1 \
-    --group_reporting
-fio --name=big --filename=/dev/nvme0n1 --ioengine=libaio --direct=1 --rw=write --bs=256k \
-    --iodepth=4 --size=8M --offset=16M --verify=crc32c --verify_fatal=1
+fio_verify /dev/nvme0n1 verify --rw=randwrite --bs=4k --iodepth=16 --numjobs=2 --size=8M \
+    --offset_increment=8M --group_reporting
+fio_verify /dev/nvme0n1 big --rw=write --bs=256k --iodepth=4 --size=8M --offset=16M
 dd if=/dev/urandom of=/dev/nvme0n1 bs=1M count=2 seek=40 oflag=direct status=none
 blkdiscard -o $((40 << 20)) -l $((1 << 20)) /dev/nvme0n1
-dd if=/dev/nvme0n1 bs=1M skip=40 count=1 iflag=direct status=none | cmp -n $((1 << 20)) - /dev/zero
+zeroed /dev/nvme0n1 40 1
 
 # Live resize: an asynchronous event makes the host re-read the namespace.
 say resize
-for i in $(seq 120); do
-  [ "$(cat /sys/block/nvme0n1/size)" -eq $((512 << 20 >> 9)) ] && break
-  sleep 1
-done
-test "$(cat /sys/block/nvme0n1/size)" -eq $((512 << 20 >> 9))
+wait_size nvme0n1 $((512 << 20))
 
 # kill -9 of the daemon under fio; it restarts and the host reconnects.
 say kill
-fio --name=crash --filename=/dev/nvme0n1 --ioengine=libaio --direct=1 --rw=randwrite --bs=4k \
-    --iodepth=16 --size=32M --offset=64M --verify=crc32c --verify_fatal=1
+fio_verify /dev/nvme0n1 crash --rw=randwrite --bs=4k --iodepth=16 --size=32M --offset=64M
 nvme disconnect -n $NQN
 
 # Header and data digests.
 nvme connect -t tcp -a 10.0.2.2 -s $P -n $NQN -i 2 --hdr-digest --data-digest
 wait_dev /dev/nvme0n1
-fio --name=digest --filename=/dev/nvme0n1 --ioengine=libaio --direct=1 --rw=randwrite --bs=64k \
-    --iodepth=8 --size=16M --verify=crc32c --verify_fatal=1
+fio_verify /dev/nvme0n1 digest --rw=randwrite --bs=64k --iodepth=8 --size=16M
 nvme disconnect -n $NQN
 
 # The allow-list: a host not on it is refused; the listed one gets in.
@@ -118,20 +104,14 @@ echo GUEST-ALL-OK
 
 #[test]
 fn linux_host_uses_ferroblk_over_nvme_tcp() {
-    let lab =
-        Lab::prepare().unwrap_or_else(|e| panic!("the guest lab could not be prepared: {e:#}"));
-    let tmp = tempfile::tempdir().unwrap();
-    let dir: PathBuf = tmp.path().to_path_buf();
     let (port, disc) = (free_port(), free_port());
-    std::fs::write(dir.join("ferroblk.toml"), config(&dir, port, disc)).unwrap();
-    std::fs::File::create(dir.join("disk.img"))
-        .unwrap()
-        .set_len(256 << 20)
-        .unwrap();
-    let daemon = Arc::new(Mutex::new(start_daemon(&dir)));
+    let t = GuestTest::new(|dir| config(dir, port, disc));
+    let dir = &t.dir;
+    t.sparse_file("disk.img", 256 << 20);
+    let daemon = Arc::new(Mutex::new(start_daemon(dir)));
 
     // The guest's requests: "resize", "kill", "done".
-    let host = GuestRequests::serve(&dir, daemon.clone(), "disk", 300, None);
+    let host = GuestRequests::serve(dir, daemon.clone(), "disk", 300, None);
 
     let script = host
         .script(GUEST)
@@ -140,22 +120,13 @@ fn linux_host_uses_ferroblk_over_nvme_tcp() {
         .replace("__NQN__", NQN)
         .replace("__PRIV__", PRIVATE)
         .replace("__OKHOST__", ALLOWED_HOST);
-    let out = lab.run(&script, &[], Duration::from_secs(900)).unwrap();
-    let log = std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
-    assert!(
-        out.success() && out.output.contains("GUEST-ALL-OK"),
-        "guest checks failed (status {}):\n{}\n--- daemon log ---\n{log}",
-        out.status,
-        out.output
-    );
+    t.run(&script, &[]);
+    let log = t.daemon_log();
     assert_eq!(host.join(), ["resize", "kill", "done"]);
     assert!(
         log.contains("Connect refused") && log.contains("not on the allow-list"),
         "{log}"
     );
 
-    let mut d = daemon.lock().unwrap();
-    // SAFETY: kill with a valid pid and signal has no memory effects.
-    unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
-    assert!(d.wait().unwrap().success(), "daemon exits cleanly");
+    assert!(daemon.lock().unwrap().stop(), "daemon exits cleanly");
 }

@@ -5,21 +5,17 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use common::daemon::{GuestRequests, start_daemon};
-use common::lab::{Lab, vhost_user_blk_args};
+use common::guest::{GuestTest, config_head};
+use common::lab::vhost_user_blk_args;
 use ferroblk_rbd::testing::{POOL, TestCluster};
 
 fn config(dir: &Path, c: &TestCluster) -> String {
     format!(
-        r#"
-[reactors]
-count = 2
-[rpc]
-socket = "{dir}/rpc.sock"
+        r#"{head}
 [[bdev]]
 name = "disk"
 kind = "rbd"
@@ -32,37 +28,29 @@ bdev = "disk"
 num_queues = 2
 serial = "ferroblk-rbd-guest"
 "#,
+        head = config_head(dir),
         dir = dir.display(),
         cluster = c.decl_fields(),
     )
 }
 
-const GUEST: &str = r#"#!/bin/bash
-set -euxo pipefail
+const GUEST: &str = r#"
 __SAY__
 dev=/dev/vda
 test "$(cat /sys/block/vda/serial)" = ferroblk-rbd-guest
 test "$(cat /sys/block/vda/size)" -eq $((256 << 20 >> 9))
-fio --name=verify --filename=$dev --ioengine=libaio --direct=1 --rw=randwrite --bs=4k \
-    --iodepth=16 --numjobs=2 --size=8M --offset_increment=8M --verify=crc32c --verify_fatal=1 \
-    --group_reporting
+fio_verify $dev verify --rw=randwrite --bs=4k --iodepth=16 --numjobs=2 --size=8M \
+    --offset_increment=8M --group_reporting
 # Known data for the host to find in the image (the same bytes as `pattern()` on the host).
 (yes ferroblk-rbd-guest || true) | head -c 4M > /tmp/pattern
 dd if=/tmp/pattern of=$dev bs=1M seek=48 oflag=direct conv=fsync status=none
 
 # Live resize over the RPC: the image grows in the cluster, the guest sees it without a reboot.
 say resize
-for i in $(seq 120); do
-  [ "$(cat /sys/block/vda/size)" -eq $((512 << 20 >> 9)) ] && break
-  sleep 1
-done
-test "$(cat /sys/block/vda/size)" -eq $((512 << 20 >> 9))
+wait_size vda $((512 << 20))
 dd if=/tmp/pattern of=$dev bs=1M seek=500 oflag=direct conv=fsync status=none
 dd if=$dev bs=1M skip=500 count=4 iflag=direct status=none | cmp -n $((4 << 20)) - /tmp/pattern
-if dmesg | grep -E "I/O error|virtio.*broken"; then
-  echo "guest kernel reported an I/O error"
-  exit 1
-fi
+no_io_errors
 say done
 echo GUEST-ALL-OK
 "#;
@@ -79,28 +67,19 @@ fn pattern() -> Vec<u8> {
 
 #[test]
 fn linux_guest_uses_an_rbd_volume_and_sees_it_grow() {
-    let lab = match Lab::prepare() {
-        Ok(l) => l,
-        Err(e) => panic!("the guest lab could not be prepared: {e:#}"),
-    };
     let c = TestCluster::start();
-    let tmp = tempfile::tempdir().unwrap();
-    let dir: PathBuf = tmp.path().to_path_buf();
-    std::fs::write(dir.join("ferroblk.toml"), config(&dir, &c)).unwrap();
-    let daemon = Arc::new(Mutex::new(start_daemon(&dir)));
+    let t = GuestTest::new(|dir| config(dir, &c));
+    let dir = &t.dir;
+    let daemon = Arc::new(Mutex::new(start_daemon(dir)));
     // The guest asks for "resize" (bdev `disk` to 512 MiB) and says "done"; no kill here.
-    let host = GuestRequests::serve(&dir, daemon.clone(), "disk", 0, None);
+    let host = GuestRequests::serve(dir, daemon.clone(), "disk", 0, None);
     let script = host.script(GUEST);
     let args = vhost_user_blk_args("disk0", &dir.join("vhost.sock"), 2);
-    let run = lab.run(&script, &args, Duration::from_secs(900)).unwrap();
+    let run = t.run_unchecked(&script, &args);
     // Stopped before any check (the guest is gone): a failing check must not leave it running.
     let stopped = daemon.lock().unwrap().stop();
-    let daemon_log = || std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
-    if let Err(e) = run.ensure_success() {
-        panic!("{e:#}\n--- daemon log ---\n{}", daemon_log());
-    }
-    assert!(run.output.contains("GUEST-ALL-OK"), "{}", run.output);
-    assert_eq!(host.join(), ["resize", "done"], "{}", daemon_log());
+    t.assert_passed(&run);
+    assert_eq!(host.join(), ["resize", "done"], "{}", t.daemon_log());
 
     // What the guest wrote is in the image, as the rbd CLI reads it, and the image grew.
     let export = dir.join("guest.raw");

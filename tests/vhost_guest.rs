@@ -9,21 +9,17 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use common::daemon::{GuestRequests, start_daemon};
-use common::lab::{Lab, vhost_user_blk_args};
+use common::guest::{GuestTest, config_head};
+use common::lab::vhost_user_blk_args;
 
 fn config(dir: &Path) -> String {
     format!(
-        r#"
-[reactors]
-count = 2
-[rpc]
-socket = "{dir}/rpc.sock"
+        r#"{head}
 [[bdev]]
 name = "disk"
 kind = "file"
@@ -41,12 +37,12 @@ bdev = "slow"
 num_queues = 2
 serial = "ferroblk-guest-test"
 "#,
+        head = config_head(dir),
         dir = dir.display()
     )
 }
 
-const GUEST: &str = r#"#!/bin/bash
-set -euxo pipefail
+const GUEST: &str = r#"
 __SAY__
 dev=/dev/vda
 # Two virtqueues, 4 KiB logical blocks, the serial from GET_ID.
@@ -56,19 +52,17 @@ test "$(cat /sys/block/vda/serial)" = ferroblk-guest-test
 test "$(cat /sys/block/vda/size)" -eq $((256 << 20 >> 9))
 
 # fio random writes then verified reads, two jobs (one per queue's CPU).
-fio --name=verify --filename=$dev --ioengine=libaio --direct=1 --rw=randwrite --bs=4k \
-    --iodepth=16 --numjobs=2 --size=8M --offset_increment=8M --verify=crc32c --verify_fatal=1 \
-    --group_reporting
+fio_verify $dev verify --rw=randwrite --bs=4k --iodepth=16 --numjobs=2 --size=8M \
+    --offset_increment=8M --group_reporting
 # Larger, multi-segment requests.
-fio --name=big --filename=$dev --ioengine=libaio --direct=1 --rw=write --bs=256k \
-    --iodepth=4 --size=8M --offset=16M --verify=crc32c --verify_fatal=1
+fio_verify $dev big --rw=write --bs=256k --iodepth=4 --size=8M --offset=16M
 
 # Discard and write-zeroes read back as zeroes.
 dd if=/dev/urandom of=$dev bs=1M count=2 seek=40 oflag=direct status=none
 blkdiscard -o $((40 << 20)) -l $((1 << 20)) $dev
-dd if=$dev bs=1M skip=40 count=1 iflag=direct status=none | cmp -n $((1 << 20)) - /dev/zero
+zeroed $dev 40 1
 blkdiscard -z -o $((41 << 20)) -l $((1 << 20)) $dev
-dd if=$dev bs=1M skip=41 count=1 iflag=direct status=none | cmp -n $((1 << 20)) - /dev/zero
+zeroed $dev 41 1
 
 # Known data for the host to find in the backing file.
 head -c 4M /dev/urandom > /tmp/pattern
@@ -77,11 +71,7 @@ echo "GUEST-SHA=$(sha256sum /tmp/pattern | cut -d' ' -f1)"
 
 # Live resize over the RPC: the guest sees the new size without a reboot.
 say resize
-for i in $(seq 120); do
-  [ "$(cat /sys/block/vda/size)" -eq $((512 << 20 >> 9)) ] && break
-  sleep 1
-done
-test "$(cat /sys/block/vda/size)" -eq $((512 << 20 >> 9))
+wait_size vda $((512 << 20))
 dd if=/tmp/pattern of=$dev bs=1M seek=500 oflag=direct conv=fsync status=none
 dd if=$dev bs=1M skip=500 count=4 iflag=direct status=none | cmp -n $((4 << 20)) - /tmp/pattern
 
@@ -89,16 +79,12 @@ dd if=$dev bs=1M skip=500 count=4 iflag=direct status=none | cmp -n $((4 << 20))
 # it is restarted and the guest's in-flight requests are resubmitted: fio must finish, and
 # verify every write it was told had completed.
 say kill
-fio --name=crash --filename=$dev --ioengine=libaio --direct=1 --rw=randwrite --bs=4k \
-    --iodepth=16 --size=16M --offset=64M --verify=crc32c --verify_fatal=1
+fio_verify $dev crash --rw=randwrite --bs=4k --iodepth=16 --size=16M --offset=64M
 # I/O keeps working after the restart.
 dd if=/tmp/pattern of=$dev bs=1M seek=128 oflag=direct conv=fsync status=none
 dd if=$dev bs=1M skip=128 count=4 iflag=direct status=none | cmp -n $((4 << 20)) - /tmp/pattern
 # No request completed twice or failed (the driver reports a used id it does not know).
-if dmesg | grep -E "is not a head|I/O error|virtio.*broken"; then
-  echo "guest kernel reported a virtqueue or I/O error"
-  exit 1
-fi
+no_io_errors
 say done
 echo GUEST-ALL-OK
 "#;
@@ -131,22 +117,15 @@ fn resubmitted_requests(log: &str) -> u64 {
 
 #[test]
 fn linux_guest_uses_a_vhost_user_blk_disk() {
-    let lab = match Lab::prepare() {
-        Ok(l) => l,
-        Err(e) => panic!("the guest lab could not be prepared: {e:#}"),
-    };
-    let tmp = tempfile::tempdir().unwrap();
-    let dir: PathBuf = tmp.path().to_path_buf();
-    std::fs::write(dir.join("ferroblk.toml"), config(&dir)).unwrap();
-    let img = std::fs::File::create(dir.join("disk.img")).unwrap();
-    img.set_len(256 << 20).unwrap();
-    drop(img);
-    let daemon = Arc::new(Mutex::new(start_daemon(&dir)));
+    let t = GuestTest::new(config);
+    let dir = &t.dir;
+    t.sparse_file("disk.img", 256 << 20);
+    let daemon = Arc::new(Mutex::new(start_daemon(dir)));
 
     // The guest's requests: "resize", "kill", "done".
     // The kill waits until at least 8 of fio's 16 writes are held in the daemon.
     let host = GuestRequests::serve(
-        &dir,
+        dir,
         daemon.clone(),
         "slow",
         8,
@@ -155,14 +134,8 @@ fn linux_guest_uses_a_vhost_user_blk_disk() {
 
     let script = host.script(GUEST);
     let args = vhost_user_blk_args("disk0", &dir.join("vhost.sock"), 2);
-    let out = lab.run(&script, &args, Duration::from_secs(900)).unwrap();
-    let log = std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
-    assert!(
-        out.success() && out.output.contains("GUEST-ALL-OK"),
-        "guest checks failed (status {}):\n{}\n--- daemon log ---\n{log}",
-        out.status,
-        out.output
-    );
+    let out = t.run(&script, &args);
+    let log = t.daemon_log();
     let held = host.held_at_kill();
     assert_eq!(host.join(), ["resize", "kill", "done"], "{log}");
     // QEMU reconnected to the restarted daemon, which resubmitted at least every write the
@@ -198,10 +171,8 @@ fn linux_guest_uses_a_vhost_user_blk_disk() {
         512 << 20
     );
 
-    let mut d = daemon.lock().unwrap();
-    // SAFETY: kill with a valid pid and signal has no memory effects.
-    unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
-    let st = d.wait().unwrap();
-    assert!(st.success(), "daemon exits cleanly after the guest is gone");
-    let _ = Stdio::null();
+    assert!(
+        daemon.lock().unwrap().stop(),
+        "daemon exits cleanly after the guest is gone"
+    );
 }

@@ -4,5 +4,6 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod guest;
 pub mod lab;
 pub mod qsd;
