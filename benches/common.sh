@@ -1,6 +1,6 @@
 # Shared by the scripts in benches/ (sourced, from the repository's root): the release binary,
 # a free loopback port, waiting for a daemon's socket, a one-reactor null-namespace target
-# config, a process's CPU time, and medians of alternating A/B runs.
+# (its config, or the daemon started on it), a process's CPU time.
 
 # The release binary: built if missing, or always built with the cargo arguments given (a
 # feature the script needs, e.g. `--features rbd`).
@@ -58,6 +58,23 @@ bdev = "null0"
 num_queues = 1
 TOML
   fi
+}
+
+# Starts `$bin serve` on a null_target_config (subsystem $2, size $3; with $4 = yes, also the
+# vhost-user-blk export at $work/vhost.sock) in a new directory $work (/var/tmp/ferroblk-$1.*),
+# config $work/t.toml, log $work/t.log; sets work, port and pid; waits for its sockets; stops
+# it and removes $work when the script exits.
+start_null_target() {
+  work=$(mktemp -d "/var/tmp/ferroblk-$1.XXXX")
+  port=$(free_port)
+  local vhost=
+  [ "${4:-}" = yes ] && vhost=$work/vhost.sock
+  null_target_config "$work/t.toml" "$work/rpc.sock" "$port" "$2" "$3" $vhost
+  "$bin" serve --config "$work/t.toml" >"$work/t.log" 2>&1 &
+  pid=$!
+  trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$work"' EXIT
+  wait_sock "$work/rpc.sock" || { cat "$work/t.log" >&2; return 1; }
+  [ -z "$vhost" ] || wait_sock "$vhost" || { cat "$work/t.log" >&2; return 1; }
 }
 
 # CPU time (user + system) of process $1 so far, in clock ticks (getconf CLK_TCK per second).

@@ -18,16 +18,10 @@ bash fio/fetch-headers.sh >/dev/null
 cargo build --release -p ferroblk -p ferroblk-fio
 bin=$(bench_bin)
 so=$(realpath out/release/libferroblk_fio.so)
-work=$(mktemp -d /var/tmp/ferroblk-fio-bench.XXXX)
-port=$(free_port)
 nqn=nqn.2026-11.io.ferroblk:bench
 # One reactor on CPU 0 serving the null bdev `null0` over NVMe/TCP and vhost-user; the
 # in-process cells (bdev mode, `perf bdev`) build the same bdev from the same file.
-null_target_config "$work/f.toml" "$work/rpc.sock" "$port" "$nqn" 64GiB "$work/vhost.sock"
-"$bin" serve --config "$work/f.toml" >"$work/daemon.log" 2>&1 &
-pid=$!
-trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$work"' EXIT
-wait_sock "$work/vhost.sock" || { cat "$work/daemon.log" >&2; exit 1; }
+start_null_target fio-bench "$nqn" 64GiB yes
 
 fio_job() { # CPU, then engine options: prints "IOPS NS_PER_IO"
   local cpu=$1; shift
@@ -57,8 +51,8 @@ cells=(fio-null fio-bdev perf-bdev fio-vhost perf-vhost fio-nvmf perf-nvmf)
 run_cell() {
   case $1 in
     fio-null)   fio_job 0 --ioengine=null ;;
-    fio-bdev)   fio_job 0 --ioengine="external:$so" --ferroblk_mode=bdev --ferroblk_config="$work/f.toml" --filename=null0 ;;
-    perf-bdev)  perf_job bdev --config "$work/f.toml" --bdev null0 ;;
+    fio-bdev)   fio_job 0 --ioengine="external:$so" --ferroblk_mode=bdev --ferroblk_config="$work/t.toml" --filename=null0 ;;
+    perf-bdev)  perf_job bdev --config "$work/t.toml" --bdev null0 ;;
     fio-vhost)  fio_job 1 --ioengine="external:$so" --ferroblk_mode=vhost --filename="$work/vhost.sock" ;;
     perf-vhost) perf_job vhost --socket "$work/vhost.sock" --cpus 1 ;;
     fio-nvmf)   fio_job 1 --ioengine="external:$so" --ferroblk_mode=nvmf --filename="$nvmf" ;;

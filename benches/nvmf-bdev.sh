@@ -12,10 +12,8 @@ cd "$(dirname "$0")/.."
 runs=${1:-3}; secs=${2:-5}
 . benches/common.sh
 bin=$(bench_bin)
-work=$(mktemp -d /var/tmp/ferroblk-nvmf-bdev.XXXX)
-port=$(free_port)
 nqn=nqn.2026-11.io.ferroblk:bench-remote
-null_target_config "$work/t.toml" "$work/rpc.sock" "$port" "$nqn" 64GiB
+start_null_target nvmf-bdev "$nqn" 64GiB
 cat > "$work/c.toml" <<TOML
 [reactors]
 cpus = [1]
@@ -25,10 +23,6 @@ kind = "nvmf"
 subnqn = "$nqn"
 paths = [{ addr = "127.0.0.1", port = $port }]
 TOML
-"$bin" serve --config "$work/t.toml" >"$work/t.log" 2>&1 &
-pid=$!
-trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$work"' EXIT
-wait_sock "$work/rpc.sock"
 iops() { python3 -c 'import json,sys; print(round(json.load(sys.stdin)["iops"]))'; }
 job() { # name qd bs rw
   local a=() w=() b=()

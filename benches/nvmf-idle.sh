@@ -8,13 +8,7 @@ cd "$(dirname "$0")/.."
 nq=${1:-64}; secs=${2:-30}
 . benches/common.sh
 bin=$(bench_bin)
-work=$(mktemp -d /var/tmp/ferroblk-nvidle.XXXX)
-port=$(free_port)
-null_target_config "$work/t.toml" "$work/rpc.sock" "$port" nqn.2026-11.io.ferroblk:idle 1GiB
-"$bin" serve --config "$work/t.toml" >"$work/t.log" 2>&1 &
-pid=$!
-trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$work"' EXIT
-wait_sock "$work/rpc.sock"
+start_null_target nvidle nqn.2026-11.io.ferroblk:idle 1GiB
 "$bin" perf nvmf --addr 127.0.0.1:$port --nqn nqn.2026-11.io.ferroblk:idle --queues "$nq" \
   --qd 1 --hold $((secs + 6)) >/dev/null 2>&1 &
 hold=$!

@@ -10,13 +10,7 @@ cd "$(dirname "$0")/.."
 runs=${1:-3}; secs=${2:-5}
 . benches/common.sh
 bin=$(bench_bin)
-work=$(mktemp -d /var/tmp/ferroblk-nvmf.XXXX)
-port=$(free_port)
-null_target_config "$work/t.toml" "$work/rpc.sock" "$port" nqn.2026-11.io.ferroblk:bench 64GiB
-"$bin" serve --config "$work/t.toml" >"$work/t.log" 2>&1 &
-pid=$!
-trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$work"' EXIT
-wait_sock "$work/rpc.sock"
+start_null_target nvmf nqn.2026-11.io.ferroblk:bench 64GiB
 hz=$(getconf CLK_TCK)
 mode=--wait; [ "${POLL:-0}" = 1 ] && mode=
 job() { # name qd bs rw
