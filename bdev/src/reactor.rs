@@ -511,7 +511,14 @@ mod tests {
         let n = Arc::new(AtomicUsize::new(0));
         let n2 = n.clone();
         r.handles()[0].call(move |core| core.add_poller(Box::new(Counter(n2, 1000))));
-        std::thread::sleep(Duration::from_millis(50));
+        // Once the poller is done the reactor is idle and goes to sleep (waited for, not
+        // timed: on a loaded machine the reactor thread may get little CPU).
+        let t = std::time::Instant::now();
+        while r.handles()[0].stats().sleeps.load(Ordering::Relaxed) == 0
+            && t.elapsed() < Duration::from_secs(30)
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let sleeps = r.handles()[0].stats().sleeps.load(Ordering::Relaxed);
         assert!(sleeps >= 1, "an idle reactor goes to sleep");
         // Still answers messages after sleeping.
