@@ -390,6 +390,7 @@ impl Bdev for FileBdev {
             shift: self.info.block_size().shift(),
             zeroes: None,
             outstanding: 0,
+            overflow: Vec::with_capacity(FILE_CHANNEL_DEPTH * 2),
         };
         Ok(Channel::new(
             self.info.clone(),
@@ -461,6 +462,9 @@ struct FileChannel {
     shift: u32,
     zeroes: Option<AlignedBuf>,
     outstanding: usize,
+    /// Completions beyond one poll's batch (sized for every SQE the channel can have out, so
+    /// it never grows on the I/O path).
+    overflow: Vec<(u32, i32)>,
 }
 
 impl FileChannel {
@@ -568,6 +572,8 @@ impl FileChannel {
                 IoStatus::Success
             }
             IoType::Read | IoType::Write if res == 0 => IoStatus::MediaError,
+            // A zeroing write that wrote nothing (fallocate's 0 is its success).
+            IoType::WriteZeroes if res == 0 && s.stage == ZeroStage::Write => IoStatus::MediaError,
             IoType::WriteZeroes if res < 0 && s.stage != ZeroStage::Write => {
                 let errno = -res;
                 if matches!(errno, libc::EOPNOTSUPP | libc::EINVAL | libc::ENOTTY) {
@@ -633,7 +639,8 @@ impl ChannelOps for FileChannel {
             // `poll` drains everything routed to us (on a reactor, the reactor routed it this
             // turn); keep only what fits and re-queue nothing: the batch buffer is large enough
             // for the common case, the rest is handled inline.
-            let mut overflow: Vec<(u32, i32)> = Vec::new();
+            let mut overflow = std::mem::take(&mut self.overflow);
+            overflow.clear();
             self.client.poll(|slot, res, _| {
                 if n < cqes.len() {
                     cqes[n] = (slot, res);
@@ -643,6 +650,7 @@ impl ChannelOps for FileChannel {
                 }
             });
             if n == 0 {
+                self.overflow = overflow;
                 break;
             }
             for &(slot, res) in cqes[..n].iter().chain(overflow.iter()) {
@@ -651,6 +659,7 @@ impl ChannelOps for FileChannel {
                     total += 1;
                 }
             }
+            self.overflow = overflow;
         }
         total
     }

@@ -10,7 +10,7 @@
 
 use std::sync::atomic::Ordering;
 
-use ferroblk_bdev::{IoSeg, IoType};
+use ferroblk_bdev::{IoSeg, IoType, MAX_EXPORT_IO_BYTES};
 
 use crate::queue::BlkParams;
 use crate::spec::{
@@ -27,6 +27,9 @@ const HEADER_BYTES: usize = 16;
 const RANGE_BYTES: usize = 16;
 /// The unit of virtio-blk sector numbers (§5.2.6: always 512 bytes).
 const SECTOR_BYTES: u64 = 512;
+/// The most sectors one discard or write-zeroes range may cover: the device's
+/// `max_discard_sectors` and `max_write_zeroes_sectors` (1 GiB; §5.2.4).
+pub const MAX_DISCARD_SECTORS: u32 = ((1u64 << 30) / SECTOR_BYTES) as u32;
 
 /// A chain that breaks the ring protocol itself: the queue stops (the device needs a reset).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -114,6 +117,11 @@ fn parse_action(chain: &[Buf], params: &BlkParams, segs: &mut Vec<IoSeg>) -> Act
     }
     let rtype = u32::from_le_bytes(hdr[0..4].try_into().expect("4 bytes"));
     let sector = u64::from_le_bytes(hdr[8..16].try_into().expect("8 bytes"));
+    // §5.2.6.2: a device offering VIRTIO_BLK_F_RO fails requests that would change the disk.
+    // The feature bit is advice to the driver; this is the export's guarantee.
+    if params.read_only && matches!(rtype, T_OUT | T_DISCARD | T_WRITE_ZEROES) {
+        return Action::Complete(S_IOERR);
+    }
     let shift = params.block_shift;
     let readable: u64 = chain[..n_read].iter().map(|b| u64::from(b.len)).sum();
     let to_blocks = |sector: u64, bytes: u64| -> Option<(u64, u32)> {
@@ -146,7 +154,9 @@ fn parse_action(chain: &[Buf], params: &BlkParams, segs: &mut Vec<IoSeg>) -> Act
                     skip -= len;
                     continue;
                 }
-                if b.host.is_null() {
+                // More segments than seg_max: refused before the list grows past it (a chain
+                // of thousands of one-byte buffers must not make every slot's list that long).
+                if b.host.is_null() || segs.len() == params.max_segments {
                     return Action::Complete(S_IOERR);
                 }
                 segs.push(IoSeg {
@@ -165,7 +175,9 @@ fn parse_action(chain: &[Buf], params: &BlkParams, segs: &mut Vec<IoSeg>) -> Act
                     Action::Complete(S_IOERR)
                 };
             }
-            if segs.len() > params.max_segments {
+            // More data than seg_max × size_max (the device's limit, MAX_EXPORT_IO_BYTES): one
+            // request must not hold the reactor for a multi-gigabyte copy.
+            if total > MAX_EXPORT_IO_BYTES {
                 return Action::Complete(S_IOERR);
             }
             let Some((offset_blocks, num_blocks)) = to_blocks(sector, total) else {
@@ -201,6 +213,9 @@ fn parse_action(chain: &[Buf], params: &BlkParams, segs: &mut Vec<IoSeg>) -> Act
             let s_sector = u64::from_le_bytes(seg[0..8].try_into().expect("8 bytes"));
             let s_count = u32::from_le_bytes(seg[8..12].try_into().expect("4 bytes"));
             let flags = u32::from_le_bytes(seg[12..16].try_into().expect("4 bytes"));
+            if s_count > MAX_DISCARD_SECTORS {
+                return Action::Complete(S_IOERR);
+            }
             let io_type = if rtype == T_DISCARD {
                 if flags != 0 {
                     return Action::Complete(S_UNSUPP);
@@ -314,6 +329,7 @@ mod tests {
             unmap_zeroes: true,
             writeback: Arc::new(AtomicBool::new(true)),
             volatile_cache: true,
+            read_only: false,
         }
     }
 
@@ -593,6 +609,89 @@ mod tests {
             action(&[&[h_in][..], &bufs[..4], &[st]].concat(), &p),
             Action::Submit { num_blocks: 4, .. }
         ));
+        // Thousands of one-byte buffers: refused once seg_max is reached, and the segment
+        // list never grows past it.
+        let tiny = c.writable(1);
+        let mut chain = vec![h_in];
+        chain.extend(std::iter::repeat_n(tiny, 5000));
+        chain.push(st);
+        let mut segs = Vec::new();
+        let r = parse(&chain, &p, &mut segs).unwrap();
+        assert_eq!(r.action, Action::Complete(S_IOERR));
+        assert!(segs.len() <= p.max_segments, "{} segments kept", segs.len());
+    }
+
+    #[test]
+    fn a_request_larger_than_the_device_takes_is_refused() {
+        let mut c = Chains::new();
+        let mut p = params();
+        p.max_segments = 8;
+        let st = c.writable(1);
+        let h_in = c.readable(&header(T_IN, 0));
+        // One buffer of 1 MiB + 4 KiB: past seg_max × size_max (MAX_EXPORT_IO_BYTES).
+        let big = c.writable((MAX_EXPORT_IO_BYTES + 4096) as u32);
+        assert_eq!(action(&[h_in, big, st], &p), Action::Complete(S_IOERR));
+        let just = Buf {
+            len: MAX_EXPORT_IO_BYTES as u32,
+            ..big
+        };
+        assert!(matches!(
+            action(&[h_in, just, st], &p),
+            Action::Submit {
+                num_blocks: 256,
+                ..
+            }
+        ));
+        // A discard or write-zeroes range past max_discard_sectors.
+        for t in [T_DISCARD, T_WRITE_ZEROES] {
+            let mut req = header(t, 0).to_vec();
+            req.extend_from_slice(&range(0, MAX_DISCARD_SECTORS + 8, 0));
+            let hr = c.readable(&req);
+            assert_eq!(action(&[hr, st], &p), Action::Complete(S_IOERR));
+            let mut req = header(t, 0).to_vec();
+            req.extend_from_slice(&range(0, MAX_DISCARD_SECTORS, 0));
+            let hr = c.readable(&req);
+            assert!(matches!(action(&[hr, st], &p), Action::Submit { .. }));
+        }
+    }
+
+    #[test]
+    fn a_read_only_export_fails_what_would_change_the_disk_whatever_the_driver_does() {
+        let mut c = Chains::new();
+        let mut p = params();
+        p.read_only = true;
+        let st = c.writable(1);
+        let mut out = header(T_OUT, 0).to_vec();
+        out.extend_from_slice(&[5; 4096]);
+        let w = c.readable(&out);
+        assert_eq!(action(&[w, st], &p), Action::Complete(S_IOERR));
+        for t in [T_DISCARD, T_WRITE_ZEROES] {
+            let mut req = header(t, 0).to_vec();
+            req.extend_from_slice(&range(0, 8, 0));
+            let hr = c.readable(&req);
+            assert_eq!(action(&[hr, st], &p), Action::Complete(S_IOERR));
+        }
+        // Reads, flushes and GET_ID still work.
+        let h_in = c.readable(&header(T_IN, 0));
+        let d = c.writable(4096);
+        assert!(matches!(
+            action(&[h_in, d, st], &p),
+            Action::Submit {
+                io_type: IoType::Read,
+                ..
+            }
+        ));
+        let f = c.readable(&header(T_FLUSH, 0));
+        assert!(matches!(
+            action(&[f, st], &p),
+            Action::Submit {
+                io_type: IoType::Flush,
+                ..
+            }
+        ));
+        let id = c.readable(&header(T_GET_ID, 0));
+        let idb = c.writable(ID_BYTES as u32 + 1);
+        assert!(matches!(action(&[id, idb], &p), Action::GetId { .. }));
     }
 
     #[test]

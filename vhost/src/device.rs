@@ -19,6 +19,7 @@ use ferroblk_bdev::reactor::{PollerId, ReactorHandle};
 use ferroblk_bdev::{Bdev, Caps, MAX_EXPORT_IO_BYTES, MAX_EXPORT_SEGMENTS};
 use serde::{Deserialize, Serialize};
 
+use crate::blk;
 use crate::inflight::{self, InflightRegion};
 use crate::memory::{GuestMemory, RegionDesc};
 use crate::protocol::{self, Message, ProtocolError, backend_req, pf, req};
@@ -422,7 +423,7 @@ impl<'a> Conn<'a> {
         put32(&mut c, 28, opt_blocks as u32);
         c[32] = u8::from(self.shared.writeback.load(Ordering::Relaxed));
         c[34..36].copy_from_slice(&self.spec.num_queues.to_le_bytes());
-        let max_sectors = ((1u64 << 30) / 512) as u32;
+        let max_sectors = blk::MAX_DISCARD_SECTORS;
         put32(&mut c, 36, max_sectors); // max_discard_sectors
         put32(&mut c, 40, 1); // max_discard_seg
         put32(&mut c, 44, bs / 512); // discard_sector_alignment
@@ -444,6 +445,7 @@ impl<'a> Conn<'a> {
             unmap_zeroes: self.bdev.info().caps().contains(Caps::UNMAP_READS_ZEROES),
             writeback: self.shared.writeback.clone(),
             volatile_cache: self.bdev.info().caps().contains(Caps::VOLATILE_CACHE),
+            read_only: self.read_only(),
         }
     }
 
@@ -489,6 +491,14 @@ impl<'a> Conn<'a> {
                     return Err(m.bad(format!("features {f:#x} were not offered")));
                 }
                 self.features = f;
+                // The cache mode this driver starts with (§5.2.5.1): write-back only if it can
+                // flush. A driver without VIRTIO_BLK_F_FLUSH assumes write-through (Linux's
+                // virtblk_get_cache_mode), so each of its writes is made durable before it
+                // completes. Set at each negotiation: a new connection (or a reset) does not
+                // inherit the previous driver's choice.
+                let wb = self.bdev.info().caps().contains(Caps::VOLATILE_CACHE)
+                    && f & vf::BLK_FLUSH != 0;
+                self.shared.writeback.store(wb, Ordering::Release);
                 self.ack(&m, true)?;
             }
             req::GET_PROTOCOL_FEATURES => {
@@ -685,7 +695,8 @@ impl<'a> Conn<'a> {
                 // Only `writeback` (offset 32) is writable, with CONFIG_WCE.
                 let ok = if off <= 32 && off + size > 32 && self.features & vf::BLK_CONFIG_WCE != 0
                 {
-                    let wb = m.payload[12 + 32 - off] != 0;
+                    // Write-back only with a way to flush (§5.2.5.1).
+                    let wb = m.payload[12 + 32 - off] != 0 && self.features & vf::BLK_FLUSH != 0;
                     self.shared.writeback.store(wb, Ordering::Release);
                     tracing::info!(writeback = wb, "guest set the cache mode");
                     true
@@ -1078,6 +1089,66 @@ mod tests {
         drop(honest);
         drop(export);
         r.shutdown(Duration::from_secs(5));
+    }
+
+    /// The `writeback` byte (offset 32) of the config space, as GET_CONFIG answers it.
+    fn wce(front: &Front) -> u8 {
+        let mut p = vec![0u8; 12 + 1];
+        p[0..4].copy_from_slice(&32u32.to_le_bytes());
+        p[4..8].copy_from_slice(&1u32.to_le_bytes());
+        front.send(req::GET_CONFIG, &p, &[]).unwrap();
+        let m = protocol::recv(&front.0).unwrap();
+        assert_eq!(m.request, req::GET_CONFIG);
+        m.payload[12]
+    }
+
+    #[test]
+    fn a_driver_that_cannot_flush_gets_write_through_and_the_next_one_starts_afresh() {
+        let r = reactors();
+        let img = std::env::temp_dir().join(format!("ferroblk-wce-{}.img", std::process::id()));
+        let o = ferroblk_bdev::file::FileOptions {
+            path: img.clone(),
+            block_size: BlockSize::B4096,
+            size: Some(1 << 20),
+            create: true,
+            direct: ferroblk_bdev::file::DirectMode::Never,
+            read_only: false,
+        };
+        let bdev: Arc<dyn Bdev> = Arc::new(ferroblk_bdev::file::FileBdev::open("f", &o).unwrap());
+        assert!(bdev.info().caps().contains(Caps::VOLATILE_CACHE));
+        let path = socket_path("wce");
+        let export =
+            VhostExport::start(test_spec(path.clone(), "f", 1), bdev, r.handles().to_vec())
+                .unwrap();
+        // A driver with VIRTIO_BLK_F_FLUSH starts in write-back and may turn it off.
+        let f = Front::connect(&path);
+        assert_ne!(f.get_features() & vf::BLK_FLUSH, 0);
+        let flush = vf::VERSION_1 | vf::BLK_FLUSH | vf::BLK_CONFIG_WCE;
+        f.send(req::SET_FEATURES, &flush.to_le_bytes(), &[])
+            .unwrap();
+        assert_eq!(wce(&f), 1);
+        let mut p = vec![0u8; 12 + 1];
+        p[0..4].copy_from_slice(&32u32.to_le_bytes());
+        p[4..8].copy_from_slice(&1u32.to_le_bytes());
+        f.send(req::SET_CONFIG, &p, &[]).unwrap();
+        assert_eq!(wce(&f), 0, "the guest chose write-through");
+        drop(f);
+        // The next driver does not inherit that choice: write-back again.
+        let f = Front::connect(&path);
+        f.send(req::SET_FEATURES, &flush.to_le_bytes(), &[])
+            .unwrap();
+        assert_eq!(wce(&f), 1);
+        drop(f);
+        // A driver without FLUSH cannot make writes durable itself (it assumes write-through,
+        // as Linux's virtblk_get_cache_mode does): every write is flushed before it completes.
+        let f = Front::connect(&path);
+        f.send(req::SET_FEATURES, &vf::VERSION_1.to_le_bytes(), &[])
+            .unwrap();
+        assert_eq!(wce(&f), 0);
+        drop(f);
+        drop(export);
+        r.shutdown(Duration::from_secs(5));
+        let _ = std::fs::remove_file(img);
     }
 
     /// A read-write export of `bdev` with `num_queues` queues on `socket`.

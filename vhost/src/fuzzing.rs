@@ -266,7 +266,8 @@ const VQ_USED: u64 = 0x1000;
 /// (descriptors, indirect tables, headers, data) where the input puts it.
 ///
 /// Byte 0 configures: bits 0-2 log2 of the queue size (at most 32), bit 3 EVENT_IDX, bit 4
-/// INDIRECT_DESC, bit 5 4 KiB blocks (else 512), bit 6 write-through with a volatile cache.
+/// INDIRECT_DESC, bit 5 4 KiB blocks (else 512), bit 6 write-through with a volatile cache,
+/// bit 7 a read-only export.
 /// The rest is copied to guest memory from offset 0. The poller must take every chain the
 /// driver made available without panicking or touching memory outside the guest's (the fuzz
 /// build runs under AddressSanitizer), and stop cleanly. (The used ring is not checked: a
@@ -320,6 +321,7 @@ pub fn virtq(data: &[u8]) {
             unmap_zeroes: true,
             writeback: Arc::new(AtomicBool::new(cfg & 0x40 == 0)),
             volatile_cache: true,
+            read_only: cfg & 0x80 != 0,
         },
     )
     .expect("poller");

@@ -50,6 +50,9 @@ pub struct BlkParams {
     pub writeback: Arc<AtomicBool>,
     /// The bdev has a volatile cache (so write-through needs the flush).
     pub volatile_cache: bool,
+    /// The export is read-only (VIRTIO_BLK_F_RO): writes, discards and write-zeroes fail
+    /// here, whatever the driver does with the feature bit.
+    pub read_only: bool,
 }
 
 /// Shared between the control thread and the queue's poller.
@@ -562,6 +565,7 @@ mod tests {
                 unmap_zeroes: true,
                 writeback: Arc::new(AtomicBool::new(true)),
                 volatile_cache: false,
+                read_only: false,
             },
         )
         .unwrap();

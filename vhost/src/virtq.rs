@@ -194,9 +194,18 @@ impl SplitQueue {
                     "{what} at {a:#x} is misaligned"
                 )));
             }
-            mem.uva_to_host(a, len).ok_or_else(|| {
+            let host = mem.uva_to_host(a, len).ok_or_else(|| {
                 QueueError::Layout(format!("{what} at {a:#x} is outside guest memory"))
-            })
+            })?;
+            // The ring words are read and written as aligned values: the address in the
+            // daemon must be aligned too, not only the front-end's (a region whose mmap_offset
+            // and user address disagree modulo the alignment would break that).
+            if !(host as usize).is_multiple_of(align as usize) {
+                return Err(QueueError::Layout(format!(
+                    "{what} at {a:#x} maps to a misaligned address in the daemon"
+                )));
+            }
+            Ok(host)
         };
         Ok(SplitQueue {
             size,
