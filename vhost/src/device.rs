@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferroblk_bdev::reactor::{PollerId, ReactorHandle};
 use ferroblk_bdev::{Bdev, Caps, MAX_EXPORT_IO_BYTES, MAX_EXPORT_SEGMENTS};
@@ -290,13 +290,30 @@ struct Running {
     reactor: usize,
     poller: PollerId,
     ctl: Arc<QueueCtl>,
-    /// Set when a stop did not drain within the drain timeout: the poller is still registered
-    /// and sends its `last_avail` here once its last request completes.
+    /// Set when a stop was asked for: the poller sends its `last_avail` here once its last
+    /// request completes.
     draining: Option<mpsc::Receiver<u16>>,
+    /// The stop did not drain within the drain timeout: the poller is still registered, and
+    /// the ring is held (not started again) until it finishes.
+    held: bool,
 }
 
 /// How long stopping a ring waits for its in-flight requests.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often a held ring's poller is looked at while no message arrives.
+const HELD_RETRY: Duration = Duration::from_secs(1);
+
+/// Whether `sock` has something to read within `t` (or an error or hang-up to report).
+fn readable_within(sock: &UnixStream, t: Duration) -> bool {
+    let mut p = libc::pollfd {
+        fd: sock.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for a descriptor `sock` keeps open during the call.
+    let n = unsafe { libc::poll(&mut p, 1, t.as_millis() as libc::c_int) };
+    n != 0
+}
 
 #[derive(Default)]
 struct Vring {
@@ -451,6 +468,17 @@ impl<'a> Conn<'a> {
 
     fn run(&mut self) -> ProtocolError {
         loop {
+            // A held ring starts once its old poller has drained, without waiting for the
+            // front-end's next message: look every second while one is held.
+            while self.any_held() && !readable_within(&self.sock, HELD_RETRY) {
+                for i in 0..self.vrings.len() {
+                    if self.vrings[i].running.as_ref().is_some_and(|r| r.held)
+                        && self.reap_drained(i)
+                    {
+                        self.try_start(i);
+                    }
+                }
+            }
             let m = match protocol::recv(&self.sock) {
                 Ok(m) => m,
                 Err(e) => return e,
@@ -646,11 +674,35 @@ impl<'a> Conn<'a> {
                         self.try_start(i);
                     }
                     req::SET_VRING_CALL => {
-                        let was = self.vrings[i].running.is_some();
-                        self.stop_ring(i);
-                        self.vrings[i].call = fd;
-                        if was {
-                            self.try_start(i);
+                        // QEMU sends this at every guest MSI-X mask and unmask: the running
+                        // poller switches to the new fd in place, the ring is not stopped.
+                        let copy = match &fd {
+                            Some(f) => f.try_clone().ok().map(Some),
+                            None => Some(None),
+                        };
+                        match (&self.vrings[i].running, copy) {
+                            (Some(r), Some(copy)) if r.draining.is_none() => {
+                                r.ctl.replace_call(copy);
+                                if let Some(c) = &fd {
+                                    let one = 1u64;
+                                    // SAFETY: writes 8 bytes from a live u64 to an eventfd
+                                    // the front-end sent us.
+                                    unsafe {
+                                        libc::write(c.as_raw_fd(), (&one as *const u64).cast(), 8)
+                                    };
+                                }
+                                self.vrings[i].call = fd;
+                            }
+                            _ => {
+                                // Not running (or the fd could not be duplicated): set it for
+                                // the next start, restarting a running ring with it.
+                                let was = self.vrings[i].running.is_some();
+                                self.stop_ring(i);
+                                self.vrings[i].call = fd;
+                                if was {
+                                    self.try_start(i);
+                                }
+                            }
                         }
                     }
                     _ => self.vrings[i].err = fd,
@@ -828,6 +880,7 @@ impl<'a> Conn<'a> {
                     poller,
                     ctl,
                     draining: None,
+                    held: false,
                 });
             }
             Some(Err(e)) => tracing::error!(queue = i, error = %e, "cannot start virtqueue"),
@@ -839,34 +892,58 @@ impl<'a> Conn<'a> {
     ///
     /// Requests stuck below (a dead device) may keep the poller from draining within the drain
     /// timeout. The poller is then left registered, with the guest memory mapping the kernel may
-    /// still write into, and the ring stays held (`Running::draining`): it is not started again
+    /// still write into, and the ring stays held (`Running::held`): it is not started again
     /// until that poller has finished, so two pollers never serve one ring. A later stop only
     /// checks, without waiting again, whether it has finished meanwhile.
     fn stop_ring(&mut self, i: usize) {
+        self.request_stop(i);
+        self.finish_stop(i, Instant::now() + self.drain_timeout);
+    }
+
+    /// Asks ring `i`'s poller to stop taking requests (once).
+    fn request_stop(&mut self, i: usize) {
         let Some(run) = self.vrings[i].running.as_mut() else {
             return;
         };
-        let (rx, wait) = match run.draining.take() {
-            Some(rx) => (rx, Duration::ZERO),
-            None => {
-                let rx = run.ctl.request_stop();
-                // Wake the reactor so the poller sees the request even if it sleeps.
-                self.reactors[run.reactor].send(|_| {});
-                (rx, self.drain_timeout)
-            }
+        if run.draining.is_none() {
+            run.draining = Some(run.ctl.request_stop());
+            // Wake the reactor so the poller sees the request even if it sleeps.
+            self.reactors[run.reactor].send(|_| {});
+        }
+    }
+
+    /// Waits until `deadline` (not at all for a ring already held) for ring `i`'s stopping
+    /// poller to drain, then removes it; a poller that did not drain holds the ring. Either
+    /// way the ring's base becomes the index the poller stopped taking heads at.
+    fn finish_stop(&mut self, i: usize, deadline: Instant) {
+        let Some(run) = self.vrings[i].running.as_mut() else {
+            return;
+        };
+        let Some(rx) = run.draining.as_ref() else {
+            return;
+        };
+        let wait = if run.held {
+            Duration::ZERO
+        } else {
+            deadline.saturating_duration_since(Instant::now())
         };
         match rx.recv_timeout(wait) {
             Ok(last_avail) => self.vrings[i].base = last_avail,
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                if !wait.is_zero() {
+                if !run.held {
                     tracing::error!(
                         queue = i,
-                        timeout_s = wait.as_secs_f64(),
+                        timeout_s = self.drain_timeout.as_secs_f64(),
                         "virtqueue did not drain in time; its poller is left in place and the \
                          ring is held until it drains"
                     );
+                    run.held = true;
                 }
-                run.draining = Some(rx);
+                // Not the base it was started with: the front-end must not be told to start
+                // again from there (chains the poller already took would run twice).
+                if let Some(at) = run.ctl.stopped_at() {
+                    self.vrings[i].base = at;
+                }
                 return;
             }
             // The poller dropped its reply channel without a result: it is gone already.
@@ -904,10 +981,23 @@ impl<'a> Conn<'a> {
         }
     }
 
+    /// Stops every ring: all are asked first, then all drain against one deadline (not one
+    /// timeout after another).
     fn stop_all(&mut self) {
         for i in 0..self.vrings.len() {
-            self.stop_ring(i);
+            self.request_stop(i);
         }
+        let deadline = Instant::now() + self.drain_timeout;
+        for i in 0..self.vrings.len() {
+            self.finish_stop(i, deadline);
+        }
+    }
+
+    /// Whether a ring is held by a poller that has not drained.
+    fn any_held(&self) -> bool {
+        self.vrings
+            .iter()
+            .any(|v| v.running.as_ref().is_some_and(|r| r.held))
     }
 }
 
@@ -1276,6 +1366,118 @@ mod tests {
         conn.stop_all();
         assert_eq!(pollers(), 0);
         drop(conn);
+        r.shutdown(Duration::from_secs(5));
+    }
+
+    /// The count an eventfd holds now (0 if none), reset to 0.
+    fn take_count(fd: &OwnedFd) -> u64 {
+        let mut v = 0u64;
+        // SAFETY: reads 8 bytes into a live u64 from a non-blocking eventfd.
+        let n = unsafe { libc::read(fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        if n == 8 { v } else { 0 }
+    }
+
+    #[test]
+    fn a_new_call_fd_is_taken_by_the_running_ring_without_a_stop() {
+        let r = reactors();
+        let base: Arc<dyn Bdev> = Arc::new(MallocBdev::new("m", BlockSize::B4096, 256, 0).unwrap());
+        // A read held well past the drain timeout below: a stop would time out.
+        let bdev: Arc<dyn Bdev> = Arc::new(DelayBdev::new(
+            "d",
+            base,
+            Delays {
+                read: Duration::from_millis(1000),
+                ..Delays::default()
+            },
+        ));
+        let spec = test_spec("unused".into(), "d", 1);
+        let shared = test_shared();
+        let handles = r.handles().to_vec();
+        let mut d = Driver::new(8);
+        let status = publish_read(&mut d);
+        let (sock, _peer) = UnixStream::pair().unwrap();
+        let mut conn = Conn::new(&spec, &bdev, &handles, &shared, sock);
+        conn.drain_timeout = Duration::from_millis(50);
+        set_ring(&mut conn, &d, 0);
+        let old_call = conn.vrings[0].call.as_ref().unwrap().try_clone().unwrap();
+        conn.try_start(0);
+        wait_until("the read reaches the bdev", || {
+            bdev.info().stats().ops[0] == 1
+        });
+        let first = conn.vrings[0].running.as_ref().unwrap().poller;
+
+        // SET_VRING_CALL while the read is held (the guest masked its interrupt).
+        let new_call = eventfd();
+        conn.handle(Message {
+            request: req::SET_VRING_CALL,
+            flags: 1,
+            payload: vec![0u8; 8],
+            fds: vec![new_call.try_clone().unwrap()],
+        })
+        .unwrap();
+        let run = conn.vrings[0].running.as_ref().unwrap();
+        assert!(run.draining.is_none(), "the ring was stopped");
+        assert_eq!(run.poller, first);
+        // The switch is announced once on the new fd.
+        assert_eq!(take_count(&new_call), 1);
+
+        // The held read completes and is signalled on the new fd only.
+        wait_until("the read completes", || d.used(0).0 == 1);
+        assert_eq!(d.read(status, 1), [0]);
+        wait_until("the completion is signalled", || take_count(&new_call) >= 1);
+        assert_eq!(take_count(&old_call), 0, "the old call fd was signalled");
+        conn.stop_all();
+        drop(conn);
+        r.shutdown(Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_held_ring_reports_where_it_stopped_and_starts_by_itself_once_drained() {
+        let r = reactors();
+        let base: Arc<dyn Bdev> = Arc::new(MallocBdev::new("m", BlockSize::B4096, 256, 0).unwrap());
+        let bdev: Arc<dyn Bdev> = Arc::new(DelayBdev::new(
+            "d",
+            base,
+            Delays {
+                read: Duration::from_millis(1000),
+                ..Delays::default()
+            },
+        ));
+        let spec = test_spec("unused".into(), "d", 1);
+        let shared = test_shared();
+        let handles = r.handles().to_vec();
+        let mut d = Driver::new(8);
+        publish_read(&mut d);
+        let (sock, peer) = UnixStream::pair().unwrap();
+        let mut conn = Conn::new(&spec, &bdev, &handles, &shared, sock);
+        conn.drain_timeout = Duration::from_millis(50);
+        set_ring(&mut conn, &d, 0);
+        conn.try_start(0);
+        wait_until("the read reaches the bdev", || {
+            bdev.info().stats().ops[0] == 1
+        });
+        // GET_VRING_BASE while the read is held: the base is past the chain the poller took,
+        // not the one the ring started with (a restart from there would run it twice).
+        conn.stop_ring(0);
+        assert!(conn.vrings[0].running.as_ref().is_some_and(|r| r.held));
+        assert_eq!(conn.vrings[0].base, 1);
+        // The front-end gives the ring a new kick and sends nothing more: once the held read
+        // completes, the ring starts by itself and serves the next request.
+        let kick = eventfd();
+        conn.vrings[0].kick = Some(kick.try_clone().unwrap());
+        std::thread::scope(|s| {
+            let t = s.spawn(move || conn.run());
+            wait_until("the held read completes", || d.used(0).0 == 1);
+            let status = publish_read(&mut d);
+            // SAFETY: an 8-byte write from a live buffer to an eventfd this test owns.
+            unsafe { libc::write(kick.as_raw_fd(), 1u64.to_ne_bytes().as_ptr().cast(), 8) };
+            wait_until("the ring restarted and served the next read", || {
+                d.used(0).0 == 2
+            });
+            assert_eq!(d.read(status, 1), [0]);
+            drop(peer);
+            let _ = t.join().unwrap();
+        });
         r.shutdown(Duration::from_secs(5));
     }
 }

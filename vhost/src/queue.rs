@@ -9,7 +9,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
 use ferroblk_bdev::reactor::Poller;
@@ -64,6 +64,13 @@ pub struct QueueCtl {
     pub broken: AtomicBool,
     /// The front-end's vring error eventfd (SET_VRING_ERR), signalled when the ring breaks.
     pub err_fd: Mutex<Option<OwnedFd>>,
+    /// A new call eventfd for the running poller (SET_VRING_CALL), taken at its next poll;
+    /// `call_changed` says one is waiting, so the poller looks at the lock only then.
+    new_call: Mutex<Option<Option<OwnedFd>>>,
+    call_changed: AtomicBool,
+    /// `1 << 16 | last_avail` once the poller has seen the stop request and taken its last
+    /// head (0 before): the ring's base for the front-end even while requests still drain.
+    stopped_at: AtomicU32,
 }
 
 impl QueueCtl {
@@ -74,6 +81,22 @@ impl QueueCtl {
         *self.result.lock().expect("ctl lock") = Some(tx);
         self.stop.store(true, Ordering::Release);
         rx
+    }
+
+    /// The available index the poller stopped taking heads at, once it has seen
+    /// [`request_stop`](Self::request_stop).
+    pub fn stopped_at(&self) -> Option<u16> {
+        let v = self.stopped_at.load(Ordering::Acquire);
+        (v != 0).then_some(v as u16)
+    }
+
+    /// Hands the running poller a new call eventfd (or none), without stopping the ring: the
+    /// poller switches at its next poll and closes the old one. A notification it sends to the
+    /// old one meanwhile may be missed by the driver, so the caller also signals the new one
+    /// once (a spurious interrupt only makes the driver look at the used ring).
+    pub fn replace_call(&self, call: Option<OwnedFd>) {
+        *self.new_call.lock().expect("ctl lock") = Some(call);
+        self.call_changed.store(true, Ordering::Release);
     }
 }
 
@@ -393,6 +416,12 @@ impl Poller for VqPoller {
         if self.finished {
             return 0;
         }
+        if self.ctl.call_changed.load(Ordering::Acquire) {
+            self.ctl.call_changed.store(false, Ordering::Relaxed);
+            if let Some(c) = self.ctl.new_call.lock().expect("ctl lock").take() {
+                self.call = c;
+            }
+        }
         let mut work = self.drain_kicks();
         if self.kicks_enabled {
             // While the reactor polls, the driver need not kick.
@@ -400,6 +429,12 @@ impl Poller for VqPoller {
             self.q.disable_notification();
         }
         let stopping = self.ctl.stop.load(Ordering::Acquire);
+        if stopping && self.ctl.stopped_at.load(Ordering::Relaxed) == 0 {
+            // No head is taken from here on (those taken already still run).
+            self.ctl
+                .stopped_at
+                .store(1 << 16 | u32::from(self.q.last_avail()), Ordering::Release);
+        }
         let broken = self.ctl.broken.load(Ordering::Relaxed);
         while let Some(io) = self.pending.pop_front() {
             match self.ch.submit(io) {
