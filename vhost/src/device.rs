@@ -1480,4 +1480,40 @@ mod tests {
         });
         r.shutdown(Duration::from_secs(5));
     }
+
+    #[test]
+    fn a_finished_poller_still_registered_lets_its_reactor_sleep_through_kicks() {
+        let r = reactors();
+        let bdev: Arc<dyn Bdev> = Arc::new(MallocBdev::new("m", BlockSize::B4096, 256, 0).unwrap());
+        let spec = test_spec("unused".into(), "m", 1);
+        let shared = test_shared();
+        let handles = r.handles().to_vec();
+        let d = Driver::new(8);
+        let (sock, _peer) = UnixStream::pair().unwrap();
+        let mut conn = Conn::new(&spec, &bdev, &handles, &shared, sock);
+        set_ring(&mut conn, &d, 0);
+        let kick = conn.vrings[0].kick.as_ref().unwrap().try_clone().unwrap();
+        conn.try_start(0);
+        // The poller stops and finishes (nothing in flight), and stays registered, as a held
+        // ring's poller does until the control thread reaps it.
+        conn.drain_timeout = Duration::from_millis(50);
+        conn.request_stop(0);
+        let run = conn.vrings[0].running.as_ref().unwrap();
+        run.draining
+            .as_ref()
+            .unwrap()
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap();
+        let sleeps = || r.handles()[0].stats().sleeps.load(Ordering::Relaxed);
+        wait_until("the reactor sleeps", || sleeps() > 0);
+        // A late kick: taken and dropped, and the reactor goes back to sleep (an untaken
+        // event would keep it spinning).
+        // SAFETY: an 8-byte write from a live buffer to an eventfd this test owns.
+        unsafe { libc::write(kick.as_raw_fd(), 1u64.to_ne_bytes().as_ptr().cast(), 8) };
+        let before = sleeps();
+        wait_until("the reactor sleeps after the kick", || sleeps() > before);
+        conn.stop_all();
+        drop(conn);
+        r.shutdown(Duration::from_secs(5));
+    }
 }

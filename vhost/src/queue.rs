@@ -414,6 +414,9 @@ fn set_nonblocking(fd: &OwnedFd) -> std::io::Result<()> {
 impl Poller for VqPoller {
     fn poll(&mut self) -> usize {
         if self.finished {
+            // Kicks that still arrive are taken and dropped: a watch event left untaken would
+            // keep the reactor from sleeping until the control thread removes this poller.
+            self.drain_kicks();
             return 0;
         }
         if self.ctl.call_changed.load(Ordering::Acquire) {
