@@ -824,6 +824,9 @@ impl<K: EntryOps> MdChannel<K> {
                 if ok {
                     bufs.copy_from_slice(0, data);
                 }
+                // The buffer goes back to the reactor's pool, which other volumes and hosts
+                // take from: no plaintext is left in it.
+                data.fill(0);
                 ok
             }
             None => self.entries.verify(o.lba, entries, bufs),

@@ -363,6 +363,7 @@ fn decrypt_out(
         let mut done = 0;
         while done < bs {
             let Some(s) = segs.get(seg) else {
+                unit.fill(0);
                 return;
             };
             let n = (s.len - off).min(bs - done);
@@ -376,6 +377,9 @@ fn decrypt_out(
                 off = 0;
             }
         }
+        // This unit was decrypted in the pool buffer, which goes back to the reactor's pool
+        // (other volumes and hosts take from it): no plaintext is left there.
+        unit.fill(0);
     }
 }
 

@@ -655,7 +655,8 @@ struct Pages {
 fn load_pages(ch: &mut SyncChannel, l: &CompressLayout) -> Result<Pages, String> {
     let bs = l.block_size.bytes() as usize;
     let total = 2 * l.map_pages;
-    let step = u64::from(ch.channel().info().geometry().max_transfer_blocks).min(256);
+    // Whole pages (two blocks each), at least one per read.
+    let step = u64::from(ch.channel().info().geometry().max_transfer_blocks).clamp(2, 256);
     let mut entries = vec![Entry::default(); l.chunks as usize];
     let mut page_seq = vec![0u64; l.map_pages as usize];
     let mut covered = vec![0u64; l.map_pages as usize];
