@@ -663,3 +663,132 @@ fn h2c_data_whose_last_flag_disagrees_with_the_data_ends_the_connection() {
     }
     good_host_round_trip(r.addr, 3);
 }
+
+#[test]
+fn a_data_digest_error_in_one_pdu_of_a_transfer_fails_the_command_not_the_connection() {
+    let r = common::rig(NQN, common::malloc_1m());
+    let (_a, mut q) = enabled_controller(r.addr, true);
+    let w = ReadWrite {
+        nsid: 1,
+        slba: 8,
+        nlb: 2,
+        ..Default::default()
+    }
+    .to_sqe(
+        IoOpcode::Write,
+        21,
+        &SglDescriptor::transport_data_block(8192),
+    );
+    let mut out = [0u8; 256];
+    let n = q.enc.capsule_cmd(&w, 0, &mut out);
+    q.send(&out[..n]);
+    let Some((PduHeader::R2t(r2t), _)) = q.recv() else {
+        panic!("a valid write asks for its data");
+    };
+    // The R2T's data in two PDUs; the first one's data digest is wrong.
+    let data = [0x5au8; 4096];
+    for (k, bad) in [(0u32, true), (1, false)] {
+        let h = H2cData {
+            cccid: 21,
+            ttag: r2t.ttag,
+            datao: k * 4096,
+            datal: 4096,
+            last: k == 1,
+        };
+        let n = q.enc.h2c_data(&h, &mut out);
+        let mut pdu = out[..n].to_vec();
+        pdu.extend_from_slice(&data);
+        let digest = DataDigest::of(&[&data[..]]) ^ u32::from(bad);
+        pdu.extend_from_slice(&digest.to_le_bytes());
+        q.send(&pdu);
+    }
+    match q.recv() {
+        Some((PduHeader::CapsuleResp(c), _)) => {
+            assert_eq!(
+                (c.cqe.cid, c.cqe.status),
+                (21, Status::TRANSIENT_TRANSPORT_ERROR)
+            )
+        }
+        other => panic!("expected the write's failure, got {other:?}"),
+    }
+    // The connection serves the next command.
+    let read = ReadWrite {
+        nsid: 1,
+        slba: 8,
+        nlb: 1,
+        ..Default::default()
+    }
+    .to_sqe(
+        IoOpcode::Read,
+        22,
+        &SglDescriptor::transport_data_block(4096),
+    );
+    let (c, got) = q.command(&read, &[]);
+    assert!(c.status.is_success(), "{:?}", c.status);
+    assert_eq!(got.len(), 4096);
+    good_host_round_trip(r.addr, 5);
+}
+
+#[test]
+fn a_second_connect_on_one_connection_binds_no_second_controller() {
+    let r = common::rig(NQN, common::malloc_1m());
+    let mut h = Host::new(r.addr);
+    h.ic(false, false);
+    let cd = ConnectData {
+        hostid: [7; 16],
+        cntlid: 0xffff,
+        subnqn: NQN.into(),
+        hostnqn: HOST.into(),
+    };
+    let connect = |cid: u16, sgl: SglDescriptor| {
+        ConnectCommand {
+            recfmt: 0,
+            qid: 0,
+            sqsize: 31,
+            cattr: 0,
+            kato: 0,
+            sgl1: sgl,
+        }
+        .to_sqe(cid)
+    };
+    // Connect 1 asks for its data by R2T and waits for it.
+    let mut out = [0u8; 256];
+    let n = h.enc.capsule_cmd(
+        &connect(1, SglDescriptor::transport_data_block(1024)),
+        0,
+        &mut out,
+    );
+    h.send(&out[..n]);
+    let Some((PduHeader::R2t(r2t), _)) = h.recv() else {
+        panic!("Connect without in-capsule data asks for it");
+    };
+    // Connect 2, with its data, meanwhile: refused.
+    let (c, _) = h.command(
+        &connect(2, SglDescriptor::in_capsule(0, 1024)),
+        &cd.to_bytes(),
+    );
+    assert_eq!(c.status, Status::COMMAND_SEQUENCE_ERROR);
+    // Connect 1's data: it binds the one controller.
+    let hd = H2cData {
+        cccid: 1,
+        ttag: r2t.ttag,
+        datao: 0,
+        datal: 1024,
+        last: true,
+    };
+    let n = h.enc.h2c_data(&hd, &mut out);
+    h.send(&out[..n]);
+    h.send(&cd.to_bytes());
+    match h.recv() {
+        Some((PduHeader::CapsuleResp(c), _)) => assert!(c.cqe.status.is_success()),
+        other => panic!("expected Connect 1's completion, got {other:?}"),
+    }
+    assert_eq!(r.subsystem.controllers().len(), 1);
+    // And once connected, another Connect is refused.
+    let (c, _) = h.command(
+        &connect(3, SglDescriptor::in_capsule(0, 1024)),
+        &cd.to_bytes(),
+    );
+    assert_eq!(c.status, Status::COMMAND_SEQUENCE_ERROR);
+    assert_eq!(r.subsystem.controllers().len(), 1);
+}

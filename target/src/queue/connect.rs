@@ -14,6 +14,11 @@ impl NvmeQueue {
     /// an I/O queue joins one by CNTLID. Every refusal is logged with the field, its value and
     /// why (rate-limited), so an operator sees why a host cannot attach.
     pub(super) fn connect<T: Transport>(&mut self, t: &mut T, i: usize, sqe: Sqe) {
+        if self.bound.is_some() {
+            // One controller binding per queue (NVMe-oF 1.1 §3.3): a second would leave the
+            // first's controller behind in its subsystem.
+            return self.complete_slot(t, i, Status::COMMAND_SEQUENCE_ERROR, 0, 0);
+        }
         let cmd = ConnectCommand::from_sqe(&sqe);
         let invalid = |ipo: u16, in_data: bool| {
             let c = ConnectResponse::InvalidParameters { in_data, ipo }.to_cqe(sqe.cid());

@@ -327,6 +327,20 @@ impl NvmeQueue {
         self.send_cqe(t, Cqe::new(cid, status));
     }
 
+    /// Marks transfer `ttag` (command `cid`) failed with `status` (a data digest error in one
+    /// of its PDUs) without ending it: the host still sends the rest of the transfer's data,
+    /// which is taken as usual; then the command completes with `status` instead of running.
+    pub fn poison_transfer(&mut self, ttag: u16, cid: u16, status: Status) {
+        if let Some(s) = self
+            .slots
+            .get_mut(ttag as usize)
+            .filter(|s| s.state == SlotState::AwaitData && s.cid == cid)
+            && s.status.is_success()
+        {
+            s.status = status;
+        }
+    }
+
     /// Fails the transfer `ttag` of command `cid` with `status` if it is waiting for data.
     pub fn fail_transfer<T: Transport>(&mut self, t: &mut T, ttag: u16, cid: u16, status: Status) {
         let i = ttag as usize;
@@ -445,8 +459,9 @@ impl NvmeQueue {
             return;
         }
         let is_connect = sqe.fabrics_type() == Some(FabricsType::Connect);
-        if self.bound.is_none() != is_connect {
-            // Nothing but Connect before Connect, and no second Connect.
+        if self.bound.is_none() != is_connect || (is_connect && active > 0) {
+            // Nothing but Connect before Connect, no second Connect, and not a second one
+            // while the first still waits for its data (each would bind a controller).
             return self.refuse_command(t, cid, None, icd, Status::COMMAND_SEQUENCE_ERROR);
         }
         if let Some(status) = self.check_before_data(&sqe) {
@@ -568,6 +583,11 @@ impl NvmeQueue {
     pub fn data_received<T: Transport>(&mut self, t: &mut T, ttag: u16) {
         let i = ttag as usize;
         debug_assert!(self.slots[i].got == self.slots[i].len);
+        let poisoned = self.slots[i].status;
+        if !poisoned.is_success() {
+            // See `poison_transfer`: the data is in, and it is not to be trusted.
+            return self.complete_slot(t, i, poisoned, 0, 0);
+        }
         self.slots[i].state = SlotState::Exec;
         self.execute(t, i);
     }

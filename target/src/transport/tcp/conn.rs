@@ -252,6 +252,12 @@ impl TcpConn {
         let mut pos = 0;
         let mut handled = 0;
         while !self.queue.is_closing() {
+            // A host that does not read its responses gets no more commands taken until it
+            // does (at a PDU boundary): commands that complete at once, pipelined, would
+            // otherwise grow the send buffer without bound in one poll.
+            if self.rx_data.is_none() && self.wire.send.pending() >= TX_HIGH_WATER {
+                break;
+            }
             if let Some(d) = self.rx_data {
                 // Data of the H2CData PDU in progress, then its digest.
                 let avail = self.rx.len() - pos;
@@ -443,13 +449,12 @@ impl TcpConn {
     /// `digest_ok`.
     fn data_done(&mut self, digest_ok: bool) {
         let d = self.rx_data.take().expect("a PDU in progress");
-        let status = Status::TRANSIENT_TRANSPORT_ERROR;
         if !digest_ok {
-            // Not fatal: the command fails with Transient Transport Error.
+            // Not fatal: the command fails with Transient Transport Error once the rest of
+            // its data (further PDUs of the R2T the host still sends) has come in.
             tracing::warn!(peer = %self.queue.peer(), "data digest mismatch");
             self.queue
-                .fail_transfer(&mut self.wire, d.ttag, d.cid, status);
-            return;
+                .poison_transfer(d.ttag, d.cid, Status::TRANSIENT_TRANSPORT_ERROR);
         }
         match (d.complete, d.last) {
             (true, true) => self.queue.data_received(&mut self.wire, d.ttag),
