@@ -792,3 +792,80 @@ fn a_second_connect_on_one_connection_binds_no_second_controller() {
     assert_eq!(c.status, Status::COMMAND_SEQUENCE_ERROR);
     assert_eq!(r.subsystem.controllers().len(), 1);
 }
+
+#[test]
+fn the_write_cache_is_always_reported_and_turning_it_off_makes_every_write_durable() {
+    let m = common::malloc_1m();
+    let r = common::rig(NQN, m.clone());
+    let (mut a, mut q) = enabled_controller(r.addr, false);
+    // Identify Controller: VWC present even with only a cache-less (malloc) namespace, so a
+    // host flushes namespaces with a cache added later.
+    let mut id = Sqe::new(AdminOpcode::Identify as u8, 30);
+    id.set_cdw(10, 1); // CNS 01h: Identify Controller
+    id.set_sgl1(&SglDescriptor::transport_data_block(4096));
+    let (c, data) = a.command(&id, &[]);
+    assert!(c.status.is_success(), "{:?}", c.status);
+    let ic = ferroblk_target::spec::identify::IdentifyController::parse(&data).unwrap();
+    assert_eq!(ic.vwc & 1, 1, "VWC present");
+
+    let flushes = || m.info().stats().ops[ferroblk_bdev::IoType::Flush as usize];
+    let write = |cid: u16| {
+        ReadWrite {
+            nsid: 1,
+            slba: u64::from(cid),
+            nlb: 1,
+            ..Default::default()
+        }
+        .to_sqe(IoOpcode::Write, cid, &SglDescriptor::in_capsule(0, 4096))
+    };
+    let before = flushes();
+    assert!(q.command(&write(1), &[1u8; 4096]).0.status.is_success());
+    assert_eq!(flushes(), before, "write-back: no flush per write");
+    // Set Features, Volatile Write Cache (06h), WCE = 0.
+    let mut sf = Sqe::new(AdminOpcode::SetFeatures as u8, 31);
+    sf.set_cdw(10, 0x06);
+    sf.set_cdw(11, 0);
+    assert!(a.command(&sf, &[]).0.status.is_success());
+    assert!(q.command(&write(2), &[2u8; 4096]).0.status.is_success());
+    assert_eq!(
+        flushes(),
+        before + 1,
+        "write-through: the write was flushed"
+    );
+}
+
+#[test]
+fn a_discovery_controller_without_keep_alive_gets_one() {
+    use ferroblk_target::spec::fabrics::DISCOVERY_NQN;
+    let r = common::rig(NQN, common::malloc_1m());
+    let mut h = Host::new(r.addr);
+    h.ic(false, false);
+    let cd = ConnectData {
+        hostid: [7; 16],
+        cntlid: 0xffff,
+        subnqn: DISCOVERY_NQN.into(),
+        hostnqn: HOST.into(),
+    };
+    let cmd = ConnectCommand {
+        recfmt: 0,
+        qid: 0,
+        sqsize: 31,
+        cattr: 0,
+        kato: 0,
+        sgl1: SglDescriptor::in_capsule(0, 1024),
+    };
+    assert!(
+        h.command(&cmd.to_sqe(1), &cd.to_bytes())
+            .0
+            .status
+            .is_success()
+    );
+    let disc = r.target.subsystem(DISCOVERY_NQN).unwrap();
+    let c = disc.controllers();
+    assert_eq!(c.len(), 1);
+    assert_eq!(
+        c[0].kato_ms.load(std::sync::atomic::Ordering::Relaxed),
+        120_000,
+        "a silent discovery connection must not hold its listener slot forever"
+    );
+}

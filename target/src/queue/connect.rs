@@ -9,6 +9,10 @@ use crate::spec::command::Sqe;
 use crate::spec::fabrics::{ConnectCommand, ConnectData, ConnectResponse};
 use crate::subsystem::admin::QUEUE_ENTRIES;
 
+/// Keep-alive timeout of a discovery controller whose host asked for none (ms; nvmet's
+/// `NVMET_DISC_KATO_MS`).
+pub(crate) const DISCOVERY_KATO_MS: u32 = 120_000;
+
 impl NvmeQueue {
     /// Fabrics Connect (NVMe-oF 1.1 §3.3): an admin queue creates a controller (dynamic model),
     /// an I/O queue joins one by CNTLID. Every refusal is logged with the field, its value and
@@ -77,7 +81,15 @@ impl NvmeQueue {
         self.sqsize = entries as u16;
         self.flow_control = cmd.cattr & crate::spec::fabrics::CATTR_DISABLE_SQ_FLOW_CONTROL == 0;
         let ctrl = if cmd.qid == 0 {
-            match subsys.create_controller(&cd.hostnqn, cd.hostid, cmd.kato, self.reactor.clone()) {
+            // A discovery controller without keep-alive would hold its connection (and a
+            // listener slot) forever: it gets nvmet's default instead (NVMe-oF 1.1 §3.3.2
+            // lets a discovery controller pick its own).
+            let kato = if subsys.discovery && cmd.kato == 0 {
+                DISCOVERY_KATO_MS
+            } else {
+                cmd.kato
+            };
+            match subsys.create_controller(&cd.hostnqn, cd.hostid, kato, self.reactor.clone()) {
                 Ok(c) => c,
                 Err(e) => {
                     let r = (Status::CONNECT_CONTROLLER_BUSY, 0);

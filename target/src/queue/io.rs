@@ -4,6 +4,7 @@
 //! of each namespace, and their completions.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use ferroblk_bdev::{Caps, IoCompletion, IoRequest, IoType, SgList};
 
@@ -139,6 +140,13 @@ impl NvmeQueue {
         }
     }
 
+    /// Whether the host left the controller's volatile write cache on (Set Features VWC).
+    fn write_cache_enabled(&self) -> bool {
+        self.bound
+            .as_ref()
+            .is_none_or(|b| b.ctrl.vwc_enabled.load(Ordering::Relaxed))
+    }
+
     pub(super) fn io_command<T: Transport>(&mut self, t: &mut T, i: usize, sqe: Sqe) {
         let nsid = sqe.nsid();
         let opc = sqe.io_opcode();
@@ -212,8 +220,10 @@ impl NvmeQueue {
                 self.slots[i].pending = 1;
                 // Force Unit Access: a flush follows once the write has completed, and the
                 // command completes after the flush (submitted together, the flush could finish
-                // first).
-                self.slots[i].flush_nsid = rw.fua.then_some(nsid);
+                // first). With the volatile write cache turned off (Set Features VWC = 0), every
+                // write is one.
+                let write_through = !self.write_cache_enabled();
+                self.slots[i].flush_nsid = (rw.fua || write_through).then_some(nsid);
                 let io = IoRequest::write(rw.slba, rw.nlb, SgList::from_buf_prefix(buf, len), tag);
                 self.submit(nsid, io);
             }
@@ -229,6 +239,7 @@ impl NvmeQueue {
                     IoType::WriteZeroes
                 };
                 self.slots[i].pending = 1;
+                self.slots[i].flush_nsid = (wz.fua || !self.write_cache_enabled()).then_some(nsid);
                 self.submit(nsid, IoRequest::no_data(t, wz.slba, wz.nlb, tag));
             }
             Some(IoOpcode::DatasetManagement) => {

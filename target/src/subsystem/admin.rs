@@ -138,10 +138,6 @@ pub fn property_set(ctrl: &Controller, sqe: &Sqe) -> AdminOutcome {
 
 fn identify_controller(ctrl: &Controller, target: &Target) -> Vec<u8> {
     let s = &ctrl.subsystem;
-    let volatile = s
-        .namespaces()
-        .iter()
-        .any(|n| n.bdev.info().caps().contains(Caps::VOLATILE_CACHE));
     let all_unmap = s
         .namespaces()
         .iter()
@@ -193,10 +189,14 @@ fn identify_controller(ctrl: &Controller, target: &Target) -> Vec<u8> {
                 }
                 | if all_wz { oncs::WRITE_ZEROES } else { 0 }
         },
-        vwc: if volatile {
-            vwc::PRESENT | vwc::FLUSH_BROADCAST_SUPPORTED
-        } else {
+        // Always present (as nvmet and SPDK report it): a host reads this once, when it sets
+        // the controller up, and a namespace with a volatile cache may be added after that
+        // (a host told "no cache" would never flush it). Flush on a namespace without one
+        // costs nothing.
+        vwc: if s.discovery {
             vwc::FLUSH_BROADCAST_SUPPORTED
+        } else {
+            vwc::PRESENT | vwc::FLUSH_BROADCAST_SUPPORTED
         },
         // Both transports' descriptors: a controller lives on one association, whose queues
         // each take only their own transport's kind (NvmeQueue::with_keyed_sgl); Linux's
