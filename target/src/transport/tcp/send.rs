@@ -292,6 +292,18 @@ impl SendStream {
         if self.pending() == 0 {
             self.tx.clear();
             self.tx_off = 0;
+        } else if self.tx_off >= TX_CAPACITY / 2 && 2 * self.tx_off >= self.tx.len() {
+            // A stream that never empties (a host reading as fast as responses come, a read's
+            // data always queued) would otherwise keep every byte it ever sent: drop the sent
+            // part once it is at least half of `tx` (amortized: the bytes moved are fewer
+            // than those dropped). Every part's position is at or after `tx_off`.
+            let off = self.tx_off;
+            self.tx.drain(..off);
+            self.tx_off = 0;
+            for d in self.tx_data.iter_mut() {
+                debug_assert!(d.at >= off);
+                d.at -= off;
+            }
         }
     }
 
@@ -311,5 +323,106 @@ impl SendStream {
 impl Default for SendStream {
     fn default() -> SendStream {
         SendStream::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    use super::*;
+    use crate::transport::tcp::pdu::{Decoded, IcReq, PduDecoder, PduHeader};
+
+    fn socketpair() -> (OwnedFd, OwnedFd) {
+        let mut fds = [0; 2];
+        // SAFETY: socketpair writes two descriptors into a live two-int array.
+        let rc = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, fds.as_mut_ptr()) };
+        assert_eq!(rc, 0);
+        // SAFETY: two new descriptors nothing else owns.
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    }
+
+    #[test]
+    fn a_stream_that_never_empties_keeps_its_buffer_bounded_and_its_bytes_in_order() {
+        let (ours, peer) = socketpair();
+        let req = IcReq {
+            pfv: 0,
+            hpda: 0,
+            hdgst: false,
+            ddgst: false,
+            maxr2t: 0,
+        };
+        let resp = IcResp {
+            pfv: 0,
+            cpda: 0,
+            hdgst: false,
+            ddgst: false,
+            maxh2cdata: MAX_H2C_DATA,
+        };
+        let neg = Negotiated::from_exchange(&req, &resp);
+        let mut s = SendStream::new();
+        s.establish(&neg);
+        s.reserve(32);
+        let mut dec = PduDecoder::host(1 << 20);
+        dec.establish(neg);
+        let (mut rx, mut next_cid, mut max_tx) = (Vec::new(), 0u32, 0usize);
+        let mut queue = |s: &mut SendStream, round: u32| {
+            let cid = round as u16;
+            s.capsule_resp(&Cqe::new(cid, crate::spec::Status::SUCCESS));
+            let mut b = bufpool::get(4096);
+            b.as_mut_slice().fill(cid as u8);
+            s.read_data(cid, b, 4096);
+            matches!(
+                s.flush(ours.as_raw_fd()),
+                Flushed::Sent { blocked: true, .. }
+            )
+        };
+        // First the socket fills up; from then on each round queues a response and a read's
+        // data and lets the peer read a little less than that: the stream never empties.
+        let mut round = 0u32;
+        while !queue(&mut s, round) {
+            round += 1;
+        }
+        for _ in 0..20_000 {
+            round += 1;
+            queue(&mut s, round);
+            max_tx = max_tx.max(s.tx.len());
+            let mut chunk = [0u8; 4000];
+            // SAFETY: reads into a live buffer of its length.
+            let n = unsafe {
+                libc::recv(
+                    peer.as_raw_fd(),
+                    chunk.as_mut_ptr().cast(),
+                    chunk.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n > 0 {
+                rx.extend_from_slice(&chunk[..n as usize]);
+            }
+            while let Ok(Decoded::Ready(l)) = dec.decode(&rx) {
+                match l.header {
+                    PduHeader::CapsuleResp(r) => {
+                        assert_eq!(r.cqe.cid, next_cid as u16, "responses in order");
+                    }
+                    PduHeader::C2hData(d) => {
+                        assert_eq!(d.cccid, next_cid as u16);
+                        assert!(rx[l.data.clone()].iter().all(|&x| x == next_cid as u8));
+                        next_cid += 1;
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+                rx.drain(..l.plen);
+            }
+        }
+        assert!(s.pending() > 0, "the stream never emptied");
+        assert!(
+            next_cid > 100,
+            "the peer read the stream ({next_cid} reads)"
+        );
+        assert!(
+            max_tx <= 4 * TX_CAPACITY,
+            "the send buffer grew to {max_tx} bytes"
+        );
     }
 }
