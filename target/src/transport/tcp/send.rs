@@ -366,7 +366,7 @@ mod tests {
         let mut dec = PduDecoder::host(1 << 20);
         dec.establish(neg);
         let (mut rx, mut next_cid, mut max_tx) = (Vec::new(), 0u32, 0usize);
-        let mut queue = |s: &mut SendStream, round: u32| {
+        let queue = |s: &mut SendStream, round: u32| {
             let cid = round as u16;
             s.capsule_resp(&Cqe::new(cid, crate::spec::Status::SUCCESS));
             let mut b = bufpool::get(4096);
