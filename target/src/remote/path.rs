@@ -36,18 +36,10 @@ pub const SPARES: usize = 1;
 /// The back-off between reconnect attempts grows up to this many times `reconnect_delay`.
 const MAX_BACKOFF_FACTOR: u32 = 8;
 
-/// ANA states (NVMe Base 2.0 §8.20.3), as the paths keep them.
+/// ANA states (NVMe Base 2.0 §8.1.3; [`crate::spec::log::ana_state`]) and their rank for path
+/// choice.
 pub mod ana {
-    /// 01h ANA Optimized.
-    pub const OPTIMIZED: u8 = 0x01;
-    /// 02h ANA Non-Optimized.
-    pub const NON_OPTIMIZED: u8 = 0x02;
-    /// 03h ANA Inaccessible.
-    pub const INACCESSIBLE: u8 = 0x03;
-    /// 04h ANA Persistent Loss.
-    pub const PERSISTENT_LOSS: u8 = 0x04;
-    /// 0Fh ANA Change.
-    pub const CHANGE: u8 = 0x0f;
+    pub use crate::spec::log::ana_state::*;
 
     /// The preference of a state for I/O: lower is better; `None`: not usable.
     pub fn rank(state: u8) -> Option<u8> {
