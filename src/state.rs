@@ -24,7 +24,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use ferroblk_bdev::BdevDecl;
-use ferroblk_target::subsystem::{ListenerSpec, NamespaceSpec, SubsystemSpec};
+use ferroblk_target::subsystem::{AnaState, ListenerSpec, NamespaceSpec, SubsystemSpec};
 use ferroblk_vhost::VhostSpec;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -120,6 +120,7 @@ impl Objects {
                         sub.namespace.extend(parsed::<NamespaceSpec>(&json!({
                             "nsid": params["nsid"], "bdev": params["bdev"],
                             "uuid": params.get("uuid").cloned().unwrap_or(Value::Null),
+                            "anagrpid": params.get("anagrpid").cloned().unwrap_or(Value::Null),
                         })));
                     }
                     "nvmf_ns_remove" => sub.namespace.retain(|n| Some(u64::from(n.nsid)) != nsid),
@@ -129,6 +130,24 @@ impl Objects {
                         }
                     }
                     _ => sub.hosts.retain(|h| h != s("host")),
+                }
+            }
+            "nvmf_listener_set_ana_state" => {
+                let (Some(endpoint), Some(ana)) = (
+                    parsed::<ListenerSpec>(&json!({
+                        "addr": params["addr"], "port": params["port"],
+                        "trtype": params.get("trtype").cloned().unwrap_or(json!("tcp")),
+                    })),
+                    parsed::<AnaState>(&params["ana_state"]),
+                ) else {
+                    return;
+                };
+                let group = params
+                    .get("anagrpid")
+                    .and_then(Value::as_u64)
+                    .map(|g| g as u32);
+                if let Some(l) = self.listener.iter_mut().find(|l| l.same_endpoint(&endpoint)) {
+                    l.set_ana_state(group, ana);
                 }
             }
             "nvmf_listener_add" => {
