@@ -743,9 +743,10 @@ fn nvmf_listener_set_ana_state(state: &DaemonState, params: Value) -> Result<Val
         trtype: p.trtype,
         ..ListenerSpec::new(p.addr.clone(), p.port)
     };
-    let port = state.target.port(&endpoint).ok_or_else(|| {
-        RpcError::not_found(format!("no listener {}:{}", p.addr, p.port))
-    })?;
+    let port = state
+        .target
+        .port(&endpoint)
+        .ok_or_else(|| RpcError::not_found(format!("no listener {}:{}", p.addr, p.port)))?;
     let spec = state
         .target
         .set_ana_state(&port, p.anagrpid, p.ana_state)

@@ -146,7 +146,11 @@ impl Objects {
                     .get("anagrpid")
                     .and_then(Value::as_u64)
                     .map(|g| g as u32);
-                if let Some(l) = self.listener.iter_mut().find(|l| l.same_endpoint(&endpoint)) {
+                if let Some(l) = self
+                    .listener
+                    .iter_mut()
+                    .find(|l| l.same_endpoint(&endpoint))
+                {
                     l.set_ana_state(group, ana);
                 }
             }

@@ -78,8 +78,13 @@ impl NvmeQueue {
         self.flow_control = cmd.cattr & crate::spec::fabrics::CATTR_DISABLE_SQ_FLOW_CONTROL == 0;
         let ctrl = if cmd.qid == 0 {
             let port = self.port.clone();
-            match subsys.create_controller(&cd.hostnqn, cd.hostid, cmd.kato, self.reactor.clone(), port)
-            {
+            match subsys.create_controller(
+                &cd.hostnqn,
+                cd.hostid,
+                cmd.kato,
+                self.reactor.clone(),
+                port,
+            ) {
                 Ok(c) => c,
                 Err(e) => {
                     let r = (Status::CONNECT_CONTROLLER_BUSY, 0);

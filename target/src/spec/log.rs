@@ -517,7 +517,11 @@ mod tests {
         let r = ana_log_page(9, &groups, true);
         assert_eq!(r.len(), 16 + 2 * 32, "RGO: descriptors only");
         assert_eq!(&r[20..24], &[0, 0, 0, 0], "RGO: NNSID 0");
-        assert_eq!(&r[48..52], &[7, 0, 0, 0], "second descriptor follows at once");
+        assert_eq!(
+            &r[48..52],
+            &[7, 0, 0, 0],
+            "second descriptor follows at once"
+        );
         assert_eq!(r[64], 0x03);
     }
 

@@ -186,7 +186,11 @@ fn identify_controller(ctrl: &Controller, target: &Target) -> Vec<u8> {
         lpa: lpa::EXTENDED_DATA,
         elpe: 0,
         kas: 1,
-        anatt: if s.discovery { 0 } else { ANA_TRANSITION_TIME_S },
+        anatt: if s.discovery {
+            0
+        } else {
+            ANA_TRANSITION_TIME_S
+        },
         anacap: if s.discovery {
             0
         } else {

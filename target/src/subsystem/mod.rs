@@ -834,7 +834,10 @@ impl Port {
 
     /// The ANA state of group `anagrpid` (groups out of range are inaccessible).
     pub fn ana_state(&self, anagrpid: u32) -> AnaState {
-        match anagrpid.checked_sub(1).and_then(|i| self.ana.get(i as usize)) {
+        match anagrpid
+            .checked_sub(1)
+            .and_then(|i| self.ana.get(i as usize))
+        {
             Some(s) => AnaState::from_code(s.load(Ordering::Acquire)),
             None => AnaState::Inaccessible,
         }
@@ -969,9 +972,7 @@ impl Target {
 
     /// The port of the listener on `l`'s endpoint.
     pub fn port(&self, l: &ListenerSpec) -> Option<Arc<Port>> {
-        self.ports()
-            .into_iter()
-            .find(|p| p.spec().same_endpoint(l))
+        self.ports().into_iter().find(|p| p.spec().same_endpoint(l))
     }
 
     /// Sets the ANA state of group `anagrpid` (`None`: every group) on `port`, and sends an ANA

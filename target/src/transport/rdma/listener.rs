@@ -137,12 +137,17 @@ impl Listener {
         ));
         let stop = Arc::new(AtomicBool::new(false));
         let accepted = Arc::new(AtomicUsize::new(0));
-        let nvmf_port = target.add_listener(spec.clone());
+        let nvmf_port = target.add_listener(ListenerSpec {
+            port: bound,
+            ..spec.clone()
+        });
         let thread = {
             let (stop, accepted) = (stop.clone(), accepted.clone());
             std::thread::Builder::new()
                 .name(format!("nvmf-rdma-{}", bound))
-                .spawn(move || cm_loop(cm, target, nvmf_port, reactors, admission, stop, accepted))?
+                .spawn(move || {
+                    cm_loop(cm, target, nvmf_port, reactors, admission, stop, accepted)
+                })?
         };
         tracing::info!(addr = %spec.addr, port = bound, "NVMe/RDMA listener started");
         Ok(Listener {

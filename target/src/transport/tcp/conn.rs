@@ -25,8 +25,8 @@ use super::pdu::{
 use super::send::{Flushed, MAX_H2C_DATA, SendStream};
 use crate::queue::{DataError, NvmeQueue, Transport};
 use crate::spec::{Cqe, Status};
-use crate::subsystem::{Port, Target};
 use crate::subsystem::admin::{IN_CAPSULE_DATA, QUEUE_ENTRIES};
+use crate::subsystem::{Port, Target};
 
 /// Receive buffer of a connected queue.
 const RX_CAPACITY: usize = 256 * 1024;

@@ -64,8 +64,12 @@ impl Listener {
                 max_connections: MAX_CONNECTIONS,
             },
         ));
-        // The listener's port (its ANA states), registered once the address is bound.
-        let port = target.add_listener(spec.clone());
+        // The listener's port (its ANA states), registered once the address is bound, with the
+        // port number bound (a spec may ask for port 0).
+        let port = target.add_listener(ListenerSpec {
+            port: addr.port(),
+            ..spec.clone()
+        });
         let thread = {
             let stop = stop.clone();
             let gate = Gate::new(admission.clone());
