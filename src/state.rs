@@ -497,6 +497,34 @@ mod tests {
     }
 
     #[test]
+    fn ana_state_changes_are_saved_with_their_listener() {
+        let c = cfg(
+            "[[bdev]]\nkind = \"malloc\"\nname = \"b\"\nsize = \"1MiB\"\n\
+             [[subsystem]]\nnqn = \"nqn.2026-11.io.x:a\"\n\
+             [[subsystem.namespace]]\nnsid = 1\nbdev = \"b\"\nanagrpid = 2\n\
+             [[listener]]\naddr = \"127.0.0.1\"\nport = 4420\n\
+             [[listener]]\naddr = \"127.0.0.1\"\nport = 4421\n",
+        );
+        let mut o = Objects::of_config(&c);
+        let set = |o: &mut Objects, p: Value| o.record("nvmf_listener_set_ana_state", &p, |_| None);
+        set(
+            &mut o,
+            json!({"addr": "127.0.0.1", "port": 4421, "ana_state": "non_optimized"}),
+        );
+        set(
+            &mut o,
+            json!({"addr": "127.0.0.1", "port": 4420, "anagrpid": 2, "ana_state": "inaccessible"}),
+        );
+        let text = o.to_state_json(&c.bdev).to_string();
+        let back = Objects::from_state_json(&text, "s.json", &c.bdev).unwrap();
+        assert_eq!(back.subsystem[0].namespace[0].anagrpid, Some(2));
+        assert_eq!(back.listener[0].ana_state_of(1), AnaState::Optimized);
+        assert_eq!(back.listener[0].ana_state_of(2), AnaState::Inaccessible);
+        assert_eq!(back.listener[1].ana_state_of(2), AnaState::NonOptimized);
+        assert_eq!(back.listener[1].ana_state, AnaState::NonOptimized);
+    }
+
+    #[test]
     fn bad_state_files_are_refused_naming_the_field() {
         let e = Objects::from_state_json("{\"version\": 9}", "s.json", &[]).unwrap_err();
         assert_eq!(e.path, "version");

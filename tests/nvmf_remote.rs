@@ -650,6 +650,39 @@ fn remote_ana_states_steer_io_and_flips_under_load_lose_nothing() {
 fn an_inaccessible_only_remote_fails_held_io_after_ctrl_loss_tmo() {
     let dir = tempfile::tempdir().unwrap();
     let (_d, port_a, port_b) = remote_two_ports(dir.path(), "16MiB");
+    // Bad input names the field; no listener there is "not found".
+    for (params, want) in [
+        (
+            format!(
+                r#"{{"addr": "127.0.0.1", "port": {port_a}, "anagrpid": 99, "ana_state": "optimized"}}"#
+            ),
+            "anagrpid",
+        ),
+        (
+            format!(r#"{{"addr": "127.0.0.1", "port": {port_a}, "ana_state": "sideways"}}"#),
+            "ana_state",
+        ),
+        (
+            r#"{"addr": "127.0.0.1", "port": 1, "ana_state": "optimized"}"#.to_string(),
+            "no listener",
+        ),
+    ] {
+        let out = std::process::Command::new(common::daemon::BIN)
+            .args(["rpc", "--socket"])
+            .arg(dir.path().join("rpc.sock"))
+            .args(["nvmf_listener_set_ana_state", &params])
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            !out.status.success() && text.contains(want),
+            "{params}: {text}"
+        );
+    }
     set_ana(dir.path(), port_a, "inaccessible");
     set_ana(dir.path(), port_b, "persistent_loss");
     let mut d = decl("lost", &[port_a, port_b]);
