@@ -329,6 +329,18 @@ impl Controller {
         self.opts.command_timeout
     }
 
+    /// Runs an admin command without data; a non-success status is [`Error::Command`].
+    fn run_no_data(&self, sqe: Sqe, what: &'static str) -> Result<Completion, Error> {
+        run(
+            &mut lock(&self.admin),
+            sqe,
+            Xfer::None,
+            Vec::new(),
+            self.timeout(),
+            what,
+        )
+    }
+
     /// Runs any admin command and returns its completion (data in `buf` for commands that
     /// return data). A non-success status is [`Error::Command`].
     pub fn admin_command(&self, sqe: Sqe, xfer: Xfer, buf: Vec<u8>) -> Result<Completion, Error> {
@@ -349,14 +361,7 @@ impl Controller {
             ofst,
         }
         .to_sqe(0);
-        let c = run(
-            &mut lock(&self.admin),
-            sqe,
-            Xfer::None,
-            Vec::new(),
-            self.timeout(),
-            "Property Get",
-        )?;
+        let c = self.run_no_data(sqe, "Property Get")?;
         Ok(match size {
             PropertySize::Four => u64::from(c.cqe.dw0),
             PropertySize::Eight => c.cqe.value64(),
@@ -371,14 +376,7 @@ impl Controller {
             value,
         }
         .to_sqe(0);
-        run(
-            &mut lock(&self.admin),
-            sqe,
-            Xfer::None,
-            Vec::new(),
-            self.timeout(),
-            "Property Set",
-        )?;
+        self.run_no_data(sqe, "Property Set")?;
         Ok(())
     }
 
@@ -519,14 +517,7 @@ impl Controller {
             cdw12: 0,
         }
         .to_sqe(0);
-        let c = run(
-            &mut lock(&self.admin),
-            sqe,
-            Xfer::None,
-            Vec::new(),
-            self.timeout(),
-            "Set Features",
-        )?;
+        let c = self.run_no_data(sqe, "Set Features")?;
         let got = NumberOfQueues::from_dword(c.cqe.dw0);
         Ok((u32::from(got.nsq) + 1, u32::from(got.ncq) + 1))
     }
@@ -702,14 +693,7 @@ impl Controller {
             cdw12: 0,
         }
         .to_sqe(0);
-        run(
-            &mut lock(&self.admin),
-            sqe,
-            Xfer::None,
-            Vec::new(),
-            self.timeout(),
-            "Set Features",
-        )?;
+        self.run_no_data(sqe, "Set Features")?;
         self.stop_admin_thread();
         self.start_admin_thread(Some(Box::new(on_event)))?;
         Ok(mask)

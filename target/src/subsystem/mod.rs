@@ -24,9 +24,10 @@ use ferroblk_bdev::{Bdev, BdevEvent};
 use serde::{Deserialize, Serialize};
 
 use crate::spec::Status;
-use crate::spec::command::AsyncEvent;
+use crate::spec::command::{AsyncEvent, async_event_notice, async_event_type};
 use crate::spec::fabrics::DISCOVERY_NQN;
-use crate::spec::log::{AnaGroupDescriptor, ana_state};
+use crate::spec::features::AsyncEventConfig;
+use crate::spec::log::{AnaGroupDescriptor, LogPageId, ana_state};
 
 /// Declaration of a subsystem (`[[subsystem]]`, `nvmf_subsystem_add`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -718,16 +719,24 @@ impl Controller {
     /// An ANA state on this controller's port changed: an ANA Change event (Asynchronous
     /// Event Information 03h, log page 0Ch) if the host enabled it.
     fn ana_changed(&self) {
-        if self.aen_config.load(Ordering::Acquire)
-            & crate::spec::features::AsyncEventConfig::ANA_CHANGE_NOTICES
-            == 0
-        {
+        self.notice(
+            AsyncEventConfig::ANA_CHANGE_NOTICES,
+            async_event_notice::ANA_CHANGE,
+            LogPageId::AsymmetricNamespaceAccess,
+        );
+    }
+
+    /// Queues the Notice event `info` (cleared by reading `log_page`) if the host enabled it
+    /// (`enable`, a bit of Asynchronous Event Configuration), unless it is pending already, and
+    /// wakes the admin queue's reactor to deliver it.
+    fn notice(&self, enable: u32, info: u8, log_page: LogPageId) {
+        if self.aen_config.load(Ordering::Acquire) & enable == 0 {
             return;
         }
         let ev = AsyncEvent {
-            event_type: crate::spec::command::async_event_type::NOTICE,
-            info: crate::spec::command::async_event_notice::ANA_CHANGE,
-            log_page: crate::spec::log::LogPageId::AsymmetricNamespaceAccess as u8,
+            event_type: async_event_type::NOTICE,
+            info,
+            log_page: log_page as u8,
         };
         let mut q = self.events.lock().expect("events lock");
         if !q.contains(&ev) {
@@ -752,21 +761,11 @@ impl Controller {
                 }
             }
         }
-        if self.aen_config.load(Ordering::Acquire)
-            & crate::spec::features::AsyncEventConfig::NAMESPACE_ATTRIBUTE_NOTICES
-            != 0
-        {
-            let ev = AsyncEvent {
-                event_type: crate::spec::command::async_event_type::NOTICE,
-                info: crate::spec::command::async_event_notice::NAMESPACE_ATTRIBUTE_CHANGED,
-                log_page: crate::spec::log::LogPageId::ChangedNamespaceList as u8,
-            };
-            let mut q = self.events.lock().expect("events lock");
-            if !q.contains(&ev) {
-                q.push_back(ev);
-            }
-        }
-        self.admin_reactor.send(|_| {});
+        self.notice(
+            AsyncEventConfig::NAMESPACE_ATTRIBUTE_NOTICES,
+            async_event_notice::NAMESPACE_ATTRIBUTE_CHANGED,
+            LogPageId::ChangedNamespaceList,
+        );
     }
 
     /// Takes the next pending asynchronous event.
@@ -1018,18 +1017,11 @@ impl Target {
     pub fn discovery_changed(&self) {
         self.genctr.fetch_add(1, Ordering::AcqRel);
         for c in self.discovery.controllers() {
-            if c.aen_config.load(Ordering::Acquire)
-                & crate::spec::features::AsyncEventConfig::DISCOVERY_LOG_CHANGE_NOTICES
-                != 0
-            {
-                let ev = AsyncEvent {
-                    event_type: crate::spec::command::async_event_type::NOTICE,
-                    info: crate::spec::command::async_event_notice::DISCOVERY_LOG_PAGE_CHANGE,
-                    log_page: crate::spec::log::LogPageId::Discovery as u8,
-                };
-                c.events.lock().expect("events lock").push_back(ev);
-                c.admin_reactor.send(|_| {});
-            }
+            c.notice(
+                AsyncEventConfig::DISCOVERY_LOG_CHANGE_NOTICES,
+                async_event_notice::DISCOVERY_LOG_PAGE_CHANGE,
+                LogPageId::Discovery,
+            );
         }
     }
 
