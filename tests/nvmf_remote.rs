@@ -371,6 +371,29 @@ impl Load {
     }
 }
 
+/// Runs RPC `method` (which may fail) against the daemon in `dir`.
+fn rpc_output(dir: &Path, method: &str, params: &str) -> std::process::Output {
+    std::process::Command::new(common::daemon::BIN)
+        .args(["rpc", "--socket"])
+        .arg(dir.join("rpc.sock"))
+        .args([method, params])
+        .output()
+        .unwrap()
+}
+
+/// Writes 4 KiB blocks `lba..lba + 4` filled with `byte` from another thread, one at a time,
+/// and sends their statuses when all are done.
+fn writes_in_a_thread(bdev: &Arc<dyn Bdev>, lba: u64, byte: u8) -> mpsc::Receiver<Vec<IoStatus>> {
+    let (tx, rx) = mpsc::channel();
+    let b = bdev.clone();
+    std::thread::spawn(move || {
+        let mut ch = SyncChannel::new(b.open_channel().unwrap());
+        let st: Vec<IoStatus> = (lba..lba + 4).map(|i| ch.write(i, &[byte; 4096])).collect();
+        let _ = tx.send(st);
+    });
+    rx
+}
+
 fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     let t = Instant::now();
     while !f() {
@@ -452,13 +475,7 @@ fn a_remote_that_never_returns_fails_io_after_ctrl_loss_tmo() {
     d.kill().unwrap();
     d.wait().unwrap();
     // Writes submitted now are held, then fail with an error: none hangs, none succeeds.
-    let (tx, rx) = mpsc::channel();
-    let b2 = bdev.clone();
-    std::thread::spawn(move || {
-        let mut ch = SyncChannel::new(b2.open_channel().unwrap());
-        let statuses: Vec<IoStatus> = (0..4).map(|i| ch.write(i, &[7u8; 4096])).collect();
-        tx.send(statuses).unwrap();
-    });
+    let rx = writes_in_a_thread(&bdev, 0, 7);
     let statuses = rx
         .recv_timeout(Duration::from_secs(60))
         .expect("I/O hung on a remote that is gone");
@@ -608,15 +625,7 @@ fn remote_ana_states_steer_io_and_flips_under_load_lose_nothing() {
     wait_until("both inaccessible seen", || {
         (ana_of(&bdev, 0), ana_of(&bdev, 1)) == (3, 3)
     });
-    let (tx, rx) = mpsc::channel();
-    let b2 = bdev.clone();
-    let writer = std::thread::spawn(move || {
-        let mut ch = SyncChannel::new(b2.open_channel().unwrap());
-        let st: Vec<IoStatus> = (0..4u64)
-            .map(|i| ch.write(4096 + i, &[0xa5u8; 4096]))
-            .collect();
-        tx.send(st).unwrap();
-    });
+    let rx = writes_in_a_thread(&bdev, 4096, 0xa5);
     std::thread::sleep(Duration::from_millis(500));
     assert!(
         rx.try_recv().is_err(),
@@ -626,7 +635,6 @@ fn remote_ana_states_steer_io_and_flips_under_load_lose_nothing() {
     let st = rx
         .recv_timeout(Duration::from_secs(60))
         .expect("held writes never completed");
-    writer.join().unwrap();
     assert!(st.iter().all(|s| *s == IoStatus::Success), "{st:?}");
     let mut ch = SyncChannel::new(bdev.open_channel().unwrap());
     assert_eq!(ch.read(4096, 1).1, vec![0xa5u8; 4096]);
@@ -667,12 +675,7 @@ fn an_inaccessible_only_remote_fails_held_io_after_ctrl_loss_tmo() {
             "no listener",
         ),
     ] {
-        let out = std::process::Command::new(common::daemon::BIN)
-            .args(["rpc", "--socket"])
-            .arg(dir.path().join("rpc.sock"))
-            .args(["nvmf_listener_set_ana_state", &params])
-            .output()
-            .unwrap();
+        let out = rpc_output(dir.path(), "nvmf_listener_set_ana_state", &params);
         let text = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
@@ -689,13 +692,7 @@ fn an_inaccessible_only_remote_fails_held_io_after_ctrl_loss_tmo() {
     d.ctrl_loss_tmo = 1.0;
     let bdev: Arc<dyn Bdev> = Arc::new(NvmfBdev::connect(&d).unwrap());
     assert_eq!((ana_of(&bdev, 0), ana_of(&bdev, 1)), (3, 4));
-    let (tx, rx) = mpsc::channel();
-    let b2 = bdev.clone();
-    std::thread::spawn(move || {
-        let mut ch = SyncChannel::new(b2.open_channel().unwrap());
-        let st: Vec<IoStatus> = (0..4).map(|i| ch.write(i, &[7u8; 4096])).collect();
-        tx.send(st).unwrap();
-    });
+    let rx = writes_in_a_thread(&bdev, 0, 7);
     let st = rx
         .recv_timeout(Duration::from_secs(60))
         .expect("I/O hung on a remote with no accessible path");
@@ -765,12 +762,7 @@ fn an_nvmf_bdev_in_the_daemon_is_exported_again_over_nvme_tcp() {
         r#"{{"kind": "nvmf", "name": "bad", "subnqn": "nqn.2026-12.io.ferroblk:none",
             "paths": [{{"addr": "127.0.0.1", "port": {port_a}}}]}}"#
     );
-    let out = std::process::Command::new(common::daemon::BIN)
-        .args(["rpc", "--socket"])
-        .arg(dir_b.path().join("rpc.sock"))
-        .args(["bdev_create", &bad])
-        .output()
-        .unwrap();
+    let out = rpc_output(dir_b.path(), "bdev_create", &bad);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success(),
