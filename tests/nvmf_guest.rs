@@ -123,8 +123,7 @@ test "$(ana_of $D)" = non-optimized
 HEAD=$(for s in /sys/class/nvme-subsystem/nvme-subsys*; do
   grep -qx "$NQN" $s/subsysnqn && basename $(ls -d $s/nvme*n1)
 done)
-fio --name=ana --filename=/dev/$HEAD --ioengine=libaio --direct=1 --rw=randwrite --bs=4k \
-    --iodepth=8 --size=8M --verify=crc32c --verify_fatal=1
+fio_verify /dev/$HEAD ana --rw=randwrite --bs=4k --iodepth=8 --size=8M
 nvme disconnect -n $NQN
 say done
 echo GUEST-ALL-OK
