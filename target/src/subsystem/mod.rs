@@ -1103,8 +1103,41 @@ mod tests {
         s.hosts.push("not an nqn".into());
         assert_eq!(s.validate().unwrap_err().0, "hosts[1]");
         s.hosts.pop();
+        s.namespace[0].anagrpid = Some(ANA_GROUPS + 1);
+        assert_eq!(s.validate().unwrap_err().0, "namespace[0].anagrpid");
+        s.namespace[0].anagrpid = Some(ANA_GROUPS);
+        assert!(s.validate().is_ok());
         s.nqn = DISCOVERY_NQN.into();
         assert_eq!(s.validate().unwrap_err().0, "nqn");
+    }
+
+    #[test]
+    fn ana_states_map_to_their_codes_and_io_statuses() {
+        for s in [
+            AnaState::Optimized,
+            AnaState::NonOptimized,
+            AnaState::Inaccessible,
+            AnaState::PersistentLoss,
+            AnaState::Change,
+        ] {
+            assert_eq!(AnaState::from_code(s.code()), s);
+        }
+        assert_eq!(AnaState::NonOptimized.io_status(), None);
+        assert_eq!(
+            AnaState::Inaccessible.io_status(),
+            Some(Status::path(crate::spec::status::path::ANA_INACCESSIBLE))
+        );
+        let l: ListenerSpec = serde_json::from_str(
+            r#"{"addr": "::1", "port": 1, "ana_state": "persistent_loss",
+                "ana_group": [{"anagrpid": 2, "ana_state": "change"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(l.ana_state_of(1), AnaState::PersistentLoss);
+        assert_eq!(l.ana_state_of(2), AnaState::Change);
+        let p = Port::new(1, l);
+        assert_eq!(p.ana_state(2), AnaState::Change);
+        assert_eq!(p.ana_state(0), AnaState::Inaccessible, "no group 0");
+        assert_eq!(p.ana_state(ANA_GROUPS + 1), AnaState::Inaccessible);
     }
 
     #[test]
