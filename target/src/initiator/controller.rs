@@ -139,6 +139,9 @@ pub struct DiscoveryLog {
 pub enum AdminEvent {
     /// An Asynchronous Event Request completed with this event.
     Async(AsyncEvent),
+    /// The controller refused the Asynchronous Event Request (no support, or over its
+    /// limit): no more events will come.
+    Stopped,
     /// The admin queue failed (keep-alive, connection): the controller is gone.
     Lost,
 }
@@ -670,12 +673,14 @@ impl Controller {
 
     /// Asks for asynchronous events (NVMe Base 2.0 §5.2): enables, with Set Features
     /// Asynchronous Event Configuration, the notices among `wanted`
-    /// ([`AsyncEventConfig`](crate::spec::features::AsyncEventConfig) bits) that the controller supports (Identify Controller OAES), and
-    /// keeps an Asynchronous Event Request outstanding from the admin thread, which calls
-    /// `on_event` with each event, and with [`AdminEvent::Lost`] once if the admin queue
-    /// fails. `on_event` runs on the admin thread without the admin queue held: it may run
-    /// admin commands, but should hand work off rather than block. Returns the notices
-    /// enabled; 0 (and no request outstanding) if the controller supports none of them.
+    /// ([`AsyncEventConfig`](crate::spec::features::AsyncEventConfig) bits) that the
+    /// controller supports (Identify Controller OAES), and keeps an Asynchronous Event Request
+    /// outstanding from the admin thread. That thread calls `on_event` with each event, with
+    /// [`AdminEvent::Stopped`] if the controller refuses the request, and with
+    /// [`AdminEvent::Lost`] once if the admin queue fails. `on_event` runs on the admin thread
+    /// without the admin queue held: it may run admin commands, but should hand work off
+    /// rather than block. Returns the notices enabled; 0 (and no request outstanding) if the
+    /// controller supports none of them.
     pub fn enable_async_events(
         &mut self,
         wanted: u32,
@@ -765,6 +770,7 @@ fn admin_loop(
     let mut done = Vec::new();
     let mut events = Vec::new();
     loop {
+        let was_on = aer;
         let mut lost = false;
         {
             let mut q = lock(admin);
@@ -803,6 +809,9 @@ fn admin_loop(
         if let Some(cb) = &on_event {
             for e in events.drain(..) {
                 cb(AdminEvent::Async(e));
+            }
+            if was_on && !aer {
+                cb(AdminEvent::Stopped);
             }
             if lost {
                 cb(AdminEvent::Lost);

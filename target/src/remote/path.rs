@@ -459,6 +459,11 @@ fn on_admin_event(shared: &Weak<Shared>, i: usize, ev: AdminEvent) {
                 _ => return,
             }
         }
+        AdminEvent::Stopped => {
+            // Back to polling the namespace for this controller.
+            p.async_events.store(false, Ordering::Release);
+            return;
+        }
         AdminEvent::Lost => EVENT_LOST,
     };
     p.events.fetch_or(bit, Ordering::AcqRel);
