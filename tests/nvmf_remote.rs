@@ -619,9 +619,9 @@ fn remote_ana_states_steer_io_and_flips_under_load_lose_nothing() {
         "only A usable: {to_a} {to_b}"
     );
     // Both inaccessible: writes are held (not failed, ctrl_loss_tmo is long) until B is
-    // optimized again.
-    set_ana(dir.path(), port_a, "inaccessible");
+    // optimized again. The load's writes complete first (held, they would wait for that).
     load.drain();
+    set_ana(dir.path(), port_a, "inaccessible");
     wait_until("both inaccessible seen", || {
         (ana_of(&bdev, 0), ana_of(&bdev, 1)) == (3, 3)
     });
