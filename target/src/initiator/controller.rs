@@ -774,24 +774,35 @@ fn admin_loop(
         let mut lost = false;
         {
             let mut q = lock(admin);
-            if aer && !armed && !q.is_dead() {
-                let sqe = Sqe::new(AdminOpcode::AsyncEventRequest as u8, 0);
-                armed = q.submit(sqe, Xfer::None, Vec::new(), AER_TAG).is_ok();
-            }
-            lost |= q.step().is_err();
-            q.take_completions(&mut done);
-            for c in done.drain(..) {
-                if c.tag != AER_TAG {
-                    continue;
+            // Until a request is outstanding and every completion read is handled: the
+            // controller holds the next event until a request is there, and a completion read
+            // here (even by the step that sends the request) wakes nobody later.
+            loop {
+                let mut refused = false;
+                if aer && !armed && !lost && !q.is_dead() {
+                    let sqe = Sqe::new(AdminOpcode::AsyncEventRequest as u8, 0);
+                    armed = q.submit(sqe, Xfer::None, Vec::new(), AER_TAG).is_ok();
+                    // No free slot: tried again at the next wake-up.
+                    refused = !armed;
                 }
-                armed = false;
-                if c.cqe.status.is_success() {
-                    events.push(AsyncEvent::from_dw0(c.cqe.dw0));
-                } else if !c.lost {
-                    // A controller without Asynchronous Event Requests (or over its limit):
-                    // its owner falls back to polling.
-                    tracing::warn!(status = ?c.cqe.status, "NVMe/TCP Asynchronous Event Request refused");
-                    aer = false;
+                lost |= q.step().is_err();
+                q.take_completions(&mut done);
+                for c in done.drain(..) {
+                    if c.tag != AER_TAG {
+                        continue;
+                    }
+                    armed = false;
+                    if c.cqe.status.is_success() {
+                        events.push(AsyncEvent::from_dw0(c.cqe.dw0));
+                    } else if !c.lost {
+                        // A controller without Asynchronous Event Requests (or over its
+                        // limit): its owner falls back to polling.
+                        tracing::warn!(status = ?c.cqe.status, "NVMe/TCP Asynchronous Event Request refused");
+                        aer = false;
+                    }
+                }
+                if armed || refused || !aer || lost || q.is_dead() {
+                    break;
                 }
             }
             if let (Some(t), Some((period, timeout))) = (next_ka, ka)
