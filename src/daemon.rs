@@ -348,7 +348,9 @@ impl DaemonState {
         }
         let s = self.target.add_subsystem(spec).map_err(RpcError::exists)?;
         for n in &spec.namespace {
-            if let Err(e) = self.add_namespace(&s.nqn, n.nsid, &n.bdev, n.uuid.as_deref()) {
+            if let Err(e) =
+                self.add_namespace(&s.nqn, n.nsid, &n.bdev, n.uuid.as_deref(), n.anagrpid)
+            {
                 self.remove_subsystem(&spec.nqn).ok();
                 return Err(e);
             }
@@ -382,6 +384,7 @@ impl DaemonState {
         nsid: u32,
         bdev: &str,
         uuid: Option<&str>,
+        anagrpid: Option<u32>,
     ) -> Result<(), crate::rpc::RpcError> {
         use crate::rpc::RpcError;
         let s = self
@@ -398,9 +401,14 @@ impl DaemonState {
             .registry
             .claim(bdev, &user)
             .map_err(|e| self.claim_error(e))?;
-        if let Err(e) = s.add_namespace(nsid, b, uuid) {
+        if let Err(e) = s.add_namespace_in_group(nsid, b, uuid, anagrpid.unwrap_or(1)) {
             self.registry.release(bdev, &user);
-            return Err(RpcError::field("nsid", e));
+            let field = if e.starts_with("anagrpid") {
+                "anagrpid"
+            } else {
+                "nsid"
+            };
+            return Err(RpcError::field(field, e));
         }
         Ok(())
     }
@@ -426,7 +434,6 @@ impl DaemonState {
         let l = Listener::start(spec.clone(), self.target.clone(), self.reactors.clone()).map_err(
             |e| crate::rpc::RpcError::system(format!("listen on {}:{}: {e}", spec.addr, spec.port)),
         )?;
-        self.target.add_listener(spec);
         ls.push(l);
         Ok(())
     }
@@ -447,7 +454,6 @@ impl DaemonState {
                     spec.addr, spec.port
                 ))
             })?;
-        self.target.add_listener(spec);
         ls.push(l);
         Ok(())
     }

@@ -305,6 +305,12 @@ pub static METHODS: &[Method] = &[
         handler: nvmf_listener_add,
     },
     Method {
+        name: "nvmf_listener_set_ana_state",
+        params: "addr port trtype? ana_state anagrpid?",
+        about: "Sets the ANA state (optimized, non_optimized, inaccessible, persistent_loss, change) of one ANA group, or of all, on a listener; connected hosts get an ANA Change event.",
+        handler: nvmf_listener_set_ana_state,
+    },
+    Method {
         name: "reactor_list",
         params: "",
         about: "The reactor threads with their CPUs and poller statistics.",
@@ -648,9 +654,11 @@ fn nvmf_ns_add(state: &DaemonState, params: Value) -> Result<Value, RpcError> {
         bdev: String,
         #[serde(default)]
         uuid: Option<String>,
+        #[serde(default)]
+        anagrpid: Option<u32>,
     }
     let p: P = parse(params)?;
-    state.add_namespace(&p.nqn, p.nsid, &p.bdev, p.uuid.as_deref())?;
+    state.add_namespace(&p.nqn, p.nsid, &p.bdev, p.uuid.as_deref(), p.anagrpid)?;
     Ok(json!(true))
 }
 
@@ -715,6 +723,35 @@ fn nvmf_listener_add(state: &DaemonState, params: Value) -> Result<Value, RpcErr
     let spec: ferroblk_target::subsystem::ListenerSpec = parse(params)?;
     state.add_listener(spec)?;
     Ok(json!(true))
+}
+
+fn nvmf_listener_set_ana_state(state: &DaemonState, params: Value) -> Result<Value, RpcError> {
+    use ferroblk_target::subsystem::{AnaState, ListenerSpec, Trtype};
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct P {
+        addr: String,
+        port: u16,
+        #[serde(default)]
+        trtype: Trtype,
+        ana_state: AnaState,
+        #[serde(default)]
+        anagrpid: Option<u32>,
+    }
+    let p: P = parse(params)?;
+    let endpoint = ListenerSpec {
+        trtype: p.trtype,
+        ..ListenerSpec::new(p.addr.clone(), p.port)
+    };
+    let port = state
+        .target
+        .port(&endpoint)
+        .ok_or_else(|| RpcError::not_found(format!("no listener {}:{}", p.addr, p.port)))?;
+    let spec = state
+        .target
+        .set_ana_state(&port, p.anagrpid, p.ana_state)
+        .map_err(|(f, m)| RpcError::field(f, m))?;
+    Ok(json!({ "portid": port.portid, "listener": spec }))
 }
 
 fn reactor_list(state: &DaemonState, _params: Value) -> Result<Value, RpcError> {

@@ -24,7 +24,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use ferroblk_bdev::BdevDecl;
-use ferroblk_target::subsystem::{ListenerSpec, NamespaceSpec, SubsystemSpec};
+use ferroblk_target::subsystem::{AnaState, ListenerSpec, NamespaceSpec, SubsystemSpec};
 use ferroblk_vhost::VhostSpec;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -120,6 +120,7 @@ impl Objects {
                         sub.namespace.extend(parsed::<NamespaceSpec>(&json!({
                             "nsid": params["nsid"], "bdev": params["bdev"],
                             "uuid": params.get("uuid").cloned().unwrap_or(Value::Null),
+                            "anagrpid": params.get("anagrpid").cloned().unwrap_or(Value::Null),
                         })));
                     }
                     "nvmf_ns_remove" => sub.namespace.retain(|n| Some(u64::from(n.nsid)) != nsid),
@@ -129,6 +130,28 @@ impl Objects {
                         }
                     }
                     _ => sub.hosts.retain(|h| h != s("host")),
+                }
+            }
+            "nvmf_listener_set_ana_state" => {
+                let (Some(endpoint), Some(ana)) = (
+                    parsed::<ListenerSpec>(&json!({
+                        "addr": params["addr"], "port": params["port"],
+                        "trtype": params.get("trtype").cloned().unwrap_or(json!("tcp")),
+                    })),
+                    parsed::<AnaState>(&params["ana_state"]),
+                ) else {
+                    return;
+                };
+                let group = params
+                    .get("anagrpid")
+                    .and_then(Value::as_u64)
+                    .map(|g| g as u32);
+                if let Some(l) = self
+                    .listener
+                    .iter_mut()
+                    .find(|l| l.same_endpoint(&endpoint))
+                {
+                    l.set_ana_state(group, ana);
                 }
             }
             "nvmf_listener_add" => {
@@ -471,6 +494,34 @@ mod tests {
         );
         assert!(o.vhost.is_empty() && o.subsystem.is_empty());
         assert_eq!(o.bdev.len(), 1);
+    }
+
+    #[test]
+    fn ana_state_changes_are_saved_with_their_listener() {
+        let c = cfg(
+            "[[bdev]]\nkind = \"malloc\"\nname = \"b\"\nsize = \"1MiB\"\n\
+             [[subsystem]]\nnqn = \"nqn.2026-11.io.x:a\"\n\
+             [[subsystem.namespace]]\nnsid = 1\nbdev = \"b\"\nanagrpid = 2\n\
+             [[listener]]\naddr = \"127.0.0.1\"\nport = 4420\n\
+             [[listener]]\naddr = \"127.0.0.1\"\nport = 4421\n",
+        );
+        let mut o = Objects::of_config(&c);
+        let set = |o: &mut Objects, p: Value| o.record("nvmf_listener_set_ana_state", &p, |_| None);
+        set(
+            &mut o,
+            json!({"addr": "127.0.0.1", "port": 4421, "ana_state": "non_optimized"}),
+        );
+        set(
+            &mut o,
+            json!({"addr": "127.0.0.1", "port": 4420, "anagrpid": 2, "ana_state": "inaccessible"}),
+        );
+        let text = o.to_state_json(&c.bdev).to_string();
+        let back = Objects::from_state_json(&text, "s.json", &c.bdev).unwrap();
+        assert_eq!(back.subsystem[0].namespace[0].anagrpid, Some(2));
+        assert_eq!(back.listener[0].ana_state_of(1), AnaState::Optimized);
+        assert_eq!(back.listener[0].ana_state_of(2), AnaState::Inaccessible);
+        assert_eq!(back.listener[1].ana_state_of(2), AnaState::NonOptimized);
+        assert_eq!(back.listener[1].ana_state, AnaState::NonOptimized);
     }
 
     #[test]

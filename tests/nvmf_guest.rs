@@ -1,8 +1,9 @@
 //! The Linux kernel's NVMe/TCP host (nvme-cli, nvme-tcp, fio) against ferroblk's target, in a
 //! QEMU guest that reaches the host's loopback at 10.0.2.2: discovery, connect with several I/O
 //! queues with and without digests, identify, fio write+verify, discard, the host allow-list, a
-//! live resize seen through an asynchronous event, and a `kill -9` + restart of the daemon
-//! under fio that the host rides through by reconnecting.
+//! live resize seen through an asynchronous event, a `kill -9` + restart of the daemon
+//! under fio that the host rides through by reconnecting, and the kernel's native multipath
+//! over two listeners reading their ANA states (one optimized, one non-optimized).
 
 mod common;
 
@@ -45,6 +46,7 @@ port = {port}
 [[listener]]
 addr = "127.0.0.1"
 port = {disc}
+ana_state = "non_optimized"
 "#,
         head = config_head(dir),
         dir = dir.display()
@@ -98,6 +100,31 @@ if nvme connect -t tcp -a 10.0.2.2 -s $P -n $PRIV --hostnqn=nqn.2014-08.org.nvme
 fi
 nvme connect -t tcp -a 10.0.2.2 -s $P -n $PRIV --hostnqn=$OK_HOST
 nvme disconnect -n $PRIV
+
+# ANA: the subsystem through both listeners (every listener also serves I/O), the second
+# declared non-optimized. The kernel's native multipath reads the ANA log page of each path.
+nvme connect -t tcp -a 10.0.2.2 -s $P -n $NQN -i 1
+nvme connect -t tcp -a 10.0.2.2 -s $D -n $NQN -i 1
+ana_of() {
+  for c in /sys/class/nvme/nvme*; do
+    if grep -qx "$NQN" $c/subsysnqn && grep -q "trsvcid=$1\b" $c/address; then
+      nvme ana-log /dev/$(basename $c) >&2
+      cat $c/nvme*c*n1/ana_state
+      return
+    fi
+  done
+}
+for i in $(seq 100); do
+  [ "$(ana_of $P)" = optimized ] && [ "$(ana_of $D)" = non-optimized ] && break
+  sleep 0.1
+done
+test "$(ana_of $P)" = optimized
+test "$(ana_of $D)" = non-optimized
+HEAD=$(for s in /sys/class/nvme-subsystem/nvme-subsys*; do
+  grep -qx "$NQN" $s/subsysnqn && basename $(ls -d $s/nvme*n1)
+done)
+fio_verify /dev/$HEAD ana --rw=randwrite --bs=4k --iodepth=8 --size=8M
+nvme disconnect -n $NQN
 say done
 echo GUEST-ALL-OK
 "#;

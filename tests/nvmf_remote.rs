@@ -4,8 +4,11 @@
 //! reaches the caller, no acknowledged write is lost, a lost path reconnects; a remote killed
 //! for good
 //! (held I/O fails after `ctrl_loss_tmo`, never hangs); a remote resize reaching the bdev's
-//! listeners; a remote that refuses us (an error naming the field); and an `nvmf` bdev in a
-//! daemon, exported again over NVMe/TCP. A path is cut by a TCP
+//! listeners, by the Namespace Attribute Changed event (no Identify polling); ANA states of
+//! the remote's listeners steering I/O, flipped over the RPC under verified load (the ANA
+//! Change event re-steers; nothing lost), an inaccessible-only remote holding I/O until a path
+//! is accessible again or `ctrl_loss_tmo` fails it; a remote that refuses us (an error naming
+//! the field); and an `nvmf` bdev in a daemon, exported again over NVMe/TCP. A path is cut by a TCP
 //! relay in this test process between the bdev and the remote's listener: closing the relay's
 //! connections and its listening socket is, for the bdev, exactly a network path that fails
 //! (the remote target behind it stays the real daemon).
@@ -368,6 +371,29 @@ impl Load {
     }
 }
 
+/// Runs RPC `method` (which may fail) against the daemon in `dir`.
+fn rpc_output(dir: &Path, method: &str, params: &str) -> std::process::Output {
+    std::process::Command::new(common::daemon::BIN)
+        .args(["rpc", "--socket"])
+        .arg(dir.join("rpc.sock"))
+        .args([method, params])
+        .output()
+        .unwrap()
+}
+
+/// Writes 4 KiB blocks `lba..lba + 4` filled with `byte` from another thread, one at a time,
+/// and sends their statuses when all are done.
+fn writes_in_a_thread(bdev: &Arc<dyn Bdev>, lba: u64, byte: u8) -> mpsc::Receiver<Vec<IoStatus>> {
+    let (tx, rx) = mpsc::channel();
+    let b = bdev.clone();
+    std::thread::spawn(move || {
+        let mut ch = SyncChannel::new(b.open_channel().unwrap());
+        let st: Vec<IoStatus> = (lba..lba + 4).map(|i| ch.write(i, &[byte; 4096])).collect();
+        let _ = tx.send(st);
+    });
+    rx
+}
+
 fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     let t = Instant::now();
     while !f() {
@@ -449,13 +475,7 @@ fn a_remote_that_never_returns_fails_io_after_ctrl_loss_tmo() {
     d.kill().unwrap();
     d.wait().unwrap();
     // Writes submitted now are held, then fail with an error: none hangs, none succeeds.
-    let (tx, rx) = mpsc::channel();
-    let b2 = bdev.clone();
-    std::thread::spawn(move || {
-        let mut ch = SyncChannel::new(b2.open_channel().unwrap());
-        let statuses: Vec<IoStatus> = (0..4).map(|i| ch.write(i, &[7u8; 4096])).collect();
-        tx.send(statuses).unwrap();
-    });
+    let rx = writes_in_a_thread(&bdev, 0, 7);
     let statuses = rx
         .recv_timeout(Duration::from_secs(60))
         .expect("I/O hung on a remote that is gone");
@@ -500,6 +520,187 @@ fn a_remote_resize_reaches_the_bdevs_listeners() {
     // bdev_resize on the nvmf bdev accepts the remote's size and refuses another one.
     bdev.resize(8192).unwrap();
     assert_eq!(bdev.resize(9000).unwrap_err().field(), Some("size"));
+    // The size came by the asynchronous event: the path holds an Asynchronous Event Request,
+    // received the event, and never polled Identify Namespace.
+    let p = &bdev.describe()["paths"][0];
+    assert_eq!(p["async_events"], true, "{p}");
+    assert!(p["events_received"].as_u64().unwrap() >= 1, "{p}");
+    assert_eq!(p["identify_polls"], 0, "{p}");
+}
+
+/// Starts a ferroblk exporting a malloc bdev `ram` of `size` as namespace 1 of [`NQN`] on two
+/// listeners, the first optimized and the second non-optimized; returns it and the ports.
+fn remote_two_ports(dir: &Path, size: &str) -> (Daemon, u16, u16) {
+    let (pa, pb) = (free_port(), free_port());
+    let cfg = format!(
+        "[reactors]\ncount = 1\n\
+         [rpc]\nsocket = \"rpc.sock\"\n\
+         [[bdev]]\nname = \"ram\"\nkind = \"malloc\"\nsize = \"{size}\"\n\
+         [[subsystem]]\nnqn = \"{NQN}\"\nallow_any_host = true\n\
+         [[subsystem.namespace]]\nnsid = 1\nbdev = \"ram\"\n\
+         [[listener]]\naddr = \"127.0.0.1\"\nport = {pa}\n\
+         [[listener]]\naddr = \"127.0.0.1\"\nport = {pb}\nana_state = \"non_optimized\"\n"
+    );
+    std::fs::write(dir.join("ferroblk.toml"), cfg).unwrap();
+    (start_daemon(dir), pa, pb)
+}
+
+/// Sets the ANA state of every group on the remote's listener `port`.
+fn set_ana(dir: &Path, port: u16, state: &str) {
+    rpc(
+        dir,
+        "nvmf_listener_set_ana_state",
+        &format!(r#"{{"addr": "127.0.0.1", "port": {port}, "ana_state": "{state}"}}"#),
+    );
+}
+
+fn ana_of(b: &Arc<dyn Bdev>, i: usize) -> u64 {
+    b.describe()["paths"][i]["ana_state"].as_u64().unwrap()
+}
+
+#[test]
+fn remote_ana_states_steer_io_and_flips_under_load_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_d, port_a, port_b) = remote_two_ports(dir.path(), "64MiB");
+    let at = |p: u16| -> SocketAddr { format!("127.0.0.1:{p}").parse().unwrap() };
+    let (ra, rb) = (free_port(), free_port());
+    let a = Relay::start(ra, at(port_a));
+    let b = Relay::start(rb, at(port_b));
+    // The non-optimized path first: ANA, not the declaration order, picks the path.
+    let mut d = decl("ana", &[rb, ra]);
+    d.ctrl_loss_tmo = 60.0;
+    let bdev: Arc<dyn Bdev> = Arc::new(NvmfBdev::connect(&d).unwrap());
+    assert_eq!(
+        (ana_of(&bdev, 0), ana_of(&bdev, 1)),
+        (2, 1),
+        "{}",
+        bdev.describe()
+    );
+    let sent = || {
+        (
+            a.sent.load(Ordering::Relaxed),
+            b.sent.load(Ordering::Relaxed),
+        )
+    };
+    let mut load = Load::new(&bdev, 4096);
+    // 2,000 writes of 4-32 KiB are ~36 MiB; the control plane sends a few KiB per path.
+    let phase = |load: &mut Load| {
+        let (a0, b0) = sent();
+        load.run(32, 2000);
+        let (a1, b1) = sent();
+        (a1 - a0, b1 - b0)
+    };
+    let (to_a, to_b) = phase(&mut load);
+    assert!(
+        to_a > 8 << 20 && to_b < 1 << 20,
+        "optimized A: {to_a} {to_b}"
+    );
+    // Flip with writes in flight: B optimized, A non-optimized. The ANA Change events reach
+    // the bdev and I/O moves to B.
+    set_ana(dir.path(), port_b, "optimized");
+    set_ana(dir.path(), port_a, "non_optimized");
+    load.run(32, 500);
+    wait_until("the flip seen", || {
+        (ana_of(&bdev, 0), ana_of(&bdev, 1)) == (1, 2)
+    });
+    let (to_a, to_b) = phase(&mut load);
+    assert!(
+        to_b > 8 << 20 && to_a < 1 << 20,
+        "optimized B: {to_a} {to_b}"
+    );
+    // B inaccessible with writes in flight: its commands fail with the ANA status and are
+    // retried on A (non-optimized, the only usable path).
+    set_ana(dir.path(), port_b, "inaccessible");
+    load.run(32, 500);
+    wait_until("B inaccessible seen", || ana_of(&bdev, 0) == 3);
+    let (to_a, to_b) = phase(&mut load);
+    assert!(
+        to_a > 8 << 20 && to_b < 1 << 20,
+        "only A usable: {to_a} {to_b}"
+    );
+    // Both inaccessible: writes are held (not failed, ctrl_loss_tmo is long) until B is
+    // optimized again. The load's writes complete first (held, they would wait for that).
+    load.drain();
+    set_ana(dir.path(), port_a, "inaccessible");
+    wait_until("both inaccessible seen", || {
+        (ana_of(&bdev, 0), ana_of(&bdev, 1)) == (3, 3)
+    });
+    let rx = writes_in_a_thread(&bdev, 4096, 0xa5);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        rx.try_recv().is_err(),
+        "a write completed with no accessible path"
+    );
+    set_ana(dir.path(), port_b, "optimized");
+    let st = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("held writes never completed");
+    assert!(st.iter().all(|s| *s == IoStatus::Success), "{st:?}");
+    let mut ch = SyncChannel::new(bdev.open_channel().unwrap());
+    assert_eq!(ch.read(4096, 1).1, vec![0xa5u8; 4096]);
+    load.run(32, 500);
+    // No error reached the caller and every acknowledged write reads back. (Commands may or
+    // may not have met an ANA status: the events usually steer before any does.)
+    load.drain();
+    assert!(load.errors.is_empty(), "errors: {:?}", &load.errors);
+    load.verify();
+    let info = bdev.describe();
+    assert_eq!(info["failed_no_path"], 0, "{info}");
+    for p in info["paths"].as_array().unwrap() {
+        assert_eq!(p["async_events"], true, "{info}");
+        assert_eq!(p["identify_polls"], 0, "{info}");
+    }
+    drop(load);
+    drop((a, b));
+}
+
+#[test]
+fn an_inaccessible_only_remote_fails_held_io_after_ctrl_loss_tmo() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_d, port_a, port_b) = remote_two_ports(dir.path(), "16MiB");
+    // Bad input names the field; no listener there is "not found".
+    for (params, want) in [
+        (
+            format!(
+                r#"{{"addr": "127.0.0.1", "port": {port_a}, "anagrpid": 99, "ana_state": "optimized"}}"#
+            ),
+            "anagrpid",
+        ),
+        (
+            format!(r#"{{"addr": "127.0.0.1", "port": {port_a}, "ana_state": "sideways"}}"#),
+            "ana_state",
+        ),
+        (
+            r#"{"addr": "127.0.0.1", "port": 1, "ana_state": "optimized"}"#.to_string(),
+            "no listener",
+        ),
+    ] {
+        let out = rpc_output(dir.path(), "nvmf_listener_set_ana_state", &params);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            !out.status.success() && text.contains(want),
+            "{params}: {text}"
+        );
+    }
+    set_ana(dir.path(), port_a, "inaccessible");
+    set_ana(dir.path(), port_b, "persistent_loss");
+    let mut d = decl("lost", &[port_a, port_b]);
+    d.ctrl_loss_tmo = 1.0;
+    let bdev: Arc<dyn Bdev> = Arc::new(NvmfBdev::connect(&d).unwrap());
+    assert_eq!((ana_of(&bdev, 0), ana_of(&bdev, 1)), (3, 4));
+    let rx = writes_in_a_thread(&bdev, 0, 7);
+    let st = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("I/O hung on a remote with no accessible path");
+    assert!(st.iter().all(|s| *s == IoStatus::Aborted), "{st:?}");
+    let info = bdev.describe();
+    assert!(info["failed_no_path"].as_u64().unwrap() >= 4, "{info}");
+    // The paths stay connected: only their ANA state kept I/O off them.
+    assert!(path_up(&bdev, 0) && path_up(&bdev, 1), "{info}");
 }
 
 /// Connects an initiator to `port`'s [`NQN`]-like subsystem `nqn`: controller, one queue.
@@ -561,12 +762,7 @@ fn an_nvmf_bdev_in_the_daemon_is_exported_again_over_nvme_tcp() {
         r#"{{"kind": "nvmf", "name": "bad", "subnqn": "nqn.2026-12.io.ferroblk:none",
             "paths": [{{"addr": "127.0.0.1", "port": {port_a}}}]}}"#
     );
-    let out = std::process::Command::new(common::daemon::BIN)
-        .args(["rpc", "--socket"])
-        .arg(dir_b.path().join("rpc.sock"))
-        .args(["bdev_create", &bad])
-        .output()
-        .unwrap();
+    let out = rpc_output(dir_b.path(), "bdev_create", &bad);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success(),

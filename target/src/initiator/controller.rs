@@ -12,15 +12,16 @@
 //! CC.SHN = 01b, waiting for CSTS.SHST = 10b.
 
 use std::net::SocketAddr;
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::error::Error;
 use super::io::IoQueue;
-use super::queue::{Completion, Queue, QueueParams, Xfer};
-use crate::spec::command::{AdminOpcode, GetLogPage, Identify, Sqe, cns};
+use super::queue::{self, Completion, Queue, QueueParams, Xfer};
+use crate::spec::command::{AdminOpcode, AsyncEvent, GetLogPage, Identify, Sqe, cns};
 use crate::spec::fabrics::{
     CAP_CSS_NO_IO, CAP_CSS_NVM, CATTR_DISABLE_SQ_FLOW_CONTROL, Cap, Cc, ConnectCommand,
     ConnectData, ConnectResponse, Csts, DISCOVERY_NQN, PropertyGet, PropertySet, PropertySize,
@@ -133,8 +134,24 @@ pub struct DiscoveryLog {
     pub entries: Vec<DiscoveryLogEntry>,
 }
 
-struct KeepAlive {
-    stop: mpsc::Sender<()>,
+/// What the admin thread reports to the callback of [`Controller::enable_async_events`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdminEvent {
+    /// An Asynchronous Event Request completed with this event.
+    Async(AsyncEvent),
+    /// The controller refused the Asynchronous Event Request (no support, or over its
+    /// limit): no more events will come.
+    Stopped,
+    /// The admin queue failed (keep-alive, connection): the controller is gone.
+    Lost,
+}
+
+type EventCallback = Box<dyn Fn(AdminEvent) + Send>;
+
+/// The thread that sends Keep Alive and holds the Asynchronous Event Request.
+struct AdminThread {
+    wake: Arc<OwnedFd>,
+    stop: Arc<AtomicBool>,
     thread: JoinHandle<()>,
 }
 
@@ -146,7 +163,7 @@ pub struct Controller {
     cap: Cap,
     vs: Version,
     identify: IdentifyController,
-    keep_alive: Option<KeepAlive>,
+    admin_thread: Option<AdminThread>,
     shut_down: bool,
 }
 
@@ -249,7 +266,7 @@ impl Controller {
             cap: Cap::default(),
             vs: Version::default(),
             identify: IdentifyController::default(),
-            keep_alive: None,
+            admin_thread: None,
             // Not enabled yet: nothing to shut down if enabling fails.
             shut_down: true,
         };
@@ -257,7 +274,7 @@ impl Controller {
         c.vs = Version(c.property_get(property::VS, PropertySize::Four)? as u32);
         c.enable()?;
         c.shut_down = false;
-        c.start_keep_alive();
+        c.start_admin_thread(None)?;
         c.identify = c.identify_controller()?;
         Ok(c)
     }
@@ -315,6 +332,18 @@ impl Controller {
         self.opts.command_timeout
     }
 
+    /// Runs an admin command without data; a non-success status is [`Error::Command`].
+    fn run_no_data(&self, sqe: Sqe, what: &'static str) -> Result<Completion, Error> {
+        run(
+            &mut lock(&self.admin),
+            sqe,
+            Xfer::None,
+            Vec::new(),
+            self.timeout(),
+            what,
+        )
+    }
+
     /// Runs any admin command and returns its completion (data in `buf` for commands that
     /// return data). A non-success status is [`Error::Command`].
     pub fn admin_command(&self, sqe: Sqe, xfer: Xfer, buf: Vec<u8>) -> Result<Completion, Error> {
@@ -335,14 +364,7 @@ impl Controller {
             ofst,
         }
         .to_sqe(0);
-        let c = run(
-            &mut lock(&self.admin),
-            sqe,
-            Xfer::None,
-            Vec::new(),
-            self.timeout(),
-            "Property Get",
-        )?;
+        let c = self.run_no_data(sqe, "Property Get")?;
         Ok(match size {
             PropertySize::Four => u64::from(c.cqe.dw0),
             PropertySize::Eight => c.cqe.value64(),
@@ -357,14 +379,7 @@ impl Controller {
             value,
         }
         .to_sqe(0);
-        run(
-            &mut lock(&self.admin),
-            sqe,
-            Xfer::None,
-            Vec::new(),
-            self.timeout(),
-            "Property Set",
-        )?;
+        self.run_no_data(sqe, "Property Set")?;
         Ok(())
     }
 
@@ -505,14 +520,7 @@ impl Controller {
             cdw12: 0,
         }
         .to_sqe(0);
-        let c = run(
-            &mut lock(&self.admin),
-            sqe,
-            Xfer::None,
-            Vec::new(),
-            self.timeout(),
-            "Set Features",
-        )?;
+        let c = self.run_no_data(sqe, "Set Features")?;
         let got = NumberOfQueues::from_dword(c.cqe.dw0);
         Ok((u32::from(got.nsq) + 1, u32::from(got.ncq) + 1))
     }
@@ -627,39 +635,73 @@ impl Controller {
         Ok(IoQueue::new(q, id.ofcs & 1 != 0, self.opts.command_timeout))
     }
 
-    fn start_keep_alive(&mut self) {
-        if self.opts.kato.is_zero() {
-            return;
+    /// Starts the admin thread: Keep Alive every KATO / 2 (if KATO is set) and, with
+    /// `on_event`, an Asynchronous Event Request kept outstanding.
+    fn start_admin_thread(&mut self, on_event: Option<EventCallback>) -> Result<(), Error> {
+        let ka = (!self.opts.kato.is_zero()).then(|| {
+            (
+                (self.opts.kato / 2).max(Duration::from_millis(100)),
+                self.opts.command_timeout.min(self.opts.kato),
+            )
+        });
+        if ka.is_none() && on_event.is_none() {
+            return Ok(());
         }
-        let period = (self.opts.kato / 2).max(Duration::from_millis(100));
-        let timeout = self.opts.command_timeout.min(self.opts.kato);
+        let wake = Arc::new(queue::eventfd()?);
+        let stop = Arc::new(AtomicBool::new(false));
+        let sock = {
+            let mut q = lock(&self.admin);
+            q.set_notify(wake.clone());
+            q.fd()
+        };
         let admin = Arc::clone(&self.admin);
-        let (stop, rx) = mpsc::channel::<()>();
+        let (w, st) = (wake.clone(), stop.clone());
         let thread = std::thread::Builder::new()
-            .name(format!("nvmf-ka-{}", self.cntlid))
-            .spawn(move || {
-                while let Err(RecvTimeoutError::Timeout) = rx.recv_timeout(period) {
-                    let mut q = lock(&admin);
-                    if q.is_dead() {
-                        return;
-                    }
-                    if let Err(e) = keep_alive(&mut q, timeout) {
-                        tracing::warn!(error = %e, "NVMe/TCP keep alive failed");
-                        if e.is_fatal() {
-                            return;
-                        }
-                    }
-                }
-            })
-            .expect("spawn the keep-alive thread");
-        self.keep_alive = Some(KeepAlive { stop, thread });
+            .name(format!("nvmf-admin-{}", self.cntlid))
+            .spawn(move || admin_loop(&admin, sock, &w, &st, ka, on_event))?;
+        self.admin_thread = Some(AdminThread { wake, stop, thread });
+        Ok(())
     }
 
-    fn stop_keep_alive(&mut self) {
-        if let Some(k) = self.keep_alive.take() {
-            drop(k.stop);
-            let _ = k.thread.join();
+    fn stop_admin_thread(&mut self) {
+        if let Some(t) = self.admin_thread.take() {
+            t.stop.store(true, Ordering::Release);
+            queue::signal(&t.wake);
+            let _ = t.thread.join();
         }
+    }
+
+    /// Asks for asynchronous events (NVMe Base 2.0 §5.2): enables, with Set Features
+    /// Asynchronous Event Configuration, the notices among `wanted`
+    /// ([`AsyncEventConfig`](crate::spec::features::AsyncEventConfig) bits) that the
+    /// controller supports (Identify Controller OAES), and keeps an Asynchronous Event Request
+    /// outstanding from the admin thread. That thread calls `on_event` with each event, with
+    /// [`AdminEvent::Stopped`] if the controller refuses the request, and with
+    /// [`AdminEvent::Lost`] once if the admin queue fails. `on_event` runs on the admin thread
+    /// without the admin queue held: it may run admin commands, but should hand work off
+    /// rather than block. Returns the notices enabled; 0 (and no request outstanding) if the
+    /// controller supports none of them.
+    pub fn enable_async_events(
+        &mut self,
+        wanted: u32,
+        on_event: impl Fn(AdminEvent) + Send + 'static,
+    ) -> Result<u32, Error> {
+        let mask = wanted & self.identify.oaes;
+        if mask == 0 {
+            return Ok(0);
+        }
+        let sqe = SetFeatures {
+            fid: FeatureId::AsyncEventConfig as u8,
+            sv: false,
+            nsid: 0,
+            cdw11: mask,
+            cdw12: 0,
+        }
+        .to_sqe(0);
+        self.run_no_data(sqe, "Set Features")?;
+        self.stop_admin_thread();
+        self.start_admin_thread(Some(Box::new(on_event)))?;
+        Ok(mask)
     }
 
     /// Shuts the controller down (CC.SHN = 01b normal shutdown, then CSTS.SHST = 10b) and
@@ -669,7 +711,7 @@ impl Controller {
     }
 
     fn shutdown_inner(&mut self) -> Result<(), Error> {
-        self.stop_keep_alive();
+        self.stop_admin_thread();
         if std::mem::replace(&mut self.shut_down, true) {
             lock(&self.admin).close();
             return Ok(());
@@ -705,6 +747,114 @@ impl Controller {
 impl Drop for Controller {
     fn drop(&mut self) {
         let _ = self.shutdown_inner();
+    }
+}
+
+/// The tag of the admin queue's Asynchronous Event Request.
+const AER_TAG: u64 = u64::MAX;
+
+/// The admin thread's loop: sleeps on the admin socket and its wake eventfd until the next
+/// Keep Alive is due; takes the completion of its Asynchronous Event Request, re-arms it and
+/// reports the event; ends when stopped or when the queue fails.
+fn admin_loop(
+    admin: &Mutex<Queue>,
+    sock: RawFd,
+    wake: &OwnedFd,
+    stop: &AtomicBool,
+    ka: Option<(Duration, Duration)>,
+    on_event: Option<EventCallback>,
+) {
+    let mut next_ka = ka.map(|(period, _)| Instant::now() + period);
+    let mut aer = on_event.is_some();
+    let mut armed = false;
+    let mut done = Vec::new();
+    let mut events = Vec::new();
+    loop {
+        let was_on = aer;
+        let mut lost = false;
+        {
+            let mut q = lock(admin);
+            // Until a request is outstanding and every completion read is handled: the
+            // controller holds the next event until a request is there, and a completion read
+            // here (even by the step that sends the request) wakes nobody later.
+            loop {
+                let mut refused = false;
+                if aer && !armed && !lost && !q.is_dead() {
+                    let sqe = Sqe::new(AdminOpcode::AsyncEventRequest as u8, 0);
+                    armed = q.submit(sqe, Xfer::None, Vec::new(), AER_TAG).is_ok();
+                    // No free slot: tried again at the next wake-up.
+                    refused = !armed;
+                }
+                lost |= q.step().is_err();
+                q.take_completions(&mut done);
+                for c in done.drain(..) {
+                    if c.tag != AER_TAG {
+                        continue;
+                    }
+                    armed = false;
+                    if c.cqe.status.is_success() {
+                        events.push(AsyncEvent::from_dw0(c.cqe.dw0));
+                    } else if !c.lost {
+                        // A controller without Asynchronous Event Requests (or over its
+                        // limit): its owner falls back to polling.
+                        tracing::warn!(status = ?c.cqe.status, "NVMe/TCP Asynchronous Event Request refused");
+                        aer = false;
+                    }
+                }
+                if armed || refused || !aer || lost || q.is_dead() {
+                    break;
+                }
+            }
+            if let (Some(t), Some((period, timeout))) = (next_ka, ka)
+                && !lost
+                && Instant::now() >= t
+            {
+                if let Err(e) = keep_alive(&mut q, timeout) {
+                    tracing::warn!(error = %e, "NVMe/TCP keep alive failed");
+                    lost |= e.is_fatal();
+                }
+                next_ka = Some(Instant::now() + period);
+            }
+            lost |= q.is_dead();
+        }
+        if let Some(cb) = &on_event {
+            for e in events.drain(..) {
+                cb(AdminEvent::Async(e));
+            }
+            if was_on && !aer {
+                cb(AdminEvent::Stopped);
+            }
+            if lost {
+                cb(AdminEvent::Lost);
+            }
+        }
+        if lost || stop.load(Ordering::Acquire) {
+            return;
+        }
+        let timeout_ms = next_ka.map_or(-1, |t| {
+            t.saturating_duration_since(Instant::now())
+                .as_micros()
+                .div_ceil(1000)
+                .min(i32::MAX as u128) as i32
+        });
+        let mut pfd = [
+            libc::pollfd {
+                fd: sock,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two valid, initialised pollfds on the stack; the socket stays open while
+        // this thread runs (the controller joins it before closing the queue).
+        unsafe { libc::poll(pfd.as_mut_ptr(), 2, timeout_ms) };
+        let mut n = 0u64;
+        // SAFETY: reads 8 bytes into a live u64 from the non-blocking eventfd (drains it).
+        unsafe { libc::read(wake.as_raw_fd(), (&mut n as *mut u64).cast(), 8) };
     }
 }
 

@@ -66,7 +66,7 @@ mod queue;
 mod tests;
 
 pub use controller::{
-    ConnectOptions, Controller, DiscoveryLog, IoQueueOptions, Namespace, uuid_string,
+    AdminEvent, ConnectOptions, Controller, DiscoveryLog, IoQueueOptions, Namespace, uuid_string,
 };
 pub use error::{Error, RejectReason, Rejected};
 pub use io::{IoCommand, IoQueue, encode_ranges};

@@ -22,7 +22,8 @@
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferroblk_bdev::SgList;
@@ -94,7 +95,7 @@ pub struct Completion {
     pub opcode: u8,
     internal: bool,
     /// Failed locally with the connection (no answer from the controller).
-    lost: bool,
+    pub(crate) lost: bool,
 }
 
 impl Completion {
@@ -307,6 +308,10 @@ pub(crate) struct Queue {
     done: Vec<Completion>,
     dead: bool,
     stats: QueueStats,
+    /// Signalled (an eventfd) when [`Queue::execute`] leaves another command's completion
+    /// behind, so that a thread waiting for it (the admin thread's Asynchronous Event Request)
+    /// wakes although the socket's data was read by someone else.
+    notify: Option<Arc<OwnedFd>>,
 }
 
 impl Queue {
@@ -353,6 +358,7 @@ impl Queue {
             done: Vec::with_capacity(depth),
             dead: false,
             stats: QueueStats::default(),
+            notify: None,
         };
         let mut hdr = [0u8; MAX_HEADER_LEN];
         let n = q.enc.ic_req(&q.ic_req, &mut hdr);
@@ -606,7 +612,17 @@ impl Queue {
             // The command was failed with the queue; its completion is of no use.
             self.done.retain(|c| !c.internal);
         }
+        if let Some(fd) = &self.notify
+            && self.done.iter().any(|c| !c.internal)
+        {
+            signal(fd);
+        }
         result
+    }
+
+    /// Signals `fd` whenever [`Queue::execute`] leaves another command's completion behind.
+    pub(crate) fn set_notify(&mut self, fd: Arc<OwnedFd>) {
+        self.notify = Some(fd);
     }
 
     /// Waits for the socket until `deadline`; past it, tears the queue down.
@@ -1099,4 +1115,22 @@ impl std::fmt::Debug for Queue {
             .field("dead", &self.dead)
             .finish()
     }
+}
+
+/// Adds one to eventfd `fd` (a full counter already wakes its reader).
+pub(crate) fn signal(fd: &OwnedFd) {
+    let one = 1u64;
+    // SAFETY: writes 8 bytes from a live u64 to an eventfd this process owns.
+    unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+}
+
+/// A non-blocking eventfd.
+pub(crate) fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd has no memory preconditions; the result is checked.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }

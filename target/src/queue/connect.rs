@@ -89,7 +89,9 @@ impl NvmeQueue {
             } else {
                 cmd.kato
             };
-            match subsys.create_controller(&cd.hostnqn, cd.hostid, kato, self.reactor.clone()) {
+            let port = self.port.clone();
+            match subsys.create_controller(&cd.hostnqn, cd.hostid, kato, self.reactor.clone(), port)
+            {
                 Ok(c) => c,
                 Err(e) => {
                     let r = (Status::CONNECT_CONTROLLER_BUSY, 0);

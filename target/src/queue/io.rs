@@ -61,6 +61,9 @@ impl NvmeQueue {
         else {
             return Some(Status::INVALID_NAMESPACE);
         };
+        if let Some(st) = q.ctrl.ana_state(n.ns.anagrpid).io_status() {
+            return Some(st);
+        }
         if opc == Some(IoOpcode::DatasetManagement) {
             return None;
         }
@@ -168,9 +171,17 @@ impl NvmeQueue {
             q.ns.get(n as usize)
                 .is_some_and(|x| x.as_ref().is_some_and(|c| !c.draining))
         };
+        // The ANA state of the namespace's group on this controller's port (NVMe Base 2.0
+        // §8.1.3): one atomic load.
+        let ana_status = |n: u32| {
+            let grp = q.ns[n as usize].as_ref().map_or(1, |c| c.ns.anagrpid);
+            q.ctrl.ana_state(grp).io_status()
+        };
         if opc == Some(IoOpcode::Flush) && nsid == 0xffff_ffff {
-            // Flush every namespace.
-            let all: Vec<u32> = (0..q.ns.len() as u32).filter(|&n| ns_ok(n)).collect();
+            // Flush every namespace reachable through this port.
+            let all: Vec<u32> = (0..q.ns.len() as u32)
+                .filter(|&n| ns_ok(n) && ana_status(n).is_none())
+                .collect();
             if all.is_empty() {
                 return self.complete_slot(t, i, Status::SUCCESS, 0, 0);
             }
@@ -182,6 +193,9 @@ impl NvmeQueue {
         }
         if !ns_ok(nsid) {
             return self.complete_slot(t, i, Status::INVALID_NAMESPACE, 0, 0);
+        }
+        if let Some(st) = ana_status(nsid) {
+            return self.complete_slot(t, i, st, 0, 0);
         }
         let bs = self.block_size(nsid).expect("namespace checked");
         let caps = q.ns[nsid as usize]

@@ -40,7 +40,7 @@ use crate::spec::command::{
 use crate::spec::fabrics::FabricsType;
 use crate::spec::{Cqe, Status};
 use crate::subsystem::admin::{self, AER_SLOTS, AdminOutcome, MAX_TRANSFER};
-use crate::subsystem::{Controller, Namespace, Target};
+use crate::subsystem::{Controller, Namespace, Port, Target};
 
 /// What the queue asks of the transport that carries it.
 pub trait Transport {
@@ -158,6 +158,9 @@ pub struct NvmeQueue {
     /// The transport names host memory with Keyed SGL Data Blocks (RDMA) rather than
     /// Transport SGL Data Blocks (TCP).
     keyed_sgl: bool,
+    /// The listener the connection came in on (its ANA states); `None` for a queue made
+    /// without one.
+    pub(crate) port: Option<Arc<Port>>,
 }
 
 impl NvmeQueue {
@@ -180,7 +183,15 @@ impl NvmeQueue {
             aers: Vec::new(),
             closing: false,
             keyed_sgl: false,
+            port: None,
         }
+    }
+
+    /// A queue whose connection came in on listener `port`: its controller reports and
+    /// enforces that port's ANA states.
+    pub fn with_port(mut self, port: Arc<Port>) -> NvmeQueue {
+        self.port = Some(port);
+        self
     }
 
     /// A queue whose transport names host memory with Keyed SGL Data Blocks (NVMe/RDMA)

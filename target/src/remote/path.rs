@@ -7,47 +7,50 @@
 //! the control thread connected ahead and the queue identifiers still free.
 //!
 //! The control thread ([`start`]) owns the controllers (admin queues and their keep-alive).
-//! It wakes when kicked (a channel lost a queue or wants one) or every
-//! [`REFRESH`]: it checks each controller (Identify Namespace, which also catches a resize
-//! of the remote namespace), reconnects lost ones with back-off, and keeps
-//! [`SPARES`] I/O queues ready per path (more while channels wait). When it declares a
-//! controller lost it shuts down the sockets of that controller's I/O queues, so that a
-//! channel sleeping on one (a remote that stopped answering closes nothing) wakes and moves
-//! its commands to another path.
+//! Each controller that supports them keeps an Asynchronous Event Request outstanding (the
+//! initiator's admin thread): a Namespace Attribute Changed event makes the control thread
+//! read the Changed Namespace List and identify the namespace again (a resize of the remote
+//! reaches the bdev's listeners), an ANA Change event makes it read the ANA log page again,
+//! and a failed admin queue marks the path lost at once. The control thread wakes when
+//! kicked (an event, or a channel that lost a queue or wants one) or every [`REFRESH`]: it
+//! reconnects lost paths with back-off, keeps [`SPARES`] I/O queues ready per path (more
+//! while channels wait), reads the ANA log page again of paths whose state is not usable,
+//! and only for a controller without asynchronous events falls back to identifying the
+//! namespace each time (liveness and resize by polling). When it declares a controller lost
+//! it shuts down the sockets of that controller's I/O queues, so that a channel sleeping on
+//! one (a remote that stopped answering closes nothing) wakes and moves its commands to
+//! another path.
 
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ferroblk_bdev::bdev::BdevInfo;
 
 use super::Policy;
-use crate::initiator::{ConnectOptions, Controller, Error as InitError, IoQueue, IoQueueOptions};
+use crate::initiator::{
+    AdminEvent, ConnectOptions, Controller, Error as InitError, IoQueue, IoQueueOptions,
+};
+use crate::spec::command::async_event_notice;
+use crate::spec::features::AsyncEventConfig;
 use crate::spec::identify::cmic;
 use crate::spec::log::{LogPageId, ana_state_of};
 
-/// How often the control thread checks the controllers and the namespace size.
+/// How often the control thread wakes without events (reconnects, unusable ANA states, and
+/// for controllers without asynchronous events the namespace's size and liveness).
 pub const REFRESH: Duration = Duration::from_secs(1);
 /// I/O queues kept connected ahead per path, so a new channel starts without waiting.
 pub const SPARES: usize = 1;
 /// The back-off between reconnect attempts grows up to this many times `reconnect_delay`.
 const MAX_BACKOFF_FACTOR: u32 = 8;
 
-/// ANA states (NVMe Base 2.0 §8.20.3), as the paths keep them.
+/// ANA states (NVMe Base 2.0 §8.1.3; [`crate::spec::log::ana_state`]) and their rank for path
+/// choice.
 pub mod ana {
-    /// 01h ANA Optimized.
-    pub const OPTIMIZED: u8 = 0x01;
-    /// 02h ANA Non-Optimized.
-    pub const NON_OPTIMIZED: u8 = 0x02;
-    /// 03h ANA Inaccessible.
-    pub const INACCESSIBLE: u8 = 0x03;
-    /// 04h ANA Persistent Loss.
-    pub const PERSISTENT_LOSS: u8 = 0x04;
-    /// 0Fh ANA Change.
-    pub const CHANGE: u8 = 0x0f;
+    pub use crate::spec::log::ana_state::*;
 
     /// The preference of a state for I/O: lower is better; `None`: not usable.
     pub fn rank(state: u8) -> Option<u8> {
@@ -108,6 +111,16 @@ pub struct PathShared {
     ana: AtomicU8,
     /// Bumped each time the controller is (re)connected.
     generation: AtomicU64,
+    /// Events the admin thread reported and the control thread has not handled
+    /// ([`EVENT_NS_CHANGED`], [`EVENT_ANA_CHANGED`], [`EVENT_LOST`]).
+    events: AtomicU8,
+    /// Whether the current controller reports namespace changes by asynchronous events
+    /// (otherwise the control thread polls Identify Namespace).
+    async_events: AtomicBool,
+    /// Asynchronous events received (for `bdev_list`).
+    pub events_received: AtomicU64,
+    /// Identify Namespace polls made for lack of asynchronous events (for `bdev_list`).
+    pub identify_polls: AtomicU64,
     /// Spare queues and free queue identifiers.
     pub pool: Mutex<PathPool>,
 }
@@ -120,6 +133,10 @@ impl PathShared {
             down_since_ms: AtomicU64::new(1),
             ana: AtomicU8::new(ana::OPTIMIZED),
             generation: AtomicU64::new(0),
+            events: AtomicU8::new(0),
+            async_events: AtomicBool::new(false),
+            events_received: AtomicU64::new(0),
+            identify_polls: AtomicU64::new(0),
             pool: Mutex::new(PathPool::default()),
         }
     }
@@ -144,6 +161,13 @@ impl PathShared {
         self.generation.load(Ordering::Acquire)
     }
 }
+
+/// A Namespace Attribute Changed event arrived.
+const EVENT_NS_CHANGED: u8 = 1 << 0;
+/// An ANA Change event arrived.
+const EVENT_ANA_CHANGED: u8 = 1 << 1;
+/// The admin queue failed.
+const EVENT_LOST: u8 = 1 << 2;
 
 /// What the bdev, its channels and its control thread share.
 pub struct Shared {
@@ -264,6 +288,9 @@ impl Shared {
                     "state": if p.is_up() { "up" } else { "down" },
                     "ana_state": p.ana(),
                     "spare_queues": lock(&p.pool).spares.len(),
+                    "async_events": p.async_events.load(Ordering::Relaxed),
+                    "events_received": p.events_received.load(Ordering::Relaxed),
+                    "identify_polls": p.identify_polls.load(Ordering::Relaxed),
                 })
             })
             .collect();
@@ -334,9 +361,10 @@ pub fn start(
         .spawn(move || control(shared, paths))
 }
 
-/// Takes a freshly connected controller into service: Set Features Number of Queues, the
-/// path marked up. `None` (and the path stays down) if the controller fails meanwhile.
-fn setup(shared: &Shared, i: usize, c: Controller) -> Option<Arc<Controller>> {
+/// Takes a freshly connected controller into service: Set Features Number of Queues,
+/// asynchronous events, the ANA state, the path marked up. `None` (and the path stays down)
+/// if the controller fails meanwhile.
+fn setup(shared: &Arc<Shared>, i: usize, mut c: Controller) -> Option<Arc<Controller>> {
     let granted = match c.set_number_of_queues(shared.io_queues) {
         Ok((nsq, ncq)) => nsq.min(ncq).min(u32::from(shared.io_queues)) as u16,
         Err(e) => {
@@ -344,6 +372,22 @@ fn setup(shared: &Shared, i: usize, c: Controller) -> Option<Arc<Controller>> {
             return None;
         }
     };
+    let path = &shared.paths[i];
+    path.events.store(0, Ordering::Release);
+    let weak = Arc::downgrade(shared);
+    let wanted =
+        AsyncEventConfig::NAMESPACE_ATTRIBUTE_NOTICES | AsyncEventConfig::ANA_CHANGE_NOTICES;
+    let enabled = match c.enable_async_events(wanted, move |ev| on_admin_event(&weak, i, ev)) {
+        Ok(mask) => mask & AsyncEventConfig::NAMESPACE_ATTRIBUTE_NOTICES != 0,
+        Err(e) => {
+            tracing::warn!(bdev = %shared.info.name(), addr = %path.addr, error = %e, "nvmf: asynchronous events not enabled; polling the namespace");
+            if e.is_fatal() || !c.is_connected() {
+                return None;
+            }
+            false
+        }
+    };
+    path.async_events.store(enabled, Ordering::Release);
     refresh_ana(shared, i, &c);
     let c = Arc::new(c);
     shared.set_up(i, c.clone(), granted);
@@ -402,6 +446,30 @@ fn lost(shared: &Shared, i: usize, p: &mut PathCtl) {
     p.next_attempt = Instant::now() + shared.reconnect_delay;
 }
 
+/// Runs on path `i`'s admin thread: records the event for the control thread and wakes it.
+fn on_admin_event(shared: &Weak<Shared>, i: usize, ev: AdminEvent) {
+    let Some(s) = shared.upgrade() else { return };
+    let p = &s.paths[i];
+    let bit = match ev {
+        AdminEvent::Async(e) => {
+            p.events_received.fetch_add(1, Ordering::Relaxed);
+            match e.info {
+                async_event_notice::NAMESPACE_ATTRIBUTE_CHANGED => EVENT_NS_CHANGED,
+                async_event_notice::ANA_CHANGE => EVENT_ANA_CHANGED,
+                _ => return,
+            }
+        }
+        AdminEvent::Stopped => {
+            // Back to polling the namespace for this controller.
+            p.async_events.store(false, Ordering::Release);
+            return;
+        }
+        AdminEvent::Lost => EVENT_LOST,
+    };
+    p.events.fetch_or(bit, Ordering::AcqRel);
+    s.kick();
+}
+
 fn control(shared: Arc<Shared>, mut paths: Vec<PathCtl>) {
     let mut next_refresh = Instant::now() + REFRESH;
     loop {
@@ -433,7 +501,20 @@ fn control(shared: Arc<Shared>, mut paths: Vec<PathCtl>) {
         for (i, p) in paths.iter_mut().enumerate() {
             match p.ctrl.clone() {
                 Some(c) => {
-                    let alive = if refresh {
+                    let path = &shared.paths[i];
+                    let events = path.events.swap(0, Ordering::AcqRel);
+                    let polled = !path.async_events.load(Ordering::Acquire);
+                    if events & EVENT_ANA_CHANGED != 0
+                        || (refresh && ana::rank(path.ana()).is_none())
+                    {
+                        refresh_ana(&shared, i, &c);
+                    }
+                    let alive = if events & EVENT_LOST != 0 {
+                        false
+                    } else if events & EVENT_NS_CHANGED != 0 {
+                        namespace_changed(&shared, i, &c)
+                    } else if refresh && polled {
+                        path.identify_polls.fetch_add(1, Ordering::Relaxed);
                         check(&shared, i, &c)
                     } else if kicked {
                         c.keep_alive().is_ok()
@@ -460,12 +541,27 @@ fn control(shared: Arc<Shared>, mut paths: Vec<PathCtl>) {
     }
 }
 
+/// A Namespace Attribute Changed event: reads the Changed Namespace List (which clears the
+/// event on the controller, NVMe Base 2.0 §5.27.1.5) and identifies the namespace again.
+fn namespace_changed(shared: &Shared, i: usize, c: &Controller) -> bool {
+    let lid = LogPageId::ChangedNamespaceList as u8;
+    if let Err(e) = c.get_log_page(lid, 0, 0, CHANGED_NS_LIST_LEN) {
+        tracing::debug!(bdev = %shared.info.name(), error = %e, "nvmf: Changed Namespace List");
+    }
+    check(shared, i, c)
+}
+
+/// Bytes of the Changed Namespace List log page.
+const CHANGED_NS_LIST_LEN: usize = 4096;
+
 /// Identify Namespace through a live controller: the liveness check, and the remote's size
 /// reaching the bdev's listeners when it changed. `false` when the controller is gone.
 fn check(shared: &Shared, i: usize, c: &Controller) -> bool {
     match c.namespace(shared.nsid) {
         Ok(ns) => {
-            refresh_ana(shared, i, c);
+            if !shared.paths[i].async_events.load(Ordering::Acquire) {
+                refresh_ana(shared, i, c);
+            }
             if ns.blocks != shared.info.block_count() {
                 tracing::info!(bdev = %shared.info.name(), addr = %shared.paths[i].addr, blocks = ns.blocks, "nvmf: the remote namespace was resized");
                 shared.info.set_block_count(ns.blocks);
@@ -509,7 +605,7 @@ fn refresh_ana(shared: &Shared, i: usize, c: &Controller) {
 /// Bytes of the ANA log page read (header and the groups of a small subsystem).
 const ANA_LOG_LEN: usize = 4096;
 
-fn reconnect(shared: &Shared, i: usize, p: &mut PathCtl) {
+fn reconnect(shared: &Arc<Shared>, i: usize, p: &mut PathCtl) {
     let opts = ConnectOptions {
         addr: shared.paths[i].addr,
         ..shared.opts.clone()

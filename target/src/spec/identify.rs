@@ -23,6 +23,32 @@ pub mod cmic {
     pub const ANA_REPORTING: u8 = 1 << 3;
 }
 
+/// Optional Asynchronous Events Supported (OAES, bytes 95:92).
+pub mod oaes {
+    /// Bit 8: Namespace Attribute Notices.
+    pub const NAMESPACE_ATTRIBUTE: u32 = 1 << 8;
+    /// Bit 11: Asymmetric Namespace Access Change Notices.
+    pub const ANA_CHANGE: u32 = 1 << 11;
+    /// Bit 31: Discovery Log Page Change Notices (NVMe-oF 1.1).
+    pub const DISCOVERY_LOG_CHANGE: u32 = 1 << 31;
+}
+
+/// Asymmetric Namespace Access Capabilities (ANACAP, byte 343).
+pub mod anacap {
+    /// Bit 0: reports ANA Optimized.
+    pub const OPTIMIZED: u8 = 1 << 0;
+    /// Bit 1: reports ANA Non-Optimized.
+    pub const NON_OPTIMIZED: u8 = 1 << 1;
+    /// Bit 2: reports ANA Inaccessible.
+    pub const INACCESSIBLE: u8 = 1 << 2;
+    /// Bit 3: reports ANA Persistent Loss.
+    pub const PERSISTENT_LOSS: u8 = 1 << 3;
+    /// Bit 4: reports ANA Change.
+    pub const CHANGE: u8 = 1 << 4;
+    /// Bit 6: a namespace's ANAGRPID does not change while it is attached.
+    pub const GRPID_NOT_CHANGED: u8 = 1 << 6;
+}
+
 /// Optional Admin Command Support (OACS, bytes 257:256).
 pub mod oacs {
     /// Bit 0: Security Send/Receive.
@@ -154,6 +180,14 @@ pub struct IdentifyController {
     pub npss: u8,
     /// Keep Alive Support: granularity in 100 ms units, 0 = unsupported (bytes 321:320).
     pub kas: u16,
+    /// ANA Transition Time in seconds (byte 342).
+    pub anatt: u8,
+    /// Asymmetric Namespace Access Capabilities ([`anacap`], byte 343).
+    pub anacap: u8,
+    /// ANA Group Identifier Maximum (bytes 347:344).
+    pub anagrpmax: u32,
+    /// Number of ANA Group Identifiers (bytes 351:348).
+    pub nanagrpid: u32,
     /// Submission Queue Entry Size: required 3:0, maximum 7:4, log2 bytes (byte 512).
     pub sqes: u8,
     /// Completion Queue Entry Size (byte 513).
@@ -224,6 +258,10 @@ impl IdentifyController {
         b[262] = self.elpe;
         b[263] = self.npss;
         put_u16(b, 320, self.kas);
+        b[342] = self.anatt;
+        b[343] = self.anacap;
+        put_u32(b, 344, self.anagrpmax);
+        put_u32(b, 348, self.nanagrpid);
         b[512] = self.sqes;
         b[513] = self.cqes;
         put_u16(b, 514, self.maxcmd);
@@ -280,6 +318,10 @@ impl IdentifyController {
             elpe: b[262],
             npss: b[263],
             kas: get_u16(b, 320),
+            anatt: b[342],
+            anacap: b[343],
+            anagrpmax: get_u32(b, 344),
+            nanagrpid: get_u32(b, 348),
             sqes: b[512],
             cqes: b[513],
             maxcmd: get_u16(b, 514),
@@ -633,6 +675,10 @@ mod tests {
             elpe: 127,
             npss: 1,
             kas: 10,
+            anatt: 10,
+            anacap: anacap::OPTIMIZED | anacap::INACCESSIBLE,
+            anagrpmax: 32,
+            nanagrpid: 31,
             sqes: 0x66,
             cqes: 0x44,
             maxcmd: 128,
@@ -679,6 +725,9 @@ mod tests {
         assert_eq!(b[262], 127, "ELPE");
         assert_eq!(b[263], 1, "NPSS");
         assert_eq!(&b[320..322], &[10, 0], "KAS");
+        assert_eq!((b[342], b[343]), (10, 0x05), "ANATT, ANACAP");
+        assert_eq!(&b[344..348], &32u32.to_le_bytes(), "ANAGRPMAX");
+        assert_eq!(&b[348..352], &31u32.to_le_bytes(), "NANAGRPID");
         assert_eq!((b[512], b[513]), (0x66, 0x44), "SQES, CQES");
         assert_eq!(&b[514..516], &[128, 0], "MAXCMD");
         assert_eq!(&b[516..520], &[32, 0, 0, 0], "NN");
@@ -712,6 +761,7 @@ mod tests {
             nmic: 1,
             dlfeat: dlfeat::READ_ZEROES | dlfeat::WRITE_ZEROES_DEALLOCATE,
             nvmcap: 1 << 33,
+            anagrpid: 3,
             nguid: [0x5a; 16],
             eui64: [0xe0; 8],
             lbaf: vec![
@@ -730,6 +780,7 @@ mod tests {
         assert_eq!(b[30], 1, "NMIC");
         assert_eq!(b[33], 9, "DLFEAT");
         assert_eq!(b[48 + 4], 2, "NVMCAP 2^33 bytes");
+        assert_eq!(&b[92..96], &[3, 0, 0, 0], "ANAGRPID");
         assert_eq!(&b[104..120], &[0x5a; 16], "NGUID");
         assert_eq!(&b[120..128], &[0xe0; 8], "EUI64");
         assert_eq!(&b[128..132], &[0, 0, 9, 0], "LBAF0 LBADS 9");

@@ -395,6 +395,66 @@ pub const ANA_GROUP_DESCRIPTOR_LEN: usize = 32;
 /// Offset of ANAGRPID in Identify Namespace (bytes 95:92).
 pub const IDENTIFY_NS_ANAGRPID: usize = 92;
 
+/// ANA states (NVMe Base 2.0 §8.1.3, Figure 207 byte 16 bits 3:0).
+pub mod ana_state {
+    /// 01h ANA Optimized.
+    pub const OPTIMIZED: u8 = 0x01;
+    /// 02h ANA Non-Optimized.
+    pub const NON_OPTIMIZED: u8 = 0x02;
+    /// 03h ANA Inaccessible.
+    pub const INACCESSIBLE: u8 = 0x03;
+    /// 04h ANA Persistent Loss.
+    pub const PERSISTENT_LOSS: u8 = 0x04;
+    /// 0Fh ANA Change.
+    pub const CHANGE: u8 = 0x0f;
+}
+
+/// Log Specific Parameter bit 0 of the ANA log page: Return Groups Only (RGO; NVMe Base 2.0
+/// §5.16.1.12): the group descriptors without their NSID lists.
+pub const ANA_LSP_RGO: u8 = 1 << 0;
+
+/// One ANA Group Descriptor (NVMe Base 2.0 Figure 207) as the controller reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AnaGroupDescriptor {
+    /// ANA Group ID (bytes 3:0; never 0).
+    pub anagrpid: u32,
+    /// Change Count of this group (bytes 15:8).
+    pub chgcnt: u64,
+    /// ANA State ([`ana_state`], byte 16 bits 3:0).
+    pub state: u8,
+    /// NSIDs of the group's attached namespaces, ascending (left out with RGO).
+    pub nsids: Vec<u32>,
+}
+
+/// Encodes the Asymmetric Namespace Access log page (LID 0Ch; NVMe Base 2.0 §5.16.1.12,
+/// Figures 206 and 207): the header (Change Count bytes 7:0, Number of ANA Group Descriptors
+/// bytes 9:8) then each group's descriptor followed, unless `rgo`, by its NSID list.
+pub fn ana_log_page(chgcnt: u64, groups: &[AnaGroupDescriptor], rgo: bool) -> Vec<u8> {
+    let nsids = |g: &AnaGroupDescriptor| if rgo { 0 } else { g.nsids.len() };
+    let len = ANA_LOG_HEADER_LEN
+        + groups
+            .iter()
+            .map(|g| ANA_GROUP_DESCRIPTOR_LEN + 4 * nsids(g))
+            .sum::<usize>();
+    let mut v = vec![0u8; len];
+    put_u64(&mut v, 0, chgcnt);
+    put_u16(&mut v, 8, groups.len() as u16);
+    let mut off = ANA_LOG_HEADER_LEN;
+    for g in groups {
+        let n = nsids(g);
+        put_u32(&mut v, off, g.anagrpid);
+        put_u32(&mut v, off + 4, n as u32);
+        put_u64(&mut v, off + 8, g.chgcnt);
+        v[off + 16] = g.state & 0x0f;
+        off += ANA_GROUP_DESCRIPTOR_LEN;
+        for nsid in &g.nsids[..n] {
+            put_u32(&mut v, off, *nsid);
+            off += 4;
+        }
+    }
+    v
+}
+
 /// The ANA state (Figure 207, byte 16 bits 3:0) that the ANA log page `page` gives namespace
 /// `nsid`, found in the NSID list of its group (the page as read without RGO). `None` if the
 /// page does not list it or is cut short.
@@ -421,6 +481,49 @@ pub fn ana_state_of(page: &[u8], nsid: u32) -> Option<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ana_log_page_layout_with_and_without_rgo() {
+        let groups = [
+            AnaGroupDescriptor {
+                anagrpid: 1,
+                chgcnt: 5,
+                state: ana_state::OPTIMIZED,
+                nsids: vec![1, 3],
+            },
+            AnaGroupDescriptor {
+                anagrpid: 7,
+                chgcnt: 6,
+                state: ana_state::INACCESSIBLE,
+                nsids: vec![2],
+            },
+        ];
+        let p = ana_log_page(9, &groups, false);
+        assert_eq!(p.len(), 16 + 32 + 8 + 32 + 4);
+        assert_eq!(&p[0..8], &9u64.to_le_bytes(), "CHGCNT");
+        assert_eq!(&p[8..10], &[2, 0], "NGRPS");
+        assert!(p[10..16].iter().all(|&b| b == 0), "reserved");
+        assert_eq!(&p[16..20], &[1, 0, 0, 0], "ANAGRPID");
+        assert_eq!(&p[20..24], &[2, 0, 0, 0], "NNSID");
+        assert_eq!(&p[24..32], &5u64.to_le_bytes(), "group CHGCNT");
+        assert_eq!(p[32], 0x01, "ANA state");
+        assert!(p[33..48].iter().all(|&b| b == 0), "reserved");
+        assert_eq!(&p[48..56], &[1, 0, 0, 0, 3, 0, 0, 0], "NSID list");
+        assert_eq!(&p[56..60], &[7, 0, 0, 0]);
+        assert_eq!(p[72], 0x03);
+        assert_eq!(&p[88..92], &[2, 0, 0, 0]);
+        assert_eq!(ana_state_of(&p, 3), Some(ana_state::OPTIMIZED));
+        assert_eq!(ana_state_of(&p, 2), Some(ana_state::INACCESSIBLE));
+        let r = ana_log_page(9, &groups, true);
+        assert_eq!(r.len(), 16 + 2 * 32, "RGO: descriptors only");
+        assert_eq!(&r[20..24], &[0, 0, 0, 0], "RGO: NNSID 0");
+        assert_eq!(
+            &r[48..52],
+            &[7, 0, 0, 0],
+            "second descriptor follows at once"
+        );
+        assert_eq!(r[64], 0x03);
+    }
 
     #[test]
     fn ana_state_is_found_in_its_groups_nsid_list() {

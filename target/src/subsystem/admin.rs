@@ -7,16 +7,18 @@ use std::sync::atomic::Ordering;
 
 use ferroblk_bdev::{Caps, MAX_EXPORT_IO_BYTES};
 
-use super::{Controller, MAX_IO_QUEUES, Target};
+use super::{ANA_GROUPS, ANA_TRANSITION_TIME_S, Controller, MAX_IO_QUEUES, Target};
 use crate::spec::Status;
 use crate::spec::command::{AdminOpcode, GetLogPage, Identify, Sqe, cns};
 use crate::spec::fabrics::{Cap, Cc, Csts, PropertyGet, PropertySet, Version, property, shst};
 use crate::spec::features::{FeatureId, NumberOfQueues};
 use crate::spec::identify::{
-    IDENTIFY_LEN, IdentifyController, IdentifyNamespace, LbaFormat, NsIdDescriptor, cmic,
-    cntrltype, dlfeat, lpa, nsfeat, oncs, sgls, vwc, write_active_ns_list,
+    IDENTIFY_LEN, IdentifyController, IdentifyNamespace, LbaFormat, NsIdDescriptor, anacap, cmic,
+    cntrltype, dlfeat, lpa, nsfeat, oaes, oncs, sgls, vwc, write_active_ns_list,
 };
-use crate::spec::log::{LogPageId, SmartLog, discovery_log_page, write_changed_ns_list};
+use crate::spec::log::{
+    ANA_LSP_RGO, LogPageId, SmartLog, ana_log_page, discovery_log_page, write_changed_ns_list,
+};
 
 /// Queue entries per I/O queue (CAP.MQES + 1).
 pub const QUEUE_ENTRIES: u16 = 128;
@@ -154,15 +156,21 @@ fn identify_controller(ctrl: &Controller, target: &Target) -> Vec<u8> {
         fr: env!("CARGO_PKG_VERSION").chars().take(8).collect(),
         rab: 6,
         ieee: [0; 3],
+        // A subsystem may be reached on several listeners (ports), and reports ANA
+        // (NVMe Base 2.0 §8.1): Linux's nvme multipath uses ANA only with CMIC bit 3.
         cmic: if s.discovery {
             0
         } else {
-            cmic::MULTI_CONTROLLER
+            cmic::MULTI_PORT | cmic::MULTI_CONTROLLER | cmic::ANA_REPORTING
         },
         mdts: MDTS,
         cntlid: ctrl.cntlid,
         ver: VERSION,
-        oaes: if s.discovery { 1 << 31 } else { 1 << 8 },
+        oaes: if s.discovery {
+            oaes::DISCOVERY_LOG_CHANGE
+        } else {
+            oaes::NAMESPACE_ATTRIBUTE | oaes::ANA_CHANGE
+        },
         cntrltype: if s.discovery {
             cntrltype::DISCOVERY
         } else {
@@ -174,6 +182,25 @@ fn identify_controller(ctrl: &Controller, target: &Target) -> Vec<u8> {
         lpa: lpa::EXTENDED_DATA,
         elpe: 0,
         kas: 1,
+        anatt: if s.discovery {
+            0
+        } else {
+            ANA_TRANSITION_TIME_S
+        },
+        anacap: if s.discovery {
+            0
+        } else {
+            anacap::OPTIMIZED
+                | anacap::NON_OPTIMIZED
+                | anacap::INACCESSIBLE
+                | anacap::PERSISTENT_LOSS
+                | anacap::CHANGE
+                | anacap::GRPID_NOT_CHANGED
+        },
+        anagrpmax: if s.discovery { 0 } else { ANA_GROUPS },
+        nanagrpid: if s.discovery { 0 } else { ANA_GROUPS },
+        // MNAN: Linux refuses an ANA-reporting controller whose MNAN is 0 or above NN.
+        mnan: if s.discovery { 0 } else { super::MAX_NSID },
         sqes: 0x66,
         cqes: 0x44,
         maxcmd: QUEUE_ENTRIES,
@@ -237,6 +264,7 @@ fn identify_namespace(ns: &super::Namespace) -> Vec<u8> {
         flbas: 0,
         nmic: 1,
         dlfeat: dl,
+        anagrpid: ns.anagrpid,
         nsattr: u8::from(ns.bdev.info().is_read_only()),
         nguid: ns.nguid,
         lbaf: vec![LbaFormat::with_block_size(g.block_size.bytes())],
@@ -338,6 +366,11 @@ pub fn execute(ctrl: &Arc<Controller>, target: &Target, sqe: &Sqe) -> AdminOutco
                     }
                     .write_to(&mut v);
                     v
+                }
+                Some(LogPageId::AsymmetricNamespaceAccess) if !s.discovery => {
+                    let port = ctrl.port.as_deref();
+                    let chgcnt = port.map_or(0, super::Port::change_count);
+                    ana_log_page(chgcnt, &s.ana_groups(port), g.lsp & ANA_LSP_RGO != 0)
                 }
                 Some(LogPageId::ChangedNamespaceList) if !s.discovery => {
                     let mut v = vec![0u8; 4096];

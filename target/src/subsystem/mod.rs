@@ -6,11 +6,16 @@
 //! join it by CNTLID. Controller state that changes at run time (CC/CSTS, features, AER slots,
 //! pending events) is behind atomics or small locks touched only by admin commands and control
 //! operations, never by I/O.
+//!
+//! Asymmetric Namespace Access (NVMe Base 2.0 §8.1): every listener is a [`Port`] holding one
+//! ANA state per ANA group; a namespace belongs to one group (`anagrpid`, default 1), and a
+//! controller reports, and its I/O queues enforce, the states of the port its admin queue
+//! came in on. I/O reads one atomic per command for it.
 
 pub mod admin;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -18,8 +23,11 @@ use ferroblk_bdev::reactor::ReactorHandle;
 use ferroblk_bdev::{Bdev, BdevEvent};
 use serde::{Deserialize, Serialize};
 
-use crate::spec::command::AsyncEvent;
+use crate::spec::Status;
+use crate::spec::command::{AsyncEvent, async_event_notice, async_event_type};
 use crate::spec::fabrics::DISCOVERY_NQN;
+use crate::spec::features::AsyncEventConfig;
+use crate::spec::log::{AnaGroupDescriptor, LogPageId, ana_state};
 
 /// Declaration of a subsystem (`[[subsystem]]`, `nvmf_subsystem_add`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -60,6 +68,90 @@ pub struct NamespaceSpec {
     /// stable across restarts. The NGUID is derived the same way.
     #[serde(default)]
     pub uuid: Option<String>,
+    /// ANA group (ANAGRPID, 1..=[`ANA_GROUPS`]; default 1): the namespaces of a group share
+    /// an ANA state on each listener.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anagrpid: Option<u32>,
+}
+
+/// Most ANA groups of a subsystem (ANAGRPMAX and NANAGRPID in Identify Controller).
+pub const ANA_GROUPS: u32 = 32;
+/// Seconds a host waits for a group in ANA Change to settle (ANATT).
+pub const ANA_TRANSITION_TIME_S: u8 = 10;
+
+/// An ANA state a listener reports for a group (NVMe Base 2.0 §8.1.3).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AnaState {
+    /// Optimized: the preferred path.
+    #[default]
+    Optimized,
+    /// Non-optimized: usable, not preferred.
+    NonOptimized,
+    /// Inaccessible: I/O fails with Asymmetric Access Inaccessible; may come back.
+    Inaccessible,
+    /// Persistent loss: I/O fails with Asymmetric Access Persistent Loss.
+    PersistentLoss,
+    /// Change: in transition; I/O fails with Asymmetric Access Transition.
+    Change,
+}
+
+impl AnaState {
+    /// The state's code in the ANA log page ([`ana_state`]).
+    pub const fn code(self) -> u8 {
+        match self {
+            AnaState::Optimized => ana_state::OPTIMIZED,
+            AnaState::NonOptimized => ana_state::NON_OPTIMIZED,
+            AnaState::Inaccessible => ana_state::INACCESSIBLE,
+            AnaState::PersistentLoss => ana_state::PERSISTENT_LOSS,
+            AnaState::Change => ana_state::CHANGE,
+        }
+    }
+
+    /// The state of a log page code (unknown codes read as [`AnaState::Change`]).
+    pub const fn from_code(c: u8) -> AnaState {
+        match c {
+            ana_state::OPTIMIZED => AnaState::Optimized,
+            ana_state::NON_OPTIMIZED => AnaState::NonOptimized,
+            ana_state::INACCESSIBLE => AnaState::Inaccessible,
+            ana_state::PERSISTENT_LOSS => AnaState::PersistentLoss,
+            _ => AnaState::Change,
+        }
+    }
+
+    /// The status an I/O command completes with in this state (NVMe Base 2.0 §8.1.3.3–5),
+    /// `None` where I/O runs.
+    pub const fn io_status(self) -> Option<Status> {
+        use crate::spec::status::path;
+        match self {
+            AnaState::Optimized | AnaState::NonOptimized => None,
+            AnaState::Inaccessible => Some(Status::path(path::ANA_INACCESSIBLE)),
+            AnaState::PersistentLoss => Some(Status::path(path::ANA_PERSISTENT_LOSS)),
+            AnaState::Change => Some(Status::path(path::ANA_TRANSITION)),
+        }
+    }
+
+    fn is_optimized(&self) -> bool {
+        *self == AnaState::Optimized
+    }
+}
+
+/// The ANA state of one group on a listener (`[[listener.ana_group]]`), overriding the
+/// listener's `ana_state` for that group.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnaGroupState {
+    /// ANA group (1..=[`ANA_GROUPS`]).
+    pub anagrpid: u32,
+    /// Its state on this listener.
+    pub ana_state: AnaState,
+}
+
+fn check_anagrpid(field: String, g: u32) -> Result<(), (String, String)> {
+    if !(1..=ANA_GROUPS).contains(&g) {
+        return Err((field, format!("{g} is not in 1..={ANA_GROUPS}")));
+    }
+    Ok(())
 }
 
 /// The transport of a listener (`trtype`; NVMe-oF 1.1 Figure 38).
@@ -104,6 +196,14 @@ pub struct ListenerSpec {
     /// their Connects, so this must exceed one host's queue count (default 256).
     #[serde(default = "default_max_unidentified_per_peer")]
     pub max_unidentified_per_peer: u32,
+    /// ANA state of every ANA group on this listener (default `optimized`), as hosts see it in
+    /// the ANA log page; I/O to a group that is `inaccessible`, `persistent_loss` or `change`
+    /// here fails with the matching path-related status.
+    #[serde(default, skip_serializing_if = "AnaState::is_optimized")]
+    pub ana_state: AnaState,
+    /// Per-group exceptions to `ana_state`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ana_group: Vec<AnaGroupState>,
 }
 
 fn default_handshake_timeout_ms() -> u64 {
@@ -124,6 +224,8 @@ impl ListenerSpec {
             ic_timeout_ms: default_handshake_timeout_ms(),
             connect_timeout_ms: default_handshake_timeout_ms(),
             max_unidentified_per_peer: default_max_unidentified_per_peer(),
+            ana_state: AnaState::Optimized,
+            ana_group: Vec::new(),
         }
     }
 
@@ -156,7 +258,44 @@ impl ListenerSpec {
                 "must be at least 1".into(),
             ));
         }
+        for (i, g) in self.ana_group.iter().enumerate() {
+            check_anagrpid(format!("ana_group[{i}].anagrpid"), g.anagrpid)?;
+            if self.ana_group[..i].iter().any(|o| o.anagrpid == g.anagrpid) {
+                return Err((
+                    format!("ana_group[{i}].anagrpid"),
+                    format!("{} is listed twice", g.anagrpid),
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// The state this declaration gives group `anagrpid`.
+    pub fn ana_state_of(&self, anagrpid: u32) -> AnaState {
+        self.ana_group
+            .iter()
+            .find(|g| g.anagrpid == anagrpid)
+            .map_or(self.ana_state, |g| g.ana_state)
+    }
+
+    /// Records a state change made at run time (`anagrpid` `None`: every group), so that the
+    /// saved declaration restarts the listener with the states it has now.
+    pub fn set_ana_state(&mut self, anagrpid: Option<u32>, state: AnaState) {
+        match anagrpid {
+            None => {
+                self.ana_state = state;
+                self.ana_group.clear();
+            }
+            Some(g) => {
+                self.ana_group.retain(|x| x.anagrpid != g);
+                if state != self.ana_state {
+                    self.ana_group.push(AnaGroupState {
+                        anagrpid: g,
+                        ana_state: state,
+                    });
+                }
+            }
+        }
     }
 
     /// Whether `other` is the same address and port (the listener's identity).
@@ -215,6 +354,9 @@ impl SubsystemSpec {
                     format!("'{u}' is not a UUID"),
                 ));
             }
+            if let Some(g) = n.anagrpid {
+                check_anagrpid(format!("namespace[{i}].anagrpid"), g)?;
+            }
         }
         Ok(())
     }
@@ -265,6 +407,8 @@ pub struct Namespace {
     pub nguid: [u8; 16],
     /// UUID.
     pub uuid: [u8; 16],
+    /// ANA group (1..=[`ANA_GROUPS`]).
+    pub anagrpid: u32,
     subscription: u64,
 }
 
@@ -368,15 +512,29 @@ impl Subsystem {
         self.ns_generation.load(Ordering::Acquire)
     }
 
-    /// Adds namespace `nsid` on `bdev`.
+    /// Adds namespace `nsid` on `bdev`, in ANA group 1.
     pub fn add_namespace(
         self: &Arc<Self>,
         nsid: u32,
         bdev: Arc<dyn Bdev>,
         uuid: Option<[u8; 16]>,
     ) -> Result<(), String> {
+        self.add_namespace_in_group(nsid, bdev, uuid, 1)
+    }
+
+    /// Adds namespace `nsid` on `bdev` in ANA group `anagrpid`.
+    pub fn add_namespace_in_group(
+        self: &Arc<Self>,
+        nsid: u32,
+        bdev: Arc<dyn Bdev>,
+        uuid: Option<[u8; 16]>,
+        anagrpid: u32,
+    ) -> Result<(), String> {
         if nsid == 0 || nsid > MAX_NSID {
             return Err(format!("nsid {nsid} is not in 1..={MAX_NSID}"));
+        }
+        if !(1..=ANA_GROUPS).contains(&anagrpid) {
+            return Err(format!("anagrpid {anagrpid} is not in 1..={ANA_GROUPS}"));
         }
         let mut map = self.namespaces.write().expect("ns lock");
         if map.contains_key(&nsid) {
@@ -396,6 +554,7 @@ impl Subsystem {
                 bdev,
                 nguid: derive_id(&id, 1),
                 uuid: uuid.unwrap_or_else(|| derive_id(&id, 2)),
+                anagrpid,
                 subscription,
             }),
         );
@@ -430,13 +589,34 @@ impl Subsystem {
             .collect()
     }
 
-    /// Creates a controller for an admin queue.
+    /// The ANA groups of this subsystem's namespaces as controllers on `port` report them,
+    /// ascending, each with its NSIDs (NVMe Base 2.0 §8.1.2: the groups that contain an
+    /// attached namespace).
+    pub fn ana_groups(&self, port: Option<&Port>) -> Vec<AnaGroupDescriptor> {
+        let mut groups: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+        for n in self.namespaces() {
+            groups.entry(n.anagrpid).or_default().push(n.nsid);
+        }
+        groups
+            .into_iter()
+            .map(|(g, nsids)| AnaGroupDescriptor {
+                anagrpid: g,
+                chgcnt: port.map_or(0, Port::change_count),
+                state: port.map_or(AnaState::Optimized, |p| p.ana_state(g)).code(),
+                nsids,
+            })
+            .collect()
+    }
+
+    /// Creates a controller for an admin queue that came in on `port` (`None`: a queue made
+    /// without a listener, as in tests; every group is optimized for it).
     pub fn create_controller(
         self: &Arc<Self>,
         hostnqn: &str,
         hostid: [u8; 16],
         kato_ms: u32,
         admin_reactor: ReactorHandle,
+        port: Option<Arc<Port>>,
     ) -> Result<Arc<Controller>, &'static str> {
         let mut ctrls = self.controllers.lock().expect("ctrl lock");
         if ctrls.len() >= 1024 {
@@ -465,6 +645,7 @@ impl Subsystem {
             events: Mutex::new(VecDeque::new()),
             changed_ns: Mutex::new(Vec::new()),
             admin_reactor,
+            port,
         });
         ctrls.insert(cntlid, c.clone());
         tracing::info!(subsystem = %self.nqn, cntlid, host = hostnqn, "controller created");
@@ -523,9 +704,48 @@ pub struct Controller {
     events: Mutex<VecDeque<AsyncEvent>>,
     changed_ns: Mutex<Vec<u32>>,
     admin_reactor: ReactorHandle,
+    /// The listener the admin queue came in on: whose ANA states the controller reports.
+    pub port: Option<Arc<Port>>,
 }
 
 impl Controller {
+    /// The ANA state of group `anagrpid` through this controller.
+    pub fn ana_state(&self, anagrpid: u32) -> AnaState {
+        self.port
+            .as_ref()
+            .map_or(AnaState::Optimized, |p| p.ana_state(anagrpid))
+    }
+
+    /// An ANA state on this controller's port changed: an ANA Change event (Asynchronous
+    /// Event Information 03h, log page 0Ch) if the host enabled it.
+    fn ana_changed(&self) {
+        self.notice(
+            AsyncEventConfig::ANA_CHANGE_NOTICES,
+            async_event_notice::ANA_CHANGE,
+            LogPageId::AsymmetricNamespaceAccess,
+        );
+    }
+
+    /// Queues the Notice event `info` (cleared by reading `log_page`) if the host enabled it
+    /// (`enable`, a bit of Asynchronous Event Configuration), unless it is pending already, and
+    /// wakes the admin queue's reactor to deliver it.
+    fn notice(&self, enable: u32, info: u8, log_page: LogPageId) {
+        if self.aen_config.load(Ordering::Acquire) & enable == 0 {
+            return;
+        }
+        let ev = AsyncEvent {
+            event_type: async_event_type::NOTICE,
+            info,
+            log_page: log_page as u8,
+        };
+        let mut q = self.events.lock().expect("events lock");
+        if !q.contains(&ev) {
+            q.push_back(ev);
+        }
+        drop(q);
+        self.admin_reactor.send(|_| {});
+    }
+
     /// Records a namespace change: a Changed Namespace List entry and, if enabled, an
     /// asynchronous event; wakes the admin queue's reactor to deliver it.
     pub fn ns_changed(&self, nsid: u32) {
@@ -541,21 +761,11 @@ impl Controller {
                 }
             }
         }
-        if self.aen_config.load(Ordering::Acquire)
-            & crate::spec::features::AsyncEventConfig::NAMESPACE_ATTRIBUTE_NOTICES
-            != 0
-        {
-            let ev = AsyncEvent {
-                event_type: crate::spec::command::async_event_type::NOTICE,
-                info: crate::spec::command::async_event_notice::NAMESPACE_ATTRIBUTE_CHANGED,
-                log_page: crate::spec::log::LogPageId::ChangedNamespaceList as u8,
-            };
-            let mut q = self.events.lock().expect("events lock");
-            if !q.contains(&ev) {
-                q.push_back(ev);
-            }
-        }
-        self.admin_reactor.send(|_| {});
+        self.notice(
+            AsyncEventConfig::NAMESPACE_ATTRIBUTE_NOTICES,
+            async_event_notice::NAMESPACE_ATTRIBUTE_CHANGED,
+            LogPageId::ChangedNamespaceList,
+        );
     }
 
     /// Takes the next pending asynchronous event.
@@ -590,11 +800,60 @@ impl Controller {
     }
 }
 
+/// A listener as the subsystems see it: its Port ID (discovery log PORTID) and the ANA state
+/// of each ANA group through it.
+pub struct Port {
+    /// Port ID, unique in the target.
+    pub portid: u16,
+    spec: Mutex<ListenerSpec>,
+    /// ANA state codes by ANAGRPID − 1.
+    ana: [AtomicU8; ANA_GROUPS as usize],
+    /// Bumped at each ANA state change (the log page's Change Count).
+    change_count: AtomicU64,
+}
+
+impl Port {
+    fn new(portid: u16, spec: ListenerSpec) -> Port {
+        let p = Port {
+            portid,
+            ana: std::array::from_fn(|_| AtomicU8::new(0)),
+            change_count: AtomicU64::new(0),
+            spec: Mutex::new(spec.clone()),
+        };
+        for g in 1..=ANA_GROUPS {
+            p.ana[g as usize - 1].store(spec.ana_state_of(g).code(), Ordering::Relaxed);
+        }
+        p
+    }
+
+    /// The declaration, with the ANA states set at run time.
+    pub fn spec(&self) -> ListenerSpec {
+        self.spec.lock().expect("port lock").clone()
+    }
+
+    /// The ANA state of group `anagrpid` (groups out of range are inaccessible).
+    pub fn ana_state(&self, anagrpid: u32) -> AnaState {
+        match anagrpid
+            .checked_sub(1)
+            .and_then(|i| self.ana.get(i as usize))
+        {
+            Some(s) => AnaState::from_code(s.load(Ordering::Acquire)),
+            None => AnaState::Inaccessible,
+        }
+    }
+
+    /// The ANA log page's Change Count.
+    pub fn change_count(&self) -> u64 {
+        self.change_count.load(Ordering::Acquire)
+    }
+}
+
 /// Everything the NVMe-oF front serves.
 pub struct Target {
     subsystems: RwLock<BTreeMap<String, Arc<Subsystem>>>,
     discovery: Arc<Subsystem>,
-    listeners: RwLock<Vec<ListenerSpec>>,
+    listeners: RwLock<Vec<Arc<Port>>>,
+    next_portid: AtomicU16,
     genctr: AtomicU64,
 }
 
@@ -616,6 +875,7 @@ impl Target {
                 true,
             )),
             listeners: RwLock::new(Vec::new()),
+            next_portid: AtomicU16::new(1),
             genctr: AtomicU64::new(1),
         }
     }
@@ -675,10 +935,19 @@ impl Target {
         Some(s)
     }
 
-    /// Records a listener for the discovery log.
-    pub fn add_listener(&self, l: ListenerSpec) {
-        self.listeners.write().expect("listener lock").push(l);
+    /// Records a listener (discovery log, ANA states) and returns its port; a listener on the
+    /// same endpoint gives the port it has already.
+    pub fn add_listener(&self, l: ListenerSpec) -> Arc<Port> {
+        let mut ls = self.listeners.write().expect("listener lock");
+        if let Some(p) = ls.iter().find(|p| p.spec().same_endpoint(&l)) {
+            return p.clone();
+        }
+        let portid = self.next_portid.fetch_add(1, Ordering::Relaxed);
+        let p = Arc::new(Port::new(portid, l));
+        ls.push(p.clone());
+        drop(ls);
         self.discovery_changed();
+        p
     }
 
     /// Forgets a listener.
@@ -686,13 +955,57 @@ impl Target {
         self.listeners
             .write()
             .expect("listener lock")
-            .retain(|x| x != l);
+            .retain(|x| !x.spec().same_endpoint(l));
         self.discovery_changed();
     }
 
     /// The listeners.
     pub fn listeners(&self) -> Vec<ListenerSpec> {
+        self.ports().iter().map(|p| p.spec()).collect()
+    }
+
+    /// The listeners' ports.
+    pub fn ports(&self) -> Vec<Arc<Port>> {
         self.listeners.read().expect("listener lock").clone()
+    }
+
+    /// The port of the listener on `l`'s endpoint.
+    pub fn port(&self, l: &ListenerSpec) -> Option<Arc<Port>> {
+        self.ports().into_iter().find(|p| p.spec().same_endpoint(l))
+    }
+
+    /// Sets the ANA state of group `anagrpid` (`None`: every group) on `port`, and sends an ANA
+    /// Change event to every controller that came in on it and asked for them (NVMe Base 2.0
+    /// §8.1.4). Returns the listener declaration as it is now.
+    pub fn set_ana_state(
+        &self,
+        port: &Port,
+        anagrpid: Option<u32>,
+        state: AnaState,
+    ) -> Result<ListenerSpec, (String, String)> {
+        if let Some(g) = anagrpid {
+            check_anagrpid("anagrpid".into(), g)?;
+        }
+        let spec = {
+            let mut spec = port.spec.lock().expect("port lock");
+            spec.set_ana_state(anagrpid, state);
+            for g in 1..=ANA_GROUPS {
+                if anagrpid.is_none_or(|x| x == g) {
+                    port.ana[g as usize - 1].store(state.code(), Ordering::Release);
+                }
+            }
+            port.change_count.fetch_add(1, Ordering::AcqRel);
+            spec.clone()
+        };
+        tracing::info!(addr = %spec.addr, port = spec.port, ?anagrpid, ?state, "ANA state set");
+        for s in self.subsystems() {
+            for c in s.controllers() {
+                if c.port.as_deref().is_some_and(|p| std::ptr::eq(p, port)) {
+                    c.ana_changed();
+                }
+            }
+        }
+        Ok(spec)
     }
 
     /// The discovery log generation counter.
@@ -704,18 +1017,11 @@ impl Target {
     pub fn discovery_changed(&self) {
         self.genctr.fetch_add(1, Ordering::AcqRel);
         for c in self.discovery.controllers() {
-            if c.aen_config.load(Ordering::Acquire)
-                & crate::spec::features::AsyncEventConfig::DISCOVERY_LOG_CHANGE_NOTICES
-                != 0
-            {
-                let ev = AsyncEvent {
-                    event_type: crate::spec::command::async_event_type::NOTICE,
-                    info: crate::spec::command::async_event_notice::DISCOVERY_LOG_PAGE_CHANGE,
-                    log_page: crate::spec::log::LogPageId::Discovery as u8,
-                };
-                c.events.lock().expect("events lock").push_back(ev);
-                c.admin_reactor.send(|_| {});
-            }
+            c.notice(
+                AsyncEventConfig::DISCOVERY_LOG_CHANGE_NOTICES,
+                async_event_notice::DISCOVERY_LOG_PAGE_CHANGE,
+                LogPageId::Discovery,
+            );
         }
     }
 
@@ -726,7 +1032,8 @@ impl Target {
             DiscoveryLogEntry, adrfam, rdma_tsas, subtype, tcp_sectype, treq, trtype,
         };
         let mut out = Vec::new();
-        for (portid, l) in self.listeners().iter().enumerate() {
+        for p in self.ports() {
+            let (portid, l) = (p.portid, p.spec());
             let v6 = l.addr.contains(':');
             for s in self.subsystems() {
                 if !s.host_allowed(hostnqn) {
@@ -750,7 +1057,7 @@ impl Target {
                     adrfam: if v6 { adrfam::IPV6 } else { adrfam::IPV4 },
                     subtype: subtype::NVME,
                     treq: treq::SECURE_CHANNEL_NOT_REQUIRED,
-                    portid: portid as u16,
+                    portid,
                     cntlid: crate::spec::log::CNTLID_DYNAMIC,
                     asqsz: 32,
                     eflags: 0,
@@ -781,6 +1088,7 @@ mod tests {
                 nsid: 1,
                 bdev: "b".into(),
                 uuid: None,
+                anagrpid: None,
             }],
         };
         assert!(s.validate().is_ok());
@@ -788,14 +1096,48 @@ mod tests {
             nsid: 1,
             bdev: "c".into(),
             uuid: None,
+            anagrpid: None,
         });
         assert_eq!(s.validate().unwrap_err().0, "namespace[1].nsid");
         s.namespace.pop();
         s.hosts.push("not an nqn".into());
         assert_eq!(s.validate().unwrap_err().0, "hosts[1]");
         s.hosts.pop();
+        s.namespace[0].anagrpid = Some(ANA_GROUPS + 1);
+        assert_eq!(s.validate().unwrap_err().0, "namespace[0].anagrpid");
+        s.namespace[0].anagrpid = Some(ANA_GROUPS);
+        assert!(s.validate().is_ok());
         s.nqn = DISCOVERY_NQN.into();
         assert_eq!(s.validate().unwrap_err().0, "nqn");
+    }
+
+    #[test]
+    fn ana_states_map_to_their_codes_and_io_statuses() {
+        for s in [
+            AnaState::Optimized,
+            AnaState::NonOptimized,
+            AnaState::Inaccessible,
+            AnaState::PersistentLoss,
+            AnaState::Change,
+        ] {
+            assert_eq!(AnaState::from_code(s.code()), s);
+        }
+        assert_eq!(AnaState::NonOptimized.io_status(), None);
+        assert_eq!(
+            AnaState::Inaccessible.io_status(),
+            Some(Status::path(crate::spec::status::path::ANA_INACCESSIBLE))
+        );
+        let l: ListenerSpec = serde_json::from_str(
+            r#"{"addr": "::1", "port": 1, "ana_state": "persistent_loss",
+                "ana_group": [{"anagrpid": 2, "ana_state": "change"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(l.ana_state_of(1), AnaState::PersistentLoss);
+        assert_eq!(l.ana_state_of(2), AnaState::Change);
+        let p = Port::new(1, l);
+        assert_eq!(p.ana_state(2), AnaState::Change);
+        assert_eq!(p.ana_state(0), AnaState::Inaccessible, "no group 0");
+        assert_eq!(p.ana_state(ANA_GROUPS + 1), AnaState::Inaccessible);
     }
 
     #[test]

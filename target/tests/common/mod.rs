@@ -26,6 +26,13 @@ pub struct Rig {
     _reactors: Reactors,
 }
 
+impl Rig {
+    /// The reactors' handles, for another listener on the same target.
+    pub fn reactor_handles(&self) -> Vec<ferroblk_bdev::reactor::ReactorHandle> {
+        self._reactors.handles().to_vec()
+    }
+}
+
 /// One reactor and a target exporting `ns1` as namespace 1 of subsystem `nqn` (any host), no
 /// listener.
 pub fn target_on(nqn: &str, ns1: Arc<dyn Bdev>) -> (Reactors, Arc<Target>, Arc<Subsystem>) {

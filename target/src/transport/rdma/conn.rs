@@ -34,7 +34,7 @@ use super::wire::{CAPSULE_MAX, CmRequest, DataDesc, cm_reply, parse_capsule};
 use crate::queue::{NvmeQueue, Transport};
 use crate::spec::command::KeyedSglDescriptor;
 use crate::spec::{Cqe, Status};
-use crate::subsystem::Target;
+use crate::subsystem::{Port, Target};
 use crate::transport::tcp::admission::Admission;
 
 /// Most RDMA READs one queue has outstanding, whatever the host offers.
@@ -422,6 +422,7 @@ impl RdmaConn {
     /// and accepts with the NVMe/RDMA reply (CRQSIZE). On error the caller rejects.
     pub fn accept(
         target: Arc<Target>,
+        port: Arc<Port>,
         reactor: ReactorHandle,
         admission: Arc<Admission>,
         r: &Request,
@@ -545,7 +546,9 @@ impl RdmaConn {
         }
         tracing::debug!(peer = %peer, qid = r.req.qid, entries, max_reads, "NVMe/RDMA queue accepted");
         Ok(RdmaConn {
-            queue: NvmeQueue::new(target, reactor, peer).with_keyed_sgl(),
+            queue: NvmeQueue::new(target, reactor, peer)
+                .with_keyed_sgl()
+                .with_port(port),
             wire,
             cq_watch,
             cm_watch,

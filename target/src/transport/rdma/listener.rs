@@ -15,7 +15,7 @@ use ferroblk_bdev::reactor::ReactorHandle;
 use super::conn::{RdmaConn, Request};
 use super::ffi;
 use super::wire::{CmRequest, RejectStatus};
-use crate::subsystem::{ListenerSpec, Target};
+use crate::subsystem::{ListenerSpec, Port, Target};
 use crate::transport::tcp::admission::{Admission, HandshakeLimits};
 
 /// How often the listener thread wakes without an event (stop flag).
@@ -137,11 +137,17 @@ impl Listener {
         ));
         let stop = Arc::new(AtomicBool::new(false));
         let accepted = Arc::new(AtomicUsize::new(0));
+        let nvmf_port = target.add_listener(ListenerSpec {
+            port: bound,
+            ..spec.clone()
+        });
         let thread = {
             let (stop, accepted) = (stop.clone(), accepted.clone());
             std::thread::Builder::new()
                 .name(format!("nvmf-rdma-{}", bound))
-                .spawn(move || cm_loop(cm, target, reactors, admission, stop, accepted))?
+                .spawn(move || {
+                    cm_loop(cm, target, nvmf_port, reactors, admission, stop, accepted)
+                })?
         };
         tracing::info!(addr = %spec.addr, port = bound, "NVMe/RDMA listener started");
         Ok(Listener {
@@ -202,6 +208,7 @@ fn reject(id: *mut ffi::CmId, st: RejectStatus) {
 fn cm_loop(
     mut cm: Cm,
     target: Arc<Target>,
+    port: Arc<Port>,
     reactors: Vec<ReactorHandle>,
     admission: Arc<Admission>,
     stop: Arc<AtomicBool>,
@@ -254,15 +261,16 @@ fn cm_loop(
         };
         let reactor = reactors[next % reactors.len()].clone();
         next += 1;
-        let (target, admission, accepted, r2) = (
+        let (target, port, admission, accepted, r2) = (
             target.clone(),
+            port.clone(),
             admission.clone(),
             accepted.clone(),
             reactor.clone(),
         );
         reactor.send(move |core| {
             let r = r;
-            match RdmaConn::accept(target, r2, admission, &r) {
+            match RdmaConn::accept(target, port, r2, admission, &r) {
                 Ok(c) => {
                     accepted.fetch_add(1, Ordering::Relaxed);
                     core.add_poller(Box::new(c));

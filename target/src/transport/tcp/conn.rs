@@ -25,8 +25,8 @@ use super::pdu::{
 use super::send::{Flushed, MAX_H2C_DATA, SendStream};
 use crate::queue::{DataError, NvmeQueue, Transport};
 use crate::spec::{Cqe, Status};
-use crate::subsystem::Target;
 use crate::subsystem::admin::{IN_CAPSULE_DATA, QUEUE_ENTRIES};
+use crate::subsystem::{Port, Target};
 
 /// Receive buffer of a connected queue.
 const RX_CAPACITY: usize = 256 * 1024;
@@ -132,6 +132,7 @@ impl TcpConn {
     /// closed if ICReq or Connect misses its deadline.
     pub fn new(
         target: Arc<Target>,
+        port: Arc<Port>,
         reactor: ReactorHandle,
         ticket: Arc<Ticket>,
     ) -> std::io::Result<TcpConn> {
@@ -148,7 +149,7 @@ impl TcpConn {
             FdWatch::once(sock.as_fd(), libc::POLLOUT as u32).map_err(std::io::Error::other)?;
         let handshake_deadline = Some(Instant::now() + ticket.admission().limits().ic_timeout);
         Ok(TcpConn {
-            queue: NvmeQueue::new(target, reactor, peer.clone()),
+            queue: NvmeQueue::new(target, reactor, peer.clone()).with_port(port),
             wire: Wire {
                 ticket,
                 handshake_deadline,

@@ -14,7 +14,7 @@ use ferroblk_bdev::reactor::ReactorHandle;
 
 use super::admission::{Admission, AdmissionStats, Gate, HandshakeLimits};
 use super::conn::TcpConn;
-use crate::subsystem::{ListenerSpec, Target};
+use crate::subsystem::{ListenerSpec, Port, Target};
 
 /// Most connections one listener keeps open. When full, a newcomer takes the slot of the
 /// oldest connection that has not completed ICReq and Connect, or is closed if there is none.
@@ -64,12 +64,18 @@ impl Listener {
                 max_connections: MAX_CONNECTIONS,
             },
         ));
+        // The listener's port (its ANA states), registered once the address is bound, with the
+        // port number bound (a spec may ask for port 0).
+        let port = target.add_listener(ListenerSpec {
+            port: addr.port(),
+            ..spec.clone()
+        });
         let thread = {
             let stop = stop.clone();
             let gate = Gate::new(admission.clone());
             std::thread::Builder::new()
                 .name(format!("nvmf-accept-{}", spec.port))
-                .spawn(move || accept_loop(l, target, reactors, stop, gate))?
+                .spawn(move || accept_loop(l, target, port, reactors, stop, gate))?
         };
         tracing::info!(addr = %addr, "NVMe/TCP listener started");
         Ok(Listener {
@@ -170,6 +176,7 @@ fn wait_readable(l: &TcpListener) {
 fn accept_loop(
     l: TcpListener,
     target: Arc<Target>,
+    port: Arc<Port>,
     reactors: Vec<ReactorHandle>,
     stop: Arc<AtomicBool>,
     mut gate: Gate,
@@ -199,9 +206,10 @@ fn accept_loop(
         let r = reactors[next % reactors.len()].clone();
         next += 1;
         let target = target.clone();
+        let port = port.clone();
         let r2 = r.clone();
         // A ticket the reactor never takes is dropped with the closure, releasing its slot.
-        r.send(move |core| match TcpConn::new(target, r2, ticket) {
+        r.send(move |core| match TcpConn::new(target, port, r2, ticket) {
             Ok(c) => {
                 core.add_poller(Box::new(c));
             }
