@@ -61,18 +61,21 @@ pub mod controller;
 mod error;
 pub mod io;
 mod queue;
+#[cfg(feature = "rdma")]
+mod rdma;
+mod tcp;
 
 #[cfg(test)]
 mod tests;
 
+pub use crate::subsystem::Trtype;
 pub use controller::{
     ConnectOptions, Controller, DiscoveryLog, IoQueueOptions, Namespace, uuid_string,
 };
 pub use error::{Error, RejectReason, Rejected};
 pub use io::{IoCommand, IoQueue, encode_ranges};
-pub use queue::{
-    CmdData, Completion, DIRECT_READ_MIN, HOST_PATHING_ERROR, MAX_DEPTH, QueueStats, Xfer,
-};
+pub use queue::{CmdData, Completion, HOST_PATHING_ERROR, MAX_DEPTH, QueueStats, Xfer};
+pub use tcp::DIRECT_READ_MIN;
 
 #[cfg(doc)]
 use crate::transport::tcp::pdu::Role;

@@ -60,12 +60,8 @@ pub struct CmEvent {
 pub mod event {
     /// The host's address resolution finished.
     pub const ADDR_RESOLVED: u32 = 0;
-    /// The host's address resolution failed.
-    pub const ADDR_ERROR: u32 = 1;
     /// The host's route resolution finished.
     pub const ROUTE_RESOLVED: u32 = 2;
-    /// The host's route resolution failed.
-    pub const ROUTE_ERROR: u32 = 3;
     /// A host asks to connect.
     pub const CONNECT_REQUEST: u32 = 4;
     /// The connection failed before it was established.
