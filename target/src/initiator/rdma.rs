@@ -295,7 +295,10 @@ impl RdmaQueue {
         // SAFETY: the channel is live; an out-pointer to a field.
         let rc = unsafe { ffi::fb_create_id(obj.ch, &mut obj.id) };
         if rc != 0 {
-            return Err(io(rc));
+            return Err(Error::Rdma(format!(
+                "no RDMA connection manager id (is there an RDMA device?): {}",
+                std::io::Error::from_raw_os_error(rc)
+            )));
         }
         let host = CString::new(addr.ip().to_string()).expect("no NUL in an address");
         let port = CString::new(addr.port().to_string()).expect("no NUL in a port");
