@@ -446,7 +446,10 @@ impl ChannelOps for NvmfChannel {
                 Some(w) => w.take() > 0,
                 None => q.in_flight() > 0,
             };
-            if !(ready || q.has_pending_tx()) {
+            // NVMe/RDMA: the completion channel signals only once armed (a no-op on TCP);
+            // completions that came before arming are picked up now.
+            let late = p.watch.is_some() && q.in_flight() > 0 && q.arm();
+            if !(ready || late || q.has_pending_tx()) {
                 continue;
             }
             if q.poll(&mut self.cq).is_err() {
