@@ -80,16 +80,20 @@ FA=$!
 wait_log $W/a.log "NVMe/RDMA listener started"
 
 perf() { $BIN perf nvmf --trtype rdma "$@"; }
+# A run with --verify whose output (kept in $W/out) must show every queue's check passed.
+verified() {
+  perf "$@" --verify > $W/out 2>&1 || { cat $W/out; return 1; }
+  cat $W/out
+  grep -q "errors: 0" $W/out
+  test "$(grep -c 'all match' $W/out)" -eq "$(grep -c '^verify: queue' $W/out)"
+  grep -q "all match" $W/out
+}
 # 4 KiB: writes go in the capsule; 64 KiB and 1 MiB: keyed SGLs over the registered slot
 # buffers. Then --wait: the queue threads sleep on the completion channel.
-perf --addr $A:4420 --nqn $NQN --rw randrw --bs 4k --qd 16 --queues 2 --time 2 --verify 2>&1 | tee $W/p1
-grep -q "errors: 0" $W/p1
-test "$(grep -c 'all match' $W/p1)" -eq 2
-perf --addr $A:4420 --nqn $NQN --rw randwrite --bs 64k --qd 8 --time 2 --verify 2>&1 | tee $W/p2
-grep -q "all match" $W/p2
-perf --addr $A:4420 --nqn $NQN --rw randrw --bs 1m --qd 4 --time 2 --verify --wait 2>&1 | tee $W/p3
-grep -q "all match" $W/p3
-grep -q "errors: 0" $W/p3
+verified --addr $A:4420 --nqn $NQN --rw randrw --bs 4k --qd 16 --queues 2 --time 2
+test "$(grep -c 'all match' $W/out)" -eq 2
+verified --addr $A:4420 --nqn $NQN --rw randwrite --bs 64k --qd 8 --time 2
+verified --addr $A:4420 --nqn $NQN --rw randrw --bs 1m --qd 4 --time 2 --wait
 
 # Refusals: no listener on the port (the RDMA CM connect is rejected), a host not on the
 # allow-list (the Fabrics Connect fails), then the allowed host gets in.
@@ -100,7 +104,7 @@ if perf --addr $A:4420 --nqn $PRIV --hostnqn nqn.2014-08.org.nvmexpress:uuid:000
   echo "a host not on the allow-list connected"; exit 1
 fi
 cat $W/r2
-perf --addr $A:4420 --nqn $PRIV --hostnqn $OK_HOST --bs 4k --qd 4 --time 1 --verify 2>&1 | grep -q "all match"
+verified --addr $A:4420 --nqn $PRIV --hostnqn $OK_HOST --bs 4k --qd 4 --time 1
 
 # --- The kernel's nvmet-rdma target. ---
 modprobe -d /run/lab nvmet_rdma
@@ -118,12 +122,10 @@ echo ipv4 > $C/ports/1/addr_adrfam
 echo $A > $C/ports/1/addr_traddr
 echo 4421 > $C/ports/1/addr_trsvcid
 ln -s $C/subsystems/$KNQN $C/ports/1/subsystems/$KNQN
-perf --addr $A:4421 --nqn $KNQN --rw randrw --bs 4k --qd 16 --queues 2 --time 2 --verify 2>&1 | tee $W/k1
-grep -q "errors: 0" $W/k1
-test "$(grep -c 'all match' $W/k1)" -eq 2
-perf --addr $A:4421 --nqn $KNQN --rw randwrite --bs 128k --qd 8 --time 2 --verify 2>&1 | grep -q "all match"
-perf --addr $A:4421 --nqn $KNQN --rw randrw --bs 1m --qd 4 --time 2 --verify --wait 2>&1 | tee $W/k3
-grep -q "all match" $W/k3
+verified --addr $A:4421 --nqn $KNQN --rw randrw --bs 4k --qd 16 --queues 2 --time 2
+test "$(grep -c 'all match' $W/out)" -eq 2
+verified --addr $A:4421 --nqn $KNQN --rw randwrite --bs 128k --qd 8 --time 2
+verified --addr $A:4421 --nqn $KNQN --rw randrw --bs 1m --qd 4 --time 2 --wait
 
 # --- Daemon B: nvmf bdevs over RDMA (to nvmet-rdma, to daemon A), exported over NVMe/TCP. ---
 cat > $W/b.toml <<CFG
