@@ -385,14 +385,14 @@ fn verify(
                 let cmd = if read {
                     buf.fill(0);
                     IoCommand::Read {
-                        nsid: nsid,
+                        nsid,
                         slba,
                         nlb: blocks_per_io,
                     }
                 } else {
                     verify_fill(&mut buf, idx);
                     IoCommand::Write {
-                        nsid: nsid,
+                        nsid,
                         slba,
                         nlb: blocks_per_io,
                         fua: false,

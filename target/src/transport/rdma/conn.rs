@@ -703,8 +703,6 @@ impl RdmaConn {
     }
 }
 
-/// Drops the objects of a queue whose id the caller keeps (to reject it).
-
 impl Drop for RdmaConn {
     fn drop(&mut self) {
         // The queue pair goes before the NVMe queue frees its command buffers: no RDMA

@@ -70,7 +70,7 @@ impl Drop for QpObjects {
     }
 }
 
-/// Drops `obj` but not its CM id, which stays with the caller.
+/// Drops the objects of a queue whose id the caller keeps (to reject it).
 pub(crate) fn drop_without_id(mut obj: QpObjects) {
     obj.id = std::ptr::null_mut();
     drop(obj);
