@@ -107,7 +107,7 @@ cat $W/r2
 verified --addr $A:4420 --nqn $PRIV --hostnqn $OK_HOST --bs 4k --qd 4 --time 1
 
 # --- The kernel's nvmet-rdma target. ---
-modprobe -d /run/lab nvmet_rdma
+test -d /sys/module/nvmet_rdma   # loaded at boot (FERROBLK_LAB_EXTRA_MODULES)
 C=/sys/kernel/config/nvmet
 truncate -s 64M /tmp/k.img
 LOOP=$(losetup -f --show /tmp/k.img)
@@ -194,6 +194,11 @@ echo GUEST-ALL-OK
 
 #[test]
 fn ferroblk_initiator_over_nvme_rdma_on_soft_roce() {
+    // The guest's initramfs gets the kernel's NVMe target over RDMA too (lab.sh, run by
+    // `Lab`, reads it from its environment).
+    // SAFETY: this test binary runs this one test; no other thread reads or writes the
+    // environment while it is set.
+    unsafe { std::env::set_var("FERROBLK_LAB_EXTRA_MODULES", "nvmet nvmet_rdma") };
     let lab =
         Lab::prepare().unwrap_or_else(|e| panic!("the guest lab could not be prepared: {e:#}"));
     let script = GUEST

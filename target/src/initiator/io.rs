@@ -318,7 +318,8 @@ impl IoQueue {
         self.q.engine().deregister_all();
     }
 
-    /// Whether `poll` has bytes to write (the socket was full).
+    /// Whether `poll` has work without waiting: bytes to write (NVMe/TCP: the socket was
+    /// full) or completions already in (NVMe/RDMA: found by [`IoQueue::arm`]).
     pub fn has_pending_tx(&self) -> bool {
         self.q.has_tx()
     }

@@ -160,7 +160,8 @@ pub(crate) trait Engine: Send + Debug {
     /// The fd that becomes readable when the queue has something to do (NVMe/TCP: the socket;
     /// NVMe/RDMA: the completion channel, once [`Engine::arm`]ed).
     fn fd(&self) -> RawFd;
-    /// Whether work waits for the next [`Engine::step`] to be sent.
+    /// Whether the next [`Engine::step`] has work without waiting (NVMe/TCP: bytes to send;
+    /// NVMe/RDMA: completions found while arming, not yet taken).
     fn has_tx(&self) -> bool;
     /// Queues `sqe` (its CID and SGL1 are overwritten) with `data`, `data.len()` bytes in
     /// direction `xfer`; `internal` commands are the blocking helpers' own.
@@ -407,4 +408,47 @@ pub(super) fn wait_until<E: Engine + ?Sized>(
         return Err(e.fail(Error::Timeout(what)));
     }
     e.wait(Some(deadline - now))
+}
+
+/// The completion of command `cid` of queue `sqid` lost with its connection.
+pub(super) fn lost_cqe(cid: u16, sqid: u16) -> Cqe {
+    Cqe {
+        cid,
+        sqid,
+        status: HOST_PATHING_ERROR,
+        ..Cqe::default()
+    }
+}
+
+/// `poll(2)` on up to two `(fd, events)`; returns a bit per fd that has an event (bit i: the
+/// i-th). An interrupted wait returns 0.
+pub(super) fn poll_fds(fds: &[(RawFd, i16)], timeout: Option<Duration>) -> Result<u32, Error> {
+    let mut p = [libc::pollfd {
+        fd: -1,
+        events: 0,
+        revents: 0,
+    }; 2];
+    for (slot, &(fd, events)) in p.iter_mut().zip(fds) {
+        slot.fd = fd;
+        slot.events = events;
+    }
+    let ms = timeout.map_or(-1, |t| {
+        // Round up so a sub-millisecond wait does not spin.
+        t.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32
+    });
+    let n = fds.len().min(p.len());
+    // SAFETY: `p` holds `n` initialised pollfds on the stack; poll only writes their `revents`.
+    let rc = unsafe { libc::poll(p.as_mut_ptr(), n as libc::nfds_t, ms) };
+    if rc < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(Error::Io(e));
+        }
+        return Ok(0);
+    }
+    Ok(p[..n]
+        .iter()
+        .enumerate()
+        .filter(|(_, x)| x.revents != 0)
+        .fold(0, |m, (i, _)| m | (1 << i)))
 }

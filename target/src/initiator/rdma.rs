@@ -42,7 +42,7 @@ use ferroblk_bdev::{AlignedBuf, bufpool};
 
 use super::error::{Error, RejectReason};
 use super::queue::{
-    CmdData, Completion, Engine, HOST_PATHING_ERROR, QueueParams, QueueStats, Xfer,
+    CmdData, Completion, Engine, QueueParams, QueueStats, Xfer, lost_cqe, poll_fds,
 };
 use crate::spec::command::{KeyedSglDescriptor, SglDescriptor, Sqe, sgl_subtype};
 use crate::spec::completion::Cqe;
@@ -223,40 +223,8 @@ fn wait_event(
         if now >= deadline {
             return Err(Error::Timeout("the RDMA connection manager"));
         }
-        poll_fds(&[ch_fd], Some(deadline - now))?;
+        poll_fds(&[(ch_fd, libc::POLLIN)], Some(deadline - now))?;
     }
-}
-
-/// `poll(2)` for input on `fds`; returns which were readable.
-fn poll_fds(fds: &[RawFd], timeout: Option<Duration>) -> Result<u32, Error> {
-    let mut p = [libc::pollfd {
-        fd: -1,
-        events: 0,
-        revents: 0,
-    }; 2];
-    for (slot, &fd) in p.iter_mut().zip(fds) {
-        slot.fd = fd;
-        slot.events = libc::POLLIN;
-    }
-    let ms = timeout.map_or(-1, |t| {
-        // Round up so a sub-millisecond wait does not spin.
-        t.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32
-    });
-    let n = fds.len().min(2);
-    // SAFETY: `p` holds `n` initialised pollfds on the stack; poll only writes `revents`.
-    let rc = unsafe { libc::poll(p.as_mut_ptr(), n as libc::nfds_t, ms) };
-    if rc < 0 {
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(Error::Io(e));
-        }
-        return Ok(0);
-    }
-    Ok(p[..n]
-        .iter()
-        .enumerate()
-        .filter(|(_, x)| x.revents != 0)
-        .fold(0, |m, (i, _)| m | (1 << i)))
 }
 
 impl RdmaQueue {
@@ -602,7 +570,9 @@ impl Engine for RdmaQueue {
     }
 
     fn has_tx(&self) -> bool {
-        false
+        // Nothing waits to be sent (capsules go out at submit), but completions found while
+        // arming wait to be taken: poll now rather than sleep.
+        !self.done.is_empty()
     }
 
     fn submit_inner(
@@ -777,7 +747,10 @@ impl Engine for RdmaQueue {
         if self.arm() {
             return Ok(());
         }
-        let ready = poll_fds(&[self.cc_fd, self.ch_fd], timeout)?;
+        let ready = poll_fds(
+            &[(self.cc_fd, libc::POLLIN), (self.ch_fd, libc::POLLIN)],
+            timeout,
+        )?;
         if ready & 2 != 0 {
             self.cm_pending = true;
         }
@@ -798,12 +771,7 @@ impl Engine for RdmaQueue {
         }
         for i in 0..self.slots.slots.len() {
             if self.slots.slots[i].busy {
-                let cqe = Cqe {
-                    cid: i as u16,
-                    sqid: self.params.qid,
-                    status: HOST_PATHING_ERROR,
-                    ..Cqe::default()
-                };
+                let cqe = lost_cqe(i as u16, self.params.qid);
                 self.finish(i as u16, cqe, true);
             }
         }

@@ -29,7 +29,7 @@ use ferroblk_bdev::SgList;
 
 use super::error::{Error, RejectReason};
 use super::queue::{
-    CmdData, Completion, Engine, HOST_PATHING_ERROR, QueueParams, QueueStats, Xfer, wait_until,
+    CmdData, Completion, Engine, QueueParams, QueueStats, Xfer, lost_cqe, poll_fds, wait_until,
 };
 use crate::spec::command::{SglDescriptor, Sqe};
 use crate::spec::completion::Cqe;
@@ -818,25 +818,7 @@ impl Engine for TcpQueue {
         if !self.tx.is_empty() {
             events |= libc::POLLOUT;
         }
-        let mut pfd = libc::pollfd {
-            fd: self.sock.as_raw_fd(),
-            events,
-            revents: 0,
-        };
-        let ms = timeout.map_or(-1, |t| {
-            // Round up so a sub-millisecond wait does not spin.
-            t.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32
-        });
-        // SAFETY: `pfd` is one valid, initialised pollfd on the stack and nfds is 1; poll only
-        // writes its `revents`.
-        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(Error::Io(e));
-            }
-        }
-        Ok(())
+        poll_fds(&[(self.sock.as_raw_fd(), events)], timeout).map(|_| ())
     }
 
     /// Tears the queue down after `e`: closes the socket, completes every command in flight
@@ -854,12 +836,7 @@ impl Engine for TcpQueue {
             if s.busy {
                 s.tx_refs = 0;
                 s.held = None;
-                let cqe = Cqe {
-                    cid: i as u16,
-                    sqid: self.params.qid,
-                    status: HOST_PATHING_ERROR,
-                    ..Cqe::default()
-                };
+                let cqe = lost_cqe(i as u16, self.params.qid);
                 self.finish_as(i as u16, cqe, true);
             }
         }

@@ -219,22 +219,10 @@ uint32_t fb_mr_lkey(const struct ibv_mr *mr) { return mr->lkey; }
 
 void fb_dereg_mr(struct ibv_mr *mr) { ibv_dereg_mr(mr); }
 
-int fb_accept(struct fb_qp *q, const void *pd, uint8_t len, uint8_t responder_resources,
-              uint8_t initiator_depth) {
-    struct rdma_conn_param p = {
-        .private_data = pd,
-        .private_data_len = len,
-        .responder_resources = responder_resources,
-        .initiator_depth = initiator_depth,
-        .retry_count = 7,
-        .rnr_retry_count = 7,
-    };
-    return rdma_accept(q->id, &p) ? err() : 0;
-}
-
-/* Host side: connects with the NVMe/RDMA private data; ESTABLISHED or REJECTED follows. */
-int fb_connect(struct fb_qp *q, const void *pd, uint8_t len, uint8_t responder_resources,
-               uint8_t initiator_depth) {
+/* The connection parameters of both sides: private data, RDMA READ depths, retries without
+ * limit on receiver-not-ready (a receive buffer is always posted again soon). */
+static struct rdma_conn_param conn_param(const void *pd, uint8_t len,
+                                         uint8_t responder_resources, uint8_t initiator_depth) {
     struct rdma_conn_param p = {
         .private_data = pd,
         .private_data_len = len,
@@ -244,6 +232,19 @@ int fb_connect(struct fb_qp *q, const void *pd, uint8_t len, uint8_t responder_r
         .retry_count = 7,
         .rnr_retry_count = 7,
     };
+    return p;
+}
+
+int fb_accept(struct fb_qp *q, const void *pd, uint8_t len, uint8_t responder_resources,
+              uint8_t initiator_depth) {
+    struct rdma_conn_param p = conn_param(pd, len, responder_resources, initiator_depth);
+    return rdma_accept(q->id, &p) ? err() : 0;
+}
+
+/* Host side: connects with the NVMe/RDMA private data; ESTABLISHED or REJECTED follows. */
+int fb_connect(struct fb_qp *q, const void *pd, uint8_t len, uint8_t responder_resources,
+               uint8_t initiator_depth) {
+    struct rdma_conn_param p = conn_param(pd, len, responder_resources, initiator_depth);
     return rdma_connect(q->id, &p) ? err() : 0;
 }
 
