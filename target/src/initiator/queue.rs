@@ -452,3 +452,27 @@ pub(super) fn poll_fds(fds: &[(RawFd, i16)], timeout: Option<Duration>) -> Resul
         .filter(|(_, x)| x.revents != 0)
         .fold(0, |m, (i, _)| m | (1 << i)))
 }
+
+/// The bytes a command moves, or why a queue refuses it: gone, data beyond the queue's
+/// maximum, or no data for a command that moves some.
+pub(super) fn transfer_len(
+    dead: bool,
+    xfer: Xfer,
+    data: &CmdData,
+    params: &QueueParams,
+) -> Result<usize, RejectReason> {
+    if dead {
+        return Err(RejectReason::Disconnected);
+    }
+    let len = match xfer {
+        Xfer::None => 0,
+        Xfer::ToController | Xfer::FromController => data.len(),
+    };
+    if len > params.max_data || len > u32::MAX as usize {
+        return Err(RejectReason::TooLarge);
+    }
+    if xfer != Xfer::None && len == 0 {
+        return Err(RejectReason::BadBuffer);
+    }
+    Ok(len)
+}

@@ -42,7 +42,7 @@ use ferroblk_bdev::{AlignedBuf, bufpool};
 
 use super::error::{Error, RejectReason};
 use super::queue::{
-    CmdData, Completion, Engine, QueueParams, QueueStats, Xfer, lost_cqe, poll_fds,
+    CmdData, Completion, Engine, QueueParams, QueueStats, Xfer, lost_cqe, poll_fds, transfer_len,
 };
 use crate::spec::command::{KeyedSglDescriptor, SglDescriptor, Sqe, sgl_subtype};
 use crate::spec::completion::Cqe;
@@ -583,19 +583,10 @@ impl Engine for RdmaQueue {
         tag: u64,
         internal: bool,
     ) -> Result<(), (RejectReason, CmdData)> {
-        if self.dead {
-            return Err((RejectReason::Disconnected, data));
-        }
-        let len = match xfer {
-            Xfer::None => 0,
-            Xfer::ToController | Xfer::FromController => data.len(),
+        let len = match transfer_len(self.dead, xfer, &data, &self.params) {
+            Ok(len) => len,
+            Err(reason) => return Err((reason, data)),
         };
-        if len > self.params.max_data {
-            return Err((RejectReason::TooLarge, data));
-        }
-        if xfer != Xfer::None && len == 0 {
-            return Err((RejectReason::BadBuffer, data));
-        }
         let Some(cid) = self.slots.free.pop() else {
             return Err((RejectReason::Full, data));
         };

@@ -29,7 +29,8 @@ use ferroblk_bdev::SgList;
 
 use super::error::{Error, RejectReason};
 use super::queue::{
-    CmdData, Completion, Engine, QueueParams, QueueStats, Xfer, lost_cqe, poll_fds, wait_until,
+    CmdData, Completion, Engine, QueueParams, QueueStats, Xfer, lost_cqe, poll_fds, transfer_len,
+    wait_until,
 };
 use crate::spec::command::{SglDescriptor, Sqe};
 use crate::spec::completion::Cqe;
@@ -734,22 +735,12 @@ impl Engine for TcpQueue {
         tag: u64,
         internal: bool,
     ) -> Result<(), (RejectReason, CmdData)> {
-        let reject = |reason, buf| Err((reason, buf));
-        if self.dead {
-            return reject(RejectReason::Disconnected, buf);
-        }
-        let len = match xfer {
-            Xfer::None => 0,
-            Xfer::ToController | Xfer::FromController => buf.len(),
+        let len = match transfer_len(self.dead, xfer, &buf, &self.params) {
+            Ok(len) => len,
+            Err(reason) => return Err((reason, buf)),
         };
-        if len > self.params.max_data || len > u32::MAX as usize {
-            return reject(RejectReason::TooLarge, buf);
-        }
-        if xfer != Xfer::None && len == 0 {
-            return reject(RejectReason::BadBuffer, buf);
-        }
         let Some(cid) = self.free.pop() else {
-            return reject(RejectReason::Full, buf);
+            return Err((RejectReason::Full, buf));
         };
         let in_capsule = xfer == Xfer::ToController && len <= self.params.max_in_capsule;
         // NVMe/TCP 1.0 §3.3.5: in-capsule data is an SGL Data Block with the Offset sub type;
