@@ -53,7 +53,8 @@ use crate::transport::rdma::wire::{self, CmRequest, RejectStatus};
 
 /// Most in-capsule data a command capsule carries, whatever the controller's IOCCSZ allows.
 const MAX_IN_CAPSULE: usize = 16 * 1024;
-/// RDMA READs the controller may have outstanding against this queue (host write data).
+/// RDMA READs the controller may have outstanding against this queue (host write data); the
+/// shim lowers it to what the device allows (`max_qp_rd_atom`).
 const RESPONDER_RESOURCES: u8 = 16;
 /// Empty steps between looks at the CM channel (a disconnect also wakes `wait`).
 const CM_CHECK_EVERY: u32 = 1024;

@@ -244,6 +244,14 @@ int fb_accept(struct fb_qp *q, const void *pd, uint8_t len, uint8_t responder_re
 /* Host side: connects with the NVMe/RDMA private data; ESTABLISHED or REJECTED follows. */
 int fb_connect(struct fb_qp *q, const void *pd, uint8_t len, uint8_t responder_resources,
                uint8_t initiator_depth) {
+    /* No more RDMA READ depth than the device has. */
+    struct ibv_device_attr a;
+    if (ibv_query_device(q->id->verbs, &a) == 0) {
+        if (a.max_qp_rd_atom >= 0 && responder_resources > a.max_qp_rd_atom)
+            responder_resources = (uint8_t)a.max_qp_rd_atom;
+        if (a.max_qp_init_rd_atom >= 0 && initiator_depth > a.max_qp_init_rd_atom)
+            initiator_depth = (uint8_t)a.max_qp_init_rd_atom;
+    }
     struct rdma_conn_param p = conn_param(pd, len, responder_resources, initiator_depth);
     return rdma_connect(q->id, &p) ? err() : 0;
 }
