@@ -3,25 +3,29 @@
 # soft-RoCE on its eth0), ferroblk (release binary) serves a null namespace on one reactor over
 # both transports (TCP 4420, RDMA 4421 on the guest's address); the guest kernel's nvme-tcp and
 # nvme-rdma hosts take turns (A B A B ...: connect, fio, disconnect) with the same fio job. Per
-# run: IOPS and the target's CPU per I/O (utime+stime of the daemon over the run / I/Os). Then the
-# target's CPU with one RDMA host connected (2 I/O queues) and idle.
+# run: IOPS and the target's CPU per I/O (utime+stime of the daemon over the run / I/Os). Then
+# ferroblk's own initiator, `perf nvmf --trtype tcp` and `--trtype rdma` taking turns with the
+# same job against the same target (benches/nvmf-initiator-ab.sh: IOPS, initiator and target CPU
+# per I/O). Then the target's CPU with one RDMA host connected (2 I/O queues) and idle.
 #
 # Figures from one emulated guest say little about real speed (TCG emulates both ends and the
 # soft-RoCE NIC on two vCPUs); the ratio and CPU per I/O are the point. On real RDMA hardware,
-# run the same target config on the RDMA interface's address and the same fio job from a host.
+# run the same target config on the RDMA interface's address and the same fio job from a host,
+# and benches/nvmf-initiator-ab.sh unchanged from that host.
 #
 #   usage: benches/nvmf-rdma-guest.sh [runs=3] [seconds=10] [bs=4k] [iodepth=16]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-3}; secs=${2:-10}; bs=${3:-4k}; qd=${4:-16}
 . benches/common.sh
-bin=$(bench_bin)
+bin=$(bench_bin --features rdma)
+repo=$(pwd)
 guest=$(mktemp /tmp/ferroblk-rdma-bench.XXXX.sh)
 trap 'rm -f "$guest"' EXIT
 cat > "$guest" <<EOF
 #!/bin/bash
 set -euo pipefail
-RUNS=$runs; SECS=$secs; BS=$bs; QD=$qd; BIN=$bin
+RUNS=$runs; SECS=$secs; BS=$bs; QD=$qd; BIN=$bin; REPO=$repo
 EOF
 cat >> "$guest" <<'EOF'
 rdma link add rxe0 type rxe netdev eth0
@@ -73,6 +77,7 @@ print(f"BENCH {tr} iops={j['iops']:.0f} ios={ios} target_cpu_us_per_io={(t1-t0)/
 PY
 }
 for r in $(seq $RUNS); do one tcp 4420; one rdma 4421; done
+bash $REPO/benches/nvmf-initiator-ab.sh $BIN $A 4420 4421 $NQN $RUNS $SECS $BS $QD 2 $FB
 nvme connect -t rdma -a $A -s 4421 -n $NQN -i 2 >/dev/null
 wait_dev
 sleep 2
@@ -85,8 +90,13 @@ FERROBLK_LAB_TIMEOUT=${FERROBLK_LAB_TIMEOUT:-1200} bash tests/lab/lab.sh run "$g
   grep '^BENCH' | python3 -c '
 import sys, statistics as st
 rows = {}
+init = {}
 for l in sys.stdin:
     f = l.split()
+    if f[0] == "BENCH-INIT":
+        kv = dict(x.split("=") for x in f[2:])
+        init.setdefault(f[1], []).append(kv)
+        continue
     if f[1] == "idle-rdma":
         print(" ".join(f[1:])); continue
     kv = dict(x.split("=") for x in f[2:])
@@ -97,4 +107,17 @@ for t, v in rows.items():
 if "tcp" in rows and "rdma" in rows:
     r = [a[0] / b[0] for a, b in zip(rows["rdma"], rows["tcp"])]
     print(f"rdma/tcp IOPS ratio per pair: {[round(x, 2) for x in r]}, median {st.median(r):.2f}")
+for t, v in init.items():
+    med = lambda k: st.median(float(x[k]) for x in v)
+    iops, icpu, tcpu = med("iops"), med("initiator_cpu_us_per_io"), med("target_cpu_us_per_io")
+    each = [round(float(x["iops"])) for x in v]
+    errs = sum(int(x["errors"]) for x in v)
+    print(f"perf nvmf --trtype {t}: median IOPS {iops:.0f} (runs {each}), initiator CPU per I/O "
+          f"{icpu:.1f} us, target CPU per I/O {tcpu:.1f} us, errors {errs}")
+if "tcp" in init and "rdma" in init:
+    pairs = list(zip(init["rdma"], init["tcp"]))
+    r = [float(a["iops"]) / float(b["iops"]) for a, b in pairs]
+    c = [float(a["initiator_cpu_us_per_io"]) / float(b["initiator_cpu_us_per_io"]) for a, b in pairs]
+    print(f"perf nvmf rdma/tcp IOPS ratio per pair: {[round(x, 2) for x in r]}, median "
+          f"{st.median(r):.2f}; initiator CPU per I/O ratio median {st.median(c):.2f}")
 '

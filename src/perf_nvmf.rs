@@ -1,5 +1,6 @@
-//! `ferroblk perf nvmf`: a load generator for any NVMe/TCP controller (ours, Linux nvmet, SPDK
-//! ...) built on the initiator of `ferroblk_target::initiator`.
+//! `ferroblk perf nvmf`: a load generator for any NVMe/TCP or NVMe/RDMA (`--trtype rdma`)
+//! controller (ours, Linux nvmet, SPDK ...) built on the initiator of
+//! `ferroblk_target::initiator`.
 //!
 //! The admin queue connects, enables and identifies the controller and asks for `--queues` I/O
 //! queues (Set Features Number of Queues); then one thread per I/O queue (pinned with
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use ferroblk_target::initiator::{
-    Completion, ConnectOptions, Controller, IoCommand, IoQueue, IoQueueOptions, MAX_DEPTH,
+    Completion, ConnectOptions, Controller, IoCommand, IoQueue, IoQueueOptions, MAX_DEPTH, Trtype,
 };
 
 use crate::perf::{
@@ -27,9 +28,16 @@ use crate::perf::{
 /// Options of `ferroblk perf nvmf`.
 #[derive(clap::Args, Debug)]
 pub struct NvmfArgs {
-    /// The controller's NVMe/TCP address (IP:port).
+    /// The controller's address (IP:port; NVMe/RDMA: an address of its RDMA device).
     #[arg(long)]
     pub addr: SocketAddr,
+    /// Transport: tcp or rdma (rdma needs a build with the `rdma` feature).
+    #[arg(long, default_value = "tcp", value_parser = parse_trtype)]
+    pub trtype: Trtype,
+    /// After the run, write a pattern naming each I/O into a range of the namespace per
+    /// queue (up to 256 I/Os each), read it back and compare; a mismatch fails the command.
+    #[arg(long)]
+    pub verify: bool,
     /// The subsystem NQN.
     #[arg(long)]
     pub nqn: String,
@@ -54,6 +62,14 @@ pub struct NvmfArgs {
     pub hold: Option<f64>,
 }
 
+fn parse_trtype(s: &str) -> Result<Trtype, String> {
+    match s {
+        "tcp" => Ok(Trtype::Tcp),
+        "rdma" => Ok(Trtype::Rdma),
+        _ => Err(format!("'{s}' is not a transport (tcp or rdma)")),
+    }
+}
+
 /// What the controller told us.
 #[derive(Clone, Debug)]
 struct TargetInfo {
@@ -76,6 +92,8 @@ struct QueueJob<'a> {
     blocks_per_io: u32,
     ios_in_dev: u64,
     wait: bool,
+    /// I/Os to write and read back after the run, from this first I/O index.
+    verify: Option<(u64, u64)>,
     start: &'a Barrier,
 }
 
@@ -89,6 +107,7 @@ pub fn run(a: &NvmfArgs) -> anyhow::Result<()> {
     let io_size = spec.io_size;
 
     let mut opts = ConnectOptions::new(a.addr, a.nqn.clone());
+    opts.trtype = a.trtype;
     if let Some(h) = &a.hostnqn {
         opts.hostnqn = h.clone();
     }
@@ -179,6 +198,10 @@ pub fn run(a: &NvmfArgs) -> anyhow::Result<()> {
             blocks_per_io: (io_size / bs) as u32,
             ios_in_dev,
             wait: a.job.wait,
+            verify: a.verify.then(|| {
+                let per = (ios_in_dev / nq as u64).clamp(1, 256);
+                ((index as u64 * per) % ios_in_dev, per.min(ios_in_dev))
+            }),
             start: &start,
         })
         .collect();
@@ -241,6 +264,14 @@ fn run_queue(j: QueueJob<'_>) -> anyhow::Result<JobResult> {
     let bufs: Vec<Vec<u8>> = (0..qd)
         .map(|_| (0..spec.io_size).map(|i| i as u8).collect())
         .collect();
+    for b in &bufs {
+        // SAFETY: every buffer stays allocated until `deregister_memory` below: it moves into
+        // the queue and back (its heap memory does not move), and the stopping loop keeps it
+        // in `retired`.
+        unsafe { q.register_memory(b.as_ptr(), b.len()) }
+            .map_err(|e| anyhow::anyhow!("queue {}: register buffers: {e}", j.index))?;
+    }
+    let mut retired: Vec<Vec<u8>> = Vec::with_capacity(qd);
     let start = Instant::now();
     let start_tick = ticks();
     let start_cpu = thread_cpu_ns();
@@ -266,6 +297,7 @@ fn run_queue(j: QueueJob<'_>) -> anyhow::Result<JobResult> {
                 }
                 if stopping {
                     in_flight -= 1;
+                    retired.push(c.buf);
                 } else {
                     submit(q, slot, c.buf, &mut started_at)?;
                 }
@@ -284,6 +316,27 @@ fn run_queue(j: QueueJob<'_>) -> anyhow::Result<JobResult> {
     if let Some(s) = first_error {
         tracing::warn!(queue = j.index, errors, first = %s, "commands failed");
     }
+    let verified = match j.verify {
+        Some(range) => Some(verify(
+            q,
+            j.index,
+            j.nsid,
+            j.blocks_per_io,
+            spec.io_size,
+            &mut retired,
+            range,
+        )),
+        None => None,
+    };
+    q.deregister_memory();
+    drop(retired);
+    if let Some(v) = verified {
+        let n = v?;
+        eprintln!(
+            "verify: queue {}: {n} I/Os of {} bytes written, read back and compared: all match",
+            j.index, spec.io_size
+        );
+    }
     Ok(JobResult {
         reactor: j.index,
         cpu: j.cpu,
@@ -297,10 +350,103 @@ fn run_queue(j: QueueJob<'_>) -> anyhow::Result<JobResult> {
     })
 }
 
+/// The verify pattern of I/O `idx`: 8-byte words naming the I/O and their place in it.
+fn verify_fill(buf: &mut [u8], idx: u64) {
+    for (k, w) in buf.chunks_exact_mut(8).enumerate() {
+        let mut x = idx.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ (k as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x ^= x >> 31;
+        w.copy_from_slice(&x.to_le_bytes());
+    }
+}
+
+/// Writes the pattern of I/Os `first..first + count` (of `blocks_per_io` blocks of namespace
+/// `nsid`) with the job's buffers (`bufs`, all out of the queue), reads them back and
+/// compares. Returns the I/Os checked.
+fn verify(
+    q: &mut IoQueue,
+    index: usize,
+    nsid: u32,
+    blocks_per_io: u32,
+    io_size: usize,
+    bufs: &mut Vec<Vec<u8>>,
+    (first, count): (u64, u64),
+) -> anyhow::Result<u64> {
+    let mut done: Vec<Completion> = Vec::with_capacity(bufs.len());
+    let mut expect = vec![0u8; io_size];
+    for read in [false, true] {
+        let (mut next, mut in_flight) = (0u64, 0usize);
+        while next < count || in_flight > 0 {
+            while next < count
+                && let Some(mut buf) = bufs.pop()
+            {
+                let idx = first + next;
+                let slba = idx * u64::from(blocks_per_io);
+                let cmd = if read {
+                    buf.fill(0);
+                    IoCommand::Read {
+                        nsid,
+                        slba,
+                        nlb: blocks_per_io,
+                    }
+                } else {
+                    verify_fill(&mut buf, idx);
+                    IoCommand::Write {
+                        nsid,
+                        slba,
+                        nlb: blocks_per_io,
+                        fua: false,
+                    }
+                };
+                q.submit(cmd, buf, idx)
+                    .map_err(|r| anyhow::anyhow!("queue {}: verify submit: {}", index, r.reason))?;
+                next += 1;
+                in_flight += 1;
+            }
+            if q.poll(&mut done)? == 0 {
+                q.wait(Some(Duration::from_millis(10)))?;
+            }
+            for c in done.drain(..) {
+                in_flight -= 1;
+                c.result()
+                    .map_err(|e| anyhow::anyhow!("queue {}: verify I/O {}: {e}", index, c.tag))?;
+                if read {
+                    verify_fill(&mut expect, c.tag);
+                    if c.buf != expect {
+                        let at = c
+                            .buf
+                            .iter()
+                            .zip(&expect)
+                            .position(|(a, b)| a != b)
+                            .unwrap_or(0);
+                        anyhow::bail!(
+                            "queue {}: verify: I/O {} (LBA {}) read back differs from what was written at byte {at}",
+                            index,
+                            c.tag,
+                            c.tag * u64::from(blocks_per_io)
+                        );
+                    }
+                }
+                bufs.push(c.buf);
+            }
+        }
+    }
+    Ok(count)
+}
+
 /// Prints the result as a table, or JSON with the keys of `perf bdev`.
 fn report(a: &NvmfArgs, t: &TargetInfo, spec: &JobSpec, r: &RunResult) {
     let mode = if a.job.wait { "wait" } else { "poll" };
-    let name = format!("nvmf:{}/{}/{}", a.addr, a.nqn, t.nsid);
+    let tr = match a.trtype {
+        Trtype::Tcp => "tcp",
+        Trtype::Rdma => "rdma",
+    };
+    let kind = if a.trtype == Trtype::Rdma {
+        "nvmf-rdma"
+    } else {
+        "nvmf"
+    };
+    let name = format!("{kind}:{}/{}/{}", a.addr, a.nqn, t.nsid);
     if a.job.json {
         let mut v = r.json_summary("reactor_cpu_ns_per_io");
         v.insert("bdev".into(), name.into());
@@ -310,7 +456,7 @@ fn report(a: &NvmfArgs, t: &TargetInfo, spec: &JobSpec, r: &RunResult) {
         v.insert(
             "target".into(),
             serde_json::json!({
-                "addr": a.addr.to_string(), "nqn": a.nqn, "nsid": t.nsid, "model": t.model,
+                "trtype": tr, "addr": a.addr.to_string(), "nqn": a.nqn, "nsid": t.nsid, "model": t.model,
                 "block_size": t.block_size, "blocks": t.blocks,
                 "hdr_digest": t.digests.0, "data_digest": t.digests.1,
                 "in_capsule": t.in_capsule, "maxh2cdata": t.maxh2cdata,

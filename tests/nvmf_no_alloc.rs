@@ -62,6 +62,7 @@ fn nvmf_hot_path_makes_no_heap_allocation() {
                 PathDecl {
                     addr: "127.0.0.1".into(),
                     port,
+                    trtype: Default::default(),
                 };
                 2
             ],

@@ -68,6 +68,7 @@ fn decl(name: &str, ports: &[u16]) -> NvmfDecl {
             .map(|&port| PathDecl {
                 addr: "127.0.0.1".into(),
                 port,
+                trtype: Default::default(),
             })
             .collect(),
         policy: Policy::Failover,

@@ -2,7 +2,8 @@
 //! Fabrics commands and §4 "Controller architecture"; NVMe Base 2.0 §3.5.1 "Controller
 //! initialization").
 //!
-//! [`Controller::connect`] opens the admin queue's connection, exchanges ICReq/ICResp, sends
+//! [`Controller::connect`] opens the admin queue's connection (NVMe/TCP: exchanges ICReq/ICResp;
+//! NVMe/RDMA: an RDMA CM connect with the NVMe/RDMA private data), sends
 //! Connect (QID 0, CNTLID FFFFh, KATO), reads CAP and VS with Property Get, enables the
 //! controller (CC.EN = 1, then waits for CSTS.RDY), identifies it and starts the keep-alive
 //! timer: a thread that sends Keep Alive every KATO / 2. The admin queue sits behind a mutex
@@ -33,6 +34,7 @@ use crate::spec::identify::{
 };
 use crate::spec::log::{DiscoveryLogEntry, DiscoveryLogHeader, LogPageId};
 use crate::spec::wire::align_up;
+use crate::subsystem::Trtype;
 
 /// In-capsule data the admin queue accepts (NVMe/TCP: 8 KiB, as the Linux host assumes).
 pub const ADMIN_IN_CAPSULE: usize = 8192;
@@ -44,7 +46,10 @@ pub const ADMIN_DEPTH: u16 = 31;
 /// How to reach and identify to a controller.
 #[derive(Clone, Debug)]
 pub struct ConnectOptions {
-    /// The controller's NVMe/TCP address.
+    /// The transport: NVMe/TCP (the default) or NVMe/RDMA (cargo feature `rdma`).
+    pub trtype: Trtype,
+    /// The controller's address (NVMe/RDMA: its RDMA device's IP address and the port of
+    /// its RDMA CM listener).
     pub addr: SocketAddr,
     /// The NVM subsystem to connect to ([`DISCOVERY_NQN`] for a discovery controller).
     pub subnqn: String,
@@ -52,25 +57,28 @@ pub struct ConnectOptions {
     pub hostnqn: String,
     /// This host's identifier (a UUID).
     pub hostid: [u8; 16],
-    /// Ask for header digests (CRC32C over every PDU header).
+    /// Ask for header digests (CRC32C over every PDU header; NVMe/TCP only).
     pub hdr_digest: bool,
-    /// Ask for data digests (CRC32C over every PDU's data).
+    /// Ask for data digests (CRC32C over every PDU's data; NVMe/TCP only).
     pub data_digest: bool,
     /// Keep Alive Timeout sent in the admin Connect; zero disables keep-alive. The initiator
     /// sends Keep Alive every `kato / 2`.
     pub kato: Duration,
-    /// Bound on TCP connect plus ICReq/ICResp.
+    /// Bound on the transport's connect (TCP connect plus ICReq/ICResp; RDMA CM address and
+    /// route resolution plus connect).
     pub connect_timeout: Duration,
     /// Bound on each blocking command.
     pub command_timeout: Duration,
 }
 
 impl ConnectOptions {
-    /// Options for `subnqn` at `addr`: a fresh random host identifier, the host NQN derived
-    /// from it (`nqn.2014-08.org.nvmexpress:uuid:<hostid>`), no digests, KATO 10 s.
+    /// Options for `subnqn` at `addr` over NVMe/TCP: a fresh random host identifier, the host
+    /// NQN derived from it (`nqn.2014-08.org.nvmexpress:uuid:<hostid>`), no digests, KATO
+    /// 10 s. Set [`ConnectOptions::trtype`] for NVMe/RDMA.
     pub fn new(addr: SocketAddr, subnqn: impl Into<String>) -> ConnectOptions {
         let hostid = random_uuid();
         ConnectOptions {
+            trtype: Trtype::Tcp,
             addr,
             subnqn: subnqn.into(),
             hostnqn: format!("nqn.2014-08.org.nvmexpress:uuid:{}", uuid_string(&hostid)),
@@ -254,9 +262,14 @@ impl Controller {
             hdgst: opts.hdr_digest,
             ddgst: opts.data_digest,
             max_data: ADMIN_MAX_DATA,
-            max_in_capsule: ADMIN_IN_CAPSULE,
+            // NVMe/RDMA: admin commands carry no in-capsule data (the Linux host sends none,
+            // and nvmet-rdma posts no room for it on admin queues).
+            max_in_capsule: match opts.trtype {
+                Trtype::Tcp => ADMIN_IN_CAPSULE,
+                Trtype::Rdma => 0,
+            },
         };
-        let mut q = Queue::connect(opts.addr, params, opts.connect_timeout)?;
+        let mut q = Queue::connect(opts.trtype, opts.addr, params, opts.connect_timeout)?;
         // Admin Connect asks for a new controller (dynamic model: CNTLID FFFFh).
         let cntlid = fabrics_connect(&mut q, opts, 0xffff, ADMIN_DEPTH, 0, opts.kato)?;
         let mut c = Controller {
@@ -592,8 +605,9 @@ impl Controller {
         Err(Error::Malformed("discovery log (kept changing while read)"))
     }
 
-    /// Connects I/O queue `qid` (1-based) to this controller: a new TCP connection,
-    /// ICReq/ICResp with the same digests, Connect with this controller's CNTLID.
+    /// Connects I/O queue `qid` (1-based) to this controller: a new connection of the same
+    /// transport (NVMe/TCP: ICReq/ICResp with the same digests; NVMe/RDMA: a queue pair),
+    /// Connect with this controller's CNTLID.
     pub fn connect_io_queue(&self, qid: u16, o: &IoQueueOptions) -> Result<IoQueue, Error> {
         if self.is_discovery() {
             return Err(Error::Invalid("a discovery controller has no I/O queues"));
@@ -618,7 +632,12 @@ impl Controller {
             max_data: o.max_data.max(4096),
             max_in_capsule,
         };
-        let mut q = Queue::connect(self.opts.addr, params, self.opts.connect_timeout)?;
+        let mut q = Queue::connect(
+            self.opts.trtype,
+            self.opts.addr,
+            params,
+            self.opts.connect_timeout,
+        )?;
         let cattr = if o.disable_sq_flow_control {
             CATTR_DISABLE_SQ_FLOW_CONTROL
         } else {
@@ -632,7 +651,12 @@ impl Controller {
             cattr,
             Duration::ZERO,
         )?;
-        Ok(IoQueue::new(q, id.ofcs & 1 != 0, self.opts.command_timeout))
+        Ok(IoQueue::new(
+            q,
+            self.opts.trtype,
+            id.ofcs & 1 != 0,
+            self.opts.command_timeout,
+        ))
     }
 
     /// Starts the admin thread: Keep Alive every KATO / 2 (if KATO is set) and, with
@@ -772,6 +796,7 @@ fn admin_loop(
     loop {
         let was_on = aer;
         let mut lost = false;
+        let again;
         {
             let mut q = lock(admin);
             // Until a request is outstanding and every completion read is handled: the
@@ -797,7 +822,7 @@ fn admin_loop(
                     } else if !c.lost {
                         // A controller without Asynchronous Event Requests (or over its
                         // limit): its owner falls back to polling.
-                        tracing::warn!(status = ?c.cqe.status, "NVMe/TCP Asynchronous Event Request refused");
+                        tracing::warn!(status = ?c.cqe.status, "NVMe-oF Asynchronous Event Request refused");
                         aer = false;
                     }
                 }
@@ -810,12 +835,15 @@ fn admin_loop(
                 && Instant::now() >= t
             {
                 if let Err(e) = keep_alive(&mut q, timeout) {
-                    tracing::warn!(error = %e, "NVMe/TCP keep alive failed");
+                    tracing::warn!(error = %e, "NVMe-oF keep alive failed");
                     lost |= e.is_fatal();
                 }
                 next_ka = Some(Instant::now() + period);
             }
             lost |= q.is_dead();
+            // NVMe/RDMA: ask the completion channel for a wake-up before sleeping on it (a
+            // completion that came meanwhile means another turn instead).
+            again = !lost && q.arm();
         }
         if let Some(cb) = &on_event {
             for e in events.drain(..) {
@@ -830,6 +858,9 @@ fn admin_loop(
         }
         if lost || stop.load(Ordering::Acquire) {
             return;
+        }
+        if again {
+            continue;
         }
         let timeout_ms = next_ka.map_or(-1, |t| {
             t.saturating_duration_since(Instant::now())

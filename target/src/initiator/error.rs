@@ -9,8 +9,8 @@ use crate::transport::tcp::pdu::{Fes, PduError};
 /// Why an initiator operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The socket failed (connect, read or write).
-    #[error("NVMe/TCP connection I/O error")]
+    /// The connection failed (socket connect, read or write; verbs calls).
+    #[error("connection I/O error")]
     Io(#[source] io::Error),
     /// The controller closed the connection.
     #[error("the controller closed the connection")]
@@ -74,6 +74,17 @@ pub enum Error {
     /// A caller-side problem (buffer larger than the queue allows, bad argument ...).
     #[error("invalid request: {0}")]
     Invalid(&'static str),
+    /// The RDMA connection manager refused or failed the connection (NVMe/RDMA): `why` names
+    /// the step, or the field of the private data the controller's reject named.
+    #[error("NVMe/RDMA connection failed: {0}")]
+    Rdma(String),
+    /// The controller broke the transport's rules in a way that ends the queue (NVMe/RDMA: a
+    /// completion for a command identifier not in flight, a short response).
+    #[error("protocol violation by the controller: {0}")]
+    Violation(&'static str),
+    /// This build cannot do what was asked (a transport compiled out).
+    #[error("not supported by this build: {0}")]
+    Unsupported(&'static str),
     /// A data structure returned by the controller could not be parsed.
     #[error("malformed {0} returned by the controller")]
     Malformed(&'static str),
@@ -92,7 +103,7 @@ impl Error {
     pub fn is_fatal(&self) -> bool {
         !matches!(
             self,
-            Error::Command { .. } | Error::Invalid(_) | Error::Malformed(_)
+            Error::Command { .. } | Error::Invalid(_) | Error::Malformed(_) | Error::Unsupported(_)
         )
     }
 }

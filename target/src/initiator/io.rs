@@ -1,4 +1,5 @@
-//! I/O queues: the NVM command set over one NVMe/TCP connection (NVM Command Set 1.0 §3.2).
+//! I/O queues: the NVM command set over one NVMe/TCP connection or NVMe/RDMA queue pair (NVM
+//! Command Set 1.0 §3.2).
 //!
 //! Two ways to drive an [`IoQueue`]:
 //!
@@ -24,6 +25,7 @@ use crate::spec::command::{
     DatasetManagement, DsmRange, IoOpcode, ReadWrite, SglDescriptor, Sqe, WriteZeroes,
 };
 use crate::spec::fabrics::Disconnect;
+use crate::subsystem::Trtype;
 
 /// An NVM command. Commands with data take it from (or put it into) the buffer submitted with
 /// them: the whole buffer is the transfer, so its length must be `nlb` × the block size for
@@ -158,14 +160,21 @@ pub fn encode_ranges(ranges: &[DsmRange]) -> Vec<u8> {
 #[derive(Debug)]
 pub struct IoQueue {
     q: Queue,
+    trtype: Trtype,
     disconnect_supported: bool,
     timeout: Duration,
 }
 
 impl IoQueue {
-    pub(crate) fn new(q: Queue, disconnect_supported: bool, timeout: Duration) -> IoQueue {
+    pub(crate) fn new(
+        q: Queue,
+        trtype: Trtype,
+        disconnect_supported: bool,
+        timeout: Duration,
+    ) -> IoQueue {
         IoQueue {
             q,
+            trtype,
             disconnect_supported,
             timeout,
         }
@@ -196,13 +205,18 @@ impl IoQueue {
         self.q.params().max_in_capsule
     }
 
+    /// The transport.
+    pub fn trtype(&self) -> Trtype {
+        self.trtype
+    }
+
     /// Whether header and data digests are in force.
     pub fn digests(&self) -> (bool, bool) {
         let n = self.q.negotiated();
         (n.hdgst, n.ddgst)
     }
 
-    /// The MAXH2CDATA the controller announced.
+    /// The MAXH2CDATA the controller announced (NVMe/TCP; 0 on NVMe/RDMA).
     pub fn max_h2c_data(&self) -> u32 {
         self.q.negotiated().maxh2cdata
     }
@@ -267,13 +281,45 @@ impl IoQueue {
         r.map(|()| n)
     }
 
-    /// Blocks until the socket is readable, or writable with bytes queued, or `timeout`
-    /// passes (`None`: no limit). Call [`IoQueue::poll`] next.
-    pub fn wait(&self, timeout: Option<Duration>) -> Result<(), Error> {
+    /// Blocks until the queue has something to do (NVMe/TCP: the socket is readable, or
+    /// writable with bytes queued; NVMe/RDMA: a completion arrived) or `timeout` passes
+    /// (`None`: no limit). Call [`IoQueue::poll`] next.
+    pub fn wait(&mut self, timeout: Option<Duration>) -> Result<(), Error> {
         self.q.wait(timeout)
     }
 
-    /// Whether `poll` has bytes to write (the socket was full).
+    /// For callers that sleep on [`IoQueue::as_raw_fd`] themselves (a reactor): asks for the
+    /// fd to become readable at the next completion. Returns `true` if work arrived meanwhile
+    /// (poll before sleeping). NVMe/RDMA needs it (the completion channel signals only once
+    /// armed); on NVMe/TCP the socket always signals and this returns `false`.
+    pub fn arm(&mut self) -> bool {
+        self.q.arm()
+    }
+
+    /// Registers `len` bytes at `ptr` with the queue's RDMA device, so that buffers inside
+    /// them move by the controller's RDMA READ / WRITE without a copy (NVMe/RDMA; a no-op on
+    /// NVMe/TCP). Register long-lived buffers once (a load generator's per-slot buffers, a
+    /// pool); a buffer outside every registered range is copied through a registered buffer
+    /// of the queue instead ([`QueueStats::bounced`]).
+    ///
+    /// # Safety
+    /// The memory stays allocated (not freed, not unmapped) until
+    /// [`IoQueue::deregister_memory`] or the queue is dropped: the registration pins the
+    /// pages it had when registered, and a buffer submitted later at these addresses is
+    /// moved through them.
+    pub unsafe fn register_memory(&mut self, ptr: *const u8, len: usize) -> Result<(), Error> {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { self.q.engine().register(ptr, len) }
+    }
+
+    /// Forgets every [`IoQueue::register_memory`] range (commands in flight must not use
+    /// them: call it with none in flight).
+    pub fn deregister_memory(&mut self) {
+        self.q.engine().deregister_all();
+    }
+
+    /// Whether `poll` has work without waiting: bytes to write (NVMe/TCP: the socket was
+    /// full) or completions already in (NVMe/RDMA: found by [`IoQueue::arm`]).
     pub fn has_pending_tx(&self) -> bool {
         self.q.has_tx()
     }

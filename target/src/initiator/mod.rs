@@ -1,20 +1,29 @@
-//! The NVMe/TCP host (initiator): connect to a controller, run admin commands, drive I/O
-//! queues. It speaks to any NVMe/TCP controller (Linux nvmet-tcp, SPDK, ours) with the same
-//! PDU codec as the target ([`crate::transport::tcp::pdu`], in [`Role::Host`]) and the
+//! The NVMe-oF host (initiator): connect to a controller, run admin commands, drive I/O
+//! queues, over NVMe/TCP or NVMe/RDMA ([`ConnectOptions::trtype`]; RDMA with the cargo feature
+//! `rdma`). It speaks to any controller (Linux nvmet, SPDK, ours) with the target's own codecs
+//! ([`crate::transport::tcp::pdu`] in [`Role::Host`], [`crate::transport::rdma::wire`]) and the
 //! structures of [`crate::spec`].
 //!
 //! ## Architecture
 //! What flows in: commands from the caller (admin requests as method calls, I/O as
 //! [`IoCommand`]s with an owned buffer, or a bdev request's scatter-gather list lent with
-//! [`IoQueue::submit_sg`], and a tag). What flows out: bytes on one TCP connection per queue,
-//! and [`Completion`]s (tag, CQE, the buffer or list back).
+//! [`IoQueue::submit_sg`], and a tag). What flows out: capsules and data on one transport
+//! connection per queue (a TCP connection or an RDMA queue pair), and [`Completion`]s (tag,
+//! CQE, the buffer or list back).
 //!
-//! - `queue` (private): the engine. One connection, one NVMe queue: ICReq/ICResp, CID slots
-//!   (the CID is the slot index), capsule encoding with in-capsule data up to IOCCSZ, R2T →
-//!   H2CData in MAXH2CDATA chunks, C2HData reassembly straight into the command's buffer
-//!   (LAST_PDU / SUCCESS), digests, a `writev` transmit queue, fatal errors → H2CTermReq,
-//!   close, every command in flight completed with Host Pathing Error. Non-blocking; its
-//!   blocking form polls the socket with `poll(2)`.
+//! - `queue` (private): the transport seam. One NVMe queue over an `Engine`, and what is the
+//!   same on every transport: the command and completion types, the blocking form of a
+//!   command (submit, progress, wait, a timeout tearing the queue down), internal commands
+//!   kept apart from the caller's.
+//! - `tcp` (private): the NVMe/TCP engine. ICReq/ICResp, CID slots (the CID is the slot
+//!   index), capsule encoding with in-capsule data up to IOCCSZ, R2T → H2CData in MAXH2CDATA
+//!   chunks, C2HData reassembly straight into the command's buffer (LAST_PDU / SUCCESS),
+//!   digests, a `writev` transmit queue, fatal errors → H2CTermReq, close, every command in
+//!   flight completed with Host Pathing Error. Non-blocking; it waits with `poll(2)`.
+//! - `rdma` (private, feature `rdma`): the NVMe/RDMA engine. RDMA CM connect with the
+//!   NVMe/RDMA private data, capsules by SEND, CQEs in pre-posted RECVs, Keyed SGL Data Blocks
+//!   over registered memory ([`IoQueue::register_memory`], else a registered pool), a
+//!   completion channel to sleep on.
 //! - [`controller`]: [`Controller`] owns the admin queue (behind a mutex shared with the
 //!   keep-alive thread): Connect, Property Get/Set, CC.EN / CSTS.RDY, Identify, Set Features
 //!   Number of Queues, Get Log Page and the discovery log, shutdown with CC.SHN. It creates
@@ -61,18 +70,21 @@ pub mod controller;
 mod error;
 pub mod io;
 mod queue;
+#[cfg(feature = "rdma")]
+mod rdma;
+mod tcp;
 
 #[cfg(test)]
 mod tests;
 
+pub use crate::subsystem::Trtype;
 pub use controller::{
     AdminEvent, ConnectOptions, Controller, DiscoveryLog, IoQueueOptions, Namespace, uuid_string,
 };
 pub use error::{Error, RejectReason, Rejected};
 pub use io::{IoCommand, IoQueue, encode_ranges};
-pub use queue::{
-    CmdData, Completion, DIRECT_READ_MIN, HOST_PATHING_ERROR, MAX_DEPTH, QueueStats, Xfer,
-};
+pub use queue::{CmdData, Completion, HOST_PATHING_ERROR, MAX_DEPTH, QueueStats, Xfer};
+pub use tcp::DIRECT_READ_MIN;
 
 #[cfg(doc)]
 use crate::transport::tcp::pdu::Role;

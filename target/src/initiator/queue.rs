@@ -1,27 +1,18 @@
-//! The queue engine: one NVMe/TCP connection carrying one NVMe queue, host side (NVMe/TCP
-//! Transport Specification 1.0 §3.3 "Connection initialization", §3.4 "Data transfer").
+//! The transport seam of the initiator: one NVMe queue, whatever carries it.
 //!
-//! [`Queue`] is a non-blocking state machine over a non-blocking socket. `submit` encodes a
-//! command capsule into the transmit queue (no syscall); [`Queue::step`] writes what it can
-//! with one `writev`, reads what has arrived, decodes PDUs with the shared
-//! [`PduDecoder`](crate::transport::tcp::pdu::PduDecoder), answers R2Ts with H2CData and
-//! completes commands. [`Queue::execute`] is the blocking form (submit, then step and
-//! `poll(2)` until that command completes). Admin and I/O queues are the same engine.
+//! What is NVMe is written once, here and above: the command and completion types, the
+//! blocking form of a command (`execute`: submit, make progress, wait, until that command
+//! completes, a timeout tearing the queue down), the split between internal commands
+//! (Connect, Property Get ...) and the caller's, and in [`super::controller`] / [`super::io`]
+//! everything from Connect to the I/O commands. An [`Engine`] moves capsules and data and
+//! keeps the command slots (the CID is the slot index on both transports):
 //!
-//! Buffers: a command owns its `Vec<u8>` from submit to completion; write data is sent from it
-//! with `writev` (headers and digests are the only bytes copied) and read data lands in it,
-//! straight from the socket when a C2HData PDU carries more than [`DIRECT_READ_MIN`] bytes
-//! still to come. The command identifier (CID) is the command's slot index.
-//!
-//! State per command slot: free, or in flight with its buffer, its direction, how much C2H
-//! data arrived and how many transmit items still reference its buffer. A completion that
-//! arrives while H2CData of the same command is still queued for sending (a controller that
-//! failed the command early) is held until those bytes are out, so the buffer is never handed
-//! back while the socket may still read it.
+//! - NVMe/TCP ([`super::tcp`]): PDUs over one socket.
+//! - NVMe/RDMA (`super::rdma`, cargo feature `rdma`): capsules by SEND, completions in
+//!   pre-posted RECVs, data by the controller's RDMA READ / WRITE of registered memory.
 
-use std::collections::VecDeque;
-use std::io::{self, IoSlice, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::fmt::Debug;
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,21 +20,13 @@ use std::time::{Duration, Instant};
 use ferroblk_bdev::SgList;
 
 use super::error::{Error, RejectReason, Rejected};
-use crate::spec::command::{SglDescriptor, Sqe};
+use super::tcp::TcpQueue;
+use crate::spec::command::Sqe;
 use crate::spec::completion::Cqe;
 use crate::spec::status::{Status, path};
-use crate::transport::tcp::pdu::{
-    DIGEST_LEN, DataDigest, Decoded, Fes, H2cData, IcReq, MAX_HEADER_LEN, Negotiated, PduDecoder,
-    PduEncoder, PduError, PduHeader, PduLayout, Role,
-};
+use crate::subsystem::Trtype;
+use crate::transport::tcp::pdu::Negotiated;
 
-/// Bytes of the receive buffer: many CapsuleResps per `read`.
-const RX_BUF_LEN: usize = 64 * 1024;
-/// C2H data still expected above this size is read straight into the command's buffer when
-/// the receive buffer is empty, skipping one copy.
-pub const DIRECT_READ_MIN: usize = 8 * 1024;
-/// Most iovecs one `writev` takes from the transmit queue.
-const MAX_IOV: usize = 64;
 /// Largest queue depth (commands in flight); the CID is the slot index.
 pub const MAX_DEPTH: u16 = 4096;
 
@@ -69,7 +52,7 @@ pub enum CmdData {
 }
 
 impl CmdData {
-    fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         match self {
             CmdData::Vec(v) => v.len(),
             CmdData::Sg(s) => s.total_len(),
@@ -93,9 +76,9 @@ pub struct Completion {
     pub sg: SgList,
     /// The command's opcode.
     pub opcode: u8,
-    internal: bool,
+    pub(super) internal: bool,
     /// Failed locally with the connection (no answer from the controller).
-    pub(crate) lost: bool,
+    pub(super) lost: bool,
 }
 
 impl Completion {
@@ -117,7 +100,8 @@ impl Completion {
     }
 }
 
-/// Counters of one queue (what went over the wire), for tests and tools.
+/// Counters of one queue (what went over the wire), for tests and tools. The PDU counters are
+/// NVMe/TCP's; `in_capsule`, `commands` count on both transports.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct QueueStats {
     /// Command capsules queued.
@@ -136,6 +120,12 @@ pub struct QueueStats {
     pub capsule_resps: u64,
     /// C2HData digests that did not match.
     pub data_digest_errors: u64,
+    /// NVMe/RDMA: commands whose data the controller moved by RDMA READ / WRITE (a Keyed SGL
+    /// Data Block).
+    pub keyed: u64,
+    /// NVMe/RDMA: of those, commands whose data was copied through a registered buffer of the
+    /// queue (the caller's memory was not registered, or was a list of several segments).
+    pub bounced: u64,
 }
 
 /// Host Pathing Error: the status of commands lost with their connection.
@@ -158,166 +148,74 @@ pub(crate) struct QueueParams {
     pub max_in_capsule: usize,
 }
 
-#[derive(Debug, Default)]
-struct Slot {
-    busy: bool,
-    internal: bool,
-    tag: u64,
-    opcode: u8,
-    to_host: bool,
-    to_ctrl: bool,
-    in_capsule: bool,
-    buf: Vec<u8>,
-    /// The command's segments when it was submitted with a list (then `buf` is empty).
-    sg: Option<SgList>,
-    /// Transmit items that still reference `buf`.
-    tx_refs: u32,
-    /// A C2HData of this command failed its data digest.
-    digest_error: bool,
-    /// A completion held back until `tx_refs` drops to 0.
-    held: Option<Cqe>,
-}
-
-impl Slot {
-    /// Bytes of the command's data.
-    fn data_len(&self) -> usize {
-        match &self.sg {
-            Some(sg) => sg.total_len(),
-            None => self.buf.len(),
-        }
+/// What moves one queue's capsules and data. See the module documentation.
+pub(crate) trait Engine: Send + Debug {
+    /// The queue's parameters.
+    fn params(&self) -> &QueueParams;
+    /// The queue's counters.
+    fn stats(&self) -> QueueStats;
+    /// Commands in flight.
+    fn in_flight(&self) -> usize;
+    /// Whether the connection is gone.
+    fn is_dead(&self) -> bool;
+    /// The fd that becomes readable when the queue has something to do (NVMe/TCP: the socket;
+    /// NVMe/RDMA: the completion channel, once [`Engine::arm`]ed).
+    fn fd(&self) -> RawFd;
+    /// Whether the next [`Engine::step`] has work without waiting (NVMe/TCP: bytes to send;
+    /// NVMe/RDMA: completions found while arming, not yet taken).
+    fn has_tx(&self) -> bool;
+    /// Queues `sqe` (its CID and SGL1 are overwritten) with `data`, `data.len()` bytes in
+    /// direction `xfer`; `internal` commands are the blocking helpers' own.
+    fn submit_inner(
+        &mut self,
+        sqe: Sqe,
+        xfer: Xfer,
+        data: CmdData,
+        tag: u64,
+        internal: bool,
+    ) -> Result<(), (RejectReason, CmdData)>;
+    /// Makes progress without blocking. On a fatal error every command in flight completes
+    /// with [`HOST_PATHING_ERROR`] and the queue is dead.
+    fn step(&mut self) -> Result<(), Error>;
+    /// Finished commands not yet taken.
+    fn done(&mut self) -> &mut Vec<Completion>;
+    /// Blocks until there may be something to do or `timeout` passes (`None`: forever).
+    fn wait(&mut self, timeout: Option<Duration>) -> Result<(), Error>;
+    /// Tears the queue down after `e` (commands in flight complete with Host Pathing Error).
+    fn fail(&mut self, e: Error) -> Error;
+    /// Asks for a wake-up through [`Engine::fd`] at the next completion; `true` if work
+    /// arrived meanwhile (poll again rather than sleep).
+    fn arm(&mut self) -> bool {
+        false
     }
-
-    /// Calls `f` on the data bytes `start..end` in order, one contiguous piece at a time, until
-    /// it returns `false`.
-    fn pieces<'a>(&'a self, start: usize, end: usize, mut f: impl FnMut(&'a [u8]) -> bool) {
-        let Some(sg) = &self.sg else {
-            f(&self.buf[start..end]);
-            return;
-        };
-        let mut off = 0;
-        for seg in sg.segments() {
-            let (lo, hi) = (off, off + seg.len);
-            off = hi;
-            if hi <= start {
-                continue;
-            }
-            if lo >= end {
-                return;
-            }
-            let a = start.max(lo) - lo;
-            let b = end.min(hi) - lo;
-            // SAFETY: the slot owns `sg` from submission until `finish_as` hands it back, and
-            // SgList's constructors make their callers keep every segment valid for reads and
-            // writes of its length for that whole time; `a..b` lies inside this segment.
-            let piece = unsafe { std::slice::from_raw_parts(seg.base.add(a), b - a) };
-            if !f(piece) {
-                return;
-            }
-        }
+    /// What the NVMe/TCP connection initialization settled (`None` on other transports).
+    fn negotiated(&self) -> Option<Negotiated> {
+        None
     }
-
-    /// The longest contiguous run of data bytes from `pos`, at most up to `end`.
-    fn piece_mut(&mut self, pos: usize, end: usize) -> &mut [u8] {
-        let Some(sg) = &self.sg else {
-            return &mut self.buf[pos..end];
-        };
-        let mut off = 0;
-        for seg in sg.segments() {
-            if pos < off + seg.len {
-                let a = pos - off;
-                let b = (end - off).min(seg.len);
-                // SAFETY: as in `pieces`: the segment is valid for writes of its length while
-                // the slot owns the list, `a..b` lies inside it, and `&mut self` makes this the
-                // queue's only reference to those bytes.
-                return unsafe { std::slice::from_raw_parts_mut(seg.base.add(a), b - a) };
-            }
-            off += seg.len;
-        }
-        &mut []
+    /// Registers caller memory for zero-copy transfers (a no-op where nothing is registered).
+    ///
+    /// # Safety
+    /// See [`super::IoQueue::register_memory`].
+    unsafe fn register(&mut self, _ptr: *const u8, _len: usize) -> Result<(), Error> {
+        Ok(())
     }
-
-    /// Copies `src` into the data at `pos`.
-    fn copy_in(&mut self, pos: usize, src: &[u8]) {
-        match &mut self.sg {
-            Some(sg) => {
-                sg.copy_from_slice(pos, src);
-            }
-            None => self.buf[pos..pos + src.len()].copy_from_slice(src),
-        }
-    }
+    /// Forgets every registration of [`Engine::register`].
+    fn deregister_all(&mut self) {}
 }
 
-enum TxKind {
-    /// A PDU header (or a whole small PDU).
-    Header {
-        bytes: [u8; MAX_HEADER_LEN],
-        len: u16,
-    },
-    /// Data from a command's buffer.
-    Data { slot: u16, start: usize, end: usize },
-    /// A data digest trailer.
-    Digest([u8; DIGEST_LEN]),
-}
-
-struct TxItem {
-    kind: TxKind,
-    /// The first item of a PDU (a termination request may be sent before it).
-    pdu_start: bool,
-}
-
-#[derive(Clone, Copy)]
-enum RxState {
-    /// Waiting for (the rest of) a PDU header.
-    Header,
-    /// Receiving C2HData bytes `pos..end` of slot `slot`.
-    Data {
-        slot: u16,
-        pos: usize,
-        end: usize,
-        digest: Option<DataDigest>,
-        last: bool,
-        success: bool,
-    },
-    /// Waiting for the data digest of a C2HData.
-    Trailer {
-        slot: u16,
-        digest: DataDigest,
-        last: bool,
-        success: bool,
-    },
-}
-
-/// One connection, one queue. See the module documentation.
-pub(crate) struct Queue {
-    sock: TcpStream,
-    params: QueueParams,
-    enc: PduEncoder,
-    dec: PduDecoder,
-    ic_req: IcReq,
-    neg: Option<Negotiated>,
-    slots: Vec<Slot>,
-    free: Vec<u16>,
-    in_flight: usize,
-    rx: Box<[u8]>,
-    rx_lo: usize,
-    rx_hi: usize,
-    rx_state: RxState,
-    tx: VecDeque<TxItem>,
-    /// Bytes of the front transmit item already written.
-    tx_off: usize,
-    done: Vec<Completion>,
-    dead: bool,
-    stats: QueueStats,
-    /// Signalled (an eventfd) when [`Queue::execute`] leaves another command's completion
-    /// behind, so that a thread waiting for it (the admin thread's Asynchronous Event Request)
-    /// wakes although the socket's data was read by someone else.
-    notify: Option<Arc<OwnedFd>>,
-}
+/// One NVMe queue on one transport connection; with an eventfd signalled whenever
+/// [`Queue::execute`] leaves another command's completion behind, so that a thread waiting
+/// for it (the admin thread's Asynchronous Event Request) wakes although the transport's
+/// data was read by someone else.
+#[derive(Debug)]
+pub(crate) struct Queue(Box<dyn Engine>, Option<Arc<OwnedFd>>);
 
 impl Queue {
-    /// Connects to `addr` and performs the ICReq/ICResp exchange (§3.3). No NVMe command has
-    /// been sent yet: the caller sends Connect next.
+    /// Connects a queue to `addr` over `trtype` (NVMe/TCP: ICReq/ICResp; NVMe/RDMA: the RDMA
+    /// CM connect with its private data). No NVMe command has been sent yet: the caller sends
+    /// Connect next.
     pub(crate) fn connect(
+        trtype: Trtype,
         addr: SocketAddr,
         params: QueueParams,
         timeout: Duration,
@@ -325,92 +223,65 @@ impl Queue {
         if params.depth == 0 || params.depth > MAX_DEPTH {
             return Err(Error::Invalid("queue depth must be 1..=4096"));
         }
-        let deadline = Instant::now() + timeout;
-        let sock = TcpStream::connect_timeout(&addr, timeout)?;
-        sock.set_nodelay(true)?;
-        sock.set_nonblocking(true)?;
-        let depth = usize::from(params.depth);
-        let max_c2h = u32::try_from(params.max_data).unwrap_or(u32::MAX);
-        let mut q = Queue {
-            sock,
-            params,
-            enc: PduEncoder::new(Role::Host),
-            dec: PduDecoder::host(max_c2h),
-            ic_req: IcReq {
-                pfv: crate::transport::tcp::pdu::PFV_1_0,
-                // Linux nvmet rejects any HPDA but 0; we have no alignment needs either.
-                hpda: 0,
-                hdgst: params.hdgst,
-                ddgst: params.ddgst,
-                // One outstanding R2T per command (0's based).
-                maxr2t: 0,
-            },
-            neg: None,
-            slots: (0..depth).map(|_| Slot::default()).collect(),
-            free: (0..params.depth).rev().collect(),
-            in_flight: 0,
-            rx: vec![0u8; RX_BUF_LEN].into_boxed_slice(),
-            rx_lo: 0,
-            rx_hi: 0,
-            rx_state: RxState::Header,
-            tx: VecDeque::with_capacity(depth * 4),
-            tx_off: 0,
-            done: Vec::with_capacity(depth),
-            dead: false,
-            stats: QueueStats::default(),
-            notify: None,
-        };
-        let mut hdr = [0u8; MAX_HEADER_LEN];
-        let n = q.enc.ic_req(&q.ic_req, &mut hdr);
-        q.push_header(&hdr[..n], true);
-        while q.neg.is_none() {
-            q.step()?;
-            if q.neg.is_some() {
-                break;
+        Ok(match trtype {
+            Trtype::Tcp => Queue(Box::new(TcpQueue::connect(addr, params, timeout)?), None),
+            #[cfg(feature = "rdma")]
+            Trtype::Rdma => Queue(
+                Box::new(super::rdma::RdmaQueue::connect(addr, params, timeout)?),
+                None,
+            ),
+            #[cfg(not(feature = "rdma"))]
+            Trtype::Rdma => {
+                return Err(Error::Unsupported(
+                    "NVMe/RDMA (built without the `rdma` feature)",
+                ));
             }
-            q.wait_until(deadline, "ICResp")?;
-        }
-        Ok(q)
+        })
     }
 
-    /// What the connection initialization settled.
+    /// The engine, for what is not wrapped here.
+    pub(crate) fn engine(&mut self) -> &mut dyn Engine {
+        &mut *self.0
+    }
+
+    /// What the NVMe/TCP connection initialization settled (defaults on NVMe/RDMA: no
+    /// digests, no MAXH2CDATA).
     pub(crate) fn negotiated(&self) -> Negotiated {
-        self.neg.unwrap_or_default()
+        self.0.negotiated().unwrap_or_default()
     }
 
     /// The queue's parameters.
     pub(crate) fn params(&self) -> &QueueParams {
-        &self.params
+        self.0.params()
     }
 
     /// The queue's counters.
     pub(crate) fn stats(&self) -> QueueStats {
-        self.stats
+        self.0.stats()
     }
 
     /// Commands in flight.
     pub(crate) fn in_flight(&self) -> usize {
-        self.in_flight
+        self.0.in_flight()
     }
 
     /// Whether the connection is gone.
     pub(crate) fn is_dead(&self) -> bool {
-        self.dead
+        self.0.is_dead()
     }
 
-    /// The socket, for an external `poll`/`epoll`.
+    /// See [`Engine::fd`].
     pub(crate) fn fd(&self) -> RawFd {
-        self.sock.as_raw_fd()
+        self.0.fd()
     }
 
-    /// Whether bytes are waiting to be written.
+    /// Whether work waits for the next step.
     pub(crate) fn has_tx(&self) -> bool {
-        !self.tx.is_empty()
+        self.0.has_tx()
     }
 
     /// Queues command `sqe` (its CID and SGL1 are overwritten) with `buf` as its data,
-    /// `buf.len()` bytes in direction `xfer`. Nothing is written until the next
-    /// [`Queue::step`].
+    /// `buf.len()` bytes in direction `xfer`.
     pub(crate) fn submit(
         &mut self,
         sqe: Sqe,
@@ -436,148 +307,34 @@ impl Queue {
         data: CmdData,
         tag: u64,
     ) -> Result<(), (RejectReason, CmdData)> {
-        self.submit_inner(sqe, xfer, data, tag, false)
-    }
-
-    fn submit_inner(
-        &mut self,
-        mut sqe: Sqe,
-        xfer: Xfer,
-        buf: CmdData,
-        tag: u64,
-        internal: bool,
-    ) -> Result<(), (RejectReason, CmdData)> {
-        let reject = |reason, buf| Err((reason, buf));
-        if self.dead {
-            return reject(RejectReason::Disconnected, buf);
-        }
-        let len = match xfer {
-            Xfer::None => 0,
-            Xfer::ToController | Xfer::FromController => buf.len(),
-        };
-        if len > self.params.max_data || len > u32::MAX as usize {
-            return reject(RejectReason::TooLarge, buf);
-        }
-        if xfer != Xfer::None && len == 0 {
-            return reject(RejectReason::BadBuffer, buf);
-        }
-        let Some(cid) = self.free.pop() else {
-            return reject(RejectReason::Full, buf);
-        };
-        let in_capsule = xfer == Xfer::ToController && len <= self.params.max_in_capsule;
-        // NVMe/TCP 1.0 §3.3.5: in-capsule data is an SGL Data Block with the Offset sub type;
-        // anything else is a Transport SGL Data Block moved by R2T/H2CData or C2HData; a
-        // command without data carries a zero-length Transport SGL Data Block.
-        let sgl = if in_capsule {
-            SglDescriptor::in_capsule(0, len as u32)
-        } else {
-            SglDescriptor::transport_data_block(len as u32)
-        };
-        sqe.set_cid(cid);
-        sqe.set_sgl1(&sgl);
-        let mut hdr = [0u8; MAX_HEADER_LEN];
-        let icd = if in_capsule { len as u32 } else { 0 };
-        let n = self.enc.capsule_cmd(&sqe, icd, &mut hdr);
-        self.push_header(&hdr[..n], true);
-        let s = &mut self.slots[usize::from(cid)];
-        let (buf, sg) = match buf {
-            CmdData::Vec(v) => (v, None),
-            CmdData::Sg(l) => (Vec::new(), Some(l)),
-        };
-        *s = Slot {
-            busy: true,
-            internal,
-            tag,
-            opcode: sqe.opc(),
-            to_host: xfer == Xfer::FromController,
-            to_ctrl: xfer == Xfer::ToController,
-            in_capsule,
-            buf,
-            sg,
-            tx_refs: 0,
-            digest_error: false,
-            held: None,
-        };
-        if in_capsule {
-            self.push_data(cid, 0, len);
-            self.stats.in_capsule += 1;
-        }
-        self.stats.commands += 1;
-        self.in_flight += 1;
-        Ok(())
-    }
-
-    fn push_header(&mut self, b: &[u8], pdu_start: bool) {
-        let mut bytes = [0u8; MAX_HEADER_LEN];
-        bytes[..b.len()].copy_from_slice(b);
-        self.tx.push_back(TxItem {
-            kind: TxKind::Header {
-                bytes,
-                len: b.len() as u16,
-            },
-            pdu_start,
-        });
-    }
-
-    /// Queues `buf[start..end]` of `slot`, and its data digest if negotiated.
-    fn push_data(&mut self, slot: u16, start: usize, end: usize) {
-        let s = &mut self.slots[usize::from(slot)];
-        s.tx_refs += 1;
-        let digest = self.neg.is_some_and(|n| n.ddgst).then(|| {
-            let mut d = DataDigest::new();
-            s.pieces(start, end, |p| {
-                d.update(p);
-                true
-            });
-            d.value()
-        });
-        self.tx.push_back(TxItem {
-            kind: TxKind::Data { slot, start, end },
-            pdu_start: false,
-        });
-        if let Some(d) = digest {
-            self.tx.push_back(TxItem {
-                kind: TxKind::Digest(d.to_le_bytes()),
-                pdu_start: false,
-            });
-        }
+        self.0.submit_inner(sqe, xfer, data, tag, false)
     }
 
     /// Moves finished commands to `out` (internal ones stay), then returns how many.
     pub(crate) fn take_completions(&mut self, out: &mut Vec<Completion>) -> usize {
+        let done = self.0.done();
         let before = out.len();
-        if self.done.iter().all(|c| !c.internal) {
-            out.append(&mut self.done);
+        if done.iter().all(|c| !c.internal) {
+            out.append(done);
         } else {
             let mut i = 0;
-            while i < self.done.len() {
-                if self.done[i].internal {
+            while i < done.len() {
+                if done[i].internal {
                     i += 1;
                 } else {
-                    out.push(self.done.remove(i));
+                    out.push(done.remove(i));
                 }
             }
         }
         out.len() - before
     }
 
-    /// Makes progress without blocking: writes queued bytes, reads and handles arrived PDUs,
-    /// writes H2CData the R2Ts asked for. On a fatal error every command in flight completes
-    /// with [`HOST_PATHING_ERROR`] and the queue is dead.
+    /// Makes progress without blocking (see [`Engine::step`]).
     pub(crate) fn step(&mut self) -> Result<(), Error> {
-        if self.dead {
-            return Err(Error::Disconnected);
-        }
-        let r = self
-            .flush()
-            .and_then(|()| self.receive())
-            .and_then(|()| self.flush());
-        r.map_err(|e| self.fail(e))
+        self.0.step()
     }
 
-    /// Submits `sqe` and waits for its completion; other commands' completions found
-    /// meanwhile stay queued for the next [`Queue::take_completions`]. A timeout tears the
-    /// queue down (the command's buffer cannot be reclaimed otherwise).
+    /// Submits `sqe` and waits for its completion (see [`execute`]).
     pub(crate) fn execute(
         &mut self,
         sqe: Sqe,
@@ -586,535 +343,154 @@ impl Queue {
         timeout: Duration,
         what: &'static str,
     ) -> Result<Completion, Error> {
-        self.submit_inner(sqe, xfer, CmdData::Vec(buf), 0, true)
-            .map_err(|(reason, _)| match reason {
-                RejectReason::Disconnected => Error::Disconnected,
-                RejectReason::Full => Error::Invalid("no free command slot"),
-                RejectReason::TooLarge => Error::Invalid("buffer larger than the queue allows"),
-                RejectReason::BadBuffer => Error::Invalid("buffer does not match the command"),
-            })?;
-        let deadline = Instant::now() + timeout;
-        let result = loop {
-            let stepped = self.step();
-            // A real completion counts even if the connection failed right after it (a
-            // controller that answers Disconnect and closes, for example).
-            if let Some(i) = self.done.iter().position(|c| c.internal && !c.lost) {
-                break Ok(self.done.remove(i));
-            }
-            if let Err(e) = stepped {
-                break Err(e);
-            }
-            if let Err(e) = self.wait_until(deadline, what) {
-                break Err(e);
-            }
-        };
-        if result.is_err() {
-            // The command was failed with the queue; its completion is of no use.
-            self.done.retain(|c| !c.internal);
-        }
-        if let Some(fd) = &self.notify
-            && self.done.iter().any(|c| !c.internal)
+        let r = execute(&mut *self.0, sqe, xfer, buf, timeout, what);
+        if let Some(fd) = &self.1
+            && self.0.done().iter().any(|c| !c.internal)
         {
             signal(fd);
         }
-        result
+        r
     }
 
     /// Signals `fd` whenever [`Queue::execute`] leaves another command's completion behind.
     pub(crate) fn set_notify(&mut self, fd: Arc<OwnedFd>) {
-        self.notify = Some(fd);
+        self.1 = Some(fd);
     }
 
-    /// Waits for the socket until `deadline`; past it, tears the queue down.
-    fn wait_until(&mut self, deadline: Instant, what: &'static str) -> Result<(), Error> {
-        let now = Instant::now();
-        if now >= deadline {
-            return Err(self.fail(Error::Timeout(what)));
-        }
-        self.wait(Some(deadline - now))
+    /// Blocks until there may be something to do or `timeout` passes.
+    pub(crate) fn wait(&mut self, timeout: Option<Duration>) -> Result<(), Error> {
+        self.0.wait(timeout)
     }
 
-    /// Blocks until the socket is readable (or writable, with bytes queued) or `timeout`
-    /// passes (`None`: forever).
-    pub(crate) fn wait(&self, timeout: Option<Duration>) -> Result<(), Error> {
-        if self.dead {
-            return Err(Error::Disconnected);
-        }
-        let mut events = libc::POLLIN;
-        if !self.tx.is_empty() {
-            events |= libc::POLLOUT;
-        }
-        let mut pfd = libc::pollfd {
-            fd: self.sock.as_raw_fd(),
-            events,
-            revents: 0,
-        };
-        let ms = timeout.map_or(-1, |t| {
-            // Round up so a sub-millisecond wait does not spin.
-            t.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32
-        });
-        // SAFETY: `pfd` is one valid, initialised pollfd on the stack and nfds is 1; poll only
-        // writes its `revents`.
-        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(Error::Io(e));
-            }
-        }
-        Ok(())
-    }
-
-    /// Writes as much of the transmit queue as the socket takes.
-    fn flush(&mut self) -> Result<(), Error> {
-        while !self.tx.is_empty() {
-            let mut iov = [IoSlice::new(&[]); MAX_IOV];
-            let mut n = 0;
-            for item in self.tx.iter() {
-                if n == MAX_IOV {
-                    break;
-                }
-                let skip = if n == 0 { self.tx_off } else { 0 };
-                let bytes: &[u8] = match &item.kind {
-                    TxKind::Header { bytes, len } => &bytes[..usize::from(*len)],
-                    TxKind::Data { slot, start, end } => {
-                        // A scatter-gather command's range may span several segments: one
-                        // iovec each (a partly sent range resumes at `tx_off`).
-                        self.slots[usize::from(*slot)].pieces(start + skip, *end, |p| {
-                            iov[n] = IoSlice::new(p);
-                            n += 1;
-                            n < MAX_IOV
-                        });
-                        continue;
-                    }
-                    TxKind::Digest(d) => d,
-                };
-                iov[n] = IoSlice::new(&bytes[skip..]);
-                n += 1;
-            }
-            let written = match (&self.sock).write_vectored(&iov[..n]) {
-                Ok(0) => return Err(Error::Closed),
-                Ok(w) => w,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(Error::Io(e)),
-            };
-            self.advance_tx(written);
-        }
-        Ok(())
-    }
-
-    /// Drops `written` bytes from the front of the transmit queue.
-    fn advance_tx(&mut self, mut written: usize) {
-        while written > 0 {
-            let front = self.tx.front().expect("written bytes came from the queue");
-            let len = match &front.kind {
-                TxKind::Header { len, .. } => usize::from(*len),
-                TxKind::Data { start, end, .. } => end - start,
-                TxKind::Digest(_) => DIGEST_LEN,
-            } - self.tx_off;
-            if written < len {
-                self.tx_off += written;
-                return;
-            }
-            written -= len;
-            self.tx_off = 0;
-            let item = self.tx.pop_front().expect("front exists");
-            if let TxKind::Data { slot, .. } = item.kind {
-                let s = &mut self.slots[usize::from(slot)];
-                s.tx_refs -= 1;
-                if s.tx_refs == 0
-                    && let Some(cqe) = s.held.take()
-                {
-                    self.finish(slot, cqe);
-                }
-            }
-        }
-    }
-
-    /// Reads from the socket into the receive buffer; `false` if nothing was available.
-    fn fill(&mut self) -> Result<bool, Error> {
-        if self.rx_lo == self.rx_hi {
-            self.rx_lo = 0;
-            self.rx_hi = 0;
-        } else if self.rx_hi == self.rx.len() || self.rx.len() - self.rx_hi < MAX_HEADER_LEN {
-            self.rx.copy_within(self.rx_lo..self.rx_hi, 0);
-            self.rx_hi -= self.rx_lo;
-            self.rx_lo = 0;
-        }
-        debug_assert!(
-            self.rx_hi < self.rx.len(),
-            "a PDU header never fills the buffer"
-        );
-        loop {
-            match (&self.sock).read(&mut self.rx[self.rx_hi..]) {
-                Ok(0) => return Err(Error::Closed),
-                Ok(n) => {
-                    self.rx_hi += n;
-                    return Ok(true);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(Error::Io(e)),
-            }
-        }
-    }
-
-    /// Handles every complete PDU that has arrived.
-    fn receive(&mut self) -> Result<(), Error> {
-        loop {
-            let avail = self.rx_hi - self.rx_lo;
-            match self.rx_state {
-                RxState::Header => {
-                    let decoded = self.dec.decode_header(&self.rx[self.rx_lo..self.rx_hi]);
-                    let layout = match decoded {
-                        Ok(Decoded::Ready(l)) => l,
-                        Ok(Decoded::NeedMore(_)) => {
-                            if !self.fill()? {
-                                return Ok(());
-                            }
-                            continue;
-                        }
-                        Err(PduError::Fatal(f)) => {
-                            self.send_term_req(f.fes, f.fei, f.echo_len);
-                            return Err(Error::Pdu(PduError::Fatal(f)));
-                        }
-                        Err(e) => return Err(Error::Pdu(e)),
-                    };
-                    // Small PDUs are handled whole; C2HData once its header and padding are in.
-                    let need = match layout.header {
-                        PduHeader::C2hData(_) => layout.data.start,
-                        _ => layout.plen,
-                    };
-                    if avail < need {
-                        if !self.fill()? {
-                            return Ok(());
-                        }
-                        continue;
-                    }
-                    self.handle_pdu(&layout)?;
-                    self.rx_lo += need;
-                }
-                RxState::Data {
-                    slot,
-                    pos,
-                    end,
-                    mut digest,
-                    last,
-                    success,
-                } => {
-                    let s = &mut self.slots[usize::from(slot)];
-                    let want = end - pos;
-                    let n = if avail > 0 {
-                        let n = want.min(avail);
-                        s.copy_in(pos, &self.rx[self.rx_lo..self.rx_lo + n]);
-                        self.rx_lo += n;
-                        n
-                    } else if want >= DIRECT_READ_MIN {
-                        match (&self.sock).read(s.piece_mut(pos, end)) {
-                            Ok(0) => return Err(Error::Closed),
-                            Ok(n) => n,
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                            Err(e) => return Err(Error::Io(e)),
-                        }
-                    } else {
-                        if !self.fill()? {
-                            return Ok(());
-                        }
-                        continue;
-                    };
-                    if let Some(d) = digest.as_mut() {
-                        s.pieces(pos, pos + n, |p| {
-                            d.update(p);
-                            true
-                        });
-                    }
-                    let pos = pos + n;
-                    self.rx_state = if pos < end {
-                        RxState::Data {
-                            slot,
-                            pos,
-                            end,
-                            digest,
-                            last,
-                            success,
-                        }
-                    } else if let Some(digest) = digest {
-                        RxState::Trailer {
-                            slot,
-                            digest,
-                            last,
-                            success,
-                        }
-                    } else {
-                        self.data_done(slot, last, success);
-                        RxState::Header
-                    };
-                }
-                RxState::Trailer {
-                    slot,
-                    digest,
-                    last,
-                    success,
-                } => {
-                    if avail < DIGEST_LEN {
-                        if !self.fill()? {
-                            return Ok(());
-                        }
-                        continue;
-                    }
-                    let trailer = &self.rx[self.rx_lo..self.rx_lo + DIGEST_LEN];
-                    if !digest.matches(trailer) {
-                        // A data digest error fails the command, not the connection
-                        // (NVMe/TCP 1.0 §3.6.2.9 / the codec's `PduError::DataDigest`).
-                        self.slots[usize::from(slot)].digest_error = true;
-                        self.stats.data_digest_errors += 1;
-                    }
-                    self.rx_lo += DIGEST_LEN;
-                    self.data_done(slot, last, success);
-                    self.rx_state = RxState::Header;
-                }
-            }
-        }
-    }
-
-    /// The end of a C2HData PDU's data: with SUCCESS the command is complete (§3.6.2.9: no
-    /// CapsuleResp follows).
-    fn data_done(&mut self, slot: u16, last: bool, success: bool) {
-        if last && success {
-            let s = &self.slots[usize::from(slot)];
-            let status = if s.digest_error {
-                Status::TRANSIENT_TRANSPORT_ERROR
-            } else {
-                Status::SUCCESS
-            };
-            let cqe = Cqe {
-                cid: slot,
-                sqid: self.params.qid,
-                status,
-                sqhd: 0xffff,
-                ..Cqe::default()
-            };
-            self.stats.c2h_success += 1;
-            self.complete(slot, cqe);
-        }
-    }
-
-    /// Acts on one validated PDU whose bytes (its header, for C2HData) are in the receive
-    /// buffer at `rx_lo`. Does not consume them.
-    fn handle_pdu(&mut self, l: &PduLayout) -> Result<(), Error> {
-        match l.header {
-            PduHeader::IcResp(r) => {
-                if (r.hdgst && !self.ic_req.hdgst) || (r.ddgst && !self.ic_req.ddgst) {
-                    return Err(Error::Negotiation(
-                        "ICResp enabled a digest the host did not request",
-                    ));
-                }
-                let n = Negotiated::from_exchange(&self.ic_req, &r);
-                self.dec.establish(n);
-                self.enc = PduEncoder::established(Role::Host, &n);
-                self.neg = Some(n);
-                Ok(())
-            }
-            PduHeader::C2hTermReq(t) => Err(Error::Terminated {
-                fes: t.fes,
-                fei: t.fei,
-            }),
-            PduHeader::CapsuleResp(r) => {
-                let cid = r.cqe.cid;
-                match self.slots.get(usize::from(cid)) {
-                    Some(s) if s.busy && s.held.is_none() => {}
-                    // CID at byte 12 of the CQE, byte 20 of the PDU.
-                    _ => return Err(self.violation(Fes::INVALID_HEADER_FIELD, 20, l, "CID")),
-                }
-                let mut cqe = r.cqe;
-                if self.slots[usize::from(cid)].digest_error && cqe.status.is_success() {
-                    cqe.status = Status::TRANSIENT_TRANSPORT_ERROR;
-                }
-                self.stats.capsule_resps += 1;
-                self.complete(cid, cqe);
-                Ok(())
-            }
-            PduHeader::C2hData(d) => {
-                self.stats.c2h_pdus += 1;
-                let ok_slot = matches!(
-                    self.slots.get(usize::from(d.cccid)),
-                    Some(s) if s.busy && s.to_host && s.held.is_none()
-                );
-                if !ok_slot {
-                    return Err(self.violation(Fes::INVALID_HEADER_FIELD, 8, l, "C2HData CCCID"));
-                }
-                let len = self.slots[usize::from(d.cccid)].data_len();
-                let (start, datal) = (d.datao as usize, d.datal as usize);
-                if start.checked_add(datal).is_none_or(|end| end > len) {
-                    return Err(self.violation(
-                        Fes::DATA_TRANSFER_OUT_OF_RANGE,
-                        0,
-                        l,
-                        "C2HData outside the command's buffer",
-                    ));
-                }
-                self.rx_state = RxState::Data {
-                    slot: d.cccid,
-                    pos: start,
-                    end: start + datal,
-                    digest: l.data_digest.then(DataDigest::new),
-                    last: d.last,
-                    success: d.success,
-                };
-                Ok(())
-            }
-            PduHeader::R2t(r) => {
-                self.stats.r2ts += 1;
-                let ok_slot = matches!(
-                    self.slots.get(usize::from(r.cccid)),
-                    Some(s) if s.busy && s.to_ctrl && !s.in_capsule && s.held.is_none()
-                );
-                if !ok_slot {
-                    return Err(self.violation(Fes::INVALID_HEADER_FIELD, 8, l, "R2T CCCID"));
-                }
-                let len = self.slots[usize::from(r.cccid)].data_len();
-                let (start, r2tl) = (r.r2to as usize, r.r2tl as usize);
-                if start.checked_add(r2tl).is_none_or(|end| end > len) {
-                    return Err(self.violation(
-                        Fes::DATA_TRANSFER_OUT_OF_RANGE,
-                        0,
-                        l,
-                        "R2T outside the command's buffer",
-                    ));
-                }
-                // §3.4.1: answer with H2CData PDUs of at most MAXH2CDATA bytes, the last of
-                // the R2T with LAST_PDU.
-                let chunk = self.negotiated().maxh2cdata as usize;
-                let end = start + r2tl;
-                let mut off = start;
-                while off < end {
-                    let n = chunk.min(end - off);
-                    let mut hdr = [0u8; MAX_HEADER_LEN];
-                    let h = H2cData {
-                        cccid: r.cccid,
-                        ttag: r.ttag,
-                        datao: off as u32,
-                        datal: n as u32,
-                        last: off + n == end,
-                    };
-                    let hl = self.enc.h2c_data(&h, &mut hdr);
-                    self.push_header(&hdr[..hl], true);
-                    self.push_data(r.cccid, off, off + n);
-                    self.stats.h2c_pdus += 1;
-                    off += n;
-                }
-                Ok(())
-            }
-            // The decoder only lets through what a host receives.
-            PduHeader::IcReq(_)
-            | PduHeader::H2cTermReq(_)
-            | PduHeader::CapsuleCmd(_)
-            | PduHeader::H2cData(_) => Err(self.violation(Fes::INVALID_HEADER_FIELD, 0, l, "PDU")),
-        }
-    }
-
-    /// A well-formed PDU that breaks the queue's state: terminate with `fes`.
-    fn violation(&mut self, fes: Fes, fei: u32, l: &PduLayout, what: &'static str) -> Error {
-        self.send_term_req(fes, fei, l.header_len.min(128));
-        Error::Protocol { what, fes }
-    }
-
-    /// A command finished: hand it out, or hold it while its data is still being sent.
-    fn complete(&mut self, slot: u16, cqe: Cqe) {
-        let s = &mut self.slots[usize::from(slot)];
-        if s.tx_refs > 0 {
-            s.held = Some(cqe);
-        } else {
-            self.finish(slot, cqe);
-        }
-    }
-
-    fn finish(&mut self, slot: u16, cqe: Cqe) {
-        self.finish_as(slot, cqe, false);
-    }
-
-    fn finish_as(&mut self, slot: u16, cqe: Cqe, lost: bool) {
-        let s = &mut self.slots[usize::from(slot)];
-        s.busy = false;
-        self.done.push(Completion {
-            tag: s.tag,
-            cqe,
-            buf: std::mem::take(&mut s.buf),
-            sg: s.sg.take().unwrap_or_default(),
-            opcode: s.opcode,
-            internal: s.internal,
-            lost,
-        });
-        self.free.push(slot);
-        self.in_flight -= 1;
-    }
-
-    /// Best effort H2CTermReq echoing the `echo_len` bytes at `rx_lo` (§3.6.2.4), if the
-    /// transmit stream is at a PDU boundary (else the request would land inside a PDU).
-    fn send_term_req(&mut self, fes: Fes, fei: u32, echo_len: usize) {
-        let at_boundary = self.tx_off == 0 && self.tx.front().is_none_or(|i| i.pdu_start);
-        if !at_boundary {
-            return;
-        }
-        let echo_end = (self.rx_lo + echo_len).min(self.rx_hi);
-        let mut out = [0u8; MAX_HEADER_LEN];
-        let n = self
-            .enc
-            .term_req(fes, fei, &self.rx[self.rx_lo..echo_end], &mut out);
-        let _ = (&self.sock).write(&out[..n]);
-    }
-
-    /// Tears the queue down after `e`: closes the socket, completes every command in flight
-    /// with Host Pathing Error (their buffers go back to the caller), returns `e`.
-    fn fail(&mut self, e: Error) -> Error {
-        if self.dead {
-            return e;
-        }
-        self.dead = true;
-        let _ = self.sock.shutdown(Shutdown::Both);
-        self.tx.clear();
-        self.tx_off = 0;
-        for i in 0..self.slots.len() {
-            let s = &mut self.slots[i];
-            if s.busy {
-                s.tx_refs = 0;
-                s.held = None;
-                let cqe = Cqe {
-                    cid: i as u16,
-                    sqid: self.params.qid,
-                    status: HOST_PATHING_ERROR,
-                    ..Cqe::default()
-                };
-                self.finish_as(i as u16, cqe, true);
-            }
-        }
-        e
+    /// See [`Engine::arm`].
+    pub(crate) fn arm(&mut self) -> bool {
+        self.0.arm()
     }
 
     /// Closes the connection (commands in flight complete with Host Pathing Error).
     pub(crate) fn close(&mut self) {
-        let _ = self.fail(Error::Disconnected);
+        let _ = self.0.fail(Error::Disconnected);
     }
 }
 
-impl Drop for Queue {
-    fn drop(&mut self) {
-        let _ = self.sock.shutdown(Shutdown::Both);
+/// Submits `sqe` on `e` and waits for its completion; other commands' completions found
+/// meanwhile stay queued for the next take. A timeout tears the queue down (the command's
+/// buffer cannot be reclaimed otherwise).
+pub(super) fn execute<E: Engine + ?Sized>(
+    e: &mut E,
+    sqe: Sqe,
+    xfer: Xfer,
+    buf: Vec<u8>,
+    timeout: Duration,
+    what: &'static str,
+) -> Result<Completion, Error> {
+    e.submit_inner(sqe, xfer, CmdData::Vec(buf), 0, true)
+        .map_err(|(reason, _)| match reason {
+            RejectReason::Disconnected => Error::Disconnected,
+            RejectReason::Full => Error::Invalid("no free command slot"),
+            RejectReason::TooLarge => Error::Invalid("buffer larger than the queue allows"),
+            RejectReason::BadBuffer => Error::Invalid("buffer does not match the command"),
+        })?;
+    let deadline = Instant::now() + timeout;
+    let result = loop {
+        let stepped = e.step();
+        // A real completion counts even if the connection failed right after it (a
+        // controller that answers Disconnect and closes, for example).
+        if let Some(i) = e.done().iter().position(|c| c.internal && !c.lost) {
+            break Ok(e.done().remove(i));
+        }
+        if let Err(err) = stepped {
+            break Err(err);
+        }
+        if let Err(err) = wait_until(e, deadline, what) {
+            break Err(err);
+        }
+    };
+    if result.is_err() {
+        // The command was failed with the queue; its completion is of no use.
+        e.done().retain(|c| !c.internal);
+    }
+    result
+}
+
+/// Waits for `e` until `deadline`; past it, tears the queue down.
+pub(super) fn wait_until<E: Engine + ?Sized>(
+    e: &mut E,
+    deadline: Instant,
+    what: &'static str,
+) -> Result<(), Error> {
+    let now = Instant::now();
+    if now >= deadline {
+        return Err(e.fail(Error::Timeout(what)));
+    }
+    e.wait(Some(deadline - now))
+}
+
+/// The completion of command `cid` of queue `sqid` lost with its connection.
+pub(super) fn lost_cqe(cid: u16, sqid: u16) -> Cqe {
+    Cqe {
+        cid,
+        sqid,
+        status: HOST_PATHING_ERROR,
+        ..Cqe::default()
     }
 }
 
-impl std::fmt::Debug for Queue {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Queue")
-            .field("qid", &self.params.qid)
-            .field("depth", &self.params.depth)
-            .field("in_flight", &self.in_flight)
-            .field("negotiated", &self.neg)
-            .field("dead", &self.dead)
-            .finish()
+/// `poll(2)` on up to two `(fd, events)`; returns a bit per fd that has an event (bit i: the
+/// i-th). An interrupted wait returns 0.
+pub(super) fn poll_fds(fds: &[(RawFd, i16)], timeout: Option<Duration>) -> Result<u32, Error> {
+    let mut p = [libc::pollfd {
+        fd: -1,
+        events: 0,
+        revents: 0,
+    }; 2];
+    for (slot, &(fd, events)) in p.iter_mut().zip(fds) {
+        slot.fd = fd;
+        slot.events = events;
     }
+    let ms = timeout.map_or(-1, |t| {
+        // Round up so a sub-millisecond wait does not spin.
+        t.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32
+    });
+    let n = fds.len().min(p.len());
+    // SAFETY: `p` holds `n` initialised pollfds on the stack; poll only writes their `revents`.
+    let rc = unsafe { libc::poll(p.as_mut_ptr(), n as libc::nfds_t, ms) };
+    if rc < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(Error::Io(e));
+        }
+        return Ok(0);
+    }
+    Ok(p[..n]
+        .iter()
+        .enumerate()
+        .filter(|(_, x)| x.revents != 0)
+        .fold(0, |m, (i, _)| m | (1 << i)))
+}
+
+/// The bytes a command moves, or why a queue refuses it: gone, data beyond the queue's
+/// maximum, or no data for a command that moves some.
+pub(super) fn transfer_len(
+    dead: bool,
+    xfer: Xfer,
+    data: &CmdData,
+    params: &QueueParams,
+) -> Result<usize, RejectReason> {
+    if dead {
+        return Err(RejectReason::Disconnected);
+    }
+    let len = match xfer {
+        Xfer::None => 0,
+        Xfer::ToController | Xfer::FromController => data.len(),
+    };
+    if len > params.max_data || len > u32::MAX as usize {
+        return Err(RejectReason::TooLarge);
+    }
+    if xfer != Xfer::None && len == 0 {
+        return Err(RejectReason::BadBuffer);
+    }
+    Ok(len)
 }
 
 /// Adds one to eventfd `fd` (a full counter already wakes its reader).
@@ -1125,11 +501,11 @@ pub(crate) fn signal(fd: &OwnedFd) {
 }
 
 /// A non-blocking eventfd.
-pub(crate) fn eventfd() -> io::Result<OwnedFd> {
+pub(crate) fn eventfd() -> std::io::Result<OwnedFd> {
     // SAFETY: eventfd has no memory preconditions; the result is checked.
     let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
     if fd < 0 {
-        return Err(io::Error::last_os_error());
+        return Err(std::io::Error::last_os_error());
     }
     // SAFETY: `fd` is a fresh descriptor nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })

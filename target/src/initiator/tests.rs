@@ -405,7 +405,7 @@ fn with_fake(
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = l.local_addr().expect("addr");
     let h = std::thread::spawn(move || script(Fake::accept(&l, resp)));
-    let q = Queue::connect(addr, params, T).expect("connect");
+    let q = Queue::connect(Trtype::Tcp, addr, params, T).expect("connect");
     (q, h)
 }
 

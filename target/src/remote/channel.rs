@@ -272,6 +272,7 @@ impl NvmfChannel {
                 return Err(sg);
             };
             let cmd = self.command(tag);
+            let watched = self.paths[i].watch.is_some();
             let q = self.paths[i]
                 .q
                 .as_mut()
@@ -285,7 +286,13 @@ impl NvmfChannel {
                 })
             } else {
                 match q.submit_sg(cmd, sg, tag) {
-                    Ok(()) => return Ok(()),
+                    Ok(()) => {
+                        // NVMe/RDMA: the reactor may sleep before this channel polls again.
+                        if watched {
+                            q.arm();
+                        }
+                        return Ok(());
+                    }
                     Err((r, l)) => {
                         sg = l;
                         Err(r)
@@ -293,7 +300,12 @@ impl NvmfChannel {
                 }
             };
             match r {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    if watched {
+                        q.arm();
+                    }
+                    return Ok(());
+                }
                 Err(RejectReason::Disconnected) => self.drop_queue(i),
                 // Every other reason is this queue's, not the path's: wait for a completion.
                 Err(_) => return Err(sg),
@@ -451,6 +463,10 @@ impl ChannelOps for NvmfChannel {
             }
             if q.poll(&mut self.cq).is_err() {
                 self.drop_queue(i);
+            } else if p.watch.is_some() && q.in_flight() > 0 {
+                // NVMe/RDMA: the completion channel signals only once armed (a no-op on TCP);
+                // completions found while arming make `has_pending_tx` true.
+                q.arm();
             }
             if !self.cq.is_empty() {
                 self.handle_completions(i);

@@ -1,13 +1,14 @@
-//! The `nvmf` bdev: a namespace of a remote NVMe/TCP controller (another ferroblk, Linux
-//! nvmet, SPDK ...) reached through this crate's [initiator](crate::initiator), over one or
-//! several paths.
+//! The `nvmf` bdev: a namespace of a remote NVMe/TCP or NVMe/RDMA controller (another
+//! ferroblk, Linux nvmet, SPDK ...) reached through this crate's [initiator](crate::initiator),
+//! over one or several paths, each with its own transport (`trtype`, default `tcp`; `rdma`
+//! needs the `rdma` cargo feature).
 //!
 //! ```toml
 //! [[bdev]]
 //! kind = "nvmf"
 //! name = "remote0"
 //! subnqn = "nqn.2026-11.io.ferroblk:vol0"
-//! paths = [{ addr = "127.0.0.1", port = 4420 }, { addr = "127.0.0.1", port = 4421 }]
+//! paths = [{ addr = "127.0.0.1", port = 4420 }, { addr = "10.0.2.15", port = 4420, trtype = "rdma" }]
 //! policy = "failover"        # or "round_robin"
 //! ctrl_loss_tmo = 30         # seconds I/O waits for a path before failing
 //! reconnect_delay = 1        # first back-off between reconnect attempts, doubled up to 8x
@@ -15,7 +16,7 @@
 //!
 //! ## Architecture
 //! What flows in: bdev requests on each reactor's channel. What flows out: NVMe commands on
-//! TCP connections, one I/O queue per path per channel.
+//! TCP connections or RDMA queue pairs, one I/O queue per path per channel.
 //!
 //! - This module: the declaration ([`NvmfDecl`], [`NvmfKind`]) and [`NvmfBdev`]. Creating the
 //!   bdev connects every path's controller and identifies the namespace, blocking, on the
@@ -49,6 +50,7 @@ use crate::initiator::{ConnectOptions, Controller, Error as InitError, IoQueueOp
 use crate::spec::fabrics::ConnectData;
 use crate::spec::identify::{oncs, vwc};
 use crate::spec::status::{StatusCodeType, command_specific};
+use crate::subsystem::Trtype;
 use path::{PathShared, Shared};
 
 /// The kind name.
@@ -58,10 +60,14 @@ pub const KIND: &str = "nvmf";
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PathDecl {
-    /// The controller's IP address (a literal, no name lookup).
+    /// The controller's IP address (a literal, no name lookup; NVMe/RDMA: an address of its
+    /// RDMA device).
     pub addr: String,
-    /// Its NVMe/TCP port.
+    /// Its port (NVMe/TCP listener or RDMA CM listener).
     pub port: u16,
+    /// Transport: `tcp` (default) or `rdma`.
+    #[serde(default, skip_serializing_if = "Trtype::is_tcp")]
+    pub trtype: Trtype,
 }
 
 /// How requests are spread over the paths.
@@ -161,6 +167,26 @@ impl NvmfDecl {
             return Err(BdevError::invalid("paths", "at most 16 paths"));
         }
         self.addrs()?;
+        for (i, p) in self.paths.iter().enumerate() {
+            if p.trtype == Trtype::Rdma {
+                if !cfg!(feature = "rdma") {
+                    return Err(BdevError::invalid(
+                        format!("paths[{i}].trtype"),
+                        "NVMe/RDMA needs a ferroblk built with the `rdma` feature",
+                    ));
+                }
+                if self.hdr_digest || self.data_digest {
+                    return Err(BdevError::invalid(
+                        if self.hdr_digest {
+                            "hdr_digest"
+                        } else {
+                            "data_digest"
+                        },
+                        format!("NVMe/TCP only, and paths[{i}] is NVMe/RDMA"),
+                    ));
+                }
+            }
+        }
         seconds("ctrl_loss_tmo", self.ctrl_loss_tmo)?;
         seconds("reconnect_delay", self.reconnect_delay)?;
         if self.io_queues == 0 {
@@ -275,6 +301,7 @@ impl NvmfBdev {
         let mut unreachable = Vec::new();
         for (i, &addr) in addrs.iter().enumerate() {
             let opts = ConnectOptions {
+                trtype: d.paths[i].trtype,
                 addr,
                 ..base.clone()
             };
@@ -362,7 +389,8 @@ impl NvmfBdev {
         };
         let paths = addrs
             .iter()
-            .map(|&addr| PathShared::new(addr))
+            .zip(&d.paths)
+            .map(|(&addr, p)| PathShared::new(p.trtype, addr))
             .collect::<Vec<_>>();
         let shared = Arc::new(Shared::new(
             info,
@@ -448,15 +476,21 @@ mod tests {
     fn a_declaration_parses_with_defaults_and_refuses_unknown_fields() {
         let v = serde_json::json!({
             "kind": "nvmf", "name": "r", "subnqn": "nqn.2026-12.io.x:v",
-            "paths": [{"addr": "127.0.0.1", "port": 4420}, {"addr": "::1", "port": 4421}],
+            "paths": [{"addr": "127.0.0.1", "port": 4420}, {"addr": "::1", "port": 4421, "trtype": "rdma"}],
             "policy": "round_robin"
         });
         let d = kinds().parse(v).unwrap();
         assert_eq!(d.kind(), KIND);
-        d.validate().unwrap();
+        if cfg!(feature = "rdma") {
+            d.validate().unwrap();
+        }
         let mut j = d.to_json();
         j.as_object_mut().unwrap().remove("kind");
         let c: NvmfDecl = serde_json::from_value(j).unwrap();
+        assert_eq!(
+            (c.paths[0].trtype, c.paths[1].trtype),
+            (Trtype::Tcp, Trtype::Rdma)
+        );
         assert_eq!(c.policy, Policy::RoundRobin);
         assert_eq!((c.ctrl_loss_tmo, c.reconnect_delay), (30.0, 1.0));
         assert_eq!((c.io_queues, c.queue_depth), (64, 128));
@@ -485,6 +519,7 @@ mod tests {
             paths: vec![PathDecl {
                 addr: "127.0.0.1".into(),
                 port: 4420,
+                trtype: Trtype::Tcp,
             }],
             policy: Policy::Failover,
             hostnqn: None,
@@ -511,6 +546,18 @@ mod tests {
         assert_eq!(field(&|d| d.reconnect_delay = -1.0), "reconnect_delay");
         assert_eq!(field(&|d| d.io_queues = 0), "io_queues");
         assert_eq!(field(&|d| d.queue_depth = 0), "queue_depth");
+        let rdma = |d: &mut NvmfDecl| d.paths[0].trtype = Trtype::Rdma;
+        if cfg!(feature = "rdma") {
+            assert_eq!(
+                field(&|d| {
+                    rdma(d);
+                    d.data_digest = true;
+                }),
+                "data_digest"
+            );
+        } else {
+            assert_eq!(field(&rdma), "paths[0].trtype");
+        }
     }
 
     #[test]

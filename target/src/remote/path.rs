@@ -30,6 +30,8 @@ use std::time::{Duration, Instant};
 
 use ferroblk_bdev::bdev::BdevInfo;
 
+use crate::subsystem::Trtype;
+
 use super::Policy;
 use crate::initiator::{
     AdminEvent, ConnectOptions, Controller, Error as InitError, IoQueue, IoQueueOptions,
@@ -103,6 +105,8 @@ impl PathPool {
 
 /// One path's shared state.
 pub struct PathShared {
+    /// The transport.
+    pub trtype: Trtype,
     /// The controller's address.
     pub addr: SocketAddr,
     /// Milliseconds since [`Shared::epoch`] at which the path went down; 0 while up.
@@ -127,8 +131,9 @@ pub struct PathShared {
 
 impl PathShared {
     /// A path to `addr`, down until its controller is connected.
-    pub fn new(addr: SocketAddr) -> PathShared {
+    pub fn new(trtype: Trtype, addr: SocketAddr) -> PathShared {
         PathShared {
+            trtype,
             addr,
             down_since_ms: AtomicU64::new(1),
             ana: AtomicU8::new(ana::OPTIMIZED),
@@ -284,6 +289,7 @@ impl Shared {
             .iter()
             .map(|p| {
                 serde_json::json!({
+                    "trtype": p.trtype,
                     "addr": p.addr.to_string(),
                     "state": if p.is_up() { "up" } else { "down" },
                     "ana_state": p.ana(),
@@ -607,6 +613,7 @@ const ANA_LOG_LEN: usize = 4096;
 
 fn reconnect(shared: &Arc<Shared>, i: usize, p: &mut PathCtl) {
     let opts = ConnectOptions {
+        trtype: shared.paths[i].trtype,
         addr: shared.paths[i].addr,
         ..shared.opts.clone()
     };

@@ -487,6 +487,11 @@ impl Sqe {
         self.0[24..40].copy_from_slice(&d.to_bytes());
     }
 
+    /// Sets SGL1 to a Keyed SGL Data Block (NVMe/RDMA host memory).
+    pub fn set_keyed_sgl1(&mut self, d: &KeyedSglDescriptor) {
+        self.0[24..40].copy_from_slice(&d.to_bytes());
+    }
+
     /// CDW10.
     #[inline]
     pub fn cdw10(&self) -> u32 {

@@ -30,6 +30,7 @@ use ferroblk_bdev::{AlignedBuf, Wake, bufpool};
 
 use super::ffi;
 use super::regpool::RegPool;
+use super::verbs::{QpObjects, Region, drop_without_id};
 use super::wire::{CAPSULE_MAX, CmRequest, DataDesc, cm_reply, parse_capsule};
 use crate::queue::{NvmeQueue, Transport};
 use crate::spec::command::KeyedSglDescriptor;
@@ -46,62 +47,6 @@ const KIND_SHIFT: u32 = 60;
 const KIND_RECV: u64 = 1;
 const KIND_SEND: u64 = 2;
 const KIND_RDMA: u64 = 3;
-
-/// A registered memory region with the buffer it covers.
-struct Region {
-    buf: AlignedBuf,
-    mr: *mut ffi::Mr,
-    lkey: u32,
-}
-
-impl Region {
-    fn new(qp: *mut ffi::Qp, len: usize) -> std::io::Result<Region> {
-        let mut buf = AlignedBuf::new(len);
-        // SAFETY: `qp` is live; the buffer outlives the region (both live in the same Region,
-        // deregistered in `QpObjects::drop` before the buffer is freed).
-        let mr = unsafe { ffi::fb_reg_mr(qp, buf.as_mut_ptr().cast(), len) };
-        if mr.is_null() {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: `mr` is a live region just registered.
-        let lkey = unsafe { ffi::fb_mr_lkey(mr) };
-        Ok(Region { buf, mr, lkey })
-    }
-}
-
-/// The verbs and CM objects of one queue, destroyed in order on drop.
-struct QpObjects {
-    ch: *mut ffi::EventChannel,
-    id: *mut ffi::CmId,
-    qp: *mut ffi::Qp,
-    regions: Vec<Region>,
-    pool: RegPool,
-}
-
-impl Drop for QpObjects {
-    fn drop(&mut self) {
-        // SAFETY: each pointer is live and owned here; the QP goes first (no work request uses
-        // a region after it), then the regions, then what remains, then the id and its channel.
-        unsafe {
-            if !self.qp.is_null() {
-                ffi::fb_qp_destroy_qp(self.qp);
-            }
-            for r in self.regions.drain(..) {
-                ffi::fb_dereg_mr(r.mr);
-            }
-            self.pool.dereg_all();
-            if !self.qp.is_null() {
-                ffi::fb_qp_free(self.qp);
-            }
-            if !self.id.is_null() {
-                ffi::fb_destroy_id(self.id);
-            }
-            if !self.ch.is_null() {
-                ffi::fb_channel_destroy(self.ch);
-            }
-        }
-    }
-}
 
 /// A connect request the listener hands to a reactor: the new CM id and its checked private
 /// data.
@@ -435,7 +380,8 @@ impl RdmaConn {
             qp: std::ptr::null_mut(),
             regions: Vec::new(),
             // Two buffers per command at most (Compare), and admin data.
-            pool: RegPool::new(2 * entries + 8),
+            pool: RegPool::new(2 * entries + 8, false),
+            foreign: Vec::new(),
         };
         let mut ch_fd = 0;
         // SAFETY: out-pointers to locals.
@@ -758,12 +704,6 @@ impl RdmaConn {
         n += self.queue.complete(&mut self.wire);
         n
     }
-}
-
-/// Drops the objects of a queue whose id the caller keeps (to reject it).
-fn drop_without_id(mut obj: QpObjects) {
-    obj.id = std::ptr::null_mut();
-    drop(obj);
 }
 
 impl Drop for RdmaConn {

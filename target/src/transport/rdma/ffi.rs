@@ -45,7 +45,8 @@ pub struct CmEvent {
     pub id: *mut CmId,
     /// The listening id (connect requests).
     pub listen_id: *mut CmId,
-    /// The connect request's private data (NVMe/RDMA: [`super::wire::CmRequest`]).
+    /// The private data of a connect request (NVMe/RDMA: [`super::wire::CmRequest`]), of the
+    /// accept (ESTABLISHED, host side: CRQSIZE) or of a reject (REJECTED: RECFMT, STS).
     pub private_data: [u8; 64],
     /// Bytes of `private_data` used.
     pub private_data_len: u8,
@@ -57,6 +58,10 @@ pub struct CmEvent {
 
 /// `enum rdma_cm_event_type` values the transport handles.
 pub mod event {
+    /// The host's address resolution finished.
+    pub const ADDR_RESOLVED: u32 = 0;
+    /// The host's route resolution finished.
+    pub const ROUTE_RESOLVED: u32 = 2;
     /// A host asks to connect.
     pub const CONNECT_REQUEST: u32 = 4;
     /// The connection failed before it was established.
@@ -101,6 +106,24 @@ unsafe extern "C" {
         bound_port: *mut u16,
     ) -> c_int;
     pub fn fb_get_event(ch: *mut EventChannel, out: *mut CmEvent) -> c_int;
+    pub fn fb_create_id(ch: *mut EventChannel, id: *mut *mut CmId) -> c_int;
+    pub fn fb_resolve_addr(
+        id: *mut CmId,
+        addr: *const c_char,
+        port: *const c_char,
+        timeout_ms: c_int,
+    ) -> c_int;
+    pub fn fb_resolve_route(id: *mut CmId, timeout_ms: c_int) -> c_int;
+    pub fn fb_connect(
+        q: *mut Qp,
+        pd: *const c_void,
+        len: u8,
+        responder_resources: u8,
+        initiator_depth: u8,
+    ) -> c_int;
+    pub fn fb_reg_mr_remote(q: *mut Qp, addr: *mut c_void, len: usize) -> *mut Mr;
+    pub fn fb_mr_rkey(mr: *const Mr) -> u32;
+    pub fn fb_post_send(q: *mut Qp, wr_id: u64, addr: *mut c_void, len: u32, lkey: u32) -> c_int;
     pub fn fb_migrate(id: *mut CmId, ch: *mut EventChannel) -> c_int;
     pub fn fb_reject(id: *mut CmId, pd: *const c_void, len: u8) -> c_int;
     pub fn fb_destroy_id(id: *mut CmId);

@@ -11,19 +11,22 @@
 //!   capsules by SEND/RECV, host data by RDMA READ / WRITE, completions from a completion
 //!   channel watched by the reactor (spin while busy, sleep when idle).
 //! - `regpool`: the registered command buffers of a queue pair (registered once, lent again).
+//! - `verbs`: a queue pair's verbs and CM objects, destroyed in order.
 //! - `ffi`: the rdma-core calls, through a C shim (see its documentation for why).
 //!
-//! Only the target side exists: the initiator library, `perf nvmf` and the remote bdev speak
-//! NVMe/TCP only so far.
+//! The initiator's RDMA transport (`crate::initiator`) uses `ffi`, `regpool`, `verbs` and
+//! [`wire`] too (the host's halves of the private data are there).
 
 // The queue pairs and the listener use rdma-core (cargo feature `rdma`); the wire formats are
 // pure and always built (the fuzz targets and unit tests use them).
 #[cfg(feature = "rdma")]
 pub mod conn;
 #[cfg(feature = "rdma")]
-mod ffi;
+pub(crate) mod ffi;
 #[cfg(feature = "rdma")]
 pub mod listener;
 #[cfg(feature = "rdma")]
-mod regpool;
+pub(crate) mod regpool;
+#[cfg(feature = "rdma")]
+pub(crate) mod verbs;
 pub mod wire;

@@ -10,6 +10,10 @@
 //! goes to the reactor's pool instead. A lent buffer that is dropped rather than given back
 //! leaves its region registered until the queue pair goes away (a leak until then, never a
 //! wrong key: lending a new buffer at the same address replaces the entry).
+//!
+//! Both sides use it: the target's queue pairs register for local access (they READ and WRITE
+//! host memory), the initiator's for remote access too (the target moves data in and out of
+//! them: [`RegPool::new`]'s `remote`).
 
 use std::collections::HashMap;
 
@@ -25,20 +29,24 @@ const CLASS_KEEP: usize = 4 << 20;
 struct Reg {
     mr: *mut ffi::Mr,
     lkey: u32,
+    rkey: u32,
 }
 
 /// See the module documentation.
-pub(super) struct RegPool {
+pub(crate) struct RegPool {
     free: [Vec<(AlignedBuf, Reg)>; bufpool::CLASSES],
     lent: HashMap<usize, Reg>,
+    remote: bool,
 }
 
 impl RegPool {
-    /// A pool for about `lent` buffers out at once (the map grows beyond that).
-    pub(super) fn new(lent: usize) -> RegPool {
+    /// A pool for about `lent` buffers out at once (the map grows beyond that); `remote`
+    /// registers for remote read and write access as well (an initiator's buffers).
+    pub(crate) fn new(lent: usize, remote: bool) -> RegPool {
         RegPool {
             free: Default::default(),
             lent: HashMap::with_capacity(lent),
+            remote,
         }
     }
 
@@ -48,7 +56,7 @@ impl RegPool {
     /// # Safety
     /// `qp` is the live queue pair whose protection domain the pool registers in, the same
     /// at every call.
-    pub(super) unsafe fn get(&mut self, qp: *mut ffi::Qp, len: usize) -> Option<AlignedBuf> {
+    pub(crate) unsafe fn get(&mut self, qp: *mut ffi::Qp, len: usize) -> Option<AlignedBuf> {
         let c = bufpool::class(len)?;
         let (mut buf, reg) = match self.free[c].pop() {
             Some(x) => x,
@@ -57,13 +65,19 @@ impl RegPool {
                 // SAFETY: `qp` is live (caller); the region covers the buffer, which stays
                 // allocated while registered (kept here or lent; deregistered in `dereg_all`
                 // or when dropped in `put`).
-                let mr = unsafe { ffi::fb_reg_mr(qp, buf.as_mut_ptr().cast(), buf.len()) };
+                let mr = unsafe {
+                    if self.remote {
+                        ffi::fb_reg_mr_remote(qp, buf.as_mut_ptr().cast(), buf.len())
+                    } else {
+                        ffi::fb_reg_mr(qp, buf.as_mut_ptr().cast(), buf.len())
+                    }
+                };
                 if mr.is_null() {
                     return None;
                 }
                 // SAFETY: a live region.
-                let lkey = unsafe { ffi::fb_mr_lkey(mr) };
-                (buf, Reg { mr, lkey })
+                let (lkey, rkey) = unsafe { (ffi::fb_mr_lkey(mr), ffi::fb_mr_rkey(mr)) };
+                (buf, Reg { mr, lkey, rkey })
             }
         };
         self.lent.insert(buf.as_mut_ptr() as usize, reg);
@@ -71,12 +85,17 @@ impl RegPool {
     }
 
     /// The local key of the lent buffer starting at `ptr`.
-    pub(super) fn lkey(&self, ptr: *const u8) -> Option<u32> {
+    pub(crate) fn lkey(&self, ptr: *const u8) -> Option<u32> {
         self.lent.get(&(ptr as usize)).map(|r| r.lkey)
     }
 
+    /// The remote key of the lent buffer starting at `ptr` (a pool made with `remote`).
+    pub(crate) fn rkey(&self, ptr: *const u8) -> Option<u32> {
+        self.lent.get(&(ptr as usize)).map(|r| r.rkey)
+    }
+
     /// Takes a buffer back; one the pool did not lend is returned.
-    pub(super) fn put(&mut self, mut buf: AlignedBuf) -> Result<(), AlignedBuf> {
+    pub(crate) fn put(&mut self, mut buf: AlignedBuf) -> Result<(), AlignedBuf> {
         let Some(reg) = self.lent.remove(&(buf.as_mut_ptr() as usize)) else {
             return Err(buf);
         };
@@ -94,7 +113,7 @@ impl RegPool {
     ///
     /// # Safety
     /// The queue pair is destroyed: no work request uses any region.
-    pub(super) unsafe fn dereg_all(&mut self) {
+    pub(crate) unsafe fn dereg_all(&mut self) {
         for (_, r) in self.free.iter_mut().flat_map(|f| f.drain(..)) {
             // SAFETY: the caller guarantees no work request uses it.
             unsafe { ffi::fb_dereg_mr(r.mr) };

@@ -79,7 +79,8 @@ int fb_get_event(struct rdma_event_channel *ch, struct fb_event *out) {
     out->status = ev->status;
     out->id = ev->id;
     out->listen_id = ev->listen_id;
-    if (ev->event == RDMA_CM_EVENT_CONNECT_REQUEST) {
+    if (ev->event == RDMA_CM_EVENT_CONNECT_REQUEST || ev->event == RDMA_CM_EVENT_ESTABLISHED ||
+        ev->event == RDMA_CM_EVENT_REJECTED) {
         uint8_t n = ev->param.conn.private_data_len;
         if (n > sizeof(out->private_data))
             n = sizeof(out->private_data);
@@ -91,6 +92,29 @@ int fb_get_event(struct rdma_event_channel *ch, struct fb_event *out) {
     }
     rdma_ack_cm_event(ev);
     return 0;
+}
+
+/* Host side: a new id on `ch` (RC, the TCP port space as NVMe/RDMA uses). */
+int fb_create_id(struct rdma_event_channel *ch, struct rdma_cm_id **id) {
+    return rdma_create_id(ch, id, NULL, RDMA_PS_TCP) ? err() : 0;
+}
+
+/* Host side: starts resolving the numeric address `addr`:`port` (ADDR_RESOLVED or ADDR_ERROR
+ * follows on the id's channel). */
+int fb_resolve_addr(struct rdma_cm_id *id, const char *addr, const char *port, int timeout_ms) {
+    struct addrinfo hints = {.ai_flags = AI_NUMERICHOST | AI_NUMERICSERV,
+                             .ai_socktype = SOCK_STREAM};
+    struct addrinfo *ai = NULL;
+    if (getaddrinfo(addr, port, &hints, &ai) != 0 || !ai)
+        return EINVAL;
+    int r = rdma_resolve_addr(id, NULL, ai->ai_addr, timeout_ms) ? err() : 0;
+    freeaddrinfo(ai);
+    return r;
+}
+
+/* Host side: starts resolving the route (ROUTE_RESOLVED or ROUTE_ERROR follows). */
+int fb_resolve_route(struct rdma_cm_id *id, int timeout_ms) {
+    return rdma_resolve_route(id, timeout_ms) ? err() : 0;
 }
 
 int fb_migrate(struct rdma_cm_id *id, struct rdma_event_channel *ch) {
@@ -183,21 +207,53 @@ struct ibv_mr *fb_reg_mr(struct fb_qp *q, void *addr, size_t len) {
     return ibv_reg_mr(q->pd, addr, len, IBV_ACCESS_LOCAL_WRITE);
 }
 
+/* Host side: memory the target reads (host writes) and writes (host reads) by RDMA. */
+struct ibv_mr *fb_reg_mr_remote(struct fb_qp *q, void *addr, size_t len) {
+    return ibv_reg_mr(q->pd, addr, len,
+                      IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_READ | IBV_ACCESS_REMOTE_WRITE);
+}
+
+uint32_t fb_mr_rkey(const struct ibv_mr *mr) { return mr->rkey; }
+
 uint32_t fb_mr_lkey(const struct ibv_mr *mr) { return mr->lkey; }
 
 void fb_dereg_mr(struct ibv_mr *mr) { ibv_dereg_mr(mr); }
 
-int fb_accept(struct fb_qp *q, const void *pd, uint8_t len, uint8_t responder_resources,
-              uint8_t initiator_depth) {
+/* The connection parameters of both sides: private data, RDMA READ depths, retries without
+ * limit on receiver-not-ready (a receive buffer is always posted again soon). */
+static struct rdma_conn_param conn_param(const void *pd, uint8_t len,
+                                         uint8_t responder_resources, uint8_t initiator_depth) {
     struct rdma_conn_param p = {
         .private_data = pd,
         .private_data_len = len,
         .responder_resources = responder_resources,
         .initiator_depth = initiator_depth,
+        .flow_control = 1,
         .retry_count = 7,
         .rnr_retry_count = 7,
     };
+    return p;
+}
+
+int fb_accept(struct fb_qp *q, const void *pd, uint8_t len, uint8_t responder_resources,
+              uint8_t initiator_depth) {
+    struct rdma_conn_param p = conn_param(pd, len, responder_resources, initiator_depth);
     return rdma_accept(q->id, &p) ? err() : 0;
+}
+
+/* Host side: connects with the NVMe/RDMA private data; ESTABLISHED or REJECTED follows. */
+int fb_connect(struct fb_qp *q, const void *pd, uint8_t len, uint8_t responder_resources,
+               uint8_t initiator_depth) {
+    /* No more RDMA READ depth than the device has. */
+    struct ibv_device_attr a;
+    if (ibv_query_device(q->id->verbs, &a) == 0) {
+        if (a.max_qp_rd_atom >= 0 && responder_resources > a.max_qp_rd_atom)
+            responder_resources = (uint8_t)a.max_qp_rd_atom;
+        if (a.max_qp_init_rd_atom >= 0 && initiator_depth > a.max_qp_init_rd_atom)
+            initiator_depth = (uint8_t)a.max_qp_init_rd_atom;
+    }
+    struct rdma_conn_param p = conn_param(pd, len, responder_resources, initiator_depth);
+    return rdma_connect(q->id, &p) ? err() : 0;
 }
 
 int fb_post_recv(struct fb_qp *q, uint64_t wr_id, void *addr, uint32_t len, uint32_t lkey) {
@@ -211,6 +267,15 @@ int fb_post_send_inline(struct fb_qp *q, uint64_t wr_id, const void *data, uint3
     struct ibv_sge sge = {.addr = (uintptr_t)data, .length = len, .lkey = 0};
     struct ibv_send_wr wr = {.wr_id = wr_id, .sg_list = &sge, .num_sge = 1,
                              .opcode = IBV_WR_SEND, .send_flags = IBV_SEND_INLINE | IBV_SEND_SIGNALED},
+                       *bad;
+    return ibv_post_send(q->qp, &wr, &bad);
+}
+
+/* A SEND of `len` bytes from registered memory. */
+int fb_post_send(struct fb_qp *q, uint64_t wr_id, void *addr, uint32_t len, uint32_t lkey) {
+    struct ibv_sge sge = {.addr = (uintptr_t)addr, .length = len, .lkey = lkey};
+    struct ibv_send_wr wr = {.wr_id = wr_id, .sg_list = &sge, .num_sge = 1,
+                             .opcode = IBV_WR_SEND, .send_flags = IBV_SEND_SIGNALED},
                        *bad;
     return ibv_post_send(q->qp, &wr, &bad);
 }

@@ -37,6 +37,23 @@ impl RejectStatus {
         b
     }
 
+    /// The status of a reject's private data (host side); `None` for private data that is not
+    /// an NVMe/RDMA reject (too short, another RECFMT, an unknown status).
+    pub fn from_private_data(b: &[u8]) -> Option<RejectStatus> {
+        if b.len() < 4 || get_u16(b, 0) != RECFMT {
+            return None;
+        }
+        Some(match get_u16(b, 2) {
+            1 => RejectStatus::InvalidLength,
+            2 => RejectStatus::InvalidRecfmt,
+            3 => RejectStatus::InvalidQid,
+            4 => RejectStatus::InvalidHsqsize,
+            5 => RejectStatus::InvalidHrqsize,
+            6 => RejectStatus::NoResources,
+            _ => return None,
+        })
+    }
+
     /// The field it names, for the log.
     pub fn field(self) -> &'static str {
         match self {
@@ -93,6 +110,16 @@ impl CmRequest {
         Ok(r)
     }
 
+    /// The private data a host sends (RECFMT 0, the fields, zeroes to [`CmRequest::LEN`]).
+    pub fn to_bytes(&self) -> [u8; CmRequest::LEN] {
+        let mut b = [0u8; CmRequest::LEN];
+        put_u16(&mut b, 0, RECFMT);
+        put_u16(&mut b, 2, self.qid);
+        put_u16(&mut b, 4, self.hrqsize);
+        put_u16(&mut b, 6, self.hsqsize);
+        b
+    }
+
     /// Command capsules the host may have outstanding (HSQSIZE + 1): the receive buffers the
     /// queue posts, and its controller receive queue size (CRQSIZE).
     pub fn entries(&self) -> u16 {
@@ -107,6 +134,12 @@ pub fn cm_reply(crqsize: u16) -> [u8; 32] {
     put_u16(&mut b, 0, RECFMT);
     put_u16(&mut b, 2, crqsize);
     b
+}
+
+/// The controller receive queue size (CRQSIZE) of an accept's private data (host side); `None`
+/// if it is too short or of another format.
+pub fn parse_reply(b: &[u8]) -> Option<u16> {
+    (b.len() >= 4 && get_u16(b, 0) == RECFMT).then(|| get_u16(b, 2))
 }
 
 /// Bytes of one receive buffer: a command capsule with the most in-capsule data we take.
@@ -205,6 +238,25 @@ mod tests {
     fn reply_and_reject_follow_the_linux_layout() {
         assert_eq!(&cm_reply(128)[..4], &[0, 0, 128, 0]);
         assert_eq!(RejectStatus::InvalidHsqsize.private_data(), [0, 0, 4, 0]);
+    }
+
+    #[test]
+    fn host_private_data_round_trips() {
+        let r = CmRequest {
+            qid: 2,
+            hrqsize: 128,
+            hsqsize: 127,
+        };
+        assert_eq!(CmRequest::parse(&r.to_bytes()), Ok(r));
+        assert_eq!(parse_reply(&cm_reply(128)), Some(128));
+        assert_eq!(parse_reply(&[1, 0, 128, 0]), None);
+        assert_eq!(parse_reply(&[0, 0]), None);
+        for s in [RejectStatus::InvalidHsqsize, RejectStatus::NoResources] {
+            assert_eq!(RejectStatus::from_private_data(&s.private_data()), Some(s));
+        }
+        // Not an NVMe/RDMA reject (rping's, a consumer reject without private data).
+        assert_eq!(RejectStatus::from_private_data(&[]), None);
+        assert_eq!(RejectStatus::from_private_data(&[0, 0, 99, 0]), None);
     }
 
     #[test]
