@@ -1,6 +1,6 @@
 # Shared by the scripts in benches/ (sourced, from the repository's root): the release binary,
 # a free loopback port, waiting for a daemon's socket, a one-reactor null-namespace target
-# config, a process's CPU time, and medians of alternating A/B runs.
+# config, a process's CPU time, `perf bdev` figures, and medians of alternating A/B runs.
 
 # The release binary: built if missing, or always built with the cargo arguments given (a
 # feature the script needs, e.g. `--features rbd`).
@@ -63,4 +63,38 @@ TOML
 # CPU time (user + system) of process $1 so far, in clock ticks (getconf CLK_TCK per second).
 cpu_ticks() {
   awk '{print $14+$15}' "/proc/$1/stat"
+}
+
+# Runs two measurements alternately (A, B, A, B, ...) `runs` times and prints each pair and the
+# medians: the shell commands $2 (A) and $3 (B) each print "IOPS CPU_NS_PER_IO" on one line;
+# $1 is the run count, $4 and $5 name A and B, $6 describes the job for the summary line.
+# Prints B/A for IOPS and for CPU per I/O (per pair, then median, min and max).
+alternate() {
+  local runs=$1 cmd_a=$2 cmd_b=$3 name_a=$4 name_b=$5 job=$6 i ai an bi bn
+  local a_iops=() a_cpu=() b_iops=() b_cpu=()
+  for i in $(seq "$runs"); do
+    read -r ai an < <(eval "$cmd_a")
+    read -r bi bn < <(eval "$cmd_b")
+    echo "run $i: $name_a $ai IOPS ($an ns CPU/IO)   $name_b $bi IOPS ($bn ns CPU/IO)   IOPS ratio $(python3 -c "print(f'{$bi/$ai:.3f}')")   CPU ratio $(python3 -c "print(f'{$bn/$an:.3f}')")"
+    a_iops+=("$ai"); a_cpu+=("$an"); b_iops+=("$bi"); b_cpu+=("$bn")
+  done
+  python3 - "$name_a" "$name_b" "$job" "${a_iops[*]}" "${a_cpu[*]}" "${b_iops[*]}" "${b_cpu[*]}" <<'PY'
+import statistics as s, sys
+na, nb, job = sys.argv[1:4]
+ai, ac, bi, bc = ([float(x) for x in v.split()] for v in sys.argv[4:8])
+ri = [b / a for a, b in zip(ai, bi)]
+rc = [b / a for a, b in zip(ac, bc)]
+print(f"median ({job}): {na} {s.median(ai):.0f} IOPS / {s.median(ac):.0f} ns CPU/IO, "
+      f"{nb} {s.median(bi):.0f} IOPS / {s.median(bc):.0f} ns CPU/IO; "
+      f"IOPS ratio {s.median(ri):.3f} (min {min(ri):.3f}, max {max(ri):.3f}), "
+      f"CPU ratio {s.median(rc):.3f} (min {min(rc):.3f}, max {max(rc):.3f})")
+PY
+}
+
+# `$bin perf bdev` on bdev $2 of config $1, with the remaining arguments; prints
+# "IOPS CPU_NS_PER_IO" (fails if any I/O failed).
+perf_bdev() {
+  local cfg=$1 bdev=$2; shift 2
+  "$bin" perf bdev --config "$cfg" --bdev "$bdev" "$@" --json 2>/dev/null \
+    | python3 -c 'import json,sys; j=json.load(sys.stdin); assert j["errors"] == 0, j; print(round(j["iops"]), round(j["reactor_cpu_ns_per_io"]))'
 }

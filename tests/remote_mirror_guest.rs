@@ -251,16 +251,17 @@ W="--ioengine=libaio --direct=1 --filename=/dev/vda --bs=4k --iodepth=16 --verif
 # Phase 1: the host SIGKILLs the remote of far-b once vol0 has taken some of these writes.
 say kill
 fio --name=one $W --rw=randwrite --offset=0 --size=32M
-# Phase 2 writes while far-b's remote comes back and far-b is rebuilt.
-fio --name=two $W --rw=randwrite --offset=48M --size=16M &
-fio2=$!
+# far-b is degraded; its remote is started again.
 say back
+# Phase 2: far-b is taken back and rebuilt while these writes go on.
+fio --name=two $W --rw=randwrite --offset=64M --size=28M &
+fio2=$!
+say add
 wait $fio2
-say healthy
 # Everything both phases wrote, read back through the mirror (reads alternate between the
 # children: half of them come from the rebuilt one).
 fio --name=one $W --rw=randwrite --offset=0 --size=32M --verify_only
-fio --name=two $W --rw=randwrite --offset=48M --size=16M --verify_only
+fio --name=two $W --rw=randwrite --offset=64M --size=28M --verify_only
 if dmesg | grep -E "I/O error|virtio.*broken|blk_update_request"; then
   echo "the guest kernel saw an I/O error"
   exit 1
@@ -269,7 +270,28 @@ say done
 echo GUEST-ALL-OK
 "#;
 
-/// The host's side of the guest's requests; every answer starts with `ok` or `error`.
+fn writes(dir: &Path) -> u64 {
+    vol0(dir)["stats"]["ops"]["write"].as_u64().unwrap()
+}
+
+/// Waits up to 300 s for vol0 to take `n` more writes than it had.
+fn wait_writes(dir: &Path, n: u64) -> u64 {
+    let start = writes(dir);
+    let t = Instant::now();
+    while writes(dir) < start + n && t.elapsed() < Duration::from_secs(300) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    writes(dir) - start
+}
+
+/// The host's side of the guest's requests; every answer starts with `ok` or `error`:
+/// - `kill`: answers, then SIGKILLs far-b's remote once vol0 took 500 more writes;
+/// - `back`: checks far-b degraded (its held I/O failed after `ctrl_loss_tmo`) and far-a
+///   healthy, starts far-b's remote again and waits for far-b's path to reconnect;
+/// - `add`: once the guest writes again, takes far-b back (`mirror_add_child`) and waits for
+///   the rebuild to end, checking that the guest's writes went on meanwhile and that only the
+///   regions written while far-b was away were copied;
+/// - `done`: answers and stops.
 fn serve_guest(
     listener: TcpListener,
     dir: PathBuf,
@@ -279,7 +301,6 @@ fn serve_guest(
 ) -> std::thread::JoinHandle<Vec<String>> {
     std::thread::spawn(move || {
         let mut seen = Vec::new();
-        let mut before_add = 0;
         for stream in listener.incoming() {
             let Ok(mut s) = stream else { continue };
             let mut line = String::new();
@@ -289,27 +310,16 @@ fn serve_guest(
             let what = line.trim().to_string();
             let answer = match what.as_str() {
                 "kill" => {
-                    let writes = |v: &Value| v["stats"]["ops"]["write"].as_u64().unwrap();
-                    let start = writes(&vol0(&dir));
                     let _ = writeln!(s, "ok killing soon");
                     drop(s);
-                    let t = Instant::now();
-                    while writes(&vol0(&dir)) < start + 500
-                        && t.elapsed() < Duration::from_secs(300)
-                    {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
+                    let n = wait_writes(&dir, 500);
                     let mut d = remote_b.lock().unwrap();
                     d.kill().unwrap();
                     d.wait().unwrap();
-                    seen.push(format!(
-                        "killed after {} writes",
-                        writes(&vol0(&dir)) - start
-                    ));
+                    seen.push(format!("kill: far-b's remote killed after {n} writes"));
                     continue;
                 }
                 "back" => {
-                    // far-b degraded once its held I/O failed (ctrl_loss_tmo).
                     let t = Instant::now();
                     while child_state(&vol0(&dir), 1) != "degraded"
                         && t.elapsed() < Duration::from_secs(60)
@@ -318,10 +328,10 @@ fn serve_guest(
                     }
                     let v = vol0(&dir);
                     if child_state(&v, 1) != "degraded" || child_state(&v, 0) != "healthy" {
-                        format!("error far-b was not degraded: {v}")
+                        format!("error far-b is not degraded: {v}")
                     } else {
                         seen.push(format!(
-                            "degraded with {} dirty regions",
+                            "far-b degraded, {} dirty regions",
                             v["details"]["dirty_regions"]
                         ));
                         *remote_b.lock().unwrap() =
@@ -330,31 +340,43 @@ fn serve_guest(
                         while !path_up(&dir, "far-b") && t.elapsed() < Duration::from_secs(60) {
                             std::thread::sleep(Duration::from_millis(50));
                         }
-                        before_add = vol0(&dir)["details"]["regions_copied"].as_u64().unwrap();
-                        let r = rpc(
-                            &dir,
-                            "mirror_add_child",
-                            r#"{"name":"vol0","child":"far-b"}"#,
-                        );
-                        seen.push(format!("added back: {r}"));
-                        "ok rebuilding".to_string()
+                        if path_up(&dir, "far-b") {
+                            "ok far-b's remote is back".to_string()
+                        } else {
+                            "error far-b did not reconnect".to_string()
+                        }
                     }
                 }
-                "healthy" => {
+                "add" => {
+                    wait_writes(&dir, 200);
+                    let v = vol0(&dir);
+                    let copied0 = v["details"]["regions_copied"].as_u64().unwrap();
+                    let dirty = v["details"]["dirty_regions"].as_u64().unwrap();
+                    let at_add = writes(&dir);
+                    rpc(
+                        &dir,
+                        "mirror_add_child",
+                        r#"{"name":"vol0","child":"far-b"}"#,
+                    );
                     let v = wait_healthy(&dir, 2);
-                    let copied = v["details"]["regions_copied"].as_u64().unwrap() - before_add;
+                    let during = v["stats"]["ops"]["write"].as_u64().unwrap() - at_add;
+                    let copied = v["details"]["regions_copied"].as_u64().unwrap() - copied0;
                     let regions = v["details"]["regions"].as_u64().unwrap();
-                    seen.push(format!("resynced {copied} of {regions} regions"));
-                    // Only what the guest wrote while far-b was away: at most the 32 + 16
-                    // regions its two phases touch.
-                    if copied == 0 || copied > 48 {
-                        format!("error resynced {copied} of {regions} regions: {v}")
+                    seen.push(format!(
+                        "add: {dirty} dirty regions at add, {copied} of {regions} copied, \
+                         {during} guest writes meanwhile"
+                    ));
+                    // Phase 1 touched regions 0..32 (all dirty at add), phase 2 regions 64..92.
+                    if !(dirty..=32 + 28).contains(&copied) || dirty < 32 {
+                        format!("error {copied} of {regions} regions resynced: {v}")
+                    } else if during == 0 {
+                        format!("error the guest's writes stopped during the rebuild: {v}")
                     } else {
-                        "ok healthy".to_string()
+                        "ok rebuilt".to_string()
                     }
                 }
                 "done" => "ok bye".to_string(),
-                _ => "error unknown".to_string(),
+                _ => "error unknown request".to_string(),
             };
             let _ = writeln!(s, "{answer}");
             seen.push(format!("{what}: {answer}"));
@@ -396,11 +418,8 @@ fn a_guest_rides_through_losing_one_remote_mirror_child_and_it_is_resynced() {
         s.log()
     );
     eprintln!("host side: {seen:#?}");
-    assert!(
-        seen.iter().any(|e| e.starts_with("killed after")),
-        "{seen:?}"
-    );
-    assert!(seen.iter().any(|e| e == "healthy: ok healthy"), "{seen:?}");
+    assert!(seen.iter().any(|e| e.starts_with("kill: ")), "{seen:?}");
+    assert!(seen.iter().any(|e| e == "add: ok rebuilt"), "{seen:?}");
     let v = vol0(&s.dir);
     assert_eq!(v["details"]["dirty_regions"], 0, "{v}");
     assert_eq!(v["stats"]["errors"].as_u64().unwrap_or(0), 0, "{v}");
