@@ -238,7 +238,9 @@ impl MirrorChannel {
         for k in 0..MAX_CHILDREN {
             let i = (self.rr + k) % MAX_CHILDREN;
             if avail & (1 << i) != 0 {
-                let load = self.children[i].as_ref().map_or(usize::MAX, BaseQueue::load);
+                let load = self.children[i]
+                    .as_ref()
+                    .map_or(usize::MAX, BaseQueue::load);
                 if load < least {
                     (pick, least) = (Some(i), load);
                 }
