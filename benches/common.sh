@@ -1,5 +1,5 @@
 # Shared by the scripts in benches/ (sourced, from the repository's root): the release binary,
-# a free loopback port, waiting for a daemon's socket, a one-reactor null-namespace target
+# a work directory, a free loopback port, waiting for a daemon's socket, a one-reactor null-namespace target
 # config, a process's CPU time, `perf bdev` figures, and medians of alternating A/B runs.
 
 # The release binary: built if missing, or always built with the cargo arguments given (a
@@ -12,6 +12,14 @@ bench_bin() {
     b=$(realpath out/release/ferroblk)
   fi
   echo "$b"
+}
+
+# A work directory /var/tmp/ferroblk-$1.XXXX in `$work`; on exit, the processes whose pids the
+# script added to `pids` are stopped and the directory removed.
+bench_workdir() {
+  work=$(mktemp -d "/var/tmp/ferroblk-$1.XXXX")
+  pids=()
+  trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; rm -rf "$work"' EXIT
 }
 
 # A TCP port free on 127.0.0.1 now.
@@ -28,9 +36,10 @@ wait_sock() {
 
 # Writes to $1 a target config: one reactor on CPU 0, RPC socket $2, a null bdev `null0` of
 # size $5 exported as namespace 1 of subsystem $4 (any host) on 127.0.0.1:$3; with $6, also a
-# one-queue vhost-user-blk export of it on socket $6.
+# one-queue vhost-user-blk export of it on socket $6; with $7, the namespace is a `delay` bdev
+# `slow0` over `null0` adding $7 microseconds to reads and writes.
 null_target_config() {
-  local file=$1 rpc=$2 port=$3 nqn=$4 size=$5 vhost=${6:-}
+  local file=$1 rpc=$2 port=$3 nqn=$4 size=$5 vhost=${6:-} delay=${7:-} ns=null0
   cat > "$file" <<TOML
 [reactors]
 cpus = [0]
@@ -40,12 +49,18 @@ socket = "$rpc"
 name = "null0"
 kind = "null"
 size = "$size"
+TOML
+  if [ -n "$delay" ]; then
+    ns=slow0
+    printf '[[bdev]]\nname = "slow0"\nkind = "delay"\nbase = "null0"\nread_us = %s\nwrite_us = %s\n' "$delay" "$delay" >> "$file"
+  fi
+  cat >> "$file" <<TOML
 [[subsystem]]
 nqn = "$nqn"
 allow_any_host = true
 [[subsystem.namespace]]
 nsid = 1
-bdev = "null0"
+bdev = "$ns"
 [[listener]]
 addr = "127.0.0.1"
 port = $port

@@ -9,7 +9,7 @@
 #   (--prefill: a never-written malloc reads the zero page) and runs 1 s unmeasured (--ramp).
 # - `nvmf`: remote volumes, each an `nvmf` bdev to its own ferroblk process (one reactor)
 #   serving a `null` namespace behind a `delay` of DELAY_US microseconds (default 0: the
-#   remote's own cost only); the `nvmf` bdevs have one queue of CHILD_QD entries (default 16)
+#   remote's own cost only), both remotes on CPU 0; the `nvmf` bdevs have one queue of CHILD_QD entries (default 16)
 #   per reactor: a remote volume with its own latency and queue limit, as a cloud volume has.
 #   The single child is a third `nvmf` bdev to the first remote; it takes at most CHILD_QD
 #   requests at once, so it runs at QD min(qd, CHILD_QD), the mirror (as deep as its children
@@ -21,10 +21,7 @@ rw=${1:-randwrite}; bs=${2:-4K}; qd=${3:-32}; runs=${4:-5}; secs=${5:-3}
 children=${CHILDREN:-malloc}
 . benches/common.sh
 bin=$(bench_bin)
-work=$(mktemp -d /var/tmp/ferroblk-mirror.XXXX)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
+bench_workdir mirror
 case "$children" in
   malloc)
     cpus=${CPUS:-0, 1}
@@ -37,31 +34,8 @@ case "$children" in
     ports=()
     for r in a b; do
       port=$(free_port); ports+=("$port")
-      cat > "$work/remote-$r.toml" <<TOML
-[reactors]
-count = 1
-[rpc]
-socket = "$work/remote-$r.sock"
-[[bdev]]
-name = "null0"
-kind = "null"
-size = "1GiB"
-[[bdev]]
-name = "slow0"
-kind = "delay"
-base = "null0"
-read_us = $delay
-write_us = $delay
-[[subsystem]]
-nqn = "nqn.2026-12.io.ferroblk:bench-$r"
-allow_any_host = true
-[[subsystem.namespace]]
-nsid = 1
-bdev = "slow0"
-[[listener]]
-addr = "127.0.0.1"
-port = $port
-TOML
+      null_target_config "$work/remote-$r.toml" "$work/remote-$r.sock" "$port" \
+        "nqn.2026-12.io.ferroblk:bench-$r" 1GiB "" "$delay"
       "$bin" serve --config "$work/remote-$r.toml" >"$work/remote-$r.log" 2>&1 &
       pids+=($!)
       wait_sock "$work/remote-$r.sock"
