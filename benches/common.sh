@@ -1,6 +1,6 @@
 # Shared by the scripts in benches/ (sourced, from the repository's root): the release binary,
-# a work directory, a free loopback port, waiting for a daemon's socket, a one-reactor null-namespace target
-# config, a process's CPU time, `perf bdev` figures, and medians of alternating A/B runs.
+# a free loopback port, waiting for a daemon's socket, a one-reactor null-namespace target
+# config, a process's CPU time, and medians of alternating A/B runs.
 
 # The release binary: built if missing, or always built with the cargo arguments given (a
 # feature the script needs, e.g. `--features rbd`).
