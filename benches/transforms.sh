@@ -10,8 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 layer=${1:-crc}; rw=${2:-write}; bs=${3:-128K}; qd=${4:-32}; runs=${5:-5}; secs=${6:-3}
 cpu=${CPU:-0}
-bin=out/release/ferroblk
-[ -x "$bin" ] || cargo build --release
+. benches/common.sh
+bin=$(bench_bin)
 work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
 printf '%s' "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f202122232425262728292a2b2c2d2e2f303132333435363738393a3b3c3d3e3f" > "$work/xts.key"
 printf '%s' "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f" > "$work/gcm.key"
@@ -46,20 +46,6 @@ kind = "$layer"
 base = "under"
 $extra
 TOML
-run() {
-  "$bin" perf bdev --config "$work/b.toml" --bdev "$1" --qd "$qd" --bs "$bs" --rw "$rw" --time "$secs" --ramp 1 --prefill --compress-pct "${PCT:-50}" --json 2>/dev/null \
-    | python3 -c 'import json,sys; j=json.load(sys.stdin); print(round(j["iops"]), round(j["reactor_cpu_ns_per_io"]))'
-}
-ratios=(); bases=(); layers=()
-for i in $(seq "$runs"); do
-  read -r bi bn < <(run plain)
-  read -r li ln < <(run layer)
-  r=$(python3 -c "print(f'{$ln/$bn:.3f}')")
-  echo "run $i: malloc $bi IOPS ($bn ns CPU/IO)   $layer over malloc $li IOPS ($ln ns CPU/IO)   cost ratio $r"
-  ratios+=("$r"); bases+=("$bn"); layers+=("$ln")
-done
-python3 - "${bases[*]}" "${layers[*]}" "${ratios[*]}" <<PY
-import statistics as s, sys
-b, l, r = ([float(x) for x in a.split()] for a in sys.argv[1:4])
-print(f"median ($layer, $rw, bs $bs, qd $qd): malloc {s.median(b):.0f} ns/IO, $layer {s.median(l):.0f} ns/IO, ratio {s.median(r):.3f} (min {min(r):.3f}, max {max(r):.3f})")
-PY
+args="--qd $qd --bs $bs --rw $rw --time $secs --ramp 1 --prefill --compress-pct ${PCT:-50}"
+alternate "$runs" "perf_bdev $work/b.toml plain $args" "perf_bdev $work/b.toml layer $args" \
+  malloc "$layer over malloc" "$layer, $rw, bs $bs, qd $qd; the CPU ratio minus one is the layer's cost"

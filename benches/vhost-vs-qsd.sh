@@ -10,10 +10,7 @@ runs=${1:-5}; secs=${2:-5}
 command -v qemu-storage-daemon >/dev/null || { apt-get update -qq && apt-get install -y -qq qemu-system-common; }
 . benches/common.sh
 bin=$(bench_bin)
-work=$(mktemp -d /var/tmp/ferroblk-vq.XXXX)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
+bench_workdir vq
 cat > "$work/f.toml" <<TOML
 [reactors]
 cpus = [0]

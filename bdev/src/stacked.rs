@@ -208,6 +208,11 @@ impl BaseQueue {
         self.channel.in_flight() >= self.channel.depth()
     }
 
+    /// Requests on the base: in flight, or refused and queued here.
+    pub fn load(&self) -> usize {
+        self.channel.in_flight() + self.retry.len()
+    }
+
     /// Submits `io` to the base, or queues it behind the requests already refused.
     pub fn submit(&mut self, io: IoRequest) {
         if !self.retry.is_empty() {

@@ -106,6 +106,18 @@ pub fn rpc(dir: &Path, method: &str, params: &str) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// The one-line request (trimmed) a guest script's `say WORD` sent on a connection accepted
+/// from the listener of a guest test's host side, with the connection to answer on.
+pub fn read_request(
+    stream: std::io::Result<std::net::TcpStream>,
+) -> Option<(std::net::TcpStream, String)> {
+    use std::io::BufRead;
+    let s = stream.ok()?;
+    let mut line = String::new();
+    std::io::BufReader::new(&s).read_line(&mut line).ok()?;
+    Some((s, line.trim().to_string()))
+}
+
 /// A free loopback TCP port.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -144,7 +156,7 @@ impl GuestRequests {
         min_writes: u64,
         expect_after_restart: Option<&str>,
     ) -> GuestRequests {
-        use std::io::{BufRead, BufReader, Write};
+        use std::io::Write;
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -174,12 +186,9 @@ impl GuestRequests {
         };
         let thread = std::thread::spawn(move || {
             for stream in listener.incoming() {
-                let Ok(mut s) = stream else { continue };
-                let mut line = String::new();
-                if BufReader::new(&s).read_line(&mut line).is_err() {
+                let Some((mut s, what)) = read_request(stream) else {
                     continue;
-                }
-                let what = line.trim().to_string();
+                };
                 match what.as_str() {
                     "resize" => {
                         rpc(&dir, "bdev_resize", r#"{"name": "disk", "size": "512MiB"}"#);

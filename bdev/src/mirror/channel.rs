@@ -1,7 +1,8 @@
 //! The mirror's data path: one channel per reactor, owning a channel on every child.
 //!
 //! A request lives in a slot ([`Slots`]) from submission to completion:
-//! - a read goes to one readable child (round robin); failed, it goes to the next one;
+//! - a read goes to the least loaded readable child (in turn among equals); failed, it goes
+//!   to another one;
 //! - a write, unmap or write-zeroes takes its regions' locks shared (in pieces of at most
 //!   [`PIECE_REGIONS`] regions for large unmaps), marks them dirty if a member misses it,
 //!   goes to every child taking writes, and releases the locks once all answered (marking the
@@ -107,7 +108,7 @@ pub(super) fn open(s: &Arc<Shared>) -> Result<Channel, BdevError> {
         job: None,
         sb_bufs: (0..MAX_CHILDREN).map(|_| AlignedBuf::new(bs)).collect(),
         bm_buf: AlignedBuf::new(s.layout.bitmap_blocks as usize * bs),
-        depth: MAX_DEPTH,
+        depth: 0,
         opened: false,
     };
     ch.sync_children()?;
@@ -132,8 +133,11 @@ impl MirrorChannel {
                 (Some(b), None) => {
                     let ch = b.open_channel()?;
                     if !self.opened {
-                        // Later children with less room queue in their `BaseQueue`.
-                        self.depth = self.depth.min(ch.depth()).max(1);
+                        // Room for every child's depth at once, so that reads spread over
+                        // the children can fill them all; a child's share of the writes
+                        // beyond its own depth (and children added later) queue in its
+                        // `BaseQueue`.
+                        self.depth = (self.depth + ch.depth()).min(MAX_DEPTH);
                     }
                     self.children[i] = Some(BaseQueue::new(ch, MAX_DEPTH + 4));
                     self.present |= 1 << i;
@@ -226,12 +230,20 @@ impl MirrorChannel {
             let st = if st.is_ok() { IoStatus::MediaError } else { st };
             return self.finish(slot, st);
         }
+        // The least loaded readable child (requests in flight or queued on it here), the
+        // next in turn first among equals: children of one speed alternate, a slower or busier
+        // one gets less.
         let mut pick = None;
+        let mut least = usize::MAX;
         for k in 0..MAX_CHILDREN {
             let i = (self.rr + k) % MAX_CHILDREN;
             if avail & (1 << i) != 0 {
-                pick = Some(i);
-                break;
+                let load = self.children[i]
+                    .as_ref()
+                    .map_or(usize::MAX, BaseQueue::load);
+                if load < least {
+                    (pick, least) = (Some(i), load);
+                }
             }
         }
         let i = pick.expect("a readable child");
@@ -277,9 +289,8 @@ impl MirrorChannel {
         if !self.s.regions.try_lock(first, count, false) {
             return false;
         }
-        let targets = self.s.writable();
+        let (targets, missed) = self.s.write_masks();
         let targets = self.open_in(targets);
-        let missed = self.s.degraded();
         if missed != 0 {
             self.s.dirty.set(first, count);
         }

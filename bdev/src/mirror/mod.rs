@@ -3,8 +3,10 @@
 //! - Writes, unmaps and write-zeroes go to every child that takes writes (healthy, or being
 //!   rebuilt) and complete once all of them have: successfully when at least one child did. A
 //!   child that fails a request is marked degraded, and I/O continues on the others.
-//! - Reads go to one healthy child, round robin per channel (so two reactors, or a deep queue,
-//!   use every child); a failed read is retried on another healthy child.
+//! - Reads go to one healthy child: the one with the fewest requests on it from this channel,
+//!   in turn among equals (so a deep queue uses every child, and a slower child gets fewer); a
+//!   channel is as deep as its children together. A failed read is retried on another healthy
+//!   child.
 //! - Flush goes to every child that takes writes. A child that fails a flush may have lost
 //!   writes it acknowledged, so it is marked for a full rebuild.
 //! - A persistent dirty-region bitmap ([`bitmap`], on every child, after the data) records the
@@ -240,6 +242,21 @@ impl Shared {
     /// Members that take no writes (degraded).
     pub(crate) fn degraded(&self) -> u8 {
         self.mask(|s| s == DEGRADED)
+    }
+
+    /// [`Shared::writable`] and [`Shared::degraded`] from one look at the states.
+    #[inline]
+    pub(crate) fn write_masks(&self) -> (u8, u8) {
+        let w = self.states.load(Ordering::Acquire);
+        let (mut writable, mut degraded) = (0, 0);
+        for i in 0..MAX_CHILDREN {
+            match ((w >> (4 * i)) & 0xF) as u8 {
+                HEALTHY | REBUILDING => writable |= 1 << i,
+                DEGRADED => degraded |= 1 << i,
+                _ => {}
+            }
+        }
+        (writable, degraded)
     }
 
     #[inline]

@@ -27,6 +27,9 @@ pub(crate) fn start(s: &Arc<Shared>) {
     if let Some(h) = t.take() {
         let _ = h.join();
     }
+    // No progress of the last rebuild shows while this one picks its child.
+    s.rebuild.done.store(0, Ordering::Release);
+    s.rebuild.total.store(0, Ordering::Release);
     s.rebuild.active.store(true, Ordering::Release);
     let sh = s.clone();
     let name = format!("mirror-rebuild-{}", s.info.name());

@@ -451,3 +451,80 @@ fn a_child_failing_a_flush_is_rebuilt_whole() {
     drop(ch);
     assert_children_equal(&m);
 }
+
+/// A bdev over `base` whose channels take at most `depth` requests (a device's queue limit).
+struct Shallow {
+    base: Arc<dyn Bdev>,
+    depth: usize,
+}
+
+struct ShallowChannel(Channel);
+
+impl crate::bdev::ChannelOps for ShallowChannel {
+    fn submit(&mut self, io: crate::bdev::IoRequest) -> Result<(), crate::bdev::IoRequest> {
+        self.0.submit(io)
+    }
+    fn poll(&mut self, done: &mut Vec<crate::bdev::IoCompletion>) -> usize {
+        self.0.poll(done)
+    }
+    fn wake(&self) -> crate::bdev::Wake {
+        self.0.wake()
+    }
+}
+
+impl Bdev for Shallow {
+    fn info(&self) -> &Arc<BdevInfo> {
+        self.base.info()
+    }
+    fn open_channel(&self) -> Result<Channel, BdevError> {
+        let ch = ShallowChannel(self.base.open_channel()?);
+        Ok(Channel::new(
+            self.base.info().clone(),
+            Box::new(ch),
+            self.depth,
+        ))
+    }
+}
+
+#[test]
+fn a_channel_is_as_deep_as_its_children_together_and_reads_fill_each() {
+    use crate::inject::{DelayBdev, Delays};
+    // Children that take 8 requests at once and hold reads for a while, so that every read
+    // submitted stays in flight.
+    let slow = |name: &str| -> (Arc<dyn Bdev>, Arc<dyn Bdev>) {
+        let d = Delays {
+            read: Duration::from_millis(20),
+            ..Delays::default()
+        };
+        let m = malloc(&format!("m{name}"), 4096);
+        let base = Arc::new(DelayBdev::new(name, m.clone(), d));
+        (Arc::new(Shallow { base, depth: 8 }), m)
+    };
+    let ((a, ma), (b, mb)) = (slow("a"), slow("b"));
+    let m = MirrorBdev::open("mir", vec![a, b], REGION, true).unwrap();
+    let mut ch = m.open_channel().unwrap();
+    assert_eq!(ch.depth(), 16, "the children's depths together");
+    let reads = || [ma.info().stats().ops[0], mb.info().stats().ops[0]];
+    let before = reads();
+    for i in 0..16 {
+        let bufs = crate::buf::SgList::from_buf(crate::buf::AlignedBuf::new(4096));
+        let io = crate::bdev::IoRequest::read(i, 1, bufs, i);
+        assert!(ch.submit(io).is_ok(), "read {i} of 16 taken");
+    }
+    // The least loaded child takes each read: both are filled, none waits.
+    let now = reads();
+    assert_eq!(
+        [now[0] - before[0], now[1] - before[1]],
+        [8, 8],
+        "reads spread over both children"
+    );
+    let mut done = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while done.len() < 16 {
+        assert!(Instant::now() < deadline, "{} of 16 reads done", done.len());
+        if ch.poll(&mut done) == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    assert!(done.iter().all(|c| c.status.is_ok()));
+}
