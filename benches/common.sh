@@ -1,6 +1,7 @@
 # Shared by the scripts in benches/ (sourced, from the repository's root): the release binary,
-# a free loopback port, waiting for a daemon's socket, a one-reactor null-namespace target
-# (its config, or the daemon started on it), a process's CPU time.
+# a work directory cleaned up on exit, a free loopback port, waiting for a daemon's socket, a
+# one-reactor null-namespace target (its config, or the daemon started on it), a process's CPU
+# time, alternating A/B runs and `perf bdev` figures.
 
 # The release binary: built if missing, or always built with the cargo arguments given (a
 # feature the script needs, e.g. `--features rbd`).
@@ -76,18 +77,17 @@ TOML
 }
 
 # Starts `$bin serve` on a null_target_config (subsystem $2, size $3; with $4 = yes, also the
-# vhost-user-blk export at $work/vhost.sock) in a new directory $work (/var/tmp/ferroblk-$1.*),
-# config $work/t.toml, log $work/t.log; sets work, port and pid; waits for its sockets; stops
-# it and removes $work when the script exits.
+# vhost-user-blk export at $work/vhost.sock) in a bench_workdir $1, config $work/t.toml, log
+# $work/t.log; sets port and pid; waits for its sockets.
 start_null_target() {
-  work=$(mktemp -d "/var/tmp/ferroblk-$1.XXXX")
+  bench_workdir "$1"
   port=$(free_port)
   local vhost=
   [ "${4:-}" = yes ] && vhost=$work/vhost.sock
-  null_target_config "$work/t.toml" "$work/rpc.sock" "$port" "$2" "$3" $vhost
+  null_target_config "$work/t.toml" "$work/rpc.sock" "$port" "$2" "$3" "$vhost"
   "$bin" serve --config "$work/t.toml" >"$work/t.log" 2>&1 &
   pid=$!
-  trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$work"' EXIT
+  pids+=("$pid")
   wait_sock "$work/rpc.sock" || { cat "$work/t.log" >&2; return 1; }
   [ -z "$vhost" ] || wait_sock "$vhost" || { cat "$work/t.log" >&2; return 1; }
 }
