@@ -11,7 +11,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -102,6 +102,11 @@ pub enum Wake {
     /// Poll again at this instant (a timer, such as a delay bdev's).
     At(Instant),
 }
+
+/// How long a channel waiting on another reactor's channel (a lock it holds, a checkpoint
+/// it runs) sleeps before it looks again: no event tells it when that channel is done, and
+/// spinning would cost a core for as long as the wait lasts.
+pub const CROSS_CHANNEL_WAIT: Duration = Duration::from_micros(50);
 
 impl Wake {
     /// The more urgent of two wake-ups.

@@ -83,9 +83,11 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::bdev::{Bdev, BdevInfo, Channel, ChannelOps, IoCompletion, IoRequest, Wake};
+use crate::bdev::{
+    Bdev, BdevInfo, CROSS_CHANNEL_WAIT, Channel, ChannelOps, IoCompletion, IoRequest, Wake,
+};
 use crate::buf::{AlignedBuf, IoSeg, SgList};
 use crate::error::BdevError;
 use crate::stacked::{BaseQueue, Format, LockTable, Slots, flush_if, zero_range, zeroing_ops};
@@ -1097,8 +1099,13 @@ impl<K: EntryOps> ChannelOps for MdChannel<K> {
                 && self.ops.has_room()
                 && self.entries.can_take_dealloc()
         });
-        if front_can_issue || !self.lock_wait.is_empty() {
+        if front_can_issue {
             Wake::Immediate
+        } else if !self.lock_wait.is_empty() {
+            // A range or metadata lock another channel (maybe on another reactor) holds.
+            self.base
+                .wake()
+                .min(Wake::At(Instant::now() + CROSS_CHANNEL_WAIT))
         } else {
             self.base.wake()
         }

@@ -12,7 +12,9 @@ use super::format::{
     Entry, K_LZ4, K_RAW, LOG_HEADER, RECORD_BYTES, encode_page, encode_record, seal_log_block,
 };
 use super::{Algorithm, CompressShared, Pending};
-use crate::bdev::{BdevInfo, Channel, ChannelOps, IoCompletion, IoRequest, Wake};
+use crate::bdev::{
+    BdevInfo, CROSS_CHANNEL_WAIT, Channel, ChannelOps, IoCompletion, IoRequest, Wake,
+};
 use crate::buf::{AlignedBuf, SgList};
 use crate::stacked::{BaseQueue, Slots, idle_wait};
 use crate::types::{IoStatus, IoType};
@@ -1079,13 +1081,14 @@ impl ChannelOps for CompressChannel {
         let waits_on_others = self.ckpt.is_none()
             && (!self.flushes.is_empty() || !self.space_wait.is_empty() || self.want_ckpt);
         let can_log = !self.log_wait.is_empty() && self.log.iter().any(|b| b.pos.is_none());
-        if !self.completed.is_empty()
-            || !self.lock_wait.is_empty()
-            || can_pump
-            || waits_on_others
-            || can_log
-        {
+        if !self.completed.is_empty() || can_pump || can_log {
             Wake::Immediate
+        } else if !self.lock_wait.is_empty() || waits_on_others {
+            // Waiting for a lock or a checkpoint another channel (maybe on another reactor)
+            // holds: this channel's own completions still wake it at once.
+            self.base
+                .wake()
+                .min(Wake::At(Instant::now() + CROSS_CHANNEL_WAIT))
         } else {
             self.base.wake()
         }
