@@ -1296,35 +1296,65 @@ mod tests {
         v.call = Some(eventfd());
     }
 
+    /// A one-queue export of a `delay` bdev whose reads take `read_ms` (far longer than the
+    /// 50 ms drain timeout its connections get: a device that hangs).
+    struct SlowReads {
+        r: Reactors,
+        bdev: Arc<dyn Bdev>,
+        spec: VhostSpec,
+        shared: Shared,
+        handles: Vec<ReactorHandle>,
+    }
+
+    impl SlowReads {
+        fn new(read_ms: u64) -> SlowReads {
+            let r = reactors();
+            let base: Arc<dyn Bdev> =
+                Arc::new(MallocBdev::new("m", BlockSize::B4096, 256, 0).unwrap());
+            let bdev: Arc<dyn Bdev> = Arc::new(DelayBdev::new(
+                "d",
+                base,
+                Delays {
+                    read: Duration::from_millis(read_ms),
+                    ..Delays::default()
+                },
+            ));
+            let handles = r.handles().to_vec();
+            SlowReads {
+                r,
+                bdev,
+                spec: test_spec("unused".into(), "d", 1),
+                shared: test_shared(),
+                handles,
+            }
+        }
+
+        /// A connection (the front-end's end of its socket is `peer`) with ring 0 of `d`
+        /// started from `base`, whose first read has reached the bdev.
+        fn started(&self, d: &Driver, base: u16, sock: UnixStream) -> Conn<'_> {
+            let mut conn = Conn::new(&self.spec, &self.bdev, &self.handles, &self.shared, sock);
+            conn.drain_timeout = Duration::from_millis(50);
+            set_ring(&mut conn, d, base);
+            let reads = self.bdev.info().stats().ops[0];
+            conn.try_start(0);
+            wait_until("the read reaches the bdev", || {
+                self.bdev.info().stats().ops[0] > reads
+            });
+            conn
+        }
+    }
+
     #[test]
     fn a_ring_that_did_not_drain_is_never_served_by_a_second_poller() {
-        let r = reactors();
+        let t = SlowReads::new(1500);
+        let (r, bdev, spec, shared, handles) = (&t.r, &t.bdev, &t.spec, &t.shared, &t.handles);
         let pollers = || r.handles()[0].stats().pollers.load(Ordering::Relaxed);
-        let base: Arc<dyn Bdev> = Arc::new(MallocBdev::new("m", BlockSize::B4096, 256, 0).unwrap());
-        // Reads held back far longer than the drain timeout below: a device that hangs.
-        let bdev: Arc<dyn Bdev> = Arc::new(DelayBdev::new(
-            "d",
-            base,
-            Delays {
-                read: Duration::from_millis(1500),
-                ..Delays::default()
-            },
-        ));
-        let spec = test_spec("unused".into(), "d", 1);
-        let shared = test_shared();
-        let handles = r.handles().to_vec();
         let mut d = Driver::new(8);
         let status = publish_read(&mut d);
 
         let (sock, _peer) = UnixStream::pair().unwrap();
-        let mut conn = Conn::new(&spec, &bdev, &handles, &shared, sock);
-        conn.drain_timeout = Duration::from_millis(50);
-        set_ring(&mut conn, &d, 0);
-        conn.try_start(0);
+        let mut conn = t.started(&d, 0, sock);
         assert_eq!(pollers(), 1);
-        wait_until("the read reaches the bdev", || {
-            bdev.info().stats().ops[0] == 1
-        });
         let first = conn.vrings[0].running.as_ref().unwrap().poller;
 
         // GET_VRING_BASE, then SET_VRING_KICK: stop (times out), restart.
@@ -1341,7 +1371,7 @@ mod tests {
         conn.stop_all();
         let held = conn.into_held();
         let (sock, _peer) = UnixStream::pair().unwrap();
-        let mut conn = Conn::new(&spec, &bdev, &handles, &shared, sock);
+        let mut conn = Conn::new(spec, bdev, handles, shared, sock);
         conn.drain_timeout = Duration::from_millis(50);
         conn.adopt(held);
         set_ring(&mut conn, &d, 1);
@@ -1366,7 +1396,7 @@ mod tests {
         conn.stop_all();
         assert_eq!(pollers(), 0);
         drop(conn);
-        r.shutdown(Duration::from_secs(5));
+        t.r.shutdown(Duration::from_secs(5));
     }
 
     /// The count an eventfd holds now (0 if none), reset to 0.
@@ -1379,31 +1409,13 @@ mod tests {
 
     #[test]
     fn a_new_call_fd_is_taken_by_the_running_ring_without_a_stop() {
-        let r = reactors();
-        let base: Arc<dyn Bdev> = Arc::new(MallocBdev::new("m", BlockSize::B4096, 256, 0).unwrap());
-        // A read held well past the drain timeout below: a stop would time out.
-        let bdev: Arc<dyn Bdev> = Arc::new(DelayBdev::new(
-            "d",
-            base,
-            Delays {
-                read: Duration::from_millis(1000),
-                ..Delays::default()
-            },
-        ));
-        let spec = test_spec("unused".into(), "d", 1);
-        let shared = test_shared();
-        let handles = r.handles().to_vec();
+        // A read held well past the drain timeout: a stop would time out.
+        let t = SlowReads::new(1000);
         let mut d = Driver::new(8);
         let status = publish_read(&mut d);
         let (sock, _peer) = UnixStream::pair().unwrap();
-        let mut conn = Conn::new(&spec, &bdev, &handles, &shared, sock);
-        conn.drain_timeout = Duration::from_millis(50);
-        set_ring(&mut conn, &d, 0);
+        let mut conn = t.started(&d, 0, sock);
         let old_call = conn.vrings[0].call.as_ref().unwrap().try_clone().unwrap();
-        conn.try_start(0);
-        wait_until("the read reaches the bdev", || {
-            bdev.info().stats().ops[0] == 1
-        });
         let first = conn.vrings[0].running.as_ref().unwrap().poller;
 
         // SET_VRING_CALL while the read is held (the guest masked its interrupt).
@@ -1428,34 +1440,16 @@ mod tests {
         assert_eq!(take_count(&old_call), 0, "the old call fd was signalled");
         conn.stop_all();
         drop(conn);
-        r.shutdown(Duration::from_secs(5));
+        t.r.shutdown(Duration::from_secs(5));
     }
 
     #[test]
     fn a_held_ring_reports_where_it_stopped_and_starts_by_itself_once_drained() {
-        let r = reactors();
-        let base: Arc<dyn Bdev> = Arc::new(MallocBdev::new("m", BlockSize::B4096, 256, 0).unwrap());
-        let bdev: Arc<dyn Bdev> = Arc::new(DelayBdev::new(
-            "d",
-            base,
-            Delays {
-                read: Duration::from_millis(1000),
-                ..Delays::default()
-            },
-        ));
-        let spec = test_spec("unused".into(), "d", 1);
-        let shared = test_shared();
-        let handles = r.handles().to_vec();
+        let t = SlowReads::new(1000);
         let mut d = Driver::new(8);
         publish_read(&mut d);
         let (sock, peer) = UnixStream::pair().unwrap();
-        let mut conn = Conn::new(&spec, &bdev, &handles, &shared, sock);
-        conn.drain_timeout = Duration::from_millis(50);
-        set_ring(&mut conn, &d, 0);
-        conn.try_start(0);
-        wait_until("the read reaches the bdev", || {
-            bdev.info().stats().ops[0] == 1
-        });
+        let mut conn = t.started(&d, 0, sock);
         // GET_VRING_BASE while the read is held: the base is past the chain the poller took,
         // not the one the ring started with (a restart from there would run it twice).
         conn.stop_ring(0);
@@ -1478,7 +1472,7 @@ mod tests {
             drop(peer);
             let _ = t.join().unwrap();
         });
-        r.shutdown(Duration::from_secs(5));
+        t.r.shutdown(Duration::from_secs(5));
     }
 
     #[test]
