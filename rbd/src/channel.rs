@@ -288,6 +288,12 @@ impl ChannelOps for RbdChannel {
             let st = status(r);
             if !st.is_ok() {
                 tracing::debug!(error = %ffi::errno(r), io_type = ?io.io_type, "rbd request failed");
+                if matches!(
+                    io.io_type,
+                    IoType::Write | IoType::Unmap | IoType::WriteZeroes
+                ) {
+                    self.image.write_failed();
+                }
             }
             done.push(io.complete(st));
             self.free.push(i);
