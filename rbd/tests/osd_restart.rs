@@ -217,10 +217,11 @@ fn a_first_write_after_the_cluster_went_away_fails_after_op_timeout_then_the_vol
     // Opened, read, never written: the volume's first write is yet to come.
     assert_eq!(ch.read(0, 1).0, IoStatus::Success);
     c.cut();
-    // Long enough for librbd's watch on the image's header to fail (its pings time out after
-    // op_timeout) and for its re-watch loop to start: a request for the image's exclusive lock
-    // made then waits for the watch, with no bound, so a write that still had to take the lock
-    // would hang until the cluster returned.
+    // Long enough for librbd's watch on the image's header to fail (its connection to the OSD
+    // closed, and no monitor says the OSD is down, so it keeps trying the OSD) and for its
+    // re-watch loop to start: a request for the image's exclusive lock made then waits for the
+    // watch, with no bound, so a write that still had to take the lock would hang until the
+    // cluster returned (as it did before the volume took the lock at open).
     std::thread::sleep(Duration::from_secs(5 * op_timeout));
     let guard = Duration::from_secs(60);
     for lba in [1, 2] {
