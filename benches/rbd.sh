@@ -7,10 +7,11 @@
 # memstore OSD on 127.0.0.1), started by the `ceph-cluster` example. The image is written whole
 # first, so reads find data. CPU per I/O: ferroblk's whole process (reactor and librbd threads),
 # and rbd bench's (getrusage of the child), over the same I/Os.
-#   usage: benches/rbd.sh [runs=3] [seconds=5]
+# With idle_poll_us, the reactor's [reactors] idle_poll_us (default: the daemon's).
+#   usage: benches/rbd.sh [runs=3] [seconds=5] [idle_poll_us]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-runs=${1:-3}; secs=${2:-5}
+runs=${1:-3}; secs=${2:-5}; idle=${3:-}
 . benches/common.sh
 bin=$(bench_bin --features rbd)
 cargo build --release -q -p ferroblk-rbd --features testing --example ceph-cluster
@@ -37,11 +38,12 @@ auth = "none"
 pool = "rbd"
 image = "bench"
 TOML
+[ -z "$idle" ] || printf '[reactors]\nidle_poll_us = %s\n' "$idle" >> "$work/rbd.toml"
 ops=$((4096 * 16)) # rbd bench's I/Os per run (256 MiB of 4 KiB requests)
 job() { # rw (randwrite|randread) rbd-io-type
   local f=() r=() fc=() rc=()
   for i in $(seq "$runs"); do
-    j=$("$bin" perf bdev --config "$work/rbd.toml" --qd 32 --bs 4096 --rw "$1" --time "$secs" \
+    j=$("$bin" perf bdev --config "$work/rbd.toml" --cpus 0 --qd 32 --bs 4096 --rw "$1" --time "$secs" \
           --json 2>/dev/null)
     read -r iops cpu rcpu < <(echo "$j" | python3 -c 'import json,sys; j=json.load(sys.stdin); print(round(j["iops"]), round(j["process_cpu_ns_per_io"]), round(j["reactor_cpu_ns_per_io"]))')
     echo "$1 ferroblk run $i: $iops IOPS, process CPU $cpu ns/IO (reactor $rcpu)"

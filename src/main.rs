@@ -99,7 +99,8 @@ enum Cmd {
         what: bench::BenchCmd,
     },
     /// Run every check `serve` runs (the configuration, its state file, each bdev's file and
-    /// key) without opening sockets or changing anything; report every problem found.
+    /// key, each rbd volume's cluster) without opening sockets or changing anything; report
+    /// every problem found.
     CheckConfig {
         /// The TOML configuration (default: the quickstart built into the binary).
         config: Option<PathBuf>,

@@ -151,3 +151,115 @@ fn an_unreachable_cluster_fails_its_volume_and_the_daemon_serves_the_others() {
     );
     assert!(daemon.stop(), "the daemon did not stop cleanly");
 }
+
+#[test]
+fn check_config_reaches_the_cluster_and_reports_what_serve_would_refuse() {
+    let c = TestCluster::start();
+    for image in ["fine", "small"] {
+        c.rbd_ok(&["create", "--size", "1M", &format!("{POOL}/{image}")]);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let keyring = d.join("wrong.keyring");
+    std::fs::write(
+        &keyring,
+        "[client.admin]\n\tkey = AQBXtm9lAAAAABAAvOb8zLZ6JGpGjFGrLDUabw==\n",
+    )
+    .unwrap();
+    let mon = c.mon_host();
+    let nobody = free_port();
+    let rbd = |name: &str, fields: &str| {
+        format!(
+            "[[bdev]]\nname = \"{name}\"\nkind = \"rbd\"\npool = \"{POOL}\"\n\
+             connect_timeout_secs = 2\n{fields}\n"
+        )
+    };
+    let config = [
+        "[rpc]\nsocket = \"rpc.sock\"\n".to_string(),
+        "[[bdev]]\nname = \"m\"\nkind = \"malloc\"\nsize = \"1MiB\"\n".to_string(),
+        // Fine: an existing image, and one that serve would create.
+        rbd(
+            "ok",
+            &format!("mon_host = \"{mon}\"\nauth = \"none\"\nimage = \"fine\""),
+        ),
+        rbd(
+            "new",
+            &format!(
+                "mon_host = \"{mon}\"\nauth = \"none\"\nimage = \"new\"\ncreate = true\n\
+                 size = \"1MiB\""
+            ),
+        ),
+        // Refused, each naming its field.
+        rbd(
+            "noimage",
+            &format!("mon_host = \"{mon}\"\nauth = \"none\"\nimage = \"nosuch\""),
+        ),
+        rbd(
+            "nopool",
+            &format!("mon_host = \"{mon}\"\nauth = \"none\"\nimage = \"small\""),
+        )
+        .replace(&format!("pool = \"{POOL}\""), "pool = \"nopool\""),
+        rbd(
+            "small",
+            &format!("mon_host = \"{mon}\"\nauth = \"none\"\nimage = \"small\"\nsize = \"2MiB\""),
+        ),
+        rbd(
+            "key",
+            &format!(
+                "mon_host = \"{mon}\"\nkeyring = \"{}\"\nimage = \"small\"",
+                keyring.display()
+            ),
+        ),
+        rbd(
+            "away",
+            &format!("mon_host = \"v2:127.0.0.1:{nobody}\"\nauth = \"none\"\nimage = \"small\""),
+        ),
+    ]
+    .concat();
+    std::fs::write(d.join("ferroblk.toml"), &config).unwrap();
+    let out = Command::new(BIN)
+        .args(["check-config", "ferroblk.toml"])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    let problems: Vec<&str> = err.lines().collect();
+    let expect = [
+        (3, "image", "no such image"),
+        (4, "pool", "no such pool"),
+        (5, "size", "smaller than the declared"),
+        (6, "keyring", "refused client.admin"),
+        (
+            7,
+            "mon_host",
+            "cannot connect to the cluster as client.admin within 2 s",
+        ),
+    ];
+    assert_eq!(problems.len(), expect.len(), "{err}");
+    // check-config created nothing.
+    let ls = c.rbd_ok(&["ls", POOL]);
+    assert_eq!(ls.split_whitespace().collect::<Vec<_>>(), ["fine", "small"]);
+
+    // serve refuses the same volumes with the same words, and serves the others.
+    let mut daemon = start_daemon(d);
+    for (i, name) in ["m", "ok", "new"].into_iter().enumerate() {
+        assert_eq!(bdev(d, name)["state"], "online", "bdev[{i}] {name}");
+    }
+    for ((i, field, words), line) in expect.into_iter().zip(&problems) {
+        assert!(
+            line.contains(&format!("bdev[{i}].{field}: ")) && line.contains(words),
+            "bdev[{i}].{field} ({words}): {line}\n{err}"
+        );
+        let name = config.split("[[bdev]]").nth(i + 1).unwrap();
+        let name = name.split('"').nth(1).unwrap();
+        let served = bdev(d, name);
+        assert_eq!(served["state"], "failed", "{served}");
+        let reason = served["reason"].as_str().unwrap();
+        assert!(
+            line.ends_with(&format!("bdev[{i}].{reason}")),
+            "check-config said\n  {line}\nserve said\n  {reason}"
+        );
+    }
+    assert!(daemon.stop(), "the daemon did not stop cleanly");
+}

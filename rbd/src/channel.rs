@@ -3,15 +3,17 @@
 //!
 //! librbd completes requests on its own threads. Each channel owns a [`Handoff`]: one slot per
 //! request it may have in flight and an intrusive lock-free stack of finished slots. librbd's
-//! callback stores the result in the request's slot and pushes the slot (one compare-and-swap);
-//! the push that finds the stack empty also writes the channel's eventfd, which the reactor
-//! watches ([`FdWatch`]), so a sleeping reactor wakes. The channel's `poll` takes the whole
-//! stack with one swap. No thread blocks per request and nothing is allocated per request on our
-//! side (librbd allocates its completion object).
+//! callback stores the result in the request's slot and pushes the slot (one compare-and-swap).
+//! The channel's `poll` takes the whole stack with one swap. A reactor that is about to sleep
+//! arms the hand-off (in `wake`); the first push after that disarms it and writes the channel's
+//! eventfd, which the reactor watches ([`FdWatch`]), so the sleeping reactor wakes. Completions
+//! that arrive while the reactor polls cost no system call on either side. No thread blocks per
+//! request and nothing is allocated per request on our side (librbd allocates its completion
+//! object).
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 
 use ferroblk_bdev::uring::FdWatch;
 use ferroblk_bdev::{BdevError, ChannelOps, IoCompletion, IoRequest, IoStatus, IoType, Wake};
@@ -42,7 +44,9 @@ struct Handoff {
     slots: Box<[Slot]>,
     /// Top of the stack of finished slots, [`EMPTY`] when none.
     head: AtomicU32,
-    /// Written when a push finds the stack empty; watched by the reactor.
+    /// Set by the reactor before it sleeps: the next push writes the eventfd.
+    armed: AtomicBool,
+    /// Written by the first push after the reactor armed the hand-off; watched by the reactor.
     eventfd: OwnedFd,
 }
 
@@ -76,6 +80,7 @@ impl Handoff {
                 })
                 .collect(),
             head: AtomicU32::new(EMPTY),
+            armed: AtomicBool::new(false),
             eventfd,
         });
         debug_assert!(
@@ -103,7 +108,9 @@ impl Handoff {
                 Err(h) => head = h,
             }
         }
-        if head == EMPTY {
+        // SeqCst, after the push: either the reactor's `arm` comes first and this sees it, or
+        // this push comes first and the reactor's emptiness check after arming sees it.
+        if self.armed.load(Ordering::SeqCst) && self.armed.swap(false, Ordering::SeqCst) {
             let one = 1u64;
             // SAFETY: writes 8 bytes from a live u64 to the eventfd this hand-off owns.
             unsafe {
@@ -126,6 +133,13 @@ impl Handoff {
 
     fn is_empty(&self) -> bool {
         self.head.load(Ordering::SeqCst) == EMPTY
+    }
+
+    /// The reactor may sleep: the next push wakes it. Returns whether the stack is still empty
+    /// (if not, the reactor must not sleep: a push may have come before the arming).
+    fn arm(&self) -> bool {
+        self.armed.store(true, Ordering::SeqCst);
+        self.is_empty()
     }
 
     /// Empties the eventfd's counter so that it reports again on the next write.
@@ -288,6 +302,12 @@ impl ChannelOps for RbdChannel {
             let st = status(r);
             if !st.is_ok() {
                 tracing::debug!(error = %ffi::errno(r), io_type = ?io.io_type, "rbd request failed");
+                if matches!(
+                    io.io_type,
+                    IoType::Write | IoType::Unmap | IoType::WriteZeroes
+                ) {
+                    self.image.write_failed();
+                }
             }
             done.push(io.complete(st));
             self.free.push(i);
@@ -297,7 +317,7 @@ impl ChannelOps for RbdChannel {
     }
 
     fn wake(&self) -> Wake {
-        if !self.failed.is_empty() || !self.handoff.is_empty() {
+        if !self.failed.is_empty() || !self.handoff.arm() {
             Wake::Immediate
         } else {
             Wake::Event

@@ -9,8 +9,8 @@ use ferroblk_bdev::{Bdev, BdevError, BdevKind, ByteSize, Kinds};
 use serde::{Deserialize, Serialize};
 
 use crate::bdev::{KIND, RbdBdev};
-use crate::cluster::{Auth, ClusterConfig};
-use crate::image::ImageSpec;
+use crate::cluster::{Auth, Cluster, ClusterConfig};
+use crate::image::{Image, ImageSpec};
 
 fn default_client() -> String {
     "admin".into()
@@ -177,8 +177,12 @@ impl RbdDecl {
         Ok(())
     }
 
-    /// The checks that read local files only (the configuration file, the keyring): what
-    /// `check-config` runs without reaching the cluster.
+    /// What `check-config` runs: the files it reads (the configuration file, the keyring),
+    /// then the cluster, as opening the volume would reach it but changing nothing: connects
+    /// (one connection, bounded by `connect_timeout_secs`), opens the pool and the image
+    /// read-only and compares the image's size with `size`. An image missing with
+    /// `create = true` passes (`serve` creates it). Errors are those of opening, naming the
+    /// field.
     pub fn check(&self) -> Result<(), BdevError> {
         for (field, p) in [("conf", &self.conf), ("keyring", &self.keyring)] {
             if let Some(p) = p
@@ -190,6 +194,29 @@ impl RbdDecl {
                 ));
             }
         }
+        let mut cluster = self.cluster();
+        cluster.connections = 1;
+        let cluster = Cluster::get(&cluster)?;
+        if let Some(bytes) = Image::probe(cluster, &self.spec())? {
+            let bs = block_size(self.block_size)?;
+            self.check_size(bs.to_bytes(bytes >> bs.shift()))?;
+        }
+        Ok(())
+    }
+
+    /// An existing image must hold the declared `size`; `have` is its size in whole blocks.
+    fn check_size(&self, have: u64) -> Result<(), BdevError> {
+        if let Some(size) = self.size
+            && have < size.0
+        {
+            return Err(BdevError::invalid(
+                "size",
+                format!(
+                    "image '{}' is {have} bytes, smaller than the declared {}",
+                    self.image, size.0
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -198,18 +225,7 @@ impl RbdDecl {
         self.validate()?;
         let bs = block_size(self.block_size)?;
         let b = RbdBdev::open(&self.name, &self.cluster(), self.spec(), bs)?;
-        if let Some(size) = self.size {
-            let have = b.info().block_size().to_bytes(b.info().block_count());
-            if have < size.0 {
-                return Err(BdevError::invalid(
-                    "size",
-                    format!(
-                        "image '{}' is {have} bytes, smaller than the declared {}",
-                        self.image, size.0
-                    ),
-                ));
-            }
-        }
+        self.check_size(b.info().block_size().to_bytes(b.info().block_count()))?;
         Ok(b)
     }
 }

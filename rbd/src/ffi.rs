@@ -17,8 +17,18 @@ pub type rbd_image_t = *mut c_void;
 pub type rbd_completion_t = *mut c_void;
 /// `rbd_callback_t`: called from a librbd thread when a request completes.
 pub type rbd_callback_t = unsafe extern "C" fn(cb: rbd_completion_t, arg: *mut c_void);
+/// `librbd_progress_fn_t`: progress of a long operation; a non-zero return cancels it.
+pub type librbd_progress_fn_t =
+    unsafe extern "C" fn(offset: u64, total: u64, arg: *mut c_void) -> c_int;
 /// `rbd_update_callback_t`: called from a librbd thread when the image's header changed.
 pub type rbd_update_callback_t = unsafe extern "C" fn(arg: *mut c_void);
+
+/// `RBD_FEATURE_EXCLUSIVE_LOCK` (`rbd/features.h`): writers take the image's exclusive lock.
+pub const RBD_FEATURE_EXCLUSIVE_LOCK: u64 = 1 << 2;
+/// `RBD_FEATURE_OBJECT_MAP` (`rbd/features.h`): the lock owner tracks which objects exist.
+pub const RBD_FEATURE_OBJECT_MAP: u64 = 1 << 3;
+/// `RBD_LOCK_MODE_EXCLUSIVE` (`rbd_lock_mode_t`).
+pub const RBD_LOCK_MODE_EXCLUSIVE: c_int = 0;
 
 unsafe extern "C" {
     pub fn rados_create2(
@@ -65,6 +75,13 @@ unsafe extern "C" {
         handle: *mut u64,
         watch_cb: rbd_update_callback_t,
         arg: *mut c_void,
+    ) -> c_int;
+    pub fn rbd_get_features(image: rbd_image_t, features: *mut u64) -> c_int;
+    pub fn rbd_lock_acquire(image: rbd_image_t, lock_mode: c_int) -> c_int;
+    pub fn rbd_rebuild_object_map(
+        image: rbd_image_t,
+        cb: librbd_progress_fn_t,
+        cbdata: *mut c_void,
     ) -> c_int;
     pub fn rbd_update_unwatch(image: rbd_image_t, handle: u64) -> c_int;
 

@@ -15,17 +15,19 @@
 //!   grown elsewhere).
 //! - `channel`: each reactor's channel. Reads, writes, discards, write-zeroes and flushes go to
 //!   `rbd_aio_*` with the request's own segments (no copy); librbd's threads hand completions
-//!   back through a per-channel lock-free stack and an eventfd that the reactor watches, so no
-//!   thread blocks per request and the reactor's hot path takes no lock.
+//!   back through a per-channel lock-free stack, and an eventfd that the reactor watches,
+//!   written only when the reactor was about to sleep; no thread blocks per request and the
+//!   reactor's hot path takes no lock.
 //! - [`decl`]: `kind = "rbd"` ([`RbdKind`]), added to a program's kinds by [`add_kinds`].
 //! - `testing` (feature `testing`): a real single-node Ceph cluster for tests and benchmarks.
 //!
 //! A cluster that goes away: requests fail with an I/O error after `op_timeout_secs`
 //! (`rados_osd_op_timeout`); the reactor never waits on the cluster; once the cluster is back,
-//! new requests succeed. Exception: librbd does not bound taking the image's exclusive lock, so
-//! on an image that had not taken it (no write yet) when the whole cluster went away, a write
-//! or flush stays in flight until the cluster returns. Closing is bounded
-//! (`op_timeout_secs + connect_timeout_secs`, then left to finish in the background).
+//! new requests succeed. A writable image takes its exclusive lock at open (librbd's own
+//! acquisition on the first write waits, unbounded, for a header watch that a cluster gone away
+//! broke), and rebuilds its object map once the cluster is back after a write failed (librbd
+//! leaves it stale in the cluster). Closing is bounded (`op_timeout_secs +
+//! connect_timeout_secs`, then left to finish in the background).
 
 pub mod bdev;
 mod channel;

@@ -176,10 +176,7 @@ impl TestCluster {
                 .arg(&monmap)
                 .output(),
         );
-        let mut mon = c.daemon("ceph-mon");
-        mon.args(["-f", "-i", "a"]);
-        mon.stdout(Stdio::null()).stderr(Stdio::null());
-        *c.mon.lock().unwrap() = Some(spawn_daemon(mon));
+        c.start_mon();
         let osd_uuid = uuid();
         c.osd_id = check("ceph osd new", c.ceph(&["osd", "new", &osd_uuid]))
             .trim()
@@ -247,6 +244,15 @@ impl TestCluster {
         )
     }
 
+    /// Starts the monitor.
+    fn start_mon(&self) {
+        let mut mon = self.daemon("ceph-mon");
+        mon.args(["-f", "-i", "a"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        *self.mon.lock().unwrap() = Some(spawn_daemon(mon));
+    }
+
     /// Starts the OSD (again, after [`stop_osd`](Self::stop_osd)); memstore keeps what it held
     /// across a clean stop.
     pub fn start_osd(&self) {
@@ -264,6 +270,29 @@ impl TestCluster {
         }
     }
 
+    /// Cuts the cluster off, as a lost network does, without losing what it holds: the monitor
+    /// freezes (SIGSTOP), then the OSD stops cleanly (memstore saves its contents). Clients see
+    /// their connections to the OSD close and hear nothing of it from the monitor.
+    /// [`restore`](Self::restore) brings both back.
+    pub fn cut(&self) {
+        self.signal_mon(libc::SIGSTOP);
+        self.stop_osd();
+    }
+
+    /// Brings back a cluster [`cut`](Self::cut) off: the OSD starts again and the monitor goes
+    /// on (SIGCONT).
+    pub fn restore(&self) {
+        self.start_osd();
+        self.signal_mon(libc::SIGCONT);
+    }
+
+    fn signal_mon(&self, signal: i32) {
+        if let Some(c) = self.mon.lock().unwrap().as_ref() {
+            // SAFETY: signals our own child, not yet reaped (so the PID is still ours).
+            unsafe { libc::kill(c.id() as i32, signal) };
+        }
+    }
+
     /// Kills both daemons at once (SIGKILL), as a crash or a lost network would take them.
     pub fn kill(&self) {
         for d in [&self.osd, &self.mon] {
@@ -276,6 +305,7 @@ impl TestCluster {
 
     /// Stops both daemons, the OSD first.
     pub fn stop(&self) {
+        self.signal_mon(libc::SIGCONT);
         self.stop_osd();
         if let Some(mut c) = self.mon.lock().unwrap().take() {
             stop(&mut c, Duration::from_secs(10));

@@ -1,12 +1,13 @@
 //! The cluster goes away under an `rbd` volume: its OSD is stopped and started again while
-//! writes are in flight. Each test has its own cluster (they stop its OSD).
+//! writes are in flight, or the whole cluster is stopped before the volume's first write. Each
+//! test has its own cluster (they stop its daemons).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use ferroblk_bdev::sync::SyncChannel;
 use ferroblk_bdev::testing::block_data;
-use ferroblk_bdev::{AlignedBuf, Bdev, IoCompletion, IoRequest, IoStatus, SgList};
+use ferroblk_bdev::{AlignedBuf, Bdev, IoCompletion, IoRequest, IoStatus, IoType, SgList};
 use ferroblk_rbd::RbdDecl;
 use ferroblk_rbd::testing::TestCluster;
 
@@ -178,4 +179,97 @@ fn a_volume_whose_cluster_is_gone_still_closes() {
     // Closing waits on the cluster at most op_timeout + connect_timeout, then leaves the close
     // to finish in the background: dropping returns (the test would hang otherwise).
     drop(bdev);
+}
+
+/// Runs one request on a volume of `c` and waits for its completion; after `guard` (a hang
+/// guard, not a measurement: the rule is that such a request fails after `op_timeout_secs`)
+/// brings the cluster back, so the request can finish and the test fail instead of hanging.
+fn run_guarded(c: &TestCluster, ch: &mut SyncChannel, io: IoRequest, guard: Duration) -> IoStatus {
+    let what = io.io_type;
+    assert!(ch.channel().submit(io).is_ok());
+    let t = Instant::now();
+    let mut done = Vec::new();
+    loop {
+        ch.poll_once(&mut done);
+        if let Some(done) = done.pop() {
+            return done.status;
+        }
+        if t.elapsed() > guard {
+            c.restore();
+            panic!("a {what:?} to a cluster that is away hung for {guard:?}");
+        }
+    }
+}
+
+fn write_request(lba: u64, generation: u8) -> IoRequest {
+    let mut b = AlignedBuf::new(4096);
+    b.as_mut_slice()
+        .copy_from_slice(&block_data(lba, 4096, generation));
+    IoRequest::write(lba, 1, SgList::from_buf(b), lba)
+}
+
+#[test]
+fn a_first_write_after_the_cluster_went_away_fails_after_op_timeout_then_the_volume_recovers() {
+    let c = TestCluster::start();
+    let op_timeout = 2;
+    let bdev = open(&c, "first", op_timeout);
+    let mut ch = SyncChannel::new(bdev.open_channel().unwrap());
+    // Opened, read, never written: the volume's first write is yet to come.
+    assert_eq!(ch.read(0, 1).0, IoStatus::Success);
+    c.cut();
+    // Long enough for librbd's watch on the image's header to fail (its connection to the OSD
+    // closed, and no monitor says the OSD is down, so it keeps trying the OSD) and for its
+    // re-watch loop to start: a request for the image's exclusive lock made then waits for the
+    // watch, with no bound, so a write that still had to take the lock would hang until the
+    // cluster returned (as it did before the volume took the lock at open).
+    std::thread::sleep(Duration::from_secs(5 * op_timeout));
+    let guard = Duration::from_secs(60);
+    for lba in [1, 2] {
+        assert_eq!(
+            run_guarded(&c, &mut ch, write_request(lba, 1), guard),
+            IoStatus::MediaError,
+            "write {lba} while the cluster is away"
+        );
+    }
+    // A flush does not hang either; with librbd's cache off every acknowledged write is in the
+    // cluster already and none is in flight, so it has nothing to wait for.
+    assert_eq!(
+        run_guarded(
+            &c,
+            &mut ch,
+            IoRequest::no_data(IoType::Flush, 0, 0, 0),
+            guard
+        ),
+        IoStatus::Success,
+        "a flush while the cluster is away"
+    );
+    c.restore();
+    // The volume recovers: writes succeed again once librbd is back in touch.
+    let t = Instant::now();
+    while run_guarded(&c, &mut ch, write_request(1, 2), guard) != IoStatus::Success {
+        assert!(t.elapsed() < guard, "the volume never recovered");
+    }
+    assert_eq!(ch.write(2, &block_data(2, 4096, 2)), IoStatus::Success);
+    assert_eq!(ch.flush(), IoStatus::Success);
+    for lba in [1, 2] {
+        let (st, back) = ch.read(lba, 1);
+        assert_eq!(st, IoStatus::Success);
+        assert!(back == block_data(lba, 4096, 2), "block {lba}");
+    }
+    // The next owner of the image reads what was acknowledged. librbd updated its object map in
+    // memory but not in the cluster when the first write failed, and would then never write it
+    // again; the volume rebuilds it once the cluster is back (else a new owner, trusting the
+    // map, would read zeros for objects written since).
+    drop(ch);
+    drop(bdev);
+    let again = open(&c, "first", op_timeout);
+    let mut ch = SyncChannel::new(again.open_channel().unwrap());
+    for lba in [1, 2] {
+        let (st, back) = ch.read(lba, 1);
+        assert_eq!(st, IoStatus::Success);
+        assert!(
+            back == block_data(lba, 4096, 2),
+            "block {lba} after a reopen"
+        );
+    }
 }

@@ -230,3 +230,28 @@ fn an_image_grown_with_the_rbd_cli_grows_the_volume() {
     assert_eq!(ch.write(2047, &d), IoStatus::Success);
     assert_eq!(ch.read(2047, 1), (IoStatus::Success, d));
 }
+
+#[test]
+fn a_second_writer_on_an_image_in_use_is_refused_naming_the_image() {
+    let img = image("inuse");
+    let first = open(&img, "create = true\nsize = \"1MiB\"\n");
+    let mut ch = SyncChannel::new(first.open_channel().unwrap());
+    assert_eq!(ch.write(0, &block_data(0, 4096, 1)), IoStatus::Success);
+    let e = decl(&img, "").open().err().unwrap();
+    assert_eq!(e.field(), Some("image"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("another client holds its exclusive lock"),
+        "{e}"
+    );
+    // A reader takes no lock, and the first volume keeps writing.
+    let reader = open(&img, "read_only = true\n");
+    let (st, back) = SyncChannel::new(reader.open_channel().unwrap()).read(0, 1);
+    assert_eq!(st, IoStatus::Success);
+    assert!(back == block_data(0, 4096, 1));
+    assert_eq!(ch.write(1, &block_data(1, 4096, 1)), IoStatus::Success);
+    // Closed, the image can be opened for writing again.
+    drop(ch);
+    drop(first);
+    open(&img, "");
+}
