@@ -108,21 +108,8 @@ impl Host {
     }
 
     fn connect(&mut self, qid: u16, cntlid: u16) -> Cqe {
-        let cd = ConnectData {
-            hostid: [7; 16],
-            cntlid,
-            subnqn: NQN.into(),
-            hostnqn: HOST.into(),
-        };
-        let cmd = ConnectCommand {
-            recfmt: 0,
-            qid,
-            sqsize: 31,
-            cattr: 0,
-            kato: 0,
-            sgl1: SglDescriptor::in_capsule(0, 1024),
-        };
-        self.command(&cmd.to_sqe(1), &cd.to_bytes()).0
+        let sqe = connect_sqe(1, qid, SglDescriptor::in_capsule(0, 1024));
+        self.command(&sqe, &connect_data(NQN, cntlid).to_bytes()).0
     }
 
     /// Expects a C2HTermReq with `fes`, then the connection closing.
@@ -135,6 +122,29 @@ impl Host {
             self.recv().is_none(),
             "connection closed after the termination request"
         );
+    }
+}
+
+/// A Connect command (CID `cid`, queue `qid`, no keep-alive) with `sgl` for its data.
+fn connect_sqe(cid: u16, qid: u16, sgl: SglDescriptor) -> Sqe {
+    ConnectCommand {
+        recfmt: 0,
+        qid,
+        sqsize: 31,
+        cattr: 0,
+        kato: 0,
+        sgl1: sgl,
+    }
+    .to_sqe(cid)
+}
+
+/// Connect data of host [`HOST`] for subsystem `subnqn`, controller `cntlid`.
+fn connect_data(subnqn: &str, cntlid: u16) -> ConnectData {
+    ConnectData {
+        hostid: [7; 16],
+        cntlid,
+        subnqn: subnqn.into(),
+        hostnqn: HOST.into(),
     }
 }
 
@@ -734,23 +744,8 @@ fn a_second_connect_on_one_connection_binds_no_second_controller() {
     let r = common::rig(NQN, common::malloc_1m());
     let mut h = Host::new(r.addr);
     h.ic(false, false);
-    let cd = ConnectData {
-        hostid: [7; 16],
-        cntlid: 0xffff,
-        subnqn: NQN.into(),
-        hostnqn: HOST.into(),
-    };
-    let connect = |cid: u16, sgl: SglDescriptor| {
-        ConnectCommand {
-            recfmt: 0,
-            qid: 0,
-            sqsize: 31,
-            cattr: 0,
-            kato: 0,
-            sgl1: sgl,
-        }
-        .to_sqe(cid)
-    };
+    let cd = connect_data(NQN, 0xffff);
+    let connect = |cid: u16, sgl: SglDescriptor| connect_sqe(cid, 0, sgl);
     // Connect 1 asks for its data by R2T and waits for it.
     let mut out = [0u8; 256];
     let n = h.enc.capsule_cmd(
@@ -840,26 +835,9 @@ fn a_discovery_controller_without_keep_alive_gets_one() {
     let r = common::rig(NQN, common::malloc_1m());
     let mut h = Host::new(r.addr);
     h.ic(false, false);
-    let cd = ConnectData {
-        hostid: [7; 16],
-        cntlid: 0xffff,
-        subnqn: DISCOVERY_NQN.into(),
-        hostnqn: HOST.into(),
-    };
-    let cmd = ConnectCommand {
-        recfmt: 0,
-        qid: 0,
-        sqsize: 31,
-        cattr: 0,
-        kato: 0,
-        sgl1: SglDescriptor::in_capsule(0, 1024),
-    };
-    assert!(
-        h.command(&cmd.to_sqe(1), &cd.to_bytes())
-            .0
-            .status
-            .is_success()
-    );
+    let cd = connect_data(DISCOVERY_NQN, 0xffff);
+    let sqe = connect_sqe(1, 0, SglDescriptor::in_capsule(0, 1024));
+    assert!(h.command(&sqe, &cd.to_bytes()).0.status.is_success());
     let disc = r.target.subsystem(DISCOVERY_NQN).unwrap();
     let c = disc.controllers();
     assert_eq!(c.len(), 1);
