@@ -8,22 +8,14 @@
 
 mod common;
 
-use std::time::Duration;
-
-use common::lab::Lab;
+use common::guest::{GuestTest, guest_bin};
 
 const NQN: &str = "nqn.2026-11.io.ferroblk:rdma";
 const PRIVATE: &str = "nqn.2026-11.io.ferroblk:rdma-private";
 const ALLOWED_HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:11111111-2222-3333-4444-555555555555";
-/// Printed by the guest when its kernel has no soft-RoCE driver.
-const NO_RXE: &str = "RDMA-RXE-UNAVAILABLE";
-
-const GUEST: &str = r#"#!/bin/bash
-set -euxo pipefail
+const GUEST: &str = r#"
 BIN=__BIN__; NQN=__NQN__; PRIV=__PRIV__; OK_HOST=__OKHOST__
-if [ ! -d /sys/module/rdma_rxe ]; then echo __NORXE__; exit 0; fi
-rdma link add rxe0 type rxe netdev eth0
-rdma link show
+rxe_up
 A=10.0.2.15
 W=/tmp/fb; mkdir -p $W
 cat > $W/ferroblk.toml <<CFG
@@ -62,8 +54,7 @@ CFG
 $BIN serve --config $W/ferroblk.toml > $W/log 2>&1 &
 FB=$!
 trap 'echo "--- daemon log ---"; cat $W/log' EXIT
-for i in $(seq 100); do grep -q "NVMe/RDMA listener started" $W/log && break; sleep 0.2; done
-wait_dev() { for i in $(seq 100); do [ -b "$1" ] && return 0; sleep 0.1; done; return 1; }
+wait_log $W/log "NVMe/RDMA listener started"
 
 # Discovery over RDMA lists the open subsystem with the RDMA transport fields.
 nvme discover -t rdma -a $A -s 4420 | tee /tmp/disc
@@ -132,8 +123,7 @@ wait_dev /dev/nvme0n1
 sleep 2
 closed0=$(grep -c 'NVMe queue closing' $W/log)
 rdma link delete rxe0 &
-for i in $(seq 100); do grep -q "RDMA device of the NVMe/RDMA listener removed" $W/log && break; sleep 0.3; done
-grep -q "RDMA device of the NVMe/RDMA listener removed" $W/log
+wait_log $W/log "RDMA device of the NVMe/RDMA listener removed"
 # Its admin queue and both I/O queues are closed.
 for i in $(seq 100); do [ "$(grep -c 'NVMe queue closing' $W/log)" -ge $((closed0 + 3)) ] && break; sleep 0.3; done
 test "$(grep -c 'NVMe queue closing' $W/log)" -ge $((closed0 + 3))
@@ -148,33 +138,15 @@ echo GUEST-ALL-OK
 
 #[test]
 fn linux_host_uses_ferroblk_over_nvme_rdma_on_soft_roce() {
-    let lab =
-        Lab::prepare().unwrap_or_else(|e| panic!("the guest lab could not be prepared: {e:#}"));
+    let t = GuestTest::in_guest();
     let script = GUEST
-        .replace(
-            "__BIN__",
-            // The host tree as the guest sees it whole: a build under /tmp is hidden by the
-            // guest's own /tmp otherwise.
-            &format!("/run/lab/host{}", env!("CARGO_BIN_EXE_ferroblk")),
-        )
+        .replace("__BIN__", &guest_bin())
         .replace("__NQN__", NQN)
         .replace("__PRIV__", PRIVATE)
-        .replace("__OKHOST__", ALLOWED_HOST)
-        .replace("__NORXE__", NO_RXE);
-    let out = lab.run(&script, &[], Duration::from_secs(900)).unwrap();
-    if out.success() && out.output.contains(NO_RXE) {
-        eprintln!(
-            "SKIPPED: the guest kernel has no rdma_rxe (soft-RoCE) module; NVMe/RDMA was not \
-             tested"
-        );
+        .replace("__OKHOST__", ALLOWED_HOST);
+    let Some(out) = t.run_soft_roce(&script) else {
         return;
-    }
-    assert!(
-        out.success() && out.output.contains("GUEST-ALL-OK"),
-        "guest checks failed (status {}):\n{}",
-        out.status,
-        out.output
-    );
+    };
     assert!(
         out.output.contains("Connect refused") && out.output.contains("not on the allow-list"),
         "the refused host is logged:\n{}",

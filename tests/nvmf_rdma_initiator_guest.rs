@@ -19,16 +19,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::lab::Lab;
+use common::guest::{GuestTest, guest_bin};
 
-/// Printed by the guest when its kernel has no soft-RoCE driver.
-const NO_RXE: &str = "RDMA-RXE-UNAVAILABLE";
-
-const GUEST: &str = r#"#!/bin/bash
-set -euxo pipefail
+const GUEST: &str = r#"
 BIN=__BIN__
-if [ ! -d /sys/module/rdma_rxe ]; then echo __NORXE__; exit 0; fi
-rdma link add rxe0 type rxe netdev eth0
+rxe_up
 A=10.0.2.15
 NQN=nqn.2026-11.io.ferroblk:rdma-init
 PRIV=nqn.2026-11.io.ferroblk:rdma-init-private
@@ -41,8 +36,6 @@ cleanup() {
   echo "--- nvmf bdev daemon log ---"; cat $W/b.log || true
 }
 trap cleanup EXIT
-wait_log() { for i in $(seq 150); do grep -q "$2" "$1" && return 0; sleep 0.2; done; return 1; }
-wait_dev() { for i in $(seq 100); do [ -b "$1" ] && return 0; sleep 0.1; done; return 1; }
 
 # --- Daemon A: ferroblk's NVMe/RDMA target. ---
 cat > $W/a.toml <<CFG
@@ -199,30 +192,10 @@ fn ferroblk_initiator_over_nvme_rdma_on_soft_roce() {
     // SAFETY: this test binary runs this one test; no other thread reads or writes the
     // environment while it is set.
     unsafe { std::env::set_var("FERROBLK_LAB_EXTRA_MODULES", "nvmet nvmet_rdma") };
-    let lab =
-        Lab::prepare().unwrap_or_else(|e| panic!("the guest lab could not be prepared: {e:#}"));
-    let script = GUEST
-        .replace(
-            "__BIN__",
-            // The host tree as the guest sees it whole (a build under /tmp is hidden by the
-            // guest's own /tmp otherwise).
-            &format!("/run/lab/host{}", env!("CARGO_BIN_EXE_ferroblk")),
-        )
-        .replace("__NORXE__", NO_RXE);
-    let out = lab.run(&script, &[], Duration::from_secs(1200)).unwrap();
-    if out.success() && out.output.contains(NO_RXE) {
-        eprintln!(
-            "SKIPPED: the guest kernel has no rdma_rxe (soft-RoCE) module; NVMe/RDMA was not \
-             tested"
-        );
+    let t = GuestTest::in_guest().timeout(Duration::from_secs(1200));
+    let Some(out) = t.run_soft_roce(&GUEST.replace("__BIN__", &guest_bin())) else {
         return;
-    }
-    assert!(
-        out.success() && out.output.contains("GUEST-ALL-OK"),
-        "guest checks failed (status {}):\n{}",
-        out.status,
-        out.output
-    );
+    };
     assert!(
         out.output.contains("not on the allow-list"),
         "the refused host is logged by the target:\n{}",

@@ -40,6 +40,15 @@ fio_verify() {
 }
 # zeroed DEV MIB COUNT: COUNT MiB from MiB offset MIB of DEV read back as zeroes.
 zeroed() { dd if=$1 bs=1M skip=$2 count=$3 iflag=direct status=none | cmp -n $(($3 << 20)) - /dev/zero; }
+# wait_log FILE TEXT: until FILE (a daemon's log) contains TEXT (30 s).
+wait_log() { for i in $(seq 150); do grep -q "$2" "$1" && return 0; sleep 0.2; done; return 1; }
+# rxe_up: soft-RoCE on eth0 (device rxe0), or, on a kernel without rdma_rxe, the
+# NO_RXE marker and the end of the script (the test is then skipped, saying so).
+rxe_up() {
+  if [ ! -d /sys/module/rdma_rxe ]; then echo RDMA-RXE-UNAVAILABLE; exit 0; fi
+  rdma link add rxe0 type rxe netdev eth0
+  rdma link show
+}
 # no_io_errors: the guest kernel logged no virtqueue or I/O error.
 no_io_errors() {
   if dmesg | grep -E "is not a head|I/O error|virtio.*broken"; then
@@ -47,6 +56,15 @@ no_io_errors() {
   fi
 }
 "#;
+
+/// Printed by [`PRELUDE`]'s `rxe_up` when the guest kernel has no soft-RoCE driver.
+pub const NO_RXE: &str = "RDMA-RXE-UNAVAILABLE";
+
+/// This build's `ferroblk` binary as the guest sees it: the host's tree is mounted whole at
+/// `/run/lab/host` (a build under /tmp would be hidden by the guest's own /tmp).
+pub fn guest_bin() -> String {
+    format!("/run/lab/host{}", env!("CARGO_BIN_EXE_ferroblk"))
+}
 
 /// The head of a test daemon's configuration in `dir`: two reactors and the control socket
 /// `rpc.sock` that [`super::daemon::start_daemon`] waits for.
@@ -63,6 +81,7 @@ pub struct GuestTest {
     _tmp: tempfile::TempDir,
     /// The test's directory: `ferroblk.toml`, `rpc.sock`, `daemon.log`, images.
     pub dir: PathBuf,
+    timeout: Duration,
 }
 
 impl GuestTest {
@@ -78,7 +97,34 @@ impl GuestTest {
             lab,
             _tmp: tmp,
             dir,
+            timeout: RUN_TIMEOUT,
         }
+    }
+
+    /// A test whose daemons run inside the guest (none on the host): no configuration.
+    pub fn in_guest() -> GuestTest {
+        GuestTest::new(|_| String::new())
+    }
+
+    /// Bounds each guest run by `t` instead of [`RUN_TIMEOUT`].
+    pub fn timeout(mut self, t: Duration) -> GuestTest {
+        self.timeout = t;
+        self
+    }
+
+    /// [`GuestTest::run`] for a script that starts with `rxe_up`: `None`, after saying so,
+    /// when the guest kernel has no soft-RoCE (nothing over RDMA could be tested).
+    pub fn run_soft_roce(&self, script: &str) -> Option<LabOutput> {
+        let out = self.run_unchecked(script, &[]);
+        if out.success() && out.output.contains(NO_RXE) {
+            eprintln!(
+                "SKIPPED: the guest kernel has no rdma_rxe (soft-RoCE) module; NVMe/RDMA was not \
+                 tested"
+            );
+            return None;
+        }
+        self.assert_passed(&out);
+        Some(out)
     }
 
     /// A sparse file `name` of `len` bytes in the test's directory.
@@ -106,7 +152,7 @@ impl GuestTest {
     pub fn run_unchecked(&self, script: &str, extra_qemu_args: &[String]) -> LabOutput {
         let script = format!("{PRELUDE}{}", script.trim_start());
         self.lab
-            .run(&script, extra_qemu_args, RUN_TIMEOUT)
+            .run(&script, extra_qemu_args, self.timeout)
             .unwrap_or_else(|e| panic!("the guest lab failed: {e:#}"))
     }
 
