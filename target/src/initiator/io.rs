@@ -20,7 +20,7 @@ use std::time::Duration;
 use ferroblk_bdev::SgList;
 
 use super::error::{Error, RejectReason, Rejected};
-use super::queue::{CmdData, Completion, Queue, QueueStats, Xfer};
+use super::queue::{AbortToken, CmdData, Completion, Queue, QueueStats, Xfer};
 use crate::spec::command::{
     DatasetManagement, DsmRange, IoOpcode, ReadWrite, SglDescriptor, Sqe, WriteZeroes,
 };
@@ -419,6 +419,13 @@ impl IoQueue {
         };
         self.q.close();
         r
+    }
+}
+
+impl IoQueue {
+    /// What another thread uses to end this queue's connection (see [`AbortToken`]).
+    pub fn abort_token(&self) -> AbortToken {
+        self.q.abort_token()
     }
 }
 

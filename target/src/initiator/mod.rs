@@ -83,7 +83,7 @@ pub use controller::{
 };
 pub use error::{Error, RejectReason, Rejected};
 pub use io::{IoCommand, IoQueue, encode_ranges};
-pub use queue::{CmdData, Completion, HOST_PATHING_ERROR, MAX_DEPTH, QueueStats, Xfer};
+pub use queue::{AbortToken, CmdData, Completion, HOST_PATHING_ERROR, MAX_DEPTH, QueueStats, Xfer};
 pub use tcp::DIRECT_READ_MIN;
 
 #[cfg(doc)]

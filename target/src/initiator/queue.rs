@@ -201,6 +201,51 @@ pub(crate) trait Engine: Send + Debug {
     }
     /// Forgets every registration of [`Engine::register`].
     fn deregister_all(&mut self) {}
+    /// What another thread uses to end this queue's connection.
+    fn abort_token(&self) -> AbortToken {
+        AbortToken::Socket(self.fd())
+    }
+}
+
+/// What another thread uses to end a queue's connection, so that its owner, maybe asleep on
+/// it, wakes and sees the queue fail: a socket is shut down; an RDMA queue pair is
+/// disconnected (its outstanding work requests then complete with flush errors, which
+/// raise a completion event).
+#[derive(Clone, Copy, Debug)]
+pub enum AbortToken {
+    /// An NVMe/TCP connection's socket.
+    Socket(RawFd),
+    /// An NVMe/RDMA queue pair's connection.
+    #[cfg(feature = "rdma")]
+    Rdma(*mut crate::transport::rdma::ffi::CmId),
+}
+
+// SAFETY: the token is a descriptor number or a CM id pointer, used only through `abort`,
+// whose contract makes the caller keep the queue alive; rdma-core's connection calls may be
+// made from any thread.
+unsafe impl Send for AbortToken {}
+
+impl AbortToken {
+    /// Ends the connection.
+    ///
+    /// # Safety
+    /// The queue the token came from must not have been closed yet (its descriptor or CM id
+    /// is still its own).
+    pub unsafe fn abort(self) {
+        match self {
+            // SAFETY: an open socket of a live queue (the contract); shutdown(2) only changes
+            // the connection's state.
+            AbortToken::Socket(fd) => unsafe {
+                libc::shutdown(fd, libc::SHUT_RDWR);
+            },
+            // SAFETY: a live queue's CM id (the contract); rdma_disconnect moves its QP to the
+            // error state, which is safe while the owner polls it.
+            #[cfg(feature = "rdma")]
+            AbortToken::Rdma(id) => unsafe {
+                crate::transport::rdma::ffi::fb_disconnect(id);
+            },
+        }
+    }
 }
 
 /// One NVMe queue on one transport connection; with an eventfd signalled whenever
@@ -273,6 +318,11 @@ impl Queue {
     /// See [`Engine::fd`].
     pub(crate) fn fd(&self) -> RawFd {
         self.0.fd()
+    }
+
+    /// See [`AbortToken`].
+    pub(crate) fn abort_token(&self) -> AbortToken {
+        self.0.abort_token()
     }
 
     /// Whether work waits for the next step.

@@ -570,6 +570,10 @@ impl Engine for RdmaQueue {
         self.cc_fd
     }
 
+    fn abort_token(&self) -> super::queue::AbortToken {
+        super::queue::AbortToken::Rdma(self.obj.id)
+    }
+
     fn has_tx(&self) -> bool {
         // Nothing waits to be sent (capsules go out at submit), but completions found while
         // arming wait to be taken: poll now rather than sleep.

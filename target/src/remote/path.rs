@@ -22,7 +22,6 @@
 //! another path.
 
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::thread::JoinHandle;
@@ -34,7 +33,7 @@ use crate::subsystem::Trtype;
 
 use super::Policy;
 use crate::initiator::{
-    AdminEvent, ConnectOptions, Controller, Error as InitError, IoQueue, IoQueueOptions,
+    AbortToken, AdminEvent, ConnectOptions, Controller, Error as InitError, IoQueue, IoQueueOptions,
 };
 use crate::spec::command::async_event_notice;
 use crate::spec::features::AsyncEventConfig;
@@ -77,11 +76,11 @@ pub struct PathPool {
     pub free_qids: Vec<u16>,
     /// Channels waiting for a queue of this path.
     pub waiting: usize,
-    /// The sockets of the current controller's I/O queues (spare or in a channel), by queue
-    /// identifier: shut down when the controller is declared lost, so that a channel sleeping
-    /// on a silent socket wakes and moves its commands. An entry leaves (under the lock)
-    /// before its queue is closed, so a descriptor here is always open.
-    sockets: Vec<(u16, RawFd)>,
+    /// The connections of the current controller's I/O queues (spare or in a channel), by
+    /// queue identifier: ended when the controller is declared lost, so that a channel
+    /// sleeping on a silent connection wakes and moves its commands. An entry leaves (under
+    /// the lock) before its queue is closed, so every token here is of a live queue.
+    sockets: Vec<(u16, AbortToken)>,
 }
 
 impl PathPool {
@@ -92,13 +91,12 @@ impl PathPool {
         self.free_qids.push(qid);
     }
 
-    /// Shuts down every socket of the current controller's I/O queues: their owners see the
+    /// Ends every connection of the current controller's I/O queues: their owners see the
     /// connection end and fail over.
     fn shut_down_sockets(&mut self) {
-        for (_, fd) in self.sockets.drain(..) {
-            // SAFETY: `fd` is an open socket: entries leave `sockets` under this lock before
-            // their queue closes it. shutdown(2) only changes the connection's state.
-            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        for (_, token) in self.sockets.drain(..) {
+            // SAFETY: entries leave `sockets` under this lock before their queue closes.
+            unsafe { token.abort() };
         }
     }
 }
@@ -420,7 +418,7 @@ fn refill(shared: &Shared, i: usize, p: &mut PathCtl) {
             Ok(q) => {
                 let mut pool = lock(&path.pool);
                 if path.generation() == generation {
-                    pool.sockets.push((qid, q.as_raw_fd()));
+                    pool.sockets.push((qid, q.abort_token()));
                     pool.spares.push((q, generation));
                 }
             }
