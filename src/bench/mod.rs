@@ -10,6 +10,7 @@
 
 pub mod compare;
 pub mod fio;
+pub mod guest;
 pub mod plot;
 pub mod report;
 pub mod results;
