@@ -131,7 +131,10 @@ impl Guest {
             .arg(&agent)
             .arg("--")
             .args(&qemu)
-            .env("FERROBLK_LAB_TIMEOUT", lab_limit.as_secs().max(60).to_string())
+            .env(
+                "FERROBLK_LAB_TIMEOUT",
+                lab_limit.as_secs().max(60).to_string(),
+            )
             .process_group(0)
             .stdin(Stdio::null())
             .stdout(logf.try_clone()?)
@@ -362,7 +365,13 @@ socket = "/s/b.sock"
         assert_eq!(targets[0]["disk"], 0);
         assert_eq!(targets[1]["index"], 2);
         assert_eq!(targets[1]["kind"], "nvme_tcp");
-        assert_eq!((targets[1]["port"].as_u64(), targets[1]["ns"].as_u64()), (Some(4430), Some(2)));
-        assert_eq!((targets[2]["index"].as_u64(), targets[2]["disk"].as_u64()), (Some(3), Some(1)));
+        assert_eq!(
+            (targets[1]["port"].as_u64(), targets[1]["ns"].as_u64()),
+            (Some(4430), Some(2))
+        );
+        assert_eq!(
+            (targets[2]["index"].as_u64(), targets[2]["disk"].as_u64()),
+            (Some(3), Some(1))
+        );
     }
 }

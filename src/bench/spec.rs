@@ -950,6 +950,50 @@ ferroblk_toml = "x"
     }
 
     #[test]
+    fn guest_targets_take_a_socket_or_an_nvme_tcp_target() {
+        let guest = GOOD.replace(
+            "engine = \"vhost\"\nblock_size = 4096\nsocket = \"{run}/vhost.sock\"",
+            "engine = \"guest\"\nblock_size = 4096\nsocket = \"{run}/vhost.sock\"",
+        );
+        let c = parse(&guest, "s").unwrap();
+        assert!(c.needs_guest());
+        let nvme = "traddr = \"127.0.0.1\"\ntrsvcid = 4420\nsubnqn = \"nqn.x\"";
+        let both = guest.replace(
+            "socket = \"{run}/vhost.sock\"",
+            &format!("socket = \"s\"\n{nvme}"),
+        );
+        let e = err(&both);
+        assert_eq!(e.path, "target[1].traddr");
+        assert!(e.message.contains("not both"), "{e}");
+        let e = err(&guest.replace("socket = \"{run}/vhost.sock\"", ""));
+        assert_eq!(e.path, "target[1].socket");
+        let only_nvme = guest.replace("socket = \"{run}/vhost.sock\"", nvme);
+        assert!(parse(&only_nvme, "s").is_ok());
+        let e = err(&only_nvme.replace("trsvcid = 4420\n", ""));
+        assert_eq!(e.path, "target[1].trsvcid");
+        let e = err(&only_nvme.replace("127.0.0.1", "127.0.0.2"));
+        assert_eq!(e.path, "target[1].traddr");
+        assert!(e.message.contains("10.0.2.2"), "{e}");
+        let e = err(&only_nvme.replace("nqn.x\"", "nqn.x\"\nnum_queues = 2"));
+        assert_eq!(e.path, "target[1].num_queues");
+        let e = err(&guest.replace("socket = \"{run}", "ns = 1\nsocket = \"{run}"));
+        assert_eq!(e.path, "target[1].ns");
+        let e = err(&guest.replace(
+            "socket = \"{run}",
+            "guest_engine = \"vhost\"\nsocket = \"{run}",
+        ));
+        assert_eq!(e.path, "target[1].guest_engine");
+        let e = err(&guest.replace("socket = \"{run}", "num_queues = 0\nsocket = \"{run}"));
+        assert_eq!(e.path, "target[1].num_queues");
+        let e = err(&guest.replace("socket = \"{run}", "bdev = \"x\"\nsocket = \"{run}"));
+        assert_eq!(e.path, "target[1].bdev");
+        assert!(e.message.contains("not used by engine 'guest'"), "{e}");
+        // An impossible cell is refused for a guest target as for any other.
+        let e = err(&guest.replace("[\"4K\", \"128K\"]", "[\"4K\", \"2K\"]"));
+        assert_eq!(e.path, "matrix.bs[1]");
+    }
+
+    #[test]
     fn target_job_counts_are_within_the_axis() {
         let one = GOOD.replace(
             "socket = \"{run}/vhost.sock\"",
