@@ -317,13 +317,7 @@ mod tests {
 
     #[test]
     fn disks_attach_in_target_order_and_nvme_targets_are_connected_by_the_agent() {
-        let text = r#"
-[matrix]
-name = "g"
-rw = ["randread"]
-bs = ["4K"]
-iodepth = [1]
-runtime = 1
+        let targets = r#"
 [[target]]
 name = "a"
 engine = "guest"
@@ -345,7 +339,8 @@ name = "b"
 engine = "guest"
 socket = "/s/b.sock"
 "#;
-        let c = super::super::spec::parse(text, "g.toml").unwrap();
+        let text = format!("{}{targets}", super::super::spec::ONE_CELL);
+        let c = super::super::spec::parse(&text, "g.toml").unwrap();
         assert!(c.needs_guest());
         let (targets, qemu) = plan(&c, "/r");
         assert_eq!(

@@ -956,13 +956,7 @@ mod tests {
 
     #[test]
     fn a_bad_daemon_configuration_is_refused_before_anything_starts() {
-        let text = r#"
-[matrix]
-name = "t"
-rw = ["randread"]
-bs = ["4K"]
-iodepth = [1]
-runtime = 1
+        let rest = r#"
 [[start]]
 ferroblk_toml = """
 [[bdev]]
@@ -974,7 +968,8 @@ name = "f"
 engine = "io_uring"
 filename = "/dev/null"
 "#;
-        let c = super::super::spec::parse(text, "s.toml").unwrap();
+        let text = format!("{}{rest}", super::super::spec::ONE_CELL);
+        let c = super::super::spec::parse(&text, "s.toml").unwrap();
         let e = format!("{:#}", configs(&c).unwrap_err());
         assert!(
             e.contains("start[0].ferroblk_toml") && e.contains("bdev[0].kind"),

@@ -814,6 +814,17 @@ pub fn fio_value(v: &toml::Value) -> Option<String> {
     }
 }
 
+/// A `[matrix]` table of one cell (randread, 4K, QD 1, 1 s), for tests' specs.
+#[cfg(test)]
+pub const ONE_CELL: &str = r#"
+[matrix]
+name = "t"
+rw = ["randread"]
+bs = ["4K"]
+iodepth = [1]
+runtime = 1
+"#;
+
 #[cfg(test)]
 mod tests {
     use super::*;
