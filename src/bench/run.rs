@@ -749,7 +749,16 @@ pub fn run(spec: &Path, o: &Options) -> anyhow::Result<Outcome> {
     // One guest for every guest target, booted once their back-ends are up.
     let mut guest: Option<Guest> = None;
     let mut guest_broken: Option<String> = None;
-    if c.needs_guest() && left && !stop.load(Ordering::Relaxed) {
+    // Only when a guest target has a run left (a resumed run may have none).
+    let guest_left = c.needs_guest()
+        && points.iter().any(|p| {
+            c.spec.targets.iter().enumerate().any(|(ti, t)| {
+                t.engine == Engine::Guest
+                    && c.applies(ti, p)
+                    && (0..m.repeats).any(|rep| !is_done(&CellKey::new(&t.name, p), rep))
+            })
+        });
+    if guest_left && !stop.load(Ordering::Relaxed) {
         let log = logs.join("guest.log");
         progress.note(&format!(
             "booting the guest lab for the guest targets (console: {})",
