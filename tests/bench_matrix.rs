@@ -2,7 +2,8 @@
 //! shipped quick spec end to end (every report file, every cell holding numbers), a run
 //! interrupted by SIGINT and resumed (no run twice, the peer it started stopped both times), a
 //! results directory refused to another spec, a failing cell recorded with fio's message while
-//! the run goes on, and compare's ratios and noise flags.
+//! the run goes on, compare's ratios and noise flags, and the guest spec shrunk: fio inside the
+//! QEMU guest lab (one boot) on the guest kernel's virtio-blk and nvme-tcp devices.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -529,4 +530,82 @@ ready_path = "{{run}}/peer.ready"
         "{}",
         text(&o)
     );
+}
+
+/// A free TCP port on 127.0.0.1 now.
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// The shipped guest spec, shrunk (one pattern and block size, two queue depths, one 1 s run
+/// per cell, a free port) and with a host target beside the guest ones: fio runs in one guest
+/// boot on the guest kernel's virtio-blk disks (ferroblk's and qemu-storage-daemon's
+/// vhost-user-blk exports) and nvme-tcp namespace (ferroblk's target), alternating with the
+/// host's fio, and every cell holds numbers from fio's JSON on the guest's device.
+#[test]
+fn guest_matrix_runs_fio_in_one_guest_boot() {
+    let d = tempfile::tempdir().unwrap();
+    let shipped = std::fs::read_to_string(repo().join("benches/matrix/guest.toml")).unwrap();
+    let port = free_port().to_string();
+    let mut spec_text = String::new();
+    for line in shipped.lines() {
+        let line = match line.split(" = ").next() {
+            Some("rw") => "rw = [\"randread\"]",
+            Some("bs") => "bs = [\"4K\"]",
+            Some("iodepth") => "iodepth = [1, 8]",
+            Some("runtime") => "runtime = 1",
+            Some("ramp") => "ramp = 0",
+            Some("repeats") => "repeats = 1",
+            _ => line,
+        };
+        spec_text.push_str(&line.replace("4432", &port));
+        spec_text.push('\n');
+    }
+    spec_text.push_str(
+        r#"
+[[target]]
+name = "host-file"
+engine = "io_uring"
+filename = "{run}/host.img"
+size = "8MiB"
+block_size = 4096
+"#,
+    );
+    let spec = d.path().join("guest-tiny.toml");
+    std::fs::write(&spec, &spec_text).unwrap();
+    let out = d.path().join("out");
+    let o = matrix(&spec, &out);
+    assert!(o.status.success(), "{}", text(&o));
+    let r = results(&out);
+    assert_every_cell_holds_numbers(&r, 2 * 4, 1);
+    // fio's own report: each guest target on the device the guest gave it.
+    let devices = [
+        ("ferroblk-vhost", "/dev/vda"),
+        ("qsd-vhost", "/dev/vdb"),
+        ("ferroblk-nvme-tcp", "/dev/nvme0n1"),
+    ];
+    for c in r["cells"].as_array().unwrap() {
+        let fio = &c["runs"][0]["fio"];
+        let file = fio["global options"]["filename"]
+            .as_str()
+            .or(fio["jobs"][0]["job options"]["filename"].as_str())
+            .unwrap_or_default();
+        let want = devices
+            .iter()
+            .find(|(t, _)| c["target"] == *t)
+            .map_or("host.img", |(_, dev)| dev);
+        assert!(file.ends_with(want), "{} ran on {file}", c["target"]);
+    }
+    // One boot for the whole run, and the guest powered off cleanly at the end.
+    let console = std::fs::read_to_string(out.join("logs/guest.log")).unwrap();
+    assert_eq!(console.matches("LAB-READY").count(), 1, "{console}");
+    assert!(console.contains("LAB-EXIT=0"), "{console}");
+    // Targets alternate cell by cell: the host's run comes between the guest's.
+    let order: Vec<String> = journal(&out)
+        .iter()
+        .map(|r| r["target"].as_str().unwrap().to_string())
+        .collect();
+    let host = order.iter().position(|t| t == "host-file").unwrap();
+    assert!(host < order.len() - 1, "{order:?}");
 }

@@ -24,6 +24,14 @@ pub struct Resolved {
 }
 
 impl Resolved {
+    /// A guest target on the guest's block device `device`.
+    pub fn in_guest(device: &str) -> Resolved {
+        Resolved {
+            filename: escape_colons(device),
+            external: None,
+        }
+    }
+
     /// How fio reaches `t`: `run` replaces `{run}`, `lib` is the engine library, `config` the
     /// bdev engine's configuration file once written.
     pub fn new(t: &Target, run: &str, lib: Option<&str>, config: Option<&str>) -> Resolved {
@@ -31,6 +39,12 @@ impl Resolved {
         match t.engine {
             Engine::IoUring | Engine::Libaio => Resolved {
                 filename: escape_colons(&sub(t.filename.as_deref().unwrap_or_default())),
+                external: None,
+            },
+            // The guest's device is known once the guest has attached the volume
+            // ([`Resolved::in_guest`]).
+            Engine::Guest => Resolved {
+                filename: String::new(),
                 external: None,
             },
             Engine::Bdev => Resolved {
@@ -89,6 +103,10 @@ pub fn args(c: &Checked, ti: usize, r: &Resolved, point: &Point, run: &str) -> V
             // The engine's reactors and connections live in the fio process: jobs are threads.
             a.push("--thread=1".into());
         }
+        None if t.engine == Engine::Guest => a.push(format!(
+            "--ioengine={}",
+            t.guest_engine.unwrap_or(Engine::Libaio).name()
+        )),
         None => a.push(format!("--ioengine={}", t.engine.name())),
     }
     a.push(format!("--filename={}", r.filename));
@@ -108,7 +126,7 @@ pub fn args(c: &Checked, ti: usize, r: &Resolved, point: &Point, run: &str) -> V
     if let Some(size) = c.sizes[ti] {
         a.push(format!("--size={size}"));
     }
-    if matches!(t.engine, Engine::IoUring | Engine::Libaio) {
+    if matches!(t.engine, Engine::IoUring | Engine::Libaio | Engine::Guest) {
         a.push(format!("--direct={}", u8::from(t.direct.unwrap_or(true))));
     }
     for (k, v) in m.fio.iter().chain(t.fio.iter()) {

@@ -4,12 +4,14 @@
 //!   before anything runs), starts what its targets need (ferroblk daemons, peers such as
 //!   qemu-storage-daemon), runs every cell with real fio ([`fio`]), targets alternating cell by
 //!   cell and each cell repeated, journals each run as it ends so an interrupted run resumes
-//!   ([`results`]), and writes the reports ([`report`], [`plot`]).
+//!   ([`results`]), and writes the reports ([`report`], [`plot`]). Guest targets run fio inside
+//!   the QEMU guest lab, one boot per run ([`guest`]).
 //! - `bench compare A B` ([`compare`]) sets two results directories side by side.
 //! - `bench report DIR` writes a directory's reports again from its journal.
 
 pub mod compare;
 pub mod fio;
+pub mod guest;
 pub mod plot;
 pub mod report;
 pub mod results;

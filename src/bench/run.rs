@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use super::fio::{self, Metrics, Resolved};
+use super::guest::Guest;
 use super::results::{CellKey, Dir, Header, RunRecord};
-use super::spec::{Checked, Service};
+use super::spec::{Checked, Engine, Service};
 
 /// How `bench matrix` runs.
 #[derive(Debug, Clone)]
@@ -238,7 +239,7 @@ enum Start {
 }
 
 /// The last lines of a log, for a failure's message.
-fn tail(path: &Path, lines: usize) -> String {
+pub(super) fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let v: Vec<&str> = text.lines().collect();
     v[v.len().saturating_sub(lines)..].join(" | ")
@@ -369,7 +370,7 @@ impl Drop for Running {
 }
 
 /// SIGTERM to `child`, SIGKILL if it has not exited within `grace`; reaped either way.
-fn terminate(child: &mut Child, grace: Duration) {
+pub(super) fn terminate(child: &mut Child, grace: Duration) {
     // SAFETY: `kill(2)` on the PID of a child we spawned and have not yet reaped (it cannot
     // have been reused); no memory is involved.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
@@ -745,6 +746,44 @@ pub fn run(spec: &Path, o: &Options) -> anyhow::Result<Outcome> {
     }
 
     let limit = Duration::from_secs_f64(m.runtime + m.ramp + 60.0);
+    // One guest for every guest target, booted once their back-ends are up.
+    let mut guest: Option<Guest> = None;
+    let mut guest_broken: Option<String> = None;
+    // Only when a guest target has a run left (a resumed run may have none).
+    let guest_left = c.needs_guest()
+        && points.iter().any(|p| {
+            c.spec.targets.iter().enumerate().any(|(ti, t)| {
+                t.engine == Engine::Guest
+                    && c.applies(ti, p)
+                    && (0..m.repeats).any(|rep| !is_done(&CellKey::new(&t.name, p), rep))
+            })
+        });
+    if guest_left && !stop.load(Ordering::Relaxed) {
+        let log = logs.join("guest.log");
+        progress.note(&format!(
+            "booting the guest lab for the guest targets (console: {})",
+            log.display()
+        ));
+        // The guest lives through every run left, each bounded by `limit` (guest runs by a
+        // little more: the agent's reply).
+        let lab_limit = (limit + Duration::from_secs(30)) * (total - skipped) as u32
+            + Duration::from_secs(1800);
+        match Guest::boot(&c, &run_s, &scratch.0, log, lab_limit, &stop) {
+            Ok(g) => {
+                for (ti, t) in c.spec.targets.iter().enumerate() {
+                    if let Some(dev) = &g.devices[ti] {
+                        progress.note(&format!("guest ({}): {} is {dev}", g.kernel, t.name));
+                        resolved[ti] = Resolved::in_guest(dev);
+                    }
+                }
+                guest = Some(g);
+            }
+            Err(e) => {
+                progress.note(&format!("{e:#}"));
+                guest_broken = Some(format!("{e:#}"));
+            }
+        }
+    }
     // Cells that failed in this run: their other repeats are not run.
     let mut failed_now: Vec<CellKey> = Vec::new();
     let mut interrupted = false;
@@ -772,7 +811,12 @@ pub fn run(spec: &Path, o: &Options) -> anyhow::Result<Outcome> {
                 };
                 // The shared group, then the target's own.
                 let groups = [0, ti + 1];
-                if let Some(why) = groups.iter().find_map(|&g| procs[g].broken.clone()) {
+                let in_guest = t.engine == Engine::Guest;
+                let broken = groups
+                    .iter()
+                    .find_map(|&g| procs[g].broken.clone())
+                    .or_else(|| guest_broken.clone().filter(|_| in_guest));
+                if let Some(why) = broken {
                     let r = record(None, Some(format!("target not running: {why}")), None);
                     failed_now.push(key.clone());
                     dir.append(&r)?;
@@ -789,7 +833,18 @@ pub fn run(spec: &Path, o: &Options) -> anyhow::Result<Outcome> {
                     }
                 }
                 let args = fio::args(&c, ti, &resolved[ti], p, &run_s);
-                let outcome = run_fio(&o.fio, &args, limit, &stop);
+                let outcome = match guest.as_mut() {
+                    Some(g) if in_guest => {
+                        let out = g.run_fio(&args, limit, &stop);
+                        // A guest that cannot be reached any more is not tried again.
+                        if let Some(why) = g.lost.clone() {
+                            guest_broken = Some(format!("guest lost: {why}"));
+                            guest = None;
+                        }
+                        out
+                    }
+                    _ => run_fio(&o.fio, &args, limit, &stop),
+                };
                 if stop.load(Ordering::Relaxed) {
                     interrupted = true;
                     break 'points;
@@ -840,7 +895,9 @@ pub fn run(spec: &Path, o: &Options) -> anyhow::Result<Outcome> {
         }
     }
     progress.finish();
-    // Targets' own processes first, then the shared ones.
+    // The guest first (it holds the back-ends' disks), then targets' own processes, then the
+    // shared ones.
+    drop(guest);
     for tp in procs.iter_mut().rev() {
         tp.stop();
     }
@@ -908,13 +965,7 @@ mod tests {
 
     #[test]
     fn a_bad_daemon_configuration_is_refused_before_anything_starts() {
-        let text = r#"
-[matrix]
-name = "t"
-rw = ["randread"]
-bs = ["4K"]
-iodepth = [1]
-runtime = 1
+        let rest = r#"
 [[start]]
 ferroblk_toml = """
 [[bdev]]
@@ -926,7 +977,8 @@ name = "f"
 engine = "io_uring"
 filename = "/dev/null"
 "#;
-        let c = super::super::spec::parse(text, "s.toml").unwrap();
+        let text = format!("{}{rest}", super::super::spec::ONE_CELL);
+        let c = super::super::spec::parse(&text, "s.toml").unwrap();
         let e = format!("{:#}", configs(&c).unwrap_err());
         assert!(
             e.contains("start[0].ferroblk_toml") && e.contains("bdev[0].kind"),

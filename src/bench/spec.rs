@@ -84,6 +84,10 @@ pub enum Engine {
     IoUring,
     /// fio's `libaio` engine on a file or block device.
     Libaio,
+    /// fio inside the QEMU guest lab (`tests/lab/lab.sh`), on the guest kernel's block device
+    /// for the volume: a vhost-user-blk disk (`socket`: virtio-blk, `/dev/vdX`) or an NVMe/TCP
+    /// namespace the guest connects to (`traddr`/`trsvcid`/`subnqn`/`ns`: `/dev/nvmeXnY`).
+    Guest,
 }
 
 impl Engine {
@@ -95,6 +99,7 @@ impl Engine {
             Engine::Vhost => "vhost",
             Engine::IoUring => "io_uring",
             Engine::Libaio => "libaio",
+            Engine::Guest => "guest",
         }
     }
 
@@ -110,7 +115,7 @@ impl Engine {
 pub struct Target {
     /// Name in reports and result files (letters, digits, `-`, `_`, `.`).
     pub name: String,
-    /// `bdev`, `nvmf`, `vhost`, `io_uring` or `libaio`.
+    /// `bdev`, `nvmf`, `vhost`, `io_uring`, `libaio` or `guest`.
     pub engine: Engine,
     /// The volume's logical block size: every `bs` must be a multiple of it.
     #[serde(default = "default_block_size")]
@@ -120,7 +125,7 @@ pub struct Target {
     /// The region fio works on (`64MiB`); io_uring/libaio on a file that does not exist: its
     /// size (fio lays it out).
     pub size: Option<String>,
-    /// io_uring/libaio: O_DIRECT (default true).
+    /// io_uring/libaio/guest: O_DIRECT (default true).
     pub direct: Option<bool>,
     /// bdev: the ferroblk configuration the engine opens (a file; `{run}` replaced).
     pub ferroblk_config: Option<String>,
@@ -128,16 +133,21 @@ pub struct Target {
     pub ferroblk_toml: Option<String>,
     /// bdev: the bdev to drive.
     pub bdev: Option<String>,
-    /// vhost: the vhost-user-blk socket.
+    /// vhost, guest: the vhost-user-blk socket (guest: attached as a virtio-blk disk).
     pub socket: Option<String>,
-    /// nvmf: the controller's address (loopback only).
+    /// nvmf, guest: the controller's address (loopback only; the guest reaches the host's
+    /// 127.0.0.1 as 10.0.2.2).
     pub traddr: Option<String>,
-    /// nvmf: its port.
+    /// nvmf, guest: its port.
     pub trsvcid: Option<u16>,
-    /// nvmf: the subsystem NQN.
+    /// nvmf, guest: the subsystem NQN.
     pub subnqn: Option<String>,
-    /// nvmf: the namespace (default 1).
+    /// nvmf, guest: the namespace (default 1).
     pub ns: Option<u32>,
+    /// guest: fio's engine in the guest, `libaio` (default) or `io_uring`.
+    pub guest_engine: Option<Engine>,
+    /// guest, vhost-user-blk disk: its virtqueues (default 1).
+    pub num_queues: Option<u32>,
     /// The job counts of `matrix.numjobs` this target runs (default: all). A vhost-user-blk
     /// back-end serves one front-end at a time, so a vhost target takes one job.
     pub numjobs: Option<Vec<u32>>,
@@ -291,6 +301,11 @@ impl Checked {
     /// Whether any target uses ferroblk's external fio engine.
     pub fn needs_engine_lib(&self) -> bool {
         self.spec.targets.iter().any(|t| t.engine.is_external())
+    }
+
+    /// Whether any target runs fio in the guest lab.
+    pub fn needs_guest(&self) -> bool {
+        self.spec.targets.iter().any(|t| t.engine == Engine::Guest)
     }
 }
 
@@ -514,7 +529,7 @@ fn check(spec: Spec, file: &str) -> Result<Checked, (String, String)> {
         }
         sizes.push(size);
         // What each engine takes, and what it must have.
-        let given: [(&str, bool); 10] = [
+        let given: [(&str, bool); 12] = [
             ("filename", t.filename.is_some()),
             ("direct", t.direct.is_some()),
             ("ferroblk_config", t.ferroblk_config.is_some()),
@@ -525,6 +540,8 @@ fn check(spec: Spec, file: &str) -> Result<Checked, (String, String)> {
             ("trsvcid", t.trsvcid.is_some()),
             ("subnqn", t.subnqn.is_some()),
             ("ns", t.ns.is_some()),
+            ("guest_engine", t.guest_engine.is_some()),
+            ("num_queues", t.num_queues.is_some()),
         ];
         let (takes, needs): (&[&str], &[&str]) = match t.engine {
             Engine::IoUring | Engine::Libaio => (&["filename", "direct"], &["filename"]),
@@ -533,6 +550,20 @@ fn check(spec: Spec, file: &str) -> Result<Checked, (String, String)> {
             Engine::Nvmf => (
                 &["traddr", "trsvcid", "subnqn", "ns"],
                 &["traddr", "trsvcid", "subnqn"],
+            ),
+            // The volume's way into the guest is checked below: a socket or an NVMe/TCP target.
+            Engine::Guest => (
+                &[
+                    "socket",
+                    "traddr",
+                    "trsvcid",
+                    "subnqn",
+                    "ns",
+                    "direct",
+                    "guest_engine",
+                    "num_queues",
+                ],
+                &[],
             ),
         };
         for (key, set) in given {
@@ -564,6 +595,9 @@ fn check(spec: Spec, file: &str) -> Result<Checked, (String, String)> {
                 }
                 _ => {}
             }
+        }
+        if t.engine == Engine::Guest {
+            check_guest(t).map_err(|(f, msg)| (p(f), msg))?;
         }
         if let Some(a) = &t.traddr {
             match a.parse::<std::net::IpAddr>() {
@@ -606,6 +640,66 @@ fn check(spec: Spec, file: &str) -> Result<Checked, (String, String)> {
         bs,
         sizes,
     })
+}
+
+/// The guest engine's own rules; an error is (field, message).
+fn check_guest(t: &Target) -> Result<(), (&'static str, String)> {
+    let nvme = [t.traddr.is_some(), t.trsvcid.is_some(), t.subnqn.is_some()];
+    match (t.socket.is_some(), nvme.iter().any(|&b| b)) {
+        (true, true) => {
+            let f = ["traddr", "trsvcid", "subnqn"][nvme.iter().position(|&b| b).unwrap_or(0)];
+            return Err((
+                f,
+                "a guest target reaches its volume by a vhost-user-blk socket or by NVMe/TCP, \
+                 not both"
+                    .into(),
+            ));
+        }
+        (false, false) => {
+            return Err((
+                "socket",
+                "missing: engine 'guest' needs socket (vhost-user-blk) or traddr, trsvcid and \
+                 subnqn (NVMe/TCP)"
+                    .into(),
+            ));
+        }
+        (false, true) => {
+            for (f, set) in ["traddr", "trsvcid", "subnqn"].into_iter().zip(nvme) {
+                if !set {
+                    return Err((f, "missing: an NVMe/TCP guest target needs it".into()));
+                }
+            }
+            if t.traddr.as_deref() != Some("127.0.0.1") {
+                return Err((
+                    "traddr",
+                    "a guest reaches only the host's 127.0.0.1 (as 10.0.2.2): give 127.0.0.1"
+                        .into(),
+                ));
+            }
+            if t.num_queues.is_some() {
+                return Err(("num_queues", "only for a vhost-user-blk disk".into()));
+            }
+        }
+        (true, false) => {
+            if t.ns.is_some() {
+                return Err(("ns", "only for an NVMe/TCP guest target".into()));
+            }
+        }
+    }
+    if let Some(e) = t.guest_engine
+        && !matches!(e, Engine::Libaio | Engine::IoUring)
+    {
+        return Err((
+            "guest_engine",
+            format!("'{}': fio in the guest runs libaio or io_uring", e.name()),
+        ));
+    }
+    if let Some(q) = t.num_queues
+        && !(1..=64).contains(&q)
+    {
+        return Err(("num_queues", format!("{q}: 1 to 64 virtqueues")));
+    }
+    Ok(())
 }
 
 /// Checks `[[start]]` entries at `prefix` (`start`, `target[0].start`).
@@ -719,6 +813,17 @@ pub fn fio_value(v: &toml::Value) -> Option<String> {
         _ => None,
     }
 }
+
+/// A `[matrix]` table of one cell (randread, 4K, QD 1, 1 s), for tests' specs.
+#[cfg(test)]
+pub const ONE_CELL: &str = r#"
+[matrix]
+name = "t"
+rw = ["randread"]
+bs = ["4K"]
+iodepth = [1]
+runtime = 1
+"#;
 
 #[cfg(test)]
 mod tests {
@@ -853,6 +958,50 @@ ferroblk_toml = "x"
         );
         assert_eq!(err(&nvmf).path, "target[1].traddr");
         assert!(parse(&nvmf.replace("10.0.0.1", "127.0.0.1"), "s").is_ok());
+    }
+
+    #[test]
+    fn guest_targets_take_a_socket_or_an_nvme_tcp_target() {
+        let guest = GOOD.replace(
+            "engine = \"vhost\"\nblock_size = 4096\nsocket = \"{run}/vhost.sock\"",
+            "engine = \"guest\"\nblock_size = 4096\nsocket = \"{run}/vhost.sock\"",
+        );
+        let c = parse(&guest, "s").unwrap();
+        assert!(c.needs_guest());
+        let nvme = "traddr = \"127.0.0.1\"\ntrsvcid = 4420\nsubnqn = \"nqn.x\"";
+        let both = guest.replace(
+            "socket = \"{run}/vhost.sock\"",
+            &format!("socket = \"s\"\n{nvme}"),
+        );
+        let e = err(&both);
+        assert_eq!(e.path, "target[1].traddr");
+        assert!(e.message.contains("not both"), "{e}");
+        let e = err(&guest.replace("socket = \"{run}/vhost.sock\"", ""));
+        assert_eq!(e.path, "target[1].socket");
+        let only_nvme = guest.replace("socket = \"{run}/vhost.sock\"", nvme);
+        assert!(parse(&only_nvme, "s").is_ok());
+        let e = err(&only_nvme.replace("trsvcid = 4420\n", ""));
+        assert_eq!(e.path, "target[1].trsvcid");
+        let e = err(&only_nvme.replace("127.0.0.1", "127.0.0.2"));
+        assert_eq!(e.path, "target[1].traddr");
+        assert!(e.message.contains("10.0.2.2"), "{e}");
+        let e = err(&only_nvme.replace("nqn.x\"", "nqn.x\"\nnum_queues = 2"));
+        assert_eq!(e.path, "target[1].num_queues");
+        let e = err(&guest.replace("socket = \"{run}", "ns = 1\nsocket = \"{run}"));
+        assert_eq!(e.path, "target[1].ns");
+        let e = err(&guest.replace(
+            "socket = \"{run}",
+            "guest_engine = \"vhost\"\nsocket = \"{run}",
+        ));
+        assert_eq!(e.path, "target[1].guest_engine");
+        let e = err(&guest.replace("socket = \"{run}", "num_queues = 0\nsocket = \"{run}"));
+        assert_eq!(e.path, "target[1].num_queues");
+        let e = err(&guest.replace("socket = \"{run}", "bdev = \"x\"\nsocket = \"{run}"));
+        assert_eq!(e.path, "target[1].bdev");
+        assert!(e.message.contains("not used by engine 'guest'"), "{e}");
+        // An impossible cell is refused for a guest target as for any other.
+        let e = err(&guest.replace("[\"4K\", \"128K\"]", "[\"4K\", \"2K\"]"));
+        assert_eq!(e.path, "matrix.bs[1]");
     }
 
     #[test]
