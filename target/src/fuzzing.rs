@@ -1,6 +1,6 @@
 //! Fuzz target bodies (not a public API): the NVMe/TCP PDU decoder, the NVMe/RDMA connect
-//! private data and capsule parsers, and NVMe admin, Fabrics and I/O commands sent to a live
-//! target over loopback. Called by the cargo-fuzz targets in
+//! private data and capsule parsers, NVMe admin, Fabrics and I/O commands sent to a live
+//! target over loopback, and a hostile controller's byte stream against the initiator. Called by the cargo-fuzz targets in
 //! `fuzz/` and replayed over the checked-in corpus by the tests below.
 
 use std::io::{Read, Write};
@@ -629,6 +629,165 @@ pub fn rdma_wire_seeds() -> Vec<Vec<u8>> {
     vec![req(0, 32, 31), req(1, 128, 127), keyed, icd]
 }
 
+// ---------------------------------------------------------------------------------- nvmf_host
+
+/// Most bytes of one `nvmf_host` input the fake controller sends.
+const HOST_MAX_INPUT: usize = 80 * 1024;
+
+/// A hostile NVMe/TCP controller against this crate's initiator (what a remote target, or a
+/// man in the middle, can make the `nvmf` bdev's queues read). The first input byte selects
+/// what the host asks for: bit 0 header digests, bit 1 data digests, bit 2 a write (else a
+/// read), bit 3 a 64 KiB transfer (else 4 KiB). The rest is the byte stream the controller
+/// sends: its first 128 bytes once it has read the ICReq, the others once the command
+/// capsule has come; then it takes the host's write data and closes. The queue connects (ICResp), runs one
+/// command (Fabrics Connect is skipped: a queue takes any command once ICResp is in) and must
+/// come back with a completion or an error, without panicking, hanging past its timeout or
+/// touching memory outside its buffers. Returns whether the command completed successfully.
+pub fn nvmf_host(data: &[u8]) -> bool {
+    use crate::initiator::Xfer;
+    use crate::initiator::queue::{Queue, QueueParams};
+    use crate::subsystem::Trtype;
+
+    let data = &data[..data.len().min(HOST_MAX_INPUT)];
+    let Some((&cfg, stream)) = data.split_first() else {
+        return false;
+    };
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("local address");
+    let stream = stream.to_vec();
+    let controller = std::thread::spawn(move || {
+        let Ok((mut s, _)) = listener.accept() else {
+            return;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut icreq = [0u8; 128];
+        if s.read_exact(&mut icreq).is_err() {
+            return;
+        }
+        // The ICResp's 128 bytes, then, once the command capsule is in, the rest.
+        let (resp, rest) = stream.split_at(stream.len().min(128));
+        let _ = s.write_all(resp);
+        let mut capsule = [0u8; 72];
+        if s.read_exact(&mut capsule).is_ok() {
+            let _ = s.write_all(rest);
+        }
+        // Take what the host sends (write data) until it pauses or closes, then close.
+        let _ = s.set_read_timeout(Some(Duration::from_millis(20)));
+        let mut sink = [0u8; 16384];
+        while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+        let _ = s.shutdown(std::net::Shutdown::Both);
+    });
+    let len = if cfg & 8 != 0 { 64 * 1024 } else { 4096 };
+    let params = QueueParams {
+        qid: 1,
+        depth: 4,
+        hdgst: cfg & 1 != 0,
+        ddgst: cfg & 2 != 0,
+        max_data: 64 * 1024,
+        max_in_capsule: 0,
+    };
+    let mut ok = false;
+    if let Ok(mut q) = Queue::connect(Trtype::Tcp, addr, params, Duration::from_millis(500)) {
+        let write = cfg & 4 != 0;
+        let rw = ReadWrite {
+            nsid: 1,
+            slba: 0,
+            nlb: (len / 4096) as u32,
+            ..ReadWrite::default()
+        };
+        let (opc, xfer) = if write {
+            (IoOpcode::Write, Xfer::ToController)
+        } else {
+            (IoOpcode::Read, Xfer::FromController)
+        };
+        let sqe = rw.to_sqe(opc, 0, &SglDescriptor::transport_data_block(len as u32));
+        let r = q.execute(
+            sqe,
+            xfer,
+            vec![0x5a; len],
+            Duration::from_millis(500),
+            "fuzz",
+        );
+
+        ok = r.is_ok_and(|c| c.cqe.status.is_success());
+        q.close();
+    }
+    controller.join().expect("fake controller");
+    ok
+}
+
+/// Seeds for [`nvmf_host`]: an ICResp, then a read's data and completion, a write's R2T and
+/// completion, with and without digests.
+pub fn nvmf_host_seeds() -> Vec<Vec<u8>> {
+    use crate::spec::Cqe;
+    use crate::transport::tcp::pdu::{C2hData, IcResp, R2t};
+    let mut seeds = Vec::new();
+    for cfg in [0u8, 3, 4, 7, 8, 12] {
+        let (hdgst, ddgst) = (cfg & 1 != 0, cfg & 2 != 0);
+        let len: u32 = if cfg & 8 != 0 { 64 * 1024 } else { 4096 };
+        let resp = IcResp {
+            pfv: 0,
+            cpda: 0,
+            hdgst,
+            ddgst,
+            maxh2cdata: 16 * 1024,
+        };
+        let mut enc = PduEncoder::new(Role::Controller);
+        let mut out = vec![cfg];
+        let mut h = [0u8; MAX_HEADER_LEN];
+        let n = enc.ic_resp(&resp, &mut h);
+        out.extend_from_slice(&h[..n]);
+        let req = IcReq {
+            pfv: 0,
+            hpda: 0,
+            hdgst,
+            ddgst,
+            maxr2t: 0,
+        };
+        enc = PduEncoder::established(Role::Controller, &Negotiated::from_exchange(&req, &resp));
+        if cfg & 4 != 0 {
+            let n = enc.r2t(
+                &R2t {
+                    cccid: 0,
+                    ttag: 1,
+                    r2to: 0,
+                    r2tl: len,
+                },
+                &mut h,
+            );
+            out.extend_from_slice(&h[..n]);
+        } else {
+            // The data in PDUs of at most 16 KiB.
+            let data = vec![0xc3u8; 16 * 1024];
+            let mut off = 0;
+            while off < len {
+                let n_data = (len - off).min(16 * 1024);
+                let n = enc.c2h_data(
+                    &C2hData {
+                        cccid: 0,
+                        datao: off,
+                        datal: n_data,
+                        last: off + n_data == len,
+                        success: false,
+                    },
+                    &mut h,
+                );
+                out.extend_from_slice(&h[..n]);
+                let part = &data[..n_data as usize];
+                out.extend_from_slice(part);
+                if ddgst {
+                    out.extend_from_slice(&DataDigest::of(&[part]).to_le_bytes());
+                }
+                off += n_data;
+            }
+        }
+        let n = enc.capsule_resp(&Cqe::new(0, crate::spec::Status::SUCCESS), &mut h);
+        out.extend_from_slice(&h[..n]);
+        seeds.push(out);
+    }
+    seeds
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -637,6 +796,23 @@ mod tests {
     #[test]
     fn tcp_pdu_corpus_replays() {
         replay("tcp_pdu", &tcp_pdu_seeds(), tcp_pdu);
+    }
+
+    #[test]
+    fn nvmf_host_corpus_replays() {
+        replay("nvmf_host", &nvmf_host_seeds(), |d| {
+            nvmf_host(d);
+        });
+    }
+
+    #[test]
+    fn nvmf_host_seeds_complete_their_command() {
+        for (i, s) in nvmf_host_seeds().iter().enumerate() {
+            assert!(
+                nvmf_host(s),
+                "seed {i} does not reach a successful completion"
+            );
+        }
     }
 
     #[test]

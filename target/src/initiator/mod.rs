@@ -69,7 +69,7 @@
 pub mod controller;
 mod error;
 pub mod io;
-mod queue;
+pub(crate) mod queue;
 #[cfg(feature = "rdma")]
 mod rdma;
 mod tcp;
