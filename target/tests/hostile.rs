@@ -847,3 +847,83 @@ fn a_discovery_controller_without_keep_alive_gets_one() {
         "a silent discovery connection must not hold its listener slot forever"
     );
 }
+
+#[test]
+fn a_host_that_never_sends_write_data_holds_at_most_the_budget() {
+    use ferroblk_target::queue::AWAIT_DATA_BUDGET;
+    // 1 MiB writes by R2T on a 32 MiB namespace; the host sends none of their data.
+    let big = Arc::new(
+        ferroblk_bdev::malloc::MallocBdev::new("m", ferroblk_bdev::BlockSize::B4096, 8192, 0)
+            .unwrap(),
+    );
+    let r = common::rig(NQN, big);
+    let (_a, mut q) = enabled_controller(r.addr, false);
+    const MIB: u32 = 1 << 20;
+    let granted = AWAIT_DATA_BUDGET / MIB as usize;
+    let n = granted as u16 + 8;
+    let mut pdus = Vec::new();
+    let mut out = [0u8; 256];
+    for cid in 0..n {
+        let w = ReadWrite {
+            nsid: 1,
+            slba: u64::from(cid) * 256,
+            nlb: 256,
+            ..Default::default()
+        }
+        .to_sqe(
+            IoOpcode::Write,
+            cid,
+            &SglDescriptor::transport_data_block(MIB),
+        );
+        let k = q.enc.capsule_cmd(&w, 0, &mut out);
+        pdus.extend_from_slice(&out[..k]);
+    }
+    // A command that completes at once, after them: once its answer is in, every write before
+    // it was taken, and only the budget's worth of them got an R2T.
+    let mut flush = Sqe::new(IoOpcode::Flush as u8, 100);
+    flush.set_nsid(1);
+    let k = q.enc.capsule_cmd(&flush, 0, &mut out);
+    pdus.extend_from_slice(&out[..k]);
+    q.send(&pdus);
+    let mut r2ts = Vec::new();
+    loop {
+        match q.recv() {
+            Some((PduHeader::R2t(t), _)) => r2ts.push(t),
+            Some((PduHeader::CapsuleResp(c), _)) if c.cqe.cid == 100 => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(r2ts.len(), granted, "R2Ts beyond the budget");
+    // The data of the first write: it completes, and the next waiting write gets its R2T.
+    let first = r2ts[0];
+    let data = vec![0x11u8; MIB as usize];
+    for (k, chunk) in data.chunks(128 * 1024).enumerate() {
+        let h = H2cData {
+            cccid: first.cccid,
+            ttag: first.ttag,
+            datao: (k * 128 * 1024) as u32,
+            datal: chunk.len() as u32,
+            last: (k + 1) * 128 * 1024 >= data.len(),
+        };
+        let m = q.enc.h2c_data(&h, &mut out);
+        q.send(&out[..m]);
+        q.send(chunk);
+    }
+    let (mut done, mut next) = (false, None);
+    while !done || next.is_none() {
+        match q.recv() {
+            Some((PduHeader::CapsuleResp(c), _)) => {
+                assert_eq!(c.cqe.cid, first.cccid);
+                assert!(c.cqe.status.is_success(), "{:?}", c.cqe.status);
+                done = true;
+            }
+            Some((PduHeader::R2t(t), _)) => next = Some(t.cccid),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        next,
+        Some(granted as u16),
+        "the first waiting write, in order"
+    );
+}

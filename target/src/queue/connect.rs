@@ -135,6 +135,7 @@ impl NvmeQueue {
         });
         // Serving the queue allocates nothing per command from here on.
         self.done.reserve(usize::from(QUEUE_ENTRIES));
+        self.await_budget.reserve(usize::from(QUEUE_ENTRIES));
         t.connected();
         self.refresh_namespaces();
         tracing::info!(peer = %self.peer, subnqn = %cd.subnqn, host = %cd.hostnqn,

@@ -78,6 +78,9 @@ pub trait Transport {
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum SlotState {
     Free,
+    /// Its data is to be requested from the host once the connection's budget for data
+    /// waited on ([`AWAIT_DATA_BUDGET`]) has room.
+    AwaitBudget,
     /// Data requested from the host; not yet all there.
     AwaitData,
     /// Running: bdev requests in flight (or about to be).
@@ -132,6 +135,11 @@ pub enum DataError {
     OutOfRange,
 }
 
+/// Bytes of host-to-controller data one connection may have requested (R2T, RDMA READ) and
+/// not yet received: the buffers a host can make the target hold by not sending its write
+/// data. Further writes wait, in order, for room (their data is asked for then).
+pub const AWAIT_DATA_BUDGET: usize = 16 << 20;
+
 /// One NVMe queue's state, transport apart. See the module documentation.
 pub struct NvmeQueue {
     pub(crate) target: Arc<Target>,
@@ -154,6 +162,11 @@ pub struct NvmeQueue {
     pub(crate) flow_control: bool,
     /// CIDs of outstanding Asynchronous Event Requests (admin queue).
     aers: Vec<u16>,
+    /// Bytes of data requested from the host and not yet all received (slots in
+    /// `AwaitData`), at most [`AWAIT_DATA_BUDGET`] unless one command alone is larger.
+    await_bytes: usize,
+    /// Slots in `AwaitBudget`, in arrival order.
+    await_budget: VecDeque<u16>,
     closing: bool,
     /// The transport names host memory with Keyed SGL Data Blocks (RDMA) rather than
     /// Transport SGL Data Blocks (TCP).
@@ -181,6 +194,8 @@ impl NvmeQueue {
             sqsize: admin::QUEUE_ENTRIES,
             flow_control: true,
             aers: Vec::new(),
+            await_bytes: 0,
+            await_budget: VecDeque::new(),
             closing: false,
             keyed_sgl: false,
             port: None,
@@ -397,7 +412,14 @@ impl NvmeQueue {
     fn free_slot<T: Transport>(&mut self, t: &mut T, i: usize) {
         let s = &mut self.slots[i];
         debug_assert!(s.state != SlotState::Free);
+        let was = s.state;
         s.state = SlotState::Free;
+        match was {
+            SlotState::AwaitData => self.await_bytes -= self.slots[i].len,
+            SlotState::AwaitBudget => self.await_budget.retain(|&w| usize::from(w) != i),
+            _ => {}
+        }
+        let s = &mut self.slots[i];
         let cid = s.cid;
         if let Some(b) = s.buf.take() {
             t.release_buf(b);
@@ -408,6 +430,28 @@ impl NvmeQueue {
         self.free.push(i as u16);
         self.active -= 1;
         self.mark_cid(cid, false);
+        if was == SlotState::AwaitData {
+            self.grant_data(t);
+        }
+    }
+
+    /// Asks the host for the data of the commands waiting for budget, in order, while it has
+    /// room (the first always gets it when nothing is requested).
+    fn grant_data<T: Transport>(&mut self, t: &mut T) {
+        while let Some(&w) = self.await_budget.front() {
+            let i = usize::from(w);
+            let len = self.slots[i].len;
+            if self.await_bytes > 0 && self.await_bytes + len > AWAIT_DATA_BUDGET {
+                return;
+            }
+            self.await_budget.pop_front();
+            self.await_bytes += len;
+            let s = &mut self.slots[i];
+            s.buf = Some(t.data_buf(len));
+            s.state = SlotState::AwaitData;
+            let cid = s.cid;
+            t.request_data(cid, w, len);
+        }
     }
 
     fn alloc_slot(&mut self, cid: u16, sqe: Sqe) -> usize {
@@ -523,10 +567,10 @@ impl NvmeQueue {
             let status = Status::SGL_DESCRIPTOR_TYPE_INVALID;
             return self.refuse_command(t, cid, Some(i), None, status);
         }
-        // Ask for the data, all of it in one transfer.
-        self.slots[i].buf = Some(t.data_buf(want));
-        self.slots[i].state = SlotState::AwaitData;
-        t.request_data(cid, i as u16, want);
+        // Ask for the data, all of it in one transfer, once the budget has room.
+        self.slots[i].state = SlotState::AwaitBudget;
+        self.await_budget.push_back(i as u16);
+        self.grant_data(t);
     }
 
     /// Checks that transfer `ttag` of command `cid` waits for `len` bytes at `offset` (the next
@@ -600,7 +644,9 @@ impl NvmeQueue {
             return self.complete_slot(t, i, poisoned, 0, 0);
         }
         self.slots[i].state = SlotState::Exec;
+        self.await_bytes -= self.slots[i].len;
         self.execute(t, i);
+        self.grant_data(t);
     }
 
     /// Ends command `cid` before it runs: its in-capsule data goes back to the pool, the slot it
