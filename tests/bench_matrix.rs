@@ -5,10 +5,13 @@
 //! the run goes on, compare's ratios and noise flags, and the guest spec shrunk: fio inside the
 //! QEMU guest lab (one boot) on the guest kernel's virtio-blk and nvme-tcp devices.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::daemon::free_port;
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_ferroblk");
@@ -530,12 +533,6 @@ ready_path = "{{run}}/peer.ready"
         "{}",
         text(&o)
     );
-}
-
-/// A free TCP port on 127.0.0.1 now.
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
 }
 
 /// The shipped guest spec, shrunk (one pattern and block size, two queue depths, one 1 s run

@@ -16,12 +16,13 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use common::daemon::free_port;
 use common::lab::{self, Lab};
 use ferroblk_target::initiator::{
     ConnectOptions, Controller, Error, IoCommand, IoQueue, IoQueueOptions,
@@ -200,13 +201,6 @@ impl Drop for Guest {
         }
         let _ = std::fs::remove_file(&self.script);
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("ephemeral port")
-        .port()
 }
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {

@@ -118,12 +118,22 @@ pub fn read_request(
     Some((s, line.trim().to_string()))
 }
 
-/// A free loopback TCP port.
+/// A free loopback TCP port, never one this process handed out before: the kernel may give
+/// the port of a just-closed probe socket again, and two listeners of one daemon (or two tests
+/// running at once) must not get the same one.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("ephemeral port")
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("ephemeral port")
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// The host side of a guest test: a loopback listener that takes one-line requests from the

@@ -248,10 +248,10 @@ impl AbortToken {
     }
 }
 
-/// One NVMe queue on one transport connection; with an eventfd signalled whenever
-/// [`Queue::execute`] leaves another command's completion behind, so that a thread waiting
-/// for it (the admin thread's Asynchronous Event Request) wakes although the transport's
-/// data was read by someone else.
+/// One NVMe queue on one transport connection; with an eventfd signalled after every
+/// [`Queue::execute`], so that a thread waiting on the queue (the admin thread's Asynchronous
+/// Event Request) wakes although the transport's data, or its wake-up, was taken by someone
+/// else.
 #[derive(Debug)]
 pub(crate) struct Queue(Box<dyn Engine>, Option<Arc<OwnedFd>>);
 
@@ -394,15 +394,16 @@ impl Queue {
         what: &'static str,
     ) -> Result<Completion, Error> {
         let r = execute(&mut *self.0, sqe, xfer, buf, timeout, what);
-        if let Some(fd) = &self.1
-            && self.0.done().iter().any(|c| !c.internal)
-        {
+        // Always (a blocking command is rare): besides completions left behind for the
+        // waiter, this command's steps may have taken the wake-up the waiter sleeps on (an
+        // RDMA completion channel's event, which then needs arming again).
+        if let Some(fd) = &self.1 {
             signal(fd);
         }
         r
     }
 
-    /// Signals `fd` whenever [`Queue::execute`] leaves another command's completion behind.
+    /// Signals `fd` after every [`Queue::execute`].
     pub(crate) fn set_notify(&mut self, fd: Arc<OwnedFd>) {
         self.1 = Some(fd);
     }

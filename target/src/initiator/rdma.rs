@@ -758,13 +758,12 @@ impl Engine for RdmaQueue {
             return e;
         }
         self.dead = true;
-        // SAFETY: the id and QP are live. Disconnecting moves the QP to the error state and
-        // destroying it ends every access of the controller to our memory, before the
-        // buffers go back to the caller.
-        unsafe {
-            ffi::fb_disconnect(self.obj.id);
-            ffi::fb_qp_destroy_qp(self.obj.qp);
-        }
+        // SAFETY: the id and QP are live. Disconnecting moves the QP to the error state: it
+        // takes no more of the controller's RDMA READs and WRITEs of our memory, before the
+        // buffers go back to the caller. It is destroyed only when the queue is dropped: the
+        // control thread may disconnect it too meanwhile (`AbortToken`), which reads the id's
+        // QP, so it must not be freed under it.
+        unsafe { ffi::fb_disconnect(self.obj.id) };
         for i in 0..self.slots.slots.len() {
             if self.slots.slots[i].busy {
                 let cqe = lost_cqe(i as u16, self.params.qid);

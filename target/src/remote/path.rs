@@ -587,10 +587,24 @@ fn check(shared: &Shared, i: usize, c: &Controller) -> bool {
 /// Reads the namespace's ANA state through path `i` from the ANA log page when the controller
 /// reports ANA (Identify Controller CMIC bit 3); a controller that does not is optimized.
 fn refresh_ana(shared: &Shared, i: usize, c: &Controller) {
-    let state = if c.identify().cmic & cmic::ANA_REPORTING != 0 {
+    let id = c.identify();
+    let state = if id.cmic & cmic::ANA_REPORTING != 0 {
         let lid = LogPageId::AsymmetricNamespaceAccess as u8;
-        match c.get_log_page(lid, 0, 0, ANA_LOG_LEN) {
-            Ok(page) => ana_state_of(&page, shared.nsid).unwrap_or(ana::OPTIMIZED),
+        // The whole page (as Linux sizes it: the header, every group descriptor, every NSID),
+        // within what one command carries.
+        let len = (ANA_LOG_HEADER + ANA_GROUP_DESC * id.nanagrpid as usize + 4 * id.mnan as usize)
+            .clamp(ANA_LOG_MIN, ANA_LOG_MAX);
+        match c.get_log_page(lid, 0, 0, len) {
+            Ok(page) => match ana_state_of(&page, shared.nsid) {
+                Some(s) => s,
+                None => {
+                    // Not in the page (or past what was read): nothing learned, the state
+                    // stays what it was rather than becoming optimized.
+                    tracing::debug!(bdev = %shared.info.name(), nsid = shared.nsid,
+                        "nvmf: namespace not in the ANA log page");
+                    return;
+                }
+            },
             Err(e) => {
                 tracing::debug!(bdev = %shared.info.name(), error = %e, "nvmf: ANA log page");
                 return;
@@ -606,8 +620,14 @@ fn refresh_ana(shared: &Shared, i: usize, c: &Controller) {
     }
 }
 
-/// Bytes of the ANA log page read (header and the groups of a small subsystem).
-const ANA_LOG_LEN: usize = 4096;
+/// Bytes of the ANA log page's header and of one group descriptor without its NSIDs (NVMe
+/// Base 2.0 §5.16.1.13).
+const ANA_LOG_HEADER: usize = 16;
+const ANA_GROUP_DESC: usize = 32;
+/// Bounds of the ANA log page read: at least a page, at most what one admin command of the
+/// initiator carries.
+const ANA_LOG_MIN: usize = 4096;
+const ANA_LOG_MAX: usize = 64 * 1024;
 
 fn reconnect(shared: &Arc<Shared>, i: usize, p: &mut PathCtl) {
     let opts = ConnectOptions {
