@@ -330,8 +330,10 @@ impl Shared {
             pool.spares.clear();
             pool.sockets.clear();
             pool.free_qids = (1..=granted).rev().collect();
+            // Under the lock: a channel giving back a queue of the old controller (it checks
+            // the generation under this lock) must not put its identifier in the new list.
+            p.generation.fetch_add(1, Ordering::AcqRel);
         }
-        p.generation.fetch_add(1, Ordering::AcqRel);
         lock(&self.ctrls)[i] = Some(c);
         p.down_since_ms.store(0, Ordering::Release);
     }
