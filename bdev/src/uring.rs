@@ -293,6 +293,20 @@ impl RingClient {
     }
 }
 
+/// Blocks the calling thread (a control thread: an accept loop, a vhost-user connection) until
+/// `fd` is readable, has an error or hang-up to report, or `timeout` passes: `poll(2)`, not a
+/// reactor's ring. Returns whether something was reported (false on timeout or interruption).
+pub fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+    // SAFETY: one valid pollfd for a descriptor the borrow keeps open during the call.
+    unsafe { libc::poll(&mut p, 1, ms) > 0 }
+}
+
 /// Readiness of one file descriptor (a socket, an eventfd), watched by a poll on the calling
 /// thread's ring: the one way fronts and bdevs wait for an fd on a reactor.
 ///

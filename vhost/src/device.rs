@@ -7,7 +7,7 @@
 //! queue state is handed back. A resize of the bdev reaches the front-end as a
 //! `CONFIG_CHANGE_MSG` on the back-end channel, and the guest sees its disk grow.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,6 +16,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ferroblk_bdev::reactor::{PollerId, ReactorHandle};
+use ferroblk_bdev::uring::wait_readable;
 use ferroblk_bdev::{Bdev, Caps, MAX_EXPORT_IO_BYTES, MAX_EXPORT_SEGMENTS};
 use serde::{Deserialize, Serialize};
 
@@ -303,18 +304,6 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often a held ring's poller is looked at while no message arrives.
 const HELD_RETRY: Duration = Duration::from_secs(1);
 
-/// Whether `sock` has something to read within `t` (or an error or hang-up to report).
-fn readable_within(sock: &UnixStream, t: Duration) -> bool {
-    let mut p = libc::pollfd {
-        fd: sock.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for a descriptor `sock` keeps open during the call.
-    let n = unsafe { libc::poll(&mut p, 1, t.as_millis() as libc::c_int) };
-    n != 0
-}
-
 #[derive(Default)]
 struct Vring {
     num: u16,
@@ -470,7 +459,7 @@ impl<'a> Conn<'a> {
         loop {
             // A held ring starts once its old poller has drained, without waiting for the
             // front-end's next message: look every second while one is held.
-            while self.any_held() && !readable_within(&self.sock, HELD_RETRY) {
+            while self.any_held() && !wait_readable(self.sock.as_fd(), HELD_RETRY) {
                 for i in 0..self.vrings.len() {
                     if self.vrings[i].running.as_ref().is_some_and(|r| r.held)
                         && self.reap_drained(i)

@@ -4,13 +4,14 @@
 //! [`RdmaConn::accept`] sets the queue pair up and accepts.
 
 use std::ffi::CString;
-use std::os::fd::RawFd;
+use std::os::fd::{BorrowedFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use ferroblk_bdev::reactor::ReactorHandle;
+use ferroblk_bdev::uring::wait_readable;
 
 use super::conn::{RdmaConn, Request};
 use super::ffi;
@@ -185,16 +186,6 @@ impl Drop for Listener {
     }
 }
 
-fn wait_readable(fd: RawFd) {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for a descriptor the caller keeps open during the call.
-    unsafe { libc::poll(&mut pfd, 1, TICK.as_millis() as libc::c_int) };
-}
-
 /// Rejects connect request `id` with `st` and destroys it.
 fn reject(id: *mut ffi::CmId, st: RejectStatus) {
     let pd = st.private_data();
@@ -220,7 +211,8 @@ fn cm_loop(
         let mut ev: ffi::CmEvent = unsafe { std::mem::zeroed() };
         // SAFETY: the channel is live; `ev` is a valid out-pointer.
         if unsafe { ffi::fb_get_event(cm.ch, &mut ev) } != 0 {
-            wait_readable(cm.fd);
+            // SAFETY: the channel's descriptor stays open while `cm` (which owns it) lives.
+            wait_readable(unsafe { BorrowedFd::borrow_raw(cm.fd) }, TICK);
             if cm.id.is_null() {
                 cm.relisten();
             }

@@ -4,13 +4,14 @@
 //! poller.
 
 use std::net::TcpListener;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use ferroblk_bdev::reactor::ReactorHandle;
+use ferroblk_bdev::uring::wait_readable;
 
 use super::admission::{Admission, AdmissionStats, Gate, HandshakeLimits};
 use super::conn::TcpConn;
@@ -162,17 +163,6 @@ fn raise_nofile_limit() {
     });
 }
 
-/// Waits up to [`ACCEPT_TICK`] for the listening socket to become readable.
-fn wait_readable(l: &TcpListener) {
-    let mut pfd = libc::pollfd {
-        fd: l.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for a descriptor the caller keeps open during the call.
-    unsafe { libc::poll(&mut pfd, 1, ACCEPT_TICK.as_millis() as libc::c_int) };
-}
-
 fn accept_loop(
     l: TcpListener,
     target: Arc<Target>,
@@ -188,7 +178,7 @@ fn accept_loop(
             Ok(x) => x,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 admission.report();
-                wait_readable(&l);
+                wait_readable(l.as_fd(), ACCEPT_TICK);
                 continue;
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
