@@ -862,27 +862,11 @@ fn admin_loop(
         if again {
             continue;
         }
-        let timeout_ms = next_ka.map_or(-1, |t| {
-            t.saturating_duration_since(Instant::now())
-                .as_micros()
-                .div_ceil(1000)
-                .min(i32::MAX as u128) as i32
-        });
-        let mut pfd = [
-            libc::pollfd {
-                fd: sock,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: wake.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: two valid, initialised pollfds on the stack; the socket stays open while
-        // this thread runs (the controller joins it before closing the queue).
-        unsafe { libc::poll(pfd.as_mut_ptr(), 2, timeout_ms) };
+        // The socket stays open while this thread runs (the controller joins it before
+        // closing the queue). A failed poll only makes another turn.
+        let timeout = next_ka.map(|t| t.saturating_duration_since(Instant::now()));
+        let fds = [(sock, libc::POLLIN), (wake.as_raw_fd(), libc::POLLIN)];
+        let _ = queue::poll_fds(&fds, timeout);
         let mut n = 0u64;
         // SAFETY: reads 8 bytes into a live u64 from the non-blocking eventfd (drains it).
         unsafe { libc::read(wake.as_raw_fd(), (&mut n as *mut u64).cast(), 8) };
