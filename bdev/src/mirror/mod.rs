@@ -212,11 +212,7 @@ impl Shared {
 
     /// Sets child `i`'s state.
     pub(crate) fn set_state(&self, i: usize, to: u8) {
-        let _ = self
-            .states
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
-                Some(w & !(0xF << (4 * i)) | (u32::from(to) << (4 * i)))
-            });
+        self.move_state(i, |_| true, to);
     }
 
     /// Moves child `i` to `to` if its state passes `from`; true if it did.
