@@ -64,8 +64,9 @@ pub struct QueueCtl {
     pub broken: AtomicBool,
     /// The front-end's vring error eventfd (SET_VRING_ERR), signalled when the ring breaks.
     pub err_fd: Mutex<Option<OwnedFd>>,
-    /// A new call eventfd for the running poller (SET_VRING_CALL), taken at its next poll;
-    /// `call_changed` says one is waiting, so the poller looks at the lock only then.
+    /// A new call eventfd for the running poller (SET_VRING_CALL), taken before its next
+    /// notification; `call_changed` says one is waiting, so the poller looks at the lock only
+    /// then.
     new_call: Mutex<Option<Option<OwnedFd>>>,
     call_changed: AtomicBool,
     /// `1 << 16 | last_avail` once the poller has seen the stop request and taken its last
@@ -91,9 +92,10 @@ impl QueueCtl {
     }
 
     /// Hands the running poller a new call eventfd (or none), without stopping the ring: the
-    /// poller switches at its next poll and closes the old one. A notification it sends to the
-    /// old one meanwhile may be missed by the driver, so the caller also signals the new one
-    /// once (a spurious interrupt only makes the driver look at the used ring).
+    /// poller switches before its next notification and closes the old one. A notification it
+    /// is sending to the old one meanwhile may be missed by the driver, so the caller also
+    /// signals the new one once (a spurious interrupt only makes the driver look at the used
+    /// ring).
     pub fn replace_call(&self, call: Option<OwnedFd>) {
         *self.new_call.lock().expect("ctl lock") = Some(call);
         self.call_changed.store(true, Ordering::Release);
@@ -233,9 +235,16 @@ impl VqPoller {
         self.q.publish_used();
         if self.to_notify {
             self.to_notify = false;
-            if self.q.needs_notification()
-                && let Some(c) = &self.call
-            {
+            if !self.q.needs_notification() {
+                return;
+            }
+            if self.ctl.call_changed.load(Ordering::Acquire) {
+                self.ctl.call_changed.store(false, Ordering::Relaxed);
+                if let Some(c) = self.ctl.new_call.lock().expect("ctl lock").take() {
+                    self.call = c;
+                }
+            }
+            if let Some(c) = &self.call {
                 let one = 1u64;
                 // SAFETY: writes 8 bytes from a live u64 to the call eventfd.
                 unsafe { libc::write(c.as_raw_fd(), (&one as *const u64).cast(), 8) };
@@ -418,12 +427,6 @@ impl Poller for VqPoller {
             // keep the reactor from sleeping until the control thread removes this poller.
             self.drain_kicks();
             return 0;
-        }
-        if self.ctl.call_changed.load(Ordering::Acquire) {
-            self.ctl.call_changed.store(false, Ordering::Relaxed);
-            if let Some(c) = self.ctl.new_call.lock().expect("ctl lock").take() {
-                self.call = c;
-            }
         }
         let mut work = self.drain_kicks();
         if self.kicks_enabled {
