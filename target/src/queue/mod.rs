@@ -367,18 +367,6 @@ impl NvmeQueue {
         }
     }
 
-    /// Fails the transfer `ttag` of command `cid` with `status` if it is waiting for data.
-    pub fn fail_transfer<T: Transport>(&mut self, t: &mut T, ttag: u16, cid: u16, status: Status) {
-        let i = ttag as usize;
-        if self
-            .slots
-            .get(i)
-            .is_some_and(|s| s.state == SlotState::AwaitData && s.cid == cid)
-        {
-            self.complete_slot(t, i, status, 0, 0);
-        }
-    }
-
     /// Whether a command with this CID is outstanding.
     fn cid_in_use(&self, cid: u16) -> bool {
         if self.cids.is_empty() {

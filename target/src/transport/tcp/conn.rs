@@ -335,27 +335,15 @@ impl TcpConn {
                     handled += 1;
                 }
                 Err(PduError::DataDigest(l)) => {
-                    // Not fatal: the command fails with Transient Transport Error.
-                    let cid = match l.header {
-                        PduHeader::CapsuleCmd(c) => Some(c.sqe.cid()),
-                        PduHeader::H2cData(h) => Some(h.cccid),
-                        _ => None,
-                    };
+                    // Not fatal: the command fails with Transient Transport Error. A new
+                    // command never started; existing slots are not touched. (H2CData PDUs do
+                    // not get here: their data is taken as it arrives, above, and its digest
+                    // checked in `data_done`.)
                     tracing::warn!(peer = %self.queue.peer(), "data digest mismatch");
-                    let status = Status::TRANSIENT_TRANSPORT_ERROR;
-                    match l.header {
-                        // A new command: it never started; existing slots are not touched.
-                        PduHeader::CapsuleCmd(_) => {
-                            if let Some(cid) = cid {
-                                self.queue.refuse_capsule(&mut self.wire, cid, status);
-                            }
-                        }
-                        // Data for an R2T: fail that command, only if it is the one waiting.
-                        PduHeader::H2cData(h) => {
-                            self.queue
-                                .fail_transfer(&mut self.wire, h.ttag, h.cccid, status);
-                        }
-                        _ => {}
+                    if let PduHeader::CapsuleCmd(c) = l.header {
+                        let status = Status::TRANSIENT_TRANSPORT_ERROR;
+                        self.queue
+                            .refuse_capsule(&mut self.wire, c.sqe.cid(), status);
                     }
                     pos += l.plen;
                 }
