@@ -45,6 +45,7 @@ pub mod conformance;
 pub mod crc;
 pub mod decl;
 pub mod error;
+pub mod eventfd;
 pub mod file;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -10,7 +10,7 @@
 //! as a multishot poll on the same ring), or the earliest timer. An idle daemon therefore costs
 //! nothing, and a busy one makes no system call per I/O beyond the batched submit.
 
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
@@ -186,15 +186,7 @@ impl ReactorHandle {
         if !self.alive.load(Ordering::Acquire) || self.tx.send(Box::new(f)).is_err() {
             return false;
         }
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live u64 to an eventfd this handle keeps open.
-        unsafe {
-            libc::write(
-                self.wake_fd.as_raw_fd(),
-                (&one as *const u64).cast(),
-                std::mem::size_of::<u64>(),
-            )
-        };
+        crate::eventfd::signal(self.wake_fd.as_fd());
         true
     }
 
@@ -225,13 +217,7 @@ impl Reactors {
         let mut handles = Vec::new();
         let mut threads = Vec::new();
         for (id, cpu) in cfg.cpus.iter().copied().enumerate() {
-            // SAFETY: eventfd has no memory preconditions; the result is checked below.
-            let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-            if fd < 0 {
-                return Err(BdevError::Uring(std::io::Error::last_os_error()));
-            }
-            // SAFETY: `fd` is a new descriptor that nothing else owns.
-            let wake_fd = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
+            let wake_fd = Arc::new(crate::eventfd::new().map_err(BdevError::Uring)?);
             let (tx, rx) = mpsc::channel::<Message>();
             let stats = Arc::new(ReactorStats::default());
             let alive = Arc::new(AtomicBool::new(true));
@@ -342,12 +328,6 @@ pub fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {
     }
 }
 
-fn drain_eventfd(fd: i32) {
-    let mut v: u64 = 0;
-    // SAFETY: reads at most 8 bytes into a live u64; the fd is non-blocking.
-    unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
-}
-
 fn run(
     mut core: ReactorCore,
     ring: ThreadRing,
@@ -355,7 +335,6 @@ fn run(
     wake_fd: &OwnedFd,
     idle_poll: Duration,
 ) {
-    let fd = wake_fd.as_raw_fd();
     // The reactor is the one reaper of its thread's ring: once per turn, below.
     ring.set_driven();
     let inbox = match FdWatch::new(wake_fd.as_fd(), libc::POLLIN as u32) {
@@ -447,7 +426,7 @@ fn run(
             continue;
         }
         stats.sleeps.fetch_add(1, Ordering::Relaxed);
-        drain_eventfd(fd);
+        crate::eventfd::drain(wake_fd.as_fd());
         // A message sent after the drain above writes the eventfd again, which completes the
         // armed poll and wakes the wait; one sent before it is still in `rx`.
         if let Ok(m) = rx.try_recv() {

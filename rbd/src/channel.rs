@@ -11,7 +11,7 @@
 //! request and nothing is allocated per request on our side (librbd allocates its completion
 //! object).
 
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 
@@ -59,17 +59,11 @@ unsafe impl Sync for Handoff {}
 
 impl Handoff {
     fn new(depth: usize) -> Result<Arc<Handoff>, BdevError> {
-        // SAFETY: eventfd has no memory preconditions; the result is checked.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(BdevError::Io {
-                op: "create the completion eventfd of",
-                path: "rbd channel".into(),
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        // SAFETY: `fd` is a fresh descriptor nothing else owns.
-        let eventfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let eventfd = ferroblk_bdev::eventfd::new().map_err(|source| BdevError::Io {
+            op: "create the completion eventfd of",
+            path: "rbd channel".into(),
+            source,
+        })?;
         let h = Arc::new_cyclic(|me| Handoff {
             slots: (0..depth)
                 .map(|i| Slot {
@@ -111,15 +105,7 @@ impl Handoff {
         // SeqCst, after the push: either the reactor's `arm` comes first and this sees it, or
         // this push comes first and the reactor's emptiness check after arming sees it.
         if self.armed.load(Ordering::SeqCst) && self.armed.swap(false, Ordering::SeqCst) {
-            let one = 1u64;
-            // SAFETY: writes 8 bytes from a live u64 to the eventfd this hand-off owns.
-            unsafe {
-                libc::write(
-                    self.eventfd.as_raw_fd(),
-                    (&one as *const u64).cast(),
-                    std::mem::size_of::<u64>(),
-                )
-            };
+            ferroblk_bdev::eventfd::signal(self.eventfd.as_fd());
         }
     }
 
@@ -144,15 +130,7 @@ impl Handoff {
 
     /// Empties the eventfd's counter so that it reports again on the next write.
     fn drain_eventfd(&self) {
-        let mut v = 0u64;
-        // SAFETY: reads 8 bytes into a live u64 from a non-blocking eventfd this hand-off owns.
-        unsafe {
-            libc::read(
-                self.eventfd.as_raw_fd(),
-                (&mut v as *mut u64).cast(),
-                std::mem::size_of::<u64>(),
-            )
-        };
+        ferroblk_bdev::eventfd::drain(self.eventfd.as_fd());
     }
 }
 

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use ferroblk_bdev::eventfd;
 use ferroblk_bdev::reactor::{PollerId, ReactorHandle};
 use ferroblk_bdev::uring::wait_readable;
 use ferroblk_bdev::{Bdev, Caps, MAX_EXPORT_IO_BYTES, MAX_EXPORT_SEGMENTS};
@@ -673,12 +674,7 @@ impl<'a> Conn<'a> {
                             (Some(r), Some(copy)) if r.draining.is_none() => {
                                 r.ctl.replace_call(copy);
                                 if let Some(c) = &fd {
-                                    let one = 1u64;
-                                    // SAFETY: writes 8 bytes from a live u64 to an eventfd
-                                    // the front-end sent us.
-                                    unsafe {
-                                        libc::write(c.as_raw_fd(), (&one as *const u64).cast(), 8)
-                                    };
+                                    eventfd::signal(c.as_fd());
                                 }
                                 self.vrings[i].call = fd;
                             }
@@ -1000,7 +996,7 @@ mod tests {
     use ferroblk_bdev::inject::{DelayBdev, Delays};
     use ferroblk_bdev::malloc::MallocBdev;
     use ferroblk_bdev::reactor::{ReactorConfig, Reactors};
-    use std::os::fd::{FromRawFd, RawFd};
+    use std::os::fd::RawFd;
     use std::time::Instant;
 
     fn reactors() -> Reactors {
@@ -1012,11 +1008,7 @@ mod tests {
     }
 
     fn eventfd() -> OwnedFd {
-        // SAFETY: eventfd has no memory preconditions; the result is checked.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: a new descriptor nothing else owns.
-        unsafe { OwnedFd::from_raw_fd(fd) }
+        eventfd::new().unwrap()
     }
 
     fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
@@ -1388,14 +1380,6 @@ mod tests {
         t.r.shutdown(Duration::from_secs(5));
     }
 
-    /// The count an eventfd holds now (0 if none), reset to 0.
-    fn take_count(fd: &OwnedFd) -> u64 {
-        let mut v = 0u64;
-        // SAFETY: reads 8 bytes into a live u64 from a non-blocking eventfd.
-        let n = unsafe { libc::read(fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
-        if n == 8 { v } else { 0 }
-    }
-
     #[test]
     fn a_new_call_fd_is_taken_by_the_running_ring_without_a_stop() {
         // A read held well past the drain timeout: a stop would time out.
@@ -1420,13 +1404,19 @@ mod tests {
         assert!(run.draining.is_none(), "the ring was stopped");
         assert_eq!(run.poller, first);
         // The switch is announced once on the new fd.
-        assert_eq!(take_count(&new_call), 1);
+        assert_eq!(eventfd::drain(new_call.as_fd()), 1);
 
         // The held read completes and is signalled on the new fd only.
         wait_until("the read completes", || d.used(0).0 == 1);
         assert_eq!(d.read(status, 1), [0]);
-        wait_until("the completion is signalled", || take_count(&new_call) >= 1);
-        assert_eq!(take_count(&old_call), 0, "the old call fd was signalled");
+        wait_until("the completion is signalled", || {
+            eventfd::drain(new_call.as_fd()) >= 1
+        });
+        assert_eq!(
+            eventfd::drain(old_call.as_fd()),
+            0,
+            "the old call fd was signalled"
+        );
         conn.stop_all();
         drop(conn);
         t.r.shutdown(Duration::from_secs(5));

@@ -3,7 +3,7 @@
 //! cargo-fuzz targets in `fuzz/` and replayed over the checked-in corpus by the tests below.
 
 use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -73,11 +73,7 @@ fn export_socket() -> PathBuf {
 }
 
 fn eventfd() -> OwnedFd {
-    // SAFETY: eventfd has no memory preconditions; the result is checked.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-    assert!(fd >= 0, "eventfd");
-    // SAFETY: a new descriptor nothing else owns.
-    unsafe { OwnedFd::from_raw_fd(fd) }
+    ferroblk_bdev::eventfd::new().expect("eventfd")
 }
 
 /// Sends a sequence of fuzz-chosen vhost-user messages to a live export, as a front-end, then

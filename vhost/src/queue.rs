@@ -12,6 +12,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
+use ferroblk_bdev::eventfd;
 use ferroblk_bdev::reactor::Poller;
 use ferroblk_bdev::uring::FdWatch;
 use ferroblk_bdev::{Channel, IoCompletion, IoRequest, IoSeg, IoStatus, IoType, SgList, Wake};
@@ -224,9 +225,7 @@ impl VqPoller {
     fn drain_kicks(&mut self) -> usize {
         let n = self.kick_watch.take();
         if n > 0 {
-            let mut v = 0u64;
-            // SAFETY: reads 8 bytes into a live u64 from a non-blocking eventfd.
-            unsafe { libc::read(self.kick.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+            eventfd::drain(self.kick.as_fd());
         }
         n
     }
@@ -245,9 +244,7 @@ impl VqPoller {
                 }
             }
             if let Some(c) = &self.call {
-                let one = 1u64;
-                // SAFETY: writes 8 bytes from a live u64 to the call eventfd.
-                unsafe { libc::write(c.as_raw_fd(), (&one as *const u64).cast(), 8) };
+                eventfd::signal(c.as_fd());
             }
         }
     }
@@ -258,9 +255,7 @@ impl VqPoller {
             // Tell the front-end (vhost-user's vring error notification); the device stays
             // stopped until it is reset, and every other queue and disk carries on.
             if let Some(fd) = &*self.ctl.err_fd.lock().expect("ctl lock") {
-                let one = 1u64;
-                // SAFETY: writes 8 bytes from a live u64 to the error eventfd.
-                unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+                eventfd::signal(fd.as_fd());
             }
         }
     }

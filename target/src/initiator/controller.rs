@@ -13,11 +13,13 @@
 //! CC.SHN = 01b, waiting for CSTS.SHST = 10b.
 
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use ferroblk_bdev::eventfd;
 
 use super::error::Error;
 use super::io::IoQueue;
@@ -671,7 +673,7 @@ impl Controller {
         if ka.is_none() && on_event.is_none() {
             return Ok(());
         }
-        let wake = Arc::new(queue::eventfd()?);
+        let wake = Arc::new(eventfd::new()?);
         let stop = Arc::new(AtomicBool::new(false));
         let sock = {
             let mut q = lock(&self.admin);
@@ -690,7 +692,7 @@ impl Controller {
     fn stop_admin_thread(&mut self) {
         if let Some(t) = self.admin_thread.take() {
             t.stop.store(true, Ordering::Release);
-            queue::signal(&t.wake);
+            eventfd::signal(t.wake.as_fd());
             let _ = t.thread.join();
         }
     }
@@ -867,9 +869,7 @@ fn admin_loop(
         let timeout = next_ka.map(|t| t.saturating_duration_since(Instant::now()));
         let fds = [(sock, libc::POLLIN), (wake.as_raw_fd(), libc::POLLIN)];
         let _ = queue::poll_fds(&fds, timeout);
-        let mut n = 0u64;
-        // SAFETY: reads 8 bytes into a live u64 from the non-blocking eventfd (drains it).
-        unsafe { libc::read(wake.as_raw_fd(), (&mut n as *mut u64).cast(), 8) };
+        eventfd::drain(wake.as_fd());
     }
 }
 

@@ -13,7 +13,7 @@
 
 use std::fmt::Debug;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -398,7 +398,7 @@ impl Queue {
         // waiter, this command's steps may have taken the wake-up the waiter sleeps on (an
         // RDMA completion channel's event, which then needs arming again).
         if let Some(fd) = &self.1 {
-            signal(fd);
+            ferroblk_bdev::eventfd::signal(fd.as_fd());
         }
         r
     }
@@ -542,22 +542,4 @@ pub(super) fn transfer_len(
         return Err(RejectReason::BadBuffer);
     }
     Ok(len)
-}
-
-/// Adds one to eventfd `fd` (a full counter already wakes its reader).
-pub(crate) fn signal(fd: &OwnedFd) {
-    let one = 1u64;
-    // SAFETY: writes 8 bytes from a live u64 to an eventfd this process owns.
-    unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
-}
-
-/// A non-blocking eventfd.
-pub(crate) fn eventfd() -> std::io::Result<OwnedFd> {
-    // SAFETY: eventfd has no memory preconditions; the result is checked.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh descriptor nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
